@@ -1,0 +1,22 @@
+//! The Servent wire protocol: what the nodes say to each other, and nothing
+//! about how the bytes travel.
+//!
+//! Goals: every message is a plain serde type encoded with MessagePack
+//! (rmp-serde, structs as positional arrays); every frame carries a length
+//! prefix that is checked against a per-kind limit *before* anything is
+//! allocated; each protocol has its own versioned ALPN so that a peer that
+//! speaks another version is refused during the handshake.
+//!
+//! Non-goals: sockets, QUIC, tasks, clocks. This crate has no tokio
+//! dependency; the node crates pump bytes into it and act on what it returns.
+//! `docs/PROTOCOL.md` is the normative description of everything here.
+
+pub mod frame;
+pub mod id;
+pub mod keywords;
+pub mod limits;
+pub mod msg;
+
+pub use frame::FrameError;
+pub use id::{ContentHash, NodeId, ParseIdError};
+pub mod rate;

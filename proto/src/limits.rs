@@ -1,0 +1,30 @@
+//! Every bound of the protocol in one place. `docs/PROTOCOL.md` lists the same
+//! numbers; a change here is a change there.
+
+/// Largest frame on a session stream (a batch of file entries).
+pub const MAX_UPDATE_FRAME: usize = 1 << 20;
+/// Largest first frame of any leaf→supernode stream (register or query).
+pub const MAX_REQUEST_FRAME: usize = 16 * 1024;
+/// Largest frame a supernode sends to a leaf (a batch of hits).
+pub const MAX_REPLY_FRAME: usize = 1 << 20;
+/// Largest transfer request or reply header.
+pub const MAX_TRANSFER_FRAME: usize = 4 * 1024;
+
+/// File entries in one `Add` batch.
+pub const MAX_FILES_PER_UPDATE: usize = 1024;
+/// Default cap on files one leaf may have indexed at one supernode.
+pub const DEFAULT_MAX_FILES_PER_LEAF: usize = 100_000;
+/// Longest file name (UTF-8 bytes) a leaf may announce.
+pub const MAX_NAME_BYTES: usize = 255;
+/// Keywords in one query, after normalisation.
+pub const MAX_QUERY_WORDS: usize = 8;
+/// Longest keyword (UTF-8 bytes); longer words are cut at a char boundary.
+pub const MAX_WORD_BYTES: usize = 64;
+/// Most hits a supernode returns for one query.
+pub const MAX_RESULTS: u32 = 500;
+/// Hits in one `Hits` frame.
+pub const MAX_HITS_PER_FRAME: usize = 100;
+/// Sources listed in one hit.
+pub const MAX_SOURCES_PER_HIT: usize = 64;
+/// Longest error message text.
+pub const MAX_ERROR_MESSAGE: usize = 512;

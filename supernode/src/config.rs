@@ -1,0 +1,85 @@
+//! Supernode configuration: defaults, the TOML file, and flags over both.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use servent_proto::limits::DEFAULT_MAX_FILES_PER_LEAF;
+
+/// Default UDP port of a supernode.
+pub const DEFAULT_PORT: u16 = 7400;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// UDP address to listen on. Default `0.0.0.0:7400`.
+    pub listen: SocketAddr,
+    /// Other supernodes to mesh with. Default none.
+    pub peers: Vec<SocketAddr>,
+    /// Where the identity key lives. Default: none given to the library
+    /// (a fresh identity each start); the binary uses a platform directory.
+    pub data_dir: Option<PathBuf>,
+    /// HTTP address for `/status` and `/metrics`. Default none.
+    pub http: Option<SocketAddr>,
+    /// Most leaves registered at once. Default 1000.
+    pub max_leaves: usize,
+    /// Most connections of any kind at once. Default 4096.
+    pub max_connections: usize,
+    /// Most files one leaf may have indexed. Default 100 000.
+    pub max_files_per_leaf: usize,
+    /// Sustained queries per second per connection. Default 10.
+    pub query_rate: f64,
+    /// Queries a connection may send at once before the rate applies. Default 20.
+    pub query_burst: u32,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([0, 0, 0, 0], DEFAULT_PORT)),
+            peers: Vec::new(),
+            data_dir: None,
+            http: None,
+            max_leaves: 1000,
+            max_connections: 4096,
+            max_files_per_leaf: DEFAULT_MAX_FILES_PER_LEAF,
+            query_rate: 10.0,
+            query_burst: 20,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read { path: String, source: std::io::Error },
+    #[error("invalid config file {path}: {source}")]
+    Parse { path: String, source: toml::de::Error },
+}
+
+impl Config {
+    /// A local test configuration: `127.0.0.1:0`, fresh identity.
+    pub fn localhost() -> Self {
+        Self { listen: SocketAddr::from(([127, 0, 0, 1], 0)), ..Self::default() }
+    }
+
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.display().to_string(), source })?;
+        toml::from_str(&text).map_err(|source| ConfigError::Parse { path: path.display().to_string(), source })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_overrides_defaults_and_rejects_unknown_keys() {
+        let c: Config = toml::from_str("listen = \"127.0.0.1:9000\"\nmax_leaves = 5\n").unwrap();
+        assert_eq!(c.listen.port(), 9000);
+        assert_eq!(c.max_leaves, 5);
+        assert_eq!(c.max_files_per_leaf, DEFAULT_MAX_FILES_PER_LEAF);
+        assert!(toml::from_str::<Config>("max_leafs = 5").is_err());
+    }
+}

@@ -1,0 +1,208 @@
+//! The Servent supernode: it accepts leaf connections (ALPN
+//! `servent-leaf/1`), indexes the files each leaf registers, and answers
+//! keyword and hash queries with hits whose sources are dialable addresses
+//! it observed itself. Transfers never pass through it.
+//!
+//! Module map: [`net`] identity and QUIC transport (shared with the leaf),
+//! [`index`] the concurrent file index, [`session`] one leaf's connection,
+//! [`config`] configuration.
+
+pub mod config;
+pub mod index;
+pub mod net;
+pub mod session;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use dashmap::DashMap;
+use servent_proto::msg::ALPN_LEAF;
+use servent_proto::NodeId;
+use tokio::sync::{watch, Semaphore};
+use tokio::task::JoinHandle;
+use tracing::{info, info_span, warn, Instrument};
+
+pub use config::Config;
+use index::Index;
+use net::{Endpoint, EndpointError, Identity, IdentityError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Identity(#[from] IdentityError),
+    #[error(transparent)]
+    Endpoint(#[from] EndpointError),
+    #[error("cannot read the bound address: {0}")]
+    LocalAddr(std::io::Error),
+}
+
+/// A registered leaf as the supernode sees it.
+#[derive(Debug, Clone)]
+pub struct LeafEntry {
+    /// Session generation: a newer connection of the same leaf replaces this.
+    pub generation: u64,
+    /// Where other leaves download from it: observed IP, announced port.
+    pub addr: SocketAddr,
+    pub conn: quinn::Connection,
+}
+
+/// State shared by every connection of one supernode.
+pub struct State {
+    pub id: NodeId,
+    pub config: Config,
+    pub index: Index,
+    pub leaves: DashMap<NodeId, LeafEntry>,
+    generations: AtomicU64,
+    /// Bounds live connections of every kind, registered or not.
+    connections: Arc<Semaphore>,
+}
+
+impl State {
+    pub fn new(id: NodeId, config: Config) -> Self {
+        let connections = Arc::new(Semaphore::new(config.max_connections));
+        Self {
+            id,
+            config,
+            index: Index::new(),
+            leaves: DashMap::new(),
+            generations: AtomicU64::new(1),
+            connections,
+        }
+    }
+
+    fn next_generation(&self) -> u64 {
+        self.generations.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Handles one incoming connection to the end, whatever its ALPN.
+    pub async fn handle_incoming(self: Arc<Self>, incoming: quinn::Incoming) {
+        let Ok(_permit) = self.connections.clone().try_acquire_owned() else {
+            incoming.refuse();
+            return;
+        };
+        let remote = incoming.remote_address();
+        let peer = match net::accept(incoming).await {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::debug!(%remote, error = %e, "handshake failed");
+                return;
+            }
+        };
+        let span = info_span!("conn", peer = %peer.id.short(), %remote);
+        match net::alpn(&peer.conn).as_deref() {
+            Some(ALPN_LEAF) => session::serve(self, peer).instrument(span).await,
+            other => {
+                warn!(parent: &span, alpn = ?other.map(String::from_utf8_lossy), "unexpected protocol");
+                peer.conn.close(0u32.into(), b"unsupported protocol");
+            }
+        }
+    }
+}
+
+/// A running supernode. Dropping it shuts it down.
+pub struct Supernode {
+    state: Arc<State>,
+    endpoint: Endpoint,
+    addr: SocketAddr,
+    shutdown: watch::Sender<bool>,
+    task: Option<JoinHandle<()>>,
+}
+
+impl Supernode {
+    /// Binds, loads or creates the identity, and starts accepting leaves.
+    pub async fn spawn(config: Config) -> Result<Self, StartError> {
+        let identity = match &config.data_dir {
+            Some(dir) => Identity::load_or_create(dir)?,
+            None => Identity::generate()?,
+        };
+        let identity = Arc::new(identity);
+        let endpoint = Endpoint::bind(identity.clone(), config.listen, &[ALPN_LEAF])?;
+        let addr = endpoint.local_addr().map_err(StartError::LocalAddr)?;
+        let state = Arc::new(State::new(identity.id(), config));
+        let (shutdown, mut stop) = watch::channel(false);
+        let span = info_span!("supernode", id = %identity.id().short());
+        let task = tokio::spawn({
+            let endpoint = endpoint.clone();
+            let state = state.clone();
+            async move {
+                info!(%addr, "listening");
+                loop {
+                    tokio::select! {
+                        _ = stop.changed() => break,
+                        incoming = endpoint.quinn().accept() => {
+                            let Some(incoming) = incoming else { break };
+                            tokio::spawn(state.clone().handle_incoming(incoming).in_current_span());
+                        }
+                    }
+                }
+                endpoint.close();
+                info!("stopped");
+            }
+            .instrument(span)
+        });
+        Ok(Self { state, endpoint, addr, shutdown, task: Some(task) })
+    }
+
+    pub fn id(&self) -> NodeId {
+        self.state.id
+    }
+
+    /// The bound UDP address (the real port when 0 was asked for).
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    pub fn state(&self) -> &Arc<State> {
+        &self.state
+    }
+
+    /// Leaves registered now.
+    pub fn leaf_count(&self) -> usize {
+        self.state.leaves.len()
+    }
+
+    /// Distinct files indexed now.
+    pub fn file_count(&self) -> usize {
+        self.state.index.file_count()
+    }
+
+    /// Closes every connection and waits until the accept loop has ended.
+    pub async fn shutdown(mut self) {
+        let _ = self.shutdown.send(true);
+        self.endpoint.close();
+        if let Some(task) = self.task.take() {
+            let _ = task.await;
+        }
+        self.endpoint.quinn().wait_idle().await;
+    }
+
+    /// Waits for ctrl-c or SIGTERM, then shuts down.
+    pub async fn run_until_signal(self) {
+        wait_for_signal().await;
+        self.shutdown().await;
+    }
+}
+
+impl Drop for Supernode {
+    fn drop(&mut self) {
+        let _ = self.shutdown.send(true);
+        self.endpoint.close();
+    }
+}
+
+/// Resolves on ctrl-c or (on Unix) SIGTERM.
+pub async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        if let Ok(mut term) = signal(SignalKind::terminate()) {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            return;
+        }
+    }
+    let _ = tokio::signal::ctrl_c().await;
+}
