@@ -52,10 +52,12 @@ pub fn body_len(header: [u8; HEADER_LEN], max: usize) -> Result<usize, FrameErro
 
 /// Decodes one message from a whole body.
 pub fn decode<T: DeserializeOwned>(body: &[u8]) -> Result<T, FrameError> {
-    let mut de = rmp_serde::Deserializer::from_read_ref(body);
+    // A cursor, not `from_read_ref`: its position tells how much the value
+    // used (`from_read_ref`'s `get_ref` is the whole body, not what is left).
+    let mut de = rmp_serde::Deserializer::new(std::io::Cursor::new(body));
     de.set_max_depth(MAX_DEPTH);
     let value = T::deserialize(&mut de).map_err(|e| FrameError::Decode(e.to_string()))?;
-    let rest = de.get_ref().len();
+    let rest = (body.len() as u64).saturating_sub(de.position());
     if rest != 0 {
         return Err(FrameError::Decode(format!(
             "{rest} trailing bytes after the message"

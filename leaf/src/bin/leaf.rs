@@ -1,0 +1,134 @@
+//! `leaf`: parse flags, start tracing, run one command.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use leaf::{Client, Config, Leaf};
+use servent_proto::ContentHash;
+
+/// A Servent leaf: share a folder, search the network, download directly from other leaves.
+#[derive(Parser, Debug)]
+#[command(version)]
+struct Args {
+    /// A supernode to use, HOST:PORT (repeatable) [default: those remembered in the data dir]
+    #[arg(long = "supernode", global = true)]
+    supernodes: Vec<String>,
+    /// Where identity, hash cache and state live [default: platform data dir]
+    #[arg(long, global = true)]
+    data_dir: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Share a folder and serve downloads until stopped
+    Serve {
+        /// The folder to share
+        #[arg(long)]
+        share: PathBuf,
+        /// UDP address to serve downloads on [default: 0.0.0.0:7401]
+        #[arg(long, default_value_t = SocketAddr::from(([0, 0, 0, 0], leaf::DEFAULT_PORT)))]
+        listen: SocketAddr,
+        /// Serve /status and /metrics over HTTP on this address (not yet implemented)
+        #[arg(long)]
+        http: Option<SocketAddr>,
+        /// Never become a supernode
+        #[arg(long)]
+        no_promote: bool,
+    },
+    /// Search the network for files whose names hold every WORD
+    Search {
+        /// One JSON object a line
+        #[arg(long)]
+        json: bool,
+        /// Seconds to wait for answers
+        #[arg(long, default_value_t = 5)]
+        timeout: u64,
+        /// Most results to show
+        #[arg(long, default_value_t = 100)]
+        max: u32,
+        #[arg(required = true)]
+        words: Vec<String>,
+    },
+    /// Download a file by its BLAKE3 hash, verified, then write it
+    Get {
+        /// Where to write it [default: its name, in the current folder]
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Seconds to wait for the supernodes to answer
+        #[arg(long, default_value_t = 5)]
+        timeout: u64,
+        hash: ContentHash,
+    },
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn,leaf=info".into()),
+        )
+        .init();
+    match run(Args::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: Args) -> anyhow::Result<()> {
+    let data_dir = match args.data_dir {
+        Some(d) => d,
+        None => dirs::data_local_dir()
+            .context("no platform data directory: pass --data-dir")?
+            .join("servent/leaf"),
+    };
+    std::fs::create_dir_all(&data_dir).with_context(|| format!("cannot create {}", data_dir.display()))?;
+    let runtime = tokio::runtime::Runtime::new()?;
+    runtime.block_on(async move {
+        match args.command {
+            Command::Serve { share, listen, http, no_promote } => {
+                if http.is_some() {
+                    tracing::warn!("--http is not implemented yet; ignoring it");
+                }
+                let config = Config { data_dir, share, listen, supernodes: args.supernodes, no_promote };
+                let node = Leaf::spawn(config).await?;
+                println!("leaf {} listening on {}", node.id(), node.addr());
+                node.run_until_signal().await;
+            }
+            Command::Search { json, timeout, max, words } => {
+                let client = Client::new(&data_dir, args.supernodes)?;
+                let hits = client.search(&words, max, Duration::from_secs(timeout)).await?;
+                let mut out = std::io::stdout().lock();
+                for hit in hits {
+                    if json {
+                        let line = serde_json::json!({
+                            "hash": hit.hash.to_string(),
+                            "name": hit.name,
+                            "size": hit.size,
+                            "sources": hit.sources.len(),
+                        });
+                        writeln!(out, "{line}")?;
+                    } else {
+                        writeln!(out, "{}  {:>12}  {:>3} src  {}", hit.hash, hit.size, hit.sources.len(), hit.name)?;
+                    }
+                }
+            }
+            Command::Get { out, timeout, hash } => {
+                let client = Client::new(&data_dir, args.supernodes)?;
+                let path = client.get(hash, out.as_deref(), Duration::from_secs(timeout)).await?;
+                tracing::info!(path = %path.display(), "saved");
+            }
+        }
+        Ok(())
+    })
+}

@@ -1,0 +1,294 @@
+//! The Servent leaf: shares a folder, registers it with supernodes, serves
+//! downloads of what it announced directly to other leaves, and searches
+//! and downloads itself.
+//!
+//! Module map: [`share`] the folder, its hashes and its changes; [`link`]
+//! the session with one supernode; [`search`] queries; [`transfer`] serving
+//! and fetching files.
+
+pub mod link;
+pub mod search;
+pub mod share;
+pub mod transfer;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use servent_proto::msg::{Hit, QueryKind, ALPN_TRANSFER};
+use servent_proto::{ContentHash, NodeId};
+use supernode::net::{self, Endpoint, EndpointError, Identity, IdentityError};
+use tokio::sync::{watch, Semaphore};
+use tokio::task::JoinHandle;
+use tracing::{info, info_span, warn, Instrument};
+
+use link::LinkStatus;
+use search::SearchError;
+use share::{Share, ShareError};
+use transfer::GetError;
+
+/// Default UDP port of a leaf.
+pub const DEFAULT_PORT: u16 = 7401;
+/// Supernodes this leaf has registered with, one `HOST:PORT` a line.
+const SUPERNODE_CACHE: &str = "supernodes.txt";
+
+/// How `leaf serve` runs.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Where identity, hash cache and supernode cache live.
+    pub data_dir: PathBuf,
+    /// The folder to share.
+    pub share: PathBuf,
+    /// UDP address for downloads. Default `0.0.0.0:7401`.
+    pub listen: SocketAddr,
+    /// Supernodes to register with (`HOST:PORT`). Default: the cache.
+    pub supernodes: Vec<String>,
+    /// Never become a supernode. Default false.
+    pub no_promote: bool,
+}
+
+impl Config {
+    /// A local test configuration on `127.0.0.1:0`.
+    pub fn localhost(data_dir: &Path, share: &Path, supernodes: Vec<String>) -> Self {
+        Self {
+            data_dir: data_dir.to_path_buf(),
+            share: share.to_path_buf(),
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            supernodes,
+            no_promote: false,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Identity(#[from] IdentityError),
+    #[error(transparent)]
+    Endpoint(#[from] EndpointError),
+    #[error(transparent)]
+    Share(#[from] ShareError),
+    #[error("cannot read the bound address: {0}")]
+    LocalAddr(std::io::Error),
+    #[error("no supernode given: pass --supernode ADDR")]
+    NoSupernodes,
+}
+
+/// A running `leaf serve`. Dropping it shuts it down.
+pub struct Leaf {
+    id: NodeId,
+    addr: SocketAddr,
+    endpoint: Endpoint,
+    share: Arc<Share>,
+    links: Vec<Arc<Mutex<LinkStatus>>>,
+    stop: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Leaf {
+    pub async fn spawn(config: Config) -> Result<Self, StartError> {
+        let identity = Arc::new(Identity::load_or_create(&config.data_dir)?);
+        let id = identity.id();
+        let supernodes = if config.supernodes.is_empty() {
+            load_supernode_cache(&config.data_dir)
+        } else {
+            config.supernodes.clone()
+        };
+        if supernodes.is_empty() {
+            return Err(StartError::NoSupernodes);
+        }
+        let share = Share::open(&config.share, &config.data_dir)?;
+        let endpoint = Endpoint::bind(identity, config.listen, &[ALPN_TRANSFER])?;
+        let addr = endpoint.local_addr().map_err(StartError::LocalAddr)?;
+        let (stop, stop_rx) = watch::channel(false);
+        let span = info_span!("leaf", id = %id.short());
+        let mut tasks = Vec::new();
+
+        tasks.push(tokio::spawn(share::watch(share.clone(), stop_rx.clone()).instrument(span.clone())));
+        tasks.push(tokio::spawn(accept(endpoint.clone(), share.clone(), stop_rx.clone()).instrument(span.clone())));
+        let mut links = Vec::new();
+        for sn in &supernodes {
+            let status = Arc::new(Mutex::new(LinkStatus::default()));
+            links.push(status.clone());
+            let task = link::run(endpoint.clone(), sn.clone(), addr.port(), share.clone(), status, stop_rx.clone());
+            tasks.push(tokio::spawn(task.instrument(span.clone())));
+        }
+        save_supernode_cache(&config.data_dir, &supernodes);
+        info!(parent: &span, %addr, share = %share.root().display(), "serving");
+        Ok(Self { id, addr, endpoint, share, links, stop, tasks })
+    }
+
+    pub fn id(&self) -> NodeId {
+        self.id
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    pub fn share(&self) -> &Arc<Share> {
+        &self.share
+    }
+
+    /// Supernodes this leaf is registered with now.
+    pub fn supernodes(&self) -> Vec<(NodeId, SocketAddr)> {
+        self.links.iter().filter_map(|l| l.lock().expect("link status").supernode).collect()
+    }
+
+    /// For each link, how many files its supernode holds for this leaf.
+    pub fn indexed(&self) -> Vec<u32> {
+        self.links.iter().map(|l| l.lock().expect("link status").indexed).collect()
+    }
+
+    /// Stops serving and closes every connection.
+    pub async fn shutdown(mut self) {
+        let _ = self.stop.send(true);
+        self.endpoint.close();
+        for t in self.tasks.drain(..) {
+            let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
+        }
+        self.endpoint.quinn().wait_idle().await;
+    }
+
+    pub async fn run_until_signal(self) {
+        supernode::wait_for_signal().await;
+        self.shutdown().await;
+    }
+}
+
+impl Drop for Leaf {
+    fn drop(&mut self) {
+        let _ = self.stop.send(true);
+        self.endpoint.close();
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+async fn accept(endpoint: Endpoint, share: Arc<Share>, mut stop: watch::Receiver<bool>) {
+    let uploads = Arc::new(Semaphore::new(transfer::MAX_CONCURRENT_UPLOADS));
+    loop {
+        let incoming = tokio::select! {
+            _ = stop.changed() => return,
+            i = endpoint.quinn().accept() => match i { Some(i) => i, None => return },
+        };
+        let (share, uploads) = (share.clone(), uploads.clone());
+        tokio::spawn(
+            async move {
+                let remote = incoming.remote_address();
+                match net::accept(incoming).await {
+                    Ok(peer) if net::alpn(&peer.conn).as_deref() == Some(ALPN_TRANSFER) => {
+                        let span = info_span!("upload", peer = %peer.id.short(), %remote);
+                        transfer::serve(share, uploads, peer).instrument(span).await;
+                    }
+                    Ok(peer) => peer.conn.close(0u32.into(), b"unsupported protocol"),
+                    Err(e) => tracing::debug!(%remote, error = %e, "handshake failed"),
+                }
+            }
+            .in_current_span(),
+        );
+    }
+}
+
+fn load_supernode_cache(data_dir: &Path) -> Vec<String> {
+    std::fs::read_to_string(data_dir.join(SUPERNODE_CACHE))
+        .map(|s| s.lines().map(str::trim).filter(|l| !l.is_empty()).map(String::from).collect())
+        .unwrap_or_default()
+}
+
+fn save_supernode_cache(data_dir: &Path, supernodes: &[String]) {
+    let path = data_dir.join(SUPERNODE_CACHE);
+    if let Err(e) = std::fs::write(&path, supernodes.join("\n") + "\n") {
+        warn!(path = %path.display(), error = %e, "cannot save the supernode cache");
+    }
+}
+
+/// A client for one-shot commands (`search`, `get`): the node's identity on
+/// an ephemeral port, so that it never disturbs a `leaf serve` of the same
+/// data dir.
+pub struct Client {
+    endpoint: Endpoint,
+    supernodes: Vec<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error(transparent)]
+    Identity(#[from] IdentityError),
+    #[error(transparent)]
+    Endpoint(#[from] EndpointError),
+    #[error(transparent)]
+    Search(#[from] SearchError),
+    #[error(transparent)]
+    Get(#[from] GetError),
+    #[error("no source for {0}: no supernode knows of it")]
+    NotFound(ContentHash),
+}
+
+impl Client {
+    pub fn new(data_dir: &Path, supernodes: Vec<String>) -> Result<Self, ClientError> {
+        let identity = Arc::new(Identity::load_or_create(data_dir)?);
+        let supernodes = if supernodes.is_empty() { load_supernode_cache(data_dir) } else { supernodes };
+        let endpoint = Endpoint::client(identity, SocketAddr::from(([0, 0, 0, 0], 0)))?;
+        Ok(Self { endpoint, supernodes })
+    }
+
+    pub fn id(&self) -> NodeId {
+        self.endpoint.id()
+    }
+
+    pub async fn search(&self, words: &[String], max: u32, timeout: Duration) -> Result<Vec<Hit>, ClientError> {
+        Ok(search::query(&self.endpoint, &self.supernodes, QueryKind::Keywords(words.to_vec()), max, timeout).await?)
+    }
+
+    /// Every known source of `hash`.
+    pub async fn locate(&self, hash: ContentHash, timeout: Duration) -> Result<Option<Hit>, ClientError> {
+        let hits = search::query(&self.endpoint, &self.supernodes, QueryKind::Hash(hash), 1, timeout).await?;
+        Ok(hits.into_iter().find(|h| h.hash == hash))
+    }
+
+    /// Finds `hash`, downloads it and verifies it into `out` (or, without
+    /// one, a file named as the hit says in the current folder).
+    pub async fn get(&self, hash: ContentHash, out: Option<&Path>, timeout: Duration) -> Result<PathBuf, ClientError> {
+        let hit = self.locate(hash, timeout).await?.ok_or(ClientError::NotFound(hash))?;
+        let target = match out {
+            Some(p) => p.to_path_buf(),
+            None => PathBuf::from(safe_file_name(&hit.name).unwrap_or_else(|| hash.to_string())),
+        };
+        transfer::download(&self.endpoint, hash, &hit.sources, &target).await?;
+        Ok(target)
+    }
+
+    pub fn endpoint(&self) -> &Endpoint {
+        &self.endpoint
+    }
+}
+
+/// A name from the network made safe to create in the current folder: its
+/// last component only, no control characters, not hidden, not `.`/`..`.
+pub fn safe_file_name(name: &str) -> Option<String> {
+    let last = name.rsplit(['/', '\\']).next()?;
+    let clean: String = last.chars().filter(|c| !c.is_control()).collect();
+    let clean = clean.trim().trim_start_matches('.').to_string();
+    let mut clean = clean;
+    servent_proto::msg::truncate_utf8(&mut clean, 200);
+    (!clean.is_empty()).then_some(clean)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::safe_file_name;
+
+    #[test]
+    fn hostile_names_stay_in_the_folder() {
+        assert_eq!(safe_file_name("../../etc/passwd").as_deref(), Some("passwd"));
+        assert_eq!(safe_file_name("/abs/x.txt").as_deref(), Some("x.txt"));
+        assert_eq!(safe_file_name("a\\b\\c.exe").as_deref(), Some("c.exe"));
+        assert_eq!(safe_file_name(".."), None);
+        assert_eq!(safe_file_name("a/"), None);
+        assert_eq!(safe_file_name("x\0y\n").as_deref(), Some("xy"));
+        assert!(safe_file_name(&"é".repeat(300)).unwrap().len() <= 200);
+    }
+}

@@ -1,0 +1,174 @@
+//! A leaf's link to one supernode: register, keep the supernode's view of
+//! the share in step with the folder, and reconnect with backoff when the
+//! connection is lost.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use servent_proto::limits::{MAX_FILES_PER_UPDATE, MAX_REPLY_FRAME, MAX_REQUEST_FRAME, MAX_UPDATE_FRAME};
+use servent_proto::msg::{FileEntry, LeafRequest, SessionUpdate, SupernodeReply, ALPN_LEAF};
+use servent_proto::{ContentHash, NodeId};
+use supernode::net::{self, Endpoint};
+use tokio::sync::watch;
+use tracing::{debug, info, warn, Instrument};
+
+use crate::share::Share;
+
+/// Changes to the share are sent at most this often.
+const BATCH_DELAY: Duration = Duration::from_millis(200);
+const BACKOFF_MIN: Duration = Duration::from_millis(500);
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+
+/// What a link knows of its supernode, for status and tests.
+#[derive(Debug, Clone, Default)]
+pub struct LinkStatus {
+    /// Set while registered.
+    pub supernode: Option<(NodeId, SocketAddr)>,
+    /// Files the supernode says it holds for us.
+    pub indexed: u32,
+    pub last_error: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+enum LinkError {
+    #[error("cannot resolve {0}")]
+    Resolve(String),
+    #[error(transparent)]
+    Connect(#[from] net::ConnectError),
+    #[error("supernode refused: {0}")]
+    Refused(String),
+    #[error("session lost: {0}")]
+    Lost(String),
+}
+
+/// Keeps this leaf registered with the supernode at `addr` until `stop`.
+pub async fn run(
+    endpoint: Endpoint,
+    addr: String,
+    listen_port: u16,
+    share: Arc<Share>,
+    status: Arc<Mutex<LinkStatus>>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut backoff = BACKOFF_MIN;
+    loop {
+        let started = Instant::now();
+        let session = session(&endpoint, &addr, listen_port, &share, &status, stop.clone())
+            .instrument(tracing::info_span!("link", supernode = %addr));
+        let result = tokio::select! {
+            r = session => r,
+            _ = stop.changed() => return,
+        };
+        {
+            let mut s = status.lock().expect("link status");
+            s.supernode = None;
+            s.indexed = 0;
+            if let Err(e) = &result {
+                s.last_error = Some(e.to_string());
+            }
+        }
+        if *stop.borrow() {
+            return;
+        }
+        if let Err(e) = result {
+            warn!(supernode = %addr, error = %e, "supernode link down");
+        }
+        if started.elapsed() > BACKOFF_MAX {
+            backoff = BACKOFF_MIN;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = stop.changed() => return,
+        }
+        backoff = (backoff * 2).min(BACKOFF_MAX);
+    }
+}
+
+/// Resolves `HOST:PORT` (a name or an address).
+pub async fn resolve(addr: &str) -> Option<SocketAddr> {
+    tokio::net::lookup_host(addr).await.ok()?.next()
+}
+
+async fn session(
+    endpoint: &Endpoint,
+    addr: &str,
+    listen_port: u16,
+    share: &Share,
+    status: &Mutex<LinkStatus>,
+    stop: watch::Receiver<bool>,
+) -> Result<(), LinkError> {
+    let sock = resolve(addr).await.ok_or_else(|| LinkError::Resolve(addr.to_string()))?;
+    let peer = endpoint.connect(sock, ALPN_LEAF, None).await?;
+    let lost = |e: net::StreamError| LinkError::Lost(e.to_string());
+    let (mut send, mut recv) = peer.conn.open_bi().await.map_err(|e| LinkError::Lost(e.to_string()))?;
+    net::write_frame(&mut send, &LeafRequest::Register { listen_port }, MAX_REQUEST_FRAME)
+        .await
+        .map_err(lost)?;
+    match net::read_first_frame::<SupernodeReply>(&mut recv, MAX_REPLY_FRAME).await.map_err(lost)? {
+        Some(SupernodeReply::Registered { observed_addr }) => {
+            info!(id = %peer.id.short(), observed = %observed_addr, "registered");
+        }
+        Some(SupernodeReply::Error(e)) => return Err(LinkError::Refused(e.to_string())),
+        other => return Err(LinkError::Lost(format!("unexpected reply {other:?}"))),
+    }
+    status.lock().expect("link status").supernode = Some((peer.id, sock));
+
+    // What this supernode holds for us: hash → name.
+    let mut announced: HashMap<ContentHash, String> = HashMap::new();
+    let mut changes = share.subscribe();
+    let mut stop = stop;
+    loop {
+        changes.borrow_and_update();
+        let current = share.entries();
+        let (adds, removes) = diff(&announced, &current);
+        for batch in removes.chunks(MAX_FILES_PER_UPDATE) {
+            let indexed = update(&mut send, &mut recv, SessionUpdate::Remove(batch.to_vec())).await?;
+            batch.iter().for_each(|h| {
+                announced.remove(h);
+            });
+            status.lock().expect("link status").indexed = indexed;
+        }
+        for batch in adds.chunks(MAX_FILES_PER_UPDATE) {
+            let indexed = update(&mut send, &mut recv, SessionUpdate::Add(batch.to_vec())).await?;
+            announced.extend(batch.iter().map(|e| (e.hash, e.name.clone())));
+            status.lock().expect("link status").indexed = indexed;
+        }
+        if !adds.is_empty() || !removes.is_empty() {
+            debug!(added = adds.len(), removed = removes.len(), total = announced.len(), "share updated");
+        }
+        tokio::select! {
+            r = changes.changed() => if r.is_err() { return Ok(()) },
+            e = peer.conn.closed() => return Err(LinkError::Lost(e.to_string())),
+            _ = stop.changed() => return Ok(()),
+        }
+        tokio::time::sleep(BATCH_DELAY).await;
+    }
+}
+
+/// What to add and remove so that `announced` becomes `current`.
+fn diff(announced: &HashMap<ContentHash, String>, current: &[FileEntry]) -> (Vec<FileEntry>, Vec<ContentHash>) {
+    let adds: Vec<FileEntry> = current
+        .iter()
+        .filter(|e| announced.get(&e.hash) != Some(&e.name))
+        .cloned()
+        .collect();
+    let keep: std::collections::HashSet<&ContentHash> = current.iter().map(|e| &e.hash).collect();
+    let removes = announced.keys().filter(|h| !keep.contains(h)).copied().collect();
+    (adds, removes)
+}
+
+async fn update(
+    send: &mut quinn::SendStream,
+    recv: &mut quinn::RecvStream,
+    update: SessionUpdate,
+) -> Result<u32, LinkError> {
+    let lost = |e: net::StreamError| LinkError::Lost(e.to_string());
+    net::write_frame(send, &update, MAX_UPDATE_FRAME).await.map_err(lost)?;
+    match net::read_first_frame::<SupernodeReply>(recv, MAX_REPLY_FRAME).await.map_err(lost)? {
+        Some(SupernodeReply::Indexed { files }) => Ok(files),
+        Some(SupernodeReply::Error(e)) => Err(LinkError::Refused(e.to_string())),
+        other => Err(LinkError::Lost(format!("unexpected reply {other:?}"))),
+    }
+}

@@ -1,0 +1,121 @@
+//! Asking supernodes: keyword and hash queries, with the hits of every
+//! supernode asked merged by content hash.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use servent_proto::limits::{MAX_REPLY_FRAME, MAX_REQUEST_FRAME, MAX_RESULTS};
+use servent_proto::msg::{Hit, LeafRequest, Query, QueryKind, SupernodeReply, ALPN_LEAF};
+use supernode::net::{self, Endpoint};
+use tracing::{debug, warn};
+
+use crate::link::resolve;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SearchError {
+    #[error("no supernode given: pass --supernode ADDR (or run `leaf serve` once to remember some)")]
+    NoSupernodes,
+    #[error("no supernode reachable (tried {tried}): {last}")]
+    Unreachable { tried: String, last: String },
+    #[error("supernode refused the query: {0}")]
+    Refused(String),
+}
+
+/// Sends `kind` to every supernode in `supernodes` and merges the hits.
+/// Answers that have not come within `timeout` are left out.
+pub async fn query(
+    endpoint: &Endpoint,
+    supernodes: &[String],
+    kind: QueryKind,
+    max_results: u32,
+    timeout: Duration,
+) -> Result<Vec<Hit>, SearchError> {
+    if supernodes.is_empty() {
+        return Err(SearchError::NoSupernodes);
+    }
+    let query = Query { kind, max_results: max_results.min(MAX_RESULTS) };
+    let mut asks = tokio::task::JoinSet::new();
+    for addr in supernodes {
+        let (endpoint, addr, query) = (endpoint.clone(), addr.clone(), query.clone());
+        asks.spawn(async move {
+            let answer = tokio::time::timeout(timeout, ask(&endpoint, &addr, query)).await;
+            (addr, answer)
+        });
+    }
+    let answers = asks.join_all().await;
+    let mut merged: Vec<Hit> = Vec::new();
+    let mut at: HashMap<_, usize> = HashMap::new();
+    let mut reached = 0;
+    let mut last = String::from("timed out");
+    for (addr, answer) in answers {
+        let hits = match answer {
+            Ok(Ok(h)) => h,
+            Ok(Err(AskError::Refused(e))) => return Err(SearchError::Refused(e)),
+            Ok(Err(AskError::Other(e))) => {
+                warn!(supernode = %addr, error = %e, "query failed");
+                last = e;
+                continue;
+            }
+            Err(_) => {
+                warn!(supernode = %addr, "query timed out");
+                continue;
+            }
+        };
+        reached += 1;
+        for hit in hits {
+            match at.get(&hit.hash) {
+                Some(&i) => {
+                    let m = &mut merged[i];
+                    for s in hit.sources {
+                        if !m.sources.iter().any(|x| x.id == s.id) {
+                            m.sources.push(s);
+                        }
+                    }
+                }
+                None => {
+                    at.insert(hit.hash, merged.len());
+                    merged.push(hit);
+                }
+            }
+        }
+    }
+    if reached == 0 {
+        return Err(SearchError::Unreachable { tried: supernodes.join(", "), last });
+    }
+    merged.truncate(max_results as usize);
+    Ok(merged)
+}
+
+enum AskError {
+    Refused(String),
+    Other(String),
+}
+
+async fn ask(endpoint: &Endpoint, addr: &str, query: Query) -> Result<Vec<Hit>, AskError> {
+    let other = |e: String| AskError::Other(e);
+    let sock = resolve(addr).await.ok_or_else(|| other(format!("cannot resolve {addr}")))?;
+    let peer = endpoint.connect(sock, ALPN_LEAF, None).await.map_err(|e| other(e.to_string()))?;
+    let (mut send, mut recv) = peer.conn.open_bi().await.map_err(|e| other(e.to_string()))?;
+    net::write_frame(&mut send, &LeafRequest::Query(query), MAX_REQUEST_FRAME)
+        .await
+        .map_err(|e| other(e.to_string()))?;
+    let _ = send.finish();
+    let mut hits = Vec::new();
+    loop {
+        match net::read_frame::<SupernodeReply>(&mut recv, MAX_REPLY_FRAME).await {
+            Ok(Some(SupernodeReply::Hits(batch))) => {
+                hits.extend(batch);
+                if hits.len() > MAX_RESULTS as usize {
+                    break;
+                }
+            }
+            Ok(Some(SupernodeReply::Error(e))) => return Err(AskError::Refused(e.to_string())),
+            Ok(Some(other_reply)) => return Err(other(format!("unexpected reply {other_reply:?}"))),
+            Ok(None) => break,
+            Err(e) => return Err(other(e.to_string())),
+        }
+    }
+    debug!(supernode = %addr, hits = hits.len(), "answered");
+    peer.conn.close(0u32.into(), b"done");
+    Ok(hits)
+}

@@ -1,0 +1,488 @@
+//! The shared folder: scanning, hashing (with a cache in the data dir),
+//! noticing changes, and the lookup the transfer server serves from.
+//!
+//! Only regular files below the share root are shared. Symbolic links are
+//! never followed, hidden files (a name starting with `.`) and partial
+//! downloads are skipped, and a file is served only while its size and
+//! modification time are those it had when it was hashed.
+
+use std::collections::HashMap;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use dashmap::DashMap;
+use serde::{Deserialize, Serialize};
+use servent_proto::limits::MAX_NAME_BYTES;
+use servent_proto::msg::{truncate_utf8, FileEntry};
+use servent_proto::ContentHash;
+use tokio::sync::watch;
+use tracing::{debug, info, warn};
+
+/// Suffix of partial downloads, which are never shared.
+pub const PART_SUFFIX: &str = ".servent-part";
+/// The share is rescanned this often even if no change was reported.
+pub const RESCAN_INTERVAL: Duration = Duration::from_secs(30);
+/// Changes reported by the watcher are batched for this long.
+const DEBOUNCE: Duration = Duration::from_millis(300);
+const CACHE_FILE: &str = "hash-cache.json";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ShareError {
+    #[error("cannot open the share folder {path}: {source}")]
+    Root { path: String, source: std::io::Error },
+    #[error("the share {0} is not a folder")]
+    NotADir(String),
+}
+
+/// Size and modification time: a file whose stamp changed is rehashed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Stamp {
+    pub size: u64,
+    pub mtime_secs: i64,
+    pub mtime_nanos: u32,
+}
+
+impl Stamp {
+    pub fn of(meta: &std::fs::Metadata) -> Self {
+        let (mtime_secs, mtime_nanos) = match meta.modified() {
+            Ok(t) => match t.duration_since(UNIX_EPOCH) {
+                Ok(d) => (d.as_secs() as i64, d.subsec_nanos()),
+                Err(e) => (-(e.duration().as_secs() as i64), e.duration().subsec_nanos()),
+            },
+            Err(_) => (0, 0),
+        };
+        Self { size: meta.len(), mtime_secs, mtime_nanos }
+    }
+}
+
+/// A shared file as the transfer server needs it.
+#[derive(Debug, Clone)]
+pub struct SharedFile {
+    /// Absolute path, below the canonical share root.
+    pub path: PathBuf,
+    pub name: String,
+    pub stamp: Stamp,
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct CacheFile {
+    entries: HashMap<PathBuf, CacheEntry>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct CacheEntry {
+    stamp: Stamp,
+    hash: String,
+}
+
+/// Progress of the current scan, for status and logs.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct ScanProgress {
+    pub files_to_hash: u64,
+    pub files_hashed: u64,
+    pub bytes_to_hash: u64,
+    pub bytes_hashed: u64,
+}
+
+/// What a leaf shares. Cheap to read from any task; written by the scanner.
+pub struct Share {
+    root: PathBuf,
+    data_dir: PathBuf,
+    /// hash → file: what is announced and served.
+    files: DashMap<ContentHash, SharedFile>,
+    /// path → (stamp, hash) of every file hashed, owned by the scanner.
+    paths: Mutex<HashMap<PathBuf, (Stamp, ContentHash)>>,
+    /// Bumped after every change to `files`; links and waiters watch it.
+    version: watch::Sender<u64>,
+    progress: Mutex<ScanProgress>,
+}
+
+impl Share {
+    pub fn open(root: &Path, data_dir: &Path) -> Result<Arc<Self>, ShareError> {
+        let root = root
+            .canonicalize()
+            .map_err(|source| ShareError::Root { path: root.display().to_string(), source })?;
+        if !root.is_dir() {
+            return Err(ShareError::NotADir(root.display().to_string()));
+        }
+        Ok(Arc::new(Self {
+            root,
+            data_dir: data_dir.to_path_buf(),
+            files: DashMap::new(),
+            paths: Mutex::new(HashMap::new()),
+            version: watch::channel(0).0,
+            progress: Mutex::new(ScanProgress::default()),
+        }))
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Number of distinct files shared now.
+    pub fn len(&self) -> usize {
+        self.files.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.files.is_empty()
+    }
+
+    pub fn get(&self, hash: &ContentHash) -> Option<SharedFile> {
+        self.files.get(hash).map(|f| f.clone())
+    }
+
+    /// Every shared file as announced to supernodes.
+    pub fn entries(&self) -> Vec<FileEntry> {
+        self.files
+            .iter()
+            .map(|f| FileEntry { hash: *f.key(), name: f.name.clone(), size: f.stamp.size })
+            .collect()
+    }
+
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.version.subscribe()
+    }
+
+    pub fn progress(&self) -> ScanProgress {
+        *self.progress.lock().expect("progress lock")
+    }
+
+    /// Scans the folder once: drops what is gone or changed, shares what
+    /// the cache already knows at once, then hashes the rest, sharing each
+    /// file as soon as it is hashed. Blocking: run it off the async threads.
+    pub fn scan(&self) {
+        let started = Instant::now();
+        let mut cache = self.load_cache();
+        let found = self.walk();
+        let mut paths = self.paths.lock().expect("paths lock");
+
+        // Gone or changed since the last scan.
+        let stale: Vec<PathBuf> = paths
+            .iter()
+            .filter(|(p, (stamp, _))| found.get(*p) != Some(stamp))
+            .map(|(p, _)| p.clone())
+            .collect();
+        for p in &stale {
+            if let Some((_, hash)) = paths.remove(p) {
+                self.unshare(&paths, p, hash);
+            }
+        }
+
+        // Known from the cache, or new.
+        let mut to_hash = Vec::new();
+        for (path, stamp) in &found {
+            if paths.contains_key(path) {
+                continue;
+            }
+            match cache.entries.get(path) {
+                Some(c) if c.stamp == *stamp => match c.hash.parse::<ContentHash>() {
+                    Ok(hash) => {
+                        paths.insert(path.clone(), (*stamp, hash));
+                        self.share(path, *stamp, hash);
+                    }
+                    Err(_) => to_hash.push((path.clone(), *stamp)),
+                },
+                _ => to_hash.push((path.clone(), *stamp)),
+            }
+        }
+        drop(paths);
+        self.bump();
+
+        // Hash what is new, sharing each file as it is done.
+        let total_bytes: u64 = to_hash.iter().map(|(_, s)| s.size).sum();
+        *self.progress.lock().expect("progress lock") = ScanProgress {
+            files_to_hash: to_hash.len() as u64,
+            bytes_to_hash: total_bytes,
+            ..Default::default()
+        };
+        if !to_hash.is_empty() {
+            info!(files = to_hash.len(), bytes = total_bytes, "hashing new or changed files");
+        }
+        let mut last_report = Instant::now();
+        let mut last_save = Instant::now();
+        for (i, (path, stamp)) in to_hash.iter().enumerate() {
+            match hash_file(path, *stamp) {
+                Ok(hash) => {
+                    cache.entries.insert(path.clone(), CacheEntry { stamp: *stamp, hash: hash.to_string() });
+                    self.paths.lock().expect("paths lock").insert(path.clone(), (*stamp, hash));
+                    self.share(path, *stamp, hash);
+                    self.bump();
+                }
+                Err(e) => debug!(path = %path.display(), error = %e, "not hashed"),
+            }
+            {
+                let mut p = self.progress.lock().expect("progress lock");
+                p.files_hashed += 1;
+                p.bytes_hashed += stamp.size;
+            }
+            if last_report.elapsed() > Duration::from_secs(2) {
+                let p = self.progress();
+                info!(files = i + 1, of = to_hash.len(), mib = p.bytes_hashed >> 20, of_mib = total_bytes >> 20, "hashing");
+                last_report = Instant::now();
+            }
+            if last_save.elapsed() > Duration::from_secs(10) {
+                self.save_cache(&cache);
+                last_save = Instant::now();
+            }
+        }
+        // Keep the cache to what exists, so it does not grow forever.
+        cache.entries.retain(|p, _| found.contains_key(p) || !p.starts_with(&self.root));
+        self.save_cache(&cache);
+        let took_ms = started.elapsed().as_millis() as u64;
+        if to_hash.is_empty() && stale.is_empty() {
+            debug!(shared = self.len(), took_ms, "scan done");
+        } else {
+            info!(shared = self.len(), hashed = to_hash.len(), removed = stale.len(), took_ms, "scan done");
+        }
+    }
+
+    fn share(&self, path: &Path, stamp: Stamp, hash: ContentHash) {
+        let Some(name) = announce_name(path) else {
+            debug!(path = %path.display(), "name cannot be announced; not shared");
+            return;
+        };
+        self.files.entry(hash).or_insert(SharedFile { path: path.to_path_buf(), name, stamp });
+    }
+
+    /// Stops sharing `path`; the content stays shared if another file has it.
+    fn unshare(&self, paths: &HashMap<PathBuf, (Stamp, ContentHash)>, path: &Path, hash: ContentHash) {
+        let serving_this = self.files.get(&hash).is_some_and(|f| f.path == path);
+        if !serving_this {
+            return;
+        }
+        match paths.iter().find(|(_, (_, h))| *h == hash) {
+            Some((other, (stamp, _))) => {
+                let Some(name) = announce_name(other) else {
+                    self.files.remove(&hash);
+                    return;
+                };
+                self.files.insert(hash, SharedFile { path: other.clone(), name, stamp: *stamp });
+            }
+            None => {
+                self.files.remove(&hash);
+            }
+        }
+    }
+
+    fn bump(&self) {
+        self.version.send_modify(|v| *v += 1);
+    }
+
+    /// Regular files below the root with their stamps. Symlinks are not
+    /// followed, not even to files inside the share.
+    fn walk(&self) -> HashMap<PathBuf, Stamp> {
+        let mut out = HashMap::new();
+        let walker = walkdir::WalkDir::new(&self.root).follow_links(false).into_iter().filter_entry(|e| {
+            e.depth() == 0 || !e.file_name().to_string_lossy().starts_with('.')
+        });
+        for entry in walker {
+            let entry = match entry {
+                Ok(e) => e,
+                Err(e) => {
+                    debug!(error = %e, "skipped while scanning");
+                    continue;
+                }
+            };
+            if !entry.file_type().is_file() || entry.file_name().to_string_lossy().ends_with(PART_SUFFIX) {
+                continue;
+            }
+            if let Ok(meta) = entry.metadata() {
+                out.insert(entry.into_path(), Stamp::of(&meta));
+            }
+        }
+        out
+    }
+
+    fn load_cache(&self) -> CacheFile {
+        let path = self.data_dir.join(CACHE_FILE);
+        match std::fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_else(|e| {
+                warn!(path = %path.display(), error = %e, "hash cache unreadable; rehashing");
+                CacheFile::default()
+            }),
+            Err(_) => CacheFile::default(),
+        }
+    }
+
+    fn save_cache(&self, cache: &CacheFile) {
+        let path = self.data_dir.join(CACHE_FILE);
+        let tmp = self.data_dir.join(format!("{CACHE_FILE}.tmp"));
+        let result = serde_json::to_vec(cache)
+            .map_err(std::io::Error::other)
+            .and_then(|bytes| std::fs::write(&tmp, bytes))
+            .and_then(|()| std::fs::rename(&tmp, &path));
+        if let Err(e) = result {
+            warn!(path = %path.display(), error = %e, "cannot save the hash cache");
+        }
+    }
+
+    /// Checks that `file` is still what was hashed and below the root, and
+    /// opens it. Anything else is refused: a file replaced by a link to
+    /// elsewhere, a changed file (it is rehashed at the next scan).
+    pub fn open_verified(&self, file: &SharedFile) -> std::io::Result<std::fs::File> {
+        let real = file.path.canonicalize()?;
+        if !real.starts_with(&self.root) || real != file.path {
+            return Err(std::io::Error::new(std::io::ErrorKind::PermissionDenied, "outside the share"));
+        }
+        let f = std::fs::File::open(&real)?;
+        let meta = f.metadata()?;
+        if !meta.is_file() || Stamp::of(&meta) != file.stamp {
+            return Err(std::io::Error::new(std::io::ErrorKind::NotFound, "changed since it was hashed"));
+        }
+        Ok(f)
+    }
+}
+
+/// The name under which a file is announced: its last path component,
+/// cut to the protocol's limit; `None` if it cannot be sent.
+fn announce_name(path: &Path) -> Option<String> {
+    let mut name = path.file_name()?.to_str()?.to_string();
+    if name.chars().any(|c| c.is_control() || c == '\\') {
+        return None;
+    }
+    truncate_utf8(&mut name, MAX_NAME_BYTES);
+    (!name.is_empty()).then_some(name)
+}
+
+/// BLAKE3 of a file, refusing it if it changed while being read.
+pub fn hash_file(path: &Path, stamp: Stamp) -> std::io::Result<ContentHash> {
+    let mut f = std::fs::File::open(path)?;
+    let mut hasher = blake3::Hasher::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        if n >= 128 * 1024 {
+            hasher.update_rayon(&buf[..n]);
+        } else {
+            hasher.update(&buf[..n]);
+        }
+    }
+    if Stamp::of(&f.metadata()?) != stamp {
+        return Err(std::io::Error::other("changed while hashing"));
+    }
+    Ok(ContentHash(*hasher.finalize().as_bytes()))
+}
+
+/// Rescans on every change the OS reports (batched) and every
+/// `RESCAN_INTERVAL`, until `stop` fires.
+pub async fn watch(share: Arc<Share>, mut stop: watch::Receiver<bool>) {
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<()>(1);
+    let watcher = {
+        use notify::Watcher;
+        let tx = tx.clone();
+        notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+            // Reads (ours included, when serving or hashing) change nothing.
+            if res.is_ok_and(|e| !e.kind.is_access()) {
+                let _ = tx.try_send(());
+            }
+        })
+        .and_then(|mut w| w.watch(share.root(), notify::RecursiveMode::Recursive).map(|()| w))
+    };
+    let _watcher = match watcher {
+        Ok(w) => Some(w),
+        Err(e) => {
+            warn!(error = %e, "cannot watch the share; rescanning every {} s", RESCAN_INTERVAL.as_secs());
+            None
+        }
+    };
+    let rescan = |share: Arc<Share>| async move {
+        let _ = tokio::task::spawn_blocking(move || share.scan()).await;
+    };
+    rescan(share.clone()).await;
+    loop {
+        tokio::select! {
+            _ = stop.changed() => return,
+            _ = tokio::time::sleep(RESCAN_INTERVAL) => {}
+            Some(()) = rx.recv() => {
+                tokio::time::sleep(DEBOUNCE).await;
+                while rx.try_recv().is_ok() {}
+            }
+        }
+        rescan(share.clone()).await;
+    }
+}
+
+/// Seconds since the epoch, for logs and status.
+pub fn now_secs() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hash_of(bytes: &[u8]) -> ContentHash {
+        ContentHash(*blake3::hash(bytes).as_bytes())
+    }
+
+    #[test]
+    fn scan_shares_regular_files_and_skips_links_hidden_and_parts() {
+        let share_dir = tempfile::tempdir().unwrap();
+        let data = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        std::fs::write(outside.path().join("secret.txt"), b"secret").unwrap();
+        std::fs::create_dir(share_dir.path().join("sub")).unwrap();
+        std::fs::write(share_dir.path().join("sub/song.mp3"), b"music").unwrap();
+        std::fs::write(share_dir.path().join(".hidden"), b"h").unwrap();
+        std::fs::write(share_dir.path().join("x.servent-part"), b"p").unwrap();
+        #[cfg(unix)]
+        {
+            std::os::unix::fs::symlink(outside.path().join("secret.txt"), share_dir.path().join("link.txt")).unwrap();
+            std::os::unix::fs::symlink(outside.path(), share_dir.path().join("linkdir")).unwrap();
+        }
+        let share = Share::open(share_dir.path(), data.path()).unwrap();
+        share.scan();
+        assert_eq!(share.len(), 1);
+        let f = share.get(&hash_of(b"music")).unwrap();
+        assert_eq!(f.name, "song.mp3");
+        assert!(share.get(&hash_of(b"secret")).is_none());
+    }
+
+    #[test]
+    fn cache_avoids_rehash_and_changes_are_noticed() {
+        let share_dir = tempfile::tempdir().unwrap();
+        let data = tempfile::tempdir().unwrap();
+        let p = share_dir.path().join("a.txt");
+        std::fs::write(&p, b"one").unwrap();
+        let share = Share::open(share_dir.path(), data.path()).unwrap();
+        share.scan();
+        assert_eq!(share.progress().files_hashed, 1);
+
+        // A restart with the cache hashes nothing.
+        let again = Share::open(share_dir.path(), data.path()).unwrap();
+        again.scan();
+        assert_eq!(again.progress().files_to_hash, 0);
+        assert!(again.get(&hash_of(b"one")).is_some());
+
+        // A changed file is rehashed; a removed one is dropped.
+        std::fs::write(&p, b"two!").unwrap();
+        again.scan();
+        assert!(again.get(&hash_of(b"one")).is_none());
+        assert!(again.get(&hash_of(b"two!")).is_some());
+        std::fs::remove_file(&p).unwrap();
+        again.scan();
+        assert!(again.is_empty());
+    }
+
+    #[test]
+    fn duplicate_content_survives_removing_one_copy() {
+        let share_dir = tempfile::tempdir().unwrap();
+        let data = tempfile::tempdir().unwrap();
+        std::fs::write(share_dir.path().join("a"), b"same").unwrap();
+        std::fs::write(share_dir.path().join("b"), b"same").unwrap();
+        let share = Share::open(share_dir.path(), data.path()).unwrap();
+        share.scan();
+        let served = share.get(&hash_of(b"same")).unwrap().path;
+        std::fs::remove_file(&served).unwrap();
+        share.scan();
+        let now = share.get(&hash_of(b"same")).expect("still shared from the other copy");
+        assert_ne!(now.path, served);
+        assert!(share.open_verified(&now).is_ok());
+    }
+}
