@@ -3,7 +3,7 @@
 //! temporary folders and shuts down when dropped.
 
 use std::future::Future;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use servent_proto::ContentHash;
@@ -132,8 +132,4 @@ pub fn init_tracing() {
         .with_test_writer()
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
         .try_init();
-}
-
-pub fn exists(p: &Path) -> bool {
-    p.exists()
 }
