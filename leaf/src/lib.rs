@@ -105,18 +105,37 @@ impl Leaf {
         let span = info_span!("leaf", id = %id.short());
         let mut tasks = Vec::new();
 
-        tasks.push(tokio::spawn(share::watch(share.clone(), stop_rx.clone()).instrument(span.clone())));
-        tasks.push(tokio::spawn(accept(endpoint.clone(), share.clone(), stop_rx.clone()).instrument(span.clone())));
+        tasks.push(tokio::spawn(
+            share::watch(share.clone(), stop_rx.clone()).instrument(span.clone()),
+        ));
+        tasks.push(tokio::spawn(
+            accept(endpoint.clone(), share.clone(), stop_rx.clone()).instrument(span.clone()),
+        ));
         let mut links = Vec::new();
         for sn in &supernodes {
             let status = Arc::new(Mutex::new(LinkStatus::default()));
             links.push(status.clone());
-            let task = link::run(endpoint.clone(), sn.clone(), addr.port(), share.clone(), status, stop_rx.clone());
+            let task = link::run(
+                endpoint.clone(),
+                sn.clone(),
+                addr.port(),
+                share.clone(),
+                status,
+                stop_rx.clone(),
+            );
             tasks.push(tokio::spawn(task.instrument(span.clone())));
         }
         save_supernode_cache(&config.data_dir, &supernodes);
         info!(parent: &span, %addr, share = %share.root().display(), "serving");
-        Ok(Self { id, addr, endpoint, share, links, stop, tasks })
+        Ok(Self {
+            id,
+            addr,
+            endpoint,
+            share,
+            links,
+            stop,
+            tasks,
+        })
     }
 
     pub fn id(&self) -> NodeId {
@@ -133,12 +152,18 @@ impl Leaf {
 
     /// Supernodes this leaf is registered with now.
     pub fn supernodes(&self) -> Vec<(NodeId, SocketAddr)> {
-        self.links.iter().filter_map(|l| l.lock().expect("link status").supernode).collect()
+        self.links
+            .iter()
+            .filter_map(|l| l.lock().expect("link status").supernode)
+            .collect()
     }
 
     /// For each link, how many files its supernode holds for this leaf.
     pub fn indexed(&self) -> Vec<u32> {
-        self.links.iter().map(|l| l.lock().expect("link status").indexed).collect()
+        self.links
+            .iter()
+            .map(|l| l.lock().expect("link status").indexed)
+            .collect()
     }
 
     /// Stops serving and closes every connection.
@@ -194,7 +219,13 @@ async fn accept(endpoint: Endpoint, share: Arc<Share>, mut stop: watch::Receiver
 
 fn load_supernode_cache(data_dir: &Path) -> Vec<String> {
     std::fs::read_to_string(data_dir.join(SUPERNODE_CACHE))
-        .map(|s| s.lines().map(str::trim).filter(|l| !l.is_empty()).map(String::from).collect())
+        .map(|s| {
+            s.lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty())
+                .map(String::from)
+                .collect()
+        })
         .unwrap_or_default()
 }
 
@@ -230,29 +261,67 @@ pub enum ClientError {
 impl Client {
     pub fn new(data_dir: &Path, supernodes: Vec<String>) -> Result<Self, ClientError> {
         let identity = Arc::new(Identity::load_or_create(data_dir)?);
-        let supernodes = if supernodes.is_empty() { load_supernode_cache(data_dir) } else { supernodes };
+        let supernodes = if supernodes.is_empty() {
+            load_supernode_cache(data_dir)
+        } else {
+            supernodes
+        };
         let endpoint = Endpoint::client(identity, SocketAddr::from(([0, 0, 0, 0], 0)))?;
-        Ok(Self { endpoint, supernodes })
+        Ok(Self {
+            endpoint,
+            supernodes,
+        })
     }
 
     pub fn id(&self) -> NodeId {
         self.endpoint.id()
     }
 
-    pub async fn search(&self, words: &[String], max: u32, timeout: Duration) -> Result<Vec<Hit>, ClientError> {
-        Ok(search::query(&self.endpoint, &self.supernodes, QueryKind::Keywords(words.to_vec()), max, timeout).await?)
+    pub async fn search(
+        &self,
+        words: &[String],
+        max: u32,
+        timeout: Duration,
+    ) -> Result<Vec<Hit>, ClientError> {
+        Ok(search::query(
+            &self.endpoint,
+            &self.supernodes,
+            QueryKind::Keywords(words.to_vec()),
+            max,
+            timeout,
+        )
+        .await?)
     }
 
     /// Every known source of `hash`.
-    pub async fn locate(&self, hash: ContentHash, timeout: Duration) -> Result<Option<Hit>, ClientError> {
-        let hits = search::query(&self.endpoint, &self.supernodes, QueryKind::Hash(hash), 1, timeout).await?;
+    pub async fn locate(
+        &self,
+        hash: ContentHash,
+        timeout: Duration,
+    ) -> Result<Option<Hit>, ClientError> {
+        let hits = search::query(
+            &self.endpoint,
+            &self.supernodes,
+            QueryKind::Hash(hash),
+            1,
+            timeout,
+        )
+        .await?;
         Ok(hits.into_iter().find(|h| h.hash == hash))
     }
 
     /// Finds `hash`, downloads it and verifies it into `out` (or, without
     /// one, a file named as the hit says in the current folder).
-    pub async fn get(&self, hash: ContentHash, out: Option<&Path>, timeout: Duration) -> Result<PathBuf, ClientError> {
-        let hit = self.locate(hash, timeout).await?.ok_or(ClientError::NotFound(hash))?;
+    pub async fn get(
+        &self,
+        hash: ContentHash,
+        out: Option<&Path>,
+        timeout: Duration,
+    ) -> Result<PathBuf, ClientError> {
+        let hit = self
+            .locate(hash, timeout)
+            .await?
+            .ok_or(ClientError::NotFound(hash))?;
         let target = match out {
             Some(p) => p.to_path_buf(),
             None => PathBuf::from(safe_file_name(&hit.name).unwrap_or_else(|| hash.to_string())),
@@ -283,7 +352,10 @@ mod tests {
 
     #[test]
     fn hostile_names_stay_in_the_folder() {
-        assert_eq!(safe_file_name("../../etc/passwd").as_deref(), Some("passwd"));
+        assert_eq!(
+            safe_file_name("../../etc/passwd").as_deref(),
+            Some("passwd")
+        );
         assert_eq!(safe_file_name("/abs/x.txt").as_deref(), Some("x.txt"));
         assert_eq!(safe_file_name("a\\b\\c.exe").as_deref(), Some("c.exe"));
         assert_eq!(safe_file_name(".."), None);

@@ -7,7 +7,10 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use servent_proto::limits::{MAX_FILES_PER_UPDATE, MAX_REPLY_FRAME, MAX_REQUEST_FRAME, MAX_UPDATE_FRAME};
+use servent_proto::limits::{
+    DEFAULT_MAX_FILES_PER_LEAF, MAX_FILES_PER_UPDATE, MAX_REPLY_FRAME, MAX_REQUEST_FRAME,
+    MAX_UPDATE_FRAME,
+};
 use servent_proto::msg::{FileEntry, LeafRequest, SessionUpdate, SupernodeReply, ALPN_LEAF};
 use servent_proto::{ContentHash, NodeId};
 use supernode::net::{self, Endpoint};
@@ -99,14 +102,27 @@ async fn session(
     status: &Mutex<LinkStatus>,
     stop: watch::Receiver<bool>,
 ) -> Result<(), LinkError> {
-    let sock = resolve(addr).await.ok_or_else(|| LinkError::Resolve(addr.to_string()))?;
+    let sock = resolve(addr)
+        .await
+        .ok_or_else(|| LinkError::Resolve(addr.to_string()))?;
     let peer = endpoint.connect(sock, ALPN_LEAF, None).await?;
     let lost = |e: net::StreamError| LinkError::Lost(e.to_string());
-    let (mut send, mut recv) = peer.conn.open_bi().await.map_err(|e| LinkError::Lost(e.to_string()))?;
-    net::write_frame(&mut send, &LeafRequest::Register { listen_port }, MAX_REQUEST_FRAME)
+    let (mut send, mut recv) = peer
+        .conn
+        .open_bi()
         .await
-        .map_err(lost)?;
-    match net::read_first_frame::<SupernodeReply>(&mut recv, MAX_REPLY_FRAME).await.map_err(lost)? {
+        .map_err(|e| LinkError::Lost(e.to_string()))?;
+    net::write_frame(
+        &mut send,
+        &LeafRequest::Register { listen_port },
+        MAX_REQUEST_FRAME,
+    )
+    .await
+    .map_err(lost)?;
+    match net::read_first_frame::<SupernodeReply>(&mut recv, MAX_REPLY_FRAME)
+        .await
+        .map_err(lost)?
+    {
         Some(SupernodeReply::Registered { observed_addr }) => {
             info!(id = %peer.id.short(), observed = %observed_addr, "registered");
         }
@@ -121,10 +137,21 @@ async fn session(
     let mut stop = stop;
     loop {
         changes.borrow_and_update();
-        let current = share.entries();
+        let mut current = share.entries();
+        if current.len() > DEFAULT_MAX_FILES_PER_LEAF {
+            // More would be refused (and the session closed) by the supernode.
+            warn!(
+                shared = current.len(),
+                announced = DEFAULT_MAX_FILES_PER_LEAF,
+                "too many files: announcing only some"
+            );
+            current.sort_by_key(|e| e.hash);
+            current.truncate(DEFAULT_MAX_FILES_PER_LEAF);
+        }
         let (adds, removes) = diff(&announced, &current);
         for batch in removes.chunks(MAX_FILES_PER_UPDATE) {
-            let indexed = update(&mut send, &mut recv, SessionUpdate::Remove(batch.to_vec())).await?;
+            let indexed =
+                update(&mut send, &mut recv, SessionUpdate::Remove(batch.to_vec())).await?;
             batch.iter().for_each(|h| {
                 announced.remove(h);
             });
@@ -136,7 +163,12 @@ async fn session(
             status.lock().expect("link status").indexed = indexed;
         }
         if !adds.is_empty() || !removes.is_empty() {
-            debug!(added = adds.len(), removed = removes.len(), total = announced.len(), "share updated");
+            debug!(
+                added = adds.len(),
+                removed = removes.len(),
+                total = announced.len(),
+                "share updated"
+            );
         }
         tokio::select! {
             r = changes.changed() => if r.is_err() { return Ok(()) },
@@ -148,14 +180,21 @@ async fn session(
 }
 
 /// What to add and remove so that `announced` becomes `current`.
-fn diff(announced: &HashMap<ContentHash, String>, current: &[FileEntry]) -> (Vec<FileEntry>, Vec<ContentHash>) {
+fn diff(
+    announced: &HashMap<ContentHash, String>,
+    current: &[FileEntry],
+) -> (Vec<FileEntry>, Vec<ContentHash>) {
     let adds: Vec<FileEntry> = current
         .iter()
         .filter(|e| announced.get(&e.hash) != Some(&e.name))
         .cloned()
         .collect();
     let keep: std::collections::HashSet<&ContentHash> = current.iter().map(|e| &e.hash).collect();
-    let removes = announced.keys().filter(|h| !keep.contains(h)).copied().collect();
+    let removes = announced
+        .keys()
+        .filter(|h| !keep.contains(h))
+        .copied()
+        .collect();
     (adds, removes)
 }
 
@@ -165,8 +204,13 @@ async fn update(
     update: SessionUpdate,
 ) -> Result<u32, LinkError> {
     let lost = |e: net::StreamError| LinkError::Lost(e.to_string());
-    net::write_frame(send, &update, MAX_UPDATE_FRAME).await.map_err(lost)?;
-    match net::read_first_frame::<SupernodeReply>(recv, MAX_REPLY_FRAME).await.map_err(lost)? {
+    net::write_frame(send, &update, MAX_UPDATE_FRAME)
+        .await
+        .map_err(lost)?;
+    match net::read_first_frame::<SupernodeReply>(recv, MAX_REPLY_FRAME)
+        .await
+        .map_err(lost)?
+    {
         Some(SupernodeReply::Indexed { files }) => Ok(files),
         Some(SupernodeReply::Error(e)) => Err(LinkError::Refused(e.to_string())),
         other => Err(LinkError::Lost(format!("unexpected reply {other:?}"))),

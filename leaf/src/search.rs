@@ -13,7 +13,9 @@ use crate::link::resolve;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SearchError {
-    #[error("no supernode given: pass --supernode ADDR (or run `leaf serve` once to remember some)")]
+    #[error(
+        "no supernode given: pass --supernode ADDR (or run `leaf serve` once to remember some)"
+    )]
     NoSupernodes,
     #[error("no supernode reachable (tried {tried}): {last}")]
     Unreachable { tried: String, last: String },
@@ -33,7 +35,10 @@ pub async fn query(
     if supernodes.is_empty() {
         return Err(SearchError::NoSupernodes);
     }
-    let query = Query { kind, max_results: max_results.min(MAX_RESULTS) };
+    let query = Query {
+        kind,
+        max_results: max_results.min(MAX_RESULTS),
+    };
     let mut asks = tokio::task::JoinSet::new();
     for addr in supernodes {
         let (endpoint, addr, query) = (endpoint.clone(), addr.clone(), query.clone());
@@ -80,7 +85,10 @@ pub async fn query(
         }
     }
     if reached == 0 {
-        return Err(SearchError::Unreachable { tried: supernodes.join(", "), last });
+        return Err(SearchError::Unreachable {
+            tried: supernodes.join(", "),
+            last,
+        });
     }
     merged.truncate(max_results as usize);
     Ok(merged)
@@ -93,9 +101,18 @@ enum AskError {
 
 async fn ask(endpoint: &Endpoint, addr: &str, query: Query) -> Result<Vec<Hit>, AskError> {
     let other = |e: String| AskError::Other(e);
-    let sock = resolve(addr).await.ok_or_else(|| other(format!("cannot resolve {addr}")))?;
-    let peer = endpoint.connect(sock, ALPN_LEAF, None).await.map_err(|e| other(e.to_string()))?;
-    let (mut send, mut recv) = peer.conn.open_bi().await.map_err(|e| other(e.to_string()))?;
+    let sock = resolve(addr)
+        .await
+        .ok_or_else(|| other(format!("cannot resolve {addr}")))?;
+    let peer = endpoint
+        .connect(sock, ALPN_LEAF, None)
+        .await
+        .map_err(|e| other(e.to_string()))?;
+    let (mut send, mut recv) = peer
+        .conn
+        .open_bi()
+        .await
+        .map_err(|e| other(e.to_string()))?;
     net::write_frame(&mut send, &LeafRequest::Query(query), MAX_REQUEST_FRAME)
         .await
         .map_err(|e| other(e.to_string()))?;
@@ -110,7 +127,9 @@ async fn ask(endpoint: &Endpoint, addr: &str, query: Query) -> Result<Vec<Hit>, 
                 }
             }
             Ok(Some(SupernodeReply::Error(e))) => return Err(AskError::Refused(e.to_string())),
-            Ok(Some(other_reply)) => return Err(other(format!("unexpected reply {other_reply:?}"))),
+            Ok(Some(other_reply)) => {
+                return Err(other(format!("unexpected reply {other_reply:?}")))
+            }
             Ok(None) => break,
             Err(e) => return Err(other(e.to_string())),
         }

@@ -31,7 +31,10 @@ const CACHE_FILE: &str = "hash-cache.json";
 #[derive(Debug, thiserror::Error)]
 pub enum ShareError {
     #[error("cannot open the share folder {path}: {source}")]
-    Root { path: String, source: std::io::Error },
+    Root {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("the share {0} is not a folder")]
     NotADir(String),
 }
@@ -49,11 +52,18 @@ impl Stamp {
         let (mtime_secs, mtime_nanos) = match meta.modified() {
             Ok(t) => match t.duration_since(UNIX_EPOCH) {
                 Ok(d) => (d.as_secs() as i64, d.subsec_nanos()),
-                Err(e) => (-(e.duration().as_secs() as i64), e.duration().subsec_nanos()),
+                Err(e) => (
+                    -(e.duration().as_secs() as i64),
+                    e.duration().subsec_nanos(),
+                ),
             },
             Err(_) => (0, 0),
         };
-        Self { size: meta.len(), mtime_secs, mtime_nanos }
+        Self {
+            size: meta.len(),
+            mtime_secs,
+            mtime_nanos,
+        }
     }
 }
 
@@ -101,9 +111,10 @@ pub struct Share {
 
 impl Share {
     pub fn open(root: &Path, data_dir: &Path) -> Result<Arc<Self>, ShareError> {
-        let root = root
-            .canonicalize()
-            .map_err(|source| ShareError::Root { path: root.display().to_string(), source })?;
+        let root = root.canonicalize().map_err(|source| ShareError::Root {
+            path: root.display().to_string(),
+            source,
+        })?;
         if !root.is_dir() {
             return Err(ShareError::NotADir(root.display().to_string()));
         }
@@ -138,7 +149,11 @@ impl Share {
     pub fn entries(&self) -> Vec<FileEntry> {
         self.files
             .iter()
-            .map(|f| FileEntry { hash: *f.key(), name: f.name.clone(), size: f.stamp.size })
+            .map(|f| FileEntry {
+                hash: *f.key(),
+                name: f.name.clone(),
+                size: f.stamp.size,
+            })
             .collect()
     }
 
@@ -199,15 +214,28 @@ impl Share {
             ..Default::default()
         };
         if !to_hash.is_empty() {
-            info!(files = to_hash.len(), bytes = total_bytes, "hashing new or changed files");
+            info!(
+                files = to_hash.len(),
+                bytes = total_bytes,
+                "hashing new or changed files"
+            );
         }
         let mut last_report = Instant::now();
         let mut last_save = Instant::now();
         for (i, (path, stamp)) in to_hash.iter().enumerate() {
             match hash_file(path, *stamp) {
                 Ok(hash) => {
-                    cache.entries.insert(path.clone(), CacheEntry { stamp: *stamp, hash: hash.to_string() });
-                    self.paths.lock().expect("paths lock").insert(path.clone(), (*stamp, hash));
+                    cache.entries.insert(
+                        path.clone(),
+                        CacheEntry {
+                            stamp: *stamp,
+                            hash: hash.to_string(),
+                        },
+                    );
+                    self.paths
+                        .lock()
+                        .expect("paths lock")
+                        .insert(path.clone(), (*stamp, hash));
                     self.share(path, *stamp, hash);
                     self.bump();
                 }
@@ -220,7 +248,13 @@ impl Share {
             }
             if last_report.elapsed() > Duration::from_secs(2) {
                 let p = self.progress();
-                info!(files = i + 1, of = to_hash.len(), mib = p.bytes_hashed >> 20, of_mib = total_bytes >> 20, "hashing");
+                info!(
+                    files = i + 1,
+                    of = to_hash.len(),
+                    mib = p.bytes_hashed >> 20,
+                    of_mib = total_bytes >> 20,
+                    "hashing"
+                );
                 last_report = Instant::now();
             }
             if last_save.elapsed() > Duration::from_secs(10) {
@@ -229,13 +263,21 @@ impl Share {
             }
         }
         // Keep the cache to what exists, so it does not grow forever.
-        cache.entries.retain(|p, _| found.contains_key(p) || !p.starts_with(&self.root));
+        cache
+            .entries
+            .retain(|p, _| found.contains_key(p) || !p.starts_with(&self.root));
         self.save_cache(&cache);
         let took_ms = started.elapsed().as_millis() as u64;
         if to_hash.is_empty() && stale.is_empty() {
             debug!(shared = self.len(), took_ms, "scan done");
         } else {
-            info!(shared = self.len(), hashed = to_hash.len(), removed = stale.len(), took_ms, "scan done");
+            info!(
+                shared = self.len(),
+                hashed = to_hash.len(),
+                removed = stale.len(),
+                took_ms,
+                "scan done"
+            );
         }
     }
 
@@ -244,11 +286,20 @@ impl Share {
             debug!(path = %path.display(), "name cannot be announced; not shared");
             return;
         };
-        self.files.entry(hash).or_insert(SharedFile { path: path.to_path_buf(), name, stamp });
+        self.files.entry(hash).or_insert(SharedFile {
+            path: path.to_path_buf(),
+            name,
+            stamp,
+        });
     }
 
     /// Stops sharing `path`; the content stays shared if another file has it.
-    fn unshare(&self, paths: &HashMap<PathBuf, (Stamp, ContentHash)>, path: &Path, hash: ContentHash) {
+    fn unshare(
+        &self,
+        paths: &HashMap<PathBuf, (Stamp, ContentHash)>,
+        path: &Path,
+        hash: ContentHash,
+    ) {
         let serving_this = self.files.get(&hash).is_some_and(|f| f.path == path);
         if !serving_this {
             return;
@@ -259,7 +310,14 @@ impl Share {
                     self.files.remove(&hash);
                     return;
                 };
-                self.files.insert(hash, SharedFile { path: other.clone(), name, stamp: *stamp });
+                self.files.insert(
+                    hash,
+                    SharedFile {
+                        path: other.clone(),
+                        name,
+                        stamp: *stamp,
+                    },
+                );
             }
             None => {
                 self.files.remove(&hash);
@@ -275,9 +333,10 @@ impl Share {
     /// followed, not even to files inside the share.
     fn walk(&self) -> HashMap<PathBuf, Stamp> {
         let mut out = HashMap::new();
-        let walker = walkdir::WalkDir::new(&self.root).follow_links(false).into_iter().filter_entry(|e| {
-            e.depth() == 0 || !e.file_name().to_string_lossy().starts_with('.')
-        });
+        let walker = walkdir::WalkDir::new(&self.root)
+            .follow_links(false)
+            .into_iter()
+            .filter_entry(|e| e.depth() == 0 || !e.file_name().to_string_lossy().starts_with('.'));
         for entry in walker {
             let entry = match entry {
                 Ok(e) => e,
@@ -286,7 +345,9 @@ impl Share {
                     continue;
                 }
             };
-            if !entry.file_type().is_file() || entry.file_name().to_string_lossy().ends_with(PART_SUFFIX) {
+            if !entry.file_type().is_file()
+                || entry.file_name().to_string_lossy().ends_with(PART_SUFFIX)
+            {
                 continue;
             }
             if let Ok(meta) = entry.metadata() {
@@ -325,12 +386,18 @@ impl Share {
     pub fn open_verified(&self, file: &SharedFile) -> std::io::Result<std::fs::File> {
         let real = file.path.canonicalize()?;
         if !real.starts_with(&self.root) || real != file.path {
-            return Err(std::io::Error::new(std::io::ErrorKind::PermissionDenied, "outside the share"));
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::PermissionDenied,
+                "outside the share",
+            ));
         }
         let f = std::fs::File::open(&real)?;
         let meta = f.metadata()?;
         if !meta.is_file() || Stamp::of(&meta) != file.stamp {
-            return Err(std::io::Error::new(std::io::ErrorKind::NotFound, "changed since it was hashed"));
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                "changed since it was hashed",
+            ));
         }
         Ok(f)
     }
@@ -382,7 +449,10 @@ pub async fn watch(share: Arc<Share>, mut stop: watch::Receiver<bool>) {
                 let _ = tx.try_send(());
             }
         })
-        .and_then(|mut w| w.watch(share.root(), notify::RecursiveMode::Recursive).map(|()| w))
+        .and_then(|mut w| {
+            w.watch(share.root(), notify::RecursiveMode::Recursive)
+                .map(|()| w)
+        })
     };
     let _watcher = match watcher {
         Ok(w) => Some(w),
@@ -410,7 +480,9 @@ pub async fn watch(share: Arc<Share>, mut stop: watch::Receiver<bool>) {
 
 /// Seconds since the epoch, for logs and status.
 pub fn now_secs() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 #[cfg(test)]
@@ -433,7 +505,11 @@ mod tests {
         std::fs::write(share_dir.path().join("x.servent-part"), b"p").unwrap();
         #[cfg(unix)]
         {
-            std::os::unix::fs::symlink(outside.path().join("secret.txt"), share_dir.path().join("link.txt")).unwrap();
+            std::os::unix::fs::symlink(
+                outside.path().join("secret.txt"),
+                share_dir.path().join("link.txt"),
+            )
+            .unwrap();
             std::os::unix::fs::symlink(outside.path(), share_dir.path().join("linkdir")).unwrap();
         }
         let share = Share::open(share_dir.path(), data.path()).unwrap();
@@ -481,7 +557,9 @@ mod tests {
         let served = share.get(&hash_of(b"same")).unwrap().path;
         std::fs::remove_file(&served).unwrap();
         share.scan();
-        let now = share.get(&hash_of(b"same")).expect("still shared from the other copy");
+        let now = share
+            .get(&hash_of(b"same"))
+            .expect("still shared from the other copy");
         assert_ne!(now.path, served);
         assert!(share.open_verified(&now).is_ok());
     }

@@ -25,6 +25,8 @@ use crate::share::{Share, PART_SUFFIX};
 const CHUNK: usize = 256 * 1024;
 /// Chunks in flight between the disk thread and the network task.
 const PIPELINE: usize = 16;
+/// An upload whose downloader accepts nothing for this long is dropped.
+const WRITE_STALL: std::time::Duration = std::time::Duration::from_secs(30);
 /// Uploads served at once; more wait their turn.
 pub const MAX_CONCURRENT_UPLOADS: usize = 16;
 
@@ -71,17 +73,23 @@ async fn serve_stream(
     let Ok(_permit) = uploads.acquire_owned().await else {
         return Ok(());
     };
-    let opened = share.get(&req.hash).ok_or(()).and_then(|f| match share.open_verified(&f) {
-        Ok(h) => Ok((f, h)),
-        Err(e) => {
-            debug!(path = %f.path.display(), error = %e, "refusing a shared file");
-            Err(())
-        }
-    });
+    let opened = share
+        .get(&req.hash)
+        .ok_or(())
+        .and_then(|f| match share.open_verified(&f) {
+            Ok(h) => Ok((f, h)),
+            Err(e) => {
+                debug!(path = %f.path.display(), error = %e, "refusing a shared file");
+                Err(())
+            }
+        });
     let (file, handle) = match opened {
         Ok(x) => x,
         Err(()) => {
-            let reply = refuse(ErrorCode::NotFound, format!("{} is not shared here", req.hash));
+            let reply = refuse(
+                ErrorCode::NotFound,
+                format!("{} is not shared here", req.hash),
+            );
             net::write_frame(&mut send, &reply, MAX_TRANSFER_FRAME).await?;
             let _ = send.finish();
             return Ok(());
@@ -89,14 +97,22 @@ async fn serve_stream(
     };
     let size = file.stamp.size;
     if req.offset > size {
-        let reply = refuse(ErrorCode::BadRequest, format!("offset {} is past the end ({size} bytes)", req.offset));
+        let reply = refuse(
+            ErrorCode::BadRequest,
+            format!("offset {} is past the end ({size} bytes)", req.offset),
+        );
         net::write_frame(&mut send, &reply, MAX_TRANSFER_FRAME).await?;
         let _ = send.finish();
         return Ok(());
     }
     let length = req.length.unwrap_or(u64::MAX).min(size - req.offset);
     debug!(hash = %req.hash.short(), offset = req.offset, length, "upload");
-    net::write_frame(&mut send, &GetReply::Ok { size, length }, MAX_TRANSFER_FRAME).await?;
+    net::write_frame(
+        &mut send,
+        &GetReply::Ok { size, length },
+        MAX_TRANSFER_FRAME,
+    )
+    .await?;
 
     // Disk reads on a blocking thread, network writes here, overlapped.
     let (tx, mut rx) = mpsc::channel::<std::io::Result<Bytes>>(PIPELINE);
@@ -110,7 +126,14 @@ async fn serve_stream(
             net::StreamError::Truncated
         })?;
         sent += chunk.len() as u64;
-        send.write_chunk(chunk).await?;
+        // A downloader that stops reading must not hold an upload slot forever.
+        match tokio::time::timeout(WRITE_STALL, send.write_chunk(chunk)).await {
+            Ok(r) => r?,
+            Err(_) => {
+                let _ = send.reset(2u32.into());
+                return Err(net::StreamError::Timeout);
+            }
+        }
     }
     if sent != length {
         // The file shrank under us: do not pretend the range is complete.
@@ -122,7 +145,12 @@ async fn serve_stream(
     Ok(())
 }
 
-fn read_range(mut f: std::fs::File, offset: u64, length: u64, tx: mpsc::Sender<std::io::Result<Bytes>>) {
+fn read_range(
+    mut f: std::fs::File,
+    offset: u64,
+    length: u64,
+    tx: mpsc::Sender<std::io::Result<Bytes>>,
+) {
     if let Err(e) = f.seek(SeekFrom::Start(offset)) {
         let _ = tx.blocking_send(Err(e));
         return;
@@ -154,10 +182,18 @@ pub enum GetError {
     NoSource(ContentHash),
     #[error("every source failed; last: {0}")]
     SourcesFailed(String),
-    #[error("hash mismatch: source {source_id} sent content that is not {hash}; nothing was written")]
-    HashMismatch { hash: ContentHash, source_id: String },
+    #[error(
+        "hash mismatch: source {source_id} sent content that is not {hash}; nothing was written"
+    )]
+    HashMismatch {
+        hash: ContentHash,
+        source_id: String,
+    },
     #[error("cannot write {path}: {source}")]
-    Io { path: String, source: std::io::Error },
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
 }
 
 /// Why one source did not deliver.
@@ -181,23 +217,37 @@ enum SourceError {
 
 /// The partial file beside `target`: `.NAME.servent-part`.
 pub fn part_path(target: &Path) -> PathBuf {
-    let name = target.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = target
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     target.with_file_name(format!(".{name}{PART_SUFFIX}"))
 }
 
 /// Downloads `hash` from the first source that delivers, into `target`.
 /// Resumes from a partial file left by an earlier attempt; writes `target`
 /// only once every byte matches the hash.
-pub async fn download(endpoint: &Endpoint, hash: ContentHash, sources: &[Source], target: &Path) -> Result<u64, GetError> {
+pub async fn download(
+    endpoint: &Endpoint,
+    hash: ContentHash,
+    sources: &[Source],
+    target: &Path,
+) -> Result<u64, GetError> {
     if sources.is_empty() {
         return Err(GetError::NoSource(hash));
     }
     let part = part_path(target);
-    let io_err = |source| GetError::Io { path: part.display().to_string(), source };
+    let io_err = |source| GetError::Io {
+        path: part.display().to_string(),
+        source,
+    };
     let mut last = String::new();
     for source in sources {
         let span = tracing::info_span!("get", source = %source.id.short(), addr = %source.addr);
-        match fetch_from(endpoint, hash, source, &part).instrument(span).await {
+        match fetch_from(endpoint, hash, source, &part)
+            .instrument(span)
+            .await
+        {
             Ok(size) => {
                 std::fs::rename(&part, target).map_err(|source| GetError::Io {
                     path: target.display().to_string(),
@@ -209,7 +259,10 @@ pub async fn download(endpoint: &Endpoint, hash: ContentHash, sources: &[Source]
             Err(SourceError::Mismatch { .. }) => {
                 // Bad bytes are not kept to resume from.
                 std::fs::remove_file(&part).map_err(io_err)?;
-                return Err(GetError::HashMismatch { hash, source_id: source.id.to_string() });
+                return Err(GetError::HashMismatch {
+                    hash,
+                    source_id: source.id.to_string(),
+                });
             }
             Err(SourceError::Io(e)) => return Err(io_err(e)),
             Err(e) => {
@@ -221,10 +274,24 @@ pub async fn download(endpoint: &Endpoint, hash: ContentHash, sources: &[Source]
     Err(GetError::SourcesFailed(last))
 }
 
-async fn fetch_from(endpoint: &Endpoint, hash: ContentHash, source: &Source, part: &Path) -> Result<u64, SourceError> {
-    let addr: SocketAddr = source.addr.parse().map_err(|_| SourceError::Addr(source.addr.clone()))?;
-    let gone = |reason: String| SourceError::Gone { addr: source.addr.clone(), reason };
-    let protocol = |reason: String| SourceError::Protocol { addr: source.addr.clone(), reason };
+async fn fetch_from(
+    endpoint: &Endpoint,
+    hash: ContentHash,
+    source: &Source,
+    part: &Path,
+) -> Result<u64, SourceError> {
+    let addr: SocketAddr = source
+        .addr
+        .parse()
+        .map_err(|_| SourceError::Addr(source.addr.clone()))?;
+    let gone = |reason: String| SourceError::Gone {
+        addr: source.addr.clone(),
+        reason,
+    };
+    let protocol = |reason: String| SourceError::Protocol {
+        addr: source.addr.clone(),
+        reason,
+    };
 
     // Resume: hash what an earlier attempt left, then ask for the rest.
     let (file, hasher, have) = {
@@ -234,19 +301,35 @@ async fn fetch_from(endpoint: &Endpoint, hash: ContentHash, source: &Source, par
             .map_err(|e| SourceError::Io(std::io::Error::other(e)))?
             .map_err(SourceError::Io)?
     };
-    let peer = endpoint.connect(addr, ALPN_TRANSFER, Some(source.id)).await?;
+    let peer = endpoint
+        .connect(addr, ALPN_TRANSFER, Some(source.id))
+        .await?;
     let (mut send, mut recv) = peer.conn.open_bi().await.map_err(|e| gone(e.to_string()))?;
-    let req = GetRequest { hash, offset: have, length: None };
-    net::write_frame(&mut send, &req, MAX_TRANSFER_FRAME).await.map_err(|e| gone(e.to_string()))?;
-    let _ = send.finish();
-    let (size, length) = match net::read_first_frame::<GetReply>(&mut recv, MAX_TRANSFER_FRAME).await {
-        Ok(Some(GetReply::Ok { size, length })) => (size, length),
-        Ok(Some(GetReply::Error(reply))) => return Err(SourceError::Refused { addr: source.addr.clone(), reply }),
-        Ok(None) => return Err(gone("stream ended before a reply".into())),
-        Err(e) => return Err(protocol(e.to_string())),
+    let req = GetRequest {
+        hash,
+        offset: have,
+        length: None,
     };
+    net::write_frame(&mut send, &req, MAX_TRANSFER_FRAME)
+        .await
+        .map_err(|e| gone(e.to_string()))?;
+    let _ = send.finish();
+    let (size, length) =
+        match net::read_first_frame::<GetReply>(&mut recv, MAX_TRANSFER_FRAME).await {
+            Ok(Some(GetReply::Ok { size, length })) => (size, length),
+            Ok(Some(GetReply::Error(reply))) => {
+                return Err(SourceError::Refused {
+                    addr: source.addr.clone(),
+                    reply,
+                })
+            }
+            Ok(None) => return Err(gone("stream ended before a reply".into())),
+            Err(e) => return Err(protocol(e.to_string())),
+        };
     if have.checked_add(length) != Some(size) {
-        return Err(protocol(format!("offered {length} bytes from {have} of a {size}-byte file")));
+        return Err(protocol(format!(
+            "offered {length} bytes from {have} of a {size}-byte file"
+        )));
     }
     if have > 0 {
         info!(have, size, "resuming");
@@ -277,16 +360,22 @@ async fn fetch_from(endpoint: &Endpoint, hash: ContentHash, source: &Source, par
         }
     }
     drop(tx);
-    let (hasher, write_result) = writer.await.map_err(|e| SourceError::Io(std::io::Error::other(e)))?;
+    let (hasher, write_result) = writer
+        .await
+        .map_err(|e| SourceError::Io(std::io::Error::other(e)))?;
     write_result.map_err(SourceError::Io)?;
     if let Some(f) = failure {
         return Err(f);
     }
     if received != length {
-        return Err(gone(format!("stream ended after {received} of {length} bytes")));
+        return Err(gone(format!(
+            "stream ended after {received} of {length} bytes"
+        )));
     }
     if ContentHash(*hasher.finalize().as_bytes()) != hash {
-        return Err(SourceError::Mismatch { addr: source.addr.clone() });
+        return Err(SourceError::Mismatch {
+            addr: source.addr.clone(),
+        });
     }
     peer.conn.close(0u32.into(), b"done");
     Ok(size)
@@ -294,7 +383,12 @@ async fn fetch_from(endpoint: &Endpoint, hash: ContentHash, source: &Source, par
 
 /// Opens (or creates) the partial file and hashes what it already holds.
 fn open_part(part: &Path) -> std::io::Result<(std::fs::File, blake3::Hasher, u64)> {
-    let mut file = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(part)?;
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(part)?;
     let mut hasher = blake3::Hasher::new();
     let mut buf = vec![0u8; 1 << 20];
     let mut have = 0u64;
@@ -322,7 +416,7 @@ fn write_part(
             return (hasher, Err(e));
         }
     }
-    let result = buf.flush().map_err(std::io::Error::from);
+    let result = buf.flush();
     drop(buf);
     (hasher, result.and_then(|()| file.sync_data()))
 }

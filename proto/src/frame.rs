@@ -68,7 +68,10 @@ pub fn decode<T: DeserializeOwned>(body: &[u8]) -> Result<T, FrameError> {
 
 /// Parses one frame from the front of `buf`: `Ok(None)` if more bytes are
 /// needed, else the message and how many bytes it took.
-pub fn parse<T: DeserializeOwned>(buf: &[u8], max: usize) -> Result<Option<(T, usize)>, FrameError> {
+pub fn parse<T: DeserializeOwned>(
+    buf: &[u8],
+    max: usize,
+) -> Result<Option<(T, usize)>, FrameError> {
     let Some(header) = buf.get(..HEADER_LEN) else {
         return Ok(None);
     };
@@ -92,7 +95,10 @@ pub fn parse_exact<T: DeserializeOwned>(buf: &[u8], max: usize) -> Result<T, Fra
                 .get(..HEADER_LEN)
                 .map(|h| HEADER_LEN + u32::from_be_bytes(h.try_into().expect("4 bytes")) as usize)
                 .unwrap_or(HEADER_LEN);
-            Err(FrameError::Truncated { expected, got: buf.len() })
+            Err(FrameError::Truncated {
+                expected,
+                got: buf.len(),
+            })
         }
     }
 }

@@ -29,7 +29,10 @@ mod tests {
 
     #[test]
     fn splits_lowercases_and_dedupes() {
-        assert_eq!(words("My_Song (Live).MP3 my"), ["my", "song", "live", "mp3"]);
+        assert_eq!(
+            words("My_Song (Live).MP3 my"),
+            ["my", "song", "live", "mp3"]
+        );
         assert_eq!(words("  ..//  "), Vec::<String>::new());
         assert_eq!(words("Ünïcode Straße"), ["ünïcode", "straße"]);
     }

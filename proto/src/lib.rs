@@ -20,3 +20,4 @@ pub mod msg;
 pub use frame::FrameError;
 pub use id::{ContentHash, NodeId, ParseIdError};
 pub mod rate;
+pub mod route;

@@ -15,7 +15,12 @@ impl TokenBucket {
     /// Starts full: `burst` requests at once, then `rate_per_sec` sustained.
     pub fn new(rate_per_sec: f64, burst: u32, now: Instant) -> Self {
         let burst = f64::from(burst.max(1));
-        Self { rate_per_sec, burst, tokens: burst, last: now }
+        Self {
+            rate_per_sec,
+            burst,
+            tokens: burst,
+            last: now,
+        }
     }
 
     /// Takes one token if there is one.

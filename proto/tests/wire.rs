@@ -34,7 +34,11 @@ fn node() -> NodeId {
 }
 
 fn entry() -> FileEntry {
-    FileEntry { hash: hash(), name: "Blue Moon.mp3".into(), size: 3_500_000 }
+    FileEntry {
+        hash: hash(),
+        name: "Blue Moon.mp3".into(),
+        size: 3_500_000,
+    }
 }
 
 fn hit() -> Hit {
@@ -42,7 +46,10 @@ fn hit() -> Hit {
         hash: hash(),
         name: "Blue Moon.mp3".into(),
         size: 3_500_000,
-        sources: vec![Source { id: node(), addr: "192.0.2.7:7401".into() }],
+        sources: vec![Source {
+            id: node(),
+            addr: "192.0.2.7:7401".into(),
+        }],
     }
 }
 
@@ -66,7 +73,11 @@ where
 {
     let bytes = frame::encode(msg, max).unwrap();
     let body_len = u32::from_be_bytes(bytes[..HEADER_LEN].try_into().unwrap()) as usize;
-    assert_eq!(body_len + HEADER_LEN, bytes.len(), "header counts the body of {msg:?}");
+    assert_eq!(
+        body_len + HEADER_LEN,
+        bytes.len(),
+        "header counts the body of {msg:?}"
+    );
     assert_eq!(&frame::parse_exact::<T>(&bytes, max).unwrap(), msg);
 
     for cut in 0..bytes.len() {
@@ -88,7 +99,11 @@ where
     T: Serialize + DeserializeOwned + PartialEq + Debug,
 {
     let bytes = round_trip(msg, max);
-    assert_eq!(hex::encode(&bytes), golden, "wire encoding of {msg:?} changed");
+    assert_eq!(
+        hex::encode(&bytes),
+        golden,
+        "wire encoding of {msg:?} changed"
+    );
     let parsed: T = frame::parse_exact(&hex::decode(golden).unwrap(), max).unwrap();
     assert_eq!(&parsed, msg);
 }
@@ -125,9 +140,16 @@ fn bin8(bytes: &[u8]) -> Vec<u8> {
 fn refused<T: DeserializeOwned + Debug>(body: &[u8], max: usize) -> FrameError {
     let start = Instant::now();
     let result = frame::parse_exact::<T>(&framed(body), max);
-    assert!(start.elapsed() < Duration::from_secs(2), "took {:?}", start.elapsed());
+    assert!(
+        start.elapsed() < Duration::from_secs(2),
+        "took {:?}",
+        start.elapsed()
+    );
     match result {
-        Ok(v) => panic!("hostile body {} was accepted as {v:?}", hex::encode(&body[..body.len().min(64)])),
+        Ok(v) => panic!(
+            "hostile body {} was accepted as {v:?}",
+            hex::encode(&body[..body.len().min(64)])
+        ),
         Err(e) => e,
     }
 }
@@ -142,7 +164,10 @@ fn is_decode(e: &FrameError) -> bool {
 #[test]
 fn every_leaf_request_round_trips() {
     for port in [1, 7401, u16::MAX] {
-        round_trip(&LeafRequest::Register { listen_port: port }, MAX_REQUEST_FRAME);
+        round_trip(
+            &LeafRequest::Register { listen_port: port },
+            MAX_REQUEST_FRAME,
+        );
     }
     let kinds = [
         QueryKind::Keywords(vec![]),
@@ -151,7 +176,13 @@ fn every_leaf_request_round_trips() {
     ];
     for kind in kinds {
         for max_results in [0, 1, MAX_RESULTS, u32::MAX] {
-            round_trip(&LeafRequest::Query(Query { kind: kind.clone(), max_results }), MAX_REQUEST_FRAME);
+            round_trip(
+                &LeafRequest::Query(Query {
+                    kind: kind.clone(),
+                    max_results,
+                }),
+                MAX_REQUEST_FRAME,
+            );
         }
     }
 }
@@ -160,7 +191,19 @@ fn every_leaf_request_round_trips() {
 fn every_session_update_round_trips() {
     round_trip(&SessionUpdate::Add(vec![]), MAX_UPDATE_FRAME);
     round_trip(&SessionUpdate::Remove(vec![]), MAX_UPDATE_FRAME);
-    let sizes = [0, 1, 127, 128, 255, 256, 65_535, 65_536, u32::MAX as u64, u32::MAX as u64 + 1, u64::MAX];
+    let sizes = [
+        0,
+        1,
+        127,
+        128,
+        255,
+        256,
+        65_535,
+        65_536,
+        u32::MAX as u64,
+        u32::MAX as u64 + 1,
+        u64::MAX,
+    ];
     let entries: Vec<FileEntry> = sizes
         .iter()
         .enumerate()
@@ -171,7 +214,10 @@ fn every_session_update_round_trips() {
         })
         .collect();
     round_trip(&SessionUpdate::Add(entries.clone()), MAX_UPDATE_FRAME);
-    round_trip(&SessionUpdate::Remove(entries.iter().map(|e| e.hash).collect()), MAX_UPDATE_FRAME);
+    round_trip(
+        &SessionUpdate::Remove(entries.iter().map(|e| e.hash).collect()),
+        MAX_UPDATE_FRAME,
+    );
 
     // A full batch of maximal names fits the update frame.
     let full: Vec<FileEntry> = (0..MAX_FILES_PER_UPDATE)
@@ -182,19 +228,38 @@ fn every_session_update_round_trips() {
         })
         .collect();
     let bytes = frame::encode(&SessionUpdate::Add(full.clone()), MAX_UPDATE_FRAME).unwrap();
-    assert_eq!(frame::parse_exact::<SessionUpdate>(&bytes, MAX_UPDATE_FRAME).unwrap(), SessionUpdate::Add(full));
+    assert_eq!(
+        frame::parse_exact::<SessionUpdate>(&bytes, MAX_UPDATE_FRAME).unwrap(),
+        SessionUpdate::Add(full)
+    );
 }
 
 #[test]
 fn every_supernode_reply_round_trips() {
-    round_trip(&SupernodeReply::Registered { observed_addr: "192.0.2.7:50123".into() }, MAX_REPLY_FRAME);
-    round_trip(&SupernodeReply::Registered { observed_addr: "[2001:db8::1]:7401".into() }, MAX_REPLY_FRAME);
+    round_trip(
+        &SupernodeReply::Registered {
+            observed_addr: "192.0.2.7:50123".into(),
+        },
+        MAX_REPLY_FRAME,
+    );
+    round_trip(
+        &SupernodeReply::Registered {
+            observed_addr: "[2001:db8::1]:7401".into(),
+        },
+        MAX_REPLY_FRAME,
+    );
     round_trip(&SupernodeReply::Indexed { files: 0 }, MAX_REPLY_FRAME);
-    round_trip(&SupernodeReply::Indexed { files: u32::MAX }, MAX_REPLY_FRAME);
+    round_trip(
+        &SupernodeReply::Indexed { files: u32::MAX },
+        MAX_REPLY_FRAME,
+    );
     round_trip(&SupernodeReply::Hits(vec![]), MAX_REPLY_FRAME);
     round_trip(&SupernodeReply::Hits(vec![hit(), hit()]), MAX_REPLY_FRAME);
     for code in ALL_CODES {
-        round_trip(&SupernodeReply::Error(ErrorReply::new(code, format!("{code:?} happened"))), MAX_REPLY_FRAME);
+        round_trip(
+            &SupernodeReply::Error(ErrorReply::new(code, format!("{code:?} happened"))),
+            MAX_REPLY_FRAME,
+        );
     }
 
     // The largest reply the supernode builds fits its frame limit.
@@ -203,27 +268,52 @@ fn every_supernode_reply_round_trips() {
         name: "n".repeat(MAX_NAME_BYTES),
         size: u64::MAX,
         sources: (0..MAX_SOURCES_PER_HIT)
-            .map(|i| Source { id: NodeId([i as u8; 32]), addr: "[ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff]:65535".into() })
+            .map(|i| Source {
+                id: NodeId([i as u8; 32]),
+                addr: "[ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff]:65535".into(),
+            })
             .collect(),
     };
     let reply = SupernodeReply::Hits(vec![big; MAX_HITS_PER_FRAME]);
     let bytes = frame::encode(&reply, MAX_REPLY_FRAME).unwrap();
-    assert_eq!(frame::parse_exact::<SupernodeReply>(&bytes, MAX_REPLY_FRAME).unwrap(), reply);
+    assert_eq!(
+        frame::parse_exact::<SupernodeReply>(&bytes, MAX_REPLY_FRAME).unwrap(),
+        reply
+    );
 }
 
 #[test]
 fn every_transfer_message_round_trips() {
     for length in [None, Some(0), Some(1), Some(u64::MAX)] {
         for offset in [0, 1 << 20, u64::MAX] {
-            round_trip(&GetRequest { hash: hash(), offset, length }, MAX_TRANSFER_FRAME);
+            round_trip(
+                &GetRequest {
+                    hash: hash(),
+                    offset,
+                    length,
+                },
+                MAX_TRANSFER_FRAME,
+            );
         }
     }
     round_trip(&GetReply::Ok { size: 0, length: 0 }, MAX_TRANSFER_FRAME);
-    round_trip(&GetReply::Ok { size: u64::MAX, length: u64::MAX }, MAX_TRANSFER_FRAME);
+    round_trip(
+        &GetReply::Ok {
+            size: u64::MAX,
+            length: u64::MAX,
+        },
+        MAX_TRANSFER_FRAME,
+    );
     for code in ALL_CODES {
-        round_trip(&GetReply::Error(ErrorReply::new(code, "")), MAX_TRANSFER_FRAME);
+        round_trip(
+            &GetReply::Error(ErrorReply::new(code, "")),
+            MAX_TRANSFER_FRAME,
+        );
         // The longest message allowed still fits a transfer frame.
-        round_trip(&GetReply::Error(ErrorReply::new(code, "é".repeat(1000))), MAX_TRANSFER_FRAME);
+        round_trip(
+            &GetReply::Error(ErrorReply::new(code, "é".repeat(1000))),
+            MAX_TRANSFER_FRAME,
+        );
     }
 }
 
@@ -232,8 +322,15 @@ fn error_messages_are_cut_at_a_char_boundary() {
     let long = ErrorReply::new(ErrorCode::Internal, "é".repeat(MAX_ERROR_MESSAGE));
     assert!(long.message.len() <= MAX_ERROR_MESSAGE);
     assert_eq!(long.message.len(), MAX_ERROR_MESSAGE);
-    let odd = ErrorReply::new(ErrorCode::Internal, format!("x{}", "é".repeat(MAX_ERROR_MESSAGE)));
-    assert_eq!(odd.message.len(), MAX_ERROR_MESSAGE - 1, "a split 'é' is dropped whole");
+    let odd = ErrorReply::new(
+        ErrorCode::Internal,
+        format!("x{}", "é".repeat(MAX_ERROR_MESSAGE)),
+    );
+    assert_eq!(
+        odd.message.len(),
+        MAX_ERROR_MESSAGE - 1,
+        "a split 'é' is dropped whole"
+    );
     assert!(odd.message.is_char_boundary(odd.message.len()));
 }
 
@@ -259,7 +356,10 @@ fn golden_leaf_requests() {
     );
     // 81 { a5 "Query": 92 [ 81 { a4 "Hash": c4 20 <32 bytes> }, cd 01f4 (500) ] }
     golden(
-        &LeafRequest::Query(Query { kind: QueryKind::Hash(hash()), max_results: 500 }),
+        &LeafRequest::Query(Query {
+            kind: QueryKind::Hash(hash()),
+            max_results: 500,
+        }),
         MAX_REQUEST_FRAME,
         "0000003381a551756572799281a448617368c420\
          af1349b9f5f9a1a6a0404dea36dcc9499bcb25c9adc112b7cc9a93cae41f3262cd01f4",
@@ -289,12 +389,18 @@ fn golden_session_updates() {
 fn golden_supernode_replies() {
     // 81 { aa "Registered": 91 [ af "192.0.2.7:50123" ] }
     golden(
-        &SupernodeReply::Registered { observed_addr: "192.0.2.7:50123".into() },
+        &SupernodeReply::Registered {
+            observed_addr: "192.0.2.7:50123".into(),
+        },
         MAX_REPLY_FRAME,
         "0000001d81aa5265676973746572656491af3139322e302e322e373a3530313233",
     );
     // 81 { a7 "Indexed": 91 [ 01 ] }
-    golden(&SupernodeReply::Indexed { files: 1 }, MAX_REPLY_FRAME, "0000000b81a7496e64657865649101");
+    golden(
+        &SupernodeReply::Indexed { files: 1 },
+        MAX_REPLY_FRAME,
+        "0000000b81a7496e64657865649101",
+    );
     // 81 { a4 "Hits": 91 [ 94 [ <hash>, <name>, <size>, 91 [ 92 [ c4 20 <id>, ae "192.0.2.7:7401" ] ] ] ] }
     golden(
         &SupernodeReply::Hits(vec![hit()]),
@@ -317,20 +423,31 @@ fn golden_supernode_replies() {
 fn golden_transfer_messages() {
     // 93 [ c4 20 <hash>, 00 (offset 0), c0 (length nil) ]
     golden(
-        &GetRequest { hash: hash(), offset: 0, length: None },
+        &GetRequest {
+            hash: hash(),
+            offset: 0,
+            length: None,
+        },
         MAX_TRANSFER_FRAME,
         "0000002593c420af1349b9f5f9a1a6a0404dea36dcc9499bcb25c9adc112b7cc9a93cae41f326200c0",
     );
     // 93 [ c4 20 <hash>, ce 00100000 (1 MiB), ce 00010000 (64 KiB) ]
     golden(
-        &GetRequest { hash: hash(), offset: 1 << 20, length: Some(65_536) },
+        &GetRequest {
+            hash: hash(),
+            offset: 1 << 20,
+            length: Some(65_536),
+        },
         MAX_TRANSFER_FRAME,
         "0000002d93c420af1349b9f5f9a1a6a0404dea36dcc9499bcb25c9adc112b7cc9a93cae41f3262\
          ce00100000ce00010000",
     );
     // 81 { a2 "Ok": 92 [ ce 003567e0, ce 003567e0 ] }
     golden(
-        &GetReply::Ok { size: 3_500_000, length: 3_500_000 },
+        &GetReply::Ok {
+            size: 3_500_000,
+            length: 3_500_000,
+        },
         MAX_TRANSFER_FRAME,
         "0000000f81a24f6b92ce003567e0ce003567e0",
     );
@@ -344,10 +461,20 @@ fn golden_transfer_messages() {
 
 #[test]
 fn golden_error_codes_are_bare_names() {
-    let names = ["BadRequest", "LimitExceeded", "RateLimited", "NotFound", "Unavailable", "Internal"];
+    let names = [
+        "BadRequest",
+        "LimitExceeded",
+        "RateLimited",
+        "NotFound",
+        "Unavailable",
+        "Internal",
+    ];
     for (code, name) in ALL_CODES.into_iter().zip(names) {
         assert_eq!(rmp_serde::to_vec(&code).unwrap(), fixstr(name), "{code:?}");
-        assert_eq!(rmp_serde::from_slice::<ErrorCode>(&fixstr(name)).unwrap(), code);
+        assert_eq!(
+            rmp_serde::from_slice::<ErrorCode>(&fixstr(name)).unwrap(),
+            code
+        );
     }
 }
 
@@ -379,18 +506,34 @@ fn golden_integers_take_their_smallest_form() {
 #[test]
 fn a_4_gib_header_is_refused_before_any_body_arrives() {
     let header = [0xff; HEADER_LEN];
-    for max in [MAX_REQUEST_FRAME, MAX_UPDATE_FRAME, MAX_REPLY_FRAME, MAX_TRANSFER_FRAME] {
+    for max in [
+        MAX_REQUEST_FRAME,
+        MAX_UPDATE_FRAME,
+        MAX_REPLY_FRAME,
+        MAX_TRANSFER_FRAME,
+    ] {
         let start = Instant::now();
         match frame::body_len(header, max) {
-            Err(FrameError::TooLarge { len, max: m }) => assert_eq!((len, m), (u32::MAX as usize, max)),
+            Err(FrameError::TooLarge { len, max: m }) => {
+                assert_eq!((len, m), (u32::MAX as usize, max))
+            }
             other => panic!("{other:?}"),
         }
         // `parse` refuses on the header alone, instead of waiting for 4 GiB.
-        assert!(matches!(frame::parse::<SessionUpdate>(&header, max), Err(FrameError::TooLarge { .. })));
+        assert!(matches!(
+            frame::parse::<SessionUpdate>(&header, max),
+            Err(FrameError::TooLarge { .. })
+        ));
         let mut with_some_body = header.to_vec();
         with_some_body.extend_from_slice(&[0x81; 100]);
-        assert!(matches!(frame::parse::<LeafRequest>(&with_some_body, max), Err(FrameError::TooLarge { .. })));
-        assert!(matches!(frame::parse_exact::<GetRequest>(&header, max), Err(FrameError::TooLarge { .. })));
+        assert!(matches!(
+            frame::parse::<LeafRequest>(&with_some_body, max),
+            Err(FrameError::TooLarge { .. })
+        ));
+        assert!(matches!(
+            frame::parse_exact::<GetRequest>(&header, max),
+            Err(FrameError::TooLarge { .. })
+        ));
         assert!(start.elapsed() < Duration::from_secs(1));
     }
 }
@@ -398,22 +541,37 @@ fn a_4_gib_header_is_refused_before_any_body_arrives() {
 #[test]
 fn the_limit_itself_is_allowed_and_one_more_is_not() {
     let max = MAX_TRANSFER_FRAME;
-    assert_eq!(frame::body_len((max as u32).to_be_bytes(), max).unwrap(), max);
+    assert_eq!(
+        frame::body_len((max as u32).to_be_bytes(), max).unwrap(),
+        max
+    );
     assert!(matches!(
         frame::body_len((max as u32 + 1).to_be_bytes(), max),
         Err(FrameError::TooLarge { len, .. }) if len == max + 1
     ));
     // The sender checks too: a message too big for its frame is not sent.
     let many = SessionUpdate::Remove(vec![hash(); 1000]);
-    assert!(matches!(frame::encode(&many, MAX_REQUEST_FRAME), Err(FrameError::TooLarge { .. })));
+    assert!(matches!(
+        frame::encode(&many, MAX_REQUEST_FRAME),
+        Err(FrameError::TooLarge { .. })
+    ));
     assert!(frame::encode(&many, MAX_UPDATE_FRAME).is_ok());
 }
 
 #[test]
 fn a_zero_length_frame_is_refused() {
-    assert!(matches!(frame::body_len([0; HEADER_LEN], MAX_REQUEST_FRAME), Err(FrameError::Empty)));
-    assert!(matches!(frame::parse::<LeafRequest>(&[0; HEADER_LEN], MAX_REQUEST_FRAME), Err(FrameError::Empty)));
-    assert!(matches!(frame::parse_exact::<LeafRequest>(&[0; 8], MAX_REQUEST_FRAME), Err(FrameError::Empty)));
+    assert!(matches!(
+        frame::body_len([0; HEADER_LEN], MAX_REQUEST_FRAME),
+        Err(FrameError::Empty)
+    ));
+    assert!(matches!(
+        frame::parse::<LeafRequest>(&[0; HEADER_LEN], MAX_REQUEST_FRAME),
+        Err(FrameError::Empty)
+    ));
+    assert!(matches!(
+        frame::parse_exact::<LeafRequest>(&[0; 8], MAX_REQUEST_FRAME),
+        Err(FrameError::Empty)
+    ));
 }
 
 #[test]
@@ -421,36 +579,66 @@ fn a_truncated_frame_is_refused() {
     let bytes = frame::encode(&SupernodeReply::Hits(vec![hit()]), MAX_REPLY_FRAME).unwrap();
     let half = &bytes[..bytes.len() / 2];
     match frame::parse_exact::<SupernodeReply>(half, MAX_REPLY_FRAME) {
-        Err(FrameError::Truncated { expected, got }) => assert_eq!((expected, got), (bytes.len(), half.len())),
+        Err(FrameError::Truncated { expected, got }) => {
+            assert_eq!((expected, got), (bytes.len(), half.len()))
+        }
         other => panic!("{other:?}"),
     }
     // Not even a whole header.
     match frame::parse_exact::<SupernodeReply>(&bytes[..2], MAX_REPLY_FRAME) {
-        Err(FrameError::Truncated { expected, got }) => assert_eq!((expected, got), (HEADER_LEN, 2)),
+        Err(FrameError::Truncated { expected, got }) => {
+            assert_eq!((expected, got), (HEADER_LEN, 2))
+        }
         other => panic!("{other:?}"),
     }
     // The streaming parser just asks for more.
-    assert!(frame::parse::<SupernodeReply>(half, MAX_REPLY_FRAME).unwrap().is_none());
-    assert!(frame::parse::<SupernodeReply>(&[], MAX_REPLY_FRAME).unwrap().is_none());
+    assert!(frame::parse::<SupernodeReply>(half, MAX_REPLY_FRAME)
+        .unwrap()
+        .is_none());
+    assert!(frame::parse::<SupernodeReply>(&[], MAX_REPLY_FRAME)
+        .unwrap()
+        .is_none());
 }
 
 #[test]
 fn garbage_is_refused() {
     let bodies: [&[u8]; 7] = [
-        &[0xc1],                      // the one reserved MessagePack marker
-        &[0xff],                      // a negative fixint
-        b"hello, world",              // text
-        &[0x80],                      // an empty map: no variant
-        &[0x82, 0xa3, b'A', b'd', b'd', 0x90, 0xa3, b'A', b'd', b'd', 0x90], // two variants
+        &[0xc1],         // the one reserved MessagePack marker
+        &[0xff],         // a negative fixint
+        b"hello, world", // text
+        &[0x80],         // an empty map: no variant
+        &[
+            0x82, 0xa3, b'A', b'd', b'd', 0x90, 0xa3, b'A', b'd', b'd', 0x90,
+        ], // two variants
         &[0x81, 0xa4, b'N', b'o', b'p', b'e', 0x90], // unknown variant
         &[0xa8, b'R', b'e', b'g', b'i', b's', b't', b'e', b'r'], // struct variant without content
     ];
     for body in bodies {
-        assert!(is_decode(&refused::<LeafRequest>(body, MAX_REQUEST_FRAME)), "{}", hex::encode(body));
-        assert!(is_decode(&refused::<SessionUpdate>(body, MAX_UPDATE_FRAME)), "{}", hex::encode(body));
-        assert!(is_decode(&refused::<SupernodeReply>(body, MAX_REPLY_FRAME)), "{}", hex::encode(body));
-        assert!(is_decode(&refused::<GetRequest>(body, MAX_TRANSFER_FRAME)), "{}", hex::encode(body));
-        assert!(is_decode(&refused::<GetReply>(body, MAX_TRANSFER_FRAME)), "{}", hex::encode(body));
+        assert!(
+            is_decode(&refused::<LeafRequest>(body, MAX_REQUEST_FRAME)),
+            "{}",
+            hex::encode(body)
+        );
+        assert!(
+            is_decode(&refused::<SessionUpdate>(body, MAX_UPDATE_FRAME)),
+            "{}",
+            hex::encode(body)
+        );
+        assert!(
+            is_decode(&refused::<SupernodeReply>(body, MAX_REPLY_FRAME)),
+            "{}",
+            hex::encode(body)
+        );
+        assert!(
+            is_decode(&refused::<GetRequest>(body, MAX_TRANSFER_FRAME)),
+            "{}",
+            hex::encode(body)
+        );
+        assert!(
+            is_decode(&refused::<GetReply>(body, MAX_TRANSFER_FRAME)),
+            "{}",
+            hex::encode(body)
+        );
     }
 }
 
@@ -467,11 +655,19 @@ fn wrong_types_and_arities_are_refused() {
     four.extend([0x00, 0xc0, 0x00]);
     assert!(is_decode(&refused::<GetRequest>(&four, MAX_TRANSFER_FRAME)));
     // A negative offset, a float offset, a string length.
-    for tail in [&[0xff, 0xc0][..], &[0xcb, 0, 0, 0, 0, 0, 0, 0, 0, 0xc0], &[0x00, 0xa1, b'1']] {
+    for tail in [
+        &[0xff, 0xc0][..],
+        &[0xcb, 0, 0, 0, 0, 0, 0, 0, 0, 0xc0],
+        &[0x00, 0xa1, b'1'],
+    ] {
         let mut body = vec![0x93];
         body.extend(&h);
         body.extend_from_slice(tail);
-        assert!(is_decode(&refused::<GetRequest>(&body, MAX_TRANSFER_FRAME)), "{}", hex::encode(&body));
+        assert!(
+            is_decode(&refused::<GetRequest>(&body, MAX_TRANSFER_FRAME)),
+            "{}",
+            hex::encode(&body)
+        );
     }
     // A port that does not fit 16 bits.
     let mut body = variant("Register");
@@ -482,12 +678,20 @@ fn wrong_types_and_arities_are_refused() {
     body.extend([0x91, 0x93]);
     body.append(&mut h);
     body.extend([0xa2, 0xc3, 0x28, 0x00]);
-    assert!(is_decode(&refused::<SessionUpdate>(&body, MAX_UPDATE_FRAME)));
+    assert!(is_decode(&refused::<SessionUpdate>(
+        &body,
+        MAX_UPDATE_FRAME
+    )));
 }
 
 #[test]
 fn ids_must_be_a_bin_of_exactly_32_bytes() {
-    for bad in [bin8(&[7; 31]), bin8(&[7; 33]), bin8(&[]), fixstr("af1349b9f5f9a1a6a0404dea36dcc94")] {
+    for bad in [
+        bin8(&[7; 31]),
+        bin8(&[7; 33]),
+        bin8(&[]),
+        fixstr("af1349b9f5f9a1a6a0404dea36dcc94"),
+    ] {
         // As the node id of a source in a hit...
         let mut body = variant("Hits");
         body.extend([0x91, 0x94]);
@@ -496,12 +700,20 @@ fn ids_must_be_a_bin_of_exactly_32_bytes() {
         body.extend([0x01, 0x91, 0x92]);
         body.extend(&bad);
         body.extend(fixstr("192.0.2.7:7401"));
-        assert!(is_decode(&refused::<SupernodeReply>(&body, MAX_REPLY_FRAME)), "{}", hex::encode(&bad));
+        assert!(
+            is_decode(&refused::<SupernodeReply>(&body, MAX_REPLY_FRAME)),
+            "{}",
+            hex::encode(&bad)
+        );
         // ...and as the hash of a transfer request.
         let mut body = vec![0x93];
         body.extend(&bad);
         body.extend([0x00, 0xc0]);
-        assert!(is_decode(&refused::<GetRequest>(&body, MAX_TRANSFER_FRAME)), "{}", hex::encode(&bad));
+        assert!(
+            is_decode(&refused::<GetRequest>(&body, MAX_TRANSFER_FRAME)),
+            "{}",
+            hex::encode(&bad)
+        );
     }
     // 32 integers in an array are not a bin either.
     let mut body = vec![0xdc, 0x00, 0x20];
@@ -519,19 +731,28 @@ fn ids_must_be_a_bin_of_exactly_32_bytes() {
 #[test]
 fn lengths_claiming_more_than_the_frame_holds_are_refused_without_allocating() {
     // A str8 variant name claiming 255 bytes, with 2 present.
-    assert!(is_decode(&refused::<LeafRequest>(&[0x81, 0xd9, 0xff, b'R', b'e'], MAX_REQUEST_FRAME)));
+    assert!(is_decode(&refused::<LeafRequest>(
+        &[0x81, 0xd9, 0xff, b'R', b'e'],
+        MAX_REQUEST_FRAME
+    )));
     // A str32 file name claiming 4 GiB.
     let mut body = variant("Add");
     body.extend([0x91, 0x93]);
     body.extend(bin8(hash().as_bytes()));
     body.extend([0xdb, 0xff, 0xff, 0xff, 0xff, b'a', b'b', b'c']);
-    assert!(is_decode(&refused::<SessionUpdate>(&body, MAX_UPDATE_FRAME)));
+    assert!(is_decode(&refused::<SessionUpdate>(
+        &body,
+        MAX_UPDATE_FRAME
+    )));
     // A bin32 hash claiming 4 GiB.
     let body = [0x93, 0xc6, 0xff, 0xff, 0xff, 0xff, 0x00];
     assert!(is_decode(&refused::<GetRequest>(&body, MAX_TRANSFER_FRAME)));
     // An array32 of 4 billion file entries, hashes, hits, words.
     for (name, decode) in [
-        ("Add", (|b: &[u8]| refused::<SessionUpdate>(b, MAX_UPDATE_FRAME)) as fn(&[u8]) -> FrameError),
+        (
+            "Add",
+            (|b: &[u8]| refused::<SessionUpdate>(b, MAX_UPDATE_FRAME)) as fn(&[u8]) -> FrameError,
+        ),
         ("Remove", |b| refused::<SessionUpdate>(b, MAX_UPDATE_FRAME)),
         ("Hits", |b| refused::<SupernodeReply>(b, MAX_REPLY_FRAME)),
         ("Keywords", |b| refused::<QueryKind>(b, MAX_REQUEST_FRAME)),
@@ -564,7 +785,10 @@ fn deep_nesting_is_refused_without_deep_recursion() {
             for body in [&arrays, &maps] {
                 assert!(is_decode(&refused::<LeafRequest>(body, MAX_UPDATE_FRAME)));
                 assert!(is_decode(&refused::<SessionUpdate>(body, MAX_UPDATE_FRAME)));
-                assert!(is_decode(&refused::<SupernodeReply>(body, MAX_UPDATE_FRAME)));
+                assert!(is_decode(&refused::<SupernodeReply>(
+                    body,
+                    MAX_UPDATE_FRAME
+                )));
                 assert!(is_decode(&refused::<GetRequest>(body, MAX_UPDATE_FRAME)));
                 assert!(is_decode(&refused::<GetReply>(body, MAX_UPDATE_FRAME)));
                 assert!(is_decode(&refused::<IgnoredAny>(body, MAX_UPDATE_FRAME)));
@@ -575,7 +799,10 @@ fn deep_nesting_is_refused_without_deep_recursion() {
             body.extend([0x91, 0x81]);
             body.extend(fixstr("zzz"));
             body.extend(&arrays);
-            assert!(is_decode(&refused::<SessionUpdate>(&body, MAX_UPDATE_FRAME)));
+            assert!(is_decode(&refused::<SessionUpdate>(
+                &body,
+                MAX_UPDATE_FRAME
+            )));
         })
         .unwrap()
         .join()
@@ -597,7 +824,15 @@ fn the_depth_limit_is_exact() {
 
 #[test]
 fn trailing_bytes_are_refused() {
-    let good = frame::encode(&GetRequest { hash: hash(), offset: 0, length: None }, MAX_TRANSFER_FRAME).unwrap();
+    let good = frame::encode(
+        &GetRequest {
+            hash: hash(),
+            offset: 0,
+            length: None,
+        },
+        MAX_TRANSFER_FRAME,
+    )
+    .unwrap();
     // Inside the frame: the header counts a byte the message does not use.
     let mut body = good[HEADER_LEN..].to_vec();
     body.push(0xc0);
@@ -607,7 +842,10 @@ fn trailing_bytes_are_refused() {
     let mut after = good.clone();
     after.extend_from_slice(&[0, 0]);
     let err = frame::parse_exact::<GetRequest>(&after, MAX_TRANSFER_FRAME).unwrap_err();
-    assert!(is_decode(&err) && err.to_string().contains("2 trailing bytes"), "{err}");
+    assert!(
+        is_decode(&err) && err.to_string().contains("2 trailing bytes"),
+        "{err}"
+    );
     // Two messages in one frame.
     let mut two = good[HEADER_LEN..].to_vec();
     two.extend_from_slice(&good[HEADER_LEN..]);
@@ -627,11 +865,31 @@ fn mutated_frames_never_panic() {
         state.wrapping_mul(0x2545_f491_4f6c_dd1d)
     };
     let seeds = [
-        frame::encode(&LeafRequest::Register { listen_port: 7401 }, MAX_REQUEST_FRAME).unwrap(),
-        frame::encode(&SessionUpdate::Add(vec![entry(), entry()]), MAX_UPDATE_FRAME).unwrap(),
+        frame::encode(
+            &LeafRequest::Register { listen_port: 7401 },
+            MAX_REQUEST_FRAME,
+        )
+        .unwrap(),
+        frame::encode(
+            &SessionUpdate::Add(vec![entry(), entry()]),
+            MAX_UPDATE_FRAME,
+        )
+        .unwrap(),
         frame::encode(&SupernodeReply::Hits(vec![hit()]), MAX_REPLY_FRAME).unwrap(),
-        frame::encode(&GetRequest { hash: hash(), offset: 9, length: Some(3) }, MAX_TRANSFER_FRAME).unwrap(),
-        frame::encode(&GetReply::Error(ErrorReply::new(ErrorCode::NotFound, "no")), MAX_TRANSFER_FRAME).unwrap(),
+        frame::encode(
+            &GetRequest {
+                hash: hash(),
+                offset: 9,
+                length: Some(3),
+            },
+            MAX_TRANSFER_FRAME,
+        )
+        .unwrap(),
+        frame::encode(
+            &GetReply::Error(ErrorReply::new(ErrorCode::NotFound, "no")),
+            MAX_TRANSFER_FRAME,
+        )
+        .unwrap(),
     ];
     for i in 0..20_000 {
         let mut bytes = seeds[i % seeds.len()].clone();

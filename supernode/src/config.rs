@@ -51,22 +51,51 @@ impl Default for Config {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read config file {path}: {source}")]
-    Read { path: String, source: std::io::Error },
-    #[error("invalid config file {path}: {source}")]
-    Parse { path: String, source: toml::de::Error },
+    // The io error is the `source`, so it is not repeated in the message:
+    // `{:#}` (as the binary prints errors) would show it twice.
+    #[error("cannot read config file {path}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    /// `reason` is one line: toml's own message spans several (a source
+    /// snippet), and the binary must print exactly one `error:` line.
+    #[error("invalid config file {path}: {reason}")]
+    Parse { path: String, reason: String },
 }
 
 impl Config {
     /// A local test configuration: `127.0.0.1:0`, fresh identity.
     pub fn localhost() -> Self {
-        Self { listen: SocketAddr::from(([127, 0, 0, 1], 0)), ..Self::default() }
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            ..Self::default()
+        }
     }
 
     pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::Read { path: path.display().to_string(), source })?;
-        toml::from_str(&text).map_err(|source| ConfigError::Parse { path: path.display().to_string(), source })
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.display().to_string(),
+            reason: one_line(&text, &e),
+        })
+    }
+}
+
+/// "line L, column C: message" from a toml error, on a single line.
+fn one_line(text: &str, e: &toml::de::Error) -> String {
+    let message = e.message().split_whitespace().collect::<Vec<_>>().join(" ");
+    match e.span() {
+        Some(span) => {
+            let before = text.get(..span.start).unwrap_or(text);
+            let line = before.matches('\n').count() + 1;
+            let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+            format!("line {line}, column {column}: {message}")
+        }
+        None => message,
     }
 }
 

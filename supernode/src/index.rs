@@ -50,9 +50,17 @@ impl Index {
 
     /// Adds or renames `owner`'s entries; returns how many it now has.
     /// Entries past `max_files` are refused whole, nothing of the batch added.
-    pub fn add(&self, owner: NodeId, entries: &[FileEntry], max_files: usize) -> Result<usize, IndexError> {
+    pub fn add(
+        &self,
+        owner: NodeId,
+        entries: &[FileEntry],
+        max_files: usize,
+    ) -> Result<usize, IndexError> {
         let mut mine = self.owners.entry(owner).or_default();
-        let new = entries.iter().filter(|e| !mine.contains_key(&e.hash)).count();
+        let new = entries
+            .iter()
+            .filter(|e| !mine.contains_key(&e.hash))
+            .count();
         if mine.len() + new > max_files {
             return Err(IndexError::TooManyFiles { max: max_files });
         }
@@ -170,7 +178,12 @@ impl Index {
         let mut owners: Vec<NodeId> = rec.owners.keys().copied().collect();
         owners.sort();
         let (name, size) = rec.owners.get(owners.first()?)?.clone();
-        Some(Found { hash: *hash, name, size, owners })
+        Some(Found {
+            hash: *hash,
+            name,
+            size,
+            owners,
+        })
     }
 
     /// Distinct content hashes indexed.
@@ -189,7 +202,11 @@ mod tests {
     use super::*;
 
     fn entry(n: u8, name: &str) -> FileEntry {
-        FileEntry { hash: ContentHash([n; 32]), name: name.into(), size: n as u64 }
+        FileEntry {
+            hash: ContentHash([n; 32]),
+            name: name.into(),
+            size: n as u64,
+        }
     }
 
     fn id(n: u8) -> NodeId {
@@ -199,7 +216,12 @@ mod tests {
     #[test]
     fn keyword_search_needs_every_word() {
         let ix = Index::new();
-        ix.add(id(1), &[entry(1, "Blue Moon.mp3"), entry(2, "blue sky.ogg")], 10).unwrap();
+        ix.add(
+            id(1),
+            &[entry(1, "Blue Moon.mp3"), entry(2, "blue sky.ogg")],
+            10,
+        )
+        .unwrap();
         let q = |s: &str| words(s);
         assert_eq!(ix.search(&q("blue"), 10).len(), 2);
         let hits = ix.search(&q("MOON blue"), 10);
@@ -216,7 +238,10 @@ mod tests {
         ix.add(id(1), &[entry(7, "a.bin")], 10).unwrap();
         ix.add(id(2), &[entry(7, "b.bin")], 10).unwrap();
         assert_eq!(ix.file_count(), 1);
-        assert_eq!(ix.get(&ContentHash([7; 32])).unwrap().owners, vec![id(1), id(2)]);
+        assert_eq!(
+            ix.get(&ContentHash([7; 32])).unwrap().owners,
+            vec![id(1), id(2)]
+        );
         // Either name finds it.
         assert_eq!(ix.search(&words("b"), 10).len(), 1);
         ix.remove_owner(id(1));

@@ -141,7 +141,13 @@ impl Supernode {
             }
             .instrument(span)
         });
-        Ok(Self { state, endpoint, addr, shutdown, task: Some(task) })
+        Ok(Self {
+            state,
+            endpoint,
+            addr,
+            shutdown,
+            task: Some(task),
+        })
     }
 
     pub fn id(&self) -> NodeId {

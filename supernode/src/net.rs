@@ -64,7 +64,9 @@ pub struct Identity {
 
 impl std::fmt::Debug for Identity {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Identity").field("id", &self.id).finish_non_exhaustive()
+        f.debug_struct("Identity")
+            .field("id", &self.id)
+            .finish_non_exhaustive()
     }
 }
 
@@ -78,7 +80,10 @@ impl Identity {
     /// that a restarted node is the same node.
     pub fn load_or_create(data_dir: &Path) -> Result<Self, IdentityError> {
         let path = data_dir.join("identity.pem");
-        let io = |source| IdentityError::Io { path: path.display().to_string(), source };
+        let io = |source| IdentityError::Io {
+            path: path.display().to_string(),
+            source,
+        };
         match std::fs::read_to_string(&path) {
             Ok(pem) => {
                 let key = rcgen::KeyPair::from_pem(&pem).map_err(|e| IdentityError::Invalid {
@@ -104,11 +109,15 @@ impl Identity {
     }
 
     fn from_key(key: rcgen::KeyPair) -> Result<Self, IdentityError> {
-        let raw: [u8; 32] = key.public_key_raw().try_into().map_err(|_| IdentityError::Invalid {
-            path: String::new(),
-            reason: "public key is not 32 bytes".into(),
-        })?;
-        let cert = rcgen::CertificateParams::new(vec![SERVER_NAME.to_string()])?.self_signed(&key)?;
+        let raw: [u8; 32] =
+            key.public_key_raw()
+                .try_into()
+                .map_err(|_| IdentityError::Invalid {
+                    path: String::new(),
+                    reason: "public key is not 32 bytes".into(),
+                })?;
+        let cert =
+            rcgen::CertificateParams::new(vec![SERVER_NAME.to_string()])?.self_signed(&key)?;
         Ok(Self {
             id: NodeId(raw),
             cert: cert.der().clone(),
@@ -164,7 +173,9 @@ pub fn node_id_from_cert(der: &[u8]) -> Result<NodeId, CertError> {
 }
 
 fn cert_error(e: CertError) -> rustls::Error {
-    rustls::Error::InvalidCertificate(rustls::CertificateError::Other(rustls::OtherError(Arc::new(e))))
+    rustls::Error::InvalidCertificate(rustls::CertificateError::Other(rustls::OtherError(
+        Arc::new(e),
+    )))
 }
 
 /// Accepts any well-formed Ed25519 certificate and verifies the TLS 1.3
@@ -175,11 +186,17 @@ struct PeerVerifier {
 }
 
 impl PeerVerifier {
-    fn check(&self, end_entity: &CertificateDer<'_>, intermediates: &[CertificateDer<'_>]) -> Result<(), rustls::Error> {
+    fn check(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+    ) -> Result<(), rustls::Error> {
         if !intermediates.is_empty() {
             return Err(cert_error(CertError("unexpected certificate chain".into())));
         }
-        node_id_from_cert(end_entity).map(|_| ()).map_err(cert_error)
+        node_id_from_cert(end_entity)
+            .map(|_| ())
+            .map_err(cert_error)
     }
 }
 
@@ -264,7 +281,10 @@ pub enum EndpointError {
     #[error("QUIC configuration failed: {0}")]
     Quic(String),
     #[error("cannot bind UDP {addr}: {source}")]
-    Bind { addr: SocketAddr, source: std::io::Error },
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -276,7 +296,11 @@ pub enum ConnectError {
     #[error("{addr} did not answer within {} s", CONNECT_TIMEOUT.as_secs())]
     Timeout { addr: SocketAddr },
     #[error("{addr} is node {got}, not the expected {expected}")]
-    UnexpectedPeer { addr: SocketAddr, expected: NodeId, got: NodeId },
+    UnexpectedPeer {
+        addr: SocketAddr,
+        expected: NodeId,
+        got: NodeId,
+    },
 }
 
 fn crypto_provider() -> Arc<CryptoProvider> {
@@ -323,16 +347,22 @@ pub struct Endpoint {
 
 impl Endpoint {
     /// Binds `addr` and accepts connections for `alpns`.
-    pub fn bind(identity: Arc<Identity>, addr: SocketAddr, alpns: &[&[u8]]) -> Result<Self, EndpointError> {
+    pub fn bind(
+        identity: Arc<Identity>,
+        addr: SocketAddr,
+        alpns: &[&[u8]],
+    ) -> Result<Self, EndpointError> {
         let mut tls = rustls::ServerConfig::builder_with_provider(crypto_provider())
             .with_protocol_versions(&[&rustls::version::TLS13])?
             .with_client_cert_verifier(Arc::new(verifier()))
             .with_single_cert(vec![identity.cert.clone()], identity.key())?;
         tls.alpn_protocols = alpns.iter().map(|a| a.to_vec()).collect();
-        let crypto = QuicServerConfig::try_from(tls).map_err(|e| EndpointError::Quic(e.to_string()))?;
+        let crypto =
+            QuicServerConfig::try_from(tls).map_err(|e| EndpointError::Quic(e.to_string()))?;
         let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
         config.transport_config(Arc::new(server_transport()));
-        let inner = quinn::Endpoint::server(config, addr).map_err(|source| EndpointError::Bind { addr, source })?;
+        let inner = quinn::Endpoint::server(config, addr)
+            .map_err(|source| EndpointError::Bind { addr, source })?;
         Ok(Self { inner, identity })
     }
 
@@ -343,7 +373,8 @@ impl Endpoint {
             SocketAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
             SocketAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, 0).into(),
         };
-        let inner = quinn::Endpoint::client(addr).map_err(|source| EndpointError::Bind { addr, source })?;
+        let inner =
+            quinn::Endpoint::client(addr).map_err(|source| EndpointError::Bind { addr, source })?;
         Ok(Self { inner, identity })
     }
 
@@ -366,7 +397,8 @@ impl Endpoint {
             .with_custom_certificate_verifier(Arc::new(verifier()))
             .with_client_auth_cert(vec![self.identity.cert.clone()], self.identity.key())?;
         tls.alpn_protocols = vec![alpn.to_vec()];
-        let crypto = QuicClientConfig::try_from(tls).map_err(|e| EndpointError::Quic(e.to_string()))?;
+        let crypto =
+            QuicClientConfig::try_from(tls).map_err(|e| EndpointError::Quic(e.to_string()))?;
         let mut config = quinn::ClientConfig::new(Arc::new(crypto));
         config.transport_config(Arc::new(client_transport()));
         Ok(config)
@@ -381,7 +413,9 @@ impl Endpoint {
         expected: Option<NodeId>,
     ) -> Result<Peer, ConnectError> {
         let connect_err = |reason: String| ConnectError::Connect { addr, reason };
-        let config = self.client_config(alpn).map_err(|e| connect_err(e.to_string()))?;
+        let config = self
+            .client_config(alpn)
+            .map_err(|e| connect_err(e.to_string()))?;
         let connecting = self
             .inner
             .connect_with(config, addr, SERVER_NAME)
@@ -394,15 +428,22 @@ impl Endpoint {
                     alpn: String::from_utf8_lossy(alpn).into_owned(),
                 })
             }
-            Ok(Err(quinn::ConnectionError::TimedOut)) => return Err(ConnectError::Timeout { addr }),
+            Ok(Err(quinn::ConnectionError::TimedOut)) => {
+                return Err(ConnectError::Timeout { addr })
+            }
             Ok(Err(e)) => return Err(connect_err(e.to_string())),
             Ok(Ok(conn)) => conn,
         };
-        let id = peer_id(&conn).ok_or_else(|| connect_err("peer presented no certificate".into()))?;
+        let id =
+            peer_id(&conn).ok_or_else(|| connect_err("peer presented no certificate".into()))?;
         if let Some(expected) = expected {
             if expected != id {
                 conn.close(0u32.into(), b"unexpected node id");
-                return Err(ConnectError::UnexpectedPeer { addr, expected, got: id });
+                return Err(ConnectError::UnexpectedPeer {
+                    addr,
+                    expected,
+                    got: id,
+                });
             }
         }
         Ok(Peer { conn, id })
@@ -415,7 +456,9 @@ impl Endpoint {
 }
 
 fn verifier() -> PeerVerifier {
-    PeerVerifier { algs: crypto_provider().signature_verification_algorithms }
+    PeerVerifier {
+        algs: crypto_provider().signature_verification_algorithms,
+    }
 }
 
 fn is_alpn_mismatch(e: &quinn::ConnectionError) -> bool {
@@ -435,7 +478,10 @@ pub struct Peer {
 
 /// The node id proven by the peer of an established connection.
 pub fn peer_id(conn: &quinn::Connection) -> Option<NodeId> {
-    let certs = conn.peer_identity()?.downcast::<Vec<CertificateDer<'static>>>().ok()?;
+    let certs = conn
+        .peer_identity()?
+        .downcast::<Vec<CertificateDer<'static>>>()
+        .ok()?;
     node_id_from_cert(certs.first()?).ok()
 }
 
@@ -483,7 +529,10 @@ impl From<quinn::ReadExactError> for StreamError {
 /// Reads one frame of at most `max` body bytes; `None` if the stream ended
 /// cleanly before a new frame began. The length is checked before the body
 /// buffer is allocated.
-pub async fn read_frame<T: DeserializeOwned>(recv: &mut quinn::RecvStream, max: usize) -> Result<Option<T>, StreamError> {
+pub async fn read_frame<T: DeserializeOwned>(
+    recv: &mut quinn::RecvStream,
+    max: usize,
+) -> Result<Option<T>, StreamError> {
     let mut header = [0u8; HEADER_LEN];
     match recv.read_exact(&mut header).await {
         Ok(()) => {}
@@ -497,13 +546,20 @@ pub async fn read_frame<T: DeserializeOwned>(recv: &mut quinn::RecvStream, max: 
 }
 
 /// Like [`read_frame`], but the frame must come within `REQUEST_TIMEOUT`.
-pub async fn read_first_frame<T: DeserializeOwned>(recv: &mut quinn::RecvStream, max: usize) -> Result<Option<T>, StreamError> {
+pub async fn read_first_frame<T: DeserializeOwned>(
+    recv: &mut quinn::RecvStream,
+    max: usize,
+) -> Result<Option<T>, StreamError> {
     tokio::time::timeout(REQUEST_TIMEOUT, read_frame(recv, max))
         .await
         .map_err(|_| StreamError::Timeout)?
 }
 
-pub async fn write_frame<T: Serialize>(send: &mut quinn::SendStream, msg: &T, max: usize) -> Result<(), StreamError> {
+pub async fn write_frame<T: Serialize>(
+    send: &mut quinn::SendStream,
+    msg: &T,
+    max: usize,
+) -> Result<(), StreamError> {
     let bytes = frame::encode(msg, max)?;
     send.write_all(&bytes).await?;
     Ok(())

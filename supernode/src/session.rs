@@ -13,11 +13,12 @@ use std::time::Instant;
 
 use servent_proto::keywords;
 use servent_proto::limits::{
-    MAX_FILES_PER_UPDATE, MAX_HITS_PER_FRAME, MAX_NAME_BYTES, MAX_QUERY_WORDS, MAX_REPLY_FRAME, MAX_REQUEST_FRAME,
-    MAX_RESULTS, MAX_SOURCES_PER_HIT, MAX_UPDATE_FRAME,
+    MAX_FILES_PER_UPDATE, MAX_HITS_PER_FRAME, MAX_NAME_BYTES, MAX_QUERY_WORDS, MAX_REPLY_FRAME,
+    MAX_REQUEST_FRAME, MAX_RESULTS, MAX_SOURCES_PER_HIT, MAX_UPDATE_FRAME,
 };
 use servent_proto::msg::{
-    ErrorCode, ErrorReply, FileEntry, Hit, LeafRequest, Query, QueryKind, SessionUpdate, Source, SupernodeReply,
+    ErrorCode, ErrorReply, FileEntry, Hit, LeafRequest, Query, QueryKind, SessionUpdate, Source,
+    SupernodeReply,
 };
 use servent_proto::rate::TokenBucket;
 use tracing::{debug, info, Instrument};
@@ -36,14 +37,20 @@ struct Conn {
 pub async fn serve(state: Arc<State>, peer: Peer) {
     debug!("connected");
     let conn = Arc::new(Conn {
-        queries: Mutex::new(TokenBucket::new(state.config.query_rate, state.config.query_burst, Instant::now())),
+        queries: Mutex::new(TokenBucket::new(
+            state.config.query_rate,
+            state.config.query_burst,
+            Instant::now(),
+        )),
         registered: AtomicBool::new(false),
         peer,
     });
     loop {
         match conn.peer.conn.accept_bi().await {
             Ok((send, recv)) => {
-                tokio::spawn(handle_stream(state.clone(), conn.clone(), send, recv).in_current_span());
+                tokio::spawn(
+                    handle_stream(state.clone(), conn.clone(), send, recv).in_current_span(),
+                );
             }
             Err(e) => {
                 debug!(reason = %e, "connection ended");
@@ -53,21 +60,30 @@ pub async fn serve(state: Arc<State>, peer: Peer) {
     }
 }
 
-async fn handle_stream(state: Arc<State>, conn: Arc<Conn>, mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
+async fn handle_stream(
+    state: Arc<State>,
+    conn: Arc<Conn>,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+) {
     let result = match net::read_first_frame::<LeafRequest>(&mut recv, MAX_REQUEST_FRAME).await {
-        Ok(Some(LeafRequest::Register { listen_port })) => register(&state, &conn, listen_port, &mut send, recv).await,
+        Ok(Some(LeafRequest::Register { listen_port })) => {
+            register(&state, &conn, listen_port, &mut send, recv).await
+        }
         Ok(Some(LeafRequest::Query(q))) => query(&state, &conn, q, &mut send).await,
         Ok(None) => Ok(()),
         Err(e) => Err(Refusal::bad(format!("bad request: {e}"))),
     };
     if let Err(refusal) = result {
         debug!(error = %refusal.reply, "request refused");
-        let _ = net::write_frame(&mut send, &SupernodeReply::Error(refusal.reply), MAX_REPLY_FRAME).await;
+        let reason = refusal.reply.message.clone();
+        let reply = SupernodeReply::Error(refusal.reply);
+        let _ = net::write_frame(&mut send, &reply, MAX_REPLY_FRAME).await;
         if refusal.close_connection {
             // Let the error frame leave before the connection goes.
             let _ = send.finish();
             let _ = tokio::time::timeout(std::time::Duration::from_secs(1), send.stopped()).await;
-            conn.peer.conn.close(1u32.into(), b"protocol violation");
+            conn.peer.conn.close(1u32.into(), reason.as_bytes());
             return;
         }
     }
@@ -82,13 +98,22 @@ struct Refusal {
 
 impl Refusal {
     fn bad(message: impl Into<String>) -> Self {
-        Self { reply: ErrorReply::new(ErrorCode::BadRequest, message), close_connection: false }
+        Self {
+            reply: ErrorReply::new(ErrorCode::BadRequest, message),
+            close_connection: false,
+        }
     }
     fn code(code: ErrorCode, message: impl Into<String>) -> Self {
-        Self { reply: ErrorReply::new(code, message), close_connection: false }
+        Self {
+            reply: ErrorReply::new(code, message),
+            close_connection: false,
+        }
     }
     fn fatal(code: ErrorCode, message: impl Into<String>) -> Self {
-        Self { reply: ErrorReply::new(code, message), close_connection: true }
+        Self {
+            reply: ErrorReply::new(code, message),
+            close_connection: true,
+        }
     }
 }
 
@@ -122,17 +147,32 @@ async fn register(
     let observed = conn.peer.conn.remote_address();
     let addr = SocketAddr::new(observed.ip(), listen_port);
     let generation = state.next_generation();
-    let entry = LeafEntry { generation, addr, conn: conn.peer.conn.clone() };
+    let entry = LeafEntry {
+        generation,
+        addr,
+        conn: conn.peer.conn.clone(),
+    };
     // The same leaf from a new connection (perhaps a new address) replaces
     // its old session: it is one node, known by its key.
     if let Some(old) = state.leaves.insert(id, entry) {
-        old.conn.close(0u32.into(), b"replaced by a newer connection");
+        old.conn
+            .close(0u32.into(), b"replaced by a newer connection");
         state.index.remove_owner(id);
     }
     info!(%addr, "leaf registered");
-    let _guard = SessionGuard { state: state.clone(), id, generation };
-    net::write_frame(send, &SupernodeReply::Registered { observed_addr: observed.to_string() }, MAX_REPLY_FRAME)
-        .await?;
+    let _guard = SessionGuard {
+        state: state.clone(),
+        id,
+        generation,
+    };
+    net::write_frame(
+        send,
+        &SupernodeReply::Registered {
+            observed_addr: observed.to_string(),
+        },
+        MAX_REPLY_FRAME,
+    )
+    .await?;
     loop {
         let update = match net::read_frame::<SessionUpdate>(&mut recv, MAX_UPDATE_FRAME).await {
             Ok(Some(u)) => u,
@@ -147,12 +187,22 @@ async fn register(
             return Ok(());
         }
         let files = apply(state, id, update)?;
-        net::write_frame(send, &SupernodeReply::Indexed { files: files as u32 }, MAX_REPLY_FRAME).await?;
+        net::write_frame(
+            send,
+            &SupernodeReply::Indexed {
+                files: files as u32,
+            },
+            MAX_REPLY_FRAME,
+        )
+        .await?;
     }
 }
 
 fn is_current(state: &State, id: servent_proto::NodeId, generation: u64) -> bool {
-    state.leaves.get(&id).is_some_and(|e| e.generation == generation)
+    state
+        .leaves
+        .get(&id)
+        .is_some_and(|e| e.generation == generation)
 }
 
 /// Drops a leaf's entries when its session ends, unless a newer session of
@@ -166,23 +216,35 @@ struct SessionGuard {
 impl Drop for SessionGuard {
     fn drop(&mut self) {
         let gen = self.generation;
-        if self.state.leaves.remove_if(&self.id, |_, e| e.generation == gen).is_some() {
+        if self
+            .state
+            .leaves
+            .remove_if(&self.id, |_, e| e.generation == gen)
+            .is_some()
+        {
             self.state.index.remove_owner(self.id);
             info!("leaf gone, entries dropped");
         }
     }
 }
 
-fn apply(state: &State, id: servent_proto::NodeId, update: SessionUpdate) -> Result<usize, Refusal> {
+fn apply(
+    state: &State,
+    id: servent_proto::NodeId,
+    update: SessionUpdate,
+) -> Result<usize, Refusal> {
     match update {
         SessionUpdate::Add(entries) => {
             if entries.len() > MAX_FILES_PER_UPDATE {
                 return Err(Refusal::fatal(
                     ErrorCode::LimitExceeded,
-                    format!("{} entries in one update exceed {MAX_FILES_PER_UPDATE}", entries.len()),
+                    format!(
+                        "{} entries in one update exceed {MAX_FILES_PER_UPDATE}",
+                        entries.len()
+                    ),
                 ));
             }
-            if let Some(bad) = entries.iter().find_map(|e| invalid_name(e)) {
+            if let Some(bad) = entries.iter().find_map(invalid_name) {
                 return Err(Refusal::fatal(ErrorCode::BadRequest, bad));
             }
             state
@@ -194,7 +256,10 @@ fn apply(state: &State, id: servent_proto::NodeId, update: SessionUpdate) -> Res
             if hashes.len() > MAX_FILES_PER_UPDATE {
                 return Err(Refusal::fatal(
                     ErrorCode::LimitExceeded,
-                    format!("{} entries in one update exceed {MAX_FILES_PER_UPDATE}", hashes.len()),
+                    format!(
+                        "{} entries in one update exceed {MAX_FILES_PER_UPDATE}",
+                        hashes.len()
+                    ),
                 ));
             }
             Ok(state.index.remove(id, &hashes))
@@ -206,18 +271,36 @@ fn apply(state: &State, id: servent_proto::NodeId, update: SessionUpdate) -> Res
 fn invalid_name(e: &FileEntry) -> Option<String> {
     let n = &e.name;
     if n.is_empty() || n.len() > MAX_NAME_BYTES {
-        return Some(format!("file name must be 1 to {MAX_NAME_BYTES} bytes, got {}", n.len()));
+        return Some(format!(
+            "file name must be 1 to {MAX_NAME_BYTES} bytes, got {}",
+            n.len()
+        ));
     }
     if n == "." || n == ".." || n.chars().any(|c| c == '/' || c == '\\' || c.is_control()) {
-        return Some(format!("file name {:?} is not a plain file name", n.chars().take(64).collect::<String>()));
+        return Some(format!(
+            "file name {:?} is not a plain file name",
+            n.chars().take(64).collect::<String>()
+        ));
     }
     None
 }
 
-async fn query(state: &State, conn: &Conn, q: Query, send: &mut quinn::SendStream) -> Result<(), Refusal> {
-    let allowed = conn.queries.lock().map(|mut b| b.try_take(Instant::now())).unwrap_or(false);
+async fn query(
+    state: &State,
+    conn: &Conn,
+    q: Query,
+    send: &mut quinn::SendStream,
+) -> Result<(), Refusal> {
+    let allowed = conn
+        .queries
+        .lock()
+        .map(|mut b| b.try_take(Instant::now()))
+        .unwrap_or(false);
     if !allowed {
-        return Err(Refusal::code(ErrorCode::RateLimited, "too many queries: slow down"));
+        return Err(Refusal::code(
+            ErrorCode::RateLimited,
+            "too many queries: slow down",
+        ));
     }
     let max = q.max_results.clamp(1, MAX_RESULTS) as usize;
     let found = match &q.kind {
@@ -227,7 +310,9 @@ async fn query(state: &State, conn: &Conn, q: Query, send: &mut quinn::SendStrea
                 return Err(Refusal::bad("a query needs at least one word"));
             }
             if words.len() > MAX_QUERY_WORDS {
-                return Err(Refusal::bad(format!("a query may have at most {MAX_QUERY_WORDS} words")));
+                return Err(Refusal::bad(format!(
+                    "a query may have at most {MAX_QUERY_WORDS} words"
+                )));
             }
             state.index.search(&words, max)
         }
@@ -239,10 +324,20 @@ async fn query(state: &State, conn: &Conn, q: Query, send: &mut quinn::SendStrea
             let sources: Vec<Source> = f
                 .owners
                 .iter()
-                .filter_map(|o| state.leaves.get(o).map(|e| Source { id: *o, addr: e.addr.to_string() }))
+                .filter_map(|o| {
+                    state.leaves.get(o).map(|e| Source {
+                        id: *o,
+                        addr: e.addr.to_string(),
+                    })
+                })
                 .take(MAX_SOURCES_PER_HIT)
                 .collect();
-            (!sources.is_empty()).then_some(Hit { hash: f.hash, name: f.name, size: f.size, sources })
+            (!sources.is_empty()).then_some(Hit {
+                hash: f.hash,
+                name: f.name,
+                size: f.size,
+                sources,
+            })
         })
         .collect();
     debug!(hits = hits.len(), "query answered");

@@ -39,7 +39,11 @@ impl TestLeaf {
             }
             std::fs::write(path, content).expect("write shared file");
         }
-        let mut me = Self { leaf: None, data, share };
+        let mut me = Self {
+            leaf: None,
+            data,
+            share,
+        };
         me.restart(supernodes).await;
         me
     }
@@ -68,10 +72,17 @@ impl TestLeaf {
     pub async fn wait_indexed(&self, n: u32) {
         wait_for(Duration::from_secs(10), || async {
             let l = self.leaf();
-            l.share().len() == n as usize && !l.indexed().is_empty() && l.indexed().iter().all(|&i| i == n)
+            l.share().len() == n as usize
+                && !l.indexed().is_empty()
+                && l.indexed().iter().all(|&i| i == n)
         })
         .await
-        .unwrap_or_else(|_| panic!("leaf did not get {n} files indexed: {:?}", self.leaf().indexed()));
+        .unwrap_or_else(|_| {
+            panic!(
+                "leaf did not get {n} files indexed: {:?}",
+                self.leaf().indexed()
+            )
+        });
     }
 
     pub fn share_path(&self, name: &str) -> PathBuf {

@@ -6,7 +6,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use servent_proto::limits::{MAX_REPLY_FRAME, MAX_TRANSFER_FRAME};
-use servent_proto::msg::{ErrorCode, GetReply, GetRequest, LeafRequest, QueryKind, Source, SupernodeReply};
+use servent_proto::msg::{
+    ErrorCode, GetReply, GetRequest, LeafRequest, QueryKind, Source, SupernodeReply,
+};
 use servent_proto::msg::{ALPN_LEAF, ALPN_TRANSFER};
 use servent_proto::ContentHash;
 use servent_tests::*;
@@ -28,7 +30,11 @@ fn raw_endpoint() -> Endpoint {
 async fn keyword_search_finds_the_files_of_other_leaves() {
     init_tracing();
     let sn = supernode().await;
-    let a = TestLeaf::start(&[&sn], &[("Blue Moon.mp3", b"moon"), ("notes/todo.txt", b"todo")]).await;
+    let a = TestLeaf::start(
+        &[&sn],
+        &[("Blue Moon.mp3", b"moon"), ("notes/todo.txt", b"todo")],
+    )
+    .await;
     let b = TestLeaf::start(&[&sn], &[("blue_sky.ogg", b"sky")]).await;
     let c = TestLeaf::start(&[&sn], &[]).await;
     a.wait_indexed(2).await;
@@ -49,8 +55,15 @@ async fn keyword_search_finds_the_files_of_other_leaves() {
     assert_eq!(hits[0].sources[0].addr, a.leaf().addr().to_string());
 
     // Files in subfolders are found by their own name.
-    assert_eq!(client.search(&words("todo"), 100, T).await.unwrap().len(), 1);
-    assert!(client.search(&words("nothing here"), 100, T).await.unwrap().is_empty());
+    assert_eq!(
+        client.search(&words("todo"), 100, T).await.unwrap().len(),
+        1
+    );
+    assert!(client
+        .search(&words("nothing here"), 100, T)
+        .await
+        .unwrap()
+        .is_empty());
 }
 
 #[tokio::test]
@@ -76,7 +89,10 @@ async fn hash_search_finds_every_source_and_get_returns_identical_bytes() {
     let path = client.get(hash, Some(&out), T).await.unwrap();
     assert_eq!(path, out);
     assert_eq!(std::fs::read(&out).unwrap(), content);
-    assert!(!leaf::transfer::part_path(&out).exists(), "no partial file left behind");
+    assert!(
+        !leaf::transfer::part_path(&out).exists(),
+        "no partial file left behind"
+    );
 }
 
 #[tokio::test]
@@ -86,12 +102,25 @@ async fn a_leaf_that_disconnects_disappears_from_results() {
     let c = TestLeaf::start(&[&sn], &[]).await;
     a.wait_indexed(1).await;
     let client = c.client(&[&sn]);
-    assert_eq!(client.search(&words("vanishing"), 10, T).await.unwrap().len(), 1);
+    assert_eq!(
+        client
+            .search(&words("vanishing"), 10, T)
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
 
     a.stop().await;
-    wait_for(T, || async { client.search(&words("vanishing"), 10, T).await.unwrap().is_empty() })
-        .await
-        .expect("the gone leaf's file is no longer found");
+    wait_for(T, || async {
+        client
+            .search(&words("vanishing"), 10, T)
+            .await
+            .unwrap()
+            .is_empty()
+    })
+    .await
+    .expect("the gone leaf's file is no longer found");
     assert_eq!(sn.file_count(), 0);
     assert_eq!(sn.leaf_count(), 1);
 }
@@ -105,14 +134,22 @@ async fn files_added_and_removed_while_serving_are_noticed() {
     let client = c.client(&[&sn]);
 
     std::fs::write(a.share_path("second.txt"), b"2").unwrap();
-    wait_for(Duration::from_secs(10), || async { client.search(&words("second"), 10, T).await.unwrap().len() == 1 })
-        .await
-        .expect("a new file is announced");
+    wait_for(Duration::from_secs(10), || async {
+        client.search(&words("second"), 10, T).await.unwrap().len() == 1
+    })
+    .await
+    .expect("a new file is announced");
 
     std::fs::remove_file(a.share_path("first.txt")).unwrap();
-    wait_for(Duration::from_secs(10), || async { client.search(&words("first"), 10, T).await.unwrap().is_empty() })
-        .await
-        .expect("a removed file is withdrawn");
+    wait_for(Duration::from_secs(10), || async {
+        client
+            .search(&words("first"), 10, T)
+            .await
+            .unwrap()
+            .is_empty()
+    })
+    .await
+    .expect("a removed file is withdrawn");
 
     // A changed file is announced under its new hash only.
     std::fs::write(a.share_path("second.txt"), b"two").unwrap();
@@ -141,16 +178,23 @@ async fn a_leaf_back_from_another_address_is_the_same_node() {
     let client = c.client(&[&sn]);
     wait_for(T, || async {
         let hits = client.search(&words("roaming"), 10, T).await.unwrap();
-        hits.len() == 1 && hits[0].sources.len() == 1 && hits[0].sources[0].addr == new_addr.to_string()
+        hits.len() == 1
+            && hits[0].sources.len() == 1
+            && hits[0].sources[0].addr == new_addr.to_string()
     })
     .await
     .expect("one source, at the new address");
-    assert_eq!(hits_sources(&client, "roaming").await, vec![(id, new_addr.to_string())]);
+    assert_eq!(
+        hits_sources(&client, "roaming").await,
+        vec![(id, new_addr.to_string())]
+    );
 }
 
 async fn hits_sources(client: &Client, word: &str) -> Vec<(servent_proto::NodeId, String)> {
     let hits = client.search(&words(word), 10, T).await.unwrap();
-    hits.iter().flat_map(|h| h.sources.iter().map(|s| (s.id, s.addr.clone()))).collect()
+    hits.iter()
+        .flat_map(|h| h.sources.iter().map(|s| (s.id, s.addr.clone())))
+        .collect()
 }
 
 #[tokio::test]
@@ -165,13 +209,21 @@ async fn a_peer_whose_key_does_not_match_the_expected_id_is_refused() {
         .connect(a.leaf().addr(), ALPN_TRANSFER, Some(impostor_id))
         .await
         .unwrap_err();
-    assert!(matches!(err, ConnectError::UnexpectedPeer { got, .. } if got == a.leaf().id()), "{err}");
+    assert!(
+        matches!(err, ConnectError::UnexpectedPeer { got, .. } if got == a.leaf().id()),
+        "{err}"
+    );
 
     // A source named with the wrong id is not downloaded from.
     let client = c.client(&[&sn]);
     let out = c.share.path().join("x.bin");
-    let sources = [Source { id: impostor_id, addr: a.leaf().addr().to_string() }];
-    let err = leaf::transfer::download(client.endpoint(), hash_of(b"xx"), &sources, &out).await.unwrap_err();
+    let sources = [Source {
+        id: impostor_id,
+        addr: a.leaf().addr().to_string(),
+    }];
+    let err = leaf::transfer::download(client.endpoint(), hash_of(b"xx"), &sources, &out)
+        .await
+        .unwrap_err();
     assert!(err.to_string().contains("not the expected"), "{err}");
     assert!(!out.exists());
 }
@@ -179,8 +231,14 @@ async fn a_peer_whose_key_does_not_match_the_expected_id_is_refused() {
 #[tokio::test]
 async fn a_peer_speaking_another_protocol_version_gets_a_clear_error() {
     let sn = supernode().await;
-    let err = raw_endpoint().connect(sn.addr(), b"servent-leaf/999", None).await.unwrap_err();
-    assert!(matches!(err, ConnectError::ProtocolMismatch { .. }), "{err}");
+    let err = raw_endpoint()
+        .connect(sn.addr(), b"servent-leaf/999", None)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, ConnectError::ProtocolMismatch { .. }),
+        "{err}"
+    );
     assert!(err.to_string().contains("servent-leaf/999"), "{err}");
 }
 
@@ -203,10 +261,16 @@ async fn a_source_serving_wrong_bytes_never_produces_a_file() {
 
     let client = c.client(&[&sn]);
     let out = c.share.path().join("song.flac");
-    let err = client.get(hash_of(&content), Some(&out), T).await.unwrap_err();
+    let err = client
+        .get(hash_of(&content), Some(&out), T)
+        .await
+        .unwrap_err();
     assert!(err.to_string().contains("hash mismatch"), "{err}");
     assert!(!out.exists(), "nothing at the target");
-    assert!(!leaf::transfer::part_path(&out).exists(), "bad bytes are not kept");
+    assert!(
+        !leaf::transfer::part_path(&out).exists(),
+        "bad bytes are not kept"
+    );
 }
 
 #[tokio::test]
@@ -233,33 +297,57 @@ async fn a_source_serves_only_what_it_announced() {
     std::fs::write(outside.path().join("secret.txt"), b"top secret").unwrap();
     let a = TestLeaf::start(&[&sn], &[("public.txt", b"public")]).await;
     #[cfg(unix)]
-    std::os::unix::fs::symlink(outside.path().join("secret.txt"), a.share_path("link.txt")).unwrap();
+    std::os::unix::fs::symlink(outside.path().join("secret.txt"), a.share_path("link.txt"))
+        .unwrap();
     a.wait_indexed(1).await;
     // Give the watcher a chance to (wrongly) pick the link up.
     tokio::time::sleep(Duration::from_millis(700)).await;
     a.wait_indexed(1).await;
 
     let ep = raw_endpoint();
-    let peer = ep.connect(a.leaf().addr(), ALPN_TRANSFER, Some(a.leaf().id())).await.unwrap();
+    let peer = ep
+        .connect(a.leaf().addr(), ALPN_TRANSFER, Some(a.leaf().id()))
+        .await
+        .unwrap();
     let ask = |hash: ContentHash, offset: u64| {
         let conn = peer.conn.clone();
         async move {
             let (mut send, mut recv) = conn.open_bi().await.unwrap();
-            net::write_frame(&mut send, &GetRequest { hash, offset, length: None }, MAX_TRANSFER_FRAME)
-                .await
-                .unwrap();
+            net::write_frame(
+                &mut send,
+                &GetRequest {
+                    hash,
+                    offset,
+                    length: None,
+                },
+                MAX_TRANSFER_FRAME,
+            )
+            .await
+            .unwrap();
             send.finish().unwrap();
-            net::read_frame::<GetReply>(&mut recv, MAX_TRANSFER_FRAME).await.unwrap().unwrap()
+            net::read_frame::<GetReply>(&mut recv, MAX_TRANSFER_FRAME)
+                .await
+                .unwrap()
+                .unwrap()
         }
     };
     // Outside the share, through a link: not served.
-    assert!(matches!(ask(hash_of(b"top secret"), 0).await, GetReply::Error(e) if e.code == ErrorCode::NotFound));
+    assert!(
+        matches!(ask(hash_of(b"top secret"), 0).await, GetReply::Error(e) if e.code == ErrorCode::NotFound)
+    );
     // Never announced at all.
-    assert!(matches!(ask(ContentHash([9; 32]), 0).await, GetReply::Error(e) if e.code == ErrorCode::NotFound));
+    assert!(
+        matches!(ask(ContentHash([9; 32]), 0).await, GetReply::Error(e) if e.code == ErrorCode::NotFound)
+    );
     // A range past the end.
-    assert!(matches!(ask(hash_of(b"public"), 7).await, GetReply::Error(e) if e.code == ErrorCode::BadRequest));
+    assert!(
+        matches!(ask(hash_of(b"public"), 7).await, GetReply::Error(e) if e.code == ErrorCode::BadRequest)
+    );
     // A range within it.
-    assert_eq!(ask(hash_of(b"public"), 2).await, GetReply::Ok { size: 6, length: 4 });
+    assert_eq!(
+        ask(hash_of(b"public"), 2).await,
+        GetReply::Ok { size: 6, length: 4 }
+    );
 }
 
 #[tokio::test]
@@ -269,24 +357,38 @@ async fn hostile_frames_close_only_their_own_stream() {
     a.wait_indexed(1).await;
 
     let ep = raw_endpoint();
-    let peer = ep.connect(sn.addr(), ALPN_LEAF, Some(sn.id())).await.unwrap();
+    let peer = ep
+        .connect(sn.addr(), ALPN_LEAF, Some(sn.id()))
+        .await
+        .unwrap();
     // A frame that claims 4 GiB: refused before anything is allocated.
     let (mut send, mut recv) = peer.conn.open_bi().await.unwrap();
     send.write_all(&u32::MAX.to_be_bytes()).await.unwrap();
-    let reply = net::read_frame::<SupernodeReply>(&mut recv, MAX_REPLY_FRAME).await.unwrap();
+    let reply = net::read_frame::<SupernodeReply>(&mut recv, MAX_REPLY_FRAME)
+        .await
+        .unwrap();
     assert!(matches!(reply, Some(SupernodeReply::Error(e)) if e.code == ErrorCode::BadRequest));
     // Garbage MessagePack.
     let (mut send, mut recv) = peer.conn.open_bi().await.unwrap();
-    send.write_all(&[0, 0, 0, 3, 0xc1, 0xc1, 0xc1]).await.unwrap();
-    let reply = net::read_frame::<SupernodeReply>(&mut recv, MAX_REPLY_FRAME).await.unwrap();
+    send.write_all(&[0, 0, 0, 3, 0xc1, 0xc1, 0xc1])
+        .await
+        .unwrap();
+    let reply = net::read_frame::<SupernodeReply>(&mut recv, MAX_REPLY_FRAME)
+        .await
+        .unwrap();
     assert!(matches!(reply, Some(SupernodeReply::Error(e)) if e.code == ErrorCode::BadRequest));
 
     // The same connection still answers well-formed queries...
     let (mut send, mut recv) = peer.conn.open_bi().await.unwrap();
-    let q = LeafRequest::Query(servent_proto::msg::Query { kind: QueryKind::Keywords(words("survivor")), max_results: 5 });
+    let q = LeafRequest::Query(servent_proto::msg::Query {
+        kind: QueryKind::Keywords(words("survivor")),
+        max_results: 5,
+    });
     net::write_frame(&mut send, &q, 1024).await.unwrap();
     send.finish().unwrap();
-    let reply = net::read_frame::<SupernodeReply>(&mut recv, MAX_REPLY_FRAME).await.unwrap();
+    let reply = net::read_frame::<SupernodeReply>(&mut recv, MAX_REPLY_FRAME)
+        .await
+        .unwrap();
     assert!(matches!(reply, Some(SupernodeReply::Hits(h)) if h.len() == 1));
     // ...and the other leaf was never disturbed.
     assert_eq!(sn.leaf_count(), 1);
@@ -303,15 +405,31 @@ async fn a_bad_registration_update_ends_only_that_leaf_session() {
     let ep = raw_endpoint();
     let peer = ep.connect(sn.addr(), ALPN_LEAF, None).await.unwrap();
     let (mut send, mut recv) = peer.conn.open_bi().await.unwrap();
-    net::write_frame(&mut send, &LeafRequest::Register { listen_port: 9 }, 1024).await.unwrap();
-    let reply = net::read_frame::<SupernodeReply>(&mut recv, MAX_REPLY_FRAME).await.unwrap();
+    net::write_frame(&mut send, &LeafRequest::Register { listen_port: 9 }, 1024)
+        .await
+        .unwrap();
+    let reply = net::read_frame::<SupernodeReply>(&mut recv, MAX_REPLY_FRAME)
+        .await
+        .unwrap();
     assert!(matches!(reply, Some(SupernodeReply::Registered { .. })));
-    let evil = FileEntry { hash: ContentHash([1; 32]), name: "../../etc/passwd".into(), size: 1 };
-    net::write_frame(&mut send, &SessionUpdate::Add(vec![evil]), 1 << 20).await.unwrap();
-    let reply = net::read_frame::<SupernodeReply>(&mut recv, MAX_REPLY_FRAME).await.unwrap();
+    let evil = FileEntry {
+        hash: ContentHash([1; 32]),
+        name: "../../etc/passwd".into(),
+        size: 1,
+    };
+    net::write_frame(&mut send, &SessionUpdate::Add(vec![evil]), 1 << 20)
+        .await
+        .unwrap();
+    let reply = net::read_frame::<SupernodeReply>(&mut recv, MAX_REPLY_FRAME)
+        .await
+        .unwrap();
     assert!(matches!(reply, Some(SupernodeReply::Error(e)) if e.code == ErrorCode::BadRequest));
-    tokio::time::timeout(T, peer.conn.closed()).await.expect("offender disconnected");
+    tokio::time::timeout(T, peer.conn.closed())
+        .await
+        .expect("offender disconnected");
 
-    wait_for(T, || async { sn.leaf_count() == 1 }).await.expect("only the offender is gone");
+    wait_for(T, || async { sn.leaf_count() == 1 })
+        .await
+        .expect("only the offender is gone");
     assert_eq!(sn.file_count(), 1);
 }

@@ -73,7 +73,8 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn,leaf=info".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "warn,leaf=info".into()),
         )
         .init();
     match run(Args::parse()) {
@@ -92,22 +93,41 @@ fn run(args: Args) -> anyhow::Result<()> {
             .context("no platform data directory: pass --data-dir")?
             .join("servent/leaf"),
     };
-    std::fs::create_dir_all(&data_dir).with_context(|| format!("cannot create {}", data_dir.display()))?;
+    std::fs::create_dir_all(&data_dir)
+        .with_context(|| format!("cannot create {}", data_dir.display()))?;
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async move {
         match args.command {
-            Command::Serve { share, listen, http, no_promote } => {
+            Command::Serve {
+                share,
+                listen,
+                http,
+                no_promote,
+            } => {
                 if http.is_some() {
                     tracing::warn!("--http is not implemented yet; ignoring it");
                 }
-                let config = Config { data_dir, share, listen, supernodes: args.supernodes, no_promote };
+                let config = Config {
+                    data_dir,
+                    share,
+                    listen,
+                    supernodes: args.supernodes,
+                    no_promote,
+                };
                 let node = Leaf::spawn(config).await?;
                 println!("leaf {} listening on {}", node.id(), node.addr());
                 node.run_until_signal().await;
             }
-            Command::Search { json, timeout, max, words } => {
+            Command::Search {
+                json,
+                timeout,
+                max,
+                words,
+            } => {
                 let client = Client::new(&data_dir, args.supernodes)?;
-                let hits = client.search(&words, max, Duration::from_secs(timeout)).await?;
+                let hits = client
+                    .search(&words, max, Duration::from_secs(timeout))
+                    .await?;
                 let mut out = std::io::stdout().lock();
                 for hit in hits {
                     if json {
@@ -119,13 +139,22 @@ fn run(args: Args) -> anyhow::Result<()> {
                         });
                         writeln!(out, "{line}")?;
                     } else {
-                        writeln!(out, "{}  {:>12}  {:>3} src  {}", hit.hash, hit.size, hit.sources.len(), hit.name)?;
+                        writeln!(
+                            out,
+                            "{}  {:>12}  {:>3} src  {}",
+                            hit.hash,
+                            hit.size,
+                            hit.sources.len(),
+                            hit.name
+                        )?;
                     }
                 }
             }
             Command::Get { out, timeout, hash } => {
                 let client = Client::new(&data_dir, args.supernodes)?;
-                let path = client.get(hash, out.as_deref(), Duration::from_secs(timeout)).await?;
+                let path = client
+                    .get(hash, out.as_deref(), Duration::from_secs(timeout))
+                    .await?;
                 tracing::info!(path = %path.display(), "saved");
             }
         }

@@ -1,0 +1,127 @@
+//! Property tests of query routing on random meshes of up to 300
+//! supernodes: each runs the real routing decisions of `servent_proto::route`,
+//! and messages are delivered in order, one hop at a time.
+
+use std::collections::{HashSet, VecDeque};
+use std::time::Instant;
+
+use proptest::prelude::*;
+use servent_proto::route::{on_query, QueryAction, Seen};
+
+/// A random connected graph: a random spanning tree plus extra edges.
+fn graph() -> impl Strategy<Value = Vec<Vec<usize>>> {
+    (2usize..300, 0usize..4, any::<u64>()).prop_map(|(n, extra_per_node, seed)| {
+        let mut rng = seed | 1;
+        let mut next = move |m: usize| {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            (rng % m as u64) as usize
+        };
+        let mut adj: Vec<HashSet<usize>> = vec![HashSet::new(); n];
+        for v in 1..n {
+            let u = next(v);
+            adj[u].insert(v);
+            adj[v].insert(u);
+        }
+        for _ in 0..n * extra_per_node {
+            let (a, b) = (next(n), next(n));
+            if a != b {
+                adj[a].insert(b);
+                adj[b].insert(a);
+            }
+        }
+        adj.into_iter()
+            .map(|s| {
+                let mut v: Vec<usize> = s.into_iter().collect();
+                v.sort();
+                v
+            })
+            .collect()
+    })
+}
+
+fn distances(adj: &[Vec<usize>], from: usize) -> Vec<usize> {
+    let mut d = vec![usize::MAX; adj.len()];
+    d[from] = 0;
+    let mut q = VecDeque::from([from]);
+    while let Some(u) = q.pop_front() {
+        for &v in &adj[u] {
+            if d[v] == usize::MAX {
+                d[v] = d[u] + 1;
+                q.push_back(v);
+            }
+        }
+    }
+    d
+}
+
+struct Outcome {
+    processed: Vec<usize>,
+    messages: usize,
+}
+
+/// Floods one query from `origin` with `ttl`, as every supernode would.
+fn flood(adj: &[Vec<usize>], origin: usize, ttl: u8, id: u64) -> Outcome {
+    let now = Instant::now();
+    let mut seen: Vec<Seen> = adj.iter().map(|_| Seen::default()).collect();
+    let mut processed = vec![0usize; adj.len()];
+    let mut messages = 0;
+    let mut queue = VecDeque::new();
+    if let QueryAction::Process { forward, ttl } =
+        on_query(&mut seen[origin], now, id, ttl, None, &adj[origin])
+    {
+        processed[origin] += 1;
+        for to in forward {
+            queue.push_back((origin, to, ttl));
+        }
+    }
+    while let Some((from, at, ttl)) = queue.pop_front() {
+        messages += 1;
+        match on_query(&mut seen[at], now, id, ttl, Some(&from), &adj[at]) {
+            QueryAction::Duplicate => {}
+            QueryAction::Process { forward, ttl } => {
+                processed[at] += 1;
+                for to in forward {
+                    queue.push_back((at, to, ttl));
+                }
+            }
+        }
+    }
+    Outcome {
+        processed,
+        messages,
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(200))]
+
+    #[test]
+    fn flooding_reaches_exactly_the_ttl_ball_once_each(adj in graph(), origin_seed in any::<usize>(), ttl in 1u8..7, id in any::<u64>()) {
+        let origin = origin_seed % adj.len();
+        let out = flood(&adj, origin, ttl, id);
+        let dist = distances(&adj, origin);
+        let links: usize = adj.iter().map(Vec::len).sum::<usize>() / 2;
+        for (v, &times) in out.processed.iter().enumerate() {
+            let msg = format!("supernode {v} at distance {} with ttl {ttl} processed it {times} times", dist[v]);
+            prop_assert!(times <= 1, "{}", msg);
+            let within = dist[v] <= ttl as usize;
+            prop_assert_eq!(times == 1, within, "{}", msg);
+        }
+        let msg = format!("{} messages on {links} links", out.messages);
+        prop_assert!(out.messages <= 2 * links, "{}", msg);
+    }
+
+    #[test]
+    fn a_second_copy_of_a_query_is_never_processed(adj in graph(), id in any::<u64>()) {
+        let now = Instant::now();
+        let mut seen = Seen::default();
+        let first = on_query(&mut seen, now, id, 3, Some(&adj[0].first().copied().unwrap_or(1)), &adj[0]);
+        let processed = matches!(first, QueryAction::Process { .. });
+        prop_assert!(processed);
+        for from in &adj[0] {
+            prop_assert_eq!(on_query(&mut seen, now, id, 5, Some(from), &adj[0]), QueryAction::Duplicate);
+        }
+    }
+}
