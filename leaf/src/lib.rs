@@ -2,10 +2,11 @@
 //! downloads of what it announced directly to other leaves, and searches
 //! and downloads itself.
 //!
-//! Module map: [`share`] the folder, its hashes and its changes; [`link`]
-//! the session with one supernode; [`search`] queries; [`transfer`] serving
+//! Module map: [`share`] the folder, its hashes and its changes; [`attach`]
+//! which supernodes to be attached to; [`link`] the session with one supernode; [`search`] queries; [`transfer`] serving
 //! and fetching files.
 
+pub mod attach;
 pub mod link;
 pub mod search;
 pub mod share;
@@ -21,7 +22,7 @@ use servent_proto::{ContentHash, NodeId};
 use supernode::net::{self, Endpoint, EndpointError, Identity, IdentityError};
 use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinHandle;
-use tracing::{info, info_span, warn, Instrument};
+use tracing::{info, info_span, Instrument};
 
 use link::LinkStatus;
 use search::SearchError;
@@ -30,8 +31,6 @@ use transfer::GetError;
 
 /// Default UDP port of a leaf.
 pub const DEFAULT_PORT: u16 = 7401;
-/// Supernodes this leaf has registered with, one `HOST:PORT` a line.
-const SUPERNODE_CACHE: &str = "supernodes.txt";
 
 /// How `leaf serve` runs.
 #[derive(Debug, Clone)]
@@ -46,6 +45,8 @@ pub struct Config {
     pub supernodes: Vec<String>,
     /// Never become a supernode. Default false.
     pub no_promote: bool,
+    /// Supernodes to be attached to at once. Default 3.
+    pub attach: usize,
 }
 
 impl Config {
@@ -57,6 +58,7 @@ impl Config {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             supernodes,
             no_promote: false,
+            attach: attach::DEFAULT_ATTACH,
         }
     }
 }
@@ -81,25 +83,39 @@ pub struct Leaf {
     addr: SocketAddr,
     endpoint: Endpoint,
     share: Arc<Share>,
-    links: Vec<Arc<Mutex<LinkStatus>>>,
+    links: Arc<Mutex<Vec<Arc<Mutex<LinkStatus>>>>>,
     stop: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
 }
 
 impl Leaf {
     pub async fn spawn(config: Config) -> Result<Self, StartError> {
+        Self::spawn_inner(config, None).await
+    }
+
+    /// Like [`Leaf::spawn`], on a UDP socket the caller provides (tests use
+    /// one that can be made to go silent).
+    pub async fn spawn_on_socket(
+        config: Config,
+        socket: Arc<dyn quinn::AsyncUdpSocket>,
+    ) -> Result<Self, StartError> {
+        Self::spawn_inner(config, Some(socket)).await
+    }
+
+    async fn spawn_inner(
+        config: Config,
+        socket: Option<Arc<dyn quinn::AsyncUdpSocket>>,
+    ) -> Result<Self, StartError> {
         let identity = Arc::new(Identity::load_or_create(&config.data_dir)?);
         let id = identity.id();
-        let supernodes = if config.supernodes.is_empty() {
-            load_supernode_cache(&config.data_dir)
-        } else {
-            config.supernodes.clone()
-        };
-        if supernodes.is_empty() {
+        if config.supernodes.is_empty() && attach::load_cache(&config.data_dir).is_empty() {
             return Err(StartError::NoSupernodes);
         }
         let share = Share::open(&config.share, &config.data_dir)?;
-        let endpoint = Endpoint::bind(identity, config.listen, &[ALPN_TRANSFER])?;
+        let endpoint = match socket {
+            Some(socket) => Endpoint::bind_socket(identity, socket, &[ALPN_TRANSFER])?,
+            None => Endpoint::bind(identity, config.listen, &[ALPN_TRANSFER])?,
+        };
         let addr = endpoint.local_addr().map_err(StartError::LocalAddr)?;
         let (stop, stop_rx) = watch::channel(false);
         let span = info_span!("leaf", id = %id.short());
@@ -111,21 +127,19 @@ impl Leaf {
         tasks.push(tokio::spawn(
             accept(endpoint.clone(), share.clone(), stop_rx.clone()).instrument(span.clone()),
         ));
-        let mut links = Vec::new();
-        for sn in &supernodes {
-            let status = Arc::new(Mutex::new(LinkStatus::default()));
-            links.push(status.clone());
-            let task = link::run(
-                endpoint.clone(),
-                sn.clone(),
-                addr.port(),
-                share.clone(),
-                status,
-                stop_rx.clone(),
-            );
-            tasks.push(tokio::spawn(task.instrument(span.clone())));
-        }
-        save_supernode_cache(&config.data_dir, &supernodes);
+        let links = Arc::new(Mutex::new(Vec::new()));
+        let manager = attach::Attach {
+            endpoint: endpoint.clone(),
+            bootstrap: config.supernodes.clone(),
+            data_dir: config.data_dir.clone(),
+            listen_port: addr.port(),
+            share: share.clone(),
+            attach: config.attach.max(1),
+            links: links.clone(),
+        };
+        tasks.push(tokio::spawn(
+            attach::run(manager, stop_rx.clone()).instrument(span.clone()),
+        ));
         info!(parent: &span, %addr, share = %share.root().display(), "serving");
         Ok(Self {
             id,
@@ -152,17 +166,22 @@ impl Leaf {
 
     /// Supernodes this leaf is registered with now.
     pub fn supernodes(&self) -> Vec<(NodeId, SocketAddr)> {
-        self.links
+        let links = self.links.lock().expect("links");
+        links
             .iter()
             .filter_map(|l| l.lock().expect("link status").supernode)
             .collect()
     }
 
-    /// For each link, how many files its supernode holds for this leaf.
+    /// For each registered link, how many files its supernode holds for this leaf.
     pub fn indexed(&self) -> Vec<u32> {
-        self.links
+        let links = self.links.lock().expect("links");
+        links
             .iter()
-            .map(|l| l.lock().expect("link status").indexed)
+            .filter_map(|l| {
+                let l = l.lock().expect("link status");
+                l.supernode.map(|_| l.indexed)
+            })
             .collect()
     }
 
@@ -217,23 +236,15 @@ async fn accept(endpoint: Endpoint, share: Arc<Share>, mut stop: watch::Receiver
     }
 }
 
-fn load_supernode_cache(data_dir: &Path) -> Vec<String> {
-    std::fs::read_to_string(data_dir.join(SUPERNODE_CACHE))
-        .map(|s| {
-            s.lines()
-                .map(str::trim)
-                .filter(|l| !l.is_empty())
-                .map(String::from)
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
-fn save_supernode_cache(data_dir: &Path, supernodes: &[String]) {
-    let path = data_dir.join(SUPERNODE_CACHE);
-    if let Err(e) = std::fs::write(&path, supernodes.join("\n") + "\n") {
-        warn!(path = %path.display(), error = %e, "cannot save the supernode cache");
+/// The supernodes a one-shot command asks: those given, else the cache.
+fn known_supernodes(data_dir: &Path, given: Vec<String>) -> Vec<String> {
+    if !given.is_empty() {
+        return given;
     }
+    attach::load_cache(data_dir)
+        .into_iter()
+        .map(|c| c.addr)
+        .collect()
 }
 
 /// A client for one-shot commands (`search`, `get`): the node's identity on
@@ -261,11 +272,7 @@ pub enum ClientError {
 impl Client {
     pub fn new(data_dir: &Path, supernodes: Vec<String>) -> Result<Self, ClientError> {
         let identity = Arc::new(Identity::load_or_create(data_dir)?);
-        let supernodes = if supernodes.is_empty() {
-            load_supernode_cache(data_dir)
-        } else {
-            supernodes
-        };
+        let supernodes = known_supernodes(data_dir, supernodes);
         let endpoint = Endpoint::client(identity, SocketAddr::from(([0, 0, 0, 0], 0)))?;
         Ok(Self {
             endpoint,

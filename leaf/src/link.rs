@@ -1,28 +1,29 @@
-//! A leaf's link to one supernode: register, keep the supernode's view of
-//! the share in step with the folder, and reconnect with backoff when the
-//! connection is lost.
+//! A leaf's session with one supernode: register, keep the supernode's view
+//! of the share in step with the folder, and pass on what the supernode
+//! tells of other supernodes. Which supernodes to attach to is decided in
+//! [`crate::attach`].
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::Mutex;
+use std::time::Duration;
 
 use servent_proto::limits::{
     DEFAULT_MAX_FILES_PER_LEAF, MAX_FILES_PER_UPDATE, MAX_REPLY_FRAME, MAX_REQUEST_FRAME,
     MAX_UPDATE_FRAME,
 };
-use servent_proto::msg::{FileEntry, LeafRequest, SessionUpdate, SupernodeReply, ALPN_LEAF};
+use servent_proto::msg::{
+    FileEntry, LeafRequest, SessionUpdate, SupernodeInfo, SupernodeReply, ALPN_LEAF,
+};
 use servent_proto::{ContentHash, NodeId};
 use supernode::net::{self, Endpoint};
-use tokio::sync::watch;
-use tracing::{debug, info, warn, Instrument};
+use tokio::sync::{mpsc, watch};
+use tracing::{debug, info, warn};
 
 use crate::share::Share;
 
 /// Changes to the share are sent at most this often.
 const BATCH_DELAY: Duration = Duration::from_millis(200);
-const BACKOFF_MIN: Duration = Duration::from_millis(500);
-const BACKOFF_MAX: Duration = Duration::from_secs(30);
 
 /// What a link knows of its supernode, for status and tests.
 #[derive(Debug, Clone, Default)]
@@ -35,77 +36,39 @@ pub struct LinkStatus {
 }
 
 #[derive(Debug, thiserror::Error)]
-enum LinkError {
-    #[error("cannot resolve {0}")]
-    Resolve(String),
+pub enum LinkError {
     #[error(transparent)]
     Connect(#[from] net::ConnectError),
     #[error("supernode refused: {0}")]
     Refused(String),
     #[error("session lost: {0}")]
     Lost(String),
+    #[error("supernode is full")]
+    Full(Vec<SupernodeInfo>),
 }
 
-/// Keeps this leaf registered with the supernode at `addr` until `stop`.
-pub async fn run(
-    endpoint: Endpoint,
-    addr: String,
-    listen_port: u16,
-    share: Arc<Share>,
-    status: Arc<Mutex<LinkStatus>>,
-    mut stop: watch::Receiver<bool>,
-) {
-    let mut backoff = BACKOFF_MIN;
-    loop {
-        let started = Instant::now();
-        let session = session(&endpoint, &addr, listen_port, &share, &status, stop.clone())
-            .instrument(tracing::info_span!("link", supernode = %addr));
-        let result = tokio::select! {
-            r = session => r,
-            _ = stop.changed() => return,
-        };
-        {
-            let mut s = status.lock().expect("link status");
-            s.supernode = None;
-            s.indexed = 0;
-            if let Err(e) = &result {
-                s.last_error = Some(e.to_string());
-            }
-        }
-        if *stop.borrow() {
-            return;
-        }
-        if let Err(e) = result {
-            warn!(supernode = %addr, error = %e, "supernode link down");
-        }
-        if started.elapsed() > BACKOFF_MAX {
-            backoff = BACKOFF_MIN;
-        }
-        tokio::select! {
-            _ = tokio::time::sleep(backoff) => {}
-            _ = stop.changed() => return,
-        }
-        backoff = (backoff * 2).min(BACKOFF_MAX);
-    }
-}
+/// How often a linked supernode is asked which supernodes it knows.
+pub const LEARN_INTERVAL: Duration = Duration::from_secs(30);
 
 /// Resolves `HOST:PORT` (a name or an address).
 pub async fn resolve(addr: &str) -> Option<SocketAddr> {
     tokio::net::lookup_host(addr).await.ok()?.next()
 }
 
-async fn session(
+/// Registers with the supernode at `sock` and keeps it up to date until the
+/// connection is lost or `stop` fires. Supernodes it tells of go to `learned`.
+#[allow(clippy::too_many_arguments)]
+pub async fn session(
     endpoint: &Endpoint,
-    addr: &str,
+    sock: SocketAddr,
+    expected: Option<NodeId>,
     listen_port: u16,
     share: &Share,
     status: &Mutex<LinkStatus>,
+    learned: mpsc::Sender<Vec<SupernodeInfo>>,
     stop: watch::Receiver<bool>,
 ) -> Result<(), LinkError> {
-    let sock = resolve(addr)
-        .await
-        .ok_or_else(|| LinkError::Resolve(addr.to_string()))?;
-    let peer = endpoint.connect(sock, ALPN_LEAF, None).await?;
+    let peer = endpoint.connect(sock, ALPN_LEAF, expected).await?;
     let lost = |e: net::StreamError| LinkError::Lost(e.to_string());
     let (mut send, mut recv) = peer
         .conn
@@ -126,10 +89,29 @@ async fn session(
         Some(SupernodeReply::Registered { observed_addr }) => {
             info!(id = %peer.id.short(), observed = %observed_addr, "registered");
         }
+        Some(SupernodeReply::Full(elsewhere)) => return Err(LinkError::Full(elsewhere)),
         Some(SupernodeReply::Error(e)) => return Err(LinkError::Refused(e.to_string())),
         other => return Err(LinkError::Lost(format!("unexpected reply {other:?}"))),
     }
     status.lock().expect("link status").supernode = Some((peer.id, sock));
+    // Ask, now and then, which other supernodes it knows.
+    let asker = {
+        let conn = peer.conn.clone();
+        tokio::spawn(async move {
+            loop {
+                match ask_supernodes(&conn).await {
+                    Ok(list) => {
+                        if learned.send(list).await.is_err() {
+                            return;
+                        }
+                    }
+                    Err(e) => debug!(error = %e, "supernode list not available"),
+                }
+                tokio::time::sleep(LEARN_INTERVAL).await;
+            }
+        })
+    };
+    let _asker = AbortOnDrop(asker);
 
     // What this supernode holds for us: hash → name.
     let mut announced: HashMap<ContentHash, String> = HashMap::new();
@@ -176,6 +158,32 @@ async fn session(
             _ = stop.changed() => return Ok(()),
         }
         tokio::time::sleep(BATCH_DELAY).await;
+    }
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Asks a supernode which supernodes it knows, on a stream of its own.
+pub async fn ask_supernodes(conn: &quinn::Connection) -> Result<Vec<SupernodeInfo>, LinkError> {
+    let lost = |e: String| LinkError::Lost(e);
+    let (mut send, mut recv) = conn.open_bi().await.map_err(|e| lost(e.to_string()))?;
+    net::write_frame(&mut send, &LeafRequest::Supernodes, MAX_REQUEST_FRAME)
+        .await
+        .map_err(|e| lost(e.to_string()))?;
+    let _ = send.finish();
+    match net::read_first_frame::<SupernodeReply>(&mut recv, MAX_REPLY_FRAME)
+        .await
+        .map_err(|e| lost(e.to_string()))?
+    {
+        Some(SupernodeReply::Supernodes(list)) => Ok(list),
+        Some(SupernodeReply::Error(e)) => Err(LinkError::Refused(e.to_string())),
+        other => Err(lost(format!("unexpected reply {other:?}"))),
     }
 }
 

@@ -25,6 +25,11 @@ pub enum SearchError {
 
 /// Sends `kind` to every supernode in `supernodes` and merges the hits.
 /// Answers that have not come within `timeout` are left out.
+/// Supernodes asked at the same time.
+const ASKED_AT_ONCE: usize = 3;
+
+/// Asks the supernodes in `supernodes` (a few at a time, in order, until
+/// one answers) and merges their hits by hash.
 pub async fn query(
     endpoint: &Endpoint,
     supernodes: &[String],
@@ -39,47 +44,55 @@ pub async fn query(
         kind,
         max_results: max_results.min(MAX_RESULTS),
     };
-    let mut asks = tokio::task::JoinSet::new();
-    for addr in supernodes {
-        let (endpoint, addr, query) = (endpoint.clone(), addr.clone(), query.clone());
-        asks.spawn(async move {
-            let answer = tokio::time::timeout(timeout, ask(&endpoint, &addr, query)).await;
-            (addr, answer)
-        });
-    }
-    let answers = asks.join_all().await;
+    // The mesh spreads a query from any one supernode: ask a few at a time,
+    // and more only if none of those answers.
+    let deadline = tokio::time::Instant::now() + timeout;
     let mut merged: Vec<Hit> = Vec::new();
     let mut at: HashMap<_, usize> = HashMap::new();
     let mut reached = 0;
     let mut last = String::from("timed out");
-    for (addr, answer) in answers {
-        let hits = match answer {
-            Ok(Ok(h)) => h,
-            Ok(Err(AskError::Refused(e))) => return Err(SearchError::Refused(e)),
-            Ok(Err(AskError::Other(e))) => {
-                warn!(supernode = %addr, error = %e, "query failed");
-                last = e;
-                continue;
-            }
-            Err(_) => {
-                warn!(supernode = %addr, "query timed out");
-                continue;
-            }
-        };
-        reached += 1;
-        for hit in hits {
-            match at.get(&hit.hash) {
-                Some(&i) => {
-                    let m = &mut merged[i];
-                    for s in hit.sources {
-                        if !m.sources.iter().any(|x| x.id == s.id) {
-                            m.sources.push(s);
+    for group in supernodes.chunks(ASKED_AT_ONCE) {
+        if reached > 0 || tokio::time::Instant::now() >= deadline {
+            break;
+        }
+        let mut asks = tokio::task::JoinSet::new();
+        for addr in group {
+            let (endpoint, addr, query) = (endpoint.clone(), addr.clone(), query.clone());
+            asks.spawn(async move {
+                let answer = tokio::time::timeout_at(deadline, ask(&endpoint, &addr, query)).await;
+                (addr, answer)
+            });
+        }
+        let answers = asks.join_all().await;
+        for (addr, answer) in answers {
+            let hits = match answer {
+                Ok(Ok(h)) => h,
+                Ok(Err(AskError::Refused(e))) => return Err(SearchError::Refused(e)),
+                Ok(Err(AskError::Other(e))) => {
+                    warn!(supernode = %addr, error = %e, "query failed");
+                    last = e;
+                    continue;
+                }
+                Err(_) => {
+                    warn!(supernode = %addr, "query timed out");
+                    continue;
+                }
+            };
+            reached += 1;
+            for hit in hits {
+                match at.get(&hit.hash) {
+                    Some(&i) => {
+                        let m = &mut merged[i];
+                        for s in hit.sources {
+                            if !m.sources.iter().any(|x| x.id == s.id) {
+                                m.sources.push(s);
+                            }
                         }
                     }
-                }
-                None => {
-                    at.insert(hit.hash, merged.len());
-                    merged.push(hit);
+                    None => {
+                        at.insert(hit.hash, merged.len());
+                        merged.push(hit);
+                    }
                 }
             }
         }

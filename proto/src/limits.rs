@@ -28,3 +28,8 @@ pub const MAX_HITS_PER_FRAME: usize = 100;
 pub const MAX_SOURCES_PER_HIT: usize = 64;
 /// Longest error message text.
 pub const MAX_ERROR_MESSAGE: usize = 512;
+
+/// Supernodes listed in one `Supernodes`, `Full` or `Status` frame.
+pub const MAX_SUPERNODE_INFOS: usize = 64;
+/// Largest frame on a mesh stream (a query, a status, a batch of hits).
+pub const MAX_MESH_FRAME: usize = 1 << 20;

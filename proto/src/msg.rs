@@ -13,6 +13,8 @@ use crate::id::{ContentHash, NodeId};
 pub const ALPN_LEAF: &[u8] = b"servent-leaf/1";
 /// Leaf ↔ leaf: downloads.
 pub const ALPN_TRANSFER: &[u8] = b"servent-xfer/1";
+/// Supernode ↔ supernode: the mesh (membership gossip and query routing).
+pub const ALPN_MESH: &[u8] = b"servent-mesh/1";
 
 /// A file a leaf shares.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -32,6 +34,9 @@ pub enum LeafRequest {
     Register { listen_port: u16 },
     /// A search; answered by `Hits` frames and the end of the stream.
     Query(Query),
+    /// Which other supernodes this one knows; answered by one `Supernodes`
+    /// frame and the end of the stream.
+    Supernodes,
 }
 
 /// What to search for.
@@ -123,6 +128,72 @@ pub enum SupernodeReply {
     Hits(Vec<Hit>),
     /// The request failed; the stream ends after this frame.
     Error(ErrorReply),
+    /// Answer to `Supernodes`.
+    Supernodes(Vec<SupernodeInfo>),
+    /// Answer to `Register` when this supernode has no room: try these
+    /// less loaded ones instead. The connection closes after this frame.
+    Full(Vec<SupernodeInfo>),
+}
+
+/// What one supernode tells others about a supernode it knows.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SupernodeInfo {
+    pub id: NodeId,
+    /// `IP:PORT` to dial: observed by the sender, or gossiped to it. A claim,
+    /// to be checked by dialling with `id` as the expected node id.
+    pub addr: String,
+    /// Leaves registered there.
+    pub leaves: u32,
+    /// Most leaves it takes.
+    pub max_leaves: u32,
+    /// Seconds since the sender last heard from it (0: a neighbour now).
+    pub age_secs: u32,
+}
+
+/// The first frame of every bidirectional stream on a mesh connection.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MeshRequest {
+    /// Opens the control stream (sent by the dialling supernode, once):
+    /// it listens on `listen_port` of the address its connection comes from.
+    /// Answered by `Welcome` or `Refused`, then `MeshStatus` frames flow both
+    /// ways for the life of the connection.
+    Hello {
+        listen_port: u16,
+        leaves: u32,
+        max_leaves: u32,
+    },
+    /// A query being routed; answered by `Hits` frames (`SupernodeReply`)
+    /// and the end of the stream. A duplicate is answered by the end alone.
+    Query(MeshQuery),
+}
+
+/// A query travelling through the mesh.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MeshQuery {
+    /// Random, chosen by the supernode of the asking leaf.
+    pub id: u64,
+    /// Hops it may still travel beyond the receiver.
+    pub ttl: u8,
+    /// Milliseconds the receiver may spend answering, forwarding included.
+    pub timeout_ms: u32,
+    pub query: Query,
+}
+
+/// Frames on the mesh control stream after `Hello`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MeshControl {
+    /// Accepts a `Hello`: the acceptor's own load.
+    Welcome { leaves: u32, max_leaves: u32 },
+    /// Refuses a `Hello` (no room, a duplicate link, an address cap); the
+    /// connection closes after it.
+    Refused(ErrorReply),
+    /// Sent every few seconds by each side: its load and the supernodes it
+    /// knows (never itself; the receiver knows its address already).
+    Status {
+        leaves: u32,
+        max_leaves: u32,
+        known: Vec<SupernodeInfo>,
+    },
 }
 
 /// The only frame a downloader sends on a transfer stream.

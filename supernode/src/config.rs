@@ -31,6 +31,22 @@ pub struct Config {
     pub query_rate: f64,
     /// Queries a connection may send at once before the rate applies. Default 20.
     pub query_burst: u32,
+    /// Mesh neighbours to keep. Default 8 (see docs/PROTOCOL.md).
+    pub target_neighbors: usize,
+    /// Most mesh neighbours, dialled and accepted. Default 16.
+    pub max_neighbors: usize,
+    /// Most neighbours from one IP address (loopback exempt). Default 2.
+    pub neighbors_per_ip: usize,
+    /// Most neighbours from one IPv4 /24 or IPv6 /48 (loopback exempt). Default 4.
+    pub neighbors_per_subnet: usize,
+    /// Hops a query of our leaves may travel. Default 4, at most 7.
+    pub query_ttl: u8,
+    /// How long a query of our leaves may search the mesh, in ms. Default 3000.
+    pub search_time_ms: u32,
+    /// Sustained mesh queries per second per neighbour. Default 50.
+    pub mesh_query_rate: f64,
+    /// Mesh queries a neighbour may send at once. Default 100.
+    pub mesh_query_burst: u32,
 }
 
 impl Default for Config {
@@ -45,6 +61,14 @@ impl Default for Config {
             max_files_per_leaf: DEFAULT_MAX_FILES_PER_LEAF,
             query_rate: 10.0,
             query_burst: 20,
+            target_neighbors: 8,
+            max_neighbors: 16,
+            neighbors_per_ip: 2,
+            neighbors_per_subnet: 4,
+            query_ttl: servent_proto::route::DEFAULT_TTL,
+            search_time_ms: 3000,
+            mesh_query_rate: 50.0,
+            mesh_query_burst: 100,
         }
     }
 }

@@ -5,19 +5,23 @@
 //!
 //! Module map: [`net`] identity and QUIC transport (shared with the leaf),
 //! [`index`] the concurrent file index, [`session`] one leaf's connection,
-//! [`config`] configuration.
+//! [`mesh`] links to other supernodes, [`routing`] answering and forwarding
+//! queries, [`metrics`] counters, [`config`] configuration.
 
 pub mod config;
 pub mod index;
+pub mod mesh;
+pub mod metrics;
 pub mod net;
+pub mod routing;
 pub mod session;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use dashmap::DashMap;
-use servent_proto::msg::ALPN_LEAF;
+use servent_proto::msg::{ALPN_LEAF, ALPN_MESH};
 use servent_proto::NodeId;
 use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinHandle;
@@ -25,6 +29,8 @@ use tracing::{info, info_span, warn, Instrument};
 
 pub use config::Config;
 use index::Index;
+use mesh::Mesh;
+use metrics::Metrics;
 use net::{Endpoint, EndpointError, Identity, IdentityError};
 
 #[derive(Debug, thiserror::Error)]
@@ -53,6 +59,9 @@ pub struct State {
     pub config: Config,
     pub index: Index,
     pub leaves: DashMap<NodeId, LeafEntry>,
+    pub mesh: Mesh,
+    pub metrics: Metrics,
+    endpoint: OnceLock<Endpoint>,
     generations: AtomicU64,
     /// Bounds live connections of every kind, registered or not.
     connections: Arc<Semaphore>,
@@ -61,14 +70,23 @@ pub struct State {
 impl State {
     pub fn new(id: NodeId, config: Config) -> Self {
         let connections = Arc::new(Semaphore::new(config.max_connections));
+        let peers: Vec<String> = config.peers.iter().map(|p| p.to_string()).collect();
         Self {
             id,
             config,
             index: Index::new(),
             leaves: DashMap::new(),
+            mesh: Mesh::new(&peers),
+            metrics: Metrics::default(),
+            endpoint: OnceLock::new(),
             generations: AtomicU64::new(1),
             connections,
         }
+    }
+
+    /// The endpoint this supernode dials from (set once it is bound).
+    pub fn endpoint(&self) -> Option<&Endpoint> {
+        self.endpoint.get()
     }
 
     fn next_generation(&self) -> u64 {
@@ -92,6 +110,10 @@ impl State {
         let span = info_span!("conn", peer = %peer.id.short(), %remote);
         match net::alpn(&peer.conn).as_deref() {
             Some(ALPN_LEAF) => session::serve(self, peer).instrument(span).await,
+            Some(ALPN_MESH) => {
+                let span = info_span!("mesh", peer = %peer.id.short(), %remote);
+                mesh::serve(self, peer).instrument(span).await
+            }
             other => {
                 warn!(parent: &span, alpn = ?other.map(String::from_utf8_lossy), "unexpected protocol");
                 peer.conn.close(0u32.into(), b"unsupported protocol");
@@ -112,14 +134,35 @@ pub struct Supernode {
 impl Supernode {
     /// Binds, loads or creates the identity, and starts accepting leaves.
     pub async fn spawn(config: Config) -> Result<Self, StartError> {
+        Self::spawn_inner(config, None).await
+    }
+
+    /// Like [`Supernode::spawn`], on a UDP socket the caller provides (tests
+    /// use one that can be made to go silent, to kill a node without goodbye).
+    pub async fn spawn_on_socket(
+        config: Config,
+        socket: Arc<dyn quinn::AsyncUdpSocket>,
+    ) -> Result<Self, StartError> {
+        Self::spawn_inner(config, Some(socket)).await
+    }
+
+    async fn spawn_inner(
+        config: Config,
+        socket: Option<Arc<dyn quinn::AsyncUdpSocket>>,
+    ) -> Result<Self, StartError> {
         let identity = match &config.data_dir {
             Some(dir) => Identity::load_or_create(dir)?,
             None => Identity::generate()?,
         };
         let identity = Arc::new(identity);
-        let endpoint = Endpoint::bind(identity.clone(), config.listen, &[ALPN_LEAF])?;
+        let alpns: &[&[u8]] = &[ALPN_LEAF, ALPN_MESH];
+        let endpoint = match socket {
+            Some(socket) => Endpoint::bind_socket(identity.clone(), socket, alpns)?,
+            None => Endpoint::bind(identity.clone(), config.listen, alpns)?,
+        };
         let addr = endpoint.local_addr().map_err(StartError::LocalAddr)?;
         let state = Arc::new(State::new(identity.id(), config));
+        let _ = state.endpoint.set(endpoint.clone());
         let (shutdown, mut stop) = watch::channel(false);
         let span = info_span!("supernode", id = %identity.id().short());
         let task = tokio::spawn({
@@ -127,6 +170,9 @@ impl Supernode {
             let state = state.clone();
             async move {
                 info!(%addr, "listening");
+                tokio::spawn(
+                    mesh::maintain(state.clone(), addr.port(), stop.clone()).in_current_span(),
+                );
                 loop {
                     tokio::select! {
                         _ = stop.changed() => break,
@@ -171,6 +217,20 @@ impl Supernode {
     /// Distinct files indexed now.
     pub fn file_count(&self) -> usize {
         self.state.index.file_count()
+    }
+
+    /// Ids of the mesh neighbours linked now.
+    pub fn neighbours(&self) -> Vec<NodeId> {
+        self.state
+            .mesh
+            .neighbours
+            .iter()
+            .map(|n| *n.key())
+            .collect()
+    }
+
+    pub fn metrics(&self) -> &metrics::Metrics {
+        &self.state.metrics
     }
 
     /// Closes every connection and waits until the accept loop has ended.

@@ -27,9 +27,12 @@ use servent_proto::NodeId;
 
 /// Keep-alive interval: QUIC's default is none, and NAT bindings and
 /// supernode leases both need traffic.
-pub const KEEP_ALIVE: Duration = Duration::from_secs(3);
-/// A peer silent for this long is gone (its leaves' entries are dropped).
-pub const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
+pub const KEEP_ALIVE: Duration = Duration::from_secs(2);
+/// A peer silent for this long is gone: its index entries are dropped and
+/// its leaves re-home. Three missed keep-alives: quick enough that a dead
+/// supernode is replaced within seconds, slow enough to ride out a burst of
+/// packet loss.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(6);
 /// Longest wait for a handshake to finish.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest wait for the first frame of a stream.
@@ -85,27 +88,38 @@ impl Identity {
             source,
         };
         match std::fs::read_to_string(&path) {
-            Ok(pem) => {
-                let key = rcgen::KeyPair::from_pem(&pem).map_err(|e| IdentityError::Invalid {
-                    path: path.display().to_string(),
-                    reason: e.to_string(),
-                })?;
-                if !key.is_compatible(&rcgen::PKCS_ED25519) {
-                    return Err(IdentityError::Invalid {
-                        path: path.display().to_string(),
-                        reason: "not an Ed25519 key".into(),
-                    });
-                }
-                Self::from_key(key)
-            }
+            Ok(pem) => Self::from_pem(&path, &pem),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 std::fs::create_dir_all(data_dir).map_err(io)?;
                 let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519)?;
-                write_private(&path, key.serialize_pem().as_bytes()).map_err(io)?;
-                Self::from_key(key)
+                match write_private(&path, key.serialize_pem().as_bytes()) {
+                    Ok(()) => Self::from_key(key),
+                    // Another process of this node got there first (`leaf
+                    // serve` and `leaf search` started together on a new
+                    // data dir): the key it wrote is the node's.
+                    Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                        let pem = std::fs::read_to_string(&path).map_err(io)?;
+                        Self::from_pem(&path, &pem)
+                    }
+                    Err(e) => Err(io(e)),
+                }
             }
             Err(e) => Err(io(e)),
         }
+    }
+
+    fn from_pem(path: &Path, pem: &str) -> Result<Self, IdentityError> {
+        let key = rcgen::KeyPair::from_pem(pem).map_err(|e| IdentityError::Invalid {
+            path: path.display().to_string(),
+            reason: e.to_string(),
+        })?;
+        if !key.is_compatible(&rcgen::PKCS_ED25519) {
+            return Err(IdentityError::Invalid {
+                path: path.display().to_string(),
+                reason: "not an Ed25519 key".into(),
+            });
+        }
+        Self::from_key(key)
     }
 
     fn from_key(key: rcgen::KeyPair) -> Result<Self, IdentityError> {
@@ -134,18 +148,36 @@ impl Identity {
     }
 }
 
-/// Writes a new file readable only by its owner, atomically.
+/// Creates `path`, readable only by its owner, atomically: it appears whole
+/// or not at all. If it exists already (another process created it first),
+/// fails with `AlreadyExists` and leaves it alone.
 fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
-    let tmp = path.with_extension("tmp");
+    use std::sync::atomic::{AtomicU64, Ordering};
+    // A temporary file of its own: concurrent writers must not share one.
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let unique = format!(
+        "tmp.{}.{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    );
+    let tmp = path.with_extension(unique);
     let mut opts = std::fs::OpenOptions::new();
     opts.write(true).create(true).truncate(true);
     #[cfg(unix)]
     std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
-    let mut f = opts.open(&tmp)?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)
+    let written = opts.open(&tmp).and_then(|mut f| {
+        f.write_all(bytes)?;
+        f.sync_all()
+    });
+    // A hard link, unlike a rename, never replaces a file that exists.
+    // Where there are no hard links, the last writer wins.
+    let placed = written.and_then(|()| match std::fs::hard_link(&tmp, path) {
+        Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => std::fs::rename(&tmp, path),
+        linked => linked,
+    });
+    let _ = std::fs::remove_file(&tmp);
+    placed
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -322,7 +354,8 @@ fn server_transport() -> quinn::TransportConfig {
 /// is the side that downloads.
 fn client_transport() -> quinn::TransportConfig {
     let mut t = base_transport();
-    t.max_concurrent_bidi_streams(8u32.into())
+    // Mesh neighbours we dialled send us their queries on this connection.
+    t.max_concurrent_bidi_streams(64u32.into())
         .stream_receive_window((16u32 << 20).into())
         .receive_window((32u32 << 20).into());
     t
@@ -333,7 +366,7 @@ fn base_transport() -> quinn::TransportConfig {
     t.max_concurrent_uni_streams(0u32.into())
         .send_window(16 << 20)
         .keep_alive_interval(Some(KEEP_ALIVE))
-        .max_idle_timeout(Some(IDLE_TIMEOUT.try_into().expect("10 s fits a VarInt")));
+        .max_idle_timeout(Some(IDLE_TIMEOUT.try_into().expect("idle timeout fits a VarInt")));
     t
 }
 
@@ -352,17 +385,30 @@ impl Endpoint {
         addr: SocketAddr,
         alpns: &[&[u8]],
     ) -> Result<Self, EndpointError> {
-        let mut tls = rustls::ServerConfig::builder_with_provider(crypto_provider())
-            .with_protocol_versions(&[&rustls::version::TLS13])?
-            .with_client_cert_verifier(Arc::new(verifier()))
-            .with_single_cert(vec![identity.cert.clone()], identity.key())?;
-        tls.alpn_protocols = alpns.iter().map(|a| a.to_vec()).collect();
-        let crypto =
-            QuicServerConfig::try_from(tls).map_err(|e| EndpointError::Quic(e.to_string()))?;
-        let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-        config.transport_config(Arc::new(server_transport()));
+        let config = server_config(&identity, alpns)?;
         let inner = quinn::Endpoint::server(config, addr)
             .map_err(|source| EndpointError::Bind { addr, source })?;
+        Ok(Self { inner, identity })
+    }
+
+    /// Like [`Endpoint::bind`], on a socket the caller provides.
+    pub fn bind_socket(
+        identity: Arc<Identity>,
+        socket: Arc<dyn quinn::AsyncUdpSocket>,
+        alpns: &[&[u8]],
+    ) -> Result<Self, EndpointError> {
+        let config = server_config(&identity, alpns)?;
+        let addr = socket.local_addr().map_err(|source| EndpointError::Bind {
+            addr: SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)),
+            source,
+        })?;
+        let inner = quinn::Endpoint::new_with_abstract_socket(
+            quinn::EndpointConfig::default(),
+            Some(config),
+            socket,
+            Arc::new(quinn::TokioRuntime),
+        )
+        .map_err(|source| EndpointError::Bind { addr, source })?;
         Ok(Self { inner, identity })
     }
 
@@ -453,6 +499,21 @@ impl Endpoint {
     pub fn close(&self) {
         self.inner.close(0u32.into(), b"shutting down");
     }
+}
+
+fn server_config(
+    identity: &Identity,
+    alpns: &[&[u8]],
+) -> Result<quinn::ServerConfig, EndpointError> {
+    let mut tls = rustls::ServerConfig::builder_with_provider(crypto_provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(Arc::new(verifier()))
+        .with_single_cert(vec![identity.cert.clone()], identity.key())?;
+    tls.alpn_protocols = alpns.iter().map(|a| a.to_vec()).collect();
+    let crypto = QuicServerConfig::try_from(tls).map_err(|e| EndpointError::Quic(e.to_string()))?;
+    let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    config.transport_config(Arc::new(server_transport()));
+    Ok(config)
 }
 
 fn verifier() -> PeerVerifier {
@@ -578,6 +639,24 @@ mod tests {
         assert_eq!(node_id_from_cert(&a.cert).unwrap(), a.id());
         let other = Identity::generate().unwrap();
         assert_ne!(other.id(), a.id());
+    }
+
+    #[test]
+    fn concurrent_first_starts_agree_on_one_identity() {
+        let dir = tempfile::tempdir().unwrap();
+        let ids: Vec<NodeId> = std::thread::scope(|s| {
+            let starts: Vec<_> = (0..8)
+                .map(|_| s.spawn(|| Identity::load_or_create(dir.path()).unwrap().id()))
+                .collect();
+            starts.into_iter().map(|t| t.join().unwrap()).collect()
+        });
+        assert!(ids.iter().all(|id| *id == ids[0]), "{ids:?}");
+        assert_eq!(Identity::load_or_create(dir.path()).unwrap().id(), ids[0]);
+        let files: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(files, ["identity.pem"], "no temporary files left");
     }
 
     #[test]

@@ -11,20 +11,18 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use servent_proto::keywords;
 use servent_proto::limits::{
-    MAX_FILES_PER_UPDATE, MAX_HITS_PER_FRAME, MAX_NAME_BYTES, MAX_QUERY_WORDS, MAX_REPLY_FRAME,
-    MAX_REQUEST_FRAME, MAX_RESULTS, MAX_SOURCES_PER_HIT, MAX_UPDATE_FRAME,
+    MAX_FILES_PER_UPDATE, MAX_NAME_BYTES, MAX_REPLY_FRAME, MAX_REQUEST_FRAME, MAX_UPDATE_FRAME,
 };
 use servent_proto::msg::{
-    ErrorCode, ErrorReply, FileEntry, Hit, LeafRequest, Query, QueryKind, SessionUpdate, Source,
-    SupernodeReply,
+    ErrorCode, ErrorReply, FileEntry, LeafRequest, Query, SessionUpdate, SupernodeReply,
 };
 use servent_proto::rate::TokenBucket;
 use tracing::{debug, info, Instrument};
 
+use crate::metrics::Metrics;
 use crate::net::{self, Peer, StreamError};
-use crate::{LeafEntry, State};
+use crate::{routing, LeafEntry, State};
 
 /// Per-connection facts shared by its streams.
 struct Conn {
@@ -71,6 +69,7 @@ async fn handle_stream(
             register(&state, &conn, listen_port, &mut send, recv).await
         }
         Ok(Some(LeafRequest::Query(q))) => query(&state, &conn, q, &mut send).await,
+        Ok(Some(LeafRequest::Supernodes)) => supernodes(&state, &mut send).await,
         Ok(None) => Ok(()),
         Err(e) => Err(Refusal::bad(format!("bad request: {e}"))),
     };
@@ -139,10 +138,14 @@ async fn register(
     }
     let id = conn.peer.id;
     if state.leaves.len() >= state.config.max_leaves && !state.leaves.contains_key(&id) {
-        return Err(Refusal::fatal(
-            ErrorCode::Unavailable,
-            format!("supernode is full ({} leaves)", state.config.max_leaves),
-        ));
+        // Full: point the leaf at supernodes with room, then let it go.
+        let elsewhere = state.mesh.for_leaves(true, Instant::now());
+        info!(suggested = elsewhere.len(), "full: leaf redirected");
+        net::write_frame(send, &SupernodeReply::Full(elsewhere), MAX_REPLY_FRAME).await?;
+        let _ = send.finish();
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(1), send.stopped()).await;
+        conn.peer.conn.close(0u32.into(), b"supernode is full");
+        return Ok(());
     }
     let observed = conn.peer.conn.remote_address();
     let addr = SocketAddr::new(observed.ip(), listen_port);
@@ -286,7 +289,7 @@ fn invalid_name(e: &FileEntry) -> Option<String> {
 }
 
 async fn query(
-    state: &State,
+    state: &Arc<State>,
     conn: &Conn,
     q: Query,
     send: &mut quinn::SendStream,
@@ -297,52 +300,23 @@ async fn query(
         .map(|mut b| b.try_take(Instant::now()))
         .unwrap_or(false);
     if !allowed {
+        Metrics::inc(&state.metrics.queries_rate_limited);
         return Err(Refusal::code(
             ErrorCode::RateLimited,
             "too many queries: slow down",
         ));
     }
-    let max = q.max_results.clamp(1, MAX_RESULTS) as usize;
-    let found = match &q.kind {
-        QueryKind::Keywords(terms) => {
-            let words = keywords::words(&terms.join(" "));
-            if words.is_empty() {
-                return Err(Refusal::bad("a query needs at least one word"));
-            }
-            if words.len() > MAX_QUERY_WORDS {
-                return Err(Refusal::bad(format!(
-                    "a query may have at most {MAX_QUERY_WORDS} words"
-                )));
-            }
-            state.index.search(&words, max)
-        }
-        QueryKind::Hash(h) => state.index.get(h).into_iter().collect(),
-    };
-    let hits: Vec<Hit> = found
-        .into_iter()
-        .filter_map(|f| {
-            let sources: Vec<Source> = f
-                .owners
-                .iter()
-                .filter_map(|o| {
-                    state.leaves.get(o).map(|e| Source {
-                        id: *o,
-                        addr: e.addr.to_string(),
-                    })
-                })
-                .take(MAX_SOURCES_PER_HIT)
-                .collect();
-            (!sources.is_empty()).then_some(Hit {
-                hash: f.hash,
-                name: f.name,
-                size: f.size,
-                sources,
-            })
+    routing::serve_leaf_query(state, q, send)
+        .await
+        .map_err(|reply| Refusal {
+            reply,
+            close_connection: false,
         })
-        .collect();
-    debug!(hits = hits.len(), "query answered");
-    for batch in hits.chunks(MAX_HITS_PER_FRAME) {
-        net::write_frame(send, &SupernodeReply::Hits(batch.to_vec()), MAX_REPLY_FRAME).await?;
-    }
+}
+
+/// The supernodes a leaf may attach to besides this one.
+async fn supernodes(state: &State, send: &mut quinn::SendStream) -> Result<(), Refusal> {
+    let list = state.mesh.for_leaves(false, Instant::now());
+    net::write_frame(send, &SupernodeReply::Supernodes(list), MAX_REPLY_FRAME).await?;
     Ok(())
 }

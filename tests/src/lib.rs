@@ -23,6 +23,8 @@ pub async fn supernode_with(config: supernode::Config) -> Supernode {
 /// A leaf with its own data dir and share folder, both removed on drop.
 pub struct TestLeaf {
     pub leaf: Option<Leaf>,
+    /// Supernodes to be attached to at once (the leaf default unless set).
+    pub attach: usize,
     pub data: tempfile::TempDir,
     pub share: tempfile::TempDir,
 }
@@ -30,6 +32,15 @@ pub struct TestLeaf {
 impl TestLeaf {
     /// Starts a leaf sharing `files` (name, content) and registered with `supernodes`.
     pub async fn start(supernodes: &[&Supernode], files: &[(&str, &[u8])]) -> Self {
+        Self::start_attached(supernodes, files, leaf::attach::DEFAULT_ATTACH).await
+    }
+
+    /// Like [`TestLeaf::start`], attached to at most `attach` supernodes.
+    pub async fn start_attached(
+        supernodes: &[&Supernode],
+        files: &[(&str, &[u8])],
+        attach: usize,
+    ) -> Self {
         let data = tempfile::tempdir().expect("tempdir");
         let share = tempfile::tempdir().expect("tempdir");
         for (name, content) in files {
@@ -41,6 +52,7 @@ impl TestLeaf {
         }
         let mut me = Self {
             leaf: None,
+            attach,
             data,
             share,
         };
@@ -54,7 +66,10 @@ impl TestLeaf {
             old.shutdown().await;
         }
         let addrs = supernodes.iter().map(|s| s.addr().to_string()).collect();
-        let config = leaf::Config::localhost(self.data.path(), self.share.path(), addrs);
+        let config = leaf::Config {
+            attach: self.attach,
+            ..leaf::Config::localhost(self.data.path(), self.share.path(), addrs)
+        };
         self.leaf = Some(Leaf::spawn(config).await.expect("leaf starts"));
     }
 
@@ -143,4 +158,107 @@ pub fn init_tracing() {
         .with_test_writer()
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
         .try_init();
+}
+
+/// A UDP socket that can be made to go silent at once: nothing it sends
+/// leaves and nothing that arrives is delivered. Killing a node this way is
+/// a crash or a cut cable: its peers get no goodbye and must notice by
+/// themselves.
+#[derive(Debug)]
+pub struct KillableSocket {
+    inner: std::sync::Arc<dyn quinn::AsyncUdpSocket>,
+    dead: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// Makes a [`KillableSocket`] go silent.
+#[derive(Debug, Clone)]
+pub struct KillSwitch(std::sync::Arc<std::sync::atomic::AtomicBool>);
+
+impl KillSwitch {
+    pub fn kill(&self) {
+        self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl KillableSocket {
+    /// Binds `127.0.0.1:0`.
+    pub fn bind() -> (std::sync::Arc<Self>, KillSwitch) {
+        let sock = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind udp");
+        let inner = quinn::default_runtime()
+            .expect("inside a tokio runtime")
+            .wrap_udp_socket(sock)
+            .expect("wrap udp socket");
+        let dead = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        (
+            std::sync::Arc::new(Self {
+                inner,
+                dead: dead.clone(),
+            }),
+            KillSwitch(dead),
+        )
+    }
+
+    fn is_dead(&self) -> bool {
+        self.dead.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+impl quinn::AsyncUdpSocket for KillableSocket {
+    fn create_io_poller(self: std::sync::Arc<Self>) -> std::pin::Pin<Box<dyn quinn::UdpPoller>> {
+        self.inner.clone().create_io_poller()
+    }
+
+    fn try_send(&self, transmit: &quinn::udp::Transmit<'_>) -> std::io::Result<()> {
+        if self.is_dead() {
+            return Ok(());
+        }
+        self.inner.try_send(transmit)
+    }
+
+    fn poll_recv(
+        &self,
+        cx: &mut std::task::Context<'_>,
+        bufs: &mut [std::io::IoSliceMut<'_>],
+        meta: &mut [quinn::udp::RecvMeta],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        loop {
+            match self.inner.poll_recv(cx, bufs, meta) {
+                std::task::Poll::Ready(Ok(_)) if self.is_dead() => continue,
+                other => return other,
+            }
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<std::net::SocketAddr> {
+        self.inner.local_addr()
+    }
+
+    fn max_transmit_segments(&self) -> usize {
+        self.inner.max_transmit_segments()
+    }
+
+    fn max_receive_segments(&self) -> usize {
+        self.inner.max_receive_segments()
+    }
+
+    fn may_fragment(&self) -> bool {
+        self.inner.may_fragment()
+    }
+}
+
+/// A supernode that [`KillSwitch::kill`] silences without goodbye.
+pub async fn killable_supernode(config: supernode::Config) -> (Supernode, KillSwitch) {
+    let (socket, switch) = KillableSocket::bind();
+    let node = Supernode::spawn_on_socket(config, socket)
+        .await
+        .expect("supernode starts");
+    (node, switch)
+}
+
+/// A mesh test configuration: loopback, port 0, bootstrapping from `peers`.
+pub fn mesh_config(peers: &[&Supernode]) -> supernode::Config {
+    supernode::Config {
+        peers: peers.iter().map(|p| p.addr()).collect(),
+        ..supernode::Config::localhost()
+    }
 }

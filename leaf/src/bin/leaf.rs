@@ -41,6 +41,9 @@ enum Command {
         /// Never become a supernode
         #[arg(long)]
         no_promote: bool,
+        /// Supernodes to be attached to at once
+        #[arg(long, default_value_t = leaf::attach::DEFAULT_ATTACH)]
+        attach: usize,
     },
     /// Search the network for files whose names hold every WORD
     Search {
@@ -103,6 +106,7 @@ fn run(args: Args) -> anyhow::Result<()> {
                 listen,
                 http,
                 no_promote,
+                attach,
             } => {
                 if http.is_some() {
                     tracing::warn!("--http is not implemented yet; ignoring it");
@@ -113,6 +117,7 @@ fn run(args: Args) -> anyhow::Result<()> {
                     listen,
                     supernodes: args.supernodes,
                     no_promote,
+                    attach,
                 };
                 let node = Leaf::spawn(config).await?;
                 println!("leaf {} listening on {}", node.id(), node.addr());

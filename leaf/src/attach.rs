@@ -1,0 +1,329 @@
+//! Which supernodes a leaf attaches to: up to `attach` of them at once,
+//! chosen among those it was given, those in its cache, and those its
+//! supernodes told it of, least loaded first; a lost one is replaced at once.
+//!
+//! The cache (`supernodes.json` in the data dir) remembers every supernode
+//! the leaf has met, so that after a restart or an address change it needs
+//! no particular server again.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use servent_proto::msg::SupernodeInfo;
+use servent_proto::NodeId;
+use supernode::net::Endpoint;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinSet;
+use tracing::{debug, info, info_span, warn, Instrument};
+
+use crate::link::{self, LinkError, LinkStatus};
+use crate::share::Share;
+
+/// Supernodes a leaf attaches to by default.
+pub const DEFAULT_ATTACH: usize = 3;
+const CACHE_FILE: &str = "supernodes.json";
+/// Supernodes remembered in the cache.
+const MAX_CACHED: usize = 200;
+const BACKOFF_MIN: Duration = Duration::from_millis(500);
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// How often the manager looks for missing links.
+const TICK: Duration = Duration::from_millis(250);
+
+/// One supernode as the cache file holds it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Cached {
+    pub addr: String,
+    #[serde(default)]
+    pub id: Option<String>,
+    /// Unix seconds when last registered with or heard of.
+    #[serde(default)]
+    pub last_seen: u64,
+}
+
+/// Reads the cache, most recently seen first.
+pub fn load_cache(data_dir: &Path) -> Vec<Cached> {
+    let mut v: Vec<Cached> = std::fs::read(data_dir.join(CACHE_FILE))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default();
+    v.sort_by_key(|c| std::cmp::Reverse(c.last_seen));
+    v
+}
+
+fn save_cache(data_dir: &Path, entries: &[Cached]) {
+    let path = data_dir.join(CACHE_FILE);
+    let tmp = data_dir.join(format!("{CACHE_FILE}.tmp"));
+    let result = serde_json::to_vec_pretty(entries)
+        .map_err(std::io::Error::other)
+        .and_then(|b| std::fs::write(&tmp, b))
+        .and_then(|()| std::fs::rename(&tmp, &path));
+    if let Err(e) = result {
+        warn!(path = %path.display(), error = %e, "cannot save the supernode cache");
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Candidate {
+    addr: String,
+    id: Option<NodeId>,
+    load_permille: u64,
+    last_seen: u64,
+    next_try: Instant,
+    delay: Duration,
+}
+
+impl Candidate {
+    fn new(addr: String, id: Option<NodeId>, last_seen: u64) -> Self {
+        Self {
+            addr,
+            id,
+            load_permille: 500,
+            last_seen,
+            next_try: Instant::now(),
+            delay: BACKOFF_MIN,
+        }
+    }
+}
+
+/// Everything the manager needs.
+pub struct Attach {
+    pub endpoint: Endpoint,
+    pub bootstrap: Vec<String>,
+    pub data_dir: PathBuf,
+    pub listen_port: u16,
+    pub share: Arc<Share>,
+    pub attach: usize,
+    /// One entry per live link, for status.
+    pub links: Arc<Mutex<Vec<Arc<Mutex<LinkStatus>>>>>,
+}
+
+enum Event {
+    Learned(Vec<SupernodeInfo>),
+    Ended {
+        addr: String,
+        result: Result<(), LinkError>,
+        registered: Option<NodeId>,
+    },
+}
+
+/// Keeps the leaf attached to up to `attach` supernodes until `stop`.
+pub async fn run(cfg: Attach, mut stop: watch::Receiver<bool>) {
+    let mut candidates: Vec<Candidate> = Vec::new();
+    for addr in &cfg.bootstrap {
+        candidates.push(Candidate::new(addr.clone(), None, 0));
+    }
+    for c in load_cache(&cfg.data_dir) {
+        if !candidates.iter().any(|x| x.addr == c.addr) {
+            candidates.push(Candidate::new(
+                c.addr,
+                c.id.and_then(|i| i.parse().ok()),
+                c.last_seen,
+            ));
+        }
+    }
+    let (events, mut rx) = mpsc::channel::<Event>(64);
+    let mut active: HashMap<String, Arc<Mutex<LinkStatus>>> = HashMap::new();
+    let mut tasks = JoinSet::new();
+    let mut dirty = true;
+    loop {
+        // Start links while fewer than wanted are up.
+        let now = Instant::now();
+        let linked_ids: Vec<NodeId> = active
+            .values()
+            .filter_map(|s| s.lock().expect("link status").supernode.map(|(id, _)| id))
+            .collect();
+        let mut order: Vec<usize> = (0..candidates.len())
+            .filter(|&i| {
+                let c = &candidates[i];
+                !active.contains_key(&c.addr)
+                    && c.next_try <= now
+                    && !c.id.is_some_and(|id| linked_ids.contains(&id))
+            })
+            .collect();
+        order.sort_by_key(|&i| {
+            (
+                candidates[i].load_permille,
+                std::cmp::Reverse(candidates[i].last_seen),
+            )
+        });
+        for i in order
+            .into_iter()
+            .take(cfg.attach.saturating_sub(active.len()))
+        {
+            let c = &mut candidates[i];
+            c.next_try = now + c.delay;
+            c.delay = (c.delay * 2).min(BACKOFF_MAX);
+            let status = Arc::new(Mutex::new(LinkStatus::default()));
+            active.insert(c.addr.clone(), status.clone());
+            let (addr, expected) = (c.addr.clone(), c.id);
+            let (endpoint, share, events, stop) = (
+                cfg.endpoint.clone(),
+                cfg.share.clone(),
+                events.clone(),
+                stop.clone(),
+            );
+            let listen_port = cfg.listen_port;
+            tasks.spawn(
+                async move {
+                    let (learned_tx, mut learned_rx) = mpsc::channel(4);
+                    let forward = {
+                        let events = events.clone();
+                        async move {
+                            while let Some(list) = learned_rx.recv().await {
+                                let _ = events.send(Event::Learned(list)).await;
+                            }
+                        }
+                    };
+                    let session = async {
+                        let Some(sock) = link::resolve(&addr).await else {
+                            return Err(LinkError::Lost(format!("cannot resolve {addr}")));
+                        };
+                        link::session(
+                            &endpoint,
+                            sock,
+                            expected,
+                            listen_port,
+                            &share,
+                            &status,
+                            learned_tx,
+                            stop,
+                        )
+                        .await
+                    };
+                    let (result, ()) = tokio::join!(session, forward);
+                    let registered = status
+                        .lock()
+                        .expect("link status")
+                        .supernode
+                        .map(|(id, _)| id);
+                    let _ = events
+                        .send(Event::Ended {
+                            addr,
+                            result,
+                            registered,
+                        })
+                        .await;
+                }
+                .instrument(info_span!("link", supernode = %c.addr)),
+            );
+        }
+        publish(&cfg, &active);
+        if dirty {
+            save(&cfg, &candidates, &active);
+            dirty = false;
+        }
+
+        tokio::select! {
+            _ = stop.changed() => break,
+            _ = tokio::time::sleep(TICK) => {}
+            Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+            Some(ev) = rx.recv() => {
+                dirty = true;
+                match ev {
+                    Event::Learned(list) => merge(&mut candidates, list),
+                    Event::Ended { addr, result, registered } => {
+                        let status = active.remove(&addr);
+                        if let Some(c) = candidates.iter_mut().find(|c| c.addr == addr) {
+                            if registered.is_some() {
+                                c.id = registered;
+                                c.last_seen = crate::share::now_secs();
+                                // It worked for a while: retry it soon, not after a long backoff.
+                                c.delay = BACKOFF_MIN;
+                            }
+                        }
+                        match result {
+                            Ok(()) => {}
+                            Err(LinkError::Full(elsewhere)) => {
+                                info!(supernode = %addr, suggested = elsewhere.len(), "supernode full; trying others");
+                                if let Some(c) = candidates.iter_mut().find(|c| c.addr == addr) {
+                                    c.load_permille = 1000;
+                                }
+                                merge(&mut candidates, elsewhere);
+                            }
+                            Err(e) => {
+                                if status.is_some_and(|s| s.lock().expect("link status").supernode.is_some()) || registered.is_some() {
+                                    warn!(supernode = %addr, error = %e, "supernode lost");
+                                } else {
+                                    debug!(supernode = %addr, error = %e, "supernode not reachable");
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+    tasks.abort_all();
+}
+
+/// Adds or refreshes supernodes a supernode told us of.
+fn merge(candidates: &mut Vec<Candidate>, list: Vec<SupernodeInfo>) {
+    let now = crate::share::now_secs();
+    for info in list {
+        let Ok(addr) = info.addr.parse::<SocketAddr>() else {
+            continue;
+        };
+        if addr.port() == 0 || addr.ip().is_unspecified() {
+            continue;
+        }
+        let load = if info.max_leaves == 0 {
+            1000
+        } else {
+            u64::from(info.leaves) * 1000 / u64::from(info.max_leaves)
+        };
+        let seen = now.saturating_sub(info.age_secs.into());
+        let addr = addr.to_string();
+        match candidates
+            .iter_mut()
+            .find(|c| c.id == Some(info.id) || c.addr == addr)
+        {
+            Some(c) => {
+                c.load_permille = load.min(1000);
+                c.last_seen = c.last_seen.max(seen);
+                if c.id == Some(info.id) && c.addr != addr {
+                    c.addr = addr;
+                }
+                c.id = Some(info.id);
+            }
+            None => {
+                let mut c = Candidate::new(addr, Some(info.id), seen);
+                c.load_permille = load.min(1000);
+                candidates.push(c);
+            }
+        }
+    }
+    if candidates.len() > MAX_CACHED {
+        candidates.sort_by_key(|c| std::cmp::Reverse(c.last_seen));
+        candidates.truncate(MAX_CACHED);
+    }
+}
+
+fn publish(cfg: &Attach, active: &HashMap<String, Arc<Mutex<LinkStatus>>>) {
+    let mut links = cfg.links.lock().expect("links");
+    links.clear();
+    links.extend(active.values().cloned());
+}
+
+fn save(cfg: &Attach, candidates: &[Candidate], active: &HashMap<String, Arc<Mutex<LinkStatus>>>) {
+    let now = crate::share::now_secs();
+    let mut entries: Vec<Cached> = candidates
+        .iter()
+        .map(|c| {
+            let linked = active
+                .get(&c.addr)
+                .is_some_and(|s| s.lock().expect("link status").supernode.is_some());
+            Cached {
+                addr: c.addr.clone(),
+                id: c.id.map(|i| i.to_string()),
+                last_seen: if linked { now } else { c.last_seen },
+            }
+        })
+        .collect();
+    entries.sort_by_key(|c| std::cmp::Reverse(c.last_seen));
+    entries.truncate(MAX_CACHED);
+    save_cache(&cfg.data_dir, &entries);
+}
