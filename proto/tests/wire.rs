@@ -53,6 +53,55 @@ fn hit() -> Hit {
     }
 }
 
+/// A supernode as another one describes it (IPv4, heard from 30 s ago).
+fn info() -> SupernodeInfo {
+    SupernodeInfo {
+        id: node(),
+        addr: "198.51.100.4:7400".into(),
+        leaves: 250,
+        max_leaves: 1000,
+        age_secs: 30,
+    }
+}
+
+/// A lightly loaded supernode at an IPv6 address, heard from 4 s ago.
+fn info_v6() -> SupernodeInfo {
+    SupernodeInfo {
+        id: node(),
+        addr: "[2001:db8::7]:7400".into(),
+        leaves: 12,
+        max_leaves: 1000,
+        age_secs: 4,
+    }
+}
+
+/// The longest `IP:PORT` there is.
+const LONGEST_ADDR: &str = "[ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff]:65535";
+
+/// The biggest `SupernodeInfo`: longest address, widest integers.
+fn biggest_info(i: usize) -> SupernodeInfo {
+    SupernodeInfo {
+        id: NodeId([i as u8; 32]),
+        addr: LONGEST_ADDR.into(),
+        leaves: u32::MAX,
+        max_leaves: u32::MAX,
+        age_secs: u32::MAX,
+    }
+}
+
+fn mesh_query() -> MeshQuery {
+    MeshQuery {
+        id: 0x0123_4567_89ab_cdef,
+        ttl: 4,
+        // What an origin with a 3 s search time gives its first neighbour.
+        timeout_ms: 2750,
+        query: Query {
+            kind: QueryKind::Keywords(vec!["blue".into(), "moon".into()]),
+            max_results: 50,
+        },
+    }
+}
+
 const ALL_CODES: [ErrorCode; 6] = [
     ErrorCode::BadRequest,
     ErrorCode::LimitExceeded,
@@ -185,6 +234,7 @@ fn every_leaf_request_round_trips() {
             );
         }
     }
+    round_trip(&LeafRequest::Supernodes, MAX_REQUEST_FRAME);
 }
 
 #[test]
@@ -262,6 +312,15 @@ fn every_supernode_reply_round_trips() {
         );
     }
 
+    for list in [
+        vec![],
+        vec![info()],
+        vec![info(), info_v6(), biggest_info(9)],
+    ] {
+        round_trip(&SupernodeReply::Supernodes(list.clone()), MAX_REPLY_FRAME);
+        round_trip(&SupernodeReply::Full(list), MAX_REPLY_FRAME);
+    }
+
     // The largest reply the supernode builds fits its frame limit.
     let big = Hit {
         hash: hash(),
@@ -279,6 +338,143 @@ fn every_supernode_reply_round_trips() {
     assert_eq!(
         frame::parse_exact::<SupernodeReply>(&bytes, MAX_REPLY_FRAME).unwrap(),
         reply
+    );
+    // A supernode relays the `Hits` frames of the mesh to its leaf as they
+    // are, so a mesh reply must fit a leaf reply frame.
+    const { assert!(MAX_MESH_FRAME <= MAX_REPLY_FRAME) };
+    assert_eq!(
+        frame::parse_exact::<SupernodeReply>(&bytes, MAX_MESH_FRAME).unwrap(),
+        reply
+    );
+}
+
+#[test]
+fn every_mesh_message_round_trips() {
+    for listen_port in [1, 7400, u16::MAX] {
+        for (leaves, max_leaves) in [(0, 0), (250, 1000), (u32::MAX, u32::MAX)] {
+            round_trip(
+                &MeshRequest::Hello {
+                    listen_port,
+                    leaves,
+                    max_leaves,
+                },
+                MAX_MESH_FRAME,
+            );
+        }
+    }
+    let kinds = [
+        QueryKind::Keywords(vec!["blue".into(), "Straße".into()]),
+        QueryKind::Hash(hash()),
+    ];
+    for kind in kinds {
+        for id in [0, 1, 0x0123_4567_89ab_cdef, u64::MAX] {
+            for ttl in [0, 1, 4, 7, 127, 128, u8::MAX] {
+                for timeout_ms in [0, 250, 3000, u32::MAX] {
+                    round_trip(
+                        &MeshRequest::Query(MeshQuery {
+                            id,
+                            ttl,
+                            timeout_ms,
+                            query: Query {
+                                kind: kind.clone(),
+                                max_results: MAX_RESULTS,
+                            },
+                        }),
+                        MAX_MESH_FRAME,
+                    );
+                }
+            }
+        }
+    }
+
+    round_trip(
+        &MeshControl::Welcome {
+            leaves: 0,
+            max_leaves: 1000,
+        },
+        MAX_MESH_FRAME,
+    );
+    round_trip(
+        &MeshControl::Welcome {
+            leaves: u32::MAX,
+            max_leaves: u32::MAX,
+        },
+        MAX_MESH_FRAME,
+    );
+    for code in ALL_CODES {
+        round_trip(
+            &MeshControl::Refused(ErrorReply::new(code, format!("{code:?} happened"))),
+            MAX_MESH_FRAME,
+        );
+    }
+    for known in [
+        vec![],
+        vec![info()],
+        vec![info(), info_v6(), biggest_info(3)],
+    ] {
+        round_trip(
+            &MeshControl::Status {
+                leaves: 17,
+                max_leaves: 1000,
+                known,
+            },
+            MAX_MESH_FRAME,
+        );
+    }
+}
+
+#[test]
+fn the_largest_supernode_lists_fit_their_frames() {
+    let most: Vec<SupernodeInfo> = (0..MAX_SUPERNODE_INFOS).map(biggest_info).collect();
+    let status = MeshControl::Status {
+        leaves: u32::MAX,
+        max_leaves: u32::MAX,
+        known: most.clone(),
+    };
+    let bytes = frame::encode(&status, MAX_MESH_FRAME).unwrap();
+    assert_eq!(
+        frame::parse_exact::<MeshControl>(&bytes, MAX_MESH_FRAME).unwrap(),
+        status
+    );
+    // 64 entries of 99 bytes: a few KiB (docs/PROTOCOL.md, 7.7), far below
+    // the limit. Even the same list 64 times over would fit.
+    assert_eq!(bytes.len(), 6362);
+    assert!(bytes.len() * 64 < MAX_MESH_FRAME);
+    for reply in [
+        SupernodeReply::Supernodes(most.clone()),
+        SupernodeReply::Full(most),
+    ] {
+        let bytes = frame::encode(&reply, MAX_REPLY_FRAME).unwrap();
+        assert!(bytes.len() < 8 * 1024, "{} bytes", bytes.len());
+        assert_eq!(
+            frame::parse_exact::<SupernodeReply>(&bytes, MAX_REPLY_FRAME).unwrap(),
+            reply
+        );
+    }
+
+    // A mesh query wraps a leaf's query in at most 17 more bytes, so every
+    // query a leaf may send can be forwarded.
+    let words = vec!["w".repeat(MAX_WORD_BYTES); MAX_QUERY_WORDS];
+    let query = Query {
+        kind: QueryKind::Keywords(words),
+        max_results: u32::MAX,
+    };
+    let leaf = frame::encode(&LeafRequest::Query(query.clone()), MAX_REQUEST_FRAME).unwrap();
+    let mesh = frame::encode(
+        &MeshRequest::Query(MeshQuery {
+            id: u64::MAX,
+            ttl: u8::MAX,
+            timeout_ms: u32::MAX,
+            query,
+        }),
+        MAX_MESH_FRAME,
+    )
+    .unwrap();
+    assert!(
+        mesh.len() <= leaf.len() + 17,
+        "{} vs {}",
+        mesh.len(),
+        leaf.len()
     );
 }
 
@@ -367,6 +563,16 @@ fn golden_leaf_requests() {
 }
 
 #[test]
+fn golden_leaf_supernodes_request_is_a_bare_name() {
+    // aa "Supernodes" (a unit variant: the name alone, no map)
+    golden(
+        &LeafRequest::Supernodes,
+        MAX_REQUEST_FRAME,
+        "0000000baa53757065726e6f646573",
+    );
+}
+
+#[test]
 fn golden_session_updates() {
     // 81 { a3 "Add": 91 [ 93 [ c4 20 <hash>, ad "Blue Moon.mp3", ce 003567e0 ] ] }
     golden(
@@ -416,6 +622,86 @@ fn golden_supernode_replies() {
         &SupernodeReply::Error(ErrorReply::new(ErrorCode::RateLimited, "slow down")),
         MAX_REPLY_FRAME,
         "0000001e81a54572726f7292ab526174654c696d69746564a9736c6f7720646f776e",
+    );
+}
+
+#[test]
+fn golden_supernode_lists() {
+    // 81 { aa "Supernodes": 91 [ 95 [ c4 20 <id>, b1 "198.51.100.4:7400",
+    //      cc fa (250), cd 03e8 (1000), 1e (30) ] ] }
+    golden(
+        &SupernodeReply::Supernodes(vec![info()]),
+        MAX_REPLY_FRAME,
+        "0000004881aa53757065726e6f6465739195c420\
+         000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f\
+         b13139382e35312e3130302e343a37343030ccfacd03e81e",
+    );
+    // 81 { a4 "Full": 91 [ 95 [ c4 20 <id>, b2 "[2001:db8::7]:7400",
+    //      0c (12), cd 03e8 (1000), 04 (4) ] ] }
+    golden(
+        &SupernodeReply::Full(vec![info_v6()]),
+        MAX_REPLY_FRAME,
+        "0000004281a446756c6c9195c420\
+         000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f\
+         b25b323030313a6462383a3a375d3a373430300ccd03e804",
+    );
+}
+
+#[test]
+fn golden_mesh_requests() {
+    // 81 { a5 "Hello": 93 [ cd 1ce8 (7400), cc fa (250), cd 03e8 (1000) ] }
+    golden(
+        &MeshRequest::Hello {
+            listen_port: 7400,
+            leaves: 250,
+            max_leaves: 1000,
+        },
+        MAX_MESH_FRAME,
+        "0000001081a548656c6c6f93cd1ce8ccfacd03e8",
+    );
+    // 81 { a5 "Query": 94 [ cf 0123456789abcdef (id), 04 (ttl), cd 0abe (2750 ms),
+    //      92 [ 81 { a8 "Keywords": 92 [ a4 "blue", a4 "moon" ] }, 32 (50) ] ] }
+    golden(
+        &MeshRequest::Query(mesh_query()),
+        MAX_MESH_FRAME,
+        "0000002c81a5517565727994cf0123456789abcdef04cd0abe\
+         9281a84b6579776f72647392a4626c7565a46d6f6f6e32",
+    );
+}
+
+#[test]
+fn golden_mesh_control() {
+    // 81 { a7 "Welcome": 92 [ 03, cd 03e8 (1000) ] }
+    golden(
+        &MeshControl::Welcome {
+            leaves: 3,
+            max_leaves: 1000,
+        },
+        MAX_MESH_FRAME,
+        "0000000e81a757656c636f6d659203cd03e8",
+    );
+    // 81 { a7 "Refused": 92 [ ab "Unavailable", b4 "neighbour table full" ] }
+    golden(
+        &MeshControl::Refused(ErrorReply::new(
+            ErrorCode::Unavailable,
+            "neighbour table full",
+        )),
+        MAX_MESH_FRAME,
+        "0000002b81a75265667573656492\
+         ab556e617661696c61626c65b46e65696768626f7572207461626c652066756c6c",
+    );
+    // 81 { a6 "Status": 93 [ 03, cd 03e8 (1000), 91 [ 95 [ <info> ] ] ] }
+    golden(
+        &MeshControl::Status {
+            leaves: 3,
+            max_leaves: 1000,
+            known: vec![info()],
+        },
+        MAX_MESH_FRAME,
+        "0000004981a6537461747573\
+         9303cd03e8\
+         9195c420000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f\
+         b13139382e35312e3130302e343a37343030ccfacd03e81e",
     );
 }
 
@@ -511,6 +797,7 @@ fn a_4_gib_header_is_refused_before_any_body_arrives() {
         MAX_UPDATE_FRAME,
         MAX_REPLY_FRAME,
         MAX_TRANSFER_FRAME,
+        MAX_MESH_FRAME,
     ] {
         let start = Instant::now();
         match frame::body_len(header, max) {
@@ -639,7 +926,61 @@ fn garbage_is_refused() {
             "{}",
             hex::encode(body)
         );
+        assert!(
+            is_decode(&refused::<MeshRequest>(body, MAX_MESH_FRAME)),
+            "{}",
+            hex::encode(body)
+        );
+        assert!(
+            is_decode(&refused::<MeshControl>(body, MAX_MESH_FRAME)),
+            "{}",
+            hex::encode(body)
+        );
     }
+    // Mesh variants without their content, and mesh messages on the wrong
+    // kind of stream.
+    for name in ["Hello", "Query"] {
+        assert!(is_decode(&refused::<MeshRequest>(
+            &fixstr(name),
+            MAX_MESH_FRAME
+        )));
+    }
+    for name in ["Welcome", "Refused", "Status"] {
+        assert!(is_decode(&refused::<MeshControl>(
+            &fixstr(name),
+            MAX_MESH_FRAME
+        )));
+    }
+    assert!(is_decode(&refused::<SupernodeReply>(
+        &fixstr("Supernodes"),
+        MAX_REPLY_FRAME
+    )));
+    let hello = frame::encode(
+        &MeshRequest::Hello {
+            listen_port: 7400,
+            leaves: 0,
+            max_leaves: 1000,
+        },
+        MAX_MESH_FRAME,
+    )
+    .unwrap();
+    assert!(is_decode(&refused::<LeafRequest>(
+        &hello[HEADER_LEN..],
+        MAX_REQUEST_FRAME
+    )));
+    assert!(is_decode(&refused::<MeshControl>(
+        &hello[HEADER_LEN..],
+        MAX_MESH_FRAME
+    )));
+    let leaf_query =
+        frame::encode(&LeafRequest::Query(mesh_query().query), MAX_REQUEST_FRAME).unwrap();
+    assert!(
+        is_decode(&refused::<MeshRequest>(
+            &leaf_query[HEADER_LEN..],
+            MAX_MESH_FRAME
+        )),
+        "a leaf's query is not a mesh query: it has no id, TTL or timeout"
+    );
 }
 
 #[test]
@@ -673,6 +1014,40 @@ fn wrong_types_and_arities_are_refused() {
     let mut body = variant("Register");
     body.extend([0x91, 0xce, 0x00, 0x01, 0x11, 0x70]); // 70000
     assert!(is_decode(&refused::<LeafRequest>(&body, MAX_REQUEST_FRAME)));
+    // A TTL that does not fit 8 bits, a negative id.
+    for (id, ttl) in [(&[0x01][..], &[0xcd, 0x01, 0x00][..]), (&[0xff], &[0x04])] {
+        let mut body = variant("Query");
+        body.push(0x94);
+        body.extend_from_slice(id);
+        body.extend_from_slice(ttl);
+        body.extend([0xcd, 0x0b, 0xb8]);
+        body.extend(&frame::encode(&mesh_query().query, MAX_MESH_FRAME).unwrap()[HEADER_LEN..]);
+        assert!(
+            is_decode(&refused::<MeshRequest>(&body, MAX_MESH_FRAME)),
+            "{}",
+            hex::encode(&body)
+        );
+    }
+    // A listen port that does not fit 16 bits; a Hello without its load.
+    let mut body = variant("Hello");
+    body.extend([0x93, 0xce, 0x00, 0x01, 0x11, 0x70, 0x00, 0x00]);
+    assert!(is_decode(&refused::<MeshRequest>(&body, MAX_MESH_FRAME)));
+    let mut body = variant("Hello");
+    body.extend([0x91, 0xcd, 0x1c, 0xe8]);
+    assert!(is_decode(&refused::<MeshRequest>(&body, MAX_MESH_FRAME)));
+    // A Status without its list; a SupernodeInfo without its age.
+    let mut body = variant("Status");
+    body.extend([0x92, 0x00, 0x00]);
+    assert!(is_decode(&refused::<MeshControl>(&body, MAX_MESH_FRAME)));
+    let mut body = variant("Supernodes");
+    body.extend([0x91, 0x94]);
+    body.extend(bin8(node().as_bytes()));
+    body.extend(fixstr("198.51.100.4:7400"));
+    body.extend([0x00, 0x00]);
+    assert!(is_decode(&refused::<SupernodeReply>(
+        &body,
+        MAX_REPLY_FRAME
+    )));
     // A file name that is not UTF-8.
     let mut body = variant("Add");
     body.extend([0x91, 0x93]);
@@ -702,6 +1077,29 @@ fn ids_must_be_a_bin_of_exactly_32_bytes() {
         body.extend(fixstr("192.0.2.7:7401"));
         assert!(
             is_decode(&refused::<SupernodeReply>(&body, MAX_REPLY_FRAME)),
+            "{}",
+            hex::encode(&bad)
+        );
+        // ...as the id of a supernode in a list...
+        for name in ["Supernodes", "Full"] {
+            let mut body = variant(name);
+            body.extend([0x91, 0x95]);
+            body.extend(&bad);
+            body.extend(fixstr("198.51.100.4:7400"));
+            body.extend([0x00, 0x00, 0x00]);
+            assert!(
+                is_decode(&refused::<SupernodeReply>(&body, MAX_REPLY_FRAME)),
+                "{name} {}",
+                hex::encode(&bad)
+            );
+        }
+        let mut body = variant("Status");
+        body.extend([0x93, 0x00, 0x00, 0x91, 0x95]);
+        body.extend(&bad);
+        body.extend(fixstr("198.51.100.4:7400"));
+        body.extend([0x00, 0x00, 0x00]);
+        assert!(
+            is_decode(&refused::<MeshControl>(&body, MAX_MESH_FRAME)),
             "{}",
             hex::encode(&bad)
         );
@@ -756,12 +1154,21 @@ fn lengths_claiming_more_than_the_frame_holds_are_refused_without_allocating() {
         ("Remove", |b| refused::<SessionUpdate>(b, MAX_UPDATE_FRAME)),
         ("Hits", |b| refused::<SupernodeReply>(b, MAX_REPLY_FRAME)),
         ("Keywords", |b| refused::<QueryKind>(b, MAX_REQUEST_FRAME)),
+        ("Supernodes", |b| {
+            refused::<SupernodeReply>(b, MAX_REPLY_FRAME)
+        }),
+        ("Full", |b| refused::<SupernodeReply>(b, MAX_REPLY_FRAME)),
     ] {
         let mut body = variant(name);
         body.extend([0xdd, 0xff, 0xff, 0xff, 0xff]);
         body.extend([0x93; 16]);
         assert!(is_decode(&decode(&body)), "{name}");
     }
+    // A Status claiming 4 billion known supernodes.
+    let mut body = variant("Status");
+    body.extend([0x93, 0x00, 0x00, 0xdd, 0xff, 0xff, 0xff, 0xff]);
+    body.extend([0x95; 16]);
+    assert!(is_decode(&refused::<MeshControl>(&body, MAX_MESH_FRAME)));
     // A map32 of 4 billion entries where a struct is expected.
     let body = [0xdf, 0xff, 0xff, 0xff, 0xff, 0xa4, b'h', b'a', b's', b'h'];
     assert!(is_decode(&refused::<GetRequest>(&body, MAX_TRANSFER_FRAME)));
@@ -791,6 +1198,8 @@ fn deep_nesting_is_refused_without_deep_recursion() {
                 )));
                 assert!(is_decode(&refused::<GetRequest>(body, MAX_UPDATE_FRAME)));
                 assert!(is_decode(&refused::<GetReply>(body, MAX_UPDATE_FRAME)));
+                assert!(is_decode(&refused::<MeshRequest>(body, MAX_MESH_FRAME)));
+                assert!(is_decode(&refused::<MeshControl>(body, MAX_MESH_FRAME)));
                 assert!(is_decode(&refused::<IgnoredAny>(body, MAX_UPDATE_FRAME)));
             }
             // Where the decoder does skip what it does not know (an unknown
@@ -890,6 +1299,21 @@ fn mutated_frames_never_panic() {
             MAX_TRANSFER_FRAME,
         )
         .unwrap(),
+        frame::encode(&MeshRequest::Query(mesh_query()), MAX_MESH_FRAME).unwrap(),
+        frame::encode(
+            &MeshControl::Status {
+                leaves: 3,
+                max_leaves: 1000,
+                known: vec![info(), info_v6()],
+            },
+            MAX_MESH_FRAME,
+        )
+        .unwrap(),
+        frame::encode(
+            &SupernodeReply::Full(vec![info_v6(), info()]),
+            MAX_REPLY_FRAME,
+        )
+        .unwrap(),
     ];
     for i in 0..20_000 {
         let mut bytes = seeds[i % seeds.len()].clone();
@@ -927,6 +1351,12 @@ fn mutated_frames_never_panic() {
         if let Ok(m) = frame::parse_exact::<GetReply>(&bytes, MAX_UPDATE_FRAME) {
             frame::encode(&m, MAX_UPDATE_FRAME).unwrap();
         }
+        if let Ok(m) = frame::parse_exact::<MeshRequest>(&bytes, MAX_MESH_FRAME) {
+            frame::encode(&m, MAX_MESH_FRAME).unwrap();
+        }
+        if let Ok(m) = frame::parse_exact::<MeshControl>(&bytes, MAX_MESH_FRAME) {
+            frame::encode(&m, MAX_MESH_FRAME).unwrap();
+        }
     }
 }
 
@@ -934,4 +1364,5 @@ fn mutated_frames_never_panic() {
 fn alpns_are_pinned() {
     assert_eq!(ALPN_LEAF, b"servent-leaf/1");
     assert_eq!(ALPN_TRANSFER, b"servent-xfer/1");
+    assert_eq!(ALPN_MESH, b"servent-mesh/1");
 }
