@@ -59,22 +59,18 @@ pub async fn query(
         for addr in group {
             let (endpoint, addr, query) = (endpoint.clone(), addr.clone(), query.clone());
             asks.spawn(async move {
-                let answer = tokio::time::timeout_at(deadline, ask(&endpoint, &addr, query)).await;
+                let answer = ask(&endpoint, &addr, query, deadline).await;
                 (addr, answer)
             });
         }
         let answers = asks.join_all().await;
         for (addr, answer) in answers {
             let hits = match answer {
-                Ok(Ok(h)) => h,
-                Ok(Err(AskError::Refused(e))) => return Err(SearchError::Refused(e)),
-                Ok(Err(AskError::Other(e))) => {
+                Ok(h) => h,
+                Err(AskError::Refused(e)) => return Err(SearchError::Refused(e)),
+                Err(AskError::Other(e)) => {
                     warn!(supernode = %addr, error = %e, "query failed");
                     last = e;
-                    continue;
-                }
-                Err(_) => {
-                    warn!(supernode = %addr, "query timed out");
                     continue;
                 }
             };
@@ -112,15 +108,26 @@ enum AskError {
     Other(String),
 }
 
-async fn ask(endpoint: &Endpoint, addr: &str, query: Query) -> Result<Vec<Hit>, AskError> {
+/// Asks one supernode; at `deadline`, keeps what has arrived so far.
+async fn ask(
+    endpoint: &Endpoint,
+    addr: &str,
+    query: Query,
+    deadline: tokio::time::Instant,
+) -> Result<Vec<Hit>, AskError> {
     let other = |e: String| AskError::Other(e);
-    let sock = resolve(addr)
+    let connect = async {
+        let sock = resolve(addr)
+            .await
+            .ok_or_else(|| other(format!("cannot resolve {addr}")))?;
+        endpoint
+            .connect(sock, ALPN_LEAF, None)
+            .await
+            .map_err(|e| other(e.to_string()))
+    };
+    let peer = tokio::time::timeout_at(deadline, connect)
         .await
-        .ok_or_else(|| other(format!("cannot resolve {addr}")))?;
-    let peer = endpoint
-        .connect(sock, ALPN_LEAF, None)
-        .await
-        .map_err(|e| other(e.to_string()))?;
+        .map_err(|_| other(format!("{addr} did not answer in time")))??;
     let (mut send, mut recv) = peer
         .conn
         .open_bi()
@@ -132,7 +139,15 @@ async fn ask(endpoint: &Endpoint, addr: &str, query: Query) -> Result<Vec<Hit>, 
     let _ = send.finish();
     let mut hits = Vec::new();
     loop {
-        match net::read_frame::<SupernodeReply>(&mut recv, MAX_REPLY_FRAME).await {
+        let frame = tokio::time::timeout_at(
+            deadline,
+            net::read_frame::<SupernodeReply>(&mut recv, MAX_REPLY_FRAME),
+        );
+        let Ok(frame) = frame.await else {
+            debug!(supernode = %addr, hits = hits.len(), "out of time; keeping what came");
+            break;
+        };
+        match frame {
             Ok(Some(SupernodeReply::Hits(batch))) => {
                 hits.extend(batch);
                 if hits.len() > MAX_RESULTS as usize {

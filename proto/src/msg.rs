@@ -155,7 +155,7 @@ pub struct SupernodeInfo {
 pub enum MeshRequest {
     /// Opens the control stream (sent by the dialling supernode, once):
     /// it listens on `listen_port` of the address its connection comes from.
-    /// Answered by `Welcome` or `Refused`, then `MeshStatus` frames flow both
+    /// Answered by `Welcome` or `Refused`, then `Status` frames flow both
     /// ways for the life of the connection.
     Hello {
         listen_port: u16,
@@ -172,7 +172,8 @@ pub enum MeshRequest {
 pub struct MeshQuery {
     /// Random, chosen by the supernode of the asking leaf.
     pub id: u64,
-    /// Hops it may still travel beyond the receiver.
+    /// Hops left, counting the one that brought it here: the receiver
+    /// answers it and forwards it with `ttl - 1` if that is at least 1.
     pub ttl: u8,
     /// Milliseconds the receiver may spend answering, forwarding included.
     pub timeout_ms: u32,

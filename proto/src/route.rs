@@ -8,11 +8,17 @@
 //! - a supernode processes a query id at most once (a bounded, expiring
 //!   memory of ids seen) and forwards it, with TTL − 1, to every neighbour
 //!   but the one it came from, as long as that TTL is at least 1;
+//! - a later copy with more hops left than any before it (it came by a
+//!   shorter path, or the origin widened the search) is forwarded again but
+//!   not answered again, so the whole TTL radius is reached whatever order
+//!   copies arrive in;
 //! - hits travel back on the stream the query came on, so they can only
 //!   follow the reverse path of a query that was really forwarded.
 //!
-//! Each link carries a query at most once in each direction, so one query
-//! costs at most twice as many messages as the mesh has links. The origin
+//! When copies arrive in hop order (as on links of similar latency) each
+//! link carries a query at most once in each direction, so one query costs
+//! at most twice as many messages as the mesh has links; copies that
+//! overtake each other can add extensions, at most one per TTL level. The origin
 //! widens the search step by step ([`DynamicQuery`]) and stops as soon as
 //! enough results have come or the leaf's deadline has passed.
 
@@ -33,7 +39,8 @@ pub const SEEN_CAPACITY: usize = 100_000;
 /// A bounded, time-expiring set of query ids.
 #[derive(Debug)]
 pub struct Seen {
-    at: HashMap<u64, Instant>,
+    /// id → (first seen, highest TTL seen with).
+    at: HashMap<u64, (Instant, u8)>,
     order: VecDeque<(u64, Instant)>,
     capacity: usize,
     ttl: Duration,
@@ -57,9 +64,19 @@ impl Seen {
 
     /// Records `id`; true if it had not been seen (within the memory).
     pub fn insert(&mut self, id: u64, now: Instant) -> bool {
+        matches!(self.observe(id, 0, now), Observed::New)
+    }
+
+    /// Records that `id` arrived with `ttl`: new, with more reach than any
+    /// copy before it, or nothing new.
+    pub fn observe(&mut self, id: u64, ttl: u8, now: Instant) -> Observed {
         self.expire(now);
-        if self.at.contains_key(&id) {
-            return false;
+        if let Some((_, best)) = self.at.get_mut(&id) {
+            if ttl > *best {
+                *best = ttl;
+                return Observed::FartherReach;
+            }
+            return Observed::Seen;
         }
         while self.at.len() >= self.capacity {
             match self.order.pop_front() {
@@ -69,9 +86,9 @@ impl Seen {
                 None => break,
             }
         }
-        self.at.insert(id, now);
+        self.at.insert(id, (now, ttl));
         self.order.push_back((id, now));
-        true
+        Observed::New
     }
 
     pub fn contains(&self, id: u64) -> bool {
@@ -85,7 +102,7 @@ impl Seen {
                 break;
             }
             self.order.pop_front();
-            if self.at.get(&id) == Some(&t) {
+            if self.at.get(&id).is_some_and(|(first, _)| *first == t) {
                 self.at.remove(&id);
             }
         }
@@ -100,6 +117,15 @@ impl Seen {
     }
 }
 
+/// What [`Seen::observe`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Observed {
+    New,
+    /// Seen before, but this copy may travel farther.
+    FartherReach,
+    Seen,
+}
+
 /// What to do with a query that arrived from a neighbour (or, with
 /// `from = None`, that a leaf of this supernode asked).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -108,6 +134,10 @@ pub enum QueryAction<N> {
     Duplicate,
     /// Answer from the local index, and forward with `ttl` to `forward`.
     Process { forward: Vec<N>, ttl: u8 },
+    /// Already answered, but this copy has more hops left than the first:
+    /// forward it with `ttl` to `forward` without answering again, so that a
+    /// query first met by a long path still reaches its whole TTL radius.
+    Extend { forward: Vec<N>, ttl: u8 },
 }
 
 /// Decides what to do with query `id` that arrived with `ttl` hops left.
@@ -120,9 +150,6 @@ pub fn on_query<N: Clone + PartialEq>(
     from: Option<&N>,
     neighbours: &[N],
 ) -> QueryAction<N> {
-    if !seen.insert(id, now) {
-        return QueryAction::Duplicate;
-    }
     let ttl = ttl.min(MAX_TTL);
     // Our own query goes out with its full TTL; a received one with one less.
     let out = if from.is_none() {
@@ -130,16 +157,28 @@ pub fn on_query<N: Clone + PartialEq>(
     } else {
         ttl.saturating_sub(1)
     };
-    let forward = if out == 0 {
-        Vec::new()
-    } else {
-        neighbours
-            .iter()
-            .filter(|n| Some(*n) != from)
-            .cloned()
-            .collect()
+    let forward = || -> Vec<N> {
+        if out == 0 {
+            Vec::new()
+        } else {
+            neighbours
+                .iter()
+                .filter(|n| Some(*n) != from)
+                .cloned()
+                .collect()
+        }
     };
-    QueryAction::Process { forward, ttl: out }
+    match seen.observe(id, ttl, now) {
+        Observed::New => QueryAction::Process {
+            forward: forward(),
+            ttl: out,
+        },
+        Observed::FartherReach if out > 0 => QueryAction::Extend {
+            forward: forward(),
+            ttl: out,
+        },
+        Observed::FartherReach | Observed::Seen => QueryAction::Duplicate,
+    }
 }
 
 /// The origin's plan for widening a search: ask a first group of
@@ -206,10 +245,6 @@ impl<N: Clone> DynamicQuery<N> {
 
     /// When `poll` may next have something to send.
     pub fn next_wakeup(&self) -> Instant {
-        if self.outstanding == 0 && !self.waiting.is_empty() {
-            // Nobody is answering: no reason to wait for the next step.
-            return Instant::min(self.next_step, self.deadline);
-        }
         Instant::min(self.next_step, self.deadline)
     }
 
@@ -330,6 +365,32 @@ mod tests {
             QueryAction::Process { ttl, .. } => assert_eq!(ttl, MAX_TTL - 1),
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn a_copy_with_more_reach_is_forwarded_but_not_answered_again() {
+        let t = Instant::now();
+        let mut s = Seen::default();
+        let n = [1, 2, 3];
+        assert!(matches!(
+            on_query(&mut s, t, 5, 1, Some(&1), &n),
+            QueryAction::Process { ttl: 0, .. }
+        ));
+        assert_eq!(
+            on_query(&mut s, t, 5, 3, Some(&2), &n),
+            QueryAction::Extend {
+                forward: vec![1, 3],
+                ttl: 2
+            }
+        );
+        assert_eq!(
+            on_query(&mut s, t, 5, 3, Some(&3), &n),
+            QueryAction::Duplicate
+        );
+        assert_eq!(
+            on_query(&mut s, t, 5, 2, Some(&3), &n),
+            QueryAction::Duplicate
+        );
     }
 
     #[test]

@@ -43,9 +43,9 @@ pub struct Config {
     pub query_ttl: u8,
     /// How long a query of our leaves may search the mesh, in ms. Default 3000.
     pub search_time_ms: u32,
-    /// Sustained mesh queries per second per neighbour. Default 50.
+    /// Sustained mesh queries per second per neighbour. Default 200.
     pub mesh_query_rate: f64,
-    /// Mesh queries a neighbour may send at once. Default 100.
+    /// Mesh queries a neighbour may send at once. Default 400.
     pub mesh_query_burst: u32,
 }
 
@@ -67,8 +67,8 @@ impl Default for Config {
             neighbors_per_subnet: 4,
             query_ttl: servent_proto::route::DEFAULT_TTL,
             search_time_ms: 3000,
-            mesh_query_rate: 50.0,
-            mesh_query_burst: 100,
+            mesh_query_rate: 200.0,
+            mesh_query_burst: 400,
         }
     }
 }

@@ -29,6 +29,8 @@ use crate::{routing, State};
 
 /// How often each side of a link sends its `Status`.
 pub const GOSSIP_INTERVAL: Duration = Duration::from_secs(2);
+/// A neighbour whose control stream is silent this long is dropped.
+const SILENCE_LIMIT: Duration = Duration::from_secs(8);
 /// Known supernodes not heard of for this long are not gossiped.
 pub const GOSSIP_MAX_AGE: Duration = Duration::from_secs(300);
 /// Known supernodes not heard of for this long are forgotten.
@@ -73,6 +75,9 @@ struct Known {
     last_seen: Instant,
     next_try: Instant,
     failures: u32,
+    /// We have been linked to it ourselves. Only such entries are passed
+    /// on, so a made-up entry dies with the first supernode told of it.
+    verified: bool,
 }
 
 #[derive(Debug)]
@@ -150,6 +155,7 @@ impl Mesh {
             .iter()
             .filter(|(id, k)| {
                 Some(**id) != except
+                    && k.verified
                     && !self.neighbours.contains_key(*id)
                     && now.saturating_duration_since(k.last_seen) < GOSSIP_MAX_AGE
             })
@@ -229,6 +235,7 @@ impl Mesh {
                             last_seen: seen,
                             next_try: now,
                             failures: 0,
+                            verified: false,
                         },
                     );
                 }
@@ -248,6 +255,7 @@ impl Mesh {
                 last_seen: now,
                 next_try: now + BACKOFF_MIN,
                 failures: 0,
+                verified: true,
             },
         );
     }
@@ -676,7 +684,16 @@ async fn run_link(
         let state = state.clone();
         async move {
             loop {
-                match net::read_frame::<MeshControl>(&mut recv, MAX_MESH_FRAME).await {
+                // A neighbour that stops gossiping is as good as gone.
+                let frame = tokio::time::timeout(
+                    SILENCE_LIMIT,
+                    net::read_frame::<MeshControl>(&mut recv, MAX_MESH_FRAME),
+                );
+                let Ok(frame) = frame.await else {
+                    warn!("neighbour stopped sending status");
+                    return;
+                };
+                match frame {
                     Ok(Some(MeshControl::Status {
                         leaves,
                         max_leaves,

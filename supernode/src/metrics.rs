@@ -14,6 +14,8 @@ pub struct Metrics {
     pub queries_forwarded: AtomicU64,
     /// Mesh queries dropped because their id had been seen.
     pub queries_duplicate: AtomicU64,
+    /// Mesh queries seen before but forwarded again, farther (not answered again).
+    pub queries_extended: AtomicU64,
     /// Queries refused by a rate limit (leaf or mesh).
     pub queries_rate_limited: AtomicU64,
     /// Hits sent back (to leaves and to neighbours).

@@ -33,6 +33,9 @@ pub const KEEP_ALIVE: Duration = Duration::from_secs(2);
 /// supernode is replaced within seconds, slow enough to ride out a burst of
 /// packet loss.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(6);
+/// Concurrent bidirectional streams a peer may open: enough for a mesh
+/// neighbour's query traffic (each query is a stream for up to ~3 s).
+pub const MAX_STREAMS: u32 = 256;
 /// Longest wait for a handshake to finish.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest wait for the first frame of a stream.
@@ -344,7 +347,7 @@ fn crypto_provider() -> Arc<CryptoProvider> {
 /// much memory.
 fn server_transport() -> quinn::TransportConfig {
     let mut t = base_transport();
-    t.max_concurrent_bidi_streams(64u32.into())
+    t.max_concurrent_bidi_streams(MAX_STREAMS.into())
         .stream_receive_window((1u32 << 20).into())
         .receive_window((2u32 << 20).into());
     t
@@ -355,7 +358,7 @@ fn server_transport() -> quinn::TransportConfig {
 fn client_transport() -> quinn::TransportConfig {
     let mut t = base_transport();
     // Mesh neighbours we dialled send us their queries on this connection.
-    t.max_concurrent_bidi_streams(64u32.into())
+    t.max_concurrent_bidi_streams(MAX_STREAMS.into())
         .stream_receive_window((16u32 << 20).into())
         .receive_window((32u32 << 20).into());
     t
@@ -366,7 +369,9 @@ fn base_transport() -> quinn::TransportConfig {
     t.max_concurrent_uni_streams(0u32.into())
         .send_window(16 << 20)
         .keep_alive_interval(Some(KEEP_ALIVE))
-        .max_idle_timeout(Some(IDLE_TIMEOUT.try_into().expect("idle timeout fits a VarInt")));
+        .max_idle_timeout(Some(
+            IDLE_TIMEOUT.try_into().expect("idle timeout fits a VarInt"),
+        ));
     t
 }
 

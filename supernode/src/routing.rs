@@ -296,17 +296,27 @@ pub async fn serve_mesh_query(
         let mut seen = state.mesh.seen.lock().expect("seen lock");
         on_query(&mut seen, now, mq.id, mq.ttl, Some(&from), &neighbours)
     };
-    let QueryAction::Process { forward, ttl } = action else {
-        Metrics::inc(&state.metrics.queries_duplicate);
-        let _ = send.finish();
-        return;
+    let (forward, ttl, answer) = match action {
+        QueryAction::Process { forward, ttl } => (forward, ttl, true),
+        QueryAction::Extend { forward, ttl } => (forward, ttl, false),
+        QueryAction::Duplicate => {
+            Metrics::inc(&state.metrics.queries_duplicate);
+            let _ = send.finish();
+            return;
+        }
     };
-    Metrics::inc(&state.metrics.queries_processed);
+    if answer {
+        Metrics::inc(&state.metrics.queries_processed);
+    } else {
+        Metrics::inc(&state.metrics.queries_extended);
+    }
     let budget = Duration::from_millis(mq.timeout_ms.into()).min(MAX_HOP_BUDGET);
     let deadline = now + budget;
     let result = async {
+        // An extension was answered the first time round: only forward it.
         let local = match local_hits(&state, &mq.query) {
-            Ok(h) => h,
+            Ok(h) if answer => h,
+            Ok(_) => Vec::new(),
             Err(e) => {
                 debug!(error = %e, "bad mesh query");
                 return Ok(());
