@@ -21,7 +21,9 @@ use tokio::task::JoinSet;
 use tracing::{debug, info, info_span, warn, Instrument};
 
 use crate::link::{self, LinkError, LinkStatus};
+use crate::role::Role;
 use crate::share::Share;
+use servent_proto::msg::{LeafReply, SupernodeRequest};
 
 /// Supernodes a leaf attaches to by default.
 pub const DEFAULT_ATTACH: usize = 3;
@@ -30,6 +32,12 @@ const CACHE_FILE: &str = "supernodes.json";
 const MAX_CACHED: usize = 200;
 const BACKOFF_MIN: Duration = Duration::from_millis(500);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// Load (thousandths) above which a supernode gets no extra links.
+const EXTRA_LINK_MAX_LOAD: u64 = 800;
+/// A leaf with no supernode retries a full one after this long.
+const FULL_RETRY: Duration = Duration::from_secs(1);
+/// A supernode that moved us elsewhere is not retried for this long.
+const REHOME_AVOID: Duration = Duration::from_secs(60);
 /// How often the manager looks for missing links.
 const TICK: Duration = Duration::from_millis(250);
 
@@ -99,10 +107,13 @@ pub struct Attach {
     pub attach: usize,
     /// One entry per live link, for status.
     pub links: Arc<Mutex<Vec<Arc<Mutex<LinkStatus>>>>>,
+    /// The supernode role this leaf may be asked to take.
+    pub role: Arc<Role>,
 }
 
 enum Event {
     Learned(Vec<SupernodeInfo>),
+    Asked(link::Request),
     Ended {
         addr: String,
         result: Result<(), LinkError>,
@@ -112,6 +123,7 @@ enum Event {
 
 /// Keeps the leaf attached to up to `attach` supernodes until `stop`.
 pub async fn run(cfg: Attach, mut stop: watch::Receiver<bool>) {
+    let me = cfg.endpoint.id();
     let mut candidates: Vec<Candidate> = Vec::new();
     for addr in &cfg.bootstrap {
         candidates.push(Candidate::new(addr.clone(), None, 0));
@@ -139,8 +151,13 @@ pub async fn run(cfg: Attach, mut stop: watch::Receiver<bool>) {
         let mut order: Vec<usize> = (0..candidates.len())
             .filter(|&i| {
                 let c = &candidates[i];
+                // Extra links go only where there is room to spare, so that
+                // a leaf with no supernode at all can still find one.
+                let spare = linked_ids.is_empty() || c.load_permille < EXTRA_LINK_MAX_LOAD;
                 !active.contains_key(&c.addr)
                     && c.next_try <= now
+                    && spare
+                    && c.id != Some(me)
                     && !c.id.is_some_and(|id| linked_ids.contains(&id))
             })
             .collect();
@@ -167,16 +184,28 @@ pub async fn run(cfg: Attach, mut stop: watch::Receiver<bool>) {
                 stop.clone(),
             );
             let listen_port = cfg.listen_port;
+            let promotable = !cfg.role.no_promote;
             tasks.spawn(
                 async move {
                     let (learned_tx, mut learned_rx) = mpsc::channel(4);
+                    let (requests_tx, mut requests_rx) = mpsc::channel(4);
                     let forward = {
                         let events = events.clone();
                         async move {
-                            while let Some(list) = learned_rx.recv().await {
-                                let _ = events.send(Event::Learned(list)).await;
+                            loop {
+                                let ev = tokio::select! {
+                                    Some(list) = learned_rx.recv() => Event::Learned(list),
+                                    Some(req) = requests_rx.recv() => Event::Asked(req),
+                                    else => return,
+                                };
+                                let _ = events.send(ev).await;
                             }
                         }
+                    };
+                    let hooks = link::Hooks {
+                        learned: learned_tx,
+                        requests: requests_tx,
+                        promotable,
                     };
                     let session = async {
                         let Some(sock) = link::resolve(&addr).await else {
@@ -189,7 +218,7 @@ pub async fn run(cfg: Attach, mut stop: watch::Receiver<bool>) {
                             listen_port,
                             &share,
                             &status,
-                            learned_tx,
+                            hooks,
                             stop,
                         )
                         .await
@@ -224,7 +253,38 @@ pub async fn run(cfg: Attach, mut stop: watch::Receiver<bool>) {
             Some(ev) = rx.recv() => {
                 dirty = true;
                 match ev {
-                    Event::Learned(list) => merge(&mut candidates, list),
+                    Event::Learned(list) => merge(&mut candidates, list, me),
+                    Event::Asked(request) => {
+                        let reply = match request.req {
+                            SupernodeRequest::Promote { max_leaves } => {
+                                // Mesh first with the supernodes we know to be up.
+                                let mut peers = vec![request.from_addr];
+                                peers.extend(
+                                    active
+                                        .values()
+                                        .filter_map(|s| s.lock().expect("link status").supernode.map(|(_, a)| a))
+                                        .filter(|a| *a != request.from_addr),
+                                );
+                                cfg.role.promote(max_leaves, peers)
+                            }
+                            SupernodeRequest::Rehome(list) => {
+                                info!(from = %request.from.short(), offered = list.len(), "asked to move");
+                                // Prefer what we were offered; keep away from the sender a while.
+                                if let Some(c) = candidates.iter_mut().find(|c| c.id == Some(request.from)) {
+                                    c.next_try = Instant::now() + REHOME_AVOID;
+                                    c.load_permille = 1000;
+                                }
+                                let offered: Vec<NodeId> = list.iter().map(|i| i.id).collect();
+                                merge(&mut candidates, list, me);
+                                for c in candidates.iter_mut().filter(|c| c.id.is_some_and(|id| offered.contains(&id))) {
+                                    c.load_permille = 0;
+                                    c.next_try = Instant::now();
+                                }
+                                LeafReply::Accepted
+                            }
+                        };
+                        let _ = request.reply.send(reply);
+                    }
                     Event::Ended { addr, result, registered } => {
                         let status = active.remove(&addr);
                         if let Some(c) = candidates.iter_mut().find(|c| c.addr == addr) {
@@ -239,10 +299,17 @@ pub async fn run(cfg: Attach, mut stop: watch::Receiver<bool>) {
                             Ok(()) => {}
                             Err(LinkError::Full(elsewhere)) => {
                                 info!(supernode = %addr, suggested = elsewhere.len(), "supernode full; trying others");
+                                let orphan = active.values().all(|s| s.lock().expect("link status").supernode.is_none());
                                 if let Some(c) = candidates.iter_mut().find(|c| c.addr == addr) {
                                     c.load_permille = 1000;
+                                    if orphan {
+                                        // With no supernode at all, keep asking: room appears as
+                                        // the network elects more supernodes.
+                                        c.next_try = Instant::now() + FULL_RETRY;
+                                        c.delay = BACKOFF_MIN;
+                                    }
                                 }
-                                merge(&mut candidates, elsewhere);
+                                merge(&mut candidates, elsewhere, me);
                             }
                             Err(e) => {
                                 if status.is_some_and(|s| s.lock().expect("link status").supernode.is_some()) || registered.is_some() {
@@ -260,10 +327,13 @@ pub async fn run(cfg: Attach, mut stop: watch::Receiver<bool>) {
     tasks.abort_all();
 }
 
-/// Adds or refreshes supernodes a supernode told us of.
-fn merge(candidates: &mut Vec<Candidate>, list: Vec<SupernodeInfo>) {
+/// Adds or refreshes supernodes a supernode told us of (never ourselves).
+fn merge(candidates: &mut Vec<Candidate>, list: Vec<SupernodeInfo>, me: NodeId) {
     let now = crate::share::now_secs();
     for info in list {
+        if info.id == me {
+            continue;
+        }
         let Ok(addr) = info.addr.parse::<SocketAddr>() else {
             continue;
         };

@@ -8,8 +8,10 @@
 
 pub mod attach;
 pub mod link;
+pub mod role;
 pub mod search;
 pub mod share;
+pub mod status;
 pub mod transfer;
 
 use std::net::SocketAddr;
@@ -17,14 +19,15 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use servent_proto::msg::{Hit, QueryKind, ALPN_TRANSFER};
+use servent_proto::msg::{Hit, QueryKind, ALPN_LEAF, ALPN_MESH, ALPN_TRANSFER};
 use servent_proto::{ContentHash, NodeId};
+use supernode::http::{HttpError, HttpServer};
 use supernode::net::{self, Endpoint, EndpointError, Identity, IdentityError};
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::{info, info_span, Instrument};
 
-use link::LinkStatus;
+use role::Role;
 use search::SearchError;
 use share::{Share, ShareError};
 use transfer::GetError;
@@ -47,6 +50,12 @@ pub struct Config {
     pub no_promote: bool,
     /// Supernodes to be attached to at once. Default 3.
     pub attach: usize,
+    /// HTTP address for `/status` and `/metrics`. Default none.
+    pub http: Option<SocketAddr>,
+    /// Settings of the supernode role, should this leaf be elected
+    /// (`max_leaves` and `peers` come from the election). Default: the
+    /// supernode defaults.
+    pub role: supernode::Config,
 }
 
 impl Config {
@@ -59,6 +68,8 @@ impl Config {
             supernodes,
             no_promote: false,
             attach: attach::DEFAULT_ATTACH,
+            http: None,
+            role: supernode::Config::localhost(),
         }
     }
 }
@@ -75,6 +86,8 @@ pub enum StartError {
     LocalAddr(std::io::Error),
     #[error("no supernode given: pass --supernode ADDR")]
     NoSupernodes,
+    #[error(transparent)]
+    Http(#[from] HttpError),
 }
 
 /// A running `leaf serve`. Dropping it shuts it down.
@@ -83,9 +96,11 @@ pub struct Leaf {
     addr: SocketAddr,
     endpoint: Endpoint,
     share: Arc<Share>,
-    links: Arc<Mutex<Vec<Arc<Mutex<LinkStatus>>>>>,
+    links: status::Links,
     stop: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
+    role: Arc<Role>,
+    http: Option<HttpServer>,
 }
 
 impl Leaf {
@@ -112,22 +127,57 @@ impl Leaf {
             return Err(StartError::NoSupernodes);
         }
         let share = Share::open(&config.share, &config.data_dir)?;
+        // The supernode ALPNs are accepted too, for when this leaf is elected.
+        let alpns: &[&[u8]] = &[ALPN_TRANSFER, ALPN_LEAF, ALPN_MESH];
         let endpoint = match socket {
-            Some(socket) => Endpoint::bind_socket(identity, socket, &[ALPN_TRANSFER])?,
-            None => Endpoint::bind(identity, config.listen, &[ALPN_TRANSFER])?,
+            Some(socket) => Endpoint::bind_socket(identity, socket, alpns)?,
+            None => Endpoint::bind(identity, config.listen, alpns)?,
         };
+        let role = Role::new(endpoint.clone(), config.role.clone(), config.no_promote);
         let addr = endpoint.local_addr().map_err(StartError::LocalAddr)?;
         let (stop, stop_rx) = watch::channel(false);
         let span = info_span!("leaf", id = %id.short());
+        let links: status::Links = Arc::new(Mutex::new(Vec::new()));
+        let uploads = Arc::new(transfer::Uploads::default());
+        // Before any task starts, so that a bad address leaves nothing running.
+        let http = match config.http {
+            Some(at) => {
+                let report = status::LeafReport::new(
+                    id,
+                    addr,
+                    share.clone(),
+                    links.clone(),
+                    &uploads,
+                    role.clone(),
+                );
+                match HttpServer::bind(at, Arc::new(report))
+                    .instrument(span.clone())
+                    .await
+                {
+                    Ok(server) => Some(server),
+                    Err(e) => {
+                        endpoint.close();
+                        return Err(e.into());
+                    }
+                }
+            }
+            None => None,
+        };
         let mut tasks = Vec::new();
 
         tasks.push(tokio::spawn(
             share::watch(share.clone(), stop_rx.clone()).instrument(span.clone()),
         ));
         tasks.push(tokio::spawn(
-            accept(endpoint.clone(), share.clone(), stop_rx.clone()).instrument(span.clone()),
+            accept(
+                endpoint.clone(),
+                share.clone(),
+                uploads,
+                role.clone(),
+                stop_rx.clone(),
+            )
+            .instrument(span.clone()),
         ));
-        let links = Arc::new(Mutex::new(Vec::new()));
         let manager = attach::Attach {
             endpoint: endpoint.clone(),
             bootstrap: config.supernodes.clone(),
@@ -136,6 +186,7 @@ impl Leaf {
             share: share.clone(),
             attach: config.attach.max(1),
             links: links.clone(),
+            role: role.clone(),
         };
         tasks.push(tokio::spawn(
             attach::run(manager, stop_rx.clone()).instrument(span.clone()),
@@ -147,8 +198,10 @@ impl Leaf {
             endpoint,
             share,
             links,
+            role,
             stop,
             tasks,
+            http,
         })
     }
 
@@ -156,8 +209,18 @@ impl Leaf {
         self.id
     }
 
+    /// The supernode role: held while this leaf is elected.
+    pub fn role(&self) -> &Arc<Role> {
+        &self.role
+    }
+
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// The bound HTTP address of `/status` and `/metrics`, if served.
+    pub fn http_addr(&self) -> Option<SocketAddr> {
+        self.http.as_ref().map(HttpServer::addr)
     }
 
     pub fn share(&self) -> &Arc<Share> {
@@ -166,11 +229,7 @@ impl Leaf {
 
     /// Supernodes this leaf is registered with now.
     pub fn supernodes(&self) -> Vec<(NodeId, SocketAddr)> {
-        let links = self.links.lock().expect("links");
-        links
-            .iter()
-            .filter_map(|l| l.lock().expect("link status").supernode)
-            .collect()
+        status::attached(&self.links)
     }
 
     /// For each registered link, how many files its supernode holds for this leaf.
@@ -188,6 +247,9 @@ impl Leaf {
     /// Stops serving and closes every connection.
     pub async fn shutdown(mut self) {
         let _ = self.stop.send(true);
+        if let Some(http) = self.http.take() {
+            http.shutdown().await;
+        }
         self.endpoint.close();
         for t in self.tasks.drain(..) {
             let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
@@ -211,14 +273,19 @@ impl Drop for Leaf {
     }
 }
 
-async fn accept(endpoint: Endpoint, share: Arc<Share>, mut stop: watch::Receiver<bool>) {
-    let uploads = Arc::new(Semaphore::new(transfer::MAX_CONCURRENT_UPLOADS));
+async fn accept(
+    endpoint: Endpoint,
+    share: Arc<Share>,
+    uploads: Arc<transfer::Uploads>,
+    role: Arc<Role>,
+    mut stop: watch::Receiver<bool>,
+) {
     loop {
         let incoming = tokio::select! {
             _ = stop.changed() => return,
             i = endpoint.quinn().accept() => match i { Some(i) => i, None => return },
         };
-        let (share, uploads) = (share.clone(), uploads.clone());
+        let (share, uploads, role) = (share.clone(), uploads.clone(), role.clone());
         tokio::spawn(
             async move {
                 let remote = incoming.remote_address();
@@ -227,7 +294,11 @@ async fn accept(endpoint: Endpoint, share: Arc<Share>, mut stop: watch::Receiver
                         let span = info_span!("upload", peer = %peer.id.short(), %remote);
                         transfer::serve(share, uploads, peer).instrument(span).await;
                     }
-                    Ok(peer) => peer.conn.close(0u32.into(), b"unsupported protocol"),
+                    // Leaf and mesh connections are the supernode role's, if we hold it.
+                    Ok(peer) => match role.state() {
+                        Some(state) => state.serve_peer(peer).await,
+                        None => peer.conn.close(0u32.into(), b"not a supernode"),
+                    },
                     Err(e) => tracing::debug!(%remote, error = %e, "handshake failed"),
                 }
             }

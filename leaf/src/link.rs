@@ -13,11 +13,12 @@ use servent_proto::limits::{
     MAX_UPDATE_FRAME,
 };
 use servent_proto::msg::{
-    FileEntry, LeafRequest, SessionUpdate, SupernodeInfo, SupernodeReply, ALPN_LEAF,
+    FileEntry, LeafReply, LeafRequest, SessionUpdate, SupernodeInfo, SupernodeReply,
+    SupernodeRequest, ALPN_LEAF,
 };
 use servent_proto::{ContentHash, NodeId};
 use supernode::net::{self, Endpoint};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{debug, info, warn};
 
 use crate::share::Share;
@@ -45,7 +46,31 @@ pub enum LinkError {
     Lost(String),
     #[error("supernode is full")]
     Full(Vec<SupernodeInfo>),
+    #[error("moved to another supernode at this one's request")]
+    Rehomed,
 }
+
+/// A request a supernode made of this leaf, for the leaf to answer.
+#[derive(Debug)]
+pub struct Request {
+    pub from: NodeId,
+    pub from_addr: SocketAddr,
+    pub req: SupernodeRequest,
+    pub reply: oneshot::Sender<LeafReply>,
+}
+
+/// How a session reports to the rest of the leaf.
+pub struct Hooks {
+    /// Supernodes this supernode tells of.
+    pub learned: mpsc::Sender<Vec<SupernodeInfo>>,
+    /// Requests this supernode makes.
+    pub requests: mpsc::Sender<Request>,
+    /// Offer to become a supernode.
+    pub promotable: bool,
+}
+
+/// How often a promotable leaf restates its candidacy.
+pub const CANDIDACY_INTERVAL: Duration = Duration::from_secs(30);
 
 /// How often a linked supernode is asked which supernodes it knows.
 pub const LEARN_INTERVAL: Duration = Duration::from_secs(30);
@@ -65,9 +90,14 @@ pub async fn session(
     listen_port: u16,
     share: &Share,
     status: &Mutex<LinkStatus>,
-    learned: mpsc::Sender<Vec<SupernodeInfo>>,
+    hooks: Hooks,
     stop: watch::Receiver<bool>,
 ) -> Result<(), LinkError> {
+    let Hooks {
+        learned,
+        requests,
+        promotable,
+    } = hooks;
     let peer = endpoint.connect(sock, ALPN_LEAF, expected).await?;
     let lost = |e: net::StreamError| LinkError::Lost(e.to_string());
     let (mut send, mut recv) = peer
@@ -112,6 +142,26 @@ pub async fn session(
         })
     };
     let _asker = AbortOnDrop(asker);
+    // Requests the supernode opens streams for (promotion, handover).
+    let (asked_tx, mut asked) = mpsc::channel::<(SupernodeRequest, quinn::SendStream)>(4);
+    let acceptor = {
+        let conn = peer.conn.clone();
+        tokio::spawn(async move {
+            while let Ok((send, mut recv)) = conn.accept_bi().await {
+                match net::read_first_frame::<SupernodeRequest>(&mut recv, MAX_REPLY_FRAME).await {
+                    Ok(Some(req)) => {
+                        if asked_tx.send((req, send)).await.is_err() {
+                            return;
+                        }
+                    }
+                    Ok(None) => {}
+                    Err(e) => debug!(error = %e, "bad request from supernode"),
+                }
+            }
+        })
+    };
+    let _acceptor = AbortOnDrop(acceptor);
+    let mut next_candidacy = tokio::time::Instant::now();
 
     // What this supernode holds for us: hash → name.
     let mut announced: HashMap<ContentHash, String> = HashMap::new();
@@ -152,8 +202,36 @@ pub async fn session(
                 "share updated"
             );
         }
+        if promotable && tokio::time::Instant::now() >= next_candidacy {
+            let candidacy = SessionUpdate::Candidacy(crate::role::measure());
+            update(&mut send, &mut recv, candidacy).await?;
+            next_candidacy = tokio::time::Instant::now() + CANDIDACY_INTERVAL;
+        }
         tokio::select! {
             r = changes.changed() => if r.is_err() { return Ok(()) },
+            _ = tokio::time::sleep_until(next_candidacy), if promotable => continue,
+            Some((req, mut stream)) = asked.recv() => {
+                let rehome = matches!(req, SupernodeRequest::Rehome(_));
+                let (reply_tx, reply_rx) = oneshot::channel();
+                let request = Request { from: peer.id, from_addr: sock, req, reply: reply_tx };
+                let reply = match requests.send(request).await {
+                    Ok(()) => tokio::time::timeout(Duration::from_secs(10), reply_rx)
+                        .await
+                        .ok()
+                        .and_then(Result::ok)
+                        .unwrap_or_else(|| LeafReply::Declined("busy".into())),
+                    Err(_) => LeafReply::Declined("shutting down".into()),
+                };
+                let accepted = reply == LeafReply::Accepted;
+                let _ = net::write_frame(&mut stream, &reply, MAX_REPLY_FRAME).await;
+                let _ = stream.finish();
+                if rehome && accepted {
+                    let _ = tokio::time::timeout(Duration::from_secs(1), stream.stopped()).await;
+                    peer.conn.close(0u32.into(), b"moved to another supernode");
+                    return Err(LinkError::Rehomed);
+                }
+                continue;
+            }
             e = peer.conn.closed() => return Err(LinkError::Lost(e.to_string())),
             _ = stop.changed() => return Ok(()),
         }

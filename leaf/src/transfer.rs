@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use bytes::Bytes;
+use prometheus_client::metrics::counter::Counter;
 use servent_proto::limits::MAX_TRANSFER_FRAME;
 use servent_proto::msg::{ErrorCode, ErrorReply, GetReply, GetRequest, Source, ALPN_TRANSFER};
 use servent_proto::ContentHash;
@@ -30,8 +31,28 @@ const WRITE_STALL: std::time::Duration = std::time::Duration::from_secs(30);
 /// Uploads served at once; more wait their turn.
 pub const MAX_CONCURRENT_UPLOADS: usize = 16;
 
+/// The upload side of a leaf: its slots, and what it has served.
+#[derive(Debug)]
+pub struct Uploads {
+    slots: Semaphore,
+    /// Uploads sent whole (a range counts as one).
+    pub served: Counter,
+    /// Bytes of file content sent, whole uploads or not.
+    pub bytes: Counter,
+}
+
+impl Default for Uploads {
+    fn default() -> Self {
+        Self {
+            slots: Semaphore::new(MAX_CONCURRENT_UPLOADS),
+            served: Counter::default(),
+            bytes: Counter::default(),
+        }
+    }
+}
+
 /// Serves downloads on one accepted connection until it closes.
-pub async fn serve(share: Arc<Share>, uploads: Arc<Semaphore>, peer: Peer) {
+pub async fn serve(share: Arc<Share>, uploads: Arc<Uploads>, peer: Peer) {
     loop {
         let (send, recv) = match peer.conn.accept_bi().await {
             Ok(s) => s,
@@ -55,7 +76,7 @@ pub async fn serve(share: Arc<Share>, uploads: Arc<Semaphore>, peer: Peer) {
 
 async fn serve_stream(
     share: Arc<Share>,
-    uploads: Arc<Semaphore>,
+    uploads: Arc<Uploads>,
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
 ) -> Result<(), net::StreamError> {
@@ -70,7 +91,7 @@ async fn serve_stream(
             return Ok(());
         }
     };
-    let Ok(_permit) = uploads.acquire_owned().await else {
+    let Ok(_permit) = uploads.slots.acquire().await else {
         return Ok(());
     };
     let opened = share
@@ -126,6 +147,7 @@ async fn serve_stream(
             net::StreamError::Truncated
         })?;
         sent += chunk.len() as u64;
+        uploads.bytes.inc_by(chunk.len() as u64);
         // A downloader that stops reading must not hold an upload slot forever.
         match tokio::time::timeout(WRITE_STALL, send.write_chunk(chunk)).await {
             Ok(r) => r?,
@@ -141,6 +163,7 @@ async fn serve_stream(
         return Err(net::StreamError::Truncated);
     }
     let _ = send.finish();
+    uploads.served.inc();
     let _ = send.stopped().await;
     Ok(())
 }

@@ -19,5 +19,6 @@ pub mod msg;
 
 pub use frame::FrameError;
 pub use id::{ContentHash, NodeId, ParseIdError};
+pub mod elect;
 pub mod rate;
 pub mod route;

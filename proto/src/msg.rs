@@ -60,6 +60,40 @@ pub struct Query {
 pub enum SessionUpdate {
     Add(Vec<FileEntry>),
     Remove(Vec<ContentHash>),
+    /// The leaf offers to become a supernode and states its spare capacity
+    /// (sent now and then; a leaf that never sends it is never elected).
+    Candidacy(Candidacy),
+}
+
+/// What a leaf says of its spare capacity. Claims: the supernode checks
+/// what it can itself (reachability by dialling back, uptime by how long
+/// the session has lasted).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Candidacy {
+    /// Idle CPU, in thousandths of all cores.
+    pub cpu_idle_permille: u16,
+    /// Memory available, in MiB.
+    pub mem_available_mib: u32,
+    /// Upload capacity in kbit/s; 0 if unknown.
+    pub upload_kbps: u32,
+}
+
+/// The first frame of a stream a supernode opens on a leaf's connection.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SupernodeRequest {
+    /// Become a supernode, taking at most `max_leaves` leaves, and mesh
+    /// with the supernode that asks. Answered by one `LeafReply`.
+    Promote { max_leaves: u32 },
+    /// Move: attach to one of these supernodes instead of this one (the
+    /// sender is about to drop this leaf). Answered by one `LeafReply`.
+    Rehome(Vec<SupernodeInfo>),
+}
+
+/// A leaf's answer to a `SupernodeRequest`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum LeafReply {
+    Accepted,
+    Declined(String),
 }
 
 /// Where a file can be downloaded from.

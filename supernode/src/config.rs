@@ -47,6 +47,8 @@ pub struct Config {
     pub mesh_query_rate: f64,
     /// Mesh queries a neighbour may send at once. Default 400.
     pub mesh_query_burst: u32,
+    /// Supernode election (the `[election]` table).
+    pub election: crate::election::ElectionConfig,
 }
 
 impl Default for Config {
@@ -69,6 +71,7 @@ impl Default for Config {
             search_time_ms: 3000,
             mesh_query_rate: 200.0,
             mesh_query_burst: 400,
+            election: Default::default(),
         }
     }
 }

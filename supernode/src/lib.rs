@@ -6,15 +6,19 @@
 //! Module map: [`net`] identity and QUIC transport (shared with the leaf),
 //! [`index`] the concurrent file index, [`session`] one leaf's connection,
 //! [`mesh`] links to other supernodes, [`routing`] answering and forwarding
-//! queries, [`metrics`] counters, [`config`] configuration.
+//! queries, [`metrics`] counters, [`status`] and [`http`] what `--http`
+//! serves, [`config`] configuration.
 
 pub mod config;
+pub mod election;
+pub mod http;
 pub mod index;
 pub mod mesh;
 pub mod metrics;
 pub mod net;
 pub mod routing;
 pub mod session;
+pub mod status;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -41,6 +45,8 @@ pub enum StartError {
     Endpoint(#[from] EndpointError),
     #[error("cannot read the bound address: {0}")]
     LocalAddr(std::io::Error),
+    #[error(transparent)]
+    Http(#[from] http::HttpError),
 }
 
 /// A registered leaf as the supernode sees it.
@@ -61,6 +67,7 @@ pub struct State {
     pub leaves: DashMap<NodeId, LeafEntry>,
     pub mesh: Mesh,
     pub metrics: Metrics,
+    pub election: election::Election,
     endpoint: OnceLock<Endpoint>,
     generations: AtomicU64,
     /// Bounds live connections of every kind, registered or not.
@@ -68,7 +75,7 @@ pub struct State {
 }
 
 impl State {
-    pub fn new(id: NodeId, config: Config) -> Self {
+    pub fn new(id: NodeId, config: Config, elected: bool) -> Self {
         let connections = Arc::new(Semaphore::new(config.max_connections));
         let peers: Vec<String> = config.peers.iter().map(|p| p.to_string()).collect();
         Self {
@@ -78,6 +85,7 @@ impl State {
             leaves: DashMap::new(),
             mesh: Mesh::new(&peers),
             metrics: Metrics::default(),
+            election: election::Election::new(elected),
             endpoint: OnceLock::new(),
             generations: AtomicU64::new(1),
             connections,
@@ -107,6 +115,14 @@ impl State {
                 return;
             }
         };
+        self.serve_peer(peer).await;
+    }
+
+    /// Serves an accepted connection by its ALPN (an embedding node that
+    /// accepts connections itself hands the supernode's ones over here).
+    pub async fn serve_peer(self: Arc<Self>, peer: net::Peer) {
+        let remote = peer.conn.remote_address();
+        let _traffic = self.metrics.traffic.track(&peer.conn);
         let span = info_span!("conn", peer = %peer.id.short(), %remote);
         match net::alpn(&peer.conn).as_deref() {
             Some(ALPN_LEAF) => session::serve(self, peer).instrument(span).await,
@@ -129,6 +145,11 @@ pub struct Supernode {
     addr: SocketAddr,
     shutdown: watch::Sender<bool>,
     task: Option<JoinHandle<()>>,
+    /// False when embedded in a leaf: the endpoint is the leaf's to close.
+    owns_endpoint: bool,
+    /// `/status` and `/metrics`, when `config.http` asks for them (an
+    /// embedded role has none: the leaf's endpoint shows it).
+    http: Option<http::HttpServer>,
 }
 
 impl Supernode {
@@ -161,10 +182,26 @@ impl Supernode {
             None => Endpoint::bind(identity.clone(), config.listen, alpns)?,
         };
         let addr = endpoint.local_addr().map_err(StartError::LocalAddr)?;
-        let state = Arc::new(State::new(identity.id(), config));
+        let state = Arc::new(State::new(identity.id(), config, false));
         let _ = state.endpoint.set(endpoint.clone());
         let (shutdown, mut stop) = watch::channel(false);
         let span = info_span!("supernode", id = %identity.id().short());
+        let http = match state.config.http {
+            Some(at) => {
+                let report = status::SupernodeReport::new(state.clone(), addr);
+                match http::HttpServer::bind(at, Arc::new(report))
+                    .instrument(span.clone())
+                    .await
+                {
+                    Ok(server) => Some(server),
+                    Err(e) => {
+                        endpoint.close();
+                        return Err(e.into());
+                    }
+                }
+            }
+            None => None,
+        };
         let task = tokio::spawn({
             let endpoint = endpoint.clone();
             let state = state.clone();
@@ -173,6 +210,7 @@ impl Supernode {
                 tokio::spawn(
                     mesh::maintain(state.clone(), addr.port(), stop.clone()).in_current_span(),
                 );
+                tokio::spawn(election::run(state.clone(), stop.clone()).in_current_span());
                 loop {
                     tokio::select! {
                         _ = stop.changed() => break,
@@ -193,7 +231,46 @@ impl Supernode {
             addr,
             shutdown,
             task: Some(task),
+            owns_endpoint: true,
+            http,
         })
+    }
+
+    /// The supernode role of an elected leaf, on the leaf's own endpoint:
+    /// it meshes and elects, while the leaf keeps accepting connections and
+    /// hands the supernode's ones to [`State::serve_peer`].
+    pub fn embedded(config: Config, endpoint: Endpoint) -> Result<Self, StartError> {
+        let addr = endpoint.local_addr().map_err(StartError::LocalAddr)?;
+        let state = Arc::new(State::new(endpoint.id(), config, true));
+        let _ = state.endpoint.set(endpoint.clone());
+        let (shutdown, stop) = watch::channel(false);
+        let span = info_span!("supernode", id = %endpoint.id().short());
+        info!(parent: &span, %addr, "supernode role started");
+        tokio::spawn(
+            mesh::maintain(state.clone(), addr.port(), stop.clone()).instrument(span.clone()),
+        );
+        tokio::spawn(election::run(state.clone(), stop).instrument(span));
+        Ok(Self {
+            state,
+            endpoint,
+            addr,
+            shutdown,
+            task: None,
+            owns_endpoint: false,
+            http: None,
+        })
+    }
+
+    /// Ends the role: stops its tasks and closes its leaf and mesh
+    /// connections, leaving the endpoint to its owner.
+    pub fn stop_role(&self) {
+        let _ = self.shutdown.send(true);
+        for e in self.state.leaves.iter() {
+            e.conn.close(0u32.into(), b"supernode stepped down");
+        }
+        for n in self.state.mesh.neighbours.iter() {
+            n.conn.close(0u32.into(), b"supernode stepped down");
+        }
     }
 
     pub fn id(&self) -> NodeId {
@@ -203,6 +280,11 @@ impl Supernode {
     /// The bound UDP address (the real port when 0 was asked for).
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// The bound HTTP address of `/status` and `/metrics`, if served.
+    pub fn http_addr(&self) -> Option<SocketAddr> {
+        self.http.as_ref().map(http::HttpServer::addr)
     }
 
     pub fn state(&self) -> &Arc<State> {
@@ -236,6 +318,9 @@ impl Supernode {
     /// Closes every connection and waits until the accept loop has ended.
     pub async fn shutdown(mut self) {
         let _ = self.shutdown.send(true);
+        if let Some(http) = self.http.take() {
+            http.shutdown().await;
+        }
         self.endpoint.close();
         if let Some(task) = self.task.take() {
             let _ = task.await;
@@ -252,8 +337,12 @@ impl Supernode {
 
 impl Drop for Supernode {
     fn drop(&mut self) {
-        let _ = self.shutdown.send(true);
-        self.endpoint.close();
+        if self.owns_endpoint {
+            let _ = self.shutdown.send(true);
+            self.endpoint.close();
+        } else {
+            self.stop_role();
+        }
     }
 }
 

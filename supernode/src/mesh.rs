@@ -141,6 +141,17 @@ impl Mesh {
         v.into_iter().map(|(_, _, id)| id).collect()
     }
 
+    /// Other supernodes known now: neighbours, and those remembered but
+    /// not linked (gossiped ones included, checked or not).
+    pub fn known_count(&self) -> usize {
+        let known = self.known.lock().expect("known lock");
+        let remembered = known
+            .keys()
+            .filter(|id| !self.neighbours.contains_key(*id))
+            .count();
+        self.neighbours.len() + remembered
+    }
+
     /// Supernodes to tell others about: neighbours first, then recently
     /// seen ones, never `except`, at most `MAX_SUPERNODE_INFOS`.
     pub fn gossip(&self, except: Option<NodeId>, now: Instant) -> Vec<SupernodeInfo> {
@@ -530,7 +541,16 @@ async fn dial_inner(
     let id = peer.id;
     let span = info_span!("mesh", peer = %id.short(), %addr);
     info!(parent: &span, "linked (dialled)");
-    tokio::spawn(run_link(state.clone(), peer, send, recv).instrument(span));
+    // Accepted links are counted where they are accepted; this one is ours.
+    let traffic = state.metrics.traffic.track(&peer.conn);
+    let link = run_link(state.clone(), peer, send, recv);
+    tokio::spawn(
+        async move {
+            link.await;
+            drop(traffic);
+        }
+        .instrument(span),
+    );
     Ok(id)
 }
 

@@ -433,6 +433,15 @@ impl Endpoint {
         self.identity.id()
     }
 
+    /// A dial-only endpoint with the same identity on a socket of its own
+    /// (for dial-backs, which must not reuse this endpoint's socket).
+    pub fn sibling_client(&self) -> Result<Self, EndpointError> {
+        let local = self
+            .local_addr()
+            .unwrap_or_else(|_| SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)));
+        Self::client(self.identity.clone(), local)
+    }
+
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
         self.inner.local_addr()
     }

@@ -26,7 +26,6 @@ use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tracing::{debug, Instrument};
 
-use crate::metrics::Metrics;
 use crate::net::{self, StreamError};
 use crate::State;
 
@@ -122,7 +121,7 @@ async fn write_hits(
     for batch in hits.chunks(MAX_HITS_PER_FRAME) {
         net::write_frame(send, &SupernodeReply::Hits(batch.to_vec()), MAX_REPLY_FRAME).await?;
     }
-    Metrics::add(&state.metrics.hits_returned, hits.len() as u64);
+    state.metrics.hits_returned.inc_by(hits.len() as u64);
     Ok(())
 }
 
@@ -139,7 +138,7 @@ pub async fn serve_leaf_query(
     q: Query,
     send: &mut quinn::SendStream,
 ) -> Result<(), ErrorReply> {
-    Metrics::inc(&state.metrics.leaf_queries);
+    state.metrics.leaf_queries.inc();
     let local = local_hits(state, &q)?;
     let mut sent = Sent::default();
     let wanted = q.max_results.clamp(1, MAX_RESULTS) as usize;
@@ -147,7 +146,7 @@ pub async fn serve_leaf_query(
     write_hits(state, send, &sent.news(local))
         .await
         .map_err(io)?;
-    Metrics::inc(&state.metrics.queries_processed);
+    state.metrics.queries_processed.inc();
 
     let id: u64 = rand::random();
     let now = Instant::now();
@@ -227,7 +226,7 @@ fn ask(
     asks.spawn(
         async move {
             if let Some(conn) = conn {
-                Metrics::inc(&state.metrics.queries_forwarded);
+                state.metrics.queries_forwarded.inc();
                 let budget = Duration::from_millis(mq.timeout_ms.into()) + HOP_MARGIN;
                 let _ = tokio::time::timeout(budget, relay(conn, mq, &tx)).await;
             }
@@ -272,7 +271,7 @@ pub async fn serve_mesh_query(
     mq: MeshQuery,
     mut send: quinn::SendStream,
 ) {
-    Metrics::inc(&state.metrics.mesh_queries);
+    state.metrics.mesh_queries.inc();
     let now = Instant::now();
     let allowed = state
         .mesh
@@ -287,7 +286,7 @@ pub async fn serve_mesh_query(
         })
         .try_take(now);
     if !allowed {
-        Metrics::inc(&state.metrics.queries_rate_limited);
+        state.metrics.queries_rate_limited.inc();
         let _ = send.finish();
         return;
     }
@@ -300,15 +299,15 @@ pub async fn serve_mesh_query(
         QueryAction::Process { forward, ttl } => (forward, ttl, true),
         QueryAction::Extend { forward, ttl } => (forward, ttl, false),
         QueryAction::Duplicate => {
-            Metrics::inc(&state.metrics.queries_duplicate);
+            state.metrics.queries_duplicate.inc();
             let _ = send.finish();
             return;
         }
     };
     if answer {
-        Metrics::inc(&state.metrics.queries_processed);
+        state.metrics.queries_processed.inc();
     } else {
-        Metrics::inc(&state.metrics.queries_extended);
+        state.metrics.queries_extended.inc();
     }
     let budget = Duration::from_millis(mq.timeout_ms.into()).min(MAX_HOP_BUDGET);
     let deadline = now + budget;

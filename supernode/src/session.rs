@@ -20,7 +20,6 @@ use servent_proto::msg::{
 use servent_proto::rate::TokenBucket;
 use tracing::{debug, info, Instrument};
 
-use crate::metrics::Metrics;
 use crate::net::{self, Peer, StreamError};
 use crate::{routing, LeafEntry, State};
 
@@ -163,6 +162,7 @@ async fn register(
         state.index.remove_owner(id);
     }
     info!(%addr, "leaf registered");
+    let since = Instant::now();
     let _guard = SessionGuard {
         state: state.clone(),
         id,
@@ -189,7 +189,13 @@ async fn register(
         if !is_current(state, id, generation) {
             return Ok(());
         }
-        let files = apply(state, id, update)?;
+        let files = match update {
+            SessionUpdate::Candidacy(c) => {
+                state.election.offer(id, c, since, addr);
+                state.index.owner_file_count(&id)
+            }
+            update => apply(state, id, update)?,
+        };
         net::write_frame(
             send,
             &SupernodeReply::Indexed {
@@ -226,6 +232,7 @@ impl Drop for SessionGuard {
             .is_some()
         {
             self.state.index.remove_owner(self.id);
+            self.state.election.withdraw(&self.id);
             info!("leaf gone, entries dropped");
         }
     }
@@ -255,6 +262,7 @@ fn apply(
                 .add(id, &entries, state.config.max_files_per_leaf)
                 .map_err(|e| Refusal::fatal(ErrorCode::LimitExceeded, e.to_string()))
         }
+        SessionUpdate::Candidacy(_) => Ok(state.index.owner_file_count(&id)),
         SessionUpdate::Remove(hashes) => {
             if hashes.len() > MAX_FILES_PER_UPDATE {
                 return Err(Refusal::fatal(
@@ -300,7 +308,7 @@ async fn query(
         .map(|mut b| b.try_take(Instant::now()))
         .unwrap_or(false);
     if !allowed {
-        Metrics::inc(&state.metrics.queries_rate_limited);
+        state.metrics.queries_rate_limited.inc();
         return Err(Refusal::code(
             ErrorCode::RateLimited,
             "too many queries: slow down",

@@ -548,3 +548,224 @@ fn sigterm_exits_cleanly_even_with_a_leaf_connected() {
     );
     drop(leaf);
 }
+
+/// Longest wait for one HTTP answer.
+const HTTP_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long three supernodes may take to link up with each other.
+const MESH_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A TCP port that was free a moment ago. The binary prints only its QUIC
+/// address, so the test must choose the HTTP port; another process could
+/// take it in between, which is unlikely enough on a test machine.
+fn free_tcp_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a free port");
+    l.local_addr().expect("local addr").port()
+}
+
+/// `GET path` over HTTP/1.1 on its own connection: (status code, body).
+/// A dozen lines of client rather than a dependency; every wait is bounded.
+fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    use std::io::Write;
+    let mut s = std::net::TcpStream::connect_timeout(&addr, HTTP_TIMEOUT)
+        .unwrap_or_else(|e| panic!("connect to http {addr}: {e}"));
+    s.set_read_timeout(Some(HTTP_TIMEOUT)).unwrap();
+    s.set_write_timeout(Some(HTTP_TIMEOUT)).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut raw = String::new();
+    s.read_to_string(&mut raw)
+        .unwrap_or_else(|e| panic!("read the answer to GET {path}: {e}"));
+    let (head, body) = raw
+        .split_once("\r\n\r\n")
+        .unwrap_or_else(|| panic!("no header block in {raw:?}"));
+    let code = head
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("no status line in {head:?}"));
+    assert!(
+        !head.to_ascii_lowercase().contains("transfer-encoding"),
+        "this client reads whole bodies only: {head}"
+    );
+    (code, body.to_string())
+}
+
+fn get_status(addr: SocketAddr) -> serde_json::Value {
+    let (code, body) = http_get(addr, "/status");
+    assert_eq!(code, 200, "GET /status: {body}");
+    serde_json::from_str(&body).unwrap_or_else(|e| panic!("/status is not JSON ({e}): {body}"))
+}
+
+/// The value of the unlabelled sample `name` in a Prometheus text body.
+fn sample(body: &str, name: &str) -> Option<f64> {
+    body.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .and_then(|v| v.parse().ok())
+}
+
+/// `supernode --listen 127.0.0.1:0 --data-dir DIR --http 127.0.0.1:PORT EXTRA...`.
+fn start_with_http(data: &Path, extra: &[String]) -> (Running, SocketAddr) {
+    let http = SocketAddr::from(([127, 0, 0, 1], free_tcp_port()));
+    let mut args = vec![
+        "--listen".to_string(),
+        "127.0.0.1:0".into(),
+        "--data-dir".into(),
+        path_arg(data),
+        "--http".into(),
+        http.to_string(),
+    ];
+    args.extend(extra.iter().cloned());
+    // The HTTP endpoint is up before the "listening on" line is printed.
+    (Running::start(&args), http)
+}
+
+#[test]
+fn http_serves_status_and_metrics() {
+    let data = tempfile::tempdir().unwrap();
+    let (mut node, http) = start_with_http(data.path(), &[]);
+
+    let status = get_status(http);
+    assert_eq!(status["id"], node.id.as_str(), "{status}");
+    assert_eq!(status["role"], "supernode", "{status}");
+    assert_eq!(status["listen"], node.addr.to_string(), "{status}");
+    assert_eq!(status["leaves"], 0, "{status}");
+    assert_eq!(status["files"], 0, "{status}");
+    assert_eq!(status["neighbors"], serde_json::json!([]), "{status}");
+
+    let rt = runtime();
+    let leaf = rt
+        .block_on(register(node.addr, &node.id))
+        .expect("leaf registers");
+    let status = get_status(http);
+    assert_eq!(
+        status["leaves"], 1,
+        "a registered leaf is counted: {status}"
+    );
+
+    let (code, metrics) = http_get(http, "/metrics");
+    assert_eq!(code, 200, "{metrics}");
+    let ours: Vec<&str> = metrics
+        .lines()
+        .filter(|l| l.starts_with("servent_"))
+        .collect();
+    assert!(ours.len() >= 10, "servent_ samples expected:\n{metrics}");
+    assert_eq!(sample(&metrics, "servent_leaves"), Some(1.0), "{metrics}");
+    assert_eq!(sample(&metrics, "servent_files"), Some(0.0), "{metrics}");
+    assert_eq!(
+        sample(&metrics, "servent_neighbors"),
+        Some(0.0),
+        "{metrics}"
+    );
+    for counter in [
+        "servent_leaf_queries_total",
+        "servent_mesh_queries_total",
+        "servent_queries_forwarded_total",
+        "servent_queries_duplicate_total",
+        "servent_queries_extended_total",
+        "servent_queries_rate_limited_total",
+        "servent_queries_processed_total",
+        "servent_hits_returned_total",
+    ] {
+        assert_eq!(
+            sample(&metrics, counter),
+            Some(0.0),
+            "{counter}:\n{metrics}"
+        );
+    }
+    let bytes_in = sample(&metrics, "servent_received_bytes_total").expect("bytes in");
+    let bytes_out = sample(&metrics, "servent_sent_bytes_total").expect("bytes out");
+    assert!(
+        bytes_in > 0.0 && bytes_out > 0.0,
+        "the leaf's handshake and registration: {bytes_in} in, {bytes_out} out"
+    );
+
+    assert_eq!(http_get(http, "/nothing-here").0, 404);
+    drop(leaf);
+    assert!(node.terminate().success(), "stderr:\n{}", node.stderr());
+    assert!(
+        std::net::TcpStream::connect_timeout(&http, HTTP_TIMEOUT).is_err(),
+        "the HTTP endpoint stops with the process"
+    );
+}
+
+#[test]
+fn an_http_address_in_use_fails_with_one_error_line() {
+    let data = tempfile::tempdir().unwrap();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let line = assert_one_error_line(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--data-dir",
+        &path_arg(data.path()),
+        "--http",
+        &addr,
+    ]);
+    assert!(
+        line.contains("HTTP") && line.contains(&addr),
+        "the error names what failed: {line}"
+    );
+}
+
+#[test]
+fn three_supernodes_mesh_and_status_shows_each_ones_two_neighbors() {
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let (a, a_http) = start_with_http(dirs[0].path(), &[]);
+    let (b, b_http) = start_with_http(dirs[1].path(), &["--peer".into(), a.addr.to_string()]);
+    let (c, c_http) = start_with_http(
+        dirs[2].path(),
+        &[
+            "--peer".into(),
+            a.addr.to_string(),
+            "--peer".into(),
+            b.addr.to_string(),
+        ],
+    );
+    let nodes = [(&a, a_http), (&b, b_http), (&c, c_http)];
+
+    let deadline = Instant::now() + MESH_TIMEOUT;
+    for (node, http) in nodes {
+        let status = loop {
+            let status = get_status(http);
+            if status["neighbors"].as_array().is_some_and(|n| n.len() == 2) {
+                break status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "supernode {} has not 2 neighbours after {MESH_TIMEOUT:?}: {status}\nstderr:\n{}",
+                node.addr,
+                node.stderr()
+            );
+            thread::sleep(Duration::from_millis(100));
+        };
+        // Each one's neighbours are the other two, by id and listening address.
+        let mut got: Vec<(String, String)> = status["neighbors"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|n| {
+                (
+                    n["id"].as_str().expect("id").to_string(),
+                    n["addr"].as_str().expect("addr").to_string(),
+                )
+            })
+            .collect();
+        got.sort();
+        let mut want: Vec<(String, String)> = nodes
+            .iter()
+            .filter(|(other, _)| other.id != node.id)
+            .map(|(other, _)| (other.id.clone(), other.addr.to_string()))
+            .collect();
+        want.sort();
+        assert_eq!(got, want, "neighbours of {}", node.addr);
+        let (_, metrics) = http_get(http, "/metrics");
+        assert_eq!(
+            sample(&metrics, "servent_neighbors"),
+            Some(2.0),
+            "{metrics}"
+        );
+    }
+}

@@ -262,3 +262,88 @@ pub fn mesh_config(peers: &[&Supernode]) -> supernode::Config {
         ..supernode::Config::localhost()
     }
 }
+
+/// A UDP socket behind a simulated NAT with address-dependent filtering:
+/// datagrams are delivered only from addresses this socket has sent to.
+/// A node on it can dial out and be answered, but nobody can dial it first:
+/// a dial-back from a socket it never talked to does not get through.
+#[derive(Debug)]
+pub struct NatSocket {
+    inner: std::sync::Arc<dyn quinn::AsyncUdpSocket>,
+    contacted: std::sync::Mutex<std::collections::HashSet<std::net::SocketAddr>>,
+}
+
+impl NatSocket {
+    /// Binds `127.0.0.1:0`.
+    pub fn bind() -> std::sync::Arc<Self> {
+        let sock = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind udp");
+        let inner = quinn::default_runtime()
+            .expect("inside a tokio runtime")
+            .wrap_udp_socket(sock)
+            .expect("wrap udp socket");
+        std::sync::Arc::new(Self {
+            inner,
+            contacted: Default::default(),
+        })
+    }
+}
+
+impl quinn::AsyncUdpSocket for NatSocket {
+    fn create_io_poller(self: std::sync::Arc<Self>) -> std::pin::Pin<Box<dyn quinn::UdpPoller>> {
+        self.inner.clone().create_io_poller()
+    }
+
+    fn try_send(&self, transmit: &quinn::udp::Transmit<'_>) -> std::io::Result<()> {
+        self.contacted
+            .lock()
+            .expect("nat table")
+            .insert(transmit.destination);
+        self.inner.try_send(transmit)
+    }
+
+    fn poll_recv(
+        &self,
+        cx: &mut std::task::Context<'_>,
+        bufs: &mut [std::io::IoSliceMut<'_>],
+        meta: &mut [quinn::udp::RecvMeta],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        loop {
+            match self.inner.poll_recv(cx, bufs, meta) {
+                std::task::Poll::Ready(Ok(n)) => {
+                    let table = self.contacted.lock().expect("nat table");
+                    // Keep the datagrams from known peers, drop the rest.
+                    let mut kept = 0;
+                    for i in 0..n {
+                        if table.contains(&meta[i].addr) {
+                            if kept != i {
+                                meta.swap(kept, i);
+                                bufs.swap(kept, i);
+                            }
+                            kept += 1;
+                        }
+                    }
+                    if kept > 0 {
+                        return std::task::Poll::Ready(Ok(kept));
+                    }
+                }
+                other => return other,
+            }
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<std::net::SocketAddr> {
+        self.inner.local_addr()
+    }
+
+    fn max_transmit_segments(&self) -> usize {
+        self.inner.max_transmit_segments()
+    }
+
+    fn max_receive_segments(&self) -> usize {
+        self.inner.max_receive_segments()
+    }
+
+    fn may_fragment(&self) -> bool {
+        self.inner.may_fragment()
+    }
+}

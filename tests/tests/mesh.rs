@@ -5,7 +5,6 @@
 use std::time::Duration;
 
 use servent_tests::*;
-use supernode::metrics::Metrics;
 
 const T: Duration = Duration::from_secs(5);
 
@@ -88,7 +87,7 @@ async fn a_query_does_not_travel_past_its_ttl() {
         "three hops away: past TTL 2"
     );
     for (i, s) in sns.iter().enumerate() {
-        let processed = Metrics::get(&s.metrics().queries_processed);
+        let processed = s.metrics().queries_processed.get();
         if i <= 2 {
             assert_eq!(
                 processed, 2,
@@ -97,7 +96,7 @@ async fn a_query_does_not_travel_past_its_ttl() {
         } else {
             assert_eq!(processed, 0, "supernode {i} is beyond the TTL");
             assert_eq!(
-                Metrics::get(&s.metrics().mesh_queries),
+                s.metrics().mesh_queries.get(),
                 0,
                 "not even received by {i}"
             );
@@ -127,11 +126,11 @@ async fn duplicate_queries_are_not_processed_twice() {
     let mut duplicates = 0;
     for s in &sns {
         assert_eq!(
-            Metrics::get(&s.metrics().queries_processed),
+            s.metrics().queries_processed.get(),
             1,
             "each supernode processes the query once"
         );
-        duplicates += Metrics::get(&s.metrics().queries_duplicate);
+        duplicates += s.metrics().queries_duplicate.get();
     }
     assert!(
         duplicates > 0,

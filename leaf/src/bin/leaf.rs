@@ -35,7 +35,7 @@ enum Command {
         /// UDP address to serve downloads on [default: 0.0.0.0:7401]
         #[arg(long, default_value_t = SocketAddr::from(([0, 0, 0, 0], leaf::DEFAULT_PORT)))]
         listen: SocketAddr,
-        /// Serve /status and /metrics over HTTP on this address (not yet implemented)
+        /// Serve /status and /metrics over HTTP on this address
         #[arg(long)]
         http: Option<SocketAddr>,
         /// Never become a supernode
@@ -108,9 +108,6 @@ fn run(args: Args) -> anyhow::Result<()> {
                 no_promote,
                 attach,
             } => {
-                if http.is_some() {
-                    tracing::warn!("--http is not implemented yet; ignoring it");
-                }
                 let config = Config {
                     data_dir,
                     share,
@@ -118,6 +115,9 @@ fn run(args: Args) -> anyhow::Result<()> {
                     supernodes: args.supernodes,
                     no_promote,
                     attach,
+                    http,
+                    // Should this leaf be elected: the supernode defaults.
+                    role: supernode::Config::default(),
                 };
                 let node = Leaf::spawn(config).await?;
                 println!("leaf {} listening on {}", node.id(), node.addr());

@@ -1,0 +1,129 @@
+//! Being elected: a leaf whose supernode asks it to promote starts the
+//! supernode role in this process, on this endpoint, and steps back down
+//! when the role's election rules say it is no longer needed.
+//!
+//! There is one implementation of the supernode: the `supernode` library,
+//! embedded. The leaf keeps sharing and keeps its own supernode links.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use servent_proto::msg::LeafReply;
+use supernode::net::Endpoint;
+use supernode::Supernode;
+use tracing::{info, Instrument};
+
+/// What a leaf measures of its own spare capacity (Linux: /proc; elsewhere
+/// nothing is claimed, so such a leaf does not qualify by default).
+pub fn measure() -> servent_proto::msg::Candidacy {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+    let load = std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<f64>().ok());
+    let cpu_idle_permille =
+        load.map_or(0, |l| (1000.0 * (1.0 - l / cpus)).clamp(0.0, 1000.0) as u16);
+    let mem_available_mib = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| {
+            let line = s.lines().find(|l| l.starts_with("MemAvailable:"))?;
+            line.split_whitespace().nth(1)?.parse::<u64>().ok()
+        })
+        .map_or(0, |kib| (kib / 1024).min(u32::MAX as u64) as u32);
+    servent_proto::msg::Candidacy {
+        cpu_idle_permille,
+        mem_available_mib,
+        upload_kbps: 0,
+    }
+}
+
+/// The supernode role, when this leaf holds it.
+pub struct Role {
+    endpoint: Endpoint,
+    template: supernode::Config,
+    pub no_promote: bool,
+    current: Mutex<Option<Supernode>>,
+    promotions: std::sync::atomic::AtomicU64,
+}
+
+impl Role {
+    pub fn new(endpoint: Endpoint, template: supernode::Config, no_promote: bool) -> Arc<Self> {
+        Arc::new(Self {
+            endpoint,
+            template,
+            no_promote,
+            current: Mutex::new(None),
+            promotions: Default::default(),
+        })
+    }
+
+    /// The supernode state while this leaf is one.
+    pub fn state(&self) -> Option<Arc<supernode::State>> {
+        self.current
+            .lock()
+            .expect("role lock")
+            .as_ref()
+            .map(|s| s.state().clone())
+    }
+
+    pub fn is_supernode(&self) -> bool {
+        self.current.lock().expect("role lock").is_some()
+    }
+
+    /// How often this leaf has been promoted.
+    pub fn promotions(&self) -> u64 {
+        self.promotions.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Takes the role, meshing with `peers` first; answers the supernode
+    /// that asked.
+    pub fn promote(self: &Arc<Self>, max_leaves: u32, peers: Vec<SocketAddr>) -> LeafReply {
+        if self.no_promote {
+            return LeafReply::Declined(
+                "this leaf never becomes a supernode (--no-promote)".into(),
+            );
+        }
+        let mut current = self.current.lock().expect("role lock");
+        if current.is_some() {
+            return LeafReply::Accepted;
+        }
+        let config = supernode::Config {
+            max_leaves: max_leaves.max(1) as usize,
+            peers,
+            data_dir: None,
+            listen: self.endpoint.local_addr().unwrap_or(self.template.listen),
+            ..self.template.clone()
+        };
+        match Supernode::embedded(config, self.endpoint.clone()) {
+            Ok(sn) => {
+                let mut stepped = sn.state().election.stepped_down.subscribe();
+                *current = Some(sn);
+                self.promotions
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                info!(max_leaves, "promoted: now a supernode");
+                // Step down when the role's own rules say so.
+                let role = self.clone();
+                tokio::spawn(
+                    async move {
+                        while stepped.changed().await.is_ok() {
+                            if *stepped.borrow() {
+                                role.step_down();
+                                return;
+                            }
+                        }
+                    }
+                    .in_current_span(),
+                );
+                LeafReply::Accepted
+            }
+            Err(e) => LeafReply::Declined(format!("cannot start the supernode role: {e}")),
+        }
+    }
+
+    /// Leaves the role (its leaves and links are closed); sharing goes on.
+    pub fn step_down(&self) {
+        if let Some(sn) = self.current.lock().expect("role lock").take() {
+            sn.stop_role();
+            info!("stepped down: a leaf again");
+        }
+    }
+}

@@ -1,0 +1,198 @@
+//! What a leaf tells its operator over `--http` (served by
+//! `supernode::http`): the `/status` document and the `/metrics` registry.
+//!
+//! While the leaf holds the supernode role it says `"role": "supernode"`
+//! and adds the supernode's fields, and its supernode metrics count; they
+//! read zero otherwise.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use prometheus_client::registry::Registry;
+use serde::Serialize;
+use servent_proto::NodeId;
+use supernode::http::{Report, Sampled};
+use supernode::status::{NodeAddr, SupernodeFields};
+
+use crate::link::LinkStatus;
+use crate::role::Role;
+use crate::share::{ScanProgress, Share};
+use crate::transfer::Uploads;
+
+/// The links of a running leaf, one per supernode it is attached to or trying.
+pub(crate) type Links = Arc<Mutex<Vec<Arc<Mutex<LinkStatus>>>>>;
+
+/// The supernodes a leaf is registered with now.
+pub(crate) fn attached(links: &Links) -> Vec<(NodeId, SocketAddr)> {
+    let links = links.lock().expect("links");
+    links
+        .iter()
+        .filter_map(|l| l.lock().expect("link status").supernode)
+        .collect()
+}
+
+/// A leaf's `/status`.
+#[derive(Debug, Clone, Serialize)]
+pub struct LeafStatus {
+    pub id: String,
+    /// `"leaf"`, or `"supernode"` while elected.
+    pub role: String,
+    /// The UDP address downloads are served on.
+    pub listen: String,
+    pub uptime_secs: u64,
+    /// Supernodes registered with now.
+    pub supernodes: Vec<NodeAddr>,
+    /// Distinct files shared now (hashed and announced).
+    pub shared_files: usize,
+    pub hashing: Hashing,
+    /// The supernode role's fields, while elected.
+    #[serde(flatten)]
+    pub supernode: Option<SupernodeFields>,
+}
+
+/// Progress of the current scan of the shared folder.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Hashing {
+    pub files_to_hash: u64,
+    pub files_hashed: u64,
+    pub bytes_to_hash: u64,
+    pub bytes_hashed: u64,
+}
+
+impl From<ScanProgress> for Hashing {
+    fn from(p: ScanProgress) -> Self {
+        Self {
+            files_to_hash: p.files_to_hash,
+            files_hashed: p.files_hashed,
+            bytes_to_hash: p.bytes_to_hash,
+            bytes_hashed: p.bytes_hashed,
+        }
+    }
+}
+
+/// `/status` and `/metrics` of a running leaf.
+pub(crate) struct LeafReport {
+    id: NodeId,
+    listen: SocketAddr,
+    started: Instant,
+    share: Arc<Share>,
+    links: Links,
+    role: Arc<Role>,
+    registry: Registry,
+}
+
+impl LeafReport {
+    pub(crate) fn new(
+        id: NodeId,
+        listen: SocketAddr,
+        share: Arc<Share>,
+        links: Links,
+        uploads: &Uploads,
+        role: Arc<Role>,
+    ) -> Self {
+        let mut registry = Registry::default();
+        let progress = |f: fn(ScanProgress) -> u64| {
+            let share = share.clone();
+            Sampled::gauge(move || f(share.progress()))
+        };
+        let gauges = [
+            ("servent_shared_files", "Distinct files shared now", {
+                let share = share.clone();
+                Sampled::gauge(move || share.len() as u64)
+            }),
+            (
+                "servent_attached_supernodes",
+                "Supernodes this leaf is registered with now",
+                {
+                    let links = links.clone();
+                    Sampled::gauge(move || attached(&links).len() as u64)
+                },
+            ),
+            (
+                "servent_files_to_hash",
+                "Files the current scan must hash",
+                progress(|p| p.files_to_hash),
+            ),
+            (
+                "servent_files_hashed",
+                "Files the current scan has hashed",
+                progress(|p| p.files_hashed),
+            ),
+            (
+                "servent_bytes_to_hash",
+                "Bytes the current scan must hash",
+                progress(|p| p.bytes_to_hash),
+            ),
+            (
+                "servent_bytes_hashed",
+                "Bytes the current scan has hashed",
+                progress(|p| p.bytes_hashed),
+            ),
+            (
+                "servent_supernode_role",
+                "1 while this leaf is elected supernode, else 0",
+                {
+                    let role = role.clone();
+                    Sampled::gauge(move || u64::from(role.is_supernode()))
+                },
+            ),
+        ];
+        for (name, help, metric) in gauges {
+            registry.register(name, help, metric);
+        }
+        registry.register(
+            "servent_uploads",
+            "Uploads sent whole to other leaves",
+            uploads.served.clone(),
+        );
+        registry.register(
+            "servent_uploaded_bytes",
+            "Bytes of file content sent to other leaves",
+            uploads.bytes.clone(),
+        );
+        let elected = role.clone();
+        supernode::status::register(&mut registry, Arc::new(move || elected.state()));
+        Self {
+            id,
+            listen,
+            started: Instant::now(),
+            share,
+            links,
+            role,
+            registry,
+        }
+    }
+}
+
+impl Report for LeafReport {
+    type Status = LeafStatus;
+
+    fn status(&self) -> LeafStatus {
+        let mut supernodes: Vec<NodeAddr> = attached(&self.links)
+            .into_iter()
+            .map(|(id, addr)| NodeAddr::new(id, addr))
+            .collect();
+        supernodes.sort_by(|a, b| a.id.cmp(&b.id));
+        let supernode = self.role.state().map(|s| SupernodeFields::of(&s));
+        LeafStatus {
+            id: self.id.to_string(),
+            role: if supernode.is_some() {
+                "supernode"
+            } else {
+                "leaf"
+            }
+            .into(),
+            listen: self.listen.to_string(),
+            uptime_secs: self.started.elapsed().as_secs(),
+            supernodes,
+            shared_files: self.share.len(),
+            hashing: self.share.progress().into(),
+            supernode,
+        }
+    }
+
+    fn registry(&self) -> &Registry {
+        &self.registry
+    }
+}

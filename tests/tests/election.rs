@@ -1,0 +1,232 @@
+//! Supernode election on loopback, in this process: a network seeded by one
+//! small supernode grows supernodes out of its leaves, never out of leaves
+//! that cannot be reached or do not want to, survives losing its seed, and
+//! shrinks again when leaves go.
+
+use std::time::Duration;
+
+use servent_tests::*;
+use supernode::election::ElectionConfig;
+
+const T: Duration = Duration::from_secs(5);
+
+/// The quick election rules, for the role a leaf may take too.
+fn quick_role() -> supernode::Config {
+    supernode::Config {
+        election: ElectionConfig::quick(),
+        ..supernode::Config::localhost()
+    }
+}
+
+fn seed(max_leaves: usize) -> supernode::Config {
+    supernode::Config {
+        max_leaves,
+        election: ElectionConfig::quick(),
+        ..supernode::Config::localhost()
+    }
+}
+
+async fn leaf_with(
+    sn: &Supernode,
+    files: &[(&str, &[u8])],
+    configure: impl FnOnce(&mut leaf::Config),
+) -> TestLeaf {
+    let data = tempfile::tempdir().unwrap();
+    let share = tempfile::tempdir().unwrap();
+    for (name, content) in files {
+        std::fs::write(share.path().join(name), content).unwrap();
+    }
+    let mut config = leaf::Config {
+        role: quick_role(),
+        ..leaf::Config::localhost(data.path(), share.path(), vec![sn.addr().to_string()])
+    };
+    configure(&mut config);
+    let leaf = Leaf::spawn(config).await.expect("leaf starts");
+    TestLeaf {
+        leaf: Some(leaf),
+        attach: leaf::attach::DEFAULT_ATTACH,
+        data,
+        share,
+    }
+}
+
+fn promoted(leaves: &[TestLeaf]) -> usize {
+    leaves
+        .iter()
+        .filter(|l| l.leaf().role().is_supernode())
+        .count()
+}
+
+/// How many of the `n` files named `file N` a leaf finds.
+async fn finds(l: &TestLeaf) -> usize {
+    let client = Client::new(l.data.path(), vec![]).expect("client");
+    client
+        .search(&["file".to_string()], 200, T)
+        .await
+        .map_or(0, |h| h.len())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_small_seed_grows_supernodes_and_the_network_survives_losing_it() {
+    init_tracing();
+    let (sn, kill_seed) = killable_supernode(seed(5)).await;
+    let mut leaves = Vec::new();
+    for i in 0..40 {
+        let name = format!("file {i}.bin");
+        leaves.push(
+            leaf_with(
+                &sn,
+                &[(name.as_str(), format!("content {i}").as_bytes())],
+                |_| {},
+            )
+            .await,
+        );
+    }
+    wait_for(Duration::from_secs(60), || async {
+        leaves.iter().all(|l| !l.leaf().supernodes().is_empty()) && promoted(&leaves) >= 3
+    })
+    .await
+    .unwrap_or_else(|_| {
+        let attached = leaves
+            .iter()
+            .filter(|l| !l.leaf().supernodes().is_empty())
+            .count();
+        panic!("{attached}/40 attached, {} promoted", promoted(&leaves))
+    });
+    // Caps hold: the seed and every elected supernode.
+    assert!(sn.leaf_count() <= 5);
+    for l in &leaves {
+        if let Some(state) = l.leaf().role().state() {
+            assert!(state.leaves.len() <= state.config.max_leaves);
+        }
+    }
+    // Every leaf's file is found from every leaf.
+    for (i, l) in leaves.iter().enumerate() {
+        if wait_for(Duration::from_secs(20), || async { finds(l).await == 40 })
+            .await
+            .is_err()
+        {
+            panic!("leaf {i} finds all 40 files (found {})", finds(l).await);
+        }
+    }
+
+    // The seed dies without a word; the grown network goes on.
+    kill_seed.kill();
+    for (i, l) in leaves.iter().enumerate().step_by(5) {
+        if wait_for(Duration::from_secs(20), || async { finds(l).await == 40 })
+            .await
+            .is_err()
+        {
+            panic!(
+                "after the seed died, leaf {i} still finds all 40 (found {})",
+                finds(l).await
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn unreachable_and_opted_out_leaves_are_never_promoted() {
+    let sn = supernode_with(seed(2)).await;
+    let opted_out = leaf_with(&sn, &[], |c| c.no_promote = true).await;
+    // Behind a NAT: it can dial out, but a dial-back cannot reach it.
+    let data = tempfile::tempdir().unwrap();
+    let share = tempfile::tempdir().unwrap();
+    let config = leaf::Config {
+        role: quick_role(),
+        ..leaf::Config::localhost(data.path(), share.path(), vec![sn.addr().to_string()])
+    };
+    let natted = Leaf::spawn_on_socket(config, NatSocket::bind())
+        .await
+        .unwrap();
+    let natted_id = natted.id();
+    wait_for(T, || async { sn.leaf_count() == 2 })
+        .await
+        .expect("both attach; the seed is overloaded");
+
+    wait_for(Duration::from_secs(15), || async {
+        sn.state().election.reachable(&natted_id) == Some(Some(false))
+    })
+    .await
+    .expect("the dial-back to the NATed leaf fails");
+    assert_eq!(
+        sn.state().election.reachable(&opted_out.leaf().id()),
+        None,
+        "an opted-out leaf never offers itself"
+    );
+    assert!(!natted.role().is_supernode() && !opted_out.leaf().role().is_supernode());
+    assert_eq!(
+        sn.state()
+            .election
+            .promotions
+            .load(std::sync::atomic::Ordering::Relaxed),
+        0
+    );
+
+    // A reachable, willing leaf is promoted under the same conditions, so
+    // the two above were refused for what they are.
+    drop(opted_out);
+    let willing = leaf_with(&sn, &[], |_| {}).await;
+    wait_for(Duration::from_secs(10), || async {
+        willing.leaf().role().is_supernode()
+    })
+    .await
+    .expect("a reachable leaf is promoted");
+    assert!(!natted.role().is_supernode());
+}
+
+#[tokio::test]
+async fn a_drained_elected_supernode_steps_down_and_its_leaves_rehome() {
+    let mut role = quick_role();
+    role.election.drained_leaves = 1;
+    let sn = supernode_with(seed(4)).await;
+    let mut leaves = Vec::new();
+    for i in 0..5 {
+        let name = format!("file {i}.txt");
+        let l = leaf_with(&sn, &[(name.as_str(), name.as_bytes())], |c| {
+            c.role = role.clone();
+            c.attach = 1;
+        })
+        .await;
+        leaves.push(l);
+    }
+    wait_for(Duration::from_secs(15), || async { promoted(&leaves) >= 1 })
+        .await
+        .expect("the full seed elects a leaf");
+    let elected = leaves
+        .iter()
+        .position(|l| l.leaf().role().is_supernode())
+        .unwrap();
+    // Everyone but the elected leaf and one other goes away.
+    let stay = (elected + 1) % leaves.len();
+    let mut kept = Vec::new();
+    for (i, l) in leaves.into_iter().enumerate() {
+        if i == elected || i == stay {
+            kept.push(l);
+        } else {
+            drop(l);
+        }
+    }
+    let elected_leaf = if elected < stay { &kept[0] } else { &kept[1] };
+    let stay_leaf = if elected < stay { &kept[1] } else { &kept[0] };
+    wait_for(Duration::from_secs(20), || async {
+        !elected_leaf.leaf().role().is_supernode()
+    })
+    .await
+    .expect("the drained supernode steps down");
+    assert!(elected_leaf.leaf().role().promotions() >= 1);
+    // Nothing was lost: the two remaining files are found, through the seed.
+    wait_for(Duration::from_secs(10), || async {
+        finds(stay_leaf).await == 2
+    })
+    .await
+    .expect("both remaining files still found after the step-down");
+    assert!(
+        stay_leaf
+            .leaf()
+            .supernodes()
+            .iter()
+            .all(|(id, _)| *id == sn.id()),
+        "re-homed to the seed"
+    );
+}
