@@ -33,7 +33,9 @@ const MAX_CACHED: usize = 200;
 const BACKOFF_MIN: Duration = Duration::from_millis(500);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
 /// Load (thousandths) above which a supernode gets no extra links.
-const EXTRA_LINK_MAX_LOAD: u64 = 800;
+/// Below the election high-water mark (800 by default), so that extra
+/// links alone never make a supernode ask for more supernodes.
+const EXTRA_LINK_MAX_LOAD: u64 = 500;
 /// A leaf with no supernode retries a full one after this long.
 const FULL_RETRY: Duration = Duration::from_secs(1);
 /// A supernode that moved us elsewhere is not retried for this long.
@@ -82,6 +84,8 @@ struct Candidate {
     last_seen: u64,
     next_try: Instant,
     delay: Duration,
+    /// Attempts in a row that did not reach it; the unreachable go last.
+    failures: u32,
 }
 
 impl Candidate {
@@ -93,6 +97,7 @@ impl Candidate {
             last_seen,
             next_try: Instant::now(),
             delay: BACKOFF_MIN,
+            failures: 0,
         }
     }
 }
@@ -139,9 +144,19 @@ pub async fn run(cfg: Attach, mut stop: watch::Receiver<bool>) {
     }
     let (events, mut rx) = mpsc::channel::<Event>(64);
     let mut active: HashMap<String, Arc<Mutex<LinkStatus>>> = HashMap::new();
+    // Ends one link (an elected leaf dropping its extra links).
+    let mut link_stops: HashMap<String, watch::Sender<bool>> = HashMap::new();
     let mut tasks = JoinSet::new();
     let mut dirty = true;
     loop {
+        // An elected leaf knows the mesh first-hand: those are candidates too.
+        if let Some(state) = cfg.role.state() {
+            merge(
+                &mut candidates,
+                state.mesh.for_leaves(true, std::time::Instant::now()),
+                me,
+            );
+        }
         // Start links while fewer than wanted are up.
         let now = Instant::now();
         let linked_ids: Vec<NodeId> = active
@@ -153,7 +168,7 @@ pub async fn run(cfg: Attach, mut stop: watch::Receiver<bool>) {
                 let c = &candidates[i];
                 // Extra links go only where there is room to spare, so that
                 // a leaf with no supernode at all can still find one.
-                let spare = linked_ids.is_empty() || c.load_permille < EXTRA_LINK_MAX_LOAD;
+                let spare = linked_ids.is_empty() || c.load_permille <= EXTRA_LINK_MAX_LOAD;
                 !active.contains_key(&c.addr)
                     && c.next_try <= now
                     && spare
@@ -163,19 +178,34 @@ pub async fn run(cfg: Attach, mut stop: watch::Receiver<bool>) {
             .collect();
         order.sort_by_key(|&i| {
             (
+                candidates[i].failures,
                 candidates[i].load_permille,
                 std::cmp::Reverse(candidates[i].last_seen),
             )
         });
-        for i in order
-            .into_iter()
-            .take(cfg.attach.saturating_sub(active.len()))
-        {
+        // An elected leaf keeps one link (for its own files) and leaves
+        // the rest of its supernodes' room to leaves that need it.
+        let wanted = if cfg.role.is_supernode() {
+            1
+        } else {
+            cfg.attach
+        };
+        if active.len() > wanted {
+            let extra: Vec<String> = active.keys().skip(wanted).cloned().collect();
+            for addr in extra {
+                if let Some(stop) = link_stops.remove(&addr) {
+                    let _ = stop.send(true);
+                }
+            }
+        }
+        for i in order.into_iter().take(wanted.saturating_sub(active.len())) {
             let c = &mut candidates[i];
             c.next_try = now + c.delay;
             c.delay = (c.delay * 2).min(BACKOFF_MAX);
             let status = Arc::new(Mutex::new(LinkStatus::default()));
             active.insert(c.addr.clone(), status.clone());
+            let (link_stop, mut link_stopped) = watch::channel(false);
+            link_stops.insert(c.addr.clone(), link_stop);
             let (addr, expected) = (c.addr.clone(), c.id);
             let (endpoint, share, events, stop) = (
                 cfg.endpoint.clone(),
@@ -222,6 +252,12 @@ pub async fn run(cfg: Attach, mut stop: watch::Receiver<bool>) {
                             stop,
                         )
                         .await
+                    };
+                    let session = async {
+                        tokio::select! {
+                            r = session => r,
+                            _ = link_stopped.changed() => Ok(()),
+                        }
                     };
                     let (result, ()) = tokio::join!(session, forward);
                     let registered = status
@@ -287,12 +323,25 @@ pub async fn run(cfg: Attach, mut stop: watch::Receiver<bool>) {
                     }
                     Event::Ended { addr, result, registered } => {
                         let status = active.remove(&addr);
+                        link_stops.remove(&addr);
+                        let orphan = active.values().all(|s| s.lock().expect("link status").supernode.is_none());
+                        if orphan {
+                            // With no supernode left, every known one is worth a try now.
+                            let soon = Instant::now() + FULL_RETRY;
+                            for c in candidates.iter_mut() {
+                                c.next_try = c.next_try.min(soon);
+                                c.delay = BACKOFF_MIN;
+                            }
+                        }
                         if let Some(c) = candidates.iter_mut().find(|c| c.addr == addr) {
                             if registered.is_some() {
                                 c.id = registered;
                                 c.last_seen = crate::share::now_secs();
                                 // It worked for a while: retry it soon, not after a long backoff.
                                 c.delay = BACKOFF_MIN;
+                                c.failures = 0;
+                            } else if !matches!(result, Err(LinkError::Full(_))) {
+                                c.failures = c.failures.saturating_add(1);
                             }
                         }
                         match result {

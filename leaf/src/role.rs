@@ -88,7 +88,7 @@ impl Role {
         }
         let config = supernode::Config {
             max_leaves: max_leaves.max(1) as usize,
-            peers,
+            peers: peers.iter().map(ToString::to_string).collect(),
             data_dir: None,
             listen: self.endpoint.local_addr().unwrap_or(self.template.listen),
             ..self.template.clone()

@@ -88,7 +88,12 @@ struct Serving {
 impl Serving {
     /// `leaf serve --share SHARE --listen 127.0.0.1:0 --supernode SN --data-dir DATA`.
     fn start(supernode: &TestSupernode, share: &Path, data: &Path) -> Self {
-        let args = [
+        Self::start_with(supernode, share, data, &[])
+    }
+
+    /// Like [`Serving::start`], with `extra` flags after the others.
+    fn start_with(supernode: &TestSupernode, share: &Path, data: &Path, extra: &[&str]) -> Self {
+        let mut args = vec![
             "serve",
             "--share",
             &path_arg(share),
@@ -98,7 +103,11 @@ impl Serving {
             &supernode.addr,
             "--data-dir",
             &path_arg(data),
-        ];
+        ]
+        .into_iter()
+        .map(String::from)
+        .collect::<Vec<_>>();
+        args.extend(extra.iter().map(|a| a.to_string()));
         let mut child = command(&args).spawn().expect("spawn leaf serve");
         let stdout = child.stdout.take().expect("piped stdout");
         let stderr = drain(child.stderr.take().expect("piped stderr"));
@@ -816,4 +825,145 @@ fn commands_without_any_supernode_fail_with_an_error_line() {
         !bad.status.success() && bad.stderr.starts_with("error: "),
         "{bad:?}"
     );
+}
+
+/// Longest wait for one HTTP answer.
+const HTTP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A TCP port that was free a moment ago. `leaf serve` prints only its
+/// QUIC address, so the test must choose the HTTP port; another process
+/// could take it in between, which is unlikely enough on a test machine.
+fn free_tcp_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a free port");
+    l.local_addr().expect("local addr").port()
+}
+
+/// `GET path` over HTTP/1.1 on its own connection: (status code, body).
+/// A dozen lines of client rather than a dependency; every wait is bounded.
+fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    use std::io::Write;
+    let mut s = std::net::TcpStream::connect_timeout(&addr, HTTP_TIMEOUT)
+        .unwrap_or_else(|e| panic!("connect to http {addr}: {e}"));
+    s.set_read_timeout(Some(HTTP_TIMEOUT)).unwrap();
+    s.set_write_timeout(Some(HTTP_TIMEOUT)).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut raw = String::new();
+    s.read_to_string(&mut raw)
+        .unwrap_or_else(|e| panic!("read the answer to GET {path}: {e}"));
+    let (head, body) = raw
+        .split_once("\r\n\r\n")
+        .unwrap_or_else(|| panic!("no header block in {raw:?}"));
+    let code = head
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("no status line in {head:?}"));
+    assert!(
+        !head.to_ascii_lowercase().contains("transfer-encoding"),
+        "this client reads whole bodies only: {head}"
+    );
+    (code, body.to_string())
+}
+
+/// The value of the unlabelled sample `name` in a Prometheus text body.
+fn sample(body: &str, name: &str) -> Option<f64> {
+    body.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .and_then(|v| v.parse().ok())
+}
+
+#[test]
+fn serve_http_reports_status_and_metrics() {
+    let supernode = TestSupernode::start();
+    let supernode_id = supernode.node.as_ref().expect("running").id().to_string();
+    let share = share_with(&[("one.txt", b"one"), ("two.txt", b"two")]);
+    let data = tempfile::tempdir().unwrap();
+    let http = SocketAddr::from(([127, 0, 0, 1], free_tcp_port()));
+    let mut leaf = Serving::start_with(
+        &supernode,
+        share.path(),
+        data.path(),
+        &["--http", &http.to_string(), "--no-promote"],
+    );
+
+    // The HTTP endpoint is up before the "listening on" line; hashing and
+    // registering take a moment more.
+    let deadline = Instant::now() + INDEX_TIMEOUT;
+    let status = loop {
+        let (code, body) = http_get(http, "/status");
+        assert_eq!(code, 200, "GET /status: {body}");
+        let status: Value = serde_json::from_str(&body)
+            .unwrap_or_else(|e| panic!("/status is not JSON ({e}): {body}"));
+        let attached = status["supernodes"]
+            .as_array()
+            .is_some_and(|s| !s.is_empty());
+        if attached && status["shared_files"] == 2 {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not attached with 2 files after {INDEX_TIMEOUT:?}: {status}\nstderr:\n{}",
+            leaf.stderr()
+        );
+        thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(status["id"], leaf.id.as_str(), "{status}");
+    assert_eq!(status["role"], "leaf", "{status}");
+    assert_eq!(status["listen"], leaf.addr.to_string(), "{status}");
+    assert_eq!(
+        status["supernodes"],
+        serde_json::json!([{"id": supernode_id, "addr": supernode.addr}]),
+        "{status}"
+    );
+    for field in [
+        "files_to_hash",
+        "files_hashed",
+        "bytes_to_hash",
+        "bytes_hashed",
+    ] {
+        assert!(
+            status["hashing"][field].is_u64(),
+            "hashing.{field}: {status}"
+        );
+    }
+
+    let (code, metrics) = http_get(http, "/metrics");
+    assert_eq!(code, 200, "{metrics}");
+    assert!(
+        metrics
+            .lines()
+            .filter(|l| l.starts_with("servent_"))
+            .count()
+            >= 5,
+        "servent_ samples expected:\n{metrics}"
+    );
+    assert_eq!(
+        sample(&metrics, "servent_shared_files"),
+        Some(2.0),
+        "{metrics}"
+    );
+    assert_eq!(
+        sample(&metrics, "servent_attached_supernodes"),
+        Some(1.0),
+        "{metrics}"
+    );
+    assert_eq!(
+        sample(&metrics, "servent_uploads_total"),
+        Some(0.0),
+        "{metrics}"
+    );
+    assert_eq!(
+        sample(&metrics, "servent_uploaded_bytes_total"),
+        Some(0.0),
+        "{metrics}"
+    );
+
+    // The endpoint prints nothing: stdout is still the one line.
+    leaf.assert_undisturbed();
+    assert!(leaf.terminate().success(), "stderr:\n{}", leaf.stderr());
+    assert_eq!(leaf.rest_of_stdout(), Vec::<String>::new());
 }

@@ -114,7 +114,10 @@ impl Elector {
         p: &Policy,
     ) -> Decision {
         // No capacity at all counts as full.
-        let load = leaves.saturating_mul(1000).checked_div(max_leaves).unwrap_or(1000);
+        let load = leaves
+            .saturating_mul(1000)
+            .checked_div(max_leaves)
+            .unwrap_or(1000);
         if load >= p.high_water_permille as usize {
             self.drained_since = None;
             let since = *self.overloaded_since.get_or_insert_with(|| {

@@ -102,6 +102,27 @@ fn mesh_query() -> MeshQuery {
     }
 }
 
+/// What a leaf offering itself as a supernode says of its spare capacity.
+fn candidacy() -> Candidacy {
+    Candidacy {
+        cpu_idle_permille: 750,
+        mem_available_mib: 2048,
+        upload_kbps: 20_000,
+    }
+}
+
+/// A leaf just promoted, as the supernode that elected it offers it to its
+/// other leaves: its address, no leaves yet, neighbour of the sender.
+fn promoted_info() -> SupernodeInfo {
+    SupernodeInfo {
+        id: node(),
+        addr: "192.0.2.7:7401".into(),
+        leaves: 0,
+        max_leaves: 1000,
+        age_secs: 0,
+    }
+}
+
 const ALL_CODES: [ErrorCode; 6] = [
     ErrorCode::BadRequest,
     ErrorCode::LimitExceeded,
@@ -424,6 +445,47 @@ fn every_mesh_message_round_trips() {
 }
 
 #[test]
+fn every_election_message_round_trips() {
+    for cpu_idle_permille in [0, 500, 1000, u16::MAX] {
+        for mem_available_mib in [0, 512, u32::MAX] {
+            for upload_kbps in [0, 20_000, u32::MAX] {
+                let c = Candidacy {
+                    cpu_idle_permille,
+                    mem_available_mib,
+                    upload_kbps,
+                };
+                round_trip(&SessionUpdate::Candidacy(c), MAX_UPDATE_FRAME);
+            }
+        }
+    }
+    for max_leaves in [0, 1, 1000, u32::MAX] {
+        round_trip(&SupernodeRequest::Promote { max_leaves }, MAX_REPLY_FRAME);
+    }
+    for list in [
+        vec![],
+        vec![promoted_info()],
+        vec![info(), info_v6(), biggest_info(5)],
+    ] {
+        round_trip(&SupernodeRequest::Rehome(list), MAX_REPLY_FRAME);
+    }
+    // The longest list a supernode offers fits the frame with room to spare.
+    let most: Vec<SupernodeInfo> = (0..MAX_SUPERNODE_INFOS).map(biggest_info).collect();
+    let rehome = SupernodeRequest::Rehome(most);
+    let bytes = round_trip(&rehome, MAX_REPLY_FRAME);
+    assert!(bytes.len() < 8 * 1024, "{} bytes", bytes.len());
+
+    round_trip(&LeafReply::Accepted, MAX_REPLY_FRAME);
+    for why in [
+        String::new(),
+        "busy".to_string(),
+        "this leaf never becomes a supernode (--no-promote)".to_string(),
+        "é".repeat(1000),
+    ] {
+        round_trip(&LeafReply::Declined(why), MAX_REPLY_FRAME);
+    }
+}
+
+#[test]
 fn the_largest_supernode_lists_fit_their_frames() {
     let most: Vec<SupernodeInfo> = (0..MAX_SUPERNODE_INFOS).map(biggest_info).collect();
     let status = MeshControl::Status {
@@ -702,6 +764,49 @@ fn golden_mesh_control() {
          9303cd03e8\
          9195c420000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f\
          b13139382e35312e3130302e343a37343030ccfacd03e81e",
+    );
+}
+
+#[test]
+fn golden_election_messages() {
+    // 93 [ cd 02ee (750), cd 0800 (2048), cd 4e20 (20000) ]: a struct, so a
+    // bare array; it only ever travels inside a `SessionUpdate`.
+    assert_eq!(
+        hex::encode(rmp_serde::to_vec(&candidacy()).unwrap()),
+        "93cd02eecd0800cd4e20"
+    );
+    // 81 { a9 "Candidacy": 93 [ cd 02ee, cd 0800, cd 4e20 ] }
+    golden(
+        &SessionUpdate::Candidacy(candidacy()),
+        MAX_UPDATE_FRAME,
+        "0000001581a943616e64696461637993cd02eecd0800cd4e20",
+    );
+    // 81 { a7 "Promote": 91 [ cd 03e8 (1000) ] }
+    golden(
+        &SupernodeRequest::Promote { max_leaves: 1000 },
+        MAX_REPLY_FRAME,
+        "0000000d81a750726f6d6f746591cd03e8",
+    );
+    // 81 { a6 "Rehome": 91 [ 95 [ c4 20 <id>, ae "192.0.2.7:7401",
+    //      00 (0 leaves), cd 03e8 (1000), 00 (age 0) ] ] }
+    golden(
+        &SupernodeRequest::Rehome(vec![promoted_info()]),
+        MAX_REPLY_FRAME,
+        "0000004081a65265686f6d659195c420\
+         000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f\
+         ae3139322e302e322e373a3734303100cd03e800",
+    );
+    // a8 "Accepted" (a unit variant: the name alone, no map)
+    golden(
+        &LeafReply::Accepted,
+        MAX_REPLY_FRAME,
+        "00000009a84163636570746564",
+    );
+    // 81 { a8 "Declined": a4 "busy" }
+    golden(
+        &LeafReply::Declined("busy".into()),
+        MAX_REPLY_FRAME,
+        "0000000f81a84465636c696e6564a462757379",
     );
 }
 
@@ -1356,6 +1461,153 @@ fn mutated_frames_never_panic() {
         }
         if let Ok(m) = frame::parse_exact::<MeshControl>(&bytes, MAX_MESH_FRAME) {
             frame::encode(&m, MAX_MESH_FRAME).unwrap();
+        }
+    }
+}
+
+#[test]
+fn hostile_election_messages_are_refused() {
+    // Variants without their content, or with content they do not have.
+    for name in ["Promote", "Rehome"] {
+        assert!(is_decode(&refused::<SupernodeRequest>(
+            &fixstr(name),
+            MAX_REPLY_FRAME
+        )));
+    }
+    assert!(is_decode(&refused::<LeafReply>(
+        &fixstr("Declined"),
+        MAX_REPLY_FRAME
+    )));
+    assert!(is_decode(&refused::<SessionUpdate>(
+        &fixstr("Candidacy"),
+        MAX_UPDATE_FRAME
+    )));
+    // Unknown variants, and messages of one direction sent the other way.
+    for name in ["Promoted", "Demote", "Register", "Supernodes"] {
+        assert!(is_decode(&refused::<SupernodeRequest>(
+            &fixstr(name),
+            MAX_REPLY_FRAME
+        )));
+    }
+    for name in ["Declined ", "accepted", "Indexed"] {
+        assert!(is_decode(&refused::<LeafReply>(
+            &fixstr(name),
+            MAX_REPLY_FRAME
+        )));
+    }
+    let promote = frame::encode(
+        &SupernodeRequest::Promote { max_leaves: 1000 },
+        MAX_REPLY_FRAME,
+    )
+    .unwrap();
+    assert!(is_decode(&refused::<LeafRequest>(
+        &promote[HEADER_LEN..],
+        MAX_REQUEST_FRAME
+    )));
+    assert!(is_decode(&refused::<SupernodeReply>(
+        &promote[HEADER_LEN..],
+        MAX_REPLY_FRAME
+    )));
+    let accepted = frame::encode(&LeafReply::Accepted, MAX_REPLY_FRAME).unwrap();
+    assert!(is_decode(&refused::<SupernodeRequest>(
+        &accepted[HEADER_LEN..],
+        MAX_REPLY_FRAME
+    )));
+    // An idle CPU figure that does not fit 16 bits; a negative memory
+    // figure; a candidacy without its upload figure, or with a fourth field.
+    for fields in [
+        &[0x93, 0xce, 0x00, 0x01, 0x11, 0x70, 0x00, 0x00][..],
+        &[0x93, 0x00, 0xff, 0x00],
+        &[0x92, 0x00, 0x00],
+        &[0x94, 0x00, 0x00, 0x00, 0x00],
+    ] {
+        let mut body = variant("Candidacy");
+        body.extend_from_slice(fields);
+        assert!(
+            is_decode(&refused::<SessionUpdate>(&body, MAX_UPDATE_FRAME)),
+            "{}",
+            hex::encode(&body)
+        );
+    }
+    // A max_leaves that does not fit 32 bits.
+    let mut body = variant("Promote");
+    body.extend([0x91, 0xcf, 0x00, 0x00, 0x00, 0x01, 0x00, 0x00, 0x00, 0x00]);
+    assert!(is_decode(&refused::<SupernodeRequest>(
+        &body,
+        MAX_REPLY_FRAME
+    )));
+    // A reason that is not UTF-8.
+    let mut body = variant("Declined");
+    body.extend([0xa2, 0xc3, 0x28]);
+    assert!(is_decode(&refused::<LeafReply>(&body, MAX_REPLY_FRAME)));
+    // A supernode in a Rehome list whose id is not 32 bytes.
+    let mut body = variant("Rehome");
+    body.extend([0x91, 0x95]);
+    body.extend(bin8(&[7; 31]));
+    body.extend(fixstr("192.0.2.7:7401"));
+    body.extend([0x00, 0x00, 0x00]);
+    assert!(is_decode(&refused::<SupernodeRequest>(
+        &body,
+        MAX_REPLY_FRAME
+    )));
+    // A Rehome list claiming 4 billion supernodes, and a reason claiming 4 GiB.
+    let mut body = variant("Rehome");
+    body.extend([0xdd, 0xff, 0xff, 0xff, 0xff]);
+    body.extend([0x95; 16]);
+    assert!(is_decode(&refused::<SupernodeRequest>(
+        &body,
+        MAX_REPLY_FRAME
+    )));
+    let mut body = variant("Declined");
+    body.extend([0xdb, 0xff, 0xff, 0xff, 0xff, b'n', b'o']);
+    assert!(is_decode(&refused::<LeafReply>(&body, MAX_REPLY_FRAME)));
+}
+
+/// Mutated election frames never panic the decoders either.
+#[test]
+fn mutated_election_frames_never_panic() {
+    let mut state = 0x2545_f491_4f6c_dd1d_u64;
+    let mut next = move || {
+        state ^= state >> 12;
+        state ^= state << 25;
+        state ^= state >> 27;
+        state.wrapping_mul(0x9e37_79b9_7f4a_7c15)
+    };
+    let seeds = [
+        frame::encode(&SessionUpdate::Candidacy(candidacy()), MAX_UPDATE_FRAME).unwrap(),
+        frame::encode(
+            &SupernodeRequest::Promote { max_leaves: 1000 },
+            MAX_REPLY_FRAME,
+        )
+        .unwrap(),
+        frame::encode(
+            &SupernodeRequest::Rehome(vec![promoted_info(), info_v6()]),
+            MAX_REPLY_FRAME,
+        )
+        .unwrap(),
+        frame::encode(&LeafReply::Accepted, MAX_REPLY_FRAME).unwrap(),
+        frame::encode(&LeafReply::Declined("busy".into()), MAX_REPLY_FRAME).unwrap(),
+    ];
+    for i in 0..10_000 {
+        let mut bytes = seeds[i % seeds.len()].clone();
+        if next() % 2 == 0 {
+            for _ in 0..1 + next() % 4 {
+                let at = HEADER_LEN + (next() as usize) % (bytes.len() - HEADER_LEN);
+                bytes[at] = next() as u8;
+            }
+        } else {
+            bytes.truncate(HEADER_LEN + 1 + (next() as usize) % (bytes.len() - HEADER_LEN));
+        }
+        let len = (bytes.len() - HEADER_LEN) as u32;
+        bytes[..HEADER_LEN].copy_from_slice(&len.to_be_bytes());
+        if let Ok(m) = frame::parse_exact::<SessionUpdate>(&bytes, MAX_UPDATE_FRAME) {
+            frame::encode(&m, MAX_UPDATE_FRAME).unwrap();
+        }
+        if let Ok(m) = frame::parse_exact::<SupernodeRequest>(&bytes, MAX_REPLY_FRAME) {
+            frame::encode(&m, MAX_REPLY_FRAME).unwrap();
+        }
+        if let Ok(m) = frame::parse_exact::<LeafReply>(&bytes, MAX_REPLY_FRAME) {
+            frame::encode(&m, MAX_REPLY_FRAME).unwrap();
         }
     }
 }

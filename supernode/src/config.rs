@@ -14,8 +14,11 @@ pub const DEFAULT_PORT: u16 = 7400;
 pub struct Config {
     /// UDP address to listen on. Default `0.0.0.0:7400`.
     pub listen: SocketAddr,
-    /// Other supernodes to mesh with. Default none.
-    pub peers: Vec<SocketAddr>,
+    /// Other supernodes to mesh with, `HOST:PORT` (a name or an address).
+    /// Names are resolved each time they are dialled, so a peer that comes
+    /// back at a new address (a container, a DHCP lease) is found again.
+    /// Default none.
+    pub peers: Vec<String>,
     /// Where the identity key lives. Default: none given to the library
     /// (a fresh identity each start); the binary uses a platform directory.
     pub data_dir: Option<PathBuf>,

@@ -82,7 +82,14 @@ impl Default for ElectionConfig {
 
 impl ElectionConfig {
     pub fn policy(&self) -> Policy {
-        let secs = |s: f64| Duration::from_secs_f64(s.clamp(0.0, 1e9));
+        // NaN and negative values mean zero; absurdly large ones are capped.
+        let secs = |s: f64| {
+            Duration::from_secs_f64(if s.is_finite() {
+                s.clamp(0.0, 1e9)
+            } else {
+                0.0
+            })
+        };
         Policy {
             high_water_permille: self.high_water_permille,
             overload_for: secs(self.overload_secs),
@@ -99,9 +106,9 @@ impl ElectionConfig {
     /// Quick rules for tests and demos: seconds instead of minutes.
     pub fn quick() -> Self {
         Self {
-            overload_secs: 0.5,
-            jitter_secs: 0.5,
-            cooldown_secs: 1.0,
+            overload_secs: 1.0,
+            jitter_secs: 1.0,
+            cooldown_secs: 3.0,
             min_uptime_secs: 0.5,
             min_cpu_idle_permille: 0,
             min_mem_mib: 0,

@@ -7,7 +7,8 @@
 //! [`index`] the concurrent file index, [`session`] one leaf's connection,
 //! [`mesh`] links to other supernodes, [`routing`] answering and forwarding
 //! queries, [`metrics`] counters, [`status`] and [`http`] what `--http`
-//! serves, [`config`] configuration.
+//! serves, [`probe`] the health check of the container images, [`config`]
+//! configuration.
 
 pub mod config;
 pub mod election;
@@ -16,6 +17,7 @@ pub mod index;
 pub mod mesh;
 pub mod metrics;
 pub mod net;
+pub mod probe;
 pub mod routing;
 pub mod session;
 pub mod status;
@@ -77,7 +79,7 @@ pub struct State {
 impl State {
     pub fn new(id: NodeId, config: Config, elected: bool) -> Self {
         let connections = Arc::new(Semaphore::new(config.max_connections));
-        let peers: Vec<String> = config.peers.iter().map(|p| p.to_string()).collect();
+        let peers = config.peers.clone();
         Self {
             id,
             config,

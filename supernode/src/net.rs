@@ -37,7 +37,7 @@ pub const IDLE_TIMEOUT: Duration = Duration::from_secs(6);
 /// neighbour's query traffic (each query is a stream for up to ~3 s).
 pub const MAX_STREAMS: u32 = 256;
 /// Longest wait for a handshake to finish.
-pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Longest wait for the first frame of a stream.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 

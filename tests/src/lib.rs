@@ -160,17 +160,25 @@ pub fn init_tracing() {
         .try_init();
 }
 
-/// A UDP socket that can be made to go silent at once: nothing it sends
-/// leaves and nothing that arrives is delivered. Killing a node this way is
-/// a crash or a cut cable: its peers get no goodbye and must notice by
-/// themselves.
+/// A UDP socket on `127.0.0.1:0` that drops traffic by a rule, to stand in
+/// for a crashed host or a NAT in tests.
 #[derive(Debug)]
-pub struct KillableSocket {
+pub struct FilteredSocket {
     inner: std::sync::Arc<dyn quinn::AsyncUdpSocket>,
-    dead: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    rule: Rule,
 }
 
-/// Makes a [`KillableSocket`] go silent.
+#[derive(Debug)]
+enum Rule {
+    /// Silent once the switch is thrown: nothing leaves, nothing arrives.
+    Killable(std::sync::Arc<std::sync::atomic::AtomicBool>),
+    /// A NAT with address-dependent filtering: datagrams arrive only from
+    /// addresses this socket has sent to.
+    Nat(std::sync::Mutex<std::collections::HashSet<std::net::SocketAddr>>),
+}
+
+/// Makes a killable socket go silent: a crash or a cut cable, so its peers
+/// get no goodbye and must notice by themselves.
 #[derive(Debug, Clone)]
 pub struct KillSwitch(std::sync::Arc<std::sync::atomic::AtomicBool>);
 
@@ -180,37 +188,67 @@ impl KillSwitch {
     }
 }
 
+/// A socket that [`KillSwitch::kill`] silences.
+pub struct KillableSocket;
+
 impl KillableSocket {
-    /// Binds `127.0.0.1:0`.
-    pub fn bind() -> (std::sync::Arc<Self>, KillSwitch) {
+    pub fn bind() -> (std::sync::Arc<FilteredSocket>, KillSwitch) {
+        let dead = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        (
+            FilteredSocket::bind(Rule::Killable(dead.clone())),
+            KillSwitch(dead),
+        )
+    }
+}
+
+/// A socket behind a simulated NAT: a node on it can dial out and be
+/// answered, but nobody can dial it first, so a dial-back from a socket it
+/// never talked to does not get through.
+pub struct NatSocket;
+
+impl NatSocket {
+    pub fn bind() -> std::sync::Arc<FilteredSocket> {
+        FilteredSocket::bind(Rule::Nat(Default::default()))
+    }
+}
+
+impl FilteredSocket {
+    fn bind(rule: Rule) -> std::sync::Arc<Self> {
         let sock = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind udp");
         let inner = quinn::default_runtime()
             .expect("inside a tokio runtime")
             .wrap_udp_socket(sock)
             .expect("wrap udp socket");
-        let dead = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        (
-            std::sync::Arc::new(Self {
-                inner,
-                dead: dead.clone(),
-            }),
-            KillSwitch(dead),
-        )
+        std::sync::Arc::new(Self { inner, rule })
     }
 
-    fn is_dead(&self) -> bool {
-        self.dead.load(std::sync::atomic::Ordering::SeqCst)
+    fn dead(&self) -> bool {
+        matches!(&self.rule, Rule::Killable(d) if d.load(std::sync::atomic::Ordering::SeqCst))
+    }
+
+    fn admits(&self, from: &std::net::SocketAddr) -> bool {
+        match &self.rule {
+            Rule::Killable(_) => !self.dead(),
+            Rule::Nat(table) => table.lock().expect("nat table").contains(from),
+        }
     }
 }
 
-impl quinn::AsyncUdpSocket for KillableSocket {
+impl quinn::AsyncUdpSocket for FilteredSocket {
     fn create_io_poller(self: std::sync::Arc<Self>) -> std::pin::Pin<Box<dyn quinn::UdpPoller>> {
         self.inner.clone().create_io_poller()
     }
 
     fn try_send(&self, transmit: &quinn::udp::Transmit<'_>) -> std::io::Result<()> {
-        if self.is_dead() {
-            return Ok(());
+        match &self.rule {
+            Rule::Killable(_) if self.dead() => return Ok(()),
+            Rule::Nat(table) => {
+                table
+                    .lock()
+                    .expect("nat table")
+                    .insert(transmit.destination);
+            }
+            Rule::Killable(_) => {}
         }
         self.inner.try_send(transmit)
     }
@@ -223,7 +261,22 @@ impl quinn::AsyncUdpSocket for KillableSocket {
     ) -> std::task::Poll<std::io::Result<usize>> {
         loop {
             match self.inner.poll_recv(cx, bufs, meta) {
-                std::task::Poll::Ready(Ok(_)) if self.is_dead() => continue,
+                std::task::Poll::Ready(Ok(n)) => {
+                    // Keep the admitted datagrams, in order, at the front.
+                    let mut kept = 0;
+                    for i in 0..n {
+                        if self.admits(&meta[i].addr) {
+                            if kept != i {
+                                meta.swap(kept, i);
+                                bufs.swap(kept, i);
+                            }
+                            kept += 1;
+                        }
+                    }
+                    if kept > 0 {
+                        return std::task::Poll::Ready(Ok(kept));
+                    }
+                }
                 other => return other,
             }
         }
@@ -258,92 +311,7 @@ pub async fn killable_supernode(config: supernode::Config) -> (Supernode, KillSw
 /// A mesh test configuration: loopback, port 0, bootstrapping from `peers`.
 pub fn mesh_config(peers: &[&Supernode]) -> supernode::Config {
     supernode::Config {
-        peers: peers.iter().map(|p| p.addr()).collect(),
+        peers: peers.iter().map(|p| p.addr().to_string()).collect(),
         ..supernode::Config::localhost()
-    }
-}
-
-/// A UDP socket behind a simulated NAT with address-dependent filtering:
-/// datagrams are delivered only from addresses this socket has sent to.
-/// A node on it can dial out and be answered, but nobody can dial it first:
-/// a dial-back from a socket it never talked to does not get through.
-#[derive(Debug)]
-pub struct NatSocket {
-    inner: std::sync::Arc<dyn quinn::AsyncUdpSocket>,
-    contacted: std::sync::Mutex<std::collections::HashSet<std::net::SocketAddr>>,
-}
-
-impl NatSocket {
-    /// Binds `127.0.0.1:0`.
-    pub fn bind() -> std::sync::Arc<Self> {
-        let sock = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind udp");
-        let inner = quinn::default_runtime()
-            .expect("inside a tokio runtime")
-            .wrap_udp_socket(sock)
-            .expect("wrap udp socket");
-        std::sync::Arc::new(Self {
-            inner,
-            contacted: Default::default(),
-        })
-    }
-}
-
-impl quinn::AsyncUdpSocket for NatSocket {
-    fn create_io_poller(self: std::sync::Arc<Self>) -> std::pin::Pin<Box<dyn quinn::UdpPoller>> {
-        self.inner.clone().create_io_poller()
-    }
-
-    fn try_send(&self, transmit: &quinn::udp::Transmit<'_>) -> std::io::Result<()> {
-        self.contacted
-            .lock()
-            .expect("nat table")
-            .insert(transmit.destination);
-        self.inner.try_send(transmit)
-    }
-
-    fn poll_recv(
-        &self,
-        cx: &mut std::task::Context<'_>,
-        bufs: &mut [std::io::IoSliceMut<'_>],
-        meta: &mut [quinn::udp::RecvMeta],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        loop {
-            match self.inner.poll_recv(cx, bufs, meta) {
-                std::task::Poll::Ready(Ok(n)) => {
-                    let table = self.contacted.lock().expect("nat table");
-                    // Keep the datagrams from known peers, drop the rest.
-                    let mut kept = 0;
-                    for i in 0..n {
-                        if table.contains(&meta[i].addr) {
-                            if kept != i {
-                                meta.swap(kept, i);
-                                bufs.swap(kept, i);
-                            }
-                            kept += 1;
-                        }
-                    }
-                    if kept > 0 {
-                        return std::task::Poll::Ready(Ok(kept));
-                    }
-                }
-                other => return other,
-            }
-        }
-    }
-
-    fn local_addr(&self) -> std::io::Result<std::net::SocketAddr> {
-        self.inner.local_addr()
-    }
-
-    fn max_transmit_segments(&self) -> usize {
-        self.inner.max_transmit_segments()
-    }
-
-    fn max_receive_segments(&self) -> usize {
-        self.inner.max_receive_segments()
-    }
-
-    fn may_fragment(&self) -> bool {
-        self.inner.may_fragment()
     }
 }

@@ -112,14 +112,27 @@ async fn a_small_seed_grows_supernodes_and_the_network_survives_losing_it() {
 
     // The seed dies without a word; the grown network goes on.
     kill_seed.kill();
+    wait_for(Duration::from_secs(30), || async {
+        leaves.iter().all(|l| !l.leaf().supernodes().is_empty())
+    })
+    .await
+    .expect("every leaf of the dead seed re-homes");
     for (i, l) in leaves.iter().enumerate().step_by(5) {
         if wait_for(Duration::from_secs(20), || async { finds(l).await == 40 })
             .await
             .is_err()
         {
+            let orphan_ids: Vec<String> = leaves
+                .iter()
+                .filter(|l| l.leaf().supernodes().is_empty())
+                .map(|l| l.leaf().id().short())
+                .collect();
+            eprintln!("ORPHANS {orphan_ids:?} asker {}", l.leaf().id().short());
+            let orphans = orphan_ids.len();
             panic!(
-                "after the seed died, leaf {i} still finds all 40 (found {})",
-                finds(l).await
+                "after the seed died, leaf {i} still finds all 40 (found {}; {orphans} leaves have no supernode; {} promoted)",
+                finds(l).await,
+                promoted(&leaves)
             );
         }
     }

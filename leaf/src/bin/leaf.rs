@@ -69,6 +69,10 @@ enum Command {
         timeout: u64,
         hash: ContentHash,
     },
+    /// GET this http:// URL and exit 0 on a 200 answer, 1 otherwise: the
+    /// health check of a container image that has no curl
+    #[command(hide = true)]
+    Probe { url: String },
 }
 
 fn main() -> ExitCode {
@@ -90,6 +94,9 @@ fn main() -> ExitCode {
 }
 
 fn run(args: Args) -> anyhow::Result<()> {
+    if let Command::Probe { url } = &args.command {
+        return Ok(supernode::probe::probe(url, Duration::from_secs(3))?);
+    }
     let data_dir = match args.data_dir {
         Some(d) => d,
         None => dirs::data_local_dir()
@@ -99,7 +106,7 @@ fn run(args: Args) -> anyhow::Result<()> {
     std::fs::create_dir_all(&data_dir)
         .with_context(|| format!("cannot create {}", data_dir.display()))?;
     let runtime = tokio::runtime::Runtime::new()?;
-    runtime.block_on(async move {
+    let result = runtime.block_on(async move {
         match args.command {
             Command::Serve {
                 share,
@@ -141,6 +148,9 @@ fn run(args: Args) -> anyhow::Result<()> {
                             "name": hit.name,
                             "size": hit.size,
                             "sources": hit.sources.len(),
+                            // Where each source would be dialled: the
+                            // addresses the supernodes saw it connect from.
+                            "addrs": hit.sources.iter().map(|s| &s.addr).collect::<Vec<_>>(),
                         });
                         writeln!(out, "{line}")?;
                     } else {
@@ -162,7 +172,13 @@ fn run(args: Args) -> anyhow::Result<()> {
                     .await?;
                 tracing::info!(path = %path.display(), "saved");
             }
+            Command::Probe { .. } => unreachable!("handled before the data dir"),
         }
         Ok(())
-    })
+    });
+    // A supernode's name that `--timeout` gave up resolving is still being
+    // looked up on a blocking thread (getaddrinfo cannot be cancelled; an
+    // unanswered DNS query takes 10 s): exit without waiting for it.
+    runtime.shutdown_background();
+    result
 }

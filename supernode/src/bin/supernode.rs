@@ -14,9 +14,9 @@ struct Args {
     /// UDP address to listen on [default: 0.0.0.0:7400]
     #[arg(long)]
     listen: Option<SocketAddr>,
-    /// Another supernode to mesh with (repeatable)
-    #[arg(long = "peer")]
-    peers: Vec<SocketAddr>,
+    /// Another supernode to mesh with, HOST:PORT (repeatable; names are resolved at each dial)
+    #[arg(long = "peer", value_parser = host_port)]
+    peers: Vec<String>,
     /// Where the identity key and state live [default: platform data dir]
     #[arg(long)]
     data_dir: Option<PathBuf>,
@@ -29,6 +29,18 @@ struct Args {
     /// A TOML config file; flags override it
     #[arg(long)]
     config: Option<PathBuf>,
+    /// GET this http:// URL and exit 0 on a 200 answer, 1 otherwise: the
+    /// health check of a container image that has no curl.
+    #[arg(long, hide = true, exclusive = true)]
+    probe: Option<String>,
+}
+
+/// `HOST:PORT`, checked for its form only: the name is resolved at dial time.
+fn host_port(s: &str) -> Result<String, String> {
+    match s.rsplit_once(':') {
+        Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => Ok(s.to_string()),
+        _ => Err(format!("expected HOST:PORT, got {s:?}")),
+    }
 }
 
 fn main() -> ExitCode {
@@ -49,6 +61,12 @@ fn main() -> ExitCode {
 }
 
 fn run(args: Args) -> anyhow::Result<()> {
+    if let Some(url) = &args.probe {
+        return Ok(supernode::probe::probe(
+            url,
+            std::time::Duration::from_secs(3),
+        )?);
+    }
     let mut config = match &args.config {
         Some(path) => Config::from_file(path)?,
         None => Config::default(),
@@ -57,6 +75,9 @@ fn run(args: Args) -> anyhow::Result<()> {
         config.listen = listen;
     }
     config.peers.extend(args.peers);
+    for peer in &config.peers {
+        host_port(peer).map_err(|e| anyhow::anyhow!("invalid peer: {e}"))?;
+    }
     if let Some(dir) = args.data_dir {
         config.data_dir = Some(dir);
     }
@@ -74,10 +95,15 @@ fn run(args: Args) -> anyhow::Result<()> {
         config.max_leaves = n;
     }
     let runtime = tokio::runtime::Runtime::new()?;
-    runtime.block_on(async {
+    let result = runtime.block_on(async {
         let node = Supernode::spawn(config).await?;
         println!("supernode {} listening on {}", node.id(), node.addr());
         node.run_until_signal().await;
         Ok(())
-    })
+    });
+    // A peer's name being resolved (getaddrinfo, on a blocking thread that
+    // cannot be cancelled) must not hold up the exit: an unanswered DNS
+    // query takes 10 s.
+    runtime.shutdown_background();
+    result
 }
