@@ -257,8 +257,8 @@ impl Leaf {
         self.endpoint.quinn().wait_idle().await;
     }
 
-    pub async fn run_until_signal(self) {
-        supernode::wait_for_signal().await;
+    pub async fn run_until(self, signal: supernode::ShutdownSignal) {
+        signal.wait().await;
         self.shutdown().await;
     }
 }

@@ -331,8 +331,8 @@ impl Supernode {
     }
 
     /// Waits for ctrl-c or SIGTERM, then shuts down.
-    pub async fn run_until_signal(self) {
-        wait_for_signal().await;
+    pub async fn run_until(self, signal: ShutdownSignal) {
+        signal.wait().await;
         self.shutdown().await;
     }
 }
@@ -348,18 +348,92 @@ impl Drop for Supernode {
     }
 }
 
-/// Resolves on ctrl-c or (on Unix) SIGTERM.
-pub async fn wait_for_signal() {
+/// SIGINT and SIGTERM, caught from the moment this is created: create it
+/// before announcing that the node is up, so that a signal sent right after
+/// the announcement shuts the node down cleanly instead of killing it.
+pub struct ShutdownSignal {
     #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        if let Ok(mut term) = signal(SignalKind::terminate()) {
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
+    term: Option<tokio::signal::unix::Signal>,
+    #[cfg(unix)]
+    int: Option<tokio::signal::unix::Signal>,
+}
+
+impl ShutdownSignal {
+    pub fn register() -> Self {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{signal, SignalKind};
+            Self {
+                term: signal(SignalKind::terminate()).ok(),
+                int: signal(SignalKind::interrupt()).ok(),
             }
-            return;
+        }
+        #[cfg(not(unix))]
+        {
+            Self {}
         }
     }
-    let _ = tokio::signal::ctrl_c().await;
+
+    /// Resolves on the first SIGINT or SIGTERM (ctrl-c elsewhere).
+    pub async fn wait(self) {
+        #[cfg(unix)]
+        {
+            let (mut term, mut int) = (self.term, self.int);
+            let term = async {
+                match term.as_mut() {
+                    Some(t) => {
+                        t.recv().await;
+                    }
+                    None => std::future::pending().await,
+                }
+            };
+            let int = async {
+                match int.as_mut() {
+                    Some(i) => {
+                        i.recv().await;
+                    }
+                    None => {
+                        let _ = tokio::signal::ctrl_c().await;
+                    }
+                }
+            };
+            tokio::select! {
+                _ = term => {}
+                _ = int => {}
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+/// Logs to stderr, filtered by `RUST_LOG` (else `default_filter`), in
+/// colour only on a terminal. For the binaries.
+pub fn init_logging(default_filter: &str) {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| default_filter.into()),
+        )
+        .init();
+}
+
+/// The one-line `error: ...` text of an error and its causes, leaving out
+/// a cause whose text the line already holds (our messages often quote it).
+pub fn error_line(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut line = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let text = c.to_string();
+        if !line.contains(&text) {
+            line.push_str(": ");
+            line.push_str(&text);
+        }
+        cause = c.source();
+    }
+    line.replace('\n', " ")
 }

@@ -76,18 +76,11 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "warn,leaf=info".into()),
-        )
-        .init();
+    supernode::init_logging("warn,leaf=info");
     match run(Args::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", supernode::error_line(e.as_ref()));
             ExitCode::FAILURE
         }
     }
@@ -127,8 +120,9 @@ fn run(args: Args) -> anyhow::Result<()> {
                     role: supernode::Config::default(),
                 };
                 let node = Leaf::spawn(config).await?;
+                let signal = supernode::ShutdownSignal::register();
                 println!("leaf {} listening on {}", node.id(), node.addr());
-                node.run_until_signal().await;
+                node.run_until(signal).await;
             }
             Command::Search {
                 json,

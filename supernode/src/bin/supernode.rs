@@ -44,17 +44,11 @@ fn host_port(s: &str) -> Result<String, String> {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .init();
+    supernode::init_logging("info");
     match run(Args::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", supernode::error_line(e.as_ref()));
             ExitCode::FAILURE
         }
     }
@@ -97,8 +91,9 @@ fn run(args: Args) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Runtime::new()?;
     let result = runtime.block_on(async {
         let node = Supernode::spawn(config).await?;
+        let signal = supernode::ShutdownSignal::register();
         println!("supernode {} listening on {}", node.id(), node.addr());
-        node.run_until_signal().await;
+        node.run_until(signal).await;
         Ok(())
     });
     // A peer's name being resolved (getaddrinfo, on a blocking thread that
