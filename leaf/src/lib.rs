@@ -52,6 +52,9 @@ pub struct Config {
     pub attach: usize,
     /// HTTP address for `/status` and `/metrics`. Default none.
     pub http: Option<SocketAddr>,
+    /// Cap on the upload rate of all uploads together, bytes a second.
+    /// Default none.
+    pub max_upload_rate: Option<u64>,
     /// Settings of the supernode role, should this leaf be elected
     /// (`max_leaves` and `peers` come from the election). Default: the
     /// supernode defaults.
@@ -69,6 +72,7 @@ impl Config {
             no_promote: false,
             attach: attach::DEFAULT_ATTACH,
             http: None,
+            max_upload_rate: None,
             role: supernode::Config::localhost(),
         }
     }
@@ -139,7 +143,7 @@ impl Leaf {
         let (stop, stop_rx) = watch::channel(false);
         let span = info_span!("leaf", id = %id.short());
         let links: status::Links = Arc::new(Mutex::new(Vec::new()));
-        let uploads = Arc::new(transfer::Uploads::default());
+        let uploads = Arc::new(transfer::Uploads::new(config.max_upload_rate));
         // Before any task starts, so that a bad address leaves nothing running.
         let http = match config.http {
             Some(at) => {

@@ -19,12 +19,13 @@ use std::io::{Read, Seek, SeekFrom, Write};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use prometheus_client::metrics::counter::Counter;
 use servent_proto::limits::MAX_TRANSFER_FRAME;
 use servent_proto::msg::{ErrorCode, ErrorReply, GetReply, GetRequest, Source, ALPN_TRANSFER};
+use servent_proto::rate::TokenBucket;
 use servent_proto::ContentHash;
 use supernode::net::{self, Endpoint, Peer};
 use tokio::sync::{mpsc, watch, Semaphore};
@@ -37,8 +38,9 @@ use crate::share::{Share, PART_SUFFIX};
 /// scheduling, verification and resume. 256 bao chunks of 1 KiB, a power of
 /// two, so every range but the last is one whole subtree of the hash tree.
 pub const CHUNK_SIZE: u64 = 256 * 1024;
-/// Bytes read from disk at a time when serving.
-const CHUNK: usize = 256 * 1024;
+/// Bytes read from disk at a time when serving; also the unit the upload
+/// rate cap grants, so small enough to interleave uploads finely.
+const CHUNK: usize = 64 * 1024;
 /// Requests each source has in flight at once (two workers), so that a
 /// round trip between two ranges does not idle the link.
 pub const PER_SOURCE: usize = 2;
@@ -51,10 +53,15 @@ const WRITE_STALL: std::time::Duration = std::time::Duration::from_secs(30);
 /// Uploads served at once; more wait their turn.
 pub const MAX_CONCURRENT_UPLOADS: usize = 16;
 
-/// The upload side of a leaf: its slots, and what it has served.
+/// The upload side of a leaf: its slots, its rate limit, and what it has
+/// served.
 #[derive(Debug)]
 pub struct Uploads {
     slots: Semaphore,
+    /// Bytes a second for all uploads together, if capped. The mutex is
+    /// tokio's, which queues waiters in order: uploads take their turn at
+    /// the bucket, so each gets its share of the rate.
+    rate: Option<tokio::sync::Mutex<TokenBucket>>,
     /// Uploads sent whole (a range counts as one).
     pub served: Counter,
     /// Bytes of file content in the ranges sent whole (proof bytes not
@@ -64,10 +71,35 @@ pub struct Uploads {
 
 impl Default for Uploads {
     fn default() -> Self {
+        Self::new(None)
+    }
+}
+
+impl Uploads {
+    /// Uploads capped at `max_rate` bytes a second in all, if given (with a
+    /// burst of one second's worth).
+    pub fn new(max_rate: Option<u64>) -> Self {
+        let rate = max_rate.filter(|r| *r > 0).map(|r| {
+            let burst = u32::try_from(r).unwrap_or(u32::MAX);
+            tokio::sync::Mutex::new(TokenBucket::new(r as f64, burst, Instant::now()))
+        });
         Self {
             slots: Semaphore::new(MAX_CONCURRENT_UPLOADS),
+            rate,
             served: Counter::default(),
             bytes: Counter::default(),
+        }
+    }
+
+    /// Waits until `bytes` more may be sent under the rate cap.
+    async fn pace(&self, bytes: usize) {
+        if let Some(rate) = &self.rate {
+            // Held while waiting: the next upload in the queue goes after.
+            let mut bucket = rate.lock().await;
+            let wait = bucket.take_many(bytes as f64, Instant::now());
+            if !wait.is_zero() {
+                tokio::time::sleep(wait).await;
+            }
         }
     }
 }
@@ -170,6 +202,7 @@ async fn serve_stream(
             let _ = send.reset(1u32.into());
             net::StreamError::Truncated
         })?;
+        uploads.pace(chunk.len()).await;
         // A downloader that stops reading must not hold an upload slot forever.
         match tokio::time::timeout(WRITE_STALL, send.write_chunk(chunk)).await {
             Ok(r) => r?,

@@ -124,3 +124,52 @@ async fn a_download_stopped_halfway_resumes_from_its_verified_ranges() {
     assert!(!leaf::transfer::part_path(&out).exists());
     assert!(!leaf::transfer::state_path(&out).exists());
 }
+
+#[tokio::test]
+async fn a_capped_source_shares_its_upload_rate_fairly() {
+    let size = 4usize << 20;
+    let rate = 4u64 << 20;
+    let content = random_bytes(size, 9);
+    let hash = hash_of(&content);
+    let sn = supernode().await;
+    let data = tempfile::tempdir().unwrap();
+    let share = tempfile::tempdir().unwrap();
+    std::fs::write(share.path().join("album.zip"), &content).unwrap();
+    let source = Leaf::spawn(leaf::Config {
+        max_upload_rate: Some(rate),
+        ..leaf::Config::localhost(data.path(), share.path(), vec![sn.addr().to_string()])
+    })
+    .await
+    .unwrap();
+    let (a, b) = (
+        TestLeaf::start(&[&sn], &[]).await,
+        TestLeaf::start(&[&sn], &[]).await,
+    );
+    let (ca, cb) = (a.client(&[&sn]), b.client(&[&sn]));
+    wait_for(T, || async {
+        ca.locate(hash, T).await.ok().flatten().is_some() && source.share().len() == 1
+    })
+    .await
+    .expect("the file is found");
+
+    // Two downloaders at once: 8 MiB through a 4 MiB/s cap that starts
+    // with a one-second burst takes at least a second.
+    let started = Instant::now();
+    let (oa, ob) = (a.share_path("album.zip"), b.share_path("album.zip"));
+    let timed = |c: Client, out: std::path::PathBuf| async move {
+        c.get(hash, Some(&out), T).await.unwrap();
+        started.elapsed()
+    };
+    let (ta, tb) = tokio::join!(timed(ca, oa.clone()), timed(cb, ob.clone()));
+    let total = ta.max(tb);
+    eprintln!("capped downloads took {ta:?} and {tb:?}");
+    assert!(
+        total >= Duration::from_millis(900),
+        "cap not held: {total:?}"
+    );
+    // Fair: neither waited for the other to finish first.
+    let gap = ta.abs_diff(tb);
+    assert!(gap < total / 2, "{ta:?} vs {tb:?}");
+    assert!(std::fs::read(&oa).unwrap() == content && std::fs::read(&ob).unwrap() == content);
+    drop(source);
+}

@@ -44,6 +44,10 @@ enum Command {
         /// Supernodes to be attached to at once
         #[arg(long, default_value_t = leaf::attach::DEFAULT_ATTACH)]
         attach: usize,
+        /// Cap on the upload rate of all uploads together, shared fairly
+        /// among downloaders [default: no cap]
+        #[arg(long, value_name = "BYTES_PER_SEC")]
+        max_upload_rate: Option<u64>,
     },
     /// Search the network for files whose names hold every WORD
     Search {
@@ -153,6 +157,7 @@ fn run(args: Args) -> anyhow::Result<()> {
                 http,
                 no_promote,
                 attach,
+                max_upload_rate,
             } => {
                 let config = Config {
                     data_dir,
@@ -162,6 +167,7 @@ fn run(args: Args) -> anyhow::Result<()> {
                     no_promote,
                     attach,
                     http,
+                    max_upload_rate,
                     // Should this leaf be elected: the supernode defaults.
                     role: supernode::Config::default(),
                 };
