@@ -1020,3 +1020,52 @@ fn get_without_out_makes_hostile_names_safe_in_the_current_folder() {
     names.sort();
     assert_eq!(names, ["_CON", "evil.txt"], "nothing else written");
 }
+
+#[test]
+fn get_killed_halfway_continues_from_its_verified_ranges() {
+    let supernode = TestSupernode::start();
+    let size = 16usize << 20;
+    let content = pseudo_random(size, 21);
+    let hash = blake3_hex(&content);
+    let share = share_with(&[("video.mp4", &content)]);
+    let data = tempfile::tempdir().unwrap();
+    // A capped source makes the first run slow enough to kill halfway.
+    let _serving = Serving::start_with(
+        &supernode,
+        share.path(),
+        data.path(),
+        &["--max-upload-rate", "8000000"],
+    );
+    let me = tempfile::tempdir().unwrap();
+    wait_for_hit(&supernode, me.path(), "video", &hash, 1);
+    let downloads = tempfile::tempdir().unwrap();
+    let out = downloads.path().join("video.mp4");
+    let args = ["get", "--json", "--out", &path_arg(&out), &hash];
+
+    let mut first = leaf_at(&supernode.addr, me.path(), &args).spawn().unwrap();
+    let _stderr = drain(first.stderr.take().unwrap());
+    let lines = BufReader::new(first.stdout.take().unwrap()).lines();
+    let deadline = Instant::now() + COMMAND_TIMEOUT;
+    for line in lines {
+        let event: Value = serde_json::from_str(&line.unwrap()).unwrap();
+        assert_eq!(event["event"], "progress", "killed before the end: {event}");
+        if event["verified"].as_u64().unwrap() >= size as u64 / 2 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no progress");
+    }
+    first.kill().unwrap(); // SIGKILL
+    first.wait().unwrap();
+    assert!(!out.exists());
+
+    let second = run_with(leaf_at(&supernode.addr, me.path(), &args));
+    second.assert_success();
+    let done: Value = serde_json::from_str(second.stdout.lines().last().unwrap()).unwrap();
+    assert_eq!(done["event"], "done");
+    let fetched = done["fetched"].as_u64().unwrap();
+    assert!(
+        fetched <= size as u64 * 6 / 10,
+        "fetched {fetched} of {size} again"
+    );
+    assert!(std::fs::read(&out).unwrap() == content);
+}
