@@ -271,6 +271,7 @@ impl Share {
             .entries
             .retain(|p, _| found.contains_key(p) || !p.starts_with(&self.root));
         self.save_cache(&cache);
+        self.prune_outboards(&cache);
         let took_ms = started.elapsed().as_millis() as u64;
         if to_hash.is_empty() && stale.is_empty() {
             debug!(shared = self.len(), took_ms, "scan done");
@@ -359,6 +360,25 @@ impl Share {
             }
         }
         out
+    }
+
+    /// Removes the outboards of content the cache no longer knows, so that
+    /// the folder does not grow forever.
+    fn prune_outboards(&self, cache: &CacheFile) {
+        let keep: std::collections::HashSet<String> = cache
+            .entries
+            .values()
+            .map(|c| format!("{}.obao", c.hash))
+            .collect();
+        let Ok(dir) = std::fs::read_dir(self.data_dir.join(OUTBOARD_DIR)) else {
+            return;
+        };
+        for entry in dir.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.ends_with(".obao") && !keep.contains(&name) {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
     }
 
     fn load_cache(&self) -> CacheFile {
@@ -562,6 +582,9 @@ mod tests {
         std::fs::remove_file(&p).unwrap();
         again.scan();
         assert!(again.is_empty());
+        // Its outboard went with it.
+        let left = std::fs::read_dir(data.path().join(OUTBOARD_DIR)).unwrap();
+        assert_eq!(left.filter_map(Result::ok).count(), 0);
     }
 
     #[test]
