@@ -335,7 +335,11 @@ fn known_supernodes(data_dir: &Path, given: Vec<String>) -> Vec<String> {
 pub struct Client {
     endpoint: Endpoint,
     supernodes: Vec<String>,
+    requery: Duration,
 }
+
+/// How often a running download asks the supernodes again for sources.
+pub const REQUERY_INTERVAL: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -359,11 +363,18 @@ impl Client {
         Ok(Self {
             endpoint,
             supernodes,
+            requery: REQUERY_INTERVAL,
         })
     }
 
     pub fn id(&self) -> NodeId {
         self.endpoint.id()
+    }
+
+    /// How often a running download looks for new sources. Default
+    /// [`REQUERY_INTERVAL`].
+    pub fn set_requery_interval(&mut self, every: Duration) {
+        self.requery = every;
     }
 
     pub async fn search(
@@ -427,16 +438,38 @@ impl Client {
             Some(p) => p.to_path_buf(),
             None => PathBuf::from(safe_file_name(&hit.name).unwrap_or_else(|| hash.to_string())),
         };
-        let done = transfer::download(
+        // Sources that appear during a long download join in.
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        let (endpoint, supernodes, every) =
+            (self.endpoint.clone(), self.supernodes.clone(), self.requery);
+        let requery = tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                let query = QueryKind::Hash(hash);
+                let Ok(hits) = search::query(&endpoint, &supernodes, query, 1, every).await else {
+                    continue;
+                };
+                let sources = hits
+                    .into_iter()
+                    .filter(|h| h.hash == hash)
+                    .flat_map(|h| h.sources);
+                if tx.send(sources.collect()).await.is_err() {
+                    return;
+                }
+            }
+        });
+        let done = transfer::download_joining(
             &self.endpoint,
             hash,
             hit.size,
             &hit.sources,
             &target,
             progress,
+            Some(rx),
         )
-        .await?;
-        Ok((target, done))
+        .await;
+        requery.abort();
+        Ok((target, done?))
     }
 
     pub fn endpoint(&self) -> &Endpoint {

@@ -527,6 +527,21 @@ pub async fn download(
     target: &Path,
     progress: Option<watch::Sender<Progress>>,
 ) -> Result<Downloaded, GetError> {
+    download_joining(endpoint, hash, size, sources, target, progress, None).await
+}
+
+/// [`download`], where sources found later (by a repeated query) arrive
+/// in batches on `more` and join in. A batch may repeat known sources; a
+/// source already used, or dropped, is not used again.
+pub async fn download_joining(
+    endpoint: &Endpoint,
+    hash: ContentHash,
+    size: u64,
+    sources: &[Source],
+    target: &Path,
+    progress: Option<watch::Sender<Progress>>,
+    mut more: Option<mpsc::Receiver<Vec<Source>>>,
+) -> Result<Downloaded, GetError> {
     let mut seen = HashSet::new();
     let sources: Vec<Source> = sources
         .iter()
@@ -585,9 +600,11 @@ pub async fn download(
     job.publish(&job.ranges());
 
     let mut tasks = JoinSet::new();
-    for (i, source) in sources.iter().enumerate() {
+    let mut spawned = 0;
+    let mut spawn = |tasks: &mut JoinSet<_>, source: Source| {
         let span = tracing::info_span!("get", source = %source.id.short(), addr = %source.addr);
-        let (job, endpoint, source) = (job.clone(), endpoint.clone(), source.clone());
+        let (job, endpoint, i) = (job.clone(), endpoint.clone(), spawned);
+        spawned += 1;
         tasks.spawn(
             async move {
                 let result = fetch_from(&endpoint, &job, i, &source).await;
@@ -595,11 +612,29 @@ pub async fn download(
             }
             .instrument(span),
         );
+    };
+    for source in sources {
+        spawn(&mut tasks, source);
     }
     let mut last = None;
     let mut bad = None;
     while job.ranges().left > 0 {
-        let Some(joined) = tasks.join_next().await else {
+        let joined = tokio::select! {
+            joined = tasks.join_next() => joined,
+            batch = next_batch(&mut more) => {
+                match batch {
+                    Some(batch) => {
+                        for source in batch.into_iter().filter(|s| seen.insert(s.id)) {
+                            info!(source = %source.id.short(), "a new source joins");
+                            spawn(&mut tasks, source);
+                        }
+                    }
+                    None => more = None,
+                }
+                continue;
+            }
+        };
+        let Some(joined) = joined else {
             break;
         };
         let (source, result) = joined.map_err(|e| io_err(&part)(std::io::Error::other(e)))?;
@@ -652,6 +687,13 @@ pub async fn download(
     let _ = std::fs::remove_file(&job.state);
     info!(%hash, size, fetched, target = %target.display(), "downloaded and verified");
     Ok(Downloaded { size, fetched })
+}
+
+async fn next_batch(more: &mut Option<mpsc::Receiver<Vec<Source>>>) -> Option<Vec<Source>> {
+    match more {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
 }
 
 fn hash_whole(path: &Path) -> std::io::Result<ContentHash> {

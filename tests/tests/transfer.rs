@@ -173,3 +173,44 @@ async fn a_capped_source_shares_its_upload_rate_fairly() {
     assert!(std::fs::read(&oa).unwrap() == content && std::fs::read(&ob).unwrap() == content);
     drop(source);
 }
+
+#[tokio::test]
+async fn a_source_that_appears_during_a_download_joins_in() {
+    let size = 16usize << 20;
+    let content = random_bytes(size, 13);
+    let hash = hash_of(&content);
+    let sn = supernode().await;
+    // A slow first source: the download takes seconds without help.
+    let data = tempfile::tempdir().unwrap();
+    let share = tempfile::tempdir().unwrap();
+    std::fs::write(share.path().join("talk.ogg"), &content).unwrap();
+    let slow = Leaf::spawn(leaf::Config {
+        max_upload_rate: Some(2 << 20),
+        ..leaf::Config::localhost(data.path(), share.path(), vec![sn.addr().to_string()])
+    })
+    .await
+    .unwrap();
+    let downloader = TestLeaf::start(&[&sn], &[]).await;
+    let mut client = downloader.client(&[&sn]);
+    client.set_requery_interval(Duration::from_millis(200));
+    wait_for(T, || async {
+        client.locate(hash, T).await.ok().flatten().is_some()
+    })
+    .await
+    .expect("the slow source is found");
+
+    let (tx, mut rx) = watch::channel(Progress::default());
+    let out = downloader.share_path("talk.ogg");
+    let get = {
+        let out = out.clone();
+        tokio::spawn(async move { client.download(hash, Some(&out), T, Some(tx)).await })
+    };
+    verified_at_least(&mut rx, 1).await;
+    let fast = TestLeaf::start(&[&sn], &[("talk.ogg", &content)]).await;
+    let (_, done) = get.await.unwrap().unwrap();
+    assert_eq!(done.size, size as u64);
+    assert!(std::fs::read(&out).unwrap() == content, "identical");
+    let helped = fast.leaf().uploads().served.get();
+    assert!(helped > 0, "the new source served nothing");
+    drop(slow);
+}
