@@ -52,6 +52,9 @@ pub struct Config {
     pub attach: usize,
     /// HTTP address for `/status` and `/metrics`. Default none.
     pub http: Option<SocketAddr>,
+    /// Cap on the upload rate of all uploads together, bytes a second.
+    /// Default none.
+    pub max_upload_rate: Option<u64>,
     /// Settings of the supernode role, should this leaf be elected
     /// (`max_leaves` and `peers` come from the election). Default: the
     /// supernode defaults.
@@ -69,6 +72,7 @@ impl Config {
             no_promote: false,
             attach: attach::DEFAULT_ATTACH,
             http: None,
+            max_upload_rate: None,
             role: supernode::Config::localhost(),
         }
     }
@@ -100,6 +104,7 @@ pub struct Leaf {
     stop: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
     role: Arc<Role>,
+    uploads: Arc<transfer::Uploads>,
     http: Option<HttpServer>,
 }
 
@@ -138,7 +143,7 @@ impl Leaf {
         let (stop, stop_rx) = watch::channel(false);
         let span = info_span!("leaf", id = %id.short());
         let links: status::Links = Arc::new(Mutex::new(Vec::new()));
-        let uploads = Arc::new(transfer::Uploads::default());
+        let uploads = Arc::new(transfer::Uploads::new(config.max_upload_rate));
         // Before any task starts, so that a bad address leaves nothing running.
         let http = match config.http {
             Some(at) => {
@@ -172,7 +177,7 @@ impl Leaf {
             accept(
                 endpoint.clone(),
                 share.clone(),
-                uploads,
+                uploads.clone(),
                 role.clone(),
                 stop_rx.clone(),
             )
@@ -199,6 +204,7 @@ impl Leaf {
             share,
             links,
             role,
+            uploads,
             stop,
             tasks,
             http,
@@ -225,6 +231,11 @@ impl Leaf {
 
     pub fn share(&self) -> &Arc<Share> {
         &self.share
+    }
+
+    /// What this leaf has uploaded.
+    pub fn uploads(&self) -> &Arc<transfer::Uploads> {
+        &self.uploads
     }
 
     /// Supernodes this leaf is registered with now.
@@ -324,7 +335,11 @@ fn known_supernodes(data_dir: &Path, given: Vec<String>) -> Vec<String> {
 pub struct Client {
     endpoint: Endpoint,
     supernodes: Vec<String>,
+    requery: Duration,
 }
+
+/// How often a running download asks the supernodes again for sources.
+pub const REQUERY_INTERVAL: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -348,11 +363,18 @@ impl Client {
         Ok(Self {
             endpoint,
             supernodes,
+            requery: REQUERY_INTERVAL,
         })
     }
 
     pub fn id(&self) -> NodeId {
         self.endpoint.id()
+    }
+
+    /// How often a running download looks for new sources. Default
+    /// [`REQUERY_INTERVAL`].
+    pub fn set_requery_interval(&mut self, every: Duration) {
+        self.requery = every;
     }
 
     pub async fn search(
@@ -396,6 +418,18 @@ impl Client {
         out: Option<&Path>,
         timeout: Duration,
     ) -> Result<PathBuf, ClientError> {
+        Ok(self.download(hash, out, timeout, None).await?.0)
+    }
+
+    /// [`Client::get`], reporting progress on `progress` and what was
+    /// fetched.
+    pub async fn download(
+        &self,
+        hash: ContentHash,
+        out: Option<&Path>,
+        timeout: Duration,
+        progress: Option<watch::Sender<transfer::Progress>>,
+    ) -> Result<(PathBuf, transfer::Downloaded), ClientError> {
         let hit = self
             .locate(hash, timeout)
             .await?
@@ -404,8 +438,38 @@ impl Client {
             Some(p) => p.to_path_buf(),
             None => PathBuf::from(safe_file_name(&hit.name).unwrap_or_else(|| hash.to_string())),
         };
-        transfer::download(&self.endpoint, hash, &hit.sources, &target).await?;
-        Ok(target)
+        // Sources that appear during a long download join in.
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        let (endpoint, supernodes, every) =
+            (self.endpoint.clone(), self.supernodes.clone(), self.requery);
+        let requery = tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                let query = QueryKind::Hash(hash);
+                let Ok(hits) = search::query(&endpoint, &supernodes, query, 1, every).await else {
+                    continue;
+                };
+                let sources = hits
+                    .into_iter()
+                    .filter(|h| h.hash == hash)
+                    .flat_map(|h| h.sources);
+                if tx.send(sources.collect()).await.is_err() {
+                    return;
+                }
+            }
+        });
+        let done = transfer::download_joining(
+            &self.endpoint,
+            hash,
+            hit.size,
+            &hit.sources,
+            &target,
+            progress,
+            Some(rx),
+        )
+        .await;
+        requery.abort();
+        Ok((target, done?))
     }
 
     pub fn endpoint(&self) -> &Endpoint {
@@ -413,14 +477,44 @@ impl Client {
     }
 }
 
-/// A name from the network made safe to create in the current folder: its
-/// last component only, no control characters, not hidden, not `.`/`..`.
+/// Longest name (UTF-8 bytes) `get` creates: below every common file
+/// system's 255, leaving room for the partial file's prefix and suffix.
+pub const MAX_SAFE_NAME_BYTES: usize = 200;
+
+/// A name from the network made safe to create in the current folder, on
+/// any platform: its last component only; no control characters and none
+/// that Windows forbids (`<>:"|?*`); not hidden, not `.`/`..`; no trailing
+/// dots or spaces; not a Windows device name (`CON`, `NUL`, `COM1`, ... with
+/// any extension), which gets a `_` prefix; at most
+/// [`MAX_SAFE_NAME_BYTES`].
 pub fn safe_file_name(name: &str) -> Option<String> {
     let last = name.rsplit(['/', '\\']).next()?;
-    let clean: String = last.chars().filter(|c| !c.is_control()).collect();
-    let clean = clean.trim().trim_start_matches('.').to_string();
-    let mut clean = clean;
-    servent_proto::msg::truncate_utf8(&mut clean, 200);
+    let clean: String = last
+        .chars()
+        .filter(|c| !c.is_control() && !matches!(c, '<' | '>' | ':' | '"' | '|' | '?' | '*'))
+        .collect();
+    let mut clean = clean
+        .trim()
+        .trim_start_matches('.')
+        .trim_end_matches(['.', ' '])
+        .to_string();
+    let stem = clean
+        .split('.')
+        .next()
+        .unwrap_or("")
+        .trim_end()
+        .to_ascii_uppercase();
+    const DEVICES: &[&str] = &["CON", "PRN", "AUX", "NUL", "CONIN$", "CONOUT$", "CLOCK$"];
+    let numbered = ["COM", "LPT"].iter().any(|p| {
+        stem.strip_prefix(p).is_some_and(|n| {
+            n.chars().count() == 1 && n.chars().all(|c| c.is_ascii_digit() || "¹²³".contains(c))
+        })
+    });
+    if DEVICES.contains(&stem.as_str()) || numbered {
+        clean.insert(0, '_');
+    }
+    servent_proto::msg::truncate_utf8(&mut clean, MAX_SAFE_NAME_BYTES);
+    let clean = clean.trim_end_matches(['.', ' ']).to_string();
     (!clean.is_empty()).then_some(clean)
 }
 
@@ -440,5 +534,26 @@ mod tests {
         assert_eq!(safe_file_name("a/"), None);
         assert_eq!(safe_file_name("x\0y\n").as_deref(), Some("xy"));
         assert!(safe_file_name(&"é".repeat(300)).unwrap().len() <= 200);
+        assert_eq!(safe_file_name("CON").as_deref(), Some("_CON"));
+        assert_eq!(safe_file_name("nul.txt").as_deref(), Some("_nul.txt"));
+        assert_eq!(
+            safe_file_name("Com1.tar.gz").as_deref(),
+            Some("_Com1.tar.gz")
+        );
+        assert_eq!(safe_file_name("lpt9").as_deref(), Some("_lpt9"));
+        assert_eq!(
+            safe_file_name("console.log").as_deref(),
+            Some("console.log")
+        );
+        assert_eq!(safe_file_name("COM10").as_deref(), Some("COM10"));
+        assert_eq!(safe_file_name("a:b?c*.txt").as_deref(), Some("abc.txt"));
+        assert_eq!(safe_file_name("trail. . ").as_deref(), Some("trail"));
+        assert_eq!(safe_file_name("\0"), None);
+        assert_eq!(safe_file_name("\0\0/.."), None);
+        assert_eq!(
+            safe_file_name("C:\\Windows\\evil.dll").as_deref(),
+            Some("evil.dll")
+        );
+        assert_eq!(safe_file_name("C:evil").as_deref(), Some("Cevil"));
     }
 }

@@ -7,7 +7,7 @@
 //! modification time are those it had when it was hashed.
 
 use std::collections::HashMap;
-use std::io::Read;
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -27,6 +27,8 @@ pub const RESCAN_INTERVAL: Duration = Duration::from_secs(30);
 /// Changes reported by the watcher are batched for this long.
 const DEBOUNCE: Duration = Duration::from_millis(300);
 const CACHE_FILE: &str = "hash-cache.json";
+/// Folder of the data dir that holds one bao outboard per shared content.
+const OUTBOARD_DIR: &str = "outboard";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ShareError {
@@ -194,11 +196,13 @@ impl Share {
             }
             match cache.entries.get(path) {
                 Some(c) if c.stamp == *stamp => match c.hash.parse::<ContentHash>() {
-                    Ok(hash) => {
+                    // Without its outboard the file cannot be served in
+                    // verifiable slices: hash it again, which writes one.
+                    Ok(hash) if self.outboard_path(&hash).is_file() => {
                         paths.insert(path.clone(), (*stamp, hash));
                         self.share(path, *stamp, hash);
                     }
-                    Err(_) => to_hash.push((path.clone(), *stamp)),
+                    _ => to_hash.push((path.clone(), *stamp)),
                 },
                 _ => to_hash.push((path.clone(), *stamp)),
             }
@@ -223,7 +227,7 @@ impl Share {
         let mut last_report = Instant::now();
         let mut last_save = Instant::now();
         for (i, (path, stamp)) in to_hash.iter().enumerate() {
-            match hash_file(path, *stamp) {
+            match hash_file(path, *stamp, &self.data_dir.join(OUTBOARD_DIR)) {
                 Ok(hash) => {
                     cache.entries.insert(
                         path.clone(),
@@ -267,6 +271,7 @@ impl Share {
             .entries
             .retain(|p, _| found.contains_key(p) || !p.starts_with(&self.root));
         self.save_cache(&cache);
+        self.prune_outboards(&cache);
         let took_ms = started.elapsed().as_millis() as u64;
         if to_hash.is_empty() && stale.is_empty() {
             debug!(shared = self.len(), took_ms, "scan done");
@@ -357,6 +362,25 @@ impl Share {
         out
     }
 
+    /// Removes the outboards of content the cache no longer knows, so that
+    /// the folder does not grow forever.
+    fn prune_outboards(&self, cache: &CacheFile) {
+        let keep: std::collections::HashSet<String> = cache
+            .entries
+            .values()
+            .map(|c| format!("{}.obao", c.hash))
+            .collect();
+        let Ok(dir) = std::fs::read_dir(self.data_dir.join(OUTBOARD_DIR)) else {
+            return;
+        };
+        for entry in dir.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.ends_with(".obao") && !keep.contains(&name) {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
+    }
+
     fn load_cache(&self) -> CacheFile {
         let path = self.data_dir.join(CACHE_FILE);
         match std::fs::read(&path) {
@@ -378,6 +402,11 @@ impl Share {
         if let Err(e) = result {
             warn!(path = %path.display(), error = %e, "cannot save the hash cache");
         }
+    }
+
+    /// Where the bao outboard of `hash` lives (written when it was hashed).
+    pub fn outboard_path(&self, hash: &ContentHash) -> PathBuf {
+        outboard_path(&self.data_dir.join(OUTBOARD_DIR), hash)
     }
 
     /// Checks that `file` is still what was hashed and below the root, and
@@ -414,26 +443,35 @@ fn announce_name(path: &Path) -> Option<String> {
     (!name.is_empty()).then_some(name)
 }
 
-/// BLAKE3 of a file, refusing it if it changed while being read.
-pub fn hash_file(path: &Path, stamp: Stamp) -> std::io::Result<ContentHash> {
+fn outboard_path(dir: &Path, hash: &ContentHash) -> PathBuf {
+    dir.join(format!("{hash}.obao"))
+}
+
+/// BLAKE3 of a file, refusing it if it changed while being read. Writes
+/// its bao outboard (the hash tree's parent nodes, 64 bytes per 1 KiB
+/// chunk) into `outboard_dir` on the way: the same pass computes both, and
+/// bao's root is BLAKE3's.
+pub fn hash_file(path: &Path, stamp: Stamp, outboard_dir: &Path) -> std::io::Result<ContentHash> {
+    std::fs::create_dir_all(outboard_dir)?;
     let mut f = std::fs::File::open(path)?;
-    let mut hasher = blake3::Hasher::new();
+    let tmp = tempfile::NamedTempFile::new_in(outboard_dir)?;
+    let mut encoder = bao::encode::Encoder::new_outboard(tmp.reopen()?);
     let mut buf = vec![0u8; 1 << 20];
     loop {
         let n = f.read(&mut buf)?;
         if n == 0 {
             break;
         }
-        if n >= 128 * 1024 {
-            hasher.update_rayon(&buf[..n]);
-        } else {
-            hasher.update(&buf[..n]);
-        }
+        encoder.write_all(&buf[..n])?;
     }
+    let root = encoder.finalize()?;
     if Stamp::of(&f.metadata()?) != stamp {
         return Err(std::io::Error::other("changed while hashing"));
     }
-    Ok(ContentHash(*hasher.finalize().as_bytes()))
+    let hash = ContentHash(*root.as_bytes());
+    tmp.persist(outboard_path(outboard_dir, &hash))
+        .map_err(|e| e.error)?;
+    Ok(hash)
 }
 
 /// Rescans on every change the OS reports (batched) and every
@@ -544,6 +582,27 @@ mod tests {
         std::fs::remove_file(&p).unwrap();
         again.scan();
         assert!(again.is_empty());
+        // Its outboard went with it.
+        let left = std::fs::read_dir(data.path().join(OUTBOARD_DIR)).unwrap();
+        assert_eq!(left.filter_map(Result::ok).count(), 0);
+    }
+
+    #[test]
+    fn bao_root_is_the_blake3_hash_and_the_outboard_is_kept() {
+        let share_dir = tempfile::tempdir().unwrap();
+        let data = tempfile::tempdir().unwrap();
+        // Sizes around bao's 1 KiB chunks and a multi-level tree.
+        for len in [0usize, 1, 1024, 1025, 300_000] {
+            let content: Vec<u8> = (0..len).map(|i| (i * 7 % 251) as u8).collect();
+            let p = share_dir.path().join(format!("f{len}"));
+            std::fs::write(&p, &content).unwrap();
+            let stamp = Stamp::of(&std::fs::metadata(&p).unwrap());
+            let dir = data.path().join(OUTBOARD_DIR);
+            let hash = hash_file(&p, stamp, &dir).unwrap();
+            assert_eq!(hash, hash_of(&content), "len {len}");
+            let outboard = std::fs::read(outboard_path(&dir, &hash)).unwrap();
+            assert_eq!(outboard, bao::encode::outboard(&content).0, "len {len}");
+        }
     }
 
     #[test]

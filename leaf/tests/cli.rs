@@ -638,6 +638,34 @@ fn get_writes_verified_bytes_and_fails_cleanly_for_an_unknown_hash() {
         "downloaded bytes differ"
     );
 
+    // --json: progress events, then one "done" event, on stdout.
+    let elsewhere = tempfile::tempdir().unwrap();
+    let out = elsewhere.path().join("beta json.bin");
+    let got = run_with(leaf_at(
+        sn,
+        me.path(),
+        &[
+            "get",
+            "--json",
+            "--out",
+            &path_arg(&out),
+            &blake3_hex(&net.beta),
+        ],
+    ));
+    got.assert_success();
+    let events: Vec<Value> = got
+        .stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("one JSON object a line"))
+        .collect();
+    let last = events.last().expect("a done event");
+    assert_eq!(last["event"], "done", "{}", got.stdout);
+    assert_eq!(last["size"], net.beta.len() as u64);
+    assert!(events[..events.len() - 1]
+        .iter()
+        .all(|e| e["event"] == "progress" && e["size"] == net.beta.len() as u64));
+    assert!(std::fs::read(&out).unwrap() == net.beta);
+
     // Two sources: either will do.
     let out = downloads.path().join("gamma");
     get(&out, &blake3_hex(&net.gamma)).assert_success();
@@ -966,4 +994,78 @@ fn serve_http_reports_status_and_metrics() {
     leaf.assert_undisturbed();
     assert!(leaf.terminate().success(), "stderr:\n{}", leaf.stderr());
     assert_eq!(leaf.rest_of_stdout(), Vec::<String>::new());
+}
+
+#[test]
+fn get_without_out_makes_hostile_names_safe_in_the_current_folder() {
+    let supernode = TestSupernode::start();
+    // Names a Linux share can hold that are dangerous elsewhere.
+    let files: &[(&str, &[u8])] = &[("CON", b"device"), ("evil?.txt", b"question")];
+    let share = share_with(files);
+    let data = tempfile::tempdir().unwrap();
+    let _serving = Serving::start(&supernode, share.path(), data.path());
+    let me = tempfile::tempdir().unwrap();
+    let here = tempfile::tempdir().unwrap();
+    for ((_, content), (word, safe)) in files.iter().zip([("con", "_CON"), ("evil", "evil.txt")]) {
+        wait_for_hit(&supernode, me.path(), word, &blake3_hex(content), 1);
+        let mut cmd = leaf_at(&supernode.addr, me.path(), &["get", &blake3_hex(content)]);
+        cmd.current_dir(here.path());
+        run_with(cmd).assert_success();
+        assert!(std::fs::read(here.path().join(safe)).unwrap() == *content);
+    }
+    let mut names: Vec<String> = std::fs::read_dir(here.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["_CON", "evil.txt"], "nothing else written");
+}
+
+#[test]
+fn get_killed_halfway_continues_from_its_verified_ranges() {
+    let supernode = TestSupernode::start();
+    let size = 16usize << 20;
+    let content = pseudo_random(size, 21);
+    let hash = blake3_hex(&content);
+    let share = share_with(&[("video.mp4", &content)]);
+    let data = tempfile::tempdir().unwrap();
+    // A capped source makes the first run slow enough to kill halfway.
+    let _serving = Serving::start_with(
+        &supernode,
+        share.path(),
+        data.path(),
+        &["--max-upload-rate", "8000000"],
+    );
+    let me = tempfile::tempdir().unwrap();
+    wait_for_hit(&supernode, me.path(), "video", &hash, 1);
+    let downloads = tempfile::tempdir().unwrap();
+    let out = downloads.path().join("video.mp4");
+    let args = ["get", "--json", "--out", &path_arg(&out), &hash];
+
+    let mut first = leaf_at(&supernode.addr, me.path(), &args).spawn().unwrap();
+    let _stderr = drain(first.stderr.take().unwrap());
+    let lines = BufReader::new(first.stdout.take().unwrap()).lines();
+    let deadline = Instant::now() + COMMAND_TIMEOUT;
+    for line in lines {
+        let event: Value = serde_json::from_str(&line.unwrap()).unwrap();
+        assert_eq!(event["event"], "progress", "killed before the end: {event}");
+        if event["verified"].as_u64().unwrap() >= size as u64 / 2 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no progress");
+    }
+    first.kill().unwrap(); // SIGKILL
+    first.wait().unwrap();
+    assert!(!out.exists());
+
+    let second = run_with(leaf_at(&supernode.addr, me.path(), &args));
+    second.assert_success();
+    let done: Value = serde_json::from_str(second.stdout.lines().last().unwrap()).unwrap();
+    assert_eq!(done["event"], "done");
+    let fetched = done["fetched"].as_u64().unwrap();
+    assert!(
+        fetched <= size as u64 * 6 / 10,
+        "fetched {fetched} of {size} again"
+    );
+    assert!(std::fs::read(&out).unwrap() == content);
 }

@@ -11,8 +11,9 @@ use crate::id::{ContentHash, NodeId};
 
 /// Leaf ↔ supernode: registration of shared files and queries.
 pub const ALPN_LEAF: &[u8] = b"servent-leaf/1";
-/// Leaf ↔ leaf: downloads.
-pub const ALPN_TRANSFER: &[u8] = b"servent-xfer/1";
+/// Leaf ↔ leaf: downloads. Version 2: ranges are answered with bao slices
+/// (content and proof interleaved), not raw bytes.
+pub const ALPN_TRANSFER: &[u8] = b"servent-xfer/2";
 /// Supernode ↔ supernode: the mesh (membership gossip and query routing).
 pub const ALPN_MESH: &[u8] = b"servent-mesh/1";
 
@@ -100,7 +101,7 @@ pub enum LeafReply {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Source {
     pub id: NodeId,
-    /// `IP:PORT` to dial (ALPN `servent-xfer/1`): the address the supernode
+    /// `IP:PORT` to dial (ALPN `servent-xfer/2`): the address the supernode
     /// observed for the leaf's connection with the leaf's listening port.
     pub addr: String,
 }
@@ -241,8 +242,9 @@ pub struct GetRequest {
     pub length: Option<u64>,
 }
 
-/// The header a source sends back; after `Ok`, exactly `length` raw bytes
-/// follow and then the end of the stream.
+/// The header a source sends back; after `Ok`, the bao slice of the
+/// `length` bytes from `offset` follows (content and the hash-tree nodes
+/// that prove it, see docs/PROTOCOL.md) and then the end of the stream.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum GetReply {
     Ok { size: u64, length: u64 },

@@ -36,6 +36,22 @@ impl TokenBucket {
         }
     }
 
+    /// Takes `n` tokens at once, going into debt if there are not enough,
+    /// and says how long the caller must wait before acting so that the
+    /// rate holds: the time to pay back the debt. Callers that take in
+    /// turn (a fair queue) share the rate fairly.
+    pub fn take_many(&mut self, n: f64, now: Instant) -> Duration {
+        let elapsed = now.saturating_duration_since(self.last);
+        self.last = self.last.max(now);
+        self.tokens = (self.tokens + elapsed.as_secs_f64() * self.rate_per_sec).min(self.burst);
+        self.tokens -= n;
+        if self.tokens >= 0.0 || self.rate_per_sec <= 0.0 {
+            Duration::ZERO
+        } else {
+            Duration::from_secs_f64(-self.tokens / self.rate_per_sec)
+        }
+    }
+
     /// How long until a token is available.
     pub fn wait_time(&self) -> Duration {
         if self.tokens >= 1.0 || self.rate_per_sec <= 0.0 {
@@ -61,5 +77,18 @@ mod tests {
         let later = t0 + Duration::from_secs(100);
         assert!((0..3).all(|_| b.try_take(later)));
         assert!(!b.try_take(later));
+    }
+
+    #[test]
+    fn taking_many_goes_into_debt_and_says_how_long_to_wait() {
+        let t0 = Instant::now();
+        let mut b = TokenBucket::new(1000.0, 1000, t0);
+        assert_eq!(b.take_many(600.0, t0), Duration::ZERO);
+        // 400 left; 1000 more is 600 of debt: 0.6 s at 1000/s.
+        let wait = b.take_many(1000.0, t0);
+        assert!((wait.as_secs_f64() - 0.6).abs() < 1e-9, "{wait:?}");
+        // Once the debt is paid, the next taker waits only for its own.
+        let wait = b.take_many(500.0, t0 + Duration::from_millis(600));
+        assert!((wait.as_secs_f64() - 0.5).abs() < 1e-9, "{wait:?}");
     }
 }

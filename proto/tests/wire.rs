@@ -1615,6 +1615,6 @@ fn mutated_election_frames_never_panic() {
 #[test]
 fn alpns_are_pinned() {
     assert_eq!(ALPN_LEAF, b"servent-leaf/1");
-    assert_eq!(ALPN_TRANSFER, b"servent-xfer/1");
+    assert_eq!(ALPN_TRANSFER, b"servent-xfer/2");
     assert_eq!(ALPN_MESH, b"servent-mesh/1");
 }

@@ -965,10 +965,23 @@ fn debug_unattached(net: &Shared, sns: &[Supernode]) {
     println!("dedicated loads: {loads:?}");
     let nb: Vec<usize> = sns.iter().map(|s| s.neighbours().len()).collect();
     println!("dedicated neighbours: {nb:?}");
-    let links: Vec<usize> = n.members.iter().map(|m| m.leaf.leaf().supernodes().len()).collect();
+    let links: Vec<usize> = n
+        .members
+        .iter()
+        .map(|m| m.leaf.leaf().supernodes().len())
+        .collect();
     println!("links per leaf: {links:?}");
-    for m in n.members.iter().filter(|m| m.leaf.leaf().supernodes().is_empty()).take(3) {
+    for m in n
+        .members
+        .iter()
+        .filter(|m| m.leaf.leaf().supernodes().is_empty())
+        .take(3)
+    {
         let cache = leaf::attach::load_cache(m.leaf.data.path());
-        println!("unattached leaf {} knows {} supernodes", m.serial, cache.len());
+        println!(
+            "unattached leaf {} knows {} supernodes",
+            m.serial,
+            cache.len()
+        );
     }
 }

@@ -221,7 +221,7 @@ async fn a_peer_whose_key_does_not_match_the_expected_id_is_refused() {
         id: impostor_id,
         addr: a.leaf().addr().to_string(),
     }];
-    let err = leaf::transfer::download(client.endpoint(), hash_of(b"xx"), &sources, &out)
+    let err = leaf::transfer::download(client.endpoint(), hash_of(b"xx"), 2, &sources, &out, None)
         .await
         .unwrap_err();
     assert!(err.to_string().contains("not the expected"), "{err}");
@@ -267,14 +267,15 @@ async fn a_source_serving_wrong_bytes_never_produces_a_file() {
         .unwrap_err();
     assert!(err.to_string().contains("hash mismatch"), "{err}");
     assert!(!out.exists(), "nothing at the target");
-    assert!(
-        !leaf::transfer::part_path(&out).exists(),
-        "bad bytes are not kept"
-    );
+    // The ranges before the bad one verified and are kept to resume from;
+    // the bad range never reached the disk.
+    if let Ok(part) = std::fs::read(leaf::transfer::part_path(&out)) {
+        assert_ne!(part[500_000], bad[500_000], "bad bytes are not kept");
+    }
 }
 
 #[tokio::test]
-async fn an_interrupted_download_resumes_from_its_partial_file() {
+async fn a_partial_file_without_state_is_not_trusted() {
     let content = random_bytes(2 << 20, 3);
     let sn = supernode().await;
     let a = TestLeaf::start(&[&sn], &[("big.iso", &content)]).await;
@@ -283,8 +284,9 @@ async fn an_interrupted_download_resumes_from_its_partial_file() {
     let client = c.client(&[&sn]);
     let out = c.share.path().join("big.iso");
 
-    // What an interrupted run leaves: the verified-so-far prefix beside the target.
-    std::fs::write(leaf::transfer::part_path(&out), &content[..1_234_567]).unwrap();
+    // A partial file without its state of verified ranges is not trusted:
+    // garbage there costs a fresh start, never a wrong file.
+    std::fs::write(leaf::transfer::part_path(&out), vec![0x55; 1_234_567]).unwrap();
     client.get(hash_of(&content), Some(&out), T).await.unwrap();
     assert_eq!(std::fs::read(&out).unwrap(), content);
     assert!(!leaf::transfer::part_path(&out).exists());

@@ -44,6 +44,10 @@ enum Command {
         /// Supernodes to be attached to at once
         #[arg(long, default_value_t = leaf::attach::DEFAULT_ATTACH)]
         attach: usize,
+        /// Cap on the upload rate of all uploads together, shared fairly
+        /// among downloaders [default: no cap]
+        #[arg(long, value_name = "BYTES_PER_SEC")]
+        max_upload_rate: Option<u64>,
     },
     /// Search the network for files whose names hold every WORD
     Search {
@@ -64,6 +68,9 @@ enum Command {
         /// Where to write it [default: its name, in the current folder]
         #[arg(long)]
         out: Option<PathBuf>,
+        /// Progress events on stdout, one JSON object a line (no bar)
+        #[arg(long)]
+        json: bool,
         /// Seconds to wait for the supernodes to answer
         #[arg(long, default_value_t = 5)]
         timeout: u64,
@@ -73,6 +80,49 @@ enum Command {
     /// health check of a container image that has no curl
     #[command(hide = true)]
     Probe { url: String },
+}
+
+/// Shows a download's progress until it ends: a bar on a terminal's
+/// stderr, JSON lines on stdout with `--json` (at most five a second),
+/// nothing otherwise.
+async fn show_progress(mut rx: tokio::sync::watch::Receiver<leaf::transfer::Progress>, json: bool) {
+    use std::io::IsTerminal;
+    let bar = (!json && std::io::stderr().is_terminal()).then(|| {
+        let bar = indicatif::ProgressBar::new(0);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{bar:40} {bytes}/{total_bytes} {bytes_per_sec} ETA {eta} {msg}",
+            )
+            .expect("valid template"),
+        );
+        bar
+    });
+    if bar.is_none() && !json {
+        return;
+    }
+    while rx.changed().await.is_ok() {
+        let p = *rx.borrow_and_update();
+        if let Some(bar) = &bar {
+            bar.set_length(p.size);
+            bar.set_position(p.verified);
+            bar.set_message(format!("{} sources", p.sources));
+        } else {
+            let line = serde_json::json!({
+                "event": "progress",
+                "size": p.size,
+                "verified": p.verified,
+                "fetched": p.fetched,
+                "sources": p.sources,
+            });
+            if writeln!(std::io::stdout().lock(), "{line}").is_err() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
 }
 
 fn main() -> ExitCode {
@@ -107,6 +157,7 @@ fn run(args: Args) -> anyhow::Result<()> {
                 http,
                 no_promote,
                 attach,
+                max_upload_rate,
             } => {
                 let config = Config {
                     data_dir,
@@ -116,6 +167,7 @@ fn run(args: Args) -> anyhow::Result<()> {
                     no_promote,
                     attach,
                     http,
+                    max_upload_rate,
                     // Should this leaf be elected: the supernode defaults.
                     role: supernode::Config::default(),
                 };
@@ -159,11 +211,30 @@ fn run(args: Args) -> anyhow::Result<()> {
                     }
                 }
             }
-            Command::Get { out, timeout, hash } => {
+            Command::Get {
+                out,
+                json,
+                timeout,
+                hash,
+            } => {
                 let client = Client::new(&data_dir, args.supernodes)?;
-                let path = client
-                    .get(hash, out.as_deref(), Duration::from_secs(timeout))
-                    .await?;
+                let (tx, rx) = tokio::sync::watch::channel(leaf::transfer::Progress::default());
+                let shown = tokio::spawn(show_progress(rx, json));
+                let result = client
+                    .download(hash, out.as_deref(), Duration::from_secs(timeout), Some(tx))
+                    .await;
+                // The sender is gone with the download: the display ends.
+                let _ = shown.await;
+                let (path, done) = result?;
+                if json {
+                    let line = serde_json::json!({
+                        "event": "done",
+                        "path": path.display().to_string(),
+                        "size": done.size,
+                        "fetched": done.fetched,
+                    });
+                    writeln!(std::io::stdout().lock(), "{line}")?;
+                }
                 tracing::info!(path = %path.display(), "saved");
             }
             Command::Probe { .. } => unreachable!("handled before the data dir"),
