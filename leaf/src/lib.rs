@@ -257,6 +257,7 @@ impl Leaf {
 
     /// Stops serving and closes every connection.
     pub async fn shutdown(mut self) {
+        self.role.step_down();
         let _ = self.stop.send(true);
         if let Some(http) = self.http.take() {
             http.shutdown().await;
@@ -276,6 +277,7 @@ impl Leaf {
 
 impl Drop for Leaf {
     fn drop(&mut self) {
+        self.role.step_down();
         let _ = self.stop.send(true);
         self.endpoint.close();
         for t in &self.tasks {

@@ -84,7 +84,9 @@ impl Role {
         }
         let mut current = self.current.lock().expect("role lock");
         if current.is_some() {
-            return LeafReply::Accepted;
+            // Accepting again would cost the asker its cool-down and send it
+            // leaves that this supernode never meshed to take.
+            return LeafReply::Declined("already a supernode".into());
         }
         let config = supernode::Config {
             max_leaves: max_leaves.max(1) as usize,

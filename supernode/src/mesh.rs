@@ -534,6 +534,15 @@ async fn dial_inner(
         dialer: state.id,
         since: Instant::now(),
     };
+    // Dials run concurrently: check the cap again now that this one is up.
+    if state.mesh.neighbours.len() >= state.config.max_neighbors
+        && !state.mesh.neighbours.contains_key(&peer.id)
+    {
+        peer.conn.close(0u32.into(), b"no room");
+        return Err(DialError::Refused(
+            "neighbour table filled meanwhile".into(),
+        ));
+    }
     if !state.mesh.admit(peer.id, n) {
         peer.conn.close(0u32.into(), b"duplicate link");
         return Err(DialError::Duplicate);
