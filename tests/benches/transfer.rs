@@ -11,9 +11,13 @@
 //! noise falls on both.
 //!
 //! `cargo bench -p servent-tests --bench transfer` runs the full size
-//! (`SERVENT_BENCH_BYTES`, default 1 GiB; `SERVENT_BENCH_ROUNDS`, default 3).
+//! (`SERVENT_BENCH_BYTES`, default 1 GiB) for `SERVENT_BENCH_ROUNDS` rounds
+//! (default 5) after one uncounted warm-up round, and prints the medians.
 //! Invoked any other way (as `cargo test --all-targets` does), it makes one
 //! quick 4 MiB round, so that test runs stay fast.
+//!
+//! CPU columns are the CPU time of the whole process (both nodes, or both
+//! endpoints, and the supernode) during the round, on Linux.
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -29,7 +33,7 @@ use supernode::net::{self, Endpoint, Identity};
 
 const FULL_BYTES: u64 = 1 << 30;
 const QUICK_BYTES: u64 = 4 << 20;
-const FULL_ROUNDS: usize = 3;
+const FULL_ROUNDS: usize = 5;
 /// Size of the pieces the test file is written in, and of the buffer the
 /// baseline server sends over and over.
 const PIECE: usize = 4 << 20;
@@ -66,14 +70,15 @@ fn main() -> Result<()> {
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?
-        .block_on(run(bytes, rounds))
+        .block_on(run(bytes, rounds, full))
 }
 
-async fn run(bytes: u64, rounds: usize) -> Result<()> {
+async fn run(bytes: u64, rounds: usize, warm_up: bool) -> Result<()> {
     println!(
-        "transfer: {} bytes ({:.1} MiB), {rounds} round(s), loopback",
-        bytes,
-        bytes as f64 / (1 << 20) as f64
+        "transfer: {bytes} bytes ({:.1} MiB) leaf to leaf vs bare quinn, loopback, \
+         {rounds} round(s){}",
+        bytes as f64 / (1 << 20) as f64,
+        if warm_up { " after a warm-up" } else { "" },
     );
 
     let sn = supernode().await;
@@ -83,15 +88,16 @@ async fn run(bytes: u64, rounds: usize) -> Result<()> {
     let out_dir = tempfile::tempdir()?;
     let baseline = Baseline::start()?;
 
-    let mut ours = Vec::new();
-    let mut bare = Vec::new();
+    // MB/s and CPU seconds of each counted round.
+    let (mut ours, mut ours_cpu, mut bare, mut bare_cpu) = (vec![], vec![], vec![], vec![]);
     println!();
     println!(
-        "{:>5}  {:>10}  {:>9}  {:>10}  {:>9}",
+        "{:>7}  {:>10}  {:>9}  {:>10}  {:>9}",
         "round", "leaf MB/s", "leaf CPU", "quinn MB/s", "quinn CPU"
     );
     let mut previous: Option<PathBuf> = None;
-    for round in 1..=rounds {
+    let first = if warm_up { 0 } else { 1 };
+    for round in first..=rounds {
         // The last download is deleted just before the next one rather than
         // right after it: see "Freed memory" in docs/BENCHMARKS.md.
         if let Some(p) = previous.take() {
@@ -101,22 +107,31 @@ async fn run(bytes: u64, rounds: usize) -> Result<()> {
         let cpu = cpu_seconds();
         let a = leaf_download(&client, hash, &out, bytes).await?;
         let cpu_a = cpu_seconds() - cpu;
+        previous = Some(out);
         let cpu = cpu_seconds();
         let b = baseline.transfer(bytes).await?;
         let cpu_b = cpu_seconds() - cpu;
-        println!(
-            "{round:>5}  {:>10.1}  {:>8.2}s  {:>10.1}  {:>8.2}s",
-            mbps(bytes, a),
-            cpu_a,
-            mbps(bytes, b),
-            cpu_b
-        );
-        previous = Some(out);
-        ours.push(mbps(bytes, a));
-        bare.push(mbps(bytes, b));
+        let label = if round == 0 {
+            "warm-up".to_string()
+        } else {
+            round.to_string()
+        };
+        let (a, b) = (mbps(bytes, a), mbps(bytes, b));
+        println!("{label:>7}  {a:>10.1}  {cpu_a:>8.2}s  {b:>10.1}  {cpu_b:>8.2}s");
+        if round > 0 {
+            ours.push(a);
+            ours_cpu.push(cpu_a);
+            bare.push(b);
+            bare_cpu.push(cpu_b);
+        }
     }
     let (ours, bare) = (median(&mut ours), median(&mut bare));
-    println!("{:>5}  {:>10.1}  {:>9}  {:>10.1}", "med", ours, "", bare);
+    println!(
+        "{:>7}  {ours:>10.1}  {:>8.2}s  {bare:>10.1}  {:>8.2}s",
+        "median",
+        median(&mut ours_cpu),
+        median(&mut bare_cpu)
+    );
     println!();
     println!("leaf/quinn ratio: {:.2}", ours / bare);
 
