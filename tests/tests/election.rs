@@ -59,7 +59,15 @@ fn promoted(leaves: &[TestLeaf]) -> usize {
 
 /// How many of the `n` files named `file N` a leaf finds.
 async fn finds(l: &TestLeaf) -> usize {
-    let client = Client::new(l.data.path(), vec![]).expect("client");
+    // Ask the supernodes this leaf is attached to now (the cache may still
+    // list a supernode that just died first; see the session notes).
+    let attached: Vec<String> = l
+        .leaf()
+        .supernodes()
+        .iter()
+        .map(|(_, a)| a.to_string())
+        .collect();
+    let client = Client::new(l.data.path(), attached).expect("client");
     client
         .search(&["file".to_string()], 200, T)
         .await
