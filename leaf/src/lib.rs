@@ -7,7 +7,9 @@
 //! and fetching files.
 
 pub mod attach;
+pub mod layer;
 pub mod link;
+pub mod partial;
 pub mod role;
 pub mod search;
 pub mod share;
@@ -336,6 +338,7 @@ fn known_supernodes(data_dir: &Path, given: Vec<String>) -> Vec<String> {
 /// data dir.
 pub struct Client {
     endpoint: Endpoint,
+    data_dir: PathBuf,
     supernodes: Vec<String>,
     requery: Duration,
 }
@@ -364,6 +367,7 @@ impl Client {
         let endpoint = Endpoint::client(identity, SocketAddr::from(([0, 0, 0, 0], 0)))?;
         Ok(Self {
             endpoint,
+            data_dir: data_dir.to_path_buf(),
             supernodes,
             requery: REQUERY_INTERVAL,
         })
@@ -460,15 +464,23 @@ impl Client {
                 }
             }
         });
-        let done = transfer::download_joining(
-            &self.endpoint,
+        // A `leaf serve` of this data dir shares the download while it runs.
+        let name = target
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(safe_file_name)
+            .unwrap_or_else(|| hash.to_string());
+        let done = transfer::Download {
+            endpoint: &self.endpoint,
             hash,
-            hit.size,
-            &hit.sources,
-            &target,
+            size: hit.size,
+            sources: &hit.sources,
+            target: &target,
             progress,
-            Some(rx),
-        )
+            more: Some(rx),
+            share_as: Some((self.data_dir.clone(), name)),
+        }
+        .run()
         .await;
         requery.abort();
         Ok((target, done?))

@@ -7,7 +7,6 @@
 //! modification time are those it had when it was hashed.
 
 use std::collections::HashMap;
-use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -20,15 +19,23 @@ use servent_proto::ContentHash;
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
+use crate::layer;
+use crate::partial::{self, Partial};
+
 /// Suffix of partial downloads, which are never shared.
 pub const PART_SUFFIX: &str = ".servent-part";
 /// The share is rescanned this often even if no change was reported.
 pub const RESCAN_INTERVAL: Duration = Duration::from_secs(30);
+/// The register of downloads in progress is read this often.
+const PARTIALS_POLL: Duration = Duration::from_secs(1);
 /// Changes reported by the watcher are batched for this long.
 const DEBOUNCE: Duration = Duration::from_millis(300);
 const CACHE_FILE: &str = "hash-cache.json";
-/// Folder of the data dir that holds one bao outboard per shared content.
-const OUTBOARD_DIR: &str = "outboard";
+/// Folder of the data dir that holds the range layer of each shared
+/// content (see [`crate::layer`]).
+const LAYER_DIR: &str = "layers";
+/// Where earlier versions kept bao outboards; removed when found.
+const OLD_OUTBOARD_DIR: &str = "outboard";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ShareError {
@@ -104,6 +111,9 @@ pub struct Share {
     data_dir: PathBuf,
     /// hash → file: what is announced and served.
     files: DashMap<ContentHash, SharedFile>,
+    /// Downloads in progress, shared while they run (see
+    /// [`crate::partial`]); a hash in `files` is served from there.
+    partials: DashMap<ContentHash, Partial>,
     /// path → (stamp, hash) of every file hashed, owned by the scanner.
     paths: Mutex<HashMap<PathBuf, (Stamp, ContentHash)>>,
     /// Bumped after every change to `files`; links and waiters watch it.
@@ -124,6 +134,7 @@ impl Share {
             root,
             data_dir: data_dir.to_path_buf(),
             files: DashMap::new(),
+            partials: DashMap::new(),
             paths: Mutex::new(HashMap::new()),
             version: watch::channel(0).0,
             progress: Mutex::new(ScanProgress::default()),
@@ -147,16 +158,63 @@ impl Share {
         self.files.get(hash).map(|f| f.clone())
     }
 
-    /// Every shared file as announced to supernodes.
+    /// A download in progress that is shared, by hash.
+    pub fn partial(&self, hash: &ContentHash) -> Option<Partial> {
+        self.partials.get(hash).map(|p| p.clone())
+    }
+
+    /// Downloads in progress that are shared now.
+    pub fn partials(&self) -> usize {
+        self.partials.len()
+    }
+
+    /// Every shared file as announced to supernodes, downloads in progress
+    /// included.
     pub fn entries(&self) -> Vec<FileEntry> {
-        self.files
+        let whole = self.files.iter().map(|f| FileEntry {
+            hash: *f.key(),
+            name: f.name.clone(),
+            size: f.stamp.size,
+        });
+        let partial = self
+            .partials
             .iter()
-            .map(|f| FileEntry {
-                hash: *f.key(),
-                name: f.name.clone(),
-                size: f.stamp.size,
-            })
-            .collect()
+            .filter(|p| !self.files.contains_key(p.key()))
+            .filter_map(|p| {
+                Some(FileEntry {
+                    hash: p.hash,
+                    name: announce_name(Path::new(&p.name))?,
+                    size: p.size,
+                })
+            });
+        whole.chain(partial).collect()
+    }
+
+    /// Reads the register of downloads of this data dir again; announces
+    /// what started, withdraws what ended. Blocking.
+    pub fn refresh_partials(&self) {
+        let now: HashMap<ContentHash, Partial> = partial::list(&self.data_dir)
+            .into_iter()
+            .map(|p| (p.hash, p))
+            .collect();
+        let same = now.len() == self.partials.len()
+            && now.iter().all(|(h, p)| {
+                self.partials
+                    .get(h)
+                    .is_some_and(|q| q.target == p.target && q.name == p.name)
+            });
+        if same {
+            return;
+        }
+        self.partials.retain(|h, _| now.contains_key(h));
+        for (h, p) in now {
+            self.partials.insert(h, p);
+        }
+        debug!(
+            partials = self.partials.len(),
+            "downloads shared while they run"
+        );
+        self.bump();
     }
 
     pub fn subscribe(&self) -> watch::Receiver<u64> {
@@ -196,9 +254,9 @@ impl Share {
             }
             match cache.entries.get(path) {
                 Some(c) if c.stamp == *stamp => match c.hash.parse::<ContentHash>() {
-                    // Without its outboard the file cannot be served in
-                    // verifiable slices: hash it again, which writes one.
-                    Ok(hash) if self.outboard_path(&hash).is_file() => {
+                    // Without its layer the file cannot be served in
+                    // verifiable ranges: hash it again, which writes one.
+                    Ok(hash) if self.layer_path(&hash).is_file() => {
                         paths.insert(path.clone(), (*stamp, hash));
                         self.share(path, *stamp, hash);
                     }
@@ -227,7 +285,7 @@ impl Share {
         let mut last_report = Instant::now();
         let mut last_save = Instant::now();
         for (i, (path, stamp)) in to_hash.iter().enumerate() {
-            match hash_file(path, *stamp, &self.data_dir.join(OUTBOARD_DIR)) {
+            match hash_file(path, *stamp, &self.data_dir.join(LAYER_DIR)) {
                 Ok(hash) => {
                     cache.entries.insert(
                         path.clone(),
@@ -271,7 +329,7 @@ impl Share {
             .entries
             .retain(|p, _| found.contains_key(p) || !p.starts_with(&self.root));
         self.save_cache(&cache);
-        self.prune_outboards(&cache);
+        self.prune_layers(&cache);
         let took_ms = started.elapsed().as_millis() as u64;
         if to_hash.is_empty() && stale.is_empty() {
             debug!(shared = self.len(), took_ms, "scan done");
@@ -362,20 +420,21 @@ impl Share {
         out
     }
 
-    /// Removes the outboards of content the cache no longer knows, so that
+    /// Removes the layers of content the cache no longer knows, so that
     /// the folder does not grow forever.
-    fn prune_outboards(&self, cache: &CacheFile) {
+    fn prune_layers(&self, cache: &CacheFile) {
+        let _ = std::fs::remove_dir_all(self.data_dir.join(OLD_OUTBOARD_DIR));
         let keep: std::collections::HashSet<String> = cache
             .entries
             .values()
-            .map(|c| format!("{}.obao", c.hash))
+            .map(|c| format!("{}.{LAYER_EXT}", c.hash))
             .collect();
-        let Ok(dir) = std::fs::read_dir(self.data_dir.join(OUTBOARD_DIR)) else {
+        let Ok(dir) = std::fs::read_dir(self.data_dir.join(LAYER_DIR)) else {
             return;
         };
         for entry in dir.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
-            if name.ends_with(".obao") && !keep.contains(&name) {
+            if name.ends_with(LAYER_EXT) && !keep.contains(&name) {
                 let _ = std::fs::remove_file(entry.path());
             }
         }
@@ -404,9 +463,9 @@ impl Share {
         }
     }
 
-    /// Where the bao outboard of `hash` lives (written when it was hashed).
-    pub fn outboard_path(&self, hash: &ContentHash) -> PathBuf {
-        outboard_path(&self.data_dir.join(OUTBOARD_DIR), hash)
+    /// Where the range layer of `hash` lives (written when it was hashed).
+    pub fn layer_path(&self, hash: &ContentHash) -> PathBuf {
+        layer_path(&self.data_dir.join(LAYER_DIR), hash)
     }
 
     /// Checks that `file` is still what was hashed and below the root, and
@@ -443,34 +502,22 @@ fn announce_name(path: &Path) -> Option<String> {
     (!name.is_empty()).then_some(name)
 }
 
-fn outboard_path(dir: &Path, hash: &ContentHash) -> PathBuf {
-    dir.join(format!("{hash}.obao"))
+const LAYER_EXT: &str = "layer";
+
+fn layer_path(dir: &Path, hash: &ContentHash) -> PathBuf {
+    dir.join(format!("{hash}.{LAYER_EXT}"))
 }
 
 /// BLAKE3 of a file, refusing it if it changed while being read. Writes
-/// its bao outboard (the hash tree's parent nodes, 64 bytes per 1 KiB
-/// chunk) into `outboard_dir` on the way: the same pass computes both, and
-/// bao's root is BLAKE3's.
-pub fn hash_file(path: &Path, stamp: Stamp, outboard_dir: &Path) -> std::io::Result<ContentHash> {
-    std::fs::create_dir_all(outboard_dir)?;
-    let mut f = std::fs::File::open(path)?;
-    let tmp = tempfile::NamedTempFile::new_in(outboard_dir)?;
-    let mut encoder = bao::encode::Encoder::new_outboard(tmp.reopen()?);
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        encoder.write_all(&buf[..n])?;
-    }
-    let root = encoder.finalize()?;
+/// its range layer (see [`crate::layer`]) into `layer_dir` on the way: the
+/// same pass computes both.
+pub fn hash_file(path: &Path, stamp: Stamp, layer_dir: &Path) -> std::io::Result<ContentHash> {
+    let f = std::fs::File::open(path)?;
+    let (hash, layer) = layer::hash_reader(&f, stamp.size)?;
     if Stamp::of(&f.metadata()?) != stamp {
         return Err(std::io::Error::other("changed while hashing"));
     }
-    let hash = ContentHash(*root.as_bytes());
-    tmp.persist(outboard_path(outboard_dir, &hash))
-        .map_err(|e| e.error)?;
+    layer::save(&layer_path(layer_dir, &hash), &layer)?;
     Ok(hash)
 }
 
@@ -503,16 +550,25 @@ pub async fn watch(share: Arc<Share>, mut stop: watch::Receiver<bool>) {
         let _ = tokio::task::spawn_blocking(move || share.scan()).await;
     };
     rescan(share.clone()).await;
+    let mut partials = tokio::time::interval(PARTIALS_POLL);
+    let mut last_scan = Instant::now();
     loop {
         tokio::select! {
             _ = stop.changed() => return,
-            _ = tokio::time::sleep(RESCAN_INTERVAL) => {}
+            _ = partials.tick() => {
+                let share = share.clone();
+                let _ = tokio::task::spawn_blocking(move || share.refresh_partials()).await;
+                if last_scan.elapsed() < RESCAN_INTERVAL {
+                    continue;
+                }
+            }
             Some(()) = rx.recv() => {
                 tokio::time::sleep(DEBOUNCE).await;
                 while rx.try_recv().is_ok() {}
             }
         }
         rescan(share.clone()).await;
+        last_scan = Instant::now();
     }
 }
 
@@ -582,26 +638,26 @@ mod tests {
         std::fs::remove_file(&p).unwrap();
         again.scan();
         assert!(again.is_empty());
-        // Its outboard went with it.
-        let left = std::fs::read_dir(data.path().join(OUTBOARD_DIR)).unwrap();
+        // Its layer went with it.
+        let left = std::fs::read_dir(data.path().join(LAYER_DIR)).unwrap();
         assert_eq!(left.filter_map(Result::ok).count(), 0);
     }
 
     #[test]
-    fn bao_root_is_the_blake3_hash_and_the_outboard_is_kept() {
+    fn the_hash_is_blake3_and_the_layer_is_kept() {
         let share_dir = tempfile::tempdir().unwrap();
         let data = tempfile::tempdir().unwrap();
-        // Sizes around bao's 1 KiB chunks and a multi-level tree.
-        for len in [0usize, 1, 1024, 1025, 300_000] {
+        // Sizes around a chunk, a range and a multi-level tree.
+        for len in [0usize, 1, 1024, 1025, 300_000, 1_100_000] {
             let content: Vec<u8> = (0..len).map(|i| (i * 7 % 251) as u8).collect();
             let p = share_dir.path().join(format!("f{len}"));
             std::fs::write(&p, &content).unwrap();
             let stamp = Stamp::of(&std::fs::metadata(&p).unwrap());
-            let dir = data.path().join(OUTBOARD_DIR);
+            let dir = data.path().join(LAYER_DIR);
             let hash = hash_file(&p, stamp, &dir).unwrap();
             assert_eq!(hash, hash_of(&content), "len {len}");
-            let outboard = std::fs::read(outboard_path(&dir, &hash)).unwrap();
-            assert_eq!(outboard, bao::encode::outboard(&content).0, "len {len}");
+            let kept = layer::load(&layer_path(&dir, &hash), len as u64, &hash).unwrap();
+            assert_eq!(kept.len(), layer::range_count(len as u64), "len {len}");
         }
     }
 

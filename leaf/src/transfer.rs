@@ -1,30 +1,33 @@
-//! Leaf ↔ leaf transfer (ALPN `servent-xfer/2`): serving shared files, and
-//! downloading one from all its sources at once.
+//! Leaf ↔ leaf transfer (ALPN `servent-xfer/3`): serving shared files and
+//! downloads in progress, and downloading one file from all its sources at
+//! once.
 //!
-//! A request names content by hash, never by path, so a downloader can only
-//! ever get what this leaf announced. A source answers a range with a bao
-//! slice: the content bytes interleaved with the BLAKE3 tree nodes that
-//! prove them against the root hash, so a downloader checks every
-//! [`CHUNK_SIZE`] range as it arrives, drops a source at its first bad
-//! range, and can take different ranges from different sources. Verified
-//! ranges are written into a preallocated partial file and recorded in a
-//! state file beside it, so a download killed at any point resumes from
-//! what it had verified. The partial file is renamed into place only when
-//! every range is verified and the whole file hashes to the root.
-//!
-//! Not here: finding sources (see [`crate::search`]); serving partial files.
+//! A request names content by hash, never by path, so a downloader can
+//! only ever get what this leaf announced. A downloader first fetches the
+//! file's range layer from a source (one 32-byte BLAKE3 chaining value per
+//! [`RANGE_SIZE`] range, see [`crate::layer`]) and checks it against the
+//! hash; after that it takes raw ranges from every source in parallel and
+//! checks each one as it arrives by hashing it alone, so a bad range is
+//! caught at once and its source dropped. Verified ranges are written into
+//! a preallocated partial file and recorded in a state file beside it, so
+//! a download killed at any point resumes from what it had verified, and a
+//! running `leaf serve` shares them meanwhile (see [`crate::partial`]).
+//! The partial file is renamed into place once every range is verified.
 
-use std::collections::HashSet;
-use std::io::{Read, Seek, SeekFrom, Write};
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use prometheus_client::metrics::counter::Counter;
 use servent_proto::limits::MAX_TRANSFER_FRAME;
-use servent_proto::msg::{ErrorCode, ErrorReply, GetReply, GetRequest, Source, ALPN_TRANSFER};
+use servent_proto::msg::{
+    ErrorCode, ErrorReply, GetReply, GetRequest, RangeRequest, Source, ALPN_TRANSFER,
+};
 use servent_proto::rate::TokenBucket;
 use servent_proto::ContentHash;
 use supernode::net::{self, Endpoint, Peer};
@@ -32,26 +35,43 @@ use tokio::sync::{mpsc, watch, Semaphore};
 use tokio::task::JoinSet;
 use tracing::{debug, info, warn, Instrument};
 
-use crate::share::{Share, PART_SUFFIX};
+use crate::layer::{self, Cv, CV_LEN, RANGE_SIZE};
+use crate::partial::{self, Bitmap, Partial};
+pub use crate::partial::{layer_path, part_path, state_path};
+use crate::share::Share;
 
 /// Content bytes a downloader asks one source for at a time: the unit of
-/// scheduling, verification and resume. 256 bao chunks of 1 KiB, a power of
-/// two, so every range but the last is one whole subtree of the hash tree.
-pub const CHUNK_SIZE: u64 = 256 * 1024;
+/// scheduling, verification and resume (the layer's range).
+pub const CHUNK_SIZE: u64 = RANGE_SIZE;
 /// Bytes read from disk at a time when serving; also the unit the upload
 /// rate cap grants, so small enough to interleave uploads finely.
 const CHUNK: usize = 64 * 1024;
-/// Requests each source has in flight at once (two workers), so that a
-/// round trip between two ranges does not idle the link.
-pub const PER_SOURCE: usize = 2;
+/// Requests each source has in flight at once, so that the round trip
+/// between two requests does not idle the link.
+pub const PER_SOURCE: usize = 3;
+/// Most ranges asked for in one request (4 MiB).
+const MAX_RUN: usize = 16;
+/// A run is at most this fraction of the ranges left, so that the work
+/// spreads over the sources and the endgame is made of single ranges.
+const RUN_DIVISOR: usize = 16;
+/// Largest file downloaded (its layer is then 128 MiB): a hit claiming
+/// more is refused before anything is allocated.
+pub const MAX_DOWNLOAD_SIZE: u64 = 1 << 40;
 /// A range that takes longer than this drops its source.
 const RANGE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Chunks in flight between the disk thread and the network task.
-const PIPELINE: usize = 16;
+const PIPELINE: usize = 8;
 /// An upload whose downloader accepts nothing for this long is dropped.
-const WRITE_STALL: std::time::Duration = std::time::Duration::from_secs(30);
+const WRITE_STALL: Duration = Duration::from_secs(30);
 /// Uploads served at once; more wait their turn.
 pub const MAX_CONCURRENT_UPLOADS: usize = 16;
+/// The state file is rewritten at most this often (and when a download
+/// ends or stops): a crash loses at most this much work.
+const SAVE_EVERY: Duration = Duration::from_secs(1);
+/// How often a partial source with nothing we need is asked again.
+const HAVE_POLL: Duration = Duration::from_secs(1);
+/// The upload rate cap's burst, as a share of a second's worth.
+const BURST_SECS: f64 = 0.1;
 
 /// The upload side of a leaf: its slots, its rate limit, and what it has
 /// served.
@@ -62,10 +82,9 @@ pub struct Uploads {
     /// tokio's, which queues waiters in order: uploads take their turn at
     /// the bucket, so each gets its share of the rate.
     rate: Option<tokio::sync::Mutex<TokenBucket>>,
-    /// Uploads sent whole (a range counts as one).
+    /// Ranges sent whole.
     pub served: Counter,
-    /// Bytes of file content in the ranges sent whole (proof bytes not
-    /// counted).
+    /// Bytes of file content in the ranges sent whole.
     pub bytes: Counter,
 }
 
@@ -77,10 +96,10 @@ impl Default for Uploads {
 
 impl Uploads {
     /// Uploads capped at `max_rate` bytes a second in all, if given (with a
-    /// burst of one second's worth).
+    /// burst of a tenth of a second's worth, at least one read).
     pub fn new(max_rate: Option<u64>) -> Self {
         let rate = max_rate.filter(|r| *r > 0).map(|r| {
-            let burst = u32::try_from(r).unwrap_or(u32::MAX);
+            let burst = (r as f64 * BURST_SECS).clamp(CHUNK as f64, u32::MAX as f64) as u32;
             tokio::sync::Mutex::new(TokenBucket::new(r as f64, burst, Instant::now()))
         });
         Self {
@@ -127,60 +146,178 @@ pub async fn serve(share: Arc<Share>, uploads: Arc<Uploads>, peer: Peer) {
     }
 }
 
+/// What a request is served from.
+enum Content {
+    /// A shared file, checked unchanged since it was hashed.
+    Whole {
+        file: std::fs::File,
+        size: u64,
+        layer: PathBuf,
+    },
+    /// A download in progress: only its verified ranges.
+    Partial(Partial, std::fs::File),
+}
+
+impl Content {
+    fn open(share: &Share, hash: &ContentHash) -> Option<Self> {
+        if let Some(f) = share.get(hash) {
+            match share.open_verified(&f) {
+                Ok(file) => {
+                    return Some(Content::Whole {
+                        file,
+                        size: f.stamp.size,
+                        layer: share.layer_path(hash),
+                    })
+                }
+                Err(e) => debug!(path = %f.path.display(), error = %e, "refusing a shared file"),
+            }
+        }
+        let p = share.partial(hash)?;
+        let file = std::fs::File::open(part_path(&p.target)).ok()?;
+        Some(Content::Partial(p, file))
+    }
+
+    fn size(&self) -> u64 {
+        match self {
+            Content::Whole { size, .. } => *size,
+            Content::Partial(p, _) => p.size,
+        }
+    }
+}
+
 async fn serve_stream(
     share: Arc<Share>,
     uploads: Arc<Uploads>,
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
 ) -> Result<(), net::StreamError> {
-    let refuse = |code, msg: String| GetReply::Error(ErrorReply::new(code, msg));
     let req: GetRequest = match net::read_first_frame(&mut recv, MAX_TRANSFER_FRAME).await {
         Ok(Some(r)) => r,
         Ok(None) => return Ok(()),
         Err(e) => {
-            let reply = refuse(ErrorCode::BadRequest, format!("bad request: {e}"));
-            net::write_frame(&mut send, &reply, MAX_TRANSFER_FRAME).await?;
-            let _ = send.finish();
-            return Ok(());
+            return refuse(
+                &mut send,
+                ErrorCode::BadRequest,
+                format!("bad request: {e}"),
+            )
+            .await
         }
+    };
+    let hash = match &req {
+        GetRequest::Layer(h) | GetRequest::Have(h) => *h,
+        GetRequest::Range(r) => r.hash,
     };
     let Ok(_permit) = uploads.slots.acquire().await else {
         return Ok(());
     };
-    let opened = share.get(&req.hash).ok_or(()).and_then(|f| {
-        let outboard = std::fs::File::open(share.outboard_path(&req.hash));
-        match share.open_verified(&f).and_then(|h| Ok((h, outboard?))) {
-            Ok(h) => Ok((f, h)),
-            Err(e) => {
-                debug!(path = %f.path.display(), error = %e, "refusing a shared file");
-                Err(())
-            }
-        }
-    });
-    let (file, (handle, outboard)) = match opened {
-        Ok(x) => x,
-        Err(()) => {
-            let reply = refuse(
-                ErrorCode::NotFound,
-                format!("{} is not shared here", req.hash),
-            );
-            net::write_frame(&mut send, &reply, MAX_TRANSFER_FRAME).await?;
-            let _ = send.finish();
-            return Ok(());
-        }
+    let opened = {
+        let share = share.clone();
+        tokio::task::spawn_blocking(move || Content::open(&share, &hash))
+            .await
+            .ok()
+            .flatten()
     };
-    let size = file.stamp.size;
+    let Some(content) = opened else {
+        return refuse(
+            &mut send,
+            ErrorCode::NotFound,
+            format!("{hash} is not shared here"),
+        )
+        .await;
+    };
+    match req {
+        GetRequest::Layer(_) | GetRequest::Have(_) => {
+            let with_layer = matches!(req, GetRequest::Layer(_));
+            let tail = tokio::task::spawn_blocking(move || ranges_tail(&content, with_layer))
+                .await
+                .map_err(|_| net::StreamError::Truncated)?;
+            let (size, partial, tail) = match tail {
+                Ok(t) => t,
+                Err(e) => {
+                    warn!(%hash, error = %e, "cannot read the layer of a shared file");
+                    return refuse(&mut send, ErrorCode::Internal, "layer unreadable".into()).await;
+                }
+            };
+            net::write_frame(
+                &mut send,
+                &GetReply::Ranges { size, partial },
+                MAX_TRANSFER_FRAME,
+            )
+            .await?;
+            send.write_all(&tail)
+                .await
+                .map_err(|_| net::StreamError::Truncated)?;
+            let _ = send.finish();
+            Ok(())
+        }
+        GetRequest::Range(r) => serve_range(&uploads, content, r, send).await,
+    }
+}
+
+async fn refuse(
+    send: &mut quinn::SendStream,
+    code: ErrorCode,
+    message: String,
+) -> Result<(), net::StreamError> {
+    let reply = GetReply::Error(ErrorReply::new(code, message));
+    net::write_frame(send, &reply, MAX_TRANSFER_FRAME).await?;
+    let _ = send.finish();
+    Ok(())
+}
+
+/// Size, partial, and what follows a `Ranges` reply: the layer (if asked
+/// for) and, from a partial source, its have-bitmap.
+fn ranges_tail(content: &Content, with_layer: bool) -> std::io::Result<(u64, bool, Vec<u8>)> {
+    let mut tail = Vec::new();
+    match content {
+        Content::Whole { size, layer, .. } => {
+            if with_layer {
+                tail = std::fs::read(layer)?;
+                if tail.len() != layer::range_count(*size) * CV_LEN {
+                    return Err(std::io::Error::other("layer of the wrong length"));
+                }
+            }
+            Ok((*size, false, tail))
+        }
+        Content::Partial(p, _) => {
+            if with_layer {
+                tail = layer::to_bytes(&p.layer);
+            }
+            tail.extend_from_slice(p.have().as_bytes());
+            Ok((p.size, true, tail))
+        }
+    }
+}
+
+async fn serve_range(
+    uploads: &Uploads,
+    content: Content,
+    req: RangeRequest,
+    mut send: quinn::SendStream,
+) -> Result<(), net::StreamError> {
+    let size = content.size();
     if req.offset > size {
-        let reply = refuse(
-            ErrorCode::BadRequest,
-            format!("offset {} is past the end ({size} bytes)", req.offset),
-        );
-        net::write_frame(&mut send, &reply, MAX_TRANSFER_FRAME).await?;
-        let _ = send.finish();
-        return Ok(());
+        let msg = format!("offset {} is past the end ({size} bytes)", req.offset);
+        return refuse(&mut send, ErrorCode::BadRequest, msg).await;
     }
     let length = req.length.unwrap_or(u64::MAX).min(size - req.offset);
-    debug!(hash = %req.hash.short(), offset = req.offset, length, "upload");
+    let offset = req.offset;
+    let file = match content {
+        Content::Whole { file, .. } => file,
+        Content::Partial(p, file) => {
+            let have = tokio::task::spawn_blocking(move || p.have())
+                .await
+                .map_err(|_| net::StreamError::Truncated)?;
+            let first = (offset / RANGE_SIZE) as usize;
+            let last = ((offset + length).saturating_sub(1) / RANGE_SIZE) as usize;
+            if !(first..=last.max(first)).all(|i| have.get(i)) {
+                let msg = "not all of that range is here yet".to_string();
+                return refuse(&mut send, ErrorCode::Unavailable, msg).await;
+            }
+            file
+        }
+    };
+    debug!(hash = %req.hash.short(), offset, length, "upload");
     net::write_frame(
         &mut send,
         &GetReply::Ok { size, length },
@@ -188,20 +325,17 @@ async fn serve_stream(
     )
     .await?;
 
-    // Disk reads and slice extraction on a blocking thread, network writes
-    // here, overlapped.
+    // Disk reads on a blocking thread, network writes here, overlapped.
     let (tx, mut rx) = mpsc::channel::<std::io::Result<Bytes>>(PIPELINE);
-    let offset = req.offset;
-    tokio::task::spawn_blocking(move || {
-        let slice = bao::encode::SliceExtractor::new_outboard(handle, outboard, offset, length);
-        read_slice(slice, tx)
-    });
+    tokio::task::spawn_blocking(move || read_range(&file, offset, length, tx));
+    let mut sent = 0;
     while let Some(chunk) = rx.recv().await {
         let chunk = chunk.map_err(|e| {
             warn!(error = %e, "reading a shared file failed");
             let _ = send.reset(1u32.into());
             net::StreamError::Truncated
         })?;
+        sent += chunk.len() as u64;
         uploads.pace(chunk.len()).await;
         // A downloader that stops reading must not hold an upload slot forever.
         match tokio::time::timeout(WRITE_STALL, send.write_chunk(chunk)).await {
@@ -212,6 +346,11 @@ async fn serve_stream(
             }
         }
     }
+    if sent != length {
+        // The file shrank under us: never a short range that looks whole.
+        let _ = send.reset(1u32.into());
+        return Err(net::StreamError::Truncated);
+    }
     let _ = send.finish();
     uploads.served.inc();
     uploads.bytes.inc_by(length);
@@ -219,15 +358,21 @@ async fn serve_stream(
     Ok(())
 }
 
-/// Streams a bao slice until its end. A file that shrank under us makes
-/// the extractor fail, which resets the stream: never a short slice that
-/// looks complete.
-fn read_slice(mut slice: impl Read, tx: mpsc::Sender<std::io::Result<Bytes>>) {
-    loop {
-        let mut buf = vec![0u8; CHUNK];
+/// Reads `length` bytes from `offset` in [`CHUNK`] pieces until the end
+/// or the receiver goes away. A short file ends early (the caller checks).
+fn read_range(
+    file: &std::fs::File,
+    offset: u64,
+    length: u64,
+    tx: mpsc::Sender<std::io::Result<Bytes>>,
+) {
+    let mut at = 0;
+    while at < length {
+        let want = CHUNK.min((length - at) as usize);
+        let mut buf = vec![0u8; want];
         let mut filled = 0;
-        while filled < CHUNK {
-            match slice.read(&mut buf[filled..]) {
+        while filled < want {
+            match file.read_at(&mut buf[filled..], offset + at + filled as u64) {
                 Ok(0) => break,
                 Ok(n) => filled += n,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
@@ -237,11 +382,9 @@ fn read_slice(mut slice: impl Read, tx: mpsc::Sender<std::io::Result<Bytes>>) {
                 }
             }
         }
-        if filled == 0 {
-            return;
-        }
         buf.truncate(filled);
-        if tx.blocking_send(Ok(Bytes::from(buf))).is_err() || filled < CHUNK {
+        at += filled as u64;
+        if filled == 0 || tx.blocking_send(Ok(Bytes::from(buf))).is_err() || filled < want {
             return;
         }
     }
@@ -258,8 +401,8 @@ pub enum GetError {
         hash: ContentHash,
         source_id: String,
     },
-    #[error("hash mismatch: the assembled file is not {0}; it was discarded")]
-    WholeFileMismatch(ContentHash),
+    #[error("the file is said to be {size} bytes; at most {MAX_DOWNLOAD_SIZE} are downloaded")]
+    TooLarge { size: u64 },
     #[error("cannot write {path}: {source}")]
     Io {
         path: String,
@@ -278,30 +421,12 @@ enum SourceError {
     Gone { addr: String, reason: String },
     #[error("source {addr} broke the protocol: {reason}")]
     Protocol { addr: String, reason: String },
-    #[error("source {addr} sent a range that does not verify against the hash")]
-    Mismatch { addr: String },
+    #[error("source {addr} sent {what} that does not verify against the hash")]
+    Mismatch { addr: String, what: &'static str },
     #[error("bad source address {0:?}")]
     Addr(String),
     #[error("cannot write the partial file: {0}")]
     Io(std::io::Error),
-}
-
-/// The partial file beside `target`: `.NAME.servent-part`.
-pub fn part_path(target: &Path) -> PathBuf {
-    hidden_beside(target, PART_SUFFIX)
-}
-
-/// Which ranges of the partial file are verified: `.NAME.servent-state`.
-pub fn state_path(target: &Path) -> PathBuf {
-    hidden_beside(target, ".servent-state")
-}
-
-fn hidden_beside(target: &Path, suffix: &str) -> PathBuf {
-    let name = target
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    target.with_file_name(format!(".{name}{suffix}"))
 }
 
 /// How a download is going, for progress displays.
@@ -317,67 +442,98 @@ pub struct Progress {
     pub sources: usize,
 }
 
-/// What the state file holds: enough to trust the partial file's verified
-/// ranges after a crash. Written after the range's bytes are, so a range it
-/// lists is on disk (the whole-file check at the end catches a power loss).
-#[derive(Debug, serde::Serialize, serde::Deserialize)]
-struct SavedState {
-    hash: String,
-    size: u64,
-    chunk_size: u64,
-    /// One bit a range, range i at bit i % 8 of byte i / 8, as hex.
-    verified: String,
-}
-
 /// The scheduler: which range goes to which source next.
 #[derive(Debug)]
 struct Ranges {
-    slots: Vec<Slot>,
+    done: Bitmap,
+    /// Sources fetching each range in flight (more than one only in the
+    /// endgame).
+    in_flight: HashMap<usize, Vec<usize>>,
+    /// Every range below this one is done or in flight.
+    cursor: usize,
     /// Ranges nobody has verified yet.
     left: usize,
     progress: Progress,
 }
 
-#[derive(Debug, Default, Clone)]
-struct Slot {
-    done: bool,
-    /// Sources fetching this range now (more than one only in the endgame).
-    fetching: Vec<usize>,
+/// What a worker does next.
+enum Next {
+    /// Consecutive ranges, asked for in one request.
+    Fetch(std::ops::Range<usize>),
+    /// Nothing for this source now: every range it has is done or being
+    /// fetched by it already.
+    Wait,
+    Finished,
 }
 
 impl Ranges {
-    /// The range `source` should fetch next: the first nobody has; once
-    /// every range is taken (the endgame), one in flight elsewhere with the
-    /// fewest fetchers, so that a slow or vanished source holds nothing up.
-    fn claim(&mut self, source: usize) -> Option<usize> {
-        let pick = self
-            .slots
-            .iter()
-            .position(|s| !s.done && s.fetching.is_empty())
-            .or_else(|| {
-                self.slots
-                    .iter()
-                    .enumerate()
-                    .filter(|(_, s)| !s.done && !s.fetching.contains(&source))
-                    .min_by_key(|(_, s)| s.fetching.len())
-                    .map(|(i, _)| i)
-            })?;
-        self.slots[pick].fetching.push(source);
-        Some(pick)
+    fn new(done: Bitmap, progress: Progress) -> Self {
+        Self {
+            left: done.len() - done.count(),
+            done,
+            in_flight: HashMap::new(),
+            cursor: 0,
+            progress,
+        }
+    }
+
+    /// The range `source` (which has the ranges in `has`, or all) should
+    /// fetch next: the first nobody has; once every range is taken (the
+    /// endgame), one in flight elsewhere with the fewest fetchers, so that
+    /// a slow or vanished source holds nothing up.
+    fn claim(&mut self, source: usize, has: Option<&Bitmap>) -> Next {
+        if self.left == 0 {
+            return Next::Finished;
+        }
+        let n = self.done.len();
+        let free = |r: &Self, i: usize| !r.done.get(i) && !r.in_flight.contains_key(&i);
+        while self.cursor < n && !free(self, self.cursor) {
+            self.cursor += 1;
+        }
+        let pick = match has {
+            None => (self.cursor < n).then_some(self.cursor),
+            Some(has) => (self.cursor..n).find(|&i| has.get(i) && free(self, i)),
+        }
+        .or_else(|| {
+            self.in_flight
+                .iter()
+                .filter(|(i, by)| {
+                    !self.done.get(**i) && !by.contains(&source) && has.is_none_or(|h| h.get(**i))
+                })
+                .min_by_key(|(i, by)| (by.len(), **i))
+                .map(|(i, _)| *i)
+        });
+        let Some(first) = pick else {
+            return Next::Wait;
+        };
+        // A free range starts a run of free ranges: fewer, longer requests
+        // while much is left, single ranges towards the end.
+        let mut end = first + 1;
+        if !self.in_flight.contains_key(&first) {
+            let longest = (self.left / RUN_DIVISOR).clamp(1, MAX_RUN);
+            while end < n
+                && end - first < longest
+                && has.is_none_or(|h| h.get(end))
+                && free(self, end)
+            {
+                end += 1;
+            }
+        }
+        for i in first..end {
+            self.in_flight.entry(i).or_default().push(source);
+        }
+        Next::Fetch(first..end)
     }
 
     fn release(&mut self, index: usize, source: usize) {
-        self.slots[index].fetching.retain(|&s| s != source);
-    }
-
-    fn bitmap(&self) -> String {
-        let mut bytes = vec![0u8; self.slots.len().div_ceil(8)];
-        for (i, s) in self.slots.iter().enumerate() {
-            if s.done {
-                bytes[i / 8] |= 1 << (i % 8);
+        if let Some(by) = self.in_flight.get_mut(&index) {
+            by.retain(|&s| s != source);
+            if by.is_empty() {
+                self.in_flight.remove(&index);
+                // Not verified: free for the next claim again.
+                self.cursor = self.cursor.min(index);
             }
         }
-        hex::encode(bytes)
     }
 }
 
@@ -400,11 +556,21 @@ impl Drop for Claim<'_> {
 struct Job {
     hash: ContentHash,
     size: u64,
-    state: PathBuf,
+    count: usize,
+    target: PathBuf,
+    /// The verified layer, from the first source that sends a good one (or
+    /// from an earlier run).
+    layer: OnceLock<Arc<Vec<Cv>>>,
     /// The partial file, preallocated; written at offsets.
-    file: Mutex<std::fs::File>,
+    file: std::fs::File,
     ranges: Mutex<Ranges>,
     progress: Option<watch::Sender<Progress>>,
+    /// Serialises state saves; when the last one was.
+    saved: Mutex<Instant>,
+    /// Set once the file is complete: no more state saves.
+    finished: AtomicBool,
+    /// Where the register of downloads is, to share this one while it runs.
+    register: Option<(PathBuf, String)>,
 }
 
 impl Job {
@@ -413,8 +579,7 @@ impl Job {
     }
 
     fn range(&self, index: usize) -> (u64, u64) {
-        let offset = index as u64 * CHUNK_SIZE;
-        (offset, CHUNK_SIZE.min(self.size - offset))
+        layer::range_bounds(self.size, index)
     }
 
     fn publish(&self, ranges: &Ranges) {
@@ -429,73 +594,136 @@ impl Job {
         self.publish(&r);
     }
 
-    /// Writes a verified range at its offset and records it. Blocking.
-    fn store(&self, index: usize, data: &[u8]) -> std::io::Result<()> {
-        let (offset, _) = self.range(index);
-        let mut file = self.file.lock().expect("part file lock");
-        if self.ranges().slots[index].done {
-            // Another source won this range in the endgame.
-            return Ok(());
+    /// Takes a layer a source sent if none is set yet and it proves the
+    /// hash; keeps it beside the target and registers the download for
+    /// sharing. Blocking. False if the layer is bad.
+    fn offer_layer(&self, cvs: Vec<Cv>) -> std::io::Result<bool> {
+        if self.layer.get().is_some() {
+            return Ok(true);
         }
-        file.seek(SeekFrom::Start(offset))?;
-        file.write_all(data)?;
-        let bitmap = {
+        if !layer::verify(&cvs, self.size, &self.hash) {
+            return Ok(false);
+        }
+        if self.layer.set(Arc::new(cvs)).is_ok() {
+            let cvs = self.layer.get().expect("just set");
+            layer::save(&layer_path(&self.target), cvs)?;
+            self.register();
+        }
+        Ok(true)
+    }
+
+    fn register(&self) {
+        let Some((data_dir, name)) = &self.register else {
+            return;
+        };
+        let target = std::path::absolute(&self.target).unwrap_or_else(|_| self.target.clone());
+        let entry = partial::Entry {
+            hash: self.hash.to_string(),
+            size: self.size,
+            name: name.clone(),
+            target,
+        };
+        if let Err(e) = partial::register(data_dir, &entry, &self.hash) {
+            debug!(error = %e, "cannot register the download for sharing");
+        }
+    }
+
+    /// Checks a range against its CV and, if it matches, writes it at its
+    /// offset and records it. Blocking. False if it does not match.
+    fn store(&self, index: usize, data: &[u8]) -> std::io::Result<bool> {
+        let layer = self
+            .layer
+            .get()
+            .expect("ranges are fetched after the layer");
+        if layer::range_cv(data, index, self.count) != layer[index] {
+            return Ok(false);
+        }
+        if self.ranges().done.get(index) {
+            // Another source won this range in the endgame.
+            return Ok(true);
+        }
+        let (offset, _) = self.range(index);
+        self.file.write_all_at(data, offset)?;
+        {
             let mut r = self.ranges();
-            r.slots[index].done = true;
+            if r.done.get(index) {
+                return Ok(true);
+            }
+            r.done.set(index);
             r.left -= 1;
             r.progress.verified += data.len() as u64;
             r.progress.fetched += data.len() as u64;
             self.publish(&r);
-            r.bitmap()
-        };
-        // Under the file lock: state saves never race each other.
-        save_state(
-            &self.state,
-            &SavedState {
-                hash: self.hash.to_string(),
-                size: self.size,
-                chunk_size: CHUNK_SIZE,
-                verified: bitmap,
-            },
-        )
+        }
+        self.save_state(false)?;
+        Ok(true)
+    }
+
+    /// Records the verified ranges beside the target, at most every
+    /// [`SAVE_EVERY`] unless `now`.
+    fn save_state(&self, now: bool) -> std::io::Result<()> {
+        let mut saved = self.saved.lock().expect("save lock");
+        if (!now && saved.elapsed() < SAVE_EVERY) || self.finished.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let done = self.ranges().done.clone();
+        partial::save_state(&self.target, &self.hash, self.size, &done)?;
+        *saved = Instant::now();
+        Ok(())
     }
 }
 
-fn save_state(path: &Path, state: &SavedState) -> std::io::Result<()> {
-    let tmp = path.with_extension("tmp");
-    let bytes = serde_json::to_vec(state).map_err(std::io::Error::other)?;
-    std::fs::write(&tmp, bytes)?;
-    std::fs::rename(&tmp, path)
+impl Drop for Job {
+    fn drop(&mut self) {
+        // Stopped early (an error, or the future dropped): keep what was
+        // verified since the last save.
+        if !self.finished.load(Ordering::Acquire) && self.ranges().progress.verified > 0 {
+            let _ = self.save_state(true);
+        }
+    }
 }
 
-/// Opens the partial file and what an earlier run verified of it; starts
-/// afresh (a preallocated empty file) when there is no state for this
-/// very content.
+/// Opens the partial file and what an earlier run verified of it,
+/// checking every range the state lists against the layer kept beside it;
+/// starts afresh (a preallocated empty file) when there is nothing to
+/// resume for this very content. Blocking.
 fn open_job(
     hash: ContentHash,
     size: u64,
     target: &Path,
-) -> std::io::Result<(std::fs::File, Vec<bool>)> {
+) -> std::io::Result<(std::fs::File, Bitmap, Option<Vec<Cv>>)> {
     let part = part_path(target);
-    let n = size.div_ceil(CHUNK_SIZE) as usize;
-    let saved = std::fs::read(state_path(target))
-        .ok()
-        .and_then(|b| serde_json::from_slice::<SavedState>(&b).ok())
-        .filter(|s| s.hash == hash.to_string() && s.size == size && s.chunk_size == CHUNK_SIZE)
-        .and_then(|s| hex::decode(s.verified).ok())
-        .filter(|bits| bits.len() == n.div_ceil(8));
+    let count = layer::range_count(size);
+    let saved = partial::load_state(target, &hash, size);
+    let kept = layer::load(&layer_path(target), size, &hash).ok();
     let existing = std::fs::metadata(&part).map(|m| m.len()).ok();
-    if let (Some(bits), Some(len)) = (saved, existing) {
+    if let (Some(mut done), Some(cvs), Some(len)) = (saved, kept, existing) {
         if len == size {
             let file = std::fs::OpenOptions::new()
                 .read(true)
                 .write(true)
                 .open(&part)?;
-            let done = (0..n).map(|i| bits[i / 8] & (1 << (i % 8)) != 0).collect();
-            return Ok((file, done));
+            let mut buf = vec![0u8; RANGE_SIZE as usize];
+            for (i, cv) in cvs.iter().enumerate() {
+                if !done.get(i) {
+                    continue;
+                }
+                let (offset, length) = layer::range_bounds(size, i);
+                let piece = &mut buf[..length as usize];
+                let good = file.read_exact_at(piece, offset).is_ok()
+                    && layer::range_cv(piece, i, count) == *cv;
+                if !good {
+                    warn!(
+                        range = i,
+                        "a range kept from an earlier run is damaged; fetching it again"
+                    );
+                    done.clear(i);
+                }
+            }
+            return Ok((file, done, Some(cvs)));
         }
     }
-    let _ = std::fs::remove_file(state_path(target));
+    partial::remove_beside(target);
     let file = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -503,7 +731,7 @@ fn open_job(
         .truncate(true)
         .open(&part)?;
     file.set_len(size)?;
-    Ok((file, vec![false; n]))
+    Ok((file, Bitmap::new(count), None))
 }
 
 /// What a finished download did.
@@ -514,7 +742,26 @@ pub struct Downloaded {
     pub fetched: u64,
 }
 
-/// Downloads `hash` (of `size` bytes, as the hit says; the proofs check
+/// A download to run: what, from where, into where.
+pub struct Download<'a> {
+    pub endpoint: &'a Endpoint,
+    pub hash: ContentHash,
+    /// The size the hit gives (the layer proves it).
+    pub size: u64,
+    pub sources: &'a [Source],
+    pub target: &'a Path,
+    pub progress: Option<watch::Sender<Progress>>,
+    /// Batches of sources found later (by a repeated query), which join
+    /// in. A batch may repeat known sources; a source already used, or
+    /// dropped, is not used again.
+    pub more: Option<mpsc::Receiver<Vec<Source>>>,
+    /// The data dir and the name to share this download under while it
+    /// runs, through the register that a `leaf serve` of that data dir
+    /// reads. `None`: not shared.
+    pub share_as: Option<(PathBuf, String)>,
+}
+
+/// Downloads `hash` (of `size` bytes, as the hit says; the layer proves
 /// it) from all `sources` at once into `target`. Resumes from what an
 /// earlier run verified; writes `target` only once every byte matches the
 /// hash. Dropping the future stops every transfer, leaving a partial file
@@ -527,166 +774,177 @@ pub async fn download(
     target: &Path,
     progress: Option<watch::Sender<Progress>>,
 ) -> Result<Downloaded, GetError> {
-    download_joining(endpoint, hash, size, sources, target, progress, None).await
-}
-
-/// [`download`], where sources found later (by a repeated query) arrive
-/// in batches on `more` and join in. A batch may repeat known sources; a
-/// source already used, or dropped, is not used again.
-pub async fn download_joining(
-    endpoint: &Endpoint,
-    hash: ContentHash,
-    size: u64,
-    sources: &[Source],
-    target: &Path,
-    progress: Option<watch::Sender<Progress>>,
-    mut more: Option<mpsc::Receiver<Vec<Source>>>,
-) -> Result<Downloaded, GetError> {
-    let mut seen = HashSet::new();
-    let sources: Vec<Source> = sources
-        .iter()
-        .filter(|s| seen.insert(s.id))
-        .cloned()
-        .collect();
-    if sources.is_empty() {
-        return Err(GetError::NoSource(hash));
-    }
-    let part = part_path(target);
-    let io_err = |path: &Path| {
-        let path = path.display().to_string();
-        move |source| GetError::Io { path, source }
-    };
-    let (file, done) = {
-        let target = target.to_path_buf();
-        tokio::task::spawn_blocking(move || open_job(hash, size, &target))
-            .await
-            .map_err(std::io::Error::other)
-            .and_then(|r| r)
-            .map_err(io_err(&part))?
-    };
-    let verified: u64 = done
-        .iter()
-        .enumerate()
-        .filter(|(_, d)| **d)
-        .map(|(i, _)| CHUNK_SIZE.min(size - i as u64 * CHUNK_SIZE))
-        .sum();
-    let left = done.iter().filter(|d| !**d).count();
-    if verified > 0 {
-        info!(verified, size, "resuming");
-    }
-    let job = Arc::new(Job {
+    Download {
+        endpoint,
         hash,
         size,
-        state: state_path(target),
-        file: Mutex::new(file),
-        ranges: Mutex::new(Ranges {
-            slots: done
-                .into_iter()
-                .map(|done| Slot {
-                    done,
-                    fetching: Vec::new(),
-                })
-                .collect(),
-            left,
-            progress: Progress {
-                size,
-                verified,
-                fetched: 0,
-                sources: 0,
-            },
-        }),
+        sources,
+        target,
         progress,
-    });
-    job.publish(&job.ranges());
+        more: None,
+        share_as: None,
+    }
+    .run()
+    .await
+}
 
-    let mut tasks = JoinSet::new();
-    let mut spawned = 0;
-    let mut spawn = |tasks: &mut JoinSet<_>, source: Source| {
-        let span = tracing::info_span!("get", source = %source.id.short(), addr = %source.addr);
-        let (job, endpoint, i) = (job.clone(), endpoint.clone(), spawned);
-        spawned += 1;
-        tasks.spawn(
-            async move {
-                let result = fetch_from(&endpoint, &job, i, &source).await;
-                (source, result)
-            }
-            .instrument(span),
-        );
-    };
-    for source in sources {
-        spawn(&mut tasks, source);
-    }
-    let mut last = None;
-    let mut bad = None;
-    while job.ranges().left > 0 {
-        let joined = tokio::select! {
-            joined = tasks.join_next() => joined,
-            batch = next_batch(&mut more) => {
-                match batch {
-                    Some(batch) => {
-                        for source in batch.into_iter().filter(|s| seen.insert(s.id)) {
-                            info!(source = %source.id.short(), "a new source joins");
-                            spawn(&mut tasks, source);
-                        }
-                    }
-                    None => more = None,
-                }
-                continue;
-            }
-        };
-        let Some(joined) = joined else {
-            break;
-        };
-        let (source, result) = joined.map_err(|e| io_err(&part)(std::io::Error::other(e)))?;
-        match result {
-            Ok(()) => {}
-            Err(SourceError::Io(e)) => return Err(io_err(&part)(e)),
-            Err(e @ SourceError::Mismatch { .. }) => {
-                warn!(source = %source.id.short(), error = %e, "source dropped: bad range");
-                bad = Some(source.id);
-            }
-            Err(e) => {
-                warn!(source = %source.id.short(), error = %e, "source dropped");
-                last = Some(e.to_string());
-            }
+impl Download<'_> {
+    pub async fn run(self) -> Result<Downloaded, GetError> {
+        let Download {
+            endpoint,
+            hash,
+            size,
+            sources,
+            target,
+            progress,
+            mut more,
+            share_as,
+        } = self;
+        let mut seen = HashSet::new();
+        let sources: Vec<Source> = sources
+            .iter()
+            .filter(|s| seen.insert(s.id))
+            .cloned()
+            .collect();
+        if sources.is_empty() {
+            return Err(GetError::NoSource(hash));
         }
-    }
-    // Every range is verified: whatever is still in flight is a duplicate.
-    tasks.abort_all();
-    if job.ranges().left > 0 {
-        // Ranges verified are kept to resume from; a file with none is not.
-        if job.ranges().progress.verified == 0 {
-            let _ = std::fs::remove_file(&part);
-            let _ = std::fs::remove_file(&job.state);
+        if size > MAX_DOWNLOAD_SIZE {
+            return Err(GetError::TooLarge { size });
         }
-        return Err(match (bad, last) {
-            (Some(id), _) => GetError::HashMismatch {
-                hash,
-                source_id: id.to_string(),
-            },
-            (None, last) => GetError::SourcesFailed(last.unwrap_or_else(|| "no answer".into())),
+        let part = part_path(target);
+        let io_err = |path: &Path| {
+            let path = path.display().to_string();
+            move |source| GetError::Io { path, source }
+        };
+        let (file, done, kept) = {
+            let target = target.to_path_buf();
+            tokio::task::spawn_blocking(move || open_job(hash, size, &target))
+                .await
+                .map_err(std::io::Error::other)
+                .and_then(|r| r)
+                .map_err(io_err(&part))?
+        };
+        let count = layer::range_count(size);
+        let verified: u64 = (0..count)
+            .filter(|&i| done.get(i))
+            .map(|i| layer::range_bounds(size, i).1)
+            .sum();
+        if verified > 0 {
+            info!(verified, size, "resuming");
+        }
+        let job = Arc::new(Job {
+            hash,
+            size,
+            count,
+            target: target.to_path_buf(),
+            layer: OnceLock::new(),
+            file,
+            ranges: Mutex::new(Ranges::new(
+                done,
+                Progress {
+                    size,
+                    verified,
+                    fetched: 0,
+                    sources: 0,
+                },
+            )),
+            progress,
+            saved: Mutex::new(Instant::now()),
+            finished: AtomicBool::new(false),
+            register: share_as,
         });
+        if let Some(cvs) = kept {
+            let _ = job.layer.set(Arc::new(cvs));
+            job.register();
+        }
+        job.publish(&job.ranges());
+
+        let mut tasks = JoinSet::new();
+        let mut spawned = 0;
+        let mut spawn = |tasks: &mut JoinSet<_>, source: Source| {
+            let span = tracing::info_span!("get", source = %source.id.short(), addr = %source.addr);
+            let (job, endpoint, i) = (job.clone(), endpoint.clone(), spawned);
+            spawned += 1;
+            tasks.spawn(
+                async move {
+                    let result = fetch_from(&endpoint, &job, i, &source).await;
+                    (source, result)
+                }
+                .instrument(span),
+            );
+        };
+        for source in sources {
+            spawn(&mut tasks, source);
+        }
+        let mut last = None;
+        let mut bad = None;
+        while job.ranges().left > 0 {
+            let joined = tokio::select! {
+                joined = tasks.join_next() => joined,
+                batch = next_batch(&mut more) => {
+                    match batch {
+                        Some(batch) => {
+                            for source in batch.into_iter().filter(|s| seen.insert(s.id)) {
+                                info!(source = %source.id.short(), "a new source joins");
+                                spawn(&mut tasks, source);
+                            }
+                        }
+                        None => more = None,
+                    }
+                    continue;
+                }
+            };
+            let Some(joined) = joined else {
+                break;
+            };
+            let (source, result) = joined.map_err(|e| io_err(&part)(std::io::Error::other(e)))?;
+            match result {
+                Ok(()) => {}
+                Err(SourceError::Io(e)) => return Err(io_err(&part)(e)),
+                Err(e @ SourceError::Mismatch { .. }) => {
+                    warn!(source = %source.id.short(), error = %e, "source dropped: bad data");
+                    bad = Some(source.id);
+                }
+                Err(e) => {
+                    warn!(source = %source.id.short(), error = %e, "source dropped");
+                    last = Some(e.to_string());
+                }
+            }
+        }
+        // Every range is verified: whatever is still in flight is a duplicate.
+        tasks.abort_all();
+        while tasks.join_next().await.is_some() {}
+        if job.ranges().left > 0 {
+            // Ranges verified are kept to resume from; a file with none is not.
+            if job.ranges().progress.verified == 0 {
+                job.finished.store(true, Ordering::Release);
+                partial::remove_beside(target);
+                if let Some((data_dir, _)) = &job.register {
+                    partial::unregister(data_dir, &hash);
+                }
+            }
+            return Err(match (bad, last) {
+                (Some(id), _) => GetError::HashMismatch {
+                    hash,
+                    source_id: id.to_string(),
+                },
+                (None, last) => GetError::SourcesFailed(last.unwrap_or_else(|| "no answer".into())),
+            });
+        }
+        let fetched = job.ranges().progress.fetched;
+        job.finished.store(true, Ordering::Release);
+        // Every range was checked against the layer, and the layer against
+        // the hash: the part file is the file.
+        job.file.sync_data().map_err(io_err(&part))?;
+        std::fs::rename(&part, target).map_err(io_err(target))?;
+        if let Some((data_dir, _)) = &job.register {
+            partial::unregister(data_dir, &hash);
+        }
+        partial::remove_beside(target);
+        info!(%hash, size, fetched, target = %target.display(), "downloaded and verified");
+        Ok(Downloaded { size, fetched })
     }
-    let fetched = job.ranges().progress.fetched;
-    // Every range verified against the root already; hashing the whole
-    // file again guards against the disk, not the network.
-    let whole = {
-        let path = part.clone();
-        tokio::task::spawn_blocking(move || hash_whole(&path))
-            .await
-            .map_err(std::io::Error::other)
-            .and_then(|r| r)
-            .map_err(io_err(&part))?
-    };
-    if whole != hash {
-        let _ = std::fs::remove_file(&part);
-        let _ = std::fs::remove_file(&job.state);
-        return Err(GetError::WholeFileMismatch(hash));
-    }
-    std::fs::rename(&part, target).map_err(io_err(target))?;
-    let _ = std::fs::remove_file(&job.state);
-    info!(%hash, size, fetched, target = %target.display(), "downloaded and verified");
-    Ok(Downloaded { size, fetched })
 }
 
 async fn next_batch(more: &mut Option<mpsc::Receiver<Vec<Source>>>) -> Option<Vec<Source>> {
@@ -696,18 +954,115 @@ async fn next_batch(more: &mut Option<mpsc::Receiver<Vec<Source>>>) -> Option<Ve
     }
 }
 
-fn hash_whole(path: &Path) -> std::io::Result<ContentHash> {
-    let mut f = std::fs::File::open(path)?;
-    let mut hasher = blake3::Hasher::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f.read(&mut buf)?;
-        if n == 0 {
-            break;
+/// One connected source: which ranges it has (`None`: all of them).
+struct Remote<'a> {
+    peer: Peer,
+    source: &'a Source,
+    index: usize,
+    has: Mutex<Option<Bitmap>>,
+}
+
+impl Remote<'_> {
+    fn gone(&self, reason: String) -> SourceError {
+        SourceError::Gone {
+            addr: self.source.addr.clone(),
+            reason,
         }
-        hasher.update_rayon(&buf[..n]);
     }
-    Ok(ContentHash(*hasher.finalize().as_bytes()))
+
+    fn protocol(&self, reason: String) -> SourceError {
+        SourceError::Protocol {
+            addr: self.source.addr.clone(),
+            reason,
+        }
+    }
+
+    /// Sends `req` and reads the reply header.
+    async fn ask(&self, req: &GetRequest) -> Result<(GetReply, quinn::RecvStream), SourceError> {
+        let (mut send, mut recv) = self
+            .peer
+            .conn
+            .open_bi()
+            .await
+            .map_err(|e| self.gone(e.to_string()))?;
+        net::write_frame(&mut send, req, MAX_TRANSFER_FRAME)
+            .await
+            .map_err(|e| self.gone(e.to_string()))?;
+        let _ = send.finish();
+        match net::read_first_frame::<GetReply>(&mut recv, MAX_TRANSFER_FRAME).await {
+            Ok(Some(GetReply::Error(reply))) => Err(SourceError::Refused {
+                addr: self.source.addr.clone(),
+                reply,
+            }),
+            Ok(Some(reply)) => Ok((reply, recv)),
+            Ok(None) => Err(self.gone("stream ended before a reply".into())),
+            Err(e) => Err(self.protocol(e.to_string())),
+        }
+    }
+
+    /// Reads exactly `len` more bytes of `recv`, then its end.
+    async fn read_exact(
+        &self,
+        recv: &mut quinn::RecvStream,
+        len: usize,
+    ) -> Result<Vec<u8>, SourceError> {
+        let data = recv.read_to_end(len).await.map_err(|e| match e {
+            quinn::ReadToEndError::TooLong => self.protocol("more bytes than announced".into()),
+            quinn::ReadToEndError::Read(e) => self.gone(e.to_string()),
+        })?;
+        if data.len() != len {
+            return Err(self.gone(format!("sent {} of {len} bytes", data.len())));
+        }
+        Ok(data)
+    }
+
+    /// Asks for the layer (if `job` has none yet) or the have-bitmap, and
+    /// records which ranges the source has.
+    async fn learn(&self, job: &Arc<Job>) -> Result<(), SourceError> {
+        let want_layer = job.layer.get().is_none();
+        let req = if want_layer {
+            GetRequest::Layer(job.hash)
+        } else {
+            GetRequest::Have(job.hash)
+        };
+        let (reply, mut recv) = self.ask(&req).await?;
+        let partial = match reply {
+            GetReply::Ranges { size, partial } if size == job.size => partial,
+            other => {
+                return Err(self.protocol(format!(
+                    "answered {other:?} to a request for the ranges of a {}-byte file",
+                    job.size
+                )))
+            }
+        };
+        let layer_len = if want_layer { job.count * CV_LEN } else { 0 };
+        let bitmap_len = if partial { job.count.div_ceil(8) } else { 0 };
+        let mut tail = self.read_exact(&mut recv, layer_len + bitmap_len).await?;
+        let bitmap = tail.split_off(layer_len);
+        if want_layer {
+            let cvs = layer::from_bytes(&tail).expect("a whole number of CVs");
+            let job = job.clone();
+            let good = tokio::task::spawn_blocking(move || job.offer_layer(cvs))
+                .await
+                .map_err(|e| SourceError::Io(std::io::Error::other(e)))?
+                .map_err(SourceError::Io)?;
+            if !good {
+                return Err(SourceError::Mismatch {
+                    addr: self.source.addr.clone(),
+                    what: "a layer",
+                });
+            }
+        }
+        let has = match partial {
+            false => None,
+            true => Some(
+                Bitmap::from_bytes(bitmap, job.count)
+                    .ok_or_else(|| self.protocol("a have-bitmap with bits past the end".into()))?,
+            ),
+        };
+        *self.has.lock().expect("has lock") = has;
+        Ok(())
+    }
 }
 
 /// Fetches ranges from one source until none is left for it, or it fails.
@@ -724,128 +1079,179 @@ async fn fetch_from(
     let peer = endpoint
         .connect(addr, ALPN_TRANSFER, Some(source.id))
         .await?;
+    let remote = Remote {
+        peer,
+        source,
+        index,
+        has: Mutex::new(None),
+    };
+    remote.learn(job).await?;
     job.sources_changed(1);
-    // PER_SOURCE requests in flight; the first failure ends both.
-    let result = tokio::try_join!(
-        worker(&peer, job, index, source),
-        worker(&peer, job, index, source)
-    );
+    // PER_SOURCE requests in flight; the first failure ends them all.
+    let workers = (0..PER_SOURCE).map(|_| worker(&remote, job));
+    let result = futures_util::future::try_join_all(workers).await.map(drop);
     job.sources_changed(-1);
     if result.is_ok() {
-        peer.conn.close(0u32.into(), b"done");
+        remote.peer.conn.close(0u32.into(), b"done");
     }
-    result.map(|_| ())
+    result
 }
 
-async fn worker(
-    peer: &Peer,
-    job: &Arc<Job>,
-    index: usize,
-    source: &Source,
-) -> Result<(), SourceError> {
+async fn worker(remote: &Remote<'_>, job: &Arc<Job>) -> Result<(), SourceError> {
     loop {
-        let Some(range) = job.ranges().claim(index) else {
-            return Ok(());
+        let next = {
+            let has = remote.has.lock().expect("has lock");
+            job.ranges().claim(remote.index, has.as_ref())
         };
-        let _claim = Claim {
-            job,
-            index: range,
-            source: index,
-        };
-        match tokio::time::timeout(RANGE_TIMEOUT, fetch_range(peer, job, source, range)).await {
-            Ok(r) => r?,
-            Err(_) => {
-                return Err(SourceError::Gone {
-                    addr: source.addr.clone(),
-                    reason: format!("no range within {RANGE_TIMEOUT:?}"),
-                })
+        let run = match next {
+            Next::Fetch(run) => run,
+            Next::Finished => return Ok(()),
+            // A whole source with nothing to do is done; a partial one may
+            // have more later.
+            Next::Wait if remote.has.lock().expect("has lock").is_none() => return Ok(()),
+            Next::Wait => {
+                tokio::time::sleep(HAVE_POLL).await;
+                remote.learn(job).await?;
+                continue;
             }
-        }
+        };
+        let _claims: Vec<Claim<'_>> = run
+            .clone()
+            .map(|index| Claim {
+                job,
+                index,
+                source: remote.index,
+            })
+            .collect();
+        fetch_run(remote, job, run).await?;
     }
 }
 
-/// Most bytes a bao slice of `length` content bytes can take: the 8-byte
-/// header, the content rounded out to whole 1 KiB chunks at both ends, and
-/// a 64-byte parent node per chunk plus one per level of the tree above.
-fn max_slice_len(length: u64) -> usize {
-    let chunks = length.div_ceil(1024) + 2;
-    (8 + chunks * 1024 + (chunks + 64) * 64) as usize
-}
-
-/// Asks `source` for range `index`, verifies it against the root hash and
-/// stores it.
-async fn fetch_range(
-    peer: &Peer,
+/// Asks the source for the consecutive ranges of `run` in one request,
+/// and verifies and stores each as it arrives.
+async fn fetch_run(
+    remote: &Remote<'_>,
     job: &Arc<Job>,
-    source: &Source,
-    index: usize,
+    run: std::ops::Range<usize>,
 ) -> Result<(), SourceError> {
-    let gone = |reason: String| SourceError::Gone {
-        addr: source.addr.clone(),
-        reason,
-    };
-    let protocol = |reason: String| SourceError::Protocol {
-        addr: source.addr.clone(),
-        reason,
-    };
-    let (offset, length) = job.range(index);
-    let (mut send, mut recv) = peer.conn.open_bi().await.map_err(|e| gone(e.to_string()))?;
-    let req = GetRequest {
+    let (offset, _) = job.range(run.start);
+    let length: u64 = run.clone().map(|i| job.range(i).1).sum();
+    let req = GetRequest::Range(RangeRequest {
         hash: job.hash,
         offset,
         length: Some(length),
-    };
-    net::write_frame(&mut send, &req, MAX_TRANSFER_FRAME)
+    });
+    let (reply, mut recv) = tokio::time::timeout(RANGE_TIMEOUT, remote.ask(&req))
         .await
-        .map_err(|e| gone(e.to_string()))?;
-    let _ = send.finish();
-    match net::read_first_frame::<GetReply>(&mut recv, MAX_TRANSFER_FRAME).await {
-        Ok(Some(GetReply::Ok { size, length: l })) if size == job.size && l == length => {}
-        Ok(Some(GetReply::Ok { size, length: l })) => {
-            return Err(protocol(format!(
-                "offered {l} bytes of a {size}-byte file for {length} bytes of {}",
+        .map_err(|_| remote.gone(format!("no answer within {RANGE_TIMEOUT:?}")))??;
+    match reply {
+        GetReply::Ok { size, length: l } if size == job.size && l == length => {}
+        other => {
+            return Err(remote.protocol(format!(
+                "answered {other:?} to a request for {length} bytes of a {}-byte file",
                 job.size
             )))
         }
-        Ok(Some(GetReply::Error(reply))) => {
-            return Err(SourceError::Refused {
-                addr: source.addr.clone(),
-                reply,
-            })
-        }
-        Ok(None) => return Err(gone("stream ended before a reply".into())),
-        Err(e) => return Err(protocol(e.to_string())),
     }
-    let slice = recv
-        .read_to_end(max_slice_len(length))
-        .await
-        .map_err(|e| match e {
-            quinn::ReadToEndError::TooLong => protocol("slice longer than its range".into()),
-            quinn::ReadToEndError::Read(e) => gone(e.to_string()),
-        })?;
-    // Hashing and disk writes on a blocking thread.
-    let job2 = job.clone();
-    let outcome = tokio::task::spawn_blocking(move || {
-        let root = blake3::Hash::from_bytes(job2.hash.0);
-        let mut input = &slice[..];
-        let mut decoder = bao::decode::SliceDecoder::new(&mut input, &root, offset, length);
-        let mut data = Vec::with_capacity(length as usize);
-        match decoder.read_to_end(&mut data) {
-            Ok(_) if data.len() as u64 == length && input.is_empty() => {}
-            Ok(_) => return Ok(Err("slice of the wrong length")),
-            Err(e) if e.kind() == std::io::ErrorKind::InvalidData => return Ok(Err("bad")),
-            Err(_) => return Ok(Err("slice cut short")),
+    // Each range is hashed and written on a blocking thread while the next
+    // one arrives.
+    let mut stores = Vec::with_capacity(run.len());
+    for index in run {
+        let mut data = vec![0u8; job.range(index).1 as usize];
+        match tokio::time::timeout(RANGE_TIMEOUT, recv.read_exact(&mut data)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(quinn::ReadExactError::FinishedEarly(n))) => {
+                return Err(remote.gone(format!("range {index} cut short after {n} bytes")))
+            }
+            Ok(Err(quinn::ReadExactError::ReadError(e))) => return Err(remote.gone(e.to_string())),
+            Err(_) => return Err(remote.gone(format!("no range within {RANGE_TIMEOUT:?}"))),
         }
-        job2.store(index, &data).map(Ok)
-    })
-    .await
-    .map_err(|e| SourceError::Io(std::io::Error::other(e)))?
-    .map_err(SourceError::Io)?;
-    match outcome {
-        Ok(()) => Ok(()),
-        Err("bad") => Err(SourceError::Mismatch {
-            addr: source.addr.clone(),
-        }),
-        Err(reason) => Err(protocol(reason.into())),
+        let job = job.clone();
+        stores.push(tokio::task::spawn_blocking(move || job.store(index, &data)));
+    }
+    remote.read_exact(&mut recv, 0).await?;
+    for store in stores {
+        let good = store
+            .await
+            .map_err(|e| SourceError::Io(std::io::Error::other(e)))?
+            .map_err(SourceError::Io)?;
+        if !good {
+            return Err(SourceError::Mismatch {
+                addr: remote.source.addr.clone(),
+                what: "a range",
+            });
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fetch(next: Next) -> usize {
+        match next {
+            Next::Fetch(run) if run.len() == 1 => run.start,
+            Next::Fetch(run) => panic!("run {run:?}"),
+            Next::Wait => panic!("wait"),
+            Next::Finished => panic!("finished"),
+        }
+    }
+
+    #[test]
+    fn ranges_go_in_order_then_to_the_endgame_and_back_when_released() {
+        let mut done = Bitmap::new(5);
+        done.set(1);
+        let mut r = Ranges::new(done, Progress::default());
+        assert_eq!(r.left, 4);
+        // Sources 0 and 1 take the free ranges in order, skipping the done one.
+        assert_eq!(fetch(r.claim(0, None)), 0);
+        assert_eq!(fetch(r.claim(1, None)), 2);
+        assert_eq!(fetch(r.claim(0, None)), 3);
+        assert_eq!(fetch(r.claim(1, None)), 4);
+        // Endgame: source 1 doubles up on the first range only source 0 has.
+        assert_eq!(fetch(r.claim(1, None)), 0);
+        // Source 0 doubles up on source 1's, fewest fetchers first.
+        assert_eq!(fetch(r.claim(0, None)), 2);
+        assert_eq!(fetch(r.claim(0, None)), 4);
+        assert_eq!(fetch(r.claim(1, None)), 3);
+        // Both fetch every range left.
+        assert!(matches!(r.claim(0, None), Next::Wait));
+        assert!(matches!(r.claim(1, None), Next::Wait));
+        // Both give up range 2: it is free again, first in line.
+        r.release(2, 1);
+        r.release(2, 0);
+        assert_eq!(fetch(r.claim(3, None)), 2);
+    }
+
+    #[test]
+    fn requests_take_runs_of_free_ranges_while_much_is_left() {
+        let mut done = Bitmap::new(400);
+        done.set(20);
+        let mut r = Ranges::new(done, Progress::default());
+        let run = |next| match next {
+            Next::Fetch(run) => run,
+            _ => panic!("no run"),
+        };
+        // 399 left: runs of at most 16, stopping at a done range.
+        assert_eq!(run(r.claim(0, None)), 0..16);
+        assert_eq!(run(r.claim(1, None)), 16..20);
+        assert_eq!(run(r.claim(0, None)), 21..37);
+        // A partial source's run stops where its ranges do.
+        let mut has = Bitmap::new(400);
+        (37..40).for_each(|i| has.set(i));
+        assert_eq!(run(r.claim(2, Some(&has))), 37..40);
+    }
+
+    #[test]
+    fn a_partial_source_gets_only_ranges_it_has() {
+        let mut r = Ranges::new(Bitmap::new(6), Progress::default());
+        let mut has = Bitmap::new(6);
+        has.set(4);
+        assert_eq!(fetch(r.claim(7, Some(&has))), 4);
+        assert!(matches!(r.claim(7, Some(&has)), Next::Wait));
+        assert_eq!(fetch(r.claim(8, None)), 0);
+        r.left = 0;
+        assert!(matches!(r.claim(8, None), Next::Finished));
     }
 }

@@ -33,3 +33,7 @@ pub const MAX_ERROR_MESSAGE: usize = 512;
 pub const MAX_SUPERNODE_INFOS: usize = 64;
 /// Largest frame on a mesh stream (a query, a status, a batch of hits).
 pub const MAX_MESH_FRAME: usize = 1 << 20;
+
+/// Bytes of a range of the transfer layer: the unit a downloader verifies
+/// (256 BLAKE3 chunks, a whole subtree).
+pub const RANGE_SIZE: u64 = 256 * 1024;

@@ -13,7 +13,7 @@ use crate::id::{ContentHash, NodeId};
 pub const ALPN_LEAF: &[u8] = b"servent-leaf/1";
 /// Leaf ↔ leaf: downloads. Version 2: ranges are answered with bao slices
 /// (content and proof interleaved), not raw bytes.
-pub const ALPN_TRANSFER: &[u8] = b"servent-xfer/2";
+pub const ALPN_TRANSFER: &[u8] = b"servent-xfer/3";
 /// Supernode ↔ supernode: the mesh (membership gossip and query routing).
 pub const ALPN_MESH: &[u8] = b"servent-mesh/1";
 
@@ -101,7 +101,7 @@ pub enum LeafReply {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Source {
     pub id: NodeId,
-    /// `IP:PORT` to dial (ALPN `servent-xfer/2`): the address the supernode
+    /// `IP:PORT` to dial (ALPN `servent-xfer/3`): the address the supernode
     /// observed for the leaf's connection with the leaf's listening port.
     pub addr: String,
 }
@@ -234,7 +234,21 @@ pub enum MeshControl {
 
 /// The only frame a downloader sends on a transfer stream.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct GetRequest {
+pub enum GetRequest {
+    /// The file's range layer and which ranges the source has: answered by
+    /// `Ranges`, then the layer (32 bytes a range), then the have-bitmap if
+    /// the source is partial.
+    Layer(ContentHash),
+    /// Which ranges the source has now: answered by `Ranges`, then the
+    /// have-bitmap if the source is partial.
+    Have(ContentHash),
+    /// Content bytes: answered by `Ok`, then the bytes.
+    Range(RangeRequest),
+}
+
+/// Content bytes wanted from a file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RangeRequest {
     pub hash: ContentHash,
     /// First byte wanted.
     pub offset: u64,
@@ -242,12 +256,22 @@ pub struct GetRequest {
     pub length: Option<u64>,
 }
 
-/// The header a source sends back; after `Ok`, the bao slice of the
-/// `length` bytes from `offset` follows (content and the hash-tree nodes
-/// that prove it, see docs/PROTOCOL.md) and then the end of the stream.
+/// The header a source sends back, before the raw bytes the request asks
+/// for (see docs/PROTOCOL.md) and then the end of the stream.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum GetReply {
-    Ok { size: u64, length: u64 },
+    /// Answers `Range`: `length` content bytes follow.
+    Ok {
+        size: u64,
+        length: u64,
+    },
+    /// Answers `Layer` and `Have`: the file is `size` bytes; `partial`
+    /// says the source has only some of its ranges, and that a bitmap of
+    /// them follows (after the layer, for `Layer`).
+    Ranges {
+        size: u64,
+        partial: bool,
+    },
     Error(ErrorReply),
 }
 

@@ -545,7 +545,7 @@ fn every_transfer_message_round_trips() {
     for length in [None, Some(0), Some(1), Some(u64::MAX)] {
         for offset in [0, 1 << 20, u64::MAX] {
             round_trip(
-                &GetRequest {
+                &RangeRequest {
                     hash: hash(),
                     offset,
                     length,
@@ -814,7 +814,7 @@ fn golden_election_messages() {
 fn golden_transfer_messages() {
     // 93 [ c4 20 <hash>, 00 (offset 0), c0 (length nil) ]
     golden(
-        &GetRequest {
+        &RangeRequest {
             hash: hash(),
             offset: 0,
             length: None,
@@ -824,7 +824,7 @@ fn golden_transfer_messages() {
     );
     // 93 [ c4 20 <hash>, ce 00100000 (1 MiB), ce 00010000 (64 KiB) ]
     golden(
-        &GetRequest {
+        &RangeRequest {
             hash: hash(),
             offset: 1 << 20,
             length: Some(65_536),
@@ -848,6 +848,51 @@ fn golden_transfer_messages() {
         MAX_TRANSFER_FRAME,
         "0000002181a54572726f7292a84e6f74466f756e64af6e6f74207368617265642068657265",
     );
+}
+
+#[test]
+fn golden_transfer_requests_and_range_replies() {
+    let h = "af1349b9f5f9a1a6a0404dea36dcc9499bcb25c9adc112b7cc9a93cae41f3262";
+    // 81 { a5 "Layer": c4 20 <hash> }
+    golden(
+        &GetRequest::Layer(hash()),
+        MAX_TRANSFER_FRAME,
+        &format!("0000002981a54c61796572c420{h}"),
+    );
+    // 81 { a4 "Have": c4 20 <hash> }
+    golden(
+        &GetRequest::Have(hash()),
+        MAX_TRANSFER_FRAME,
+        &format!("0000002881a448617665c420{h}"),
+    );
+    // 81 { a5 "Range": 93 [ c4 20 <hash>, ce 00040000 (256 KiB), ce 00040000 ] }
+    golden(
+        &GetRequest::Range(RangeRequest {
+            hash: hash(),
+            offset: 256 * 1024,
+            length: Some(256 * 1024),
+        }),
+        MAX_TRANSFER_FRAME,
+        &format!("0000003481a552616e676593c420{h}ce00040000ce00040000"),
+    );
+    // 81 { a6 "Ranges": 92 [ ce 40000000 (1 GiB), c3 (true) ] }
+    golden(
+        &GetReply::Ranges {
+            size: 1 << 30,
+            partial: true,
+        },
+        MAX_TRANSFER_FRAME,
+        "0000000f81a652616e67657392ce40000000c3",
+    );
+    for partial in [false, true] {
+        for size in [0, 1, u64::MAX] {
+            round_trip(&GetReply::Ranges { size, partial }, MAX_TRANSFER_FRAME);
+        }
+    }
+    // A request names one of the three kinds.
+    let mut body = variant("Delete");
+    body.extend(bin8(hash().as_bytes()));
+    assert!(is_decode(&refused::<GetRequest>(&body, MAX_TRANSFER_FRAME)));
 }
 
 #[test]
@@ -923,7 +968,7 @@ fn a_4_gib_header_is_refused_before_any_body_arrives() {
             Err(FrameError::TooLarge { .. })
         ));
         assert!(matches!(
-            frame::parse_exact::<GetRequest>(&header, max),
+            frame::parse_exact::<RangeRequest>(&header, max),
             Err(FrameError::TooLarge { .. })
         ));
         assert!(start.elapsed() < Duration::from_secs(1));
@@ -1022,7 +1067,7 @@ fn garbage_is_refused() {
             hex::encode(body)
         );
         assert!(
-            is_decode(&refused::<GetRequest>(body, MAX_TRANSFER_FRAME)),
+            is_decode(&refused::<RangeRequest>(body, MAX_TRANSFER_FRAME)),
             "{}",
             hex::encode(body)
         );
@@ -1091,15 +1136,21 @@ fn garbage_is_refused() {
 #[test]
 fn wrong_types_and_arities_are_refused() {
     let mut h = bin8(hash().as_bytes());
-    // GetRequest with two fields, then with four.
+    // RangeRequest with two fields, then with four.
     let mut two = vec![0x92];
     two.extend(&h);
     two.push(0x00);
-    assert!(is_decode(&refused::<GetRequest>(&two, MAX_TRANSFER_FRAME)));
+    assert!(is_decode(&refused::<RangeRequest>(
+        &two,
+        MAX_TRANSFER_FRAME
+    )));
     let mut four = vec![0x94];
     four.extend(&h);
     four.extend([0x00, 0xc0, 0x00]);
-    assert!(is_decode(&refused::<GetRequest>(&four, MAX_TRANSFER_FRAME)));
+    assert!(is_decode(&refused::<RangeRequest>(
+        &four,
+        MAX_TRANSFER_FRAME
+    )));
     // A negative offset, a float offset, a string length.
     for tail in [
         &[0xff, 0xc0][..],
@@ -1110,7 +1161,7 @@ fn wrong_types_and_arities_are_refused() {
         body.extend(&h);
         body.extend_from_slice(tail);
         assert!(
-            is_decode(&refused::<GetRequest>(&body, MAX_TRANSFER_FRAME)),
+            is_decode(&refused::<RangeRequest>(&body, MAX_TRANSFER_FRAME)),
             "{}",
             hex::encode(&body)
         );
@@ -1213,7 +1264,7 @@ fn ids_must_be_a_bin_of_exactly_32_bytes() {
         body.extend(&bad);
         body.extend([0x00, 0xc0]);
         assert!(
-            is_decode(&refused::<GetRequest>(&body, MAX_TRANSFER_FRAME)),
+            is_decode(&refused::<RangeRequest>(&body, MAX_TRANSFER_FRAME)),
             "{}",
             hex::encode(&bad)
         );
@@ -1222,12 +1273,15 @@ fn ids_must_be_a_bin_of_exactly_32_bytes() {
     let mut body = vec![0xdc, 0x00, 0x20];
     body.extend([0x07; 32]);
     body.extend([0x00, 0xc0]);
-    assert!(is_decode(&refused::<GetRequest>(&body, MAX_TRANSFER_FRAME)));
+    assert!(is_decode(&refused::<RangeRequest>(
+        &body,
+        MAX_TRANSFER_FRAME
+    )));
     // 32 bytes are right.
     let mut body = vec![0x93];
     body.extend(bin8(&[7; 32]));
     body.extend([0x00, 0xc0]);
-    let ok: GetRequest = frame::parse_exact(&framed(&body), MAX_TRANSFER_FRAME).unwrap();
+    let ok: RangeRequest = frame::parse_exact(&framed(&body), MAX_TRANSFER_FRAME).unwrap();
     assert_eq!(ok.hash, ContentHash([7; 32]));
 }
 
@@ -1249,7 +1303,10 @@ fn lengths_claiming_more_than_the_frame_holds_are_refused_without_allocating() {
     )));
     // A bin32 hash claiming 4 GiB.
     let body = [0x93, 0xc6, 0xff, 0xff, 0xff, 0xff, 0x00];
-    assert!(is_decode(&refused::<GetRequest>(&body, MAX_TRANSFER_FRAME)));
+    assert!(is_decode(&refused::<RangeRequest>(
+        &body,
+        MAX_TRANSFER_FRAME
+    )));
     // An array32 of 4 billion file entries, hashes, hits, words.
     for (name, decode) in [
         (
@@ -1276,7 +1333,10 @@ fn lengths_claiming_more_than_the_frame_holds_are_refused_without_allocating() {
     assert!(is_decode(&refused::<MeshControl>(&body, MAX_MESH_FRAME)));
     // A map32 of 4 billion entries where a struct is expected.
     let body = [0xdf, 0xff, 0xff, 0xff, 0xff, 0xa4, b'h', b'a', b's', b'h'];
-    assert!(is_decode(&refused::<GetRequest>(&body, MAX_TRANSFER_FRAME)));
+    assert!(is_decode(&refused::<RangeRequest>(
+        &body,
+        MAX_TRANSFER_FRAME
+    )));
 }
 
 #[test]
@@ -1301,7 +1361,7 @@ fn deep_nesting_is_refused_without_deep_recursion() {
                     body,
                     MAX_UPDATE_FRAME
                 )));
-                assert!(is_decode(&refused::<GetRequest>(body, MAX_UPDATE_FRAME)));
+                assert!(is_decode(&refused::<RangeRequest>(body, MAX_UPDATE_FRAME)));
                 assert!(is_decode(&refused::<GetReply>(body, MAX_UPDATE_FRAME)));
                 assert!(is_decode(&refused::<MeshRequest>(body, MAX_MESH_FRAME)));
                 assert!(is_decode(&refused::<MeshControl>(body, MAX_MESH_FRAME)));
@@ -1339,7 +1399,7 @@ fn the_depth_limit_is_exact() {
 #[test]
 fn trailing_bytes_are_refused() {
     let good = frame::encode(
-        &GetRequest {
+        &RangeRequest {
             hash: hash(),
             offset: 0,
             length: None,
@@ -1350,12 +1410,12 @@ fn trailing_bytes_are_refused() {
     // Inside the frame: the header counts a byte the message does not use.
     let mut body = good[HEADER_LEN..].to_vec();
     body.push(0xc0);
-    let err = refused::<GetRequest>(&body, MAX_TRANSFER_FRAME);
+    let err = refused::<RangeRequest>(&body, MAX_TRANSFER_FRAME);
     assert!(err.to_string().contains("1 trailing bytes"), "{err}");
     // After the frame: `parse_exact` wants exactly one frame.
     let mut after = good.clone();
     after.extend_from_slice(&[0, 0]);
-    let err = frame::parse_exact::<GetRequest>(&after, MAX_TRANSFER_FRAME).unwrap_err();
+    let err = frame::parse_exact::<RangeRequest>(&after, MAX_TRANSFER_FRAME).unwrap_err();
     assert!(
         is_decode(&err) && err.to_string().contains("2 trailing bytes"),
         "{err}"
@@ -1363,7 +1423,10 @@ fn trailing_bytes_are_refused() {
     // Two messages in one frame.
     let mut two = good[HEADER_LEN..].to_vec();
     two.extend_from_slice(&good[HEADER_LEN..]);
-    assert!(is_decode(&refused::<GetRequest>(&two, MAX_TRANSFER_FRAME)));
+    assert!(is_decode(&refused::<RangeRequest>(
+        &two,
+        MAX_TRANSFER_FRAME
+    )));
 }
 
 /// Mutated and random frames never panic the decoder: whatever comes back is
@@ -1391,7 +1454,7 @@ fn mutated_frames_never_panic() {
         .unwrap(),
         frame::encode(&SupernodeReply::Hits(vec![hit()]), MAX_REPLY_FRAME).unwrap(),
         frame::encode(
-            &GetRequest {
+            &RangeRequest {
                 hash: hash(),
                 offset: 9,
                 length: Some(3),
@@ -1450,7 +1513,7 @@ fn mutated_frames_never_panic() {
         if let Ok(m) = frame::parse_exact::<SupernodeReply>(&bytes, MAX_UPDATE_FRAME) {
             frame::encode(&m, MAX_UPDATE_FRAME).unwrap();
         }
-        if let Ok(m) = frame::parse_exact::<GetRequest>(&bytes, MAX_UPDATE_FRAME) {
+        if let Ok(m) = frame::parse_exact::<RangeRequest>(&bytes, MAX_UPDATE_FRAME) {
             frame::encode(&m, MAX_UPDATE_FRAME).unwrap();
         }
         if let Ok(m) = frame::parse_exact::<GetReply>(&bytes, MAX_UPDATE_FRAME) {
@@ -1615,6 +1678,6 @@ fn mutated_election_frames_never_panic() {
 #[test]
 fn alpns_are_pinned() {
     assert_eq!(ALPN_LEAF, b"servent-leaf/1");
-    assert_eq!(ALPN_TRANSFER, b"servent-xfer/2");
+    assert_eq!(ALPN_TRANSFER, b"servent-xfer/3");
     assert_eq!(ALPN_MESH, b"servent-mesh/1");
 }

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use servent_proto::limits::{MAX_REPLY_FRAME, MAX_TRANSFER_FRAME};
 use servent_proto::msg::{
-    ErrorCode, GetReply, GetRequest, LeafRequest, QueryKind, Source, SupernodeReply,
+    ErrorCode, GetReply, GetRequest, LeafRequest, QueryKind, RangeRequest, Source, SupernodeReply,
 };
 use servent_proto::msg::{ALPN_LEAF, ALPN_TRANSFER};
 use servent_proto::ContentHash;
@@ -317,11 +317,11 @@ async fn a_source_serves_only_what_it_announced() {
             let (mut send, mut recv) = conn.open_bi().await.unwrap();
             net::write_frame(
                 &mut send,
-                &GetRequest {
+                &GetRequest::Range(RangeRequest {
                     hash,
                     offset,
                     length: None,
-                },
+                }),
                 MAX_TRANSFER_FRAME,
             )
             .await

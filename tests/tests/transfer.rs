@@ -214,3 +214,86 @@ async fn a_source_that_appears_during_a_download_joins_in() {
     assert!(helped > 0, "the new source served nothing");
     drop(slow);
 }
+
+#[tokio::test]
+async fn a_downloader_serves_the_ranges_it_has_to_a_third_leaf() {
+    let size = 16usize << 20;
+    let content = random_bytes(size, 17);
+    let hash = hash_of(&content);
+    let sn = supernode().await;
+    // The original source is slow, so the first download is caught halfway.
+    let data = tempfile::tempdir().unwrap();
+    let share = tempfile::tempdir().unwrap();
+    std::fs::write(share.path().join("season.mkv"), &content).unwrap();
+    let source_config = || leaf::Config {
+        max_upload_rate: Some(8 << 20),
+        ..leaf::Config::localhost(data.path(), share.path(), vec![sn.addr().to_string()])
+    };
+    let source = Leaf::spawn(source_config()).await.unwrap();
+
+    // B runs `leaf serve` and, beside it on the same data dir, a `get`.
+    let b = TestLeaf::start(&[&sn], &[]).await;
+    let b_client = b.client(&[&sn]);
+    wait_for(T, || async {
+        b_client.locate(hash, T).await.ok().flatten().is_some()
+    })
+    .await
+    .expect("the source is found");
+    let b_out = tempfile::tempdir().unwrap();
+    let b_target = b_out.path().join("season.mkv");
+    let (tx, mut rx) = watch::channel(Progress::default());
+    let first = {
+        let out = b_target.clone();
+        tokio::spawn(async move { b_client.download(hash, Some(&out), T, Some(tx)).await })
+    };
+    verified_at_least(&mut rx, size as u64 / 2).await;
+    first.abort();
+    let _ = first.await;
+    let b_has = rx.borrow().verified;
+    assert!(b_has < size as u64, "B finished before it was stopped");
+    // The original source leaves the network: B's part is all there is.
+    source.shutdown().await;
+
+    // B's serve announces what it has of the file...
+    let c = TestLeaf::start(&[&sn], &[]).await;
+    let mut c_client = c.client(&[&sn]);
+    c_client.set_requery_interval(Duration::from_millis(200));
+    wait_for(T, || async {
+        c_client
+            .locate(hash, T)
+            .await
+            .ok()
+            .flatten()
+            .is_some_and(|h| h.sources.len() == 1 && h.sources[0].id == b.leaf().id())
+    })
+    .await
+    .expect("B is announced as a source while its download is stopped");
+    assert_eq!(b.leaf().share().partials(), 1);
+
+    // ...and serves it to C, who gets everything B has.
+    let (tx, mut rx) = watch::channel(Progress::default());
+    let c_target = c.share_path("season.mkv");
+    let get = {
+        let out = c_target.clone();
+        tokio::spawn(async move { c_client.download(hash, Some(&out), T, Some(tx)).await })
+    };
+    tokio::time::timeout(T, verified_at_least(&mut rx, b_has))
+        .await
+        .expect("C gets every range B has");
+    assert!(!get.is_finished(), "C cannot finish from half a file");
+    assert!(b.leaf().uploads().bytes.get() >= b_has);
+
+    // The original source comes back: C finishes, with the bytes B did not have.
+    let source = Leaf::spawn(source_config()).await.unwrap();
+    let (_, done) = tokio::time::timeout(Duration::from_secs(30), get)
+        .await
+        .expect("C finishes once a whole source is back")
+        .unwrap()
+        .unwrap();
+    assert_eq!(done.size, size as u64);
+    assert!(std::fs::read(&c_target).unwrap() == content, "identical");
+    assert!(source.uploads().bytes.get() <= size as u64 - b_has + 4 * CHUNK_SIZE);
+    // A part that is not verified is never served: B sent only its ranges.
+    assert!(b.leaf().uploads().bytes.get() <= b_has);
+    drop(source);
+}
