@@ -64,6 +64,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
 use servent_proto::limits::MAX_RESULTS;
+use servent_tests::bench;
 use servent_tests::{supernode_with, wait_for, Client, Leaf, Supernode, TestLeaf};
 use supernode::election::ElectionConfig;
 
@@ -102,14 +103,8 @@ const MESH_TIMEOUT: Duration = Duration::from_secs(60);
 const FLAP_WINDOW: Duration = Duration::from_secs(10);
 
 fn main() -> Result<()> {
-    if std::env::var_os("RUST_LOG").is_some() {
-        tracing_subscriber::fmt()
-            .with_writer(std::io::stderr)
-            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-            .init();
-    }
-    // cargo bench passes `--bench`; cargo test passes nothing (or a filter).
-    let full = std::env::args().any(|a| a == "--bench");
+    bench::init_logging();
+    let full = bench::full_mode();
     let params = Params::from_env(full)?;
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -131,23 +126,13 @@ struct Params {
     base: supernode::Config,
 }
 
-fn env<T: std::str::FromStr>(name: &str, default: T) -> Result<T> {
-    match std::env::var(name) {
-        Ok(v) => v
-            .parse()
-            .ok()
-            .with_context(|| format!("{name} must be a number")),
-        Err(_) => Ok(default),
-    }
-}
-
 impl Params {
     fn from_env(full: bool) -> Result<Self> {
-        let leaves = env(
+        let leaves = bench::env_or(
             "SERVENT_BENCH_LEAVES",
             if full { FULL_LEAVES } else { QUICK_LEAVES },
         )?;
-        let max_leaves = env(
+        let max_leaves = bench::env_or(
             "SERVENT_BENCH_MAX_LEAVES",
             if full {
                 FULL_MAX_LEAVES
@@ -155,16 +140,16 @@ impl Params {
                 QUICK_MAX_LEAVES
             },
         )?;
-        let rate = env("SERVENT_BENCH_RATE", RATE)?;
-        let sample = env(
+        let rate = bench::env_or("SERVENT_BENCH_RATE", RATE)?;
+        let sample = bench::env_or(
             "SERVENT_BENCH_SAMPLE",
             if full { FULL_SAMPLE } else { QUICK_SAMPLE },
         )?;
-        let churn = Duration::from_secs_f64(env(
+        let churn = Duration::from_secs_f64(bench::env_or(
             "SERVENT_BENCH_CHURN_SECS",
             if full { FULL_CHURN } else { QUICK_CHURN }.as_secs_f64(),
         )?);
-        let seed = env(
+        let seed = bench::env_or(
             "SERVENT_BENCH_SEED",
             std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
@@ -204,8 +189,8 @@ impl Params {
             )
         };
         let mut base = supernode::Config::localhost();
-        base.search_time_ms = env("SERVENT_BENCH_SEARCH_MS", SEARCH_MS)?;
-        base.query_ttl = env("SERVENT_BENCH_TTL", base.query_ttl)?;
+        base.search_time_ms = bench::env_or("SERVENT_BENCH_SEARCH_MS", SEARCH_MS)?;
+        base.query_ttl = bench::env_or("SERVENT_BENCH_TTL", base.query_ttl)?;
         Ok(Self {
             base,
             leaves,
@@ -1237,20 +1222,6 @@ impl Rng {
 }
 
 fn machine() -> String {
-    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
-    let model = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split_once(':'))
-                .map(|(_, m)| m.trim().to_string())
-        })
-        .unwrap_or_else(|| "unknown CPU".into());
-    let load = std::fs::read_to_string("/proc/loadavg")
-        .ok()
-        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_else(|| "unknown".into());
     let files = std::fs::read_to_string("/proc/self/limits")
         .ok()
         .and_then(|s| {
@@ -1259,7 +1230,7 @@ fn machine() -> String {
                 .and_then(|l| l.split_whitespace().nth(3).map(str::to_string))
         })
         .unwrap_or_else(|| "unknown".into());
-    format!("{cpus} CPUs, {model}, load average {load}, open files limit {files}")
+    format!("{}, open files limit {files}", bench::machine())
 }
 
 /// The mesh as the supernodes see it now: neighbour counts, and how many

@@ -37,6 +37,7 @@ use servent_proto::limits::{MAX_REPLY_FRAME, MAX_REQUEST_FRAME};
 use servent_proto::msg::{Hit, LeafRequest, Query, QueryKind, SupernodeReply, ALPN_LEAF};
 use servent_proto::route::MAX_TTL;
 use servent_proto::{ContentHash, NodeId};
+use servent_tests::bench::{self, median};
 use servent_tests::{hash_of, mesh_config, supernode_with, wait_for, Client, Supernode, TestLeaf};
 use supernode::net::{self, Endpoint, Identity};
 
@@ -56,36 +57,25 @@ const QUERY_TIMEOUT: Duration = Duration::from_secs(10);
 const SETUP_TIMEOUT: Duration = Duration::from_secs(30);
 
 fn main() -> Result<()> {
-    if std::env::var_os("RUST_LOG").is_some() {
-        tracing_subscriber::fmt()
-            .with_writer(std::io::stderr)
-            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-            .init();
-    }
-    // cargo bench passes `--bench`; cargo test passes nothing (or a filter).
-    let full = std::env::args().any(|a| a == "--bench");
-    let queries = match std::env::var("SERVENT_BENCH_QUERIES") {
-        Ok(v) => v
-            .parse()
-            .context("SERVENT_BENCH_QUERIES must be a number")?,
-        Err(_) if full => FULL_QUERIES,
-        Err(_) => QUICK_QUERIES,
-    };
-    let concurrency = match std::env::var("SERVENT_BENCH_CONCURRENCY") {
-        Ok(v) => v
-            .parse()
-            .context("SERVENT_BENCH_CONCURRENCY must be a number")?,
-        Err(_) if full => FULL_CONCURRENCY,
-        Err(_) => QUICK_CONCURRENCY,
-    };
+    bench::init_logging();
+    let full = bench::full_mode();
+    let queries = bench::env_or(
+        "SERVENT_BENCH_QUERIES",
+        if full { FULL_QUERIES } else { QUICK_QUERIES },
+    )?;
+    let concurrency = bench::env_or(
+        "SERVENT_BENCH_CONCURRENCY",
+        if full {
+            FULL_CONCURRENCY
+        } else {
+            QUICK_CONCURRENCY
+        },
+    )?;
     ensure!(
         queries > 0 && concurrency > 0,
         "need at least one query and one in flight"
     );
-    let ttl = match std::env::var("SERVENT_BENCH_TTL") {
-        Ok(v) => v.parse().context("SERVENT_BENCH_TTL must be a number")?,
-        Err(_) => MAX_TTL,
-    };
+    let ttl = bench::env_or("SERVENT_BENCH_TTL", MAX_TTL)?;
     ensure!(
         (1..=MAX_TTL).contains(&ttl),
         "SERVENT_BENCH_TTL must be 1 to {MAX_TTL}"
@@ -150,7 +140,7 @@ impl Bench {
              {} queries per hop count, {} in flight for throughput",
             self.queries, self.concurrency
         );
-        println!("machine: {}", machine());
+        println!("machine: {}", bench::machine());
 
         let sns = line(LINE, ttl).await?;
         let mut targets = Vec::new();
@@ -484,34 +474,4 @@ fn latency_table(hops: &[usize], stats: &[Stats]) {
 
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
-}
-
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    let m = v.len() / 2;
-    if v.len() % 2 == 1 {
-        v[m]
-    } else {
-        (v[m - 1] + v[m]) / 2.0
-    }
-}
-
-/// "N CPUs, MODEL, load average A B C", from the standard library and `/proc`:
-/// other work on the machine shows in these figures.
-fn machine() -> String {
-    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
-    let model = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split_once(':'))
-                .map(|(_, m)| m.trim().to_string())
-        })
-        .unwrap_or_else(|| "unknown CPU".into());
-    let load = std::fs::read_to_string("/proc/loadavg")
-        .ok()
-        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_else(|| "unknown".into());
-    format!("{cpus} CPUs, {model}, load average {load}")
 }

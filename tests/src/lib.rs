@@ -8,6 +8,8 @@ use std::time::Duration;
 
 use servent_proto::ContentHash;
 
+pub mod bench;
+
 pub use leaf::{Client, Leaf};
 pub use supernode::Supernode;
 
