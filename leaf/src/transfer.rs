@@ -43,8 +43,10 @@ use crate::share::Share;
 /// Content bytes a downloader asks one source for at a time: the unit of
 /// scheduling, verification and resume (the layer's range).
 pub const CHUNK_SIZE: u64 = RANGE_SIZE;
-/// Bytes read from disk at a time when serving; also the unit the upload
-/// rate cap grants, so small enough to interleave uploads finely.
+/// Bytes read from disk at a time when serving.
+const READ: usize = 256 * 1024;
+/// The unit the upload rate cap grants, small enough to interleave capped
+/// uploads finely.
 const CHUNK: usize = 64 * 1024;
 /// Requests each source has in flight at once, so that the round trip
 /// between two requests does not idle the link.
@@ -59,15 +61,16 @@ const RUN_DIVISOR: usize = 16;
 pub const MAX_DOWNLOAD_SIZE: u64 = 1 << 40;
 /// A range that takes longer than this drops its source.
 const RANGE_TIMEOUT: Duration = Duration::from_secs(30);
-/// Chunks in flight between the disk thread and the network task.
-const PIPELINE: usize = 8;
+/// Reads in flight between the disk thread and the network task.
+const PIPELINE: usize = 4;
 /// An upload whose downloader accepts nothing for this long is dropped.
 const WRITE_STALL: Duration = Duration::from_secs(30);
 /// Uploads served at once; more wait their turn.
 pub const MAX_CONCURRENT_UPLOADS: usize = 16;
 /// The state file is rewritten at most this often (and when a download
-/// ends or stops): a crash loses at most this much work.
-const SAVE_EVERY: Duration = Duration::from_secs(1);
+/// stops): a crash or `kill -9` loses at most this much work, and a 1 GiB
+/// download rewrites it a few dozen times instead of once a range.
+const SAVE_EVERY: Duration = Duration::from_millis(100);
 /// How often a partial source with nothing we need is asked again.
 const HAVE_POLL: Duration = Duration::from_secs(1);
 /// The upload rate cap's burst, as a share of a second's worth.
@@ -336,13 +339,21 @@ async fn serve_range(
             net::StreamError::Truncated
         })?;
         sent += chunk.len() as u64;
-        uploads.pace(chunk.len()).await;
-        // A downloader that stops reading must not hold an upload slot forever.
-        match tokio::time::timeout(WRITE_STALL, send.write_chunk(chunk)).await {
-            Ok(r) => r?,
-            Err(_) => {
-                let _ = send.reset(2u32.into());
-                return Err(net::StreamError::Timeout);
+        let mut chunk = chunk;
+        while !chunk.is_empty() {
+            let piece = match uploads.rate {
+                Some(_) => chunk.split_to(CHUNK.min(chunk.len())),
+                None => std::mem::take(&mut chunk),
+            };
+            uploads.pace(piece.len()).await;
+            // A downloader that stops reading must not hold an upload slot
+            // forever.
+            match tokio::time::timeout(WRITE_STALL, send.write_chunk(piece)).await {
+                Ok(r) => r?,
+                Err(_) => {
+                    let _ = send.reset(2u32.into());
+                    return Err(net::StreamError::Timeout);
+                }
             }
         }
     }
@@ -358,7 +369,7 @@ async fn serve_range(
     Ok(())
 }
 
-/// Reads `length` bytes from `offset` in [`CHUNK`] pieces until the end
+/// Reads `length` bytes from `offset` in [`READ`] pieces until the end
 /// or the receiver goes away. A short file ends early (the caller checks).
 fn read_range(
     file: &std::fs::File,
@@ -368,7 +379,7 @@ fn read_range(
 ) {
     let mut at = 0;
     while at < length {
-        let want = CHUNK.min((length - at) as usize);
+        let want = READ.min((length - at) as usize);
         let mut buf = vec![0u8; want];
         let mut filled = 0;
         while filled < want {
@@ -569,6 +580,8 @@ struct Job {
     saved: Mutex<Instant>,
     /// Set once the file is complete: no more state saves.
     finished: AtomicBool,
+    /// Verified ranges not recorded yet.
+    dirty: AtomicBool,
     /// Where the register of downloads is, to share this one while it runs.
     register: Option<(PathBuf, String)>,
 }
@@ -660,12 +673,15 @@ impl Job {
     }
 
     /// Records the verified ranges beside the target, at most every
-    /// [`SAVE_EVERY`] unless `now`.
+    /// [`SAVE_EVERY`] unless `now`; a save put off is made by the next
+    /// call after that (the download's ticker makes one).
     fn save_state(&self, now: bool) -> std::io::Result<()> {
         let mut saved = self.saved.lock().expect("save lock");
         if (!now && saved.elapsed() < SAVE_EVERY) || self.finished.load(Ordering::Acquire) {
+            self.dirty.store(true, Ordering::Release);
             return Ok(());
         }
+        self.dirty.store(false, Ordering::Release);
         let done = self.ranges().done.clone();
         partial::save_state(&self.target, &self.hash, self.size, &done)?;
         *saved = Instant::now();
@@ -850,8 +866,13 @@ impl Download<'_> {
                 },
             )),
             progress,
-            saved: Mutex::new(Instant::now()),
+            saved: Mutex::new(
+                Instant::now()
+                    .checked_sub(SAVE_EVERY)
+                    .unwrap_or_else(Instant::now),
+            ),
             finished: AtomicBool::new(false),
+            dirty: AtomicBool::new(false),
             register: share_as,
         });
         if let Some(cvs) = kept {
@@ -879,9 +900,21 @@ impl Download<'_> {
         }
         let mut last = None;
         let mut bad = None;
+        let mut saves = tokio::time::interval(SAVE_EVERY);
         while job.ranges().left > 0 {
             let joined = tokio::select! {
                 joined = tasks.join_next() => joined,
+                _ = saves.tick() => {
+                    if job.dirty.load(Ordering::Acquire) {
+                        let job = job.clone();
+                        tokio::task::spawn_blocking(move || job.save_state(false))
+                            .await
+                            .map_err(std::io::Error::other)
+                            .and_then(|r| r)
+                            .map_err(io_err(&part))?;
+                    }
+                    continue;
+                }
                 batch = next_batch(&mut more) => {
                     match batch {
                         Some(batch) => {
@@ -935,8 +968,8 @@ impl Download<'_> {
         let fetched = job.ranges().progress.fetched;
         job.finished.store(true, Ordering::Release);
         // Every range was checked against the layer, and the layer against
-        // the hash: the part file is the file.
-        job.file.sync_data().map_err(io_err(&part))?;
+        // the hash: the part file is the file. Not synced (no more than
+        // other download tools do): the kernel writes it back.
         std::fs::rename(&part, target).map_err(io_err(target))?;
         if let Some((data_dir, _)) = &job.register {
             partial::unregister(data_dir, &hash);
@@ -1127,6 +1160,18 @@ async fn worker(remote: &Remote<'_>, job: &Arc<Job>) -> Result<(), SourceError> 
     }
 }
 
+/// The next `len` bytes of `recv`, fewer if it ends first.
+async fn read_part(recv: &mut quinn::RecvStream, len: usize) -> Result<Vec<u8>, quinn::ReadError> {
+    let mut data = Vec::with_capacity(len);
+    while data.len() < len {
+        match recv.read_chunk(len - data.len(), true).await? {
+            Some(chunk) => data.extend_from_slice(&chunk.bytes),
+            None => break,
+        }
+    }
+    Ok(data)
+}
+
 /// Asks the source for the consecutive ranges of `run` in one request,
 /// and verifies and stores each as it arrives.
 async fn fetch_run(
@@ -1157,15 +1202,16 @@ async fn fetch_run(
     // one arrives.
     let mut stores = Vec::with_capacity(run.len());
     for index in run {
-        let mut data = vec![0u8; job.range(index).1 as usize];
-        match tokio::time::timeout(RANGE_TIMEOUT, recv.read_exact(&mut data)).await {
-            Ok(Ok(())) => {}
-            Ok(Err(quinn::ReadExactError::FinishedEarly(n))) => {
-                return Err(remote.gone(format!("range {index} cut short after {n} bytes")))
+        let want = job.range(index).1 as usize;
+        let data = match tokio::time::timeout(RANGE_TIMEOUT, read_part(&mut recv, want)).await {
+            Ok(Ok(data)) if data.len() == want => data,
+            Ok(Ok(data)) => {
+                let n = data.len();
+                return Err(remote.gone(format!("range {index} cut short after {n} bytes")));
             }
-            Ok(Err(quinn::ReadExactError::ReadError(e))) => return Err(remote.gone(e.to_string())),
+            Ok(Err(e)) => return Err(remote.gone(e.to_string())),
             Err(_) => return Err(remote.gone(format!("no range within {RANGE_TIMEOUT:?}"))),
-        }
+        };
         let job = job.clone();
         stores.push(tokio::task::spawn_blocking(move || job.store(index, &data)));
     }

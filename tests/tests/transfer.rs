@@ -17,7 +17,7 @@ async fn verified_at_least(rx: &mut watch::Receiver<Progress>, bytes: u64) {
 
 #[tokio::test]
 async fn four_sources_one_corrupt_one_vanishing_give_the_identical_file() {
-    let size = 32usize << 20;
+    let size = 64usize << 20;
     let content = random_bytes(size, 11);
     let hash = hash_of(&content);
     let sn = supernode().await;
