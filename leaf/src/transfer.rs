@@ -1010,6 +1010,26 @@ impl Remote<'_> {
         }
     }
 
+    /// Waits for a blocking check of `what` this source sent: its failure
+    /// to verify is the source's fault, an I/O error ours.
+    async fn check(
+        &self,
+        task: tokio::task::JoinHandle<std::io::Result<bool>>,
+        what: &'static str,
+    ) -> Result<(), SourceError> {
+        let good = task
+            .await
+            .map_err(|e| SourceError::Io(std::io::Error::other(e)))?
+            .map_err(SourceError::Io)?;
+        match good {
+            true => Ok(()),
+            false => Err(SourceError::Mismatch {
+                addr: self.source.addr.clone(),
+                what,
+            }),
+        }
+    }
+
     /// Sends `req` and reads the reply header.
     async fn ask(&self, req: &GetRequest) -> Result<(GetReply, quinn::RecvStream), SourceError> {
         let (mut send, mut recv) = self
@@ -1075,16 +1095,11 @@ impl Remote<'_> {
         if want_layer {
             let cvs = layer::from_bytes(&tail).expect("a whole number of CVs");
             let job = job.clone();
-            let good = tokio::task::spawn_blocking(move || job.offer_layer(cvs))
-                .await
-                .map_err(|e| SourceError::Io(std::io::Error::other(e)))?
-                .map_err(SourceError::Io)?;
-            if !good {
-                return Err(SourceError::Mismatch {
-                    addr: self.source.addr.clone(),
-                    what: "a layer",
-                });
-            }
+            self.check(
+                tokio::task::spawn_blocking(move || job.offer_layer(cvs)),
+                "a layer",
+            )
+            .await?;
         }
         let has = match partial {
             false => None,
@@ -1217,16 +1232,7 @@ async fn fetch_run(
     }
     remote.read_exact(&mut recv, 0).await?;
     for store in stores {
-        let good = store
-            .await
-            .map_err(|e| SourceError::Io(std::io::Error::other(e)))?
-            .map_err(SourceError::Io)?;
-        if !good {
-            return Err(SourceError::Mismatch {
-                addr: remote.source.addr.clone(),
-                what: "a range",
-            });
-        }
+        remote.check(store, "a range").await?;
     }
     Ok(())
 }

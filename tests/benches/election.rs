@@ -595,6 +595,7 @@ async fn start_leaf(
     Ok(TestLeaf {
         leaf: Some(leaf),
         attach: ATTACH,
+        max_upload_rate: None,
         data,
         share,
     })

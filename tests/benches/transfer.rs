@@ -205,6 +205,7 @@ async fn source_leaf(sn: &Supernode, bytes: u64) -> Result<(TestLeaf, ContentHas
     let mut leaf = TestLeaf {
         leaf: None,
         attach: leaf::attach::DEFAULT_ATTACH,
+        max_upload_rate: None,
         data,
         share,
     };

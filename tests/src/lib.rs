@@ -27,6 +27,8 @@ pub struct TestLeaf {
     pub leaf: Option<Leaf>,
     /// Supernodes to be attached to at once (the leaf default unless set).
     pub attach: usize,
+    /// Upload rate cap in bytes a second (none unless set).
+    pub max_upload_rate: Option<u64>,
     pub data: tempfile::TempDir,
     pub share: tempfile::TempDir,
 }
@@ -37,11 +39,29 @@ impl TestLeaf {
         Self::start_attached(supernodes, files, leaf::attach::DEFAULT_ATTACH).await
     }
 
+    /// Like [`TestLeaf::start`], with uploads capped at `rate` bytes a second.
+    pub async fn start_capped(
+        supernodes: &[&Supernode],
+        files: &[(&str, &[u8])],
+        rate: u64,
+    ) -> Self {
+        Self::start_with(supernodes, files, leaf::attach::DEFAULT_ATTACH, Some(rate)).await
+    }
+
     /// Like [`TestLeaf::start`], attached to at most `attach` supernodes.
     pub async fn start_attached(
         supernodes: &[&Supernode],
         files: &[(&str, &[u8])],
         attach: usize,
+    ) -> Self {
+        Self::start_with(supernodes, files, attach, None).await
+    }
+
+    async fn start_with(
+        supernodes: &[&Supernode],
+        files: &[(&str, &[u8])],
+        attach: usize,
+        max_upload_rate: Option<u64>,
     ) -> Self {
         let data = tempfile::tempdir().expect("tempdir");
         let share = tempfile::tempdir().expect("tempdir");
@@ -55,6 +75,7 @@ impl TestLeaf {
         let mut me = Self {
             leaf: None,
             attach,
+            max_upload_rate,
             data,
             share,
         };
@@ -70,6 +91,7 @@ impl TestLeaf {
         let addrs = supernodes.iter().map(|s| s.addr().to_string()).collect();
         let config = leaf::Config {
             attach: self.attach,
+            max_upload_rate: self.max_upload_rate,
             ..leaf::Config::localhost(self.data.path(), self.share.path(), addrs)
         };
         self.leaf = Some(Leaf::spawn(config).await.expect("leaf starts"));

@@ -45,6 +45,7 @@ async fn leaf_with(
     TestLeaf {
         leaf: Some(leaf),
         attach: leaf::attach::DEFAULT_ATTACH,
+        max_upload_rate: None,
         data,
         share,
     }

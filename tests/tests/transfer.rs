@@ -132,22 +132,14 @@ async fn a_capped_source_shares_its_upload_rate_fairly() {
     let content = random_bytes(size, 9);
     let hash = hash_of(&content);
     let sn = supernode().await;
-    let data = tempfile::tempdir().unwrap();
-    let share = tempfile::tempdir().unwrap();
-    std::fs::write(share.path().join("album.zip"), &content).unwrap();
-    let source = Leaf::spawn(leaf::Config {
-        max_upload_rate: Some(rate),
-        ..leaf::Config::localhost(data.path(), share.path(), vec![sn.addr().to_string()])
-    })
-    .await
-    .unwrap();
+    let source = TestLeaf::start_capped(&[&sn], &[("album.zip", &content)], rate).await;
     let (a, b) = (
         TestLeaf::start(&[&sn], &[]).await,
         TestLeaf::start(&[&sn], &[]).await,
     );
     let (ca, cb) = (a.client(&[&sn]), b.client(&[&sn]));
     wait_for(T, || async {
-        ca.locate(hash, T).await.ok().flatten().is_some() && source.share().len() == 1
+        ca.locate(hash, T).await.ok().flatten().is_some() && source.leaf().share().len() == 1
     })
     .await
     .expect("the file is found");
@@ -181,15 +173,7 @@ async fn a_source_that_appears_during_a_download_joins_in() {
     let hash = hash_of(&content);
     let sn = supernode().await;
     // A slow first source: the download takes seconds without help.
-    let data = tempfile::tempdir().unwrap();
-    let share = tempfile::tempdir().unwrap();
-    std::fs::write(share.path().join("talk.ogg"), &content).unwrap();
-    let slow = Leaf::spawn(leaf::Config {
-        max_upload_rate: Some(2 << 20),
-        ..leaf::Config::localhost(data.path(), share.path(), vec![sn.addr().to_string()])
-    })
-    .await
-    .unwrap();
+    let slow = TestLeaf::start_capped(&[&sn], &[("talk.ogg", &content)], 2 << 20).await;
     let downloader = TestLeaf::start(&[&sn], &[]).await;
     let mut client = downloader.client(&[&sn]);
     client.set_requery_interval(Duration::from_millis(200));
@@ -222,14 +206,7 @@ async fn a_downloader_serves_the_ranges_it_has_to_a_third_leaf() {
     let hash = hash_of(&content);
     let sn = supernode().await;
     // The original source is slow, so the first download is caught halfway.
-    let data = tempfile::tempdir().unwrap();
-    let share = tempfile::tempdir().unwrap();
-    std::fs::write(share.path().join("season.mkv"), &content).unwrap();
-    let source_config = || leaf::Config {
-        max_upload_rate: Some(8 << 20),
-        ..leaf::Config::localhost(data.path(), share.path(), vec![sn.addr().to_string()])
-    };
-    let source = Leaf::spawn(source_config()).await.unwrap();
+    let mut source = TestLeaf::start_capped(&[&sn], &[("season.mkv", &content)], 8 << 20).await;
 
     // B runs `leaf serve` and, beside it on the same data dir, a `get`.
     let b = TestLeaf::start(&[&sn], &[]).await;
@@ -252,7 +229,7 @@ async fn a_downloader_serves_the_ranges_it_has_to_a_third_leaf() {
     let b_has = rx.borrow().verified;
     assert!(b_has < size as u64, "B finished before it was stopped");
     // The original source leaves the network: B's part is all there is.
-    source.shutdown().await;
+    source.stop().await;
 
     // B's serve announces what it has of the file...
     let c = TestLeaf::start(&[&sn], &[]).await;
@@ -284,7 +261,7 @@ async fn a_downloader_serves_the_ranges_it_has_to_a_third_leaf() {
     assert!(b.leaf().uploads().bytes.get() >= b_has);
 
     // The original source comes back: C finishes, with the bytes B did not have.
-    let source = Leaf::spawn(source_config()).await.unwrap();
+    source.restart(&[&sn]).await;
     let (_, done) = tokio::time::timeout(Duration::from_secs(30), get)
         .await
         .expect("C finishes once a whole source is back")
@@ -292,7 +269,7 @@ async fn a_downloader_serves_the_ranges_it_has_to_a_third_leaf() {
         .unwrap();
     assert_eq!(done.size, size as u64);
     assert!(std::fs::read(&c_target).unwrap() == content, "identical");
-    assert!(source.uploads().bytes.get() <= size as u64 - b_has + 4 * CHUNK_SIZE);
+    assert!(source.leaf().uploads().bytes.get() <= size as u64 - b_has + 4 * CHUNK_SIZE);
     // A part that is not verified is never served: B sent only its ranges.
     assert!(b.leaf().uploads().bytes.get() <= b_has);
     drop(source);
