@@ -13,6 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
+use servent_proto::limits::MAX_SUPERNODE_INFOS;
 use servent_proto::msg::SupernodeInfo;
 use servent_proto::NodeId;
 use supernode::net::Endpoint;
@@ -303,7 +304,9 @@ pub async fn run(cfg: Attach, mut stop: watch::Receiver<bool>) {
                                 );
                                 cfg.role.promote(max_leaves, peers)
                             }
-                            SupernodeRequest::Rehome(list) => {
+                            SupernodeRequest::Rehome(mut list) => {
+                                // A hostile supernode could send thousands.
+                                list.truncate(MAX_SUPERNODE_INFOS);
                                 info!(from = %request.from.short(), offered = list.len(), "asked to move");
                                 // Prefer what we were offered; keep away from the sender a while.
                                 if let Some(c) = candidates.iter_mut().find(|c| c.id == Some(request.from)) {

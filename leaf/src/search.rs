@@ -23,10 +23,12 @@ pub enum SearchError {
     Refused(String),
 }
 
-/// Sends `kind` to every supernode in `supernodes` and merges the hits.
-/// Answers that have not come within `timeout` are left out.
 /// Supernodes asked at the same time.
 const ASKED_AT_ONCE: usize = 3;
+/// How long a supernode may take to complete the handshake before the
+/// next few are asked: a dead one (a stale cache entry) must not use up
+/// the whole search.
+const ASK_CONNECT_TIMEOUT: Duration = Duration::from_millis(1500);
 
 /// Asks the supernodes in `supernodes` (a few at a time, in order, until
 /// one answers) and merges their hits by hash.
@@ -125,7 +127,8 @@ async fn ask(
             .await
             .map_err(|e| other(e.to_string()))
     };
-    let peer = tokio::time::timeout_at(deadline, connect)
+    let connect_by = deadline.min(tokio::time::Instant::now() + ASK_CONNECT_TIMEOUT);
+    let peer = tokio::time::timeout_at(connect_by, connect)
         .await
         .map_err(|_| other(format!("{addr} did not answer in time")))??;
     let (mut send, mut recv) = peer

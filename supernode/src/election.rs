@@ -18,8 +18,10 @@ use std::time::{Duration, Instant};
 use dashmap::DashMap;
 use serde::Deserialize;
 use servent_proto::elect::{self, Candidate, Decision, Elector, Policy};
-use servent_proto::limits::MAX_REPLY_FRAME;
-use servent_proto::msg::{Candidacy, LeafReply, SupernodeInfo, SupernodeRequest, ALPN_TRANSFER};
+use servent_proto::limits::{MAX_ERROR_MESSAGE, MAX_REPLY_FRAME};
+use servent_proto::msg::{
+    truncate_utf8, Candidacy, LeafReply, SupernodeInfo, SupernodeRequest, ALPN_TRANSFER,
+};
 use servent_proto::NodeId;
 use tokio::sync::watch;
 use tracing::{debug, info, warn, Instrument};
@@ -353,7 +355,9 @@ async fn promote(state: &Arc<State>, id: NodeId) {
     let max_leaves = state.config.max_leaves.min(u32::MAX as usize) as u32;
     match ask_leaf(state, id, &SupernodeRequest::Promote { max_leaves }).await {
         Ok(LeafReply::Accepted) => {}
-        Ok(LeafReply::Declined(why)) => {
+        Ok(LeafReply::Declined(mut why)) => {
+            // Text for people, from a leaf: no longer than an error message.
+            truncate_utf8(&mut why, MAX_ERROR_MESSAGE);
             info!(leaf = %id.short(), %why, "promotion declined");
             state.election.withdraw(&id);
             return;

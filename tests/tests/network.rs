@@ -198,6 +198,33 @@ async fn hits_sources(client: &Client, word: &str) -> Vec<(servent_proto::NodeId
 }
 
 #[tokio::test]
+async fn dead_supernodes_first_in_the_list_do_not_use_up_the_search() {
+    let sn = supernode().await;
+    let a = TestLeaf::start(&[&sn], &[("lighthouse.flac", b"beam")]).await;
+    a.wait_indexed(1).await;
+    // Stale entries: sockets that never answer, as a vanished host.
+    let dead: Vec<std::net::UdpSocket> = (0..6)
+        .map(|_| std::net::UdpSocket::bind("127.0.0.1:0").unwrap())
+        .collect();
+    let mut list: Vec<String> = dead
+        .iter()
+        .map(|s| s.local_addr().unwrap().to_string())
+        .collect();
+    list.push(sn.addr().to_string());
+    let me = tempfile::tempdir().unwrap();
+    let client = Client::new(me.path(), list).unwrap();
+    // Two groups of three dead ones, then the live one, within the
+    // default 5 s search time.
+    let started = std::time::Instant::now();
+    let hits = client
+        .search(&words("lighthouse"), 10, Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert_eq!(hits.len(), 1, "found through the live supernode");
+    assert!(started.elapsed() < Duration::from_secs(5));
+}
+
+#[tokio::test]
 async fn a_peer_whose_key_does_not_match_the_expected_id_is_refused() {
     let sn = supernode().await;
     let a = TestLeaf::start(&[&sn], &[("x.bin", b"xx")]).await;
