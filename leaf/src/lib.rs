@@ -181,6 +181,9 @@ impl Leaf {
                 share.clone(),
                 uploads.clone(),
                 role.clone(),
+                Arc::new(tokio::sync::Semaphore::new(
+                    config.role.max_connections.max(1),
+                )),
                 stop_rx.clone(),
             )
             .instrument(span.clone()),
@@ -293,6 +296,7 @@ async fn accept(
     share: Arc<Share>,
     uploads: Arc<transfer::Uploads>,
     role: Arc<Role>,
+    connections: Arc<tokio::sync::Semaphore>,
     mut stop: watch::Receiver<bool>,
 ) {
     loop {
@@ -300,9 +304,16 @@ async fn accept(
             _ = stop.changed() => return,
             i = endpoint.quinn().accept() => match i { Some(i) => i, None => return },
         };
+        // Downloaders and, while elected, leaves and supernodes: all
+        // bounded together, as a supernode bounds its own.
+        let Ok(permit) = connections.clone().try_acquire_owned() else {
+            incoming.refuse();
+            continue;
+        };
         let (share, uploads, role) = (share.clone(), uploads.clone(), role.clone());
         tokio::spawn(
             async move {
+                let _permit = permit;
                 let remote = incoming.remote_address();
                 match net::accept(incoming).await {
                     Ok(peer) if net::alpn(&peer.conn).as_deref() == Some(ALPN_TRANSFER) => {

@@ -672,6 +672,15 @@ impl Job {
         Ok(true)
     }
 
+    /// No more state saves from now on; waits for one being written, so
+    /// that none lands after the files beside the target are removed (a
+    /// range verified in the endgame may still be saving on a blocking
+    /// thread).
+    fn finish(&self) {
+        let _saving = self.saved.lock().expect("save lock");
+        self.finished.store(true, Ordering::Release);
+    }
+
     /// Records the verified ranges beside the target, at most every
     /// [`SAVE_EVERY`] unless `now`; a save put off is made by the next
     /// call after that (the download's ticker makes one).
@@ -951,7 +960,7 @@ impl Download<'_> {
         if job.ranges().left > 0 {
             // Ranges verified are kept to resume from; a file with none is not.
             if job.ranges().progress.verified == 0 {
-                job.finished.store(true, Ordering::Release);
+                job.finish();
                 partial::remove_beside(target);
                 if let Some((data_dir, _)) = &job.register {
                     partial::unregister(data_dir, &hash);
@@ -966,7 +975,7 @@ impl Download<'_> {
             });
         }
         let fetched = job.ranges().progress.fetched;
-        job.finished.store(true, Ordering::Release);
+        job.finish();
         // Every range was checked against the layer, and the layer against
         // the hash: the part file is the file. Not synced (no more than
         // other download tools do): the kernel writes it back.

@@ -37,6 +37,10 @@ pub const GOSSIP_MAX_AGE: Duration = Duration::from_secs(300);
 const FORGET_AFTER: Duration = Duration::from_secs(600);
 /// Most supernodes remembered.
 const MAX_KNOWN: usize = 1000;
+/// Most unverified supernodes remembered from what one neighbour told us
+/// (two `Status` frames' worth), so that one hostile neighbour cannot
+/// fill the table with made-up entries and push out real ones.
+const MAX_KNOWN_PER_SENDER: usize = 2 * MAX_SUPERNODE_INFOS;
 /// How often the mesh is checked for missing links.
 const MAINTAIN_INTERVAL: Duration = Duration::from_millis(500);
 const BACKOFF_MIN: Duration = Duration::from_millis(500);
@@ -78,6 +82,8 @@ struct Known {
     /// We have been linked to it ourselves. Only such entries are passed
     /// on, so a made-up entry dies with the first supernode told of it.
     verified: bool,
+    /// The neighbour that told us of it, while it is not verified.
+    told_by: Option<NodeId>,
 }
 
 #[derive(Debug)]
@@ -228,14 +234,27 @@ impl Mesh {
                     }
                 }
                 None => {
-                    if known.len() >= MAX_KNOWN {
-                        let oldest = known
+                    let oldest = |known: &HashMap<NodeId, Known>, pick: &dyn Fn(&Known) -> bool| {
+                        known
                             .iter()
+                            .filter(|(_, k)| pick(k))
                             .min_by_key(|(_, k)| k.last_seen)
-                            .map(|(id, _)| *id);
-                        if let Some(o) = oldest {
-                            known.remove(&o);
-                        }
+                            .map(|(id, _)| *id)
+                    };
+                    let by_sender = |k: &Known| !k.verified && k.told_by == Some(from);
+                    // Room comes first out of what this neighbour told us,
+                    // then out of what nobody has verified.
+                    let evict = if known.values().filter(|k| by_sender(k)).count()
+                        >= MAX_KNOWN_PER_SENDER
+                    {
+                        oldest(&known, &by_sender)
+                    } else if known.len() >= MAX_KNOWN {
+                        oldest(&known, &|k| !k.verified).or_else(|| oldest(&known, &|_| true))
+                    } else {
+                        None
+                    };
+                    if let Some(o) = evict {
+                        known.remove(&o);
                     }
                     known.insert(
                         info.id,
@@ -247,6 +266,7 @@ impl Mesh {
                             next_try: now,
                             failures: 0,
                             verified: false,
+                            told_by: Some(from),
                         },
                     );
                 }
@@ -267,6 +287,7 @@ impl Mesh {
                 next_try: now + BACKOFF_MIN,
                 failures: 0,
                 verified: true,
+                told_by: None,
             },
         );
     }
@@ -780,4 +801,44 @@ async fn run_link(
         info!("link down");
     }
     conn.close(0u32.into(), b"link closed");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info(n: u32) -> SupernodeInfo {
+        let mut id = [0u8; 32];
+        id[..4].copy_from_slice(&n.to_be_bytes());
+        SupernodeInfo {
+            id: NodeId(id),
+            addr: format!("192.0.2.{}:{}", n % 250 + 1, 7000 + n % 1000),
+            leaves: 0,
+            max_leaves: 100,
+            age_secs: 0,
+        }
+    }
+
+    #[test]
+    fn one_neighbour_cannot_flood_the_known_table() {
+        let mesh = Mesh::new(&[]);
+        let me = NodeId([0xee; 32]);
+        let (honest, hostile) = (NodeId([1; 32]), NodeId([2; 32]));
+        let now = Instant::now();
+        mesh.learn(me, honest, (0..10).map(info).collect(), now);
+        // Made-up entries, 64 fresh ones every round, always the newest.
+        for round in 0..40u32 {
+            let batch = (0..64).map(|i| info(1000 + round * 64 + i)).collect();
+            mesh.learn(me, hostile, batch, now + Duration::from_secs(round.into()));
+        }
+        let known = mesh.known.lock().unwrap();
+        let from_hostile = known
+            .values()
+            .filter(|k| k.told_by == Some(hostile))
+            .count();
+        assert_eq!(from_hostile, MAX_KNOWN_PER_SENDER);
+        for n in 0..10 {
+            assert!(known.contains_key(&info(n).id), "honest entry {n} kept");
+        }
+    }
 }
