@@ -161,6 +161,14 @@ impl Mesh {
     /// Supernodes to tell others about: neighbours first, then recently
     /// seen ones, never `except`, at most `MAX_SUPERNODE_INFOS`.
     pub fn gossip(&self, except: Option<NodeId>, now: Instant) -> Vec<SupernodeInfo> {
+        let mut out = self.passable(except, now);
+        out.truncate(MAX_SUPERNODE_INFOS);
+        out
+    }
+
+    /// Every supernode we may tell others about (linked to, or verified
+    /// and heard of lately): neighbours first, then by age.
+    fn passable(&self, except: Option<NodeId>, now: Instant) -> Vec<SupernodeInfo> {
         let mut out: Vec<SupernodeInfo> = self
             .neighbours
             .iter()
@@ -189,18 +197,20 @@ impl Mesh {
             .collect();
         rest.sort_by_key(|i| i.age_secs);
         out.extend(rest);
-        out.truncate(MAX_SUPERNODE_INFOS);
         out
     }
 
     /// Supernodes for a leaf, least loaded first; with `with_room`, only
     /// those that can take another leaf.
+    /// At most `MAX_SUPERNODE_INFOS`, chosen from all we know (not only
+    /// those we would gossip), so that room anywhere is found.
     pub fn for_leaves(&self, with_room: bool, now: Instant) -> Vec<SupernodeInfo> {
-        let mut v = self.gossip(None, now);
+        let mut v = self.passable(None, now);
         if with_room {
             v.retain(|i| i.leaves < i.max_leaves);
         }
         v.sort_by_key(|i| (load_permille(i.leaves, i.max_leaves), i.age_secs));
+        v.truncate(MAX_SUPERNODE_INFOS);
         v
     }
 

@@ -138,7 +138,13 @@ async fn register(
     let id = conn.peer.id;
     if state.leaves.len() >= state.config.max_leaves && !state.leaves.contains_key(&id) {
         // Full: point the leaf at supernodes with room, then let it go.
-        let elsewhere = state.mesh.for_leaves(true, Instant::now());
+        // If none we know has room, at all of them, least loaded first:
+        // they know others again, so the leaf walks on through the mesh
+        // instead of asking us over and over.
+        let mut elsewhere = state.mesh.for_leaves(true, Instant::now());
+        if elsewhere.is_empty() {
+            elsewhere = state.mesh.for_leaves(false, Instant::now());
+        }
         info!(suggested = elsewhere.len(), "full: leaf redirected");
         net::write_frame(send, &SupernodeReply::Full(elsewhere), MAX_REPLY_FRAME).await?;
         let _ = send.finish();

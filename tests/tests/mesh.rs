@@ -331,6 +331,39 @@ async fn a_full_supernode_sends_leaves_elsewhere() {
 }
 
 #[tokio::test]
+async fn a_leaf_walks_past_full_supernodes_to_one_with_room() {
+    // A - B - C: A and B are full; only B is linked to C, and A keeps to
+    // one neighbour, so all A can name is B.
+    let a = supernode_with(supernode::Config {
+        max_leaves: 0,
+        target_neighbors: 1,
+        max_neighbors: 1,
+        ..supernode::Config::localhost()
+    })
+    .await;
+    let b = supernode_with(supernode::Config {
+        max_leaves: 0,
+        ..mesh_config(&[&a])
+    })
+    .await;
+    let c = supernode_with(mesh_config(&[&b])).await;
+    wait_for(T, || async {
+        a.neighbours() == vec![b.id()] && b.neighbours().contains(&c.id())
+    })
+    .await
+    .expect("the chain forms");
+
+    // A leaf that knows only A ends up on C.
+    let l = TestLeaf::start_attached(&[&a], &[("far.txt", b"far")], 1).await;
+    wait_for(T, || async {
+        l.leaf().supernodes().iter().any(|(id, _)| *id == c.id())
+    })
+    .await
+    .expect("the leaf finds room two hops away");
+    assert_eq!((a.leaf_count(), b.leaf_count()), (0, 0));
+}
+
+#[tokio::test]
 async fn a_restarted_leaf_bootstraps_from_its_cache() {
     let a = supernode().await;
     let b = supernode_with(mesh_config(&[&a])).await;
