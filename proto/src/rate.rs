@@ -23,6 +23,19 @@ impl TokenBucket {
         }
     }
 
+    /// Whether the bucket would be full again at `now`: forgetting it then
+    /// changes nothing.
+    pub fn is_full_at(&self, now: Instant) -> bool {
+        let elapsed = now.saturating_duration_since(self.last);
+        self.tokens + elapsed.as_secs_f64() * self.rate_per_sec >= self.burst
+    }
+
+    /// Whether [`TokenBucket::try_take`] would succeed at `now`.
+    pub fn ready(&self, now: Instant) -> bool {
+        let elapsed = now.saturating_duration_since(self.last);
+        (self.tokens + elapsed.as_secs_f64() * self.rate_per_sec).min(self.burst) >= 1.0
+    }
+
     /// Takes one token if there is one.
     pub fn try_take(&mut self, now: Instant) -> bool {
         let elapsed = now.saturating_duration_since(self.last);

@@ -30,9 +30,10 @@ pub struct Config {
     pub max_connections: usize,
     /// Most files one leaf may have indexed. Default 100 000.
     pub max_files_per_leaf: usize,
-    /// Sustained queries per second per connection. Default 10.
+    /// Sustained queries per second per node id (8 times as many per IP
+    /// address). Default 10.
     pub query_rate: f64,
-    /// Queries a connection may send at once before the rate applies. Default 20.
+    /// Queries a node may send at once before the rate applies. Default 20.
     pub query_burst: u32,
     /// Mesh neighbours to keep. Default 8 (see docs/PROTOCOL.md).
     pub target_neighbors: usize,

@@ -70,6 +70,7 @@ pub struct State {
     pub mesh: Mesh,
     pub metrics: Metrics,
     pub election: election::Election,
+    pub query_limits: session::QueryLimits,
     endpoint: OnceLock<Endpoint>,
     generations: AtomicU64,
     /// Bounds live connections of every kind, registered or not.
@@ -80,6 +81,7 @@ impl State {
     pub fn new(id: NodeId, config: Config, elected: bool) -> Self {
         let connections = Arc::new(Semaphore::new(config.max_connections));
         let peers = config.peers.clone();
+        let query_limits = session::QueryLimits::new(config.query_rate, config.query_burst);
         Self {
             id,
             config,
@@ -88,6 +90,7 @@ impl State {
             mesh: Mesh::new(&peers),
             metrics: Metrics::default(),
             election: election::Election::new(elected),
+            query_limits,
             endpoint: OnceLock::new(),
             generations: AtomicU64::new(1),
             connections,

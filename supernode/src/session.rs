@@ -6,7 +6,8 @@
 //! index entries) but nothing else. The leaf's source address is always the
 //! one this connection comes from, with the port the leaf announced.
 
-use std::net::SocketAddr;
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -18,6 +19,7 @@ use servent_proto::msg::{
     ErrorCode, ErrorReply, FileEntry, LeafRequest, Query, SessionUpdate, SupernodeReply,
 };
 use servent_proto::rate::TokenBucket;
+use servent_proto::NodeId;
 use tracing::{debug, info, Instrument};
 
 use crate::net::{self, Peer, StreamError};
@@ -27,18 +29,83 @@ use crate::{routing, LeafEntry, State};
 struct Conn {
     peer: Peer,
     registered: AtomicBool,
-    queries: Mutex<TokenBucket>,
+}
+
+/// Query rate limits that outlive a connection, so that reconnecting does
+/// not refill them: a bucket per node id (`query_burst`, `query_rate`) and
+/// one per IP address with [`PER_IP_FACTOR`] times as much, since node ids
+/// cost nothing to make. Loopback has no per-IP bucket (local tests run
+/// many nodes on one address, as the mesh's IP caps allow too).
+pub struct QueryLimits {
+    rate: f64,
+    burst: u32,
+    by_id: Mutex<HashMap<NodeId, TokenBucket>>,
+    by_ip: Mutex<HashMap<IpAddr, TokenBucket>>,
+}
+
+/// How many node ids' worth of queries one IP address may send.
+pub const PER_IP_FACTOR: u32 = 8;
+/// Buckets kept before the full (idle) ones are forgotten.
+const MAX_BUCKETS: usize = 16 * 1024;
+
+impl QueryLimits {
+    pub fn new(rate: f64, burst: u32) -> Self {
+        Self {
+            rate,
+            burst,
+            by_id: Mutex::new(HashMap::new()),
+            by_ip: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Takes a query token for `id` at `ip`, if both buckets have one.
+    pub fn allow(&self, id: NodeId, ip: IpAddr, now: Instant) -> bool {
+        // Always in this order: ip, then id.
+        let mut by_ip = self.by_ip.lock().expect("query limits lock");
+        let mut by_id = self.by_id.lock().expect("query limits lock");
+        let ip_bucket = match ip.is_loopback() {
+            true => None,
+            false => Some(bucket(
+                &mut by_ip,
+                ip,
+                self.rate * f64::from(PER_IP_FACTOR),
+                self.burst.saturating_mul(PER_IP_FACTOR),
+                now,
+            )),
+        };
+        let id_bucket = bucket(&mut by_id, id, self.rate, self.burst, now);
+        // Both or neither: a refused query costs no token.
+        if !id_bucket.ready(now) || ip_bucket.as_ref().is_some_and(|b| !b.ready(now)) {
+            return false;
+        }
+        id_bucket.try_take(now);
+        if let Some(b) = ip_bucket {
+            b.try_take(now);
+        }
+        true
+    }
+}
+
+/// `key`'s bucket, made full if new; when there are too many, the
+/// buckets that are full again are forgotten first.
+fn bucket<K: std::hash::Hash + Eq>(
+    map: &mut HashMap<K, TokenBucket>,
+    key: K,
+    rate: f64,
+    burst: u32,
+    now: Instant,
+) -> &mut TokenBucket {
+    if map.len() >= MAX_BUCKETS {
+        map.retain(|_, b| !b.is_full_at(now));
+    }
+    map.entry(key)
+        .or_insert_with(|| TokenBucket::new(rate, burst, now))
 }
 
 /// Serves a leaf connection until it closes.
 pub async fn serve(state: Arc<State>, peer: Peer) {
     debug!("connected");
     let conn = Arc::new(Conn {
-        queries: Mutex::new(TokenBucket::new(
-            state.config.query_rate,
-            state.config.query_burst,
-            Instant::now(),
-        )),
         registered: AtomicBool::new(false),
         peer,
     });
@@ -166,6 +233,9 @@ async fn register(
         old.conn
             .close(0u32.into(), b"replaced by a newer connection");
         state.index.remove_owner(id);
+        // Its candidacy described the old session (its address, its
+        // uptime): the new one offers its own.
+        state.election.withdraw(&id);
     }
     info!(%addr, "leaf registered");
     let since = Instant::now();
@@ -213,7 +283,7 @@ async fn register(
     }
 }
 
-fn is_current(state: &State, id: servent_proto::NodeId, generation: u64) -> bool {
+fn is_current(state: &State, id: NodeId, generation: u64) -> bool {
     state
         .leaves
         .get(&id)
@@ -224,7 +294,7 @@ fn is_current(state: &State, id: servent_proto::NodeId, generation: u64) -> bool
 /// the same leaf has taken over.
 struct SessionGuard {
     state: Arc<State>,
-    id: servent_proto::NodeId,
+    id: NodeId,
     generation: u64,
 }
 
@@ -244,11 +314,7 @@ impl Drop for SessionGuard {
     }
 }
 
-fn apply(
-    state: &State,
-    id: servent_proto::NodeId,
-    update: SessionUpdate,
-) -> Result<usize, Refusal> {
+fn apply(state: &State, id: NodeId, update: SessionUpdate) -> Result<usize, Refusal> {
     match update {
         SessionUpdate::Add(entries) => {
             if entries.len() > MAX_FILES_PER_UPDATE {
@@ -308,11 +374,10 @@ async fn query(
     q: Query,
     send: &mut quinn::SendStream,
 ) -> Result<(), Refusal> {
-    let allowed = conn
-        .queries
-        .lock()
-        .map(|mut b| b.try_take(Instant::now()))
-        .unwrap_or(false);
+    let remote = conn.peer.conn.remote_address().ip().to_canonical();
+    let allowed = state
+        .query_limits
+        .allow(conn.peer.id, remote, Instant::now());
     if !allowed {
         state.metrics.queries_rate_limited.inc();
         return Err(Refusal::code(
@@ -333,4 +398,34 @@ async fn supernodes(state: &State, send: &mut quinn::SendStream) -> Result<(), R
     let list = state.mesh.for_leaves(false, Instant::now());
     net::write_frame(send, &SupernodeReply::Supernodes(list), MAX_REPLY_FRAME).await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_limits_hold_across_connections_and_ids() {
+        let limits = QueryLimits::new(1.0, 2);
+        let now = Instant::now();
+        let ip: IpAddr = "192.0.2.9".parse().unwrap();
+        let id = NodeId([1; 32]);
+        // A node's bucket is its own, whatever connection it asks on.
+        assert!(limits.allow(id, ip, now) && limits.allow(id, ip, now));
+        assert!(!limits.allow(id, ip, now));
+        // New ids from one address share that address's bucket: 8 x 2.
+        let fresh = (2..40u8)
+            .filter(|&n| limits.allow(NodeId([n; 32]), ip, now))
+            .count();
+        assert_eq!(fresh, 2 * PER_IP_FACTOR as usize - 2);
+        // Another address is not held back; loopback has no address bucket.
+        assert!(limits.allow(NodeId([2; 32]), "192.0.2.10".parse().unwrap(), now));
+        let lo: IpAddr = "127.0.0.1".parse().unwrap();
+        let local = (100..140u8)
+            .filter(|&n| limits.allow(NodeId([n; 32]), lo, now))
+            .count();
+        assert_eq!(local, 40);
+        // Refilled in time.
+        assert!(limits.allow(id, ip, now + std::time::Duration::from_secs(30)));
+    }
 }
