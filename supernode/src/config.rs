@@ -97,10 +97,16 @@ pub enum ConfigError {
 
 impl Config {
     /// A local test configuration: `127.0.0.1:0`, fresh identity.
+    /// A local configuration on `127.0.0.1:0`, for tests and local
+    /// networks: those poll searches far faster than a person would, so
+    /// the query limits are 100 times the default.
     pub fn localhost() -> Self {
+        let default = Self::default();
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
-            ..Self::default()
+            query_rate: default.query_rate * 100.0,
+            query_burst: default.query_burst * 100,
+            ..default
         }
     }
 

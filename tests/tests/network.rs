@@ -198,6 +198,29 @@ async fn hits_sources(client: &Client, word: &str) -> Vec<(servent_proto::NodeId
 }
 
 #[tokio::test]
+async fn a_node_cannot_refill_its_query_limit_by_reconnecting() {
+    let sn = supernode_with(supernode::Config {
+        query_rate: 0.5,
+        query_burst: 3,
+        ..supernode::Config::localhost()
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    // Each search is a connection of its own, as each `leaf search` is.
+    for _ in 0..3 {
+        let client = Client::new(dir.path(), vec![sn.addr().to_string()]).unwrap();
+        client.search(&words("anything"), 10, T).await.unwrap();
+    }
+    let client = Client::new(dir.path(), vec![sn.addr().to_string()]).unwrap();
+    let err = client.search(&words("anything"), 10, T).await.unwrap_err();
+    assert!(err.to_string().contains("RateLimited"), "{err}");
+    // Another node is not held back by it.
+    let other = tempfile::tempdir().unwrap();
+    let client = Client::new(other.path(), vec![sn.addr().to_string()]).unwrap();
+    client.search(&words("anything"), 10, T).await.unwrap();
+}
+
+#[tokio::test]
 async fn dead_supernodes_first_in_the_list_do_not_use_up_the_search() {
     let sn = supernode().await;
     let a = TestLeaf::start(&[&sn], &[("lighthouse.flac", b"beam")]).await;
