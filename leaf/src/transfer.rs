@@ -1172,7 +1172,7 @@ async fn worker(remote: &Remote<'_>, job: &Arc<Job>) -> Result<(), SourceError> 
                 continue;
             }
         };
-        let _claims: Vec<Claim<'_>> = run
+        let claims: Vec<Claim<'_>> = run
             .clone()
             .map(|index| Claim {
                 job,
@@ -1180,7 +1180,24 @@ async fn worker(remote: &Remote<'_>, job: &Arc<Job>) -> Result<(), SourceError> 
                 source: remote.index,
             })
             .collect();
-        fetch_run(remote, job, run).await?;
+        let result = fetch_run(remote, job, run).await;
+        // What was not verified goes back to the others at once.
+        drop(claims);
+        match result {
+            Ok(()) => {}
+            // A partial source that lacks a range after all (its state
+            // file lags what it told us, or its own download restarted):
+            // ask what it has now instead of dropping it.
+            Err(SourceError::Refused { reply, .. })
+                if reply.code == ErrorCode::Unavailable
+                    && remote.has.lock().expect("has lock").is_some() =>
+            {
+                debug!(%reply, "partial source lacks a range; asking what it has");
+                tokio::time::sleep(HAVE_POLL).await;
+                remote.learn(job).await?;
+            }
+            Err(e) => return Err(e),
+        }
     }
 }
 

@@ -209,7 +209,8 @@ async fn a_downloader_serves_the_ranges_it_has_to_a_third_leaf() {
     let mut source = TestLeaf::start_capped(&[&sn], &[("season.mkv", &content)], 8 << 20).await;
 
     // B runs `leaf serve` and, beside it on the same data dir, a `get`.
-    let b = TestLeaf::start(&[&sn], &[]).await;
+    // Its uploads are capped so that C's download from it takes a while.
+    let b = TestLeaf::start_capped(&[&sn], &[], 4 << 20).await;
     let b_client = b.client(&[&sn]);
     wait_for(T, || async {
         b_client.locate(hash, T).await.ok().flatten().is_some()
@@ -254,6 +255,21 @@ async fn a_downloader_serves_the_ranges_it_has_to_a_third_leaf() {
         let out = c_target.clone();
         tokio::spawn(async move { c_client.download(hash, Some(&out), T, Some(tx)).await })
     };
+    tokio::time::timeout(T, verified_at_least(&mut rx, 1 << 20))
+        .await
+        .expect("C gets ranges from B");
+    // B's record of what it has goes missing for a moment (as when its own
+    // download restarts): B refuses ranges C was told it has. C asks B
+    // again instead of dropping it, and carries on once B has them again.
+    let state = leaf::transfer::state_path(&b_target);
+    let aside = b_out.path().join("state.aside");
+    std::fs::rename(&state, &aside).unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(
+        rx.borrow().verified < b_has,
+        "C got everything before the gap"
+    );
+    std::fs::rename(&aside, &state).unwrap();
     tokio::time::timeout(T, verified_at_least(&mut rx, b_has))
         .await
         .expect("C gets every range B has");
