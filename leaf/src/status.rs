@@ -45,6 +45,8 @@ pub struct LeafStatus {
     pub supernodes: Vec<NodeAddr>,
     /// Distinct files shared now (hashed and announced).
     pub shared_files: usize,
+    /// Downloads in progress shared now (their verified ranges).
+    pub partial_files: usize,
     pub hashing: Hashing,
     /// The supernode role's fields, while elected.
     #[serde(flatten)]
@@ -101,6 +103,14 @@ impl LeafReport {
                 let share = share.clone();
                 Sampled::gauge(move || share.len() as u64)
             }),
+            (
+                "servent_partial_files",
+                "Downloads in progress whose verified ranges are shared now",
+                {
+                    let share = share.clone();
+                    Sampled::gauge(move || share.partials() as u64)
+                },
+            ),
             (
                 "servent_attached_supernodes",
                 "Supernodes this leaf is registered with now",
@@ -187,6 +197,7 @@ impl Report for LeafReport {
             uptime_secs: self.started.elapsed().as_secs(),
             supernodes,
             shared_files: self.share.len(),
+            partial_files: self.share.partials(),
             hashing: self.share.progress().into(),
             supernode,
         }

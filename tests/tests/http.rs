@@ -102,6 +102,7 @@ async fn supernode_and_leaf_report_what_they_do() {
         json!([{"id": sn.id().to_string(), "addr": sn.addr().to_string()}])
     );
     assert_eq!(s["shared_files"], 2);
+    assert_eq!(s["partial_files"], 0);
     let hashing = &s["hashing"];
     assert_eq!(hashing["files_hashed"], hashing["files_to_hash"], "{s}");
     assert_eq!(hashing["bytes_hashed"], hashing["bytes_to_hash"], "{s}");
@@ -145,6 +146,7 @@ async fn supernode_and_leaf_report_what_they_do() {
 
     let m = metrics(leaf_http).await;
     assert_eq!(sample(&m, "servent_shared_files"), 2);
+    assert_eq!(sample(&m, "servent_partial_files"), 0);
     assert_eq!(sample(&m, "servent_attached_supernodes"), 1);
     // One upload a range.
     assert_eq!(
