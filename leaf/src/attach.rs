@@ -302,7 +302,7 @@ pub async fn run(cfg: Attach, mut stop: watch::Receiver<bool>) {
                                         .filter_map(|s| s.lock().expect("link status").supernode.map(|(_, a)| a))
                                         .filter(|a| *a != request.from_addr),
                                 );
-                                cfg.role.promote(max_leaves, peers)
+                                cfg.role.promote(max_leaves, peers, as_infos(&candidates, me))
                             }
                             SupernodeRequest::Rehome(mut list) => {
                                 // A hostile supernode could send thousands.
@@ -377,6 +377,30 @@ pub async fn run(cfg: Attach, mut stop: watch::Receiver<bool>) {
         }
     }
     tasks.abort_all();
+}
+
+/// The supernodes this leaf knows by id, least loaded and most reliable
+/// first, for the mesh of its supernode role to dial (load as thousandths).
+fn as_infos(candidates: &[Candidate], me: NodeId) -> Vec<SupernodeInfo> {
+    let now = crate::share::now_secs();
+    let mut known: Vec<&Candidate> = candidates
+        .iter()
+        .filter(|c| c.id.is_some_and(|id| id != me))
+        .collect();
+    known.sort_by_key(|c| (c.failures, c.load_permille));
+    known
+        .into_iter()
+        .take(MAX_SUPERNODE_INFOS)
+        .filter_map(|c| {
+            Some(SupernodeInfo {
+                id: c.id?,
+                addr: c.addr.clone(),
+                leaves: c.load_permille.min(1000) as u32,
+                max_leaves: 1000,
+                age_secs: now.saturating_sub(c.last_seen).min(u32::MAX.into()) as u32,
+            })
+        })
+        .collect()
 }
 
 /// Adds or refreshes supernodes a supernode told us of (never ourselves).

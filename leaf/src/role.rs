@@ -8,7 +8,7 @@
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
-use servent_proto::msg::LeafReply;
+use servent_proto::msg::{LeafReply, SupernodeInfo};
 use supernode::net::Endpoint;
 use supernode::Supernode;
 use tracing::{info, Instrument};
@@ -74,9 +74,15 @@ impl Role {
         self.promotions.load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// Takes the role, meshing with `peers` first; answers the supernode
-    /// that asked.
-    pub fn promote(self: &Arc<Self>, max_leaves: u32, peers: Vec<SocketAddr>) -> LeafReply {
+    /// Takes the role, meshing with `peers` first and with the supernodes
+    /// in `known` (those this leaf knows of) after them; answers the
+    /// supernode that asked.
+    pub fn promote(
+        self: &Arc<Self>,
+        max_leaves: u32,
+        peers: Vec<SocketAddr>,
+        known: Vec<SupernodeInfo>,
+    ) -> LeafReply {
         if self.no_promote {
             return LeafReply::Declined(
                 "this leaf never becomes a supernode (--no-promote)".into(),
@@ -97,6 +103,8 @@ impl Role {
         };
         match Supernode::embedded(config, self.endpoint.clone()) {
             Ok(sn) => {
+                let state = sn.state();
+                state.mesh.seed(state.id, known, std::time::Instant::now());
                 let mut stepped = sn.state().election.stepped_down.subscribe();
                 *current = Some(sn);
                 self.promotions

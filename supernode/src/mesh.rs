@@ -214,6 +214,13 @@ impl Mesh {
         v
     }
 
+    /// Adds supernodes known from elsewhere (an elected leaf's own list),
+    /// unverified, as candidates to dial: a supernode whose first peers
+    /// refuse it still has others to try.
+    pub fn seed(&self, me: NodeId, infos: Vec<SupernodeInfo>, now: Instant) {
+        self.learn(me, me, infos, now);
+    }
+
     /// Records what a neighbour gossiped.
     fn learn(&self, me: NodeId, from: NodeId, infos: Vec<SupernodeInfo>, now: Instant) {
         let mut known = self.known.lock().expect("known lock");

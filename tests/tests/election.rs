@@ -249,3 +249,43 @@ async fn a_drained_elected_supernode_steps_down_and_its_leaves_rehome() {
         "re-homed to the seed"
     );
 }
+
+#[tokio::test]
+async fn an_elected_leaf_refused_by_its_promoter_meshes_with_supernodes_it_knows() {
+    // The seed keeps to one neighbour, so it refuses the leaf it elects.
+    let other = supernode().await;
+    let sn = supernode_with(supernode::Config {
+        target_neighbors: 1,
+        max_neighbors: 1,
+        peers: vec![other.addr().to_string()],
+        ..seed(4)
+    })
+    .await;
+    wait_for(T, || async { sn.neighbours() == vec![other.id()] })
+        .await
+        .expect("the seed's one neighbour");
+    let mut leaves = Vec::new();
+    for i in 0..5 {
+        let name = format!("song {i}.ogg");
+        leaves.push(leaf_with(&sn, &[(name.as_str(), name.as_bytes())], |c| c.attach = 1).await);
+    }
+    wait_for(Duration::from_secs(15), || async { promoted(&leaves) >= 1 })
+        .await
+        .expect("the full seed elects a leaf");
+    let elected = leaves
+        .iter()
+        .find(|l| l.leaf().role().is_supernode())
+        .unwrap();
+    // Its promoter has no room for it; the supernode its leaf side heard
+    // of does.
+    wait_for(Duration::from_secs(15), || async {
+        elected
+            .leaf()
+            .role()
+            .state()
+            .is_some_and(|s| s.mesh.neighbours.contains_key(&other.id()))
+    })
+    .await
+    .expect("the elected leaf is not left without a neighbour");
+    assert_eq!(sn.neighbours(), vec![other.id()], "the seed kept its cap");
+}
