@@ -375,7 +375,7 @@ impl Client {
     pub fn new(data_dir: &Path, supernodes: Vec<String>) -> Result<Self, ClientError> {
         let identity = Arc::new(Identity::load_or_create(data_dir)?);
         let supernodes = known_supernodes(data_dir, supernodes);
-        let endpoint = Endpoint::client(identity, SocketAddr::from(([0, 0, 0, 0], 0)))?;
+        let endpoint = Endpoint::client_any(identity)?;
         Ok(Self {
             endpoint,
             data_dir: data_dir.to_path_buf(),

@@ -702,7 +702,7 @@ fn welcome(
     if listen_port == 0 {
         return Err("listen_port 0 is not dialable".into());
     }
-    let addr = SocketAddr::new(peer.conn.remote_address().ip(), listen_port);
+    let addr = SocketAddr::new(peer.conn.remote_address().ip().to_canonical(), listen_port);
     let existing = state.mesh.neighbours.contains_key(&peer.id);
     if !existing && state.mesh.neighbours.len() >= state.config.max_neighbors {
         return Err(format!(

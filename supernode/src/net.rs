@@ -338,6 +338,22 @@ pub enum ConnectError {
     },
 }
 
+/// `addr` with an IPv4-mapped IPv6 address (`[::ffff:a.b.c.d]`, how a
+/// dual-stack socket sees IPv4 peers) turned back into IPv4.
+pub fn canonical(addr: SocketAddr) -> SocketAddr {
+    SocketAddr::new(addr.ip().to_canonical(), addr.port())
+}
+
+/// An IPv6 UDP socket on `[::]:0` that also carries IPv4, whatever the
+/// host's default (`net.ipv6.bindv6only`).
+fn dual_stack_socket() -> std::io::Result<std::net::UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::IPV6, Type::DGRAM, Some(Protocol::UDP))?;
+    socket.set_only_v6(false)?;
+    socket.bind(&SocketAddr::from((Ipv6Addr::UNSPECIFIED, 0)).into())?;
+    Ok(socket.into())
+}
+
 fn crypto_provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
@@ -427,6 +443,28 @@ impl Endpoint {
         let inner =
             quinn::Endpoint::client(addr).map_err(|source| EndpointError::Bind { addr, source })?;
         Ok(Self { inner, identity })
+    }
+
+    /// An endpoint that only dials out and reaches both IPv4 and IPv6
+    /// addresses: one dual-stack socket (`[::]:0`, IPv4 as mapped
+    /// addresses), or an IPv4 one where the host has no IPv6.
+    pub fn client_any(identity: Arc<Identity>) -> Result<Self, EndpointError> {
+        match dual_stack_socket() {
+            Ok(socket) => {
+                let inner = quinn::Endpoint::new(
+                    quinn::EndpointConfig::default(),
+                    None,
+                    socket,
+                    Arc::new(quinn::TokioRuntime),
+                )
+                .map_err(|source| EndpointError::Bind {
+                    addr: (Ipv6Addr::UNSPECIFIED, 0).into(),
+                    source,
+                })?;
+                Ok(Self { inner, identity })
+            }
+            Err(_) => Self::client(identity, (Ipv4Addr::UNSPECIFIED, 0).into()),
+        }
     }
 
     pub fn id(&self) -> NodeId {

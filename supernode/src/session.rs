@@ -22,7 +22,7 @@ use servent_proto::rate::TokenBucket;
 use servent_proto::NodeId;
 use tracing::{debug, info, Instrument};
 
-use crate::net::{self, Peer, StreamError};
+use crate::net::{self, canonical, Peer, StreamError};
 use crate::{routing, LeafEntry, State};
 
 /// Per-connection facts shared by its streams.
@@ -219,7 +219,9 @@ async fn register(
         conn.peer.conn.close(0u32.into(), b"supernode is full");
         return Ok(());
     }
-    let observed = conn.peer.conn.remote_address();
+    // On a dual-stack socket an IPv4 leaf shows as ::ffff:a.b.c.d: name it
+    // by its IPv4 address, which IPv4-only nodes can dial.
+    let observed = canonical(conn.peer.conn.remote_address());
     let addr = SocketAddr::new(observed.ip(), listen_port);
     let generation = state.next_generation();
     let entry = LeafEntry {

@@ -221,6 +221,42 @@ async fn a_node_cannot_refill_its_query_limit_by_reconnecting() {
 }
 
 #[tokio::test]
+async fn an_ipv6_network_is_searched_and_downloaded_from_by_the_one_shot_client() {
+    let v6: std::net::SocketAddr = "[::1]:0".parse().unwrap();
+    let sn = supernode_with(supernode::Config {
+        listen: v6,
+        ..supernode::Config::localhost()
+    })
+    .await;
+    let data = tempfile::tempdir().unwrap();
+    let share = tempfile::tempdir().unwrap();
+    std::fs::write(share.path().join("six.txt"), b"over IPv6").unwrap();
+    let source = Leaf::spawn(leaf::Config {
+        listen: v6,
+        ..leaf::Config::localhost(data.path(), share.path(), vec![sn.addr().to_string()])
+    })
+    .await
+    .unwrap();
+    wait_for(T, || async { source.indexed() == vec![1] })
+        .await
+        .expect("indexed over IPv6");
+
+    // `leaf search`/`get`'s client: one socket for both families.
+    let me = tempfile::tempdir().unwrap();
+    let client = Client::new(me.path(), vec![sn.addr().to_string()]).unwrap();
+    let hits = client.search(&words("six"), 10, T).await.unwrap();
+    assert_eq!(hits.len(), 1);
+    assert_eq!(hits[0].sources[0].addr, source.addr().to_string());
+    assert!(hits[0].sources[0].addr.starts_with("[::1]:"));
+    let out = me.path().join("six.txt");
+    client
+        .get(hash_of(b"over IPv6"), Some(&out), T)
+        .await
+        .unwrap();
+    assert_eq!(std::fs::read(&out).unwrap(), b"over IPv6");
+}
+
+#[tokio::test]
 async fn dead_supernodes_first_in_the_list_do_not_use_up_the_search() {
     let sn = supernode().await;
     let a = TestLeaf::start(&[&sn], &[("lighthouse.flac", b"beam")]).await;
