@@ -25,9 +25,9 @@ pub enum SearchError {
 
 /// Supernodes asked at the same time.
 const ASKED_AT_ONCE: usize = 3;
-/// How long a supernode may take to complete the handshake before the
-/// next few are asked: a dead one (a stale cache entry) must not use up
-/// the whole search.
+/// How long a supernode may take to complete the handshake when there are
+/// others left to ask: a dead one (a stale cache entry) must not use up
+/// the whole search. The last few asked get until the deadline.
 const ASK_CONNECT_TIMEOUT: Duration = Duration::from_millis(1500);
 
 /// Asks the supernodes in `supernodes` (a few at a time, in order, until
@@ -53,7 +53,13 @@ pub async fn query(
     let mut at: HashMap<_, usize> = HashMap::new();
     let mut reached = 0;
     let mut last = String::from("timed out");
-    for group in supernodes.chunks(ASKED_AT_ONCE) {
+    let groups = supernodes.len().div_ceil(ASKED_AT_ONCE);
+    for (g, group) in supernodes.chunks(ASKED_AT_ONCE).enumerate() {
+        // Only where others are left to ask is a slow handshake cut short.
+        let connect_by = match g + 1 < groups {
+            true => deadline.min(tokio::time::Instant::now() + ASK_CONNECT_TIMEOUT),
+            false => deadline,
+        };
         if reached > 0 || tokio::time::Instant::now() >= deadline {
             break;
         }
@@ -61,7 +67,7 @@ pub async fn query(
         for addr in group {
             let (endpoint, addr, query) = (endpoint.clone(), addr.clone(), query.clone());
             asks.spawn(async move {
-                let answer = ask(&endpoint, &addr, query, deadline).await;
+                let answer = ask(&endpoint, &addr, query, connect_by, deadline).await;
                 (addr, answer)
             });
         }
@@ -110,11 +116,13 @@ enum AskError {
     Other(String),
 }
 
-/// Asks one supernode; at `deadline`, keeps what has arrived so far.
+/// Asks one supernode, giving up if it has not completed the handshake by
+/// `connect_by`; at `deadline`, keeps what has arrived so far.
 async fn ask(
     endpoint: &Endpoint,
     addr: &str,
     query: Query,
+    connect_by: tokio::time::Instant,
     deadline: tokio::time::Instant,
 ) -> Result<Vec<Hit>, AskError> {
     let other = |e: String| AskError::Other(e);
@@ -127,7 +135,6 @@ async fn ask(
             .await
             .map_err(|e| other(e.to_string()))
     };
-    let connect_by = deadline.min(tokio::time::Instant::now() + ASK_CONNECT_TIMEOUT);
     let peer = tokio::time::timeout_at(connect_by, connect)
         .await
         .map_err(|_| other(format!("{addr} did not answer in time")))??;
