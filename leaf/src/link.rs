@@ -72,8 +72,12 @@ pub struct Hooks {
 /// How often a promotable leaf restates its candidacy.
 pub const CANDIDACY_INTERVAL: Duration = Duration::from_secs(30);
 
-/// How often a linked supernode is asked which supernodes it knows.
+/// How often a linked supernode is asked which supernodes it knows, once
+/// the session is old; a new session asks after [`LEARN_FIRST`], then
+/// twice as long each time: a leaf that joined a small network learns the
+/// supernodes elected soon after, before it may need them.
 pub const LEARN_INTERVAL: Duration = Duration::from_secs(30);
+const LEARN_FIRST: Duration = Duration::from_secs(2);
 
 /// Resolves `HOST:PORT` (a name or an address).
 pub async fn resolve(addr: &str) -> Option<SocketAddr> {
@@ -128,6 +132,7 @@ pub async fn session(
     let asker = {
         let conn = peer.conn.clone();
         tokio::spawn(async move {
+            let mut every = LEARN_FIRST;
             loop {
                 match ask_supernodes(&conn).await {
                     Ok(list) => {
@@ -137,7 +142,8 @@ pub async fn session(
                     }
                     Err(e) => debug!(error = %e, "supernode list not available"),
                 }
-                tokio::time::sleep(LEARN_INTERVAL).await;
+                tokio::time::sleep(every).await;
+                every = (every * 2).min(LEARN_INTERVAL);
             }
         })
     };
