@@ -223,6 +223,11 @@ async fn a_node_cannot_refill_its_query_limit_by_reconnecting() {
 #[tokio::test]
 async fn an_ipv6_network_is_searched_and_downloaded_from_by_the_one_shot_client() {
     let v6: std::net::SocketAddr = "[::1]:0".parse().unwrap();
+    if let Err(e) = std::net::UdpSocket::bind(v6) {
+        // A host (or container) without IPv6: nothing to test here.
+        eprintln!("skipped: no IPv6 loopback ({e})");
+        return;
+    }
     let sn = supernode_with(supernode::Config {
         listen: v6,
         ..supernode::Config::localhost()
