@@ -106,10 +106,7 @@ fn main() -> Result<()> {
     bench::init_logging();
     let full = bench::full_mode();
     let params = Params::from_env(full)?;
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?
-        .block_on(run(params))
+    bench::block_on(run(params))
 }
 
 struct Params {
@@ -128,26 +125,20 @@ struct Params {
 
 impl Params {
     fn from_env(full: bool) -> Result<Self> {
-        let leaves = bench::env_or(
-            "SERVENT_BENCH_LEAVES",
-            if full { FULL_LEAVES } else { QUICK_LEAVES },
-        )?;
-        let max_leaves = bench::env_or(
+        let leaves = bench::setting("SERVENT_BENCH_LEAVES", full, FULL_LEAVES, QUICK_LEAVES)?;
+        let max_leaves = bench::setting(
             "SERVENT_BENCH_MAX_LEAVES",
-            if full {
-                FULL_MAX_LEAVES
-            } else {
-                QUICK_MAX_LEAVES
-            },
+            full,
+            FULL_MAX_LEAVES,
+            QUICK_MAX_LEAVES,
         )?;
         let rate = bench::env_or("SERVENT_BENCH_RATE", RATE)?;
-        let sample = bench::env_or(
-            "SERVENT_BENCH_SAMPLE",
-            if full { FULL_SAMPLE } else { QUICK_SAMPLE },
-        )?;
-        let churn = Duration::from_secs_f64(bench::env_or(
+        let sample = bench::setting("SERVENT_BENCH_SAMPLE", full, FULL_SAMPLE, QUICK_SAMPLE)?;
+        let churn = Duration::from_secs_f64(bench::setting(
             "SERVENT_BENCH_CHURN_SECS",
-            if full { FULL_CHURN } else { QUICK_CHURN }.as_secs_f64(),
+            full,
+            FULL_CHURN.as_secs_f64(),
+            QUICK_CHURN.as_secs_f64(),
         )?);
         let seed = bench::env_or(
             "SERVENT_BENCH_SEED",
@@ -1035,6 +1026,19 @@ impl Tally {
 }
 
 impl Net {
+    /// Every supernode now: the fixed ones, then the leaves holding the role.
+    fn supernode_states(&self) -> Vec<Arc<supernode::State>> {
+        self.fixed
+            .iter()
+            .cloned()
+            .chain(
+                self.members
+                    .iter()
+                    .filter_map(|m| m.leaf.leaf().role().state()),
+            )
+            .collect()
+    }
+
     fn shared(fixed: Vec<Arc<supernode::State>>) -> Shared {
         Arc::new(Mutex::new(Net {
             members: Vec::new(),
@@ -1237,18 +1241,7 @@ fn machine() -> String {
 /// The mesh as the supernodes see it now: neighbour counts, and how many
 /// of the other supernodes a query can reach within its TTL.
 fn mesh_report(net: &Shared) -> String {
-    let states: Vec<Arc<supernode::State>> = {
-        let n = net.lock().expect("net");
-        n.fixed
-            .iter()
-            .cloned()
-            .chain(
-                n.members
-                    .iter()
-                    .filter_map(|m| m.leaf.leaf().role().state()),
-            )
-            .collect()
-    };
+    let states = net.lock().expect("net").supernode_states();
     let ids: Vec<servent_proto::NodeId> = states.iter().map(|s| s.id).collect();
     let index: std::collections::HashMap<servent_proto::NodeId, usize> =
         ids.iter().enumerate().map(|(i, id)| (*id, i)).collect();
@@ -1353,16 +1346,7 @@ fn links_report(net: &Shared) -> String {
         let links = m.leaf.leaf().supernodes().len().min(ATTACH + 1);
         per_leaf[links] += 1;
     }
-    let states: Vec<Arc<supernode::State>> = n
-        .fixed
-        .iter()
-        .cloned()
-        .chain(
-            n.members
-                .iter()
-                .filter_map(|m| m.leaf.leaf().role().state()),
-        )
-        .collect();
+    let states = n.supernode_states();
     let registered: usize = states.iter().map(|s| s.leaves.len()).sum();
     let capacity: usize = states.iter().map(|s| s.config.max_leaves).sum();
     let high = states

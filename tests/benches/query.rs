@@ -59,17 +59,12 @@ const SETUP_TIMEOUT: Duration = Duration::from_secs(30);
 fn main() -> Result<()> {
     bench::init_logging();
     let full = bench::full_mode();
-    let queries = bench::env_or(
-        "SERVENT_BENCH_QUERIES",
-        if full { FULL_QUERIES } else { QUICK_QUERIES },
-    )?;
-    let concurrency = bench::env_or(
+    let queries = bench::setting("SERVENT_BENCH_QUERIES", full, FULL_QUERIES, QUICK_QUERIES)?;
+    let concurrency = bench::setting(
         "SERVENT_BENCH_CONCURRENCY",
-        if full {
-            FULL_CONCURRENCY
-        } else {
-            QUICK_CONCURRENCY
-        },
+        full,
+        FULL_CONCURRENCY,
+        QUICK_CONCURRENCY,
     )?;
     ensure!(
         queries > 0 && concurrency > 0,
@@ -87,10 +82,7 @@ fn main() -> Result<()> {
         rounds: if full { FULL_ROUNDS } else { 1 },
         warmup: if full { WARMUP } else { 1 },
     };
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?
-        .block_on(bench.run())
+    bench::block_on(bench.run())
 }
 
 struct Bench {

@@ -44,23 +44,14 @@ const LOCATE_TIMEOUT: Duration = Duration::from_secs(10);
 fn main() -> Result<()> {
     bench::init_logging();
     let full = bench::full_mode();
-    let rate = bench::env_or(
-        "SERVENT_BENCH_RATE",
-        if full { FULL_RATE } else { QUICK_RATE },
-    )?;
-    let bytes = bench::env_or(
-        "SERVENT_BENCH_BYTES",
-        if full { FULL_BYTES } else { QUICK_BYTES },
-    )?;
-    let rounds = bench::env_or("SERVENT_BENCH_ROUNDS", if full { FULL_ROUNDS } else { 1 })?;
+    let rate = bench::setting("SERVENT_BENCH_RATE", full, FULL_RATE, QUICK_RATE)?;
+    let bytes = bench::setting("SERVENT_BENCH_BYTES", full, FULL_BYTES, QUICK_BYTES)?;
+    let rounds = bench::setting("SERVENT_BENCH_ROUNDS", full, FULL_ROUNDS, 1)?;
     ensure!(
         rate > 0 && bytes > 0 && rounds > 0,
         "need a positive rate, at least one byte and one round"
     );
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?
-        .block_on(run(rate, bytes, rounds))
+    bench::block_on(run(rate, bytes, rounds))
 }
 
 /// A source leaf with its own data dir and share folder.

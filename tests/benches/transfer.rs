@@ -59,19 +59,13 @@ const CURL_TIMEOUT_SECS: u64 = 600;
 fn main() -> Result<()> {
     bench::init_logging();
     let full = bench::full_mode();
-    let bytes = bench::env_or(
-        "SERVENT_BENCH_BYTES",
-        if full { FULL_BYTES } else { QUICK_BYTES },
-    )?;
-    let rounds = bench::env_or("SERVENT_BENCH_ROUNDS", if full { FULL_ROUNDS } else { 1 })?;
+    let bytes = bench::setting("SERVENT_BENCH_BYTES", full, FULL_BYTES, QUICK_BYTES)?;
+    let rounds = bench::setting("SERVENT_BENCH_ROUNDS", full, FULL_ROUNDS, 1)?;
     ensure!(
         bytes > 0 && rounds > 0,
         "need at least one byte and one round"
     );
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?
-        .block_on(run(bytes, rounds, full))
+    bench::block_on(run(bytes, rounds, full))
 }
 
 /// MB/s and CPU seconds of the counted rounds of one column.

@@ -43,6 +43,25 @@ pub fn env_or<T: std::str::FromStr>(name: &str, default: T) -> Result<T> {
     }
 }
 
+/// The setting `name` from the environment, or else the default of a full
+/// run or of a quick one.
+pub fn setting<T: std::str::FromStr>(
+    name: &str,
+    full: bool,
+    full_default: T,
+    quick_default: T,
+) -> Result<T> {
+    env_or(name, if full { full_default } else { quick_default })
+}
+
+/// Runs a bench's body on a multi-threaded runtime, as nodes run.
+pub fn block_on(body: impl std::future::Future<Output = Result<()>>) -> Result<()> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(body)
+}
+
 /// The median of `v` (sorted in place); NaN when `v` is empty.
 pub fn median(v: &mut [f64]) -> f64 {
     if v.is_empty() {
