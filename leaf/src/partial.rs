@@ -220,7 +220,12 @@ impl Partial {
 
 /// The downloads in the register that can be served, at most
 /// [`MAX_PARTIALS`]; entries whose download is gone are removed.
-pub fn list(data_dir: &Path) -> Vec<Partial> {
+/// `known` gives back a download already loaded for an entry, so that its
+/// layer is not read and checked again at every look.
+pub fn list(
+    data_dir: &Path,
+    known: impl Fn(&ContentHash, &Entry) -> Option<Partial>,
+) -> Vec<Partial> {
     let Ok(dir) = std::fs::read_dir(data_dir.join(REGISTER_DIR)) else {
         return Vec::new();
     };
@@ -230,7 +235,7 @@ pub fn list(data_dir: &Path) -> Vec<Partial> {
         if path.extension().is_none_or(|e| e != "json") {
             continue;
         }
-        match read_entry(&path) {
+        match read_entry(&path, &known) {
             Some(Ok(p)) if out.len() < MAX_PARTIALS => out.push(p),
             Some(Ok(_)) => {}
             Some(Err(why)) => {
@@ -245,7 +250,10 @@ pub fn list(data_dir: &Path) -> Vec<Partial> {
 
 /// `None` for an entry not ready yet (no layer so far); an error for one
 /// whose download is gone.
-fn read_entry(path: &Path) -> Option<Result<Partial, &'static str>> {
+fn read_entry(
+    path: &Path,
+    known: &impl Fn(&ContentHash, &Entry) -> Option<Partial>,
+) -> Option<Result<Partial, &'static str>> {
     let meta = std::fs::metadata(path).ok()?;
     if meta.len() > 64 * 1024 {
         return Some(Err("oversized"));
@@ -262,6 +270,9 @@ fn read_entry(path: &Path) -> Option<Result<Partial, &'static str>> {
     }
     if !part_path(&entry.target).is_file() {
         return Some(Err("part file gone"));
+    }
+    if let Some(p) = known(&hash, &entry) {
+        return Some(Ok(p));
     }
     let layer = layer::load(&layer_path(&entry.target), entry.size, &hash).ok()?;
     Some(Ok(Partial {

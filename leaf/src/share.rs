@@ -193,7 +193,13 @@ impl Share {
     /// Reads the register of downloads of this data dir again; announces
     /// what started, withdraws what ended. Blocking.
     pub fn refresh_partials(&self) {
-        let now: HashMap<ContentHash, Partial> = partial::list(&self.data_dir)
+        let known = |h: &ContentHash, e: &partial::Entry| {
+            self.partials
+                .get(h)
+                .filter(|p| p.target == e.target && p.name == e.name && p.size == e.size)
+                .map(|p| p.clone())
+        };
+        let now: HashMap<ContentHash, Partial> = partial::list(&self.data_dir, known)
             .into_iter()
             .map(|p| (p.hash, p))
             .collect();

@@ -157,8 +157,13 @@ enum Content {
         size: u64,
         layer: PathBuf,
     },
-    /// A download in progress: only its verified ranges.
-    Partial(Partial, std::fs::File),
+    /// A download in progress: only its verified ranges, as its state
+    /// file lists them when the request came.
+    Partial {
+        partial: Partial,
+        file: std::fs::File,
+        have: Bitmap,
+    },
 }
 
 impl Content {
@@ -175,15 +180,20 @@ impl Content {
                 Err(e) => debug!(path = %f.path.display(), error = %e, "refusing a shared file"),
             }
         }
-        let p = share.partial(hash)?;
-        let file = std::fs::File::open(part_path(&p.target)).ok()?;
-        Some(Content::Partial(p, file))
+        let partial = share.partial(hash)?;
+        let file = std::fs::File::open(part_path(&partial.target)).ok()?;
+        let have = partial.have();
+        Some(Content::Partial {
+            partial,
+            file,
+            have,
+        })
     }
 
     fn size(&self) -> u64 {
         match self {
             Content::Whole { size, .. } => *size,
-            Content::Partial(p, _) => p.size,
+            Content::Partial { partial, .. } => partial.size,
         }
     }
 }
@@ -282,12 +292,12 @@ fn ranges_tail(content: &Content, with_layer: bool) -> std::io::Result<(u64, boo
             }
             Ok((*size, false, tail))
         }
-        Content::Partial(p, _) => {
+        Content::Partial { partial, have, .. } => {
             if with_layer {
-                tail = layer::to_bytes(&p.layer);
+                tail = layer::to_bytes(&partial.layer);
             }
-            tail.extend_from_slice(p.have().as_bytes());
-            Ok((p.size, true, tail))
+            tail.extend_from_slice(have.as_bytes());
+            Ok((partial.size, true, tail))
         }
     }
 }
@@ -307,10 +317,7 @@ async fn serve_range(
     let offset = req.offset;
     let file = match content {
         Content::Whole { file, .. } => file,
-        Content::Partial(p, file) => {
-            let have = tokio::task::spawn_blocking(move || p.have())
-                .await
-                .map_err(|_| net::StreamError::Truncated)?;
+        Content::Partial { file, have, .. } => {
             let first = (offset / RANGE_SIZE) as usize;
             let last = ((offset + length).saturating_sub(1) / RANGE_SIZE) as usize;
             if !(first..=last.max(first)).all(|i| have.get(i)) {
