@@ -67,11 +67,9 @@ pub fn load_cache(data_dir: &Path) -> Vec<Cached> {
 
 fn save_cache(data_dir: &Path, entries: &[Cached]) {
     let path = data_dir.join(CACHE_FILE);
-    let tmp = data_dir.join(format!("{CACHE_FILE}.tmp"));
     let result = serde_json::to_vec_pretty(entries)
         .map_err(std::io::Error::other)
-        .and_then(|b| std::fs::write(&tmp, b))
-        .and_then(|()| std::fs::rename(&tmp, &path));
+        .and_then(|b| crate::replace_file(&path, &b));
     if let Err(e) = result {
         warn!(path = %path.display(), error = %e, "cannot save the supernode cache");
     }

@@ -143,14 +143,12 @@ pub fn load(path: &Path, size: u64, hash: &ContentHash) -> std::io::Result<Vec<C
     }
 }
 
-/// Writes a layer file atomically (a temporary file renamed into place).
+/// Writes a layer file whole or not at all, making its folder if need be.
 pub fn save(path: &Path, layer: &[Cv]) -> std::io::Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir)?;
-    let tmp = tempfile::NamedTempFile::new_in(dir)?;
-    std::fs::write(tmp.path(), to_bytes(layer))?;
-    tmp.persist(path).map_err(|e| e.error)?;
-    Ok(())
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    crate::replace_file(path, &to_bytes(layer))
 }
 
 #[cfg(test)]

@@ -333,6 +333,15 @@ async fn accept(
     }
 }
 
+/// Writes `bytes` to `path` whole or not at all: into `PATH.tmp` first,
+/// then renamed over `path`, so that a crash never leaves half a file.
+pub(crate) fn replace_file(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    std::fs::write(&tmp, bytes)?;
+    std::fs::rename(&tmp, path)
+}
+
 /// The supernodes a one-shot command asks: those given, else the cache.
 fn known_supernodes(data_dir: &Path, given: Vec<String>) -> Vec<String> {
     if !given.is_empty() {

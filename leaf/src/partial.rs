@@ -151,13 +151,8 @@ pub fn save_state(
         range_size: layer::RANGE_SIZE,
         verified: hex::encode(done.as_bytes()),
     };
-    let path = state_path(target);
-    let tmp = path.with_extension("tmp");
-    std::fs::write(
-        &tmp,
-        serde_json::to_vec(&state).map_err(std::io::Error::other)?,
-    )?;
-    std::fs::rename(&tmp, path)
+    let bytes = serde_json::to_vec(&state).map_err(std::io::Error::other)?;
+    crate::replace_file(&state_path(target), &bytes)
 }
 
 /// Removes the files a download keeps beside its target.
@@ -186,12 +181,8 @@ fn entry_path(data_dir: &Path, hash: &ContentHash) -> PathBuf {
 pub fn register(data_dir: &Path, entry: &Entry, hash: &ContentHash) -> std::io::Result<()> {
     let path = entry_path(data_dir, hash);
     std::fs::create_dir_all(path.parent().expect("in a folder"))?;
-    let tmp = path.with_extension("tmp");
-    std::fs::write(
-        &tmp,
-        serde_json::to_vec(entry).map_err(std::io::Error::other)?,
-    )?;
-    std::fs::rename(&tmp, path)
+    let bytes = serde_json::to_vec(entry).map_err(std::io::Error::other)?;
+    crate::replace_file(&path, &bytes)
 }
 
 /// Takes a download out of the register (done, or given up).

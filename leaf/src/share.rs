@@ -459,11 +459,9 @@ impl Share {
 
     fn save_cache(&self, cache: &CacheFile) {
         let path = self.data_dir.join(CACHE_FILE);
-        let tmp = self.data_dir.join(format!("{CACHE_FILE}.tmp"));
         let result = serde_json::to_vec(cache)
             .map_err(std::io::Error::other)
-            .and_then(|bytes| std::fs::write(&tmp, bytes))
-            .and_then(|()| std::fs::rename(&tmp, &path));
+            .and_then(|bytes| crate::replace_file(&path, &bytes));
         if let Err(e) = result {
             warn!(path = %path.display(), error = %e, "cannot save the hash cache");
         }
