@@ -851,10 +851,8 @@ impl Download<'_> {
         };
         let (file, done, kept) = {
             let target = target.to_path_buf();
-            tokio::task::spawn_blocking(move || open_job(hash, size, &target))
+            blocking(move || open_job(hash, size, &target))
                 .await
-                .map_err(std::io::Error::other)
-                .and_then(|r| r)
                 .map_err(io_err(&part))?
         };
         let count = layer::range_count(size);
@@ -923,10 +921,8 @@ impl Download<'_> {
                 _ = saves.tick() => {
                     if job.dirty.load(Ordering::Acquire) {
                         let job = job.clone();
-                        tokio::task::spawn_blocking(move || job.save_state(false))
+                        blocking(move || job.save_state(false))
                             .await
-                            .map_err(std::io::Error::other)
-                            .and_then(|r| r)
                             .map_err(io_err(&part))?;
                     }
                     continue;
@@ -994,6 +990,16 @@ impl Download<'_> {
         info!(%hash, size, fetched, target = %target.display(), "downloaded and verified");
         Ok(Downloaded { size, fetched })
     }
+}
+
+/// Runs file work on the blocking pool; a task that panicked is an I/O
+/// error like any other.
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> std::io::Result<T> + Send + 'static,
+) -> std::io::Result<T> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(std::io::Error::other)?
 }
 
 async fn next_batch(more: &mut Option<mpsc::Receiver<Vec<Source>>>) -> Option<Vec<Source>> {
