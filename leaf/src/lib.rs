@@ -15,6 +15,7 @@ pub mod search;
 pub mod share;
 pub mod status;
 pub mod transfer;
+pub mod upload;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -106,7 +107,7 @@ pub struct Leaf {
     stop: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
     role: Arc<Role>,
-    uploads: Arc<transfer::Uploads>,
+    uploads: Arc<upload::Uploads>,
     http: Option<HttpServer>,
 }
 
@@ -145,7 +146,13 @@ impl Leaf {
         let (stop, stop_rx) = watch::channel(false);
         let span = info_span!("leaf", id = %id.short());
         let links: status::Links = Arc::new(Mutex::new(Vec::new()));
-        let uploads = Arc::new(transfer::Uploads::new(config.max_upload_rate));
+        let uploads = Arc::new(upload::Uploads::new(
+            config.max_upload_rate,
+            servent_proto::upload::UploadLimits {
+                exempt: config.role.exempt_ips.clone(),
+                ..Default::default()
+            },
+        ));
         // Before any task starts, so that a bad address leaves nothing running.
         let http = match config.http {
             Some(at) => {
@@ -181,9 +188,7 @@ impl Leaf {
                 share.clone(),
                 uploads.clone(),
                 role.clone(),
-                Arc::new(tokio::sync::Semaphore::new(
-                    config.role.max_connections.max(1),
-                )),
+                supernode::gate::Gate::new(&config.role),
                 stop_rx.clone(),
             )
             .instrument(span.clone()),
@@ -239,7 +244,7 @@ impl Leaf {
     }
 
     /// What this leaf has uploaded.
-    pub fn uploads(&self) -> &Arc<transfer::Uploads> {
+    pub fn uploads(&self) -> &Arc<upload::Uploads> {
         &self.uploads
     }
 
@@ -294,9 +299,9 @@ impl Drop for Leaf {
 async fn accept(
     endpoint: Endpoint,
     share: Arc<Share>,
-    uploads: Arc<transfer::Uploads>,
+    uploads: Arc<upload::Uploads>,
     role: Arc<Role>,
-    connections: Arc<tokio::sync::Semaphore>,
+    gate: Arc<supernode::gate::Gate>,
     mut stop: watch::Receiver<bool>,
 ) {
     loop {
@@ -305,20 +310,23 @@ async fn accept(
             i = endpoint.quinn().accept() => match i { Some(i) => i, None => return },
         };
         // Downloaders and, while elected, leaves and supernodes: all
-        // bounded together, as a supernode bounds its own.
-        let Ok(permit) = connections.clone().try_acquire_owned() else {
-            incoming.refuse();
+        // admitted by one gate, with the supernode role's settings.
+        let Some((incoming, ticket)) = gate.admit(incoming) else {
             continue;
         };
-        let (share, uploads, role) = (share.clone(), uploads.clone(), role.clone());
+        let (share, uploads, role, gate) =
+            (share.clone(), uploads.clone(), role.clone(), gate.clone());
         tokio::spawn(
             async move {
-                let _permit = permit;
+                let _ticket = ticket;
                 let remote = incoming.remote_address();
                 match net::accept(incoming).await {
                     Ok(peer) if net::alpn(&peer.conn).as_deref() == Some(ALPN_TRANSFER) => {
                         let span = info_span!("upload", peer = %peer.id.short(), %remote);
-                        transfer::serve(share, uploads, peer).instrument(span).await;
+                        let inbound = gate.inbound(&peer.conn);
+                        upload::serve(share, uploads, peer, inbound)
+                            .instrument(span)
+                            .await;
                     }
                     // Leaf and mesh connections are the supernode role's, if we hold it.
                     Ok(peer) => match role.state() {

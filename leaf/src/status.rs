@@ -18,7 +18,7 @@ use supernode::status::{NodeAddr, SupernodeFields};
 use crate::link::LinkStatus;
 use crate::role::Role;
 use crate::share::{ScanProgress, Share};
-use crate::transfer::Uploads;
+use crate::upload::Uploads;
 
 /// The links of a running leaf, one per supernode it is attached to or trying.
 pub(crate) type Links = Arc<Mutex<Vec<Arc<Mutex<LinkStatus>>>>>;

@@ -1,6 +1,5 @@
-//! Leaf ↔ leaf transfer (ALPN `servent-xfer/3`): serving shared files and
-//! downloads in progress, and downloading one file from all its sources at
-//! once.
+//! Leaf ↔ leaf transfer (ALPN `servent-xfer/3`), the downloading side:
+//! one file from all its sources at once. Serving is [`crate::upload`].
 //!
 //! A request names content by hash, never by path, so a downloader can
 //! only ever get what this leaf announced. A downloader first fetches the
@@ -22,32 +21,23 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use prometheus_client::metrics::counter::Counter;
 use servent_proto::limits::MAX_TRANSFER_FRAME;
 use servent_proto::msg::{
     ErrorCode, ErrorReply, GetReply, GetRequest, RangeRequest, Source, ALPN_TRANSFER,
 };
-use servent_proto::rate::TokenBucket;
 use servent_proto::ContentHash;
 use supernode::net::{self, Endpoint, Peer};
-use tokio::sync::{mpsc, watch, Semaphore};
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use tracing::{debug, info, warn, Instrument};
 
 use crate::layer::{self, Cv, CV_LEN, RANGE_SIZE};
-use crate::partial::{self, Bitmap, Partial};
+use crate::partial::{self, Bitmap};
 pub use crate::partial::{layer_path, part_path, state_path};
-use crate::share::Share;
 
 /// Content bytes a downloader asks one source for at a time: the unit of
 /// scheduling, verification and resume (the layer's range).
 pub const CHUNK_SIZE: u64 = RANGE_SIZE;
-/// Bytes read from disk at a time when serving.
-const READ: usize = 256 * 1024;
-/// The unit the upload rate cap grants, small enough to interleave capped
-/// uploads finely.
-const CHUNK: usize = 64 * 1024;
 /// Requests each source has in flight at once, so that the round trip
 /// between two requests does not idle the link.
 pub const PER_SOURCE: usize = 3;
@@ -61,353 +51,15 @@ const RUN_DIVISOR: usize = 16;
 pub const MAX_DOWNLOAD_SIZE: u64 = 1 << 40;
 /// A range that takes longer than this drops its source.
 const RANGE_TIMEOUT: Duration = Duration::from_secs(30);
-/// Reads in flight between the disk thread and the network task.
-const PIPELINE: usize = 4;
-/// An upload whose downloader accepts nothing for this long is dropped.
-const WRITE_STALL: Duration = Duration::from_secs(30);
-/// Uploads served at once; more wait their turn.
-pub const MAX_CONCURRENT_UPLOADS: usize = 16;
 /// The state file is rewritten at most this often (and when a download
 /// stops): a crash or `kill -9` loses at most this much work, and a 1 GiB
 /// download rewrites it a few dozen times instead of once a range.
 const SAVE_EVERY: Duration = Duration::from_millis(100);
+/// How many `Unavailable` answers in a row a whole source may give (its
+/// upload slots are busy) before it is given up.
+const MAX_BUSY: u32 = 8;
 /// How often a partial source with nothing we need is asked again.
 const HAVE_POLL: Duration = Duration::from_secs(1);
-/// The upload rate cap's burst, as a share of a second's worth.
-const BURST_SECS: f64 = 0.1;
-
-/// The upload side of a leaf: its slots, its rate limit, and what it has
-/// served.
-#[derive(Debug)]
-pub struct Uploads {
-    slots: Semaphore,
-    /// Bytes a second for all uploads together, if capped. The mutex is
-    /// tokio's, which queues waiters in order: uploads take their turn at
-    /// the bucket, so each gets its share of the rate.
-    rate: Option<tokio::sync::Mutex<TokenBucket>>,
-    /// Ranges sent whole.
-    pub served: Counter,
-    /// Bytes of file content in the ranges sent whole.
-    pub bytes: Counter,
-}
-
-impl Default for Uploads {
-    fn default() -> Self {
-        Self::new(None)
-    }
-}
-
-impl Uploads {
-    /// Uploads capped at `max_rate` bytes a second in all, if given (with a
-    /// burst of a tenth of a second's worth, at least one read).
-    pub fn new(max_rate: Option<u64>) -> Self {
-        let rate = max_rate.filter(|r| *r > 0).map(|r| {
-            let burst = (r as f64 * BURST_SECS).clamp(CHUNK as f64, u32::MAX as f64) as u32;
-            tokio::sync::Mutex::new(TokenBucket::new(r as f64, burst, Instant::now()))
-        });
-        Self {
-            slots: Semaphore::new(MAX_CONCURRENT_UPLOADS),
-            rate,
-            served: Counter::default(),
-            bytes: Counter::default(),
-        }
-    }
-
-    /// Waits until `bytes` more may be sent under the rate cap.
-    async fn pace(&self, bytes: usize) {
-        if let Some(rate) = &self.rate {
-            // Held while waiting: the next upload in the queue goes after.
-            let mut bucket = rate.lock().await;
-            let wait = bucket.take_many(bytes as f64, Instant::now());
-            if !wait.is_zero() {
-                tokio::time::sleep(wait).await;
-            }
-        }
-    }
-}
-
-/// Serves downloads on one accepted connection until it closes.
-pub async fn serve(share: Arc<Share>, uploads: Arc<Uploads>, peer: Peer) {
-    loop {
-        let (send, recv) = match peer.conn.accept_bi().await {
-            Ok(s) => s,
-            Err(e) => {
-                debug!(reason = %e, "transfer connection ended");
-                return;
-            }
-        };
-        let share = share.clone();
-        let uploads = uploads.clone();
-        tokio::spawn(
-            async move {
-                if let Err(e) = serve_stream(share, uploads, send, recv).await {
-                    debug!(error = %e, "upload ended early");
-                }
-            }
-            .in_current_span(),
-        );
-    }
-}
-
-/// What a request is served from.
-enum Content {
-    /// A shared file, checked unchanged since it was hashed.
-    Whole {
-        file: std::fs::File,
-        size: u64,
-        layer: PathBuf,
-    },
-    /// A download in progress: only its verified ranges, as its state
-    /// file lists them when the request came.
-    Partial {
-        partial: Partial,
-        file: std::fs::File,
-        have: Bitmap,
-    },
-}
-
-impl Content {
-    fn open(share: &Share, hash: &ContentHash) -> Option<Self> {
-        if let Some(f) = share.get(hash) {
-            match share.open_verified(&f) {
-                Ok(file) => {
-                    return Some(Content::Whole {
-                        file,
-                        size: f.stamp.size,
-                        layer: share.layer_path(hash),
-                    })
-                }
-                Err(e) => debug!(path = %f.path.display(), error = %e, "refusing a shared file"),
-            }
-        }
-        let partial = share.partial(hash)?;
-        let file = std::fs::File::open(part_path(&partial.target)).ok()?;
-        let have = partial.have();
-        Some(Content::Partial {
-            partial,
-            file,
-            have,
-        })
-    }
-
-    fn size(&self) -> u64 {
-        match self {
-            Content::Whole { size, .. } => *size,
-            Content::Partial { partial, .. } => partial.size,
-        }
-    }
-}
-
-async fn serve_stream(
-    share: Arc<Share>,
-    uploads: Arc<Uploads>,
-    mut send: quinn::SendStream,
-    mut recv: quinn::RecvStream,
-) -> Result<(), net::StreamError> {
-    let req: GetRequest = match net::read_first_frame(&mut recv, MAX_TRANSFER_FRAME).await {
-        Ok(Some(r)) => r,
-        Ok(None) => return Ok(()),
-        Err(e) => {
-            return refuse(
-                &mut send,
-                ErrorCode::BadRequest,
-                format!("bad request: {e}"),
-            )
-            .await
-        }
-    };
-    let hash = match &req {
-        GetRequest::Layer(h) | GetRequest::Have(h) => *h,
-        GetRequest::Range(r) => r.hash,
-    };
-    let Ok(_permit) = uploads.slots.acquire().await else {
-        return Ok(());
-    };
-    let opened = {
-        let share = share.clone();
-        tokio::task::spawn_blocking(move || Content::open(&share, &hash))
-            .await
-            .ok()
-            .flatten()
-    };
-    let Some(content) = opened else {
-        return refuse(
-            &mut send,
-            ErrorCode::NotFound,
-            format!("{hash} is not shared here"),
-        )
-        .await;
-    };
-    match req {
-        GetRequest::Layer(_) | GetRequest::Have(_) => {
-            let with_layer = matches!(req, GetRequest::Layer(_));
-            let tail = tokio::task::spawn_blocking(move || ranges_tail(&content, with_layer))
-                .await
-                .map_err(|_| net::StreamError::Truncated)?;
-            let (size, partial, tail) = match tail {
-                Ok(t) => t,
-                Err(e) => {
-                    warn!(%hash, error = %e, "cannot read the layer of a shared file");
-                    return refuse(&mut send, ErrorCode::Internal, "layer unreadable".into()).await;
-                }
-            };
-            net::write_frame(
-                &mut send,
-                &GetReply::Ranges { size, partial },
-                MAX_TRANSFER_FRAME,
-            )
-            .await?;
-            send.write_all(&tail)
-                .await
-                .map_err(|_| net::StreamError::Truncated)?;
-            let _ = send.finish();
-            Ok(())
-        }
-        GetRequest::Range(r) => serve_range(&uploads, content, r, send).await,
-    }
-}
-
-async fn refuse(
-    send: &mut quinn::SendStream,
-    code: ErrorCode,
-    message: String,
-) -> Result<(), net::StreamError> {
-    let reply = GetReply::Error(ErrorReply::new(code, message));
-    net::write_frame(send, &reply, MAX_TRANSFER_FRAME).await?;
-    let _ = send.finish();
-    Ok(())
-}
-
-/// Size, partial, and what follows a `Ranges` reply: the layer (if asked
-/// for) and, from a partial source, its have-bitmap.
-fn ranges_tail(content: &Content, with_layer: bool) -> std::io::Result<(u64, bool, Vec<u8>)> {
-    let mut tail = Vec::new();
-    match content {
-        Content::Whole { size, layer, .. } => {
-            if with_layer {
-                tail = std::fs::read(layer)?;
-                if tail.len() != layer::range_count(*size) * CV_LEN {
-                    return Err(std::io::Error::other("layer of the wrong length"));
-                }
-            }
-            Ok((*size, false, tail))
-        }
-        Content::Partial { partial, have, .. } => {
-            if with_layer {
-                tail = layer::to_bytes(&partial.layer);
-            }
-            tail.extend_from_slice(have.as_bytes());
-            Ok((partial.size, true, tail))
-        }
-    }
-}
-
-async fn serve_range(
-    uploads: &Uploads,
-    content: Content,
-    req: RangeRequest,
-    mut send: quinn::SendStream,
-) -> Result<(), net::StreamError> {
-    let size = content.size();
-    if req.offset > size {
-        let msg = format!("offset {} is past the end ({size} bytes)", req.offset);
-        return refuse(&mut send, ErrorCode::BadRequest, msg).await;
-    }
-    let length = req.length.unwrap_or(u64::MAX).min(size - req.offset);
-    let offset = req.offset;
-    let file = match content {
-        Content::Whole { file, .. } => file,
-        Content::Partial { file, have, .. } => {
-            let first = (offset / RANGE_SIZE) as usize;
-            let last = ((offset + length).saturating_sub(1) / RANGE_SIZE) as usize;
-            if !(first..=last.max(first)).all(|i| have.get(i)) {
-                let msg = "not all of that range is here yet".to_string();
-                return refuse(&mut send, ErrorCode::Unavailable, msg).await;
-            }
-            file
-        }
-    };
-    debug!(hash = %req.hash.short(), offset, length, "upload");
-    net::write_frame(
-        &mut send,
-        &GetReply::Ok { size, length },
-        MAX_TRANSFER_FRAME,
-    )
-    .await?;
-
-    // Disk reads on a blocking thread, network writes here, overlapped.
-    let (tx, mut rx) = mpsc::channel::<std::io::Result<Bytes>>(PIPELINE);
-    tokio::task::spawn_blocking(move || read_range(&file, offset, length, tx));
-    let mut sent = 0;
-    while let Some(chunk) = rx.recv().await {
-        let chunk = chunk.map_err(|e| {
-            warn!(error = %e, "reading a shared file failed");
-            let _ = send.reset(1u32.into());
-            net::StreamError::Truncated
-        })?;
-        sent += chunk.len() as u64;
-        let mut chunk = chunk;
-        while !chunk.is_empty() {
-            let piece = match uploads.rate {
-                Some(_) => chunk.split_to(CHUNK.min(chunk.len())),
-                None => std::mem::take(&mut chunk),
-            };
-            uploads.pace(piece.len()).await;
-            // A downloader that stops reading must not hold an upload slot
-            // forever.
-            match tokio::time::timeout(WRITE_STALL, send.write_chunk(piece)).await {
-                Ok(r) => r?,
-                Err(_) => {
-                    let _ = send.reset(2u32.into());
-                    return Err(net::StreamError::Timeout);
-                }
-            }
-        }
-    }
-    if sent != length {
-        // The file shrank under us: never a short range that looks whole.
-        let _ = send.reset(1u32.into());
-        return Err(net::StreamError::Truncated);
-    }
-    let _ = send.finish();
-    uploads.served.inc();
-    uploads.bytes.inc_by(length);
-    let _ = send.stopped().await;
-    Ok(())
-}
-
-/// Reads `length` bytes from `offset` in [`READ`] pieces until the end
-/// or the receiver goes away. A short file ends early (the caller checks).
-fn read_range(
-    file: &std::fs::File,
-    offset: u64,
-    length: u64,
-    tx: mpsc::Sender<std::io::Result<Bytes>>,
-) {
-    let mut at = 0;
-    while at < length {
-        let want = READ.min((length - at) as usize);
-        let mut buf = vec![0u8; want];
-        let mut filled = 0;
-        while filled < want {
-            match file.read_at(&mut buf[filled..], offset + at + filled as u64) {
-                Ok(0) => break,
-                Ok(n) => filled += n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(e) => {
-                    let _ = tx.blocking_send(Err(e));
-                    return;
-                }
-            }
-        }
-        buf.truncate(filled);
-        at += filled as u64;
-        if filled == 0 || tx.blocking_send(Ok(Bytes::from(buf))).is_err() || filled < want {
-            return;
-        }
-    }
-}
-
 #[derive(Debug, thiserror::Error)]
 pub enum GetError {
     #[error("no source for {0}")]
@@ -1168,6 +820,8 @@ async fn fetch_from(
 }
 
 async fn worker(remote: &Remote<'_>, job: &Arc<Job>) -> Result<(), SourceError> {
+    // Consecutive `Unavailable` answers from a busy whole source.
+    let mut busy = 0;
     loop {
         let next = {
             let has = remote.has.lock().expect("has lock");
@@ -1197,7 +851,7 @@ async fn worker(remote: &Remote<'_>, job: &Arc<Job>) -> Result<(), SourceError> 
         // What was not verified goes back to the others at once.
         drop(claims);
         match result {
-            Ok(()) => {}
+            Ok(()) => busy = 0,
             // A partial source that lacks a range after all (its state
             // file lags what it told us, or its own download restarted):
             // ask what it has now instead of dropping it.
@@ -1208,6 +862,17 @@ async fn worker(remote: &Remote<'_>, job: &Arc<Job>) -> Result<(), SourceError> 
                 debug!(%reply, "partial source lacks a range; asking what it has");
                 tokio::time::sleep(HAVE_POLL).await;
                 remote.learn(job).await?;
+            }
+            // A whole source whose upload slots are all taken: its ranges
+            // went back to the others; ask again a little later, a few
+            // times, before giving up on it.
+            Err(SourceError::Refused { reply, .. })
+                if reply.code == ErrorCode::Unavailable && busy < MAX_BUSY =>
+            {
+                busy += 1;
+                debug!(%reply, busy, "source busy; asking again later");
+                tokio::time::sleep(HAVE_POLL).await;
+                continue;
             }
             Err(e) => return Err(e),
         }

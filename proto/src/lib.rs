@@ -19,6 +19,8 @@ pub mod msg;
 
 pub use frame::FrameError;
 pub use id::{ContentHash, NodeId, ParseIdError};
+pub mod admit;
 pub mod elect;
 pub mod rate;
 pub mod route;
+pub mod upload;

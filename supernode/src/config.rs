@@ -28,6 +28,34 @@ pub struct Config {
     pub max_leaves: usize,
     /// Most connections of any kind at once. Default 4096.
     pub max_connections: usize,
+    /// Most connections at once from one IP address (an IPv6 /64 counts as
+    /// one address). Default 32.
+    pub max_connections_per_ip: usize,
+    /// Handshakes a second, in all, sustained. Default 200.
+    pub handshake_rate: f64,
+    /// Handshakes at once, in all, before the rate applies. Default 400.
+    pub handshake_burst: u32,
+    /// Handshakes a second from one IP address, sustained. Default 4.
+    pub handshake_rate_per_ip: f64,
+    /// Handshakes at once from one IP address before its rate applies.
+    /// Default 32.
+    pub handshake_burst_per_ip: u32,
+    /// Above this many open connections, a handshake from an address not
+    /// yet proven gets a QUIC Retry first (address validation). Default 1024.
+    pub retry_above: usize,
+    /// A connection with no stream open for this long is closed, whoever
+    /// sends keep-alives, in ms. Default 5000.
+    pub idle_close_ms: u64,
+    /// Bytes of half-received frames one connection may hold. Default
+    /// 1.5 MiB (one largest session frame and room for requests).
+    pub max_buffered_per_connection: usize,
+    /// Bytes of half-received frames all connections together may hold.
+    /// Default 256 MiB.
+    pub max_buffered: usize,
+    /// IP addresses that the per-address limits (connections, handshakes,
+    /// queries, neighbours) do not apply to. Default none; local test
+    /// networks exempt 127.0.0.1 and ::1, where all their honest nodes live.
+    pub exempt_ips: Vec<std::net::IpAddr>,
     /// Most files one leaf may have indexed. Default 100 000.
     pub max_files_per_leaf: usize,
     /// Sustained queries per second per node id (8 times as many per IP
@@ -64,6 +92,16 @@ impl Default for Config {
             http: None,
             max_leaves: 1000,
             max_connections: 4096,
+            max_connections_per_ip: 32,
+            handshake_rate: 200.0,
+            handshake_burst: 400,
+            handshake_rate_per_ip: 4.0,
+            handshake_burst_per_ip: 32,
+            retry_above: 1024,
+            idle_close_ms: 5000,
+            max_buffered_per_connection: 3 << 19,
+            max_buffered: 256 << 20,
+            exempt_ips: Vec::new(),
             max_files_per_leaf: DEFAULT_MAX_FILES_PER_LEAF,
             query_rate: 10.0,
             query_burst: 20,
@@ -96,18 +134,29 @@ pub enum ConfigError {
 }
 
 impl Config {
-    /// A local test configuration: `127.0.0.1:0`, fresh identity.
-    /// A local configuration on `127.0.0.1:0`, for tests and local
-    /// networks: those poll searches far faster than a person would, so
-    /// the query limits are 100 times the default.
+    /// A local configuration on `127.0.0.1:0`, with a fresh identity, for
+    /// tests and local networks: those poll searches far faster than a
+    /// person would, so the query limits are 100 times the default; and
+    /// they run every honest node on `127.0.0.1` (or `::1`), so those two
+    /// addresses are exempt from the per-address limits. Other loopback
+    /// addresses (`127.0.0.2` and up, where tests put attackers) are not.
     pub fn localhost() -> Self {
         let default = Self::default();
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             query_rate: default.query_rate * 100.0,
             query_burst: default.query_burst * 100,
+            exempt_ips: vec![
+                std::net::Ipv4Addr::LOCALHOST.into(),
+                std::net::Ipv6Addr::LOCALHOST.into(),
+            ],
             ..default
         }
+    }
+
+    /// Whether the per-address limits spare `ip`.
+    pub fn is_exempt(&self, ip: std::net::IpAddr) -> bool {
+        self.exempt_ips.contains(&ip.to_canonical())
     }
 
     pub fn from_file(path: &Path) -> Result<Self, ConfigError> {

@@ -12,6 +12,7 @@
 
 pub mod config;
 pub mod election;
+pub mod gate;
 pub mod http;
 pub mod index;
 pub mod mesh;
@@ -29,7 +30,7 @@ use std::sync::{Arc, OnceLock};
 use dashmap::DashMap;
 use servent_proto::msg::{ALPN_LEAF, ALPN_MESH};
 use servent_proto::NodeId;
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::{info, info_span, warn, Instrument};
 
@@ -73,15 +74,20 @@ pub struct State {
     pub query_limits: session::QueryLimits,
     endpoint: OnceLock<Endpoint>,
     generations: AtomicU64,
-    /// Bounds live connections of every kind, registered or not.
-    connections: Arc<Semaphore>,
+    /// Admits connections of every kind, registered or not, and bounds
+    /// what they may hold.
+    pub gate: Arc<gate::Gate>,
 }
 
 impl State {
     pub fn new(id: NodeId, config: Config, elected: bool) -> Self {
-        let connections = Arc::new(Semaphore::new(config.max_connections));
+        let gate = gate::Gate::new(&config);
         let peers = config.peers.clone();
-        let query_limits = session::QueryLimits::new(config.query_rate, config.query_burst);
+        let query_limits = session::QueryLimits::new(
+            config.query_rate,
+            config.query_burst,
+            config.exempt_ips.clone(),
+        );
         Self {
             id,
             config,
@@ -93,7 +99,7 @@ impl State {
             query_limits,
             endpoint: OnceLock::new(),
             generations: AtomicU64::new(1),
-            connections,
+            gate,
         }
     }
 
@@ -108,8 +114,7 @@ impl State {
 
     /// Handles one incoming connection to the end, whatever its ALPN.
     pub async fn handle_incoming(self: Arc<Self>, incoming: quinn::Incoming) {
-        let Ok(_permit) = self.connections.clone().try_acquire_owned() else {
-            incoming.refuse();
+        let Some((incoming, _ticket)) = self.gate.admit(incoming) else {
             return;
         };
         let remote = incoming.remote_address();

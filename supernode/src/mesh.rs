@@ -24,6 +24,7 @@ use servent_proto::NodeId;
 use tokio::sync::watch;
 use tracing::{debug, info, info_span, warn, Instrument};
 
+use crate::gate::Inbound;
 use crate::net::{self, Peer, StreamError};
 use crate::{routing, State};
 
@@ -621,6 +622,12 @@ fn serve_streams(
 
 async fn serve_streams_inner(state: Arc<State>, peer: Peer, accepted: bool) {
     let hello_seen = Arc::new(std::sync::atomic::AtomicBool::new(!accepted));
+    // An accepted connection that never says Hello, or whose link is gone
+    // and that sends no queries, is closed as idle.
+    let inbound = match accepted {
+        true => state.gate.inbound(&peer.conn),
+        false => state.gate.inbound_unwatched(),
+    };
     loop {
         let (send, recv) = match peer.conn.accept_bi().await {
             Ok(s) => s,
@@ -630,9 +637,13 @@ async fn serve_streams_inner(state: Arc<State>, peer: Peer, accepted: bool) {
             }
         };
         let (state, peer, hello_seen) = (state.clone(), peer.clone(), hello_seen.clone());
+        let inbound = inbound.clone();
         tokio::spawn(
-            async move { serve_stream(state, peer, hello_seen, send, recv).await }
-                .in_current_span(),
+            async move {
+                let _active = inbound.stream();
+                serve_stream(state, peer, &inbound, hello_seen, send, recv).await
+            }
+            .in_current_span(),
         );
     }
 }
@@ -640,12 +651,13 @@ async fn serve_streams_inner(state: Arc<State>, peer: Peer, accepted: bool) {
 async fn serve_stream(
     state: Arc<State>,
     peer: Peer,
+    inbound: &Inbound,
     hello_seen: Arc<std::sync::atomic::AtomicBool>,
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
 ) {
     use std::sync::atomic::Ordering;
-    match net::read_first_frame::<MeshRequest>(&mut recv, MAX_MESH_FRAME).await {
+    match net::read_first_frame_in::<MeshRequest>(&mut recv, MAX_MESH_FRAME, inbound).await {
         Ok(Some(MeshRequest::Hello {
             listen_port,
             leaves,

@@ -25,6 +25,8 @@ use serde::Serialize;
 use servent_proto::frame::{self, FrameError, HEADER_LEN};
 use servent_proto::NodeId;
 
+use crate::gate::{Budget, Inbound};
+
 /// Keep-alive interval: QUIC's default is none, and NAT bindings and
 /// supernode leases both need traffic.
 pub const KEEP_ALIVE: Duration = Duration::from_secs(2);
@@ -40,6 +42,10 @@ pub const MAX_STREAMS: u32 = 256;
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Longest wait for the first frame of a stream.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest a frame may take to arrive whole once its header has, on every
+/// stream: a half-sent frame must not hold its buffer for the life of the
+/// connection.
+pub const FRAME_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The SNI sent by clients. Names mean nothing here; ids are checked instead.
 const SERVER_NAME: &str = "servent";
@@ -628,6 +634,10 @@ pub enum StreamError {
     Write(#[from] quinn::WriteError),
     #[error("no message within {} s", REQUEST_TIMEOUT.as_secs())]
     Timeout,
+    #[error("frame not complete within {} s of its header", FRAME_TIMEOUT.as_secs())]
+    FrameTimeout,
+    #[error("a {len}-byte frame would exceed the bytes this connection or node may buffer")]
+    OverBudget { len: usize },
 }
 
 impl From<quinn::ReadExactError> for StreamError {
@@ -641,10 +651,33 @@ impl From<quinn::ReadExactError> for StreamError {
 
 /// Reads one frame of at most `max` body bytes; `None` if the stream ended
 /// cleanly before a new frame began. The length is checked before the body
-/// buffer is allocated.
+/// buffer is allocated, and the body must follow within [`FRAME_TIMEOUT`].
 pub async fn read_frame<T: DeserializeOwned>(
     recv: &mut quinn::RecvStream,
     max: usize,
+) -> Result<Option<T>, StreamError> {
+    read_frame_budgeted(recv, max, None).await
+}
+
+/// Like [`read_frame`], on a stream of a connection we accepted: the body's
+/// bytes are reserved from the connection's budget (and through it the
+/// node's) before they are allocated, and given back once it is decoded.
+pub async fn read_frame_in<T: DeserializeOwned>(
+    recv: &mut quinn::RecvStream,
+    max: usize,
+    inbound: &Inbound,
+) -> Result<Option<T>, StreamError> {
+    let read = read_frame_budgeted(recv, max, Some(&inbound.budget)).await;
+    if let Err(StreamError::OverBudget { .. }) = read {
+        inbound.over_budget.inc();
+    }
+    read
+}
+
+async fn read_frame_budgeted<T: DeserializeOwned>(
+    recv: &mut quinn::RecvStream,
+    max: usize,
+    budget: Option<&Arc<Budget>>,
 ) -> Result<Option<T>, StreamError> {
     let mut header = [0u8; HEADER_LEN];
     match recv.read_exact(&mut header).await {
@@ -653,8 +686,14 @@ pub async fn read_frame<T: DeserializeOwned>(
         Err(e) => return Err(e.into()),
     }
     let len = frame::body_len(header, max)?;
+    let _reserved = match budget {
+        Some(b) => Some(b.try_reserve(len).ok_or(StreamError::OverBudget { len })?),
+        None => None,
+    };
     let mut body = vec![0u8; len];
-    recv.read_exact(&mut body).await?;
+    tokio::time::timeout(FRAME_TIMEOUT, recv.read_exact(&mut body))
+        .await
+        .map_err(|_| StreamError::FrameTimeout)??;
     Ok(Some(frame::decode(&body)?))
 }
 
@@ -664,6 +703,17 @@ pub async fn read_first_frame<T: DeserializeOwned>(
     max: usize,
 ) -> Result<Option<T>, StreamError> {
     tokio::time::timeout(REQUEST_TIMEOUT, read_frame(recv, max))
+        .await
+        .map_err(|_| StreamError::Timeout)?
+}
+
+/// Like [`read_frame_in`], but the frame must come within `REQUEST_TIMEOUT`.
+pub async fn read_first_frame_in<T: DeserializeOwned>(
+    recv: &mut quinn::RecvStream,
+    max: usize,
+    inbound: &Inbound,
+) -> Result<Option<T>, StreamError> {
+    tokio::time::timeout(REQUEST_TIMEOUT, read_frame_in(recv, max, inbound))
         .await
         .map_err(|_| StreamError::Timeout)?
 }

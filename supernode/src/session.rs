@@ -22,6 +22,7 @@ use servent_proto::rate::TokenBucket;
 use servent_proto::NodeId;
 use tracing::{debug, info, Instrument};
 
+use crate::gate::Inbound;
 use crate::net::{self, canonical, Peer, StreamError};
 use crate::{routing, LeafEntry, State};
 
@@ -29,16 +30,21 @@ use crate::{routing, LeafEntry, State};
 struct Conn {
     peer: Peer,
     registered: AtomicBool,
+    /// Its streams' frame budget and the idle rule: a connection that
+    /// neither registers nor asks anything is closed.
+    inbound: Inbound,
 }
 
 /// Query rate limits that outlive a connection, so that reconnecting does
 /// not refill them: a bucket per node id (`query_burst`, `query_rate`) and
 /// one per IP address with [`PER_IP_FACTOR`] times as much, since node ids
-/// cost nothing to make. Loopback has no per-IP bucket (local tests run
-/// many nodes on one address, as the mesh's IP caps allow too).
+/// cost nothing to make. Exempt addresses (`Config::exempt_ips`: local
+/// test networks run many honest nodes on one address) have no per-IP
+/// bucket.
 pub struct QueryLimits {
     rate: f64,
     burst: u32,
+    exempt: Vec<IpAddr>,
     by_id: Mutex<HashMap<NodeId, TokenBucket>>,
     by_ip: Mutex<HashMap<IpAddr, TokenBucket>>,
 }
@@ -49,10 +55,11 @@ pub const PER_IP_FACTOR: u32 = 8;
 const MAX_BUCKETS: usize = 16 * 1024;
 
 impl QueryLimits {
-    pub fn new(rate: f64, burst: u32) -> Self {
+    pub fn new(rate: f64, burst: u32, exempt: Vec<IpAddr>) -> Self {
         Self {
             rate,
             burst,
+            exempt,
             by_id: Mutex::new(HashMap::new()),
             by_ip: Mutex::new(HashMap::new()),
         }
@@ -63,7 +70,7 @@ impl QueryLimits {
         // Always in this order: ip, then id.
         let mut by_ip = self.by_ip.lock().expect("query limits lock");
         let mut by_id = self.by_id.lock().expect("query limits lock");
-        let ip_bucket = match ip.is_loopback() {
+        let ip_bucket = match self.exempt.contains(&ip.to_canonical()) {
             true => None,
             false => Some(bucket(
                 &mut by_ip,
@@ -107,6 +114,7 @@ pub async fn serve(state: Arc<State>, peer: Peer) {
     debug!("connected");
     let conn = Arc::new(Conn {
         registered: AtomicBool::new(false),
+        inbound: state.gate.inbound(&peer.conn),
         peer,
     });
     loop {
@@ -130,7 +138,10 @@ async fn handle_stream(
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
 ) {
-    let result = match net::read_first_frame::<LeafRequest>(&mut recv, MAX_REQUEST_FRAME).await {
+    let _active = conn.inbound.stream();
+    let first =
+        net::read_first_frame_in::<LeafRequest>(&mut recv, MAX_REQUEST_FRAME, &conn.inbound);
+    let result = match first.await {
         Ok(Some(LeafRequest::Register { listen_port })) => {
             register(&state, &conn, listen_port, &mut send, recv).await
         }
@@ -255,7 +266,8 @@ async fn register(
     )
     .await?;
     loop {
-        let update = match net::read_frame::<SessionUpdate>(&mut recv, MAX_UPDATE_FRAME).await {
+        let next = net::read_frame_in::<SessionUpdate>(&mut recv, MAX_UPDATE_FRAME, &conn.inbound);
+        let update = match next.await {
             Ok(Some(u)) => u,
             Ok(None) => return Ok(()),
             Err(StreamError::Read(e)) => {
@@ -408,7 +420,7 @@ mod tests {
 
     #[test]
     fn query_limits_hold_across_connections_and_ids() {
-        let limits = QueryLimits::new(1.0, 2);
+        let limits = QueryLimits::new(1.0, 2, vec!["127.0.0.1".parse().unwrap()]);
         let now = Instant::now();
         let ip: IpAddr = "192.0.2.9".parse().unwrap();
         let id = NodeId([1; 32]);
@@ -420,7 +432,7 @@ mod tests {
             .filter(|&n| limits.allow(NodeId([n; 32]), ip, now))
             .count();
         assert_eq!(fresh, 2 * PER_IP_FACTOR as usize - 2);
-        // Another address is not held back; loopback has no address bucket.
+        // Another address is not held back; an exempt one has no address bucket.
         assert!(limits.allow(NodeId([2; 32]), "192.0.2.10".parse().unwrap(), now));
         let lo: IpAddr = "127.0.0.1".parse().unwrap();
         let local = (100..140u8)
