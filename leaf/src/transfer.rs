@@ -3,10 +3,15 @@
 //! once.
 //!
 //! A request names content by hash, never by path, so a downloader can
-//! only ever get what this leaf announced. A downloader first fetches the
-//! file's range layer from a source (one 32-byte BLAKE3 chaining value per
-//! [`RANGE_SIZE`] range, see [`crate::layer`]) and checks it against the
-//! hash; after that it takes raw ranges from every source in parallel and
+//! only ever get what this leaf announced. A downloader never takes the
+//! file's size from a hit: it asks each source (a few at a time, each
+//! address once, see [`MAX_SOURCES_AT_ONCE`]) what it has, fetches the
+//! range layer (one 32-byte BLAKE3 chaining value per [`RANGE_SIZE`]
+//! range, see [`crate::layer`]) from a source of the best supported size
+//! and checks it against the hash, then fetches the last range at that
+//! size and checks it against the last CV, which pins the size
+//! ([`servent_proto::pin`]). Sources that said another size are dropped
+//! then, not before, and named. After that it takes raw ranges from every source in parallel and
 //! checks each one as it arrives by hashing it alone, so a bad range is
 //! caught at once and its source dropped. Verified ranges are written into
 //! a preallocated partial file and recorded in a state file beside it, so
@@ -24,12 +29,15 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use prometheus_client::metrics::counter::Counter;
+use servent_proto::hits;
+use servent_proto::limits::MAX_SOURCES_PER_IP;
 use servent_proto::limits::MAX_TRANSFER_FRAME;
 use servent_proto::msg::{
     ErrorCode, ErrorReply, GetReply, GetRequest, RangeRequest, Source, ALPN_TRANSFER,
 };
+use servent_proto::pin::{self, SizeClaims};
 use servent_proto::rate::TokenBucket;
-use servent_proto::ContentHash;
+use servent_proto::{ContentHash, NodeId};
 use supernode::net::{self, Endpoint, Peer};
 use tokio::sync::{mpsc, watch, Semaphore};
 use tokio::task::JoinSet;
@@ -73,6 +81,20 @@ pub const MAX_CONCURRENT_UPLOADS: usize = 16;
 const SAVE_EVERY: Duration = Duration::from_millis(100);
 /// How often a partial source with nothing we need is asked again.
 const HAVE_POLL: Duration = Duration::from_secs(1);
+/// Sources a download has connected or connecting at once; more wait
+/// their turn.
+pub const MAX_SOURCES_AT_ONCE: usize = 8;
+/// Sources a download dials at one IP address in all: a hit naming many
+/// sources at one machine (a third party's, say) gets it dialled no more
+/// often than a hit may list it.
+pub const MAX_DIALS_PER_HOST: usize = MAX_SOURCES_PER_IP;
+/// How long a download waits, once one source has said how big the file
+/// is, for the others it dialled before it picks the size to prove: the
+/// best supported one is proven first.
+const PROBE_GRACE: Duration = Duration::from_millis(500);
+/// A source that connects but does not say what it has within this long
+/// is dropped.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(10);
 /// The upload rate cap's burst, as a share of a second's worth.
 const BURST_SECS: f64 = 0.1;
 
@@ -414,6 +436,8 @@ pub enum GetError {
     NoSource(ContentHash),
     #[error("every source failed; last: {0}")]
     SourcesFailed(String),
+    #[error("every source failed; some lied and were dropped: {liars}; last: {last}")]
+    Liars { liars: String, last: String },
     #[error("hash mismatch: source {source_id} sent content that is not {hash}; it was discarded")]
     HashMismatch {
         hash: ContentHash,
@@ -767,19 +791,36 @@ fn open_job(
 }
 
 /// What a finished download did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Downloaded {
     pub size: u64,
     /// Bytes that came over the network in this run (the rest was resumed).
     pub fetched: u64,
+    /// Sources dropped because what they said or sent was proven wrong.
+    pub dropped: Vec<Dropped>,
 }
 
-/// A download to run: what, from where, into where.
+/// A source a download dropped for lying, and how it was caught.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Dropped {
+    pub id: NodeId,
+    pub addr: String,
+    pub reason: String,
+}
+
+impl std::fmt::Display for Dropped {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "source {} at {} {}", self.id, self.addr, self.reason)
+    }
+}
+
+/// A download to run: what, from where, into where. The file's size is
+/// not given: it is learnt from the sources and proven by the range layer
+/// and the last range's bytes (see [`servent_proto::pin`]), never taken
+/// from a hit.
 pub struct Download<'a> {
     pub endpoint: &'a Endpoint,
     pub hash: ContentHash,
-    /// The size the hit gives (the layer proves it).
-    pub size: u64,
     pub sources: &'a [Source],
     pub target: &'a Path,
     pub progress: Option<watch::Sender<Progress>>,
@@ -793,15 +834,13 @@ pub struct Download<'a> {
     pub share_as: Option<(PathBuf, String)>,
 }
 
-/// Downloads `hash` (of `size` bytes, as the hit says; the layer proves
-/// it) from all `sources` at once into `target`. Resumes from what an
-/// earlier run verified; writes `target` only once every byte matches the
-/// hash. Dropping the future stops every transfer, leaving a partial file
-/// and its state to resume from.
+/// Downloads `hash` from all `sources` at once into `target`. Resumes
+/// from what an earlier run verified; writes `target` only once every
+/// byte matches the hash. Dropping the future stops every transfer,
+/// leaving a partial file and its state to resume from.
 pub async fn download(
     endpoint: &Endpoint,
     hash: ContentHash,
-    size: u64,
     sources: &[Source],
     target: &Path,
     progress: Option<watch::Sender<Progress>>,
@@ -809,7 +848,6 @@ pub async fn download(
     Download {
         endpoint,
         hash,
-        size,
         sources,
         target,
         progress,
@@ -820,30 +858,208 @@ pub async fn download(
     .await
 }
 
+/// The sources a download may dial: each once by node id and once by
+/// address, at most [`MAX_DIALS_PER_HOST`] at one IP address, however
+/// many a hit or a repeated query names. What keeps a hit from turning a
+/// downloader against a third party.
+#[derive(Debug, Default)]
+struct Pool {
+    queue: std::collections::VecDeque<Source>,
+    ids: HashSet<NodeId>,
+    addrs: HashSet<String>,
+    hosts: HashMap<String, usize>,
+}
+
+impl Pool {
+    /// Queues `source` unless its id or address was offered before or its
+    /// IP has had its share of dials.
+    fn offer(&mut self, source: Source) -> bool {
+        if self.ids.contains(&source.id) || self.addrs.contains(&source.addr) {
+            return false;
+        }
+        let host = hits::host_of(&source.addr).to_string();
+        let dials = self.hosts.entry(host).or_insert(0);
+        if *dials >= MAX_DIALS_PER_HOST {
+            return false;
+        }
+        *dials += 1;
+        self.ids.insert(source.id);
+        self.addrs.insert(source.addr.clone());
+        self.queue.push_back(source);
+        true
+    }
+
+    fn next(&mut self) -> Option<Source> {
+        self.queue.pop_front()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.queue.is_empty()
+    }
+}
+
+/// What a source task ended with.
+enum Task {
+    /// Connected and asked what it has: the source and its size claim.
+    Probed(Result<(Remote, u64), SourceError>),
+    /// Fetching from it ended.
+    Fetched(Result<(), SourceError>),
+}
+
+type Tasks = JoinSet<(Source, Task)>;
+
+/// How an attempt to prove a size from one source went.
+enum PinResult {
+    /// The last range verified: the size is pinned; its bytes.
+    Pinned(Vec<u8>),
+    /// The source's own layer or bytes do not verify for its claim.
+    Refuted(String),
+}
+
 impl Download<'_> {
     pub async fn run(self) -> Result<Downloaded, GetError> {
         let Download {
             endpoint,
             hash,
-            size,
             sources,
             target,
             progress,
             mut more,
             share_as,
         } = self;
-        let mut seen = HashSet::new();
-        let sources: Vec<Source> = sources
-            .iter()
-            .filter(|s| seen.insert(s.id))
-            .cloned()
-            .collect();
-        if sources.is_empty() {
+        let mut pool = Pool::default();
+        for s in sources {
+            pool.offer(s.clone());
+        }
+        if pool.is_empty() {
             return Err(GetError::NoSource(hash));
+        }
+        let mut tasks: Tasks = JoinSet::new();
+        let mut spawned = 0;
+        let spawn_probe = |tasks: &mut Tasks, spawned: &mut usize, source: Source| {
+            let span = tracing::info_span!("get", source = %source.id.short(), addr = %source.addr);
+            let (endpoint, index) = (endpoint.clone(), *spawned);
+            *spawned += 1;
+            tasks.spawn(
+                async move {
+                    let result = probe(&endpoint, hash, source.clone(), index).await;
+                    (source, Task::Probed(result))
+                }
+                .instrument(span),
+            );
+        };
+        let fill = |tasks: &mut Tasks, spawned: &mut usize, pool: &mut Pool| {
+            while tasks.len() < MAX_SOURCES_AT_ONCE {
+                let Some(source) = pool.next() else { break };
+                spawn_probe(tasks, spawned, source);
+            }
+        };
+
+        // First the size: every source probed says what it is; the best
+        // supported claim is proven (layer, then last range) or refuted,
+        // and the next tried, until one is pinned.
+        let mut probes: HashMap<NodeId, Remote> = HashMap::new();
+        let mut claims: SizeClaims<NodeId> = SizeClaims::new();
+        let mut refuted: HashMap<NodeId, String> = HashMap::new();
+        let mut layer: Option<Vec<Cv>> = None;
+        let mut last_range: Option<Vec<u8>> = None;
+        let mut last_err: Option<String> = None;
+        let mut grace: Option<tokio::time::Instant> = None;
+        let mut grace_over = false;
+        let size = loop {
+            fill(&mut tasks, &mut spawned, &mut pool);
+            let probing = tasks.len();
+            if !probes.is_empty() && (probing == 0 || grace_over) {
+                while let Some((id, claimed)) = claims.next_pin() {
+                    let Some(remote) = probes.get(&id) else {
+                        claims.forget(&id);
+                        continue;
+                    };
+                    match pin_from(remote, hash, claimed, &mut layer, &mut claims).await {
+                        Ok(PinResult::Pinned(bytes)) => {
+                            debug!(size = claimed, source = %id.short(), "size proven");
+                            last_range = Some(bytes);
+                            break;
+                        }
+                        Ok(PinResult::Refuted(why)) => {
+                            warn!(source = %id, addr = %remote.source.addr, why, "source lied");
+                            refuted.insert(id, why);
+                        }
+                        Err(e) => {
+                            warn!(source = %id.short(), error = %e, "source dropped");
+                            last_err = Some(e.to_string());
+                            claims.forget(&id);
+                            probes.remove(&id);
+                        }
+                    }
+                }
+                if let Some(size) = claims.pinned() {
+                    break size;
+                }
+                if probing == 0 && pool.is_empty() {
+                    // Nobody left to ask, and no source has the last range
+                    // (all are partial): go on with the best supported
+                    // size; the last range proves it or not when it comes.
+                    if let Some(size) = claims.best() {
+                        info!(size, "no source has the last range yet: size not proven");
+                        break size;
+                    }
+                }
+            }
+            if tasks.is_empty() && pool.is_empty() {
+                let liars = describe_liars(&probes, &claims, &refuted, None);
+                return Err(failed(liars, last_err));
+            }
+            let wake = grace.unwrap_or_else(tokio::time::Instant::now);
+            tokio::select! {
+                joined = tasks.join_next(), if !tasks.is_empty() => {
+                    let Some(Ok((source, Task::Probed(result)))) = joined else {
+                        continue;
+                    };
+                    match result {
+                        Ok((remote, claimed)) => {
+                            let last = pin::ranges_of(claimed) as usize - 1;
+                            let has_last = remote.has_range(last);
+                            claims.claim(source.id, hits::host_of(&source.addr), claimed, has_last);
+                            probes.insert(source.id, remote);
+                            grace.get_or_insert_with(|| tokio::time::Instant::now() + PROBE_GRACE);
+                        }
+                        Err(e) => {
+                            warn!(source = %source.id.short(), error = %e, "source dropped");
+                            last_err = Some(e.to_string());
+                        }
+                    }
+                }
+                _ = tokio::time::sleep_until(wake), if grace.is_some() && !grace_over => {
+                    grace_over = true;
+                }
+                batch = next_batch(&mut more) => match batch {
+                    Some(batch) => {
+                        for source in batch {
+                            pool.offer(source);
+                        }
+                    }
+                    None => more = None,
+                },
+            }
+        };
+        let pinned = claims.pinned().is_some();
+        let mut dropped: Vec<Dropped> = Vec::new();
+        for (id, reason) in describe_liars(&probes, &claims, &refuted, Some(size)) {
+            if let Some(remote) = probes.remove(&id) {
+                warn!(source = %id, addr = %remote.source.addr, %reason, "source dropped: it lied");
+                remote.peer.conn.close(0u32.into(), b"lied");
+                dropped.push(Dropped {
+                    id,
+                    addr: remote.source.addr.clone(),
+                    reason,
+                });
+            }
         }
         if size > MAX_DOWNLOAD_SIZE {
             return Err(GetError::TooLarge { size });
         }
+
         let part = part_path(target);
         let io_err = |path: &Path| {
             let path = path.display().to_string();
@@ -893,29 +1109,46 @@ impl Download<'_> {
             let _ = job.layer.set(Arc::new(cvs));
             job.register();
         }
+        // The layer and last range that proved the size are kept.
+        if let Some(cvs) = layer.filter(|l| l.len() == count) {
+            let j = job.clone();
+            blocking(move || j.offer_layer(cvs).map(drop))
+                .await
+                .map_err(io_err(&part))?;
+            if let Some(bytes) = last_range.filter(|_| pinned) {
+                let j = job.clone();
+                blocking(move || j.store(count - 1, &bytes).map(drop))
+                    .await
+                    .map_err(io_err(&part))?;
+            }
+        }
         job.publish(&job.ranges());
 
-        let mut tasks = JoinSet::new();
-        let mut spawned = 0;
-        let mut spawn = |tasks: &mut JoinSet<_>, source: Source| {
-            let span = tracing::info_span!("get", source = %source.id.short(), addr = %source.addr);
-            let (job, endpoint, i) = (job.clone(), endpoint.clone(), spawned);
-            spawned += 1;
+        let spawn_fetch = |tasks: &mut Tasks, remote: Remote| {
+            let span = tracing::info_span!("get", source = %remote.source.id.short(), addr = %remote.source.addr);
+            let job = job.clone();
             tasks.spawn(
                 async move {
-                    let result = fetch_from(&endpoint, &job, i, &source).await;
-                    (source, result)
+                    let source = remote.source.clone();
+                    let result = fetch_from(&job, remote).await;
+                    (source, Task::Fetched(result))
                 }
                 .instrument(span),
             );
         };
-        for source in sources {
-            spawn(&mut tasks, source);
+        for (_, remote) in probes.drain() {
+            if remote.claimed == size {
+                spawn_fetch(&mut tasks, remote);
+            } else {
+                // Unproven either way: not blamed, not used.
+                debug!(source = %remote.source.id.short(), claimed = remote.claimed, "size differs; not used");
+            }
         }
-        let mut last = None;
+        let mut last = last_err;
         let mut bad = None;
         let mut saves = tokio::time::interval(SAVE_EVERY);
         while job.ranges().left > 0 {
+            fill(&mut tasks, &mut spawned, &mut pool);
             let joined = tokio::select! {
                 joined = tasks.join_next() => joined,
                 _ = saves.tick() => {
@@ -930,9 +1163,11 @@ impl Download<'_> {
                 batch = next_batch(&mut more) => {
                     match batch {
                         Some(batch) => {
-                            for source in batch.into_iter().filter(|s| seen.insert(s.id)) {
-                                info!(source = %source.id.short(), "a new source joins");
-                                spawn(&mut tasks, source);
+                            for source in batch {
+                                let (id, addr) = (source.id, source.addr.clone());
+                                if pool.offer(source) {
+                                    info!(source = %id.short(), %addr, "a new source joins");
+                                }
                             }
                         }
                         None => more = None,
@@ -943,18 +1178,42 @@ impl Download<'_> {
             let Some(joined) = joined else {
                 break;
             };
-            let (source, result) = joined.map_err(|e| io_err(&part)(std::io::Error::other(e)))?;
-            match result {
-                Ok(()) => {}
-                Err(SourceError::Io(e)) => return Err(io_err(&part)(e)),
-                Err(e @ SourceError::Mismatch { .. }) => {
-                    warn!(source = %source.id.short(), error = %e, "source dropped: bad data");
-                    bad = Some(source.id);
+            let (source, task) = joined.map_err(|e| io_err(&part)(std::io::Error::other(e)))?;
+            match task {
+                Task::Probed(Ok((remote, claimed))) if claimed == size => {
+                    spawn_fetch(&mut tasks, remote);
                 }
-                Err(e) => {
-                    warn!(source = %source.id.short(), error = %e, "source dropped");
-                    last = Some(e.to_string());
+                Task::Probed(Ok((remote, claimed))) => {
+                    if pinned {
+                        let reason = format!("announced a {claimed}-byte file; its layer and last range prove {size} bytes");
+                        warn!(source = %source.id, addr = %source.addr, %reason, "source dropped: it lied");
+                        dropped.push(Dropped {
+                            id: source.id,
+                            addr: source.addr.clone(),
+                            reason,
+                        });
+                    } else {
+                        debug!(source = %source.id.short(), claimed, "size differs; not used");
+                    }
+                    remote.peer.conn.close(0u32.into(), b"size");
                 }
+                Task::Probed(Err(e)) | Task::Fetched(Err(e)) => match e {
+                    SourceError::Io(e) => return Err(io_err(&part)(e)),
+                    e @ SourceError::Mismatch { .. } => {
+                        warn!(source = %source.id.short(), error = %e, "source dropped: bad data");
+                        dropped.push(Dropped {
+                            id: source.id,
+                            addr: source.addr.clone(),
+                            reason: e.to_string(),
+                        });
+                        bad = Some(source.id);
+                    }
+                    e => {
+                        warn!(source = %source.id.short(), error = %e, "source dropped");
+                        last = Some(e.to_string());
+                    }
+                },
+                Task::Fetched(Ok(())) => {}
             }
         }
         // Every range is verified: whatever is still in flight is a duplicate.
@@ -969,12 +1228,15 @@ impl Download<'_> {
                     partial::unregister(data_dir, &hash);
                 }
             }
-            return Err(match (bad, last) {
-                (Some(id), _) => GetError::HashMismatch {
+            return Err(match bad {
+                Some(id) => GetError::HashMismatch {
                     hash,
                     source_id: id.to_string(),
                 },
-                (None, last) => GetError::SourcesFailed(last.unwrap_or_else(|| "no answer".into())),
+                None => failed(
+                    dropped.iter().map(|d| (d.id, d.to_string())).collect(),
+                    last,
+                ),
             });
         }
         let fetched = job.ranges().progress.fetched;
@@ -987,9 +1249,198 @@ impl Download<'_> {
             partial::unregister(data_dir, &hash);
         }
         partial::remove_beside(target);
-        info!(%hash, size, fetched, target = %target.display(), "downloaded and verified");
-        Ok(Downloaded { size, fetched })
+        info!(%hash, size, fetched, dropped = dropped.len(), target = %target.display(), "downloaded and verified");
+        Ok(Downloaded {
+            size,
+            fetched,
+            dropped,
+        })
     }
+}
+
+/// Why each liar among `probes` was caught: its own data refuted its
+/// claim, or (once `size` is known) the proven size contradicts it.
+fn describe_liars(
+    probes: &HashMap<NodeId, Remote>,
+    claims: &SizeClaims<NodeId>,
+    refuted: &HashMap<NodeId, String>,
+    size: Option<u64>,
+) -> Vec<(NodeId, String)> {
+    let mut out: Vec<(NodeId, String)> = claims
+        .liars()
+        .filter_map(|id| {
+            let remote = probes.get(id)?;
+            let reason = match (refuted.get(id), size, claims.pinned()) {
+                (Some(why), _, _) => why.clone(),
+                (None, Some(s), Some(_)) => format!(
+                    "announced a {}-byte file; its layer and last range prove {s} bytes",
+                    remote.claimed
+                ),
+                _ => format!(
+                    "announced a {}-byte file; the verified layer has {} ranges",
+                    remote.claimed,
+                    claims.ranges().unwrap_or(0)
+                ),
+            };
+            Some((*id, reason))
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+/// The error of a download that no source completed.
+fn failed(liars: Vec<(NodeId, String)>, last: Option<String>) -> GetError {
+    let last = last.unwrap_or_else(|| "no answer".into());
+    if liars.is_empty() {
+        return GetError::SourcesFailed(last);
+    }
+    let liars: Vec<String> = liars.into_iter().map(|(_, why)| why).collect();
+    GetError::Liars {
+        liars: liars.join("; "),
+        last,
+    }
+}
+
+/// Connects to `source` and asks what it has of `hash`: its size claim
+/// and, from a partial source, its have-bitmap.
+async fn probe(
+    endpoint: &Endpoint,
+    hash: ContentHash,
+    source: Source,
+    index: usize,
+) -> Result<(Remote, u64), SourceError> {
+    let addr: SocketAddr = source
+        .addr
+        .parse()
+        .map_err(|_| SourceError::Addr(source.addr.clone()))?;
+    let peer = endpoint
+        .connect(addr, ALPN_TRANSFER, Some(source.id))
+        .await?;
+    let mut remote = Remote {
+        peer,
+        source,
+        index,
+        claimed: 0,
+        has: Mutex::new(None),
+    };
+    let req = GetRequest::Have(hash);
+    let asked = tokio::time::timeout(PROBE_TIMEOUT, remote.ask(&req));
+    let (reply, mut recv) = asked
+        .await
+        .map_err(|_| remote.gone(format!("no answer within {PROBE_TIMEOUT:?}")))??;
+    let (size, partial) = match reply {
+        GetReply::Ranges { size, partial } if size <= MAX_DOWNLOAD_SIZE => (size, partial),
+        GetReply::Ranges { size, .. } => {
+            return Err(remote.protocol(format!(
+                "announced {size} bytes; at most {MAX_DOWNLOAD_SIZE} are downloaded"
+            )))
+        }
+        other => {
+            return Err(remote.protocol(format!(
+                "answered {other:?} to a request for the ranges it has"
+            )))
+        }
+    };
+    let count = layer::range_count(size);
+    if partial {
+        let bytes = remote.read_exact(&mut recv, count.div_ceil(8)).await?;
+        let bitmap = Bitmap::from_bytes(bytes, count)
+            .ok_or_else(|| remote.protocol("a have-bitmap with bits past the end".into()))?;
+        *remote.has.lock().expect("has lock") = Some(bitmap);
+    } else {
+        remote.read_exact(&mut recv, 0).await?;
+    }
+    remote.claimed = size;
+    Ok((remote, size))
+}
+
+/// Tries to prove that the file is `size` bytes, as `remote` says, with
+/// what it sends: its layer (unless one of that many ranges verified
+/// already), which must prove the hash, and its last range, which must
+/// verify against the layer's last CV at exactly that length. Records in
+/// `claims` what is proven.
+async fn pin_from(
+    remote: &Remote,
+    hash: ContentHash,
+    size: u64,
+    layer: &mut Option<Vec<Cv>>,
+    claims: &mut SizeClaims<NodeId>,
+) -> Result<PinResult, SourceError> {
+    let id = remote.source.id;
+    let count = layer::range_count(size);
+    if layer.as_ref().is_none_or(|l| l.len() != count) {
+        let req = GetRequest::Layer(hash);
+        let asked = tokio::time::timeout(RANGE_TIMEOUT, remote.ask(&req));
+        let (reply, mut recv) = asked
+            .await
+            .map_err(|_| remote.gone(format!("no answer within {RANGE_TIMEOUT:?}")))??;
+        let partial = match reply {
+            GetReply::Ranges { size: s, partial } if s == size => partial,
+            other => {
+                return Err(remote.protocol(format!(
+                    "answered {other:?} to a request for the layer of the {size}-byte file it announced"
+                )))
+            }
+        };
+        let bitmap_len = if partial { count.div_ceil(8) } else { 0 };
+        let read = remote.read_exact(&mut recv, count * CV_LEN + bitmap_len);
+        let mut tail = tokio::time::timeout(RANGE_TIMEOUT, read)
+            .await
+            .map_err(|_| remote.gone(format!("no layer within {RANGE_TIMEOUT:?}")))??;
+        tail.truncate(count * CV_LEN);
+        let cvs = layer::from_bytes(&tail).expect("a whole number of CVs");
+        let (good, cvs) =
+            tokio::task::spawn_blocking(move || (layer::verify(&cvs, size, &hash), cvs))
+                .await
+                .map_err(|e| SourceError::Io(std::io::Error::other(e)))?;
+        if !good {
+            claims.refute(&id);
+            return Ok(PinResult::Refuted(format!(
+                "announced a {size}-byte file and sent a layer that does not prove its hash"
+            )));
+        }
+        claims.layer_verified(count as u64);
+        *layer = Some(cvs);
+    }
+    let cvs = layer.as_ref().expect("set above");
+    let last = count - 1;
+    let (offset, length) = layer::range_bounds(size, last);
+    let req = GetRequest::Range(RangeRequest {
+        hash,
+        offset,
+        length: Some(length),
+    });
+    let (reply, mut recv) = tokio::time::timeout(RANGE_TIMEOUT, remote.ask(&req))
+        .await
+        .map_err(|_| remote.gone(format!("no answer within {RANGE_TIMEOUT:?}")))??;
+    match reply {
+        GetReply::Ok { size: s, length: l } if s == size && l == length => {}
+        other => {
+            return Err(remote.protocol(format!(
+                "answered {other:?} to a request for the last {length} bytes of the {size}-byte file it announced"
+            )))
+        }
+    }
+    let data =
+        match tokio::time::timeout(RANGE_TIMEOUT, read_part(&mut recv, length as usize)).await {
+            Ok(Ok(data)) if data.len() as u64 == length => data,
+            Ok(Ok(data)) => {
+                let n = data.len();
+                return Err(remote.gone(format!("the last range cut short after {n} bytes")));
+            }
+            Ok(Err(e)) => return Err(remote.gone(e.to_string())),
+            Err(_) => return Err(remote.gone(format!("no range within {RANGE_TIMEOUT:?}"))),
+        };
+    remote.read_exact(&mut recv, 0).await?;
+    if layer::range_cv(&data, last, count) != cvs[last] {
+        claims.refute(&id);
+        return Ok(PinResult::Refuted(format!(
+            "announced a {size}-byte file and sent a last range that does not verify at that length"
+        )));
+    }
+    claims.pin(size);
+    Ok(PinResult::Pinned(data))
 }
 
 /// Runs file work on the blocking pool; a task that panicked is an I/O
@@ -1009,25 +1460,40 @@ async fn next_batch(more: &mut Option<mpsc::Receiver<Vec<Source>>>) -> Option<Ve
     }
 }
 
-/// One connected source: which ranges it has (`None`: all of them).
-struct Remote<'a> {
+/// One connected source: what size it says the file is, and which ranges
+/// it has (`None`: all of them).
+struct Remote {
     peer: Peer,
-    source: &'a Source,
+    source: Source,
     index: usize,
+    claimed: u64,
     has: Mutex<Option<Bitmap>>,
 }
 
-impl Remote<'_> {
+impl Remote {
+    /// The source, named by id and address in every error about it.
+    fn who(&self) -> String {
+        format!("{} at {}", self.source.id, self.source.addr)
+    }
+
+    fn has_range(&self, index: usize) -> bool {
+        self.has
+            .lock()
+            .expect("has lock")
+            .as_ref()
+            .is_none_or(|h| h.get(index))
+    }
+
     fn gone(&self, reason: String) -> SourceError {
         SourceError::Gone {
-            addr: self.source.addr.clone(),
+            addr: self.who(),
             reason,
         }
     }
 
     fn protocol(&self, reason: String) -> SourceError {
         SourceError::Protocol {
-            addr: self.source.addr.clone(),
+            addr: self.who(),
             reason,
         }
     }
@@ -1046,7 +1512,7 @@ impl Remote<'_> {
         match good {
             true => Ok(()),
             false => Err(SourceError::Mismatch {
-                addr: self.source.addr.clone(),
+                addr: self.who(),
                 what,
             }),
         }
@@ -1066,7 +1532,7 @@ impl Remote<'_> {
         let _ = send.finish();
         match net::read_first_frame::<GetReply>(&mut recv, MAX_TRANSFER_FRAME).await {
             Ok(Some(GetReply::Error(reply))) => Err(SourceError::Refused {
-                addr: self.source.addr.clone(),
+                addr: self.who(),
                 reply,
             }),
             Ok(Some(reply)) => Ok((reply, recv)),
@@ -1103,6 +1569,7 @@ impl Remote<'_> {
         let (reply, mut recv) = self.ask(&req).await?;
         let partial = match reply {
             GetReply::Ranges { size, partial } if size == job.size => partial,
+            // It said otherwise when probed: a change of mind is a lie.
             other => {
                 return Err(self.protocol(format!(
                     "answered {other:?} to a request for the ranges of a {}-byte file",
@@ -1135,26 +1602,9 @@ impl Remote<'_> {
     }
 }
 
-/// Fetches ranges from one source until none is left for it, or it fails.
-async fn fetch_from(
-    endpoint: &Endpoint,
-    job: &Arc<Job>,
-    index: usize,
-    source: &Source,
-) -> Result<(), SourceError> {
-    let addr: SocketAddr = source
-        .addr
-        .parse()
-        .map_err(|_| SourceError::Addr(source.addr.clone()))?;
-    let peer = endpoint
-        .connect(addr, ALPN_TRANSFER, Some(source.id))
-        .await?;
-    let remote = Remote {
-        peer,
-        source,
-        index,
-        has: Mutex::new(None),
-    };
+/// Fetches ranges from one probed source until none is left for it, or
+/// it fails.
+async fn fetch_from(job: &Arc<Job>, remote: Remote) -> Result<(), SourceError> {
     remote.learn(job).await?;
     job.sources_changed(1);
     // PER_SOURCE requests in flight; the first failure ends them all.
@@ -1167,7 +1617,7 @@ async fn fetch_from(
     result
 }
 
-async fn worker(remote: &Remote<'_>, job: &Arc<Job>) -> Result<(), SourceError> {
+async fn worker(remote: &Remote, job: &Arc<Job>) -> Result<(), SourceError> {
     loop {
         let next = {
             let has = remote.has.lock().expect("has lock");
@@ -1229,7 +1679,7 @@ async fn read_part(recv: &mut quinn::RecvStream, len: usize) -> Result<Vec<u8>, 
 /// Asks the source for the consecutive ranges of `run` in one request,
 /// and verifies and stores each as it arrives.
 async fn fetch_run(
-    remote: &Remote<'_>,
+    remote: &Remote,
     job: &Arc<Job>,
     run: std::ops::Range<usize>,
 ) -> Result<(), SourceError> {

@@ -20,5 +20,7 @@ pub mod msg;
 pub use frame::FrameError;
 pub use id::{ContentHash, NodeId, ParseIdError};
 pub mod elect;
+pub mod hits;
+pub mod pin;
 pub mod rate;
 pub mod route;
