@@ -1008,7 +1008,7 @@ impl Download<'_> {
             }
             if tasks.is_empty() && pool.is_empty() {
                 let liars = describe_liars(&probes, &claims, &refuted, None);
-                return Err(failed(liars, last_err));
+                return Err(failed(&liars, last_err));
             }
             let wake = grace.unwrap_or_else(tokio::time::Instant::now);
             tokio::select! {
@@ -1045,15 +1045,11 @@ impl Download<'_> {
         };
         let pinned = claims.pinned().is_some();
         let mut dropped: Vec<Dropped> = Vec::new();
-        for (id, reason) in describe_liars(&probes, &claims, &refuted, Some(size)) {
-            if let Some(remote) = probes.remove(&id) {
-                warn!(source = %id, addr = %remote.source.addr, %reason, "source dropped: it lied");
+        for liar in describe_liars(&probes, &claims, &refuted, Some(size)) {
+            if let Some(remote) = probes.remove(&liar.id) {
+                warn!(source = %liar.id, addr = %liar.addr, reason = %liar.reason, "source dropped: it lied");
                 remote.peer.conn.close(0u32.into(), b"lied");
-                dropped.push(Dropped {
-                    id,
-                    addr: remote.source.addr.clone(),
-                    reason,
-                });
+                dropped.push(liar);
             }
         }
         if size > MAX_DOWNLOAD_SIZE {
@@ -1233,10 +1229,7 @@ impl Download<'_> {
                     hash,
                     source_id: id.to_string(),
                 },
-                None => failed(
-                    dropped.iter().map(|d| (d.id, d.to_string())).collect(),
-                    last,
-                ),
+                None => failed(&dropped, last),
             });
         }
         let fetched = job.ranges().progress.fetched;
@@ -1258,15 +1251,15 @@ impl Download<'_> {
     }
 }
 
-/// Why each liar among `probes` was caught: its own data refuted its
-/// claim, or (once `size` is known) the proven size contradicts it.
+/// Each liar among `probes`, and how it was caught: its own data refuted
+/// its claim, or (once `size` is known) the proven size contradicts it.
 fn describe_liars(
     probes: &HashMap<NodeId, Remote>,
     claims: &SizeClaims<NodeId>,
     refuted: &HashMap<NodeId, String>,
     size: Option<u64>,
-) -> Vec<(NodeId, String)> {
-    let mut out: Vec<(NodeId, String)> = claims
+) -> Vec<Dropped> {
+    let mut out: Vec<Dropped> = claims
         .liars()
         .filter_map(|id| {
             let remote = probes.get(id)?;
@@ -1282,20 +1275,24 @@ fn describe_liars(
                     claims.ranges().unwrap_or(0)
                 ),
             };
-            Some((*id, reason))
+            Some(Dropped {
+                id: *id,
+                addr: remote.source.addr.clone(),
+                reason,
+            })
         })
         .collect();
-    out.sort();
+    out.sort_by_key(|d| d.id);
     out
 }
 
 /// The error of a download that no source completed.
-fn failed(liars: Vec<(NodeId, String)>, last: Option<String>) -> GetError {
+fn failed(liars: &[Dropped], last: Option<String>) -> GetError {
     let last = last.unwrap_or_else(|| "no answer".into());
     if liars.is_empty() {
         return GetError::SourcesFailed(last);
     }
-    let liars: Vec<String> = liars.into_iter().map(|(_, why)| why).collect();
+    let liars: Vec<String> = liars.iter().map(Dropped::to_string).collect();
     GetError::Liars {
         liars: liars.join("; "),
         last,
@@ -1782,6 +1779,34 @@ mod tests {
         let mut has = Bitmap::new(400);
         (37..40).for_each(|i| has.set(i));
         assert_eq!(run(r.claim(2, Some(&has))), 37..40);
+    }
+
+    #[test]
+    fn the_pool_dials_each_address_once_and_few_per_host() {
+        let source = |i: u8, addr: &str| Source {
+            id: NodeId([i; 32]),
+            addr: addr.into(),
+            variant: 0,
+        };
+        let mut pool = Pool::default();
+        assert!(pool.offer(source(0, "10.0.0.1:1")));
+        // Another id at the same address, the same id elsewhere: no.
+        assert!(!pool.offer(source(1, "10.0.0.1:1")));
+        assert!(!pool.offer(source(0, "10.0.0.2:1")));
+        // Many ports of one machine: a few only.
+        let taken = (2..100u8)
+            .filter(|&i| pool.offer(source(i, &format!("10.0.0.1:{i}"))))
+            .count();
+        assert_eq!(taken, MAX_DIALS_PER_HOST - 1);
+        assert!(pool.offer(source(200, "[2001:db8::1]:7")));
+        let mut n = 0;
+        while pool.next().is_some() {
+            n += 1;
+        }
+        assert_eq!(n, MAX_DIALS_PER_HOST + 1);
+        // Once dialled, never again in this download.
+        assert!(!pool.offer(source(0, "10.0.0.1:1")));
+        assert!(pool.is_empty());
     }
 
     #[test]
