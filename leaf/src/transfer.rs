@@ -916,6 +916,247 @@ enum PinResult {
     Refuted(String),
 }
 
+/// The source tasks of one download: the sources queued, and those
+/// connecting, being asked what they have, or fetching.
+struct Dialer<'a> {
+    endpoint: &'a Endpoint,
+    hash: ContentHash,
+    pool: Pool,
+    tasks: Tasks,
+    /// Scheduler index of the next source.
+    spawned: usize,
+}
+
+impl Dialer<'_> {
+    /// Starts probing queued sources while fewer than
+    /// [`MAX_SOURCES_AT_ONCE`] are busy.
+    fn fill(&mut self) {
+        while self.tasks.len() < MAX_SOURCES_AT_ONCE {
+            let Some(source) = self.pool.next() else {
+                break;
+            };
+            let span = tracing::info_span!("get", source = %source.id.short(), addr = %source.addr);
+            let (endpoint, hash, index) = (self.endpoint.clone(), self.hash, self.spawned);
+            self.spawned += 1;
+            let task = async move {
+                let result = probe(&endpoint, hash, source.clone(), index).await;
+                (source, Task::Probed(result))
+            };
+            self.tasks.spawn(task.instrument(span));
+        }
+    }
+
+    /// Fetches ranges from a probed source.
+    fn fetch(&mut self, job: &Arc<Job>, remote: Remote) {
+        let span = tracing::info_span!("get", source = %remote.source.id.short(), addr = %remote.source.addr);
+        let job = job.clone();
+        let task = async move {
+            let source = remote.source.clone();
+            let result = fetch_from(&job, remote).await;
+            (source, Task::Fetched(result))
+        };
+        self.tasks.spawn(task.instrument(span));
+    }
+
+    /// Queues a batch of sources found later.
+    fn offer(&mut self, batch: Vec<Source>) {
+        for source in batch {
+            let (id, addr) = (source.id, source.addr.clone());
+            if self.pool.offer(source) {
+                info!(source = %id.short(), %addr, "a new source joins");
+            }
+        }
+    }
+
+    /// Nobody left to ask or being asked.
+    fn idle(&self) -> bool {
+        self.tasks.is_empty() && self.pool.is_empty()
+    }
+}
+
+/// What a download learns before it starts fetching: the size, and the
+/// sources that agree with it.
+struct Learnt {
+    size: u64,
+    /// Proven by the last range (else only the best supported claim).
+    pinned: bool,
+    /// The verified layer, if one was fetched.
+    layer: Option<Vec<Cv>>,
+    /// The last range's bytes, verified, if pinned.
+    last_range: Option<Vec<u8>>,
+    /// Probed sources that claim `size`, ready to fetch from.
+    agreeing: Vec<Remote>,
+    /// Sources proven to have lied.
+    dropped: Vec<Dropped>,
+    last_err: Option<String>,
+}
+
+/// The first part of a download: sources probed, their size claims, and
+/// the attempts to prove one (see [`servent_proto::pin`]).
+#[derive(Default)]
+struct SizeProbe {
+    probes: HashMap<NodeId, Remote>,
+    claims: SizeClaims<NodeId>,
+    refuted: HashMap<NodeId, String>,
+    layer: Option<Vec<Cv>>,
+    last_range: Option<Vec<u8>>,
+    last_err: Option<String>,
+}
+
+impl SizeProbe {
+    fn on_probe(&mut self, source: Source, result: Result<(Remote, u64), SourceError>) {
+        match result {
+            Ok((remote, claimed)) => {
+                let last = pin::ranges_of(claimed) as usize - 1;
+                let host = hits::host_of(&source.addr);
+                self.claims
+                    .claim(source.id, host, claimed, remote.has_range(last));
+                self.probes.insert(source.id, remote);
+            }
+            Err(e) => {
+                warn!(source = %source.id.short(), error = %e, "source dropped");
+                self.last_err = Some(e.to_string());
+            }
+        }
+    }
+
+    /// Tries the claims the best supported first until one is pinned or
+    /// none can be tried now; the pinned size, if any.
+    async fn try_pin(&mut self, hash: ContentHash) -> Option<u64> {
+        while let Some((id, claimed)) = self.claims.next_pin() {
+            let Some(remote) = self.probes.get(&id) else {
+                self.claims.forget(&id);
+                continue;
+            };
+            let tried = pin_from(remote, hash, claimed, &mut self.layer, &mut self.claims);
+            match tried.await {
+                Ok(PinResult::Pinned(bytes)) => {
+                    debug!(size = claimed, source = %id.short(), "size proven");
+                    self.last_range = Some(bytes);
+                }
+                Ok(PinResult::Refuted(why)) => {
+                    warn!(source = %id, addr = %remote.source.addr, why, "source lied");
+                    self.refuted.insert(id, why);
+                }
+                Err(e) => {
+                    warn!(source = %id.short(), error = %e, "source dropped");
+                    self.last_err = Some(e.to_string());
+                    self.claims.forget(&id);
+                    self.probes.remove(&id);
+                }
+            }
+        }
+        self.claims.pinned()
+    }
+
+    /// Each liar among the probed sources, and how it was caught: its own
+    /// data refuted its claim, or the proven size contradicts it.
+    fn liars(&self) -> Vec<Dropped> {
+        let mut out: Vec<Dropped> = self
+            .claims
+            .liars()
+            .filter_map(|id| {
+                let remote = self.probes.get(id)?;
+                let reason = match (self.refuted.get(id), self.claims.pinned()) {
+                    (Some(why), _) => why.clone(),
+                    (None, Some(s)) => format!(
+                        "announced a {}-byte file; its layer and last range prove {s} bytes",
+                        remote.claimed
+                    ),
+                    (None, None) => format!(
+                        "announced a {}-byte file; the verified layer has {} ranges",
+                        remote.claimed,
+                        self.claims.ranges().unwrap_or(0)
+                    ),
+                };
+                Some(Dropped {
+                    id: *id,
+                    addr: remote.source.addr.clone(),
+                    reason,
+                })
+            })
+            .collect();
+        out.sort_by_key(|d| d.id);
+        out
+    }
+
+    /// Ends the probing at `size`: liars are dropped and named, sources of
+    /// other unproven claims are left alone.
+    fn finish(mut self, size: u64) -> Learnt {
+        let dropped = self.liars();
+        for liar in &dropped {
+            warn!(source = %liar.id, addr = %liar.addr, reason = %liar.reason, "source dropped: it lied");
+        }
+        let mut agreeing = Vec::new();
+        for (_, remote) in self.probes.drain() {
+            if remote.claimed == size && !dropped.iter().any(|d| d.id == remote.source.id) {
+                agreeing.push(remote);
+            } else {
+                remote.peer.conn.close(0u32.into(), b"size");
+            }
+        }
+        Learnt {
+            size,
+            pinned: self.claims.pinned().is_some(),
+            layer: self.layer,
+            last_range: self.last_range,
+            agreeing,
+            dropped,
+            last_err: self.last_err,
+        }
+    }
+}
+
+/// Probes sources until a size is pinned: once one has answered, after
+/// the others dialled have too or [`PROBE_GRACE`] has passed, the best
+/// supported claim is proven (layer, then last range) or refuted, and the
+/// next tried. With no source left to ask and none with the last range,
+/// the best supported claim is taken unproven.
+async fn learn_size(
+    dialer: &mut Dialer<'_>,
+    more: &mut Option<mpsc::Receiver<Vec<Source>>>,
+) -> Result<Learnt, GetError> {
+    let mut probe = SizeProbe::default();
+    let mut grace: Option<tokio::time::Instant> = None;
+    let mut grace_over = false;
+    loop {
+        dialer.fill();
+        let probing = dialer.tasks.len();
+        if !probe.probes.is_empty() && (probing == 0 || grace_over) {
+            if let Some(size) = probe.try_pin(dialer.hash).await {
+                return Ok(probe.finish(size));
+            }
+            if dialer.idle() {
+                // Every source is partial without the last range: go on;
+                // the last range proves the size or not when it comes.
+                if let Some(size) = probe.claims.best() {
+                    info!(size, "no source has the last range yet: size not proven");
+                    return Ok(probe.finish(size));
+                }
+            }
+        }
+        if dialer.idle() {
+            return Err(failed(&probe.liars(), probe.last_err));
+        }
+        let wake = grace.unwrap_or_else(tokio::time::Instant::now);
+        tokio::select! {
+            joined = dialer.tasks.join_next(), if !dialer.tasks.is_empty() => {
+                if let Some(Ok((source, Task::Probed(result)))) = joined {
+                    probe.on_probe(source, result);
+                    grace.get_or_insert_with(|| tokio::time::Instant::now() + PROBE_GRACE);
+                }
+            }
+            _ = tokio::time::sleep_until(wake), if grace.is_some() && !grace_over => {
+                grace_over = true;
+            }
+            batch = next_batch(more) => match batch {
+                Some(batch) => dialer.offer(batch),
+                None => *more = None,
+            },
+        }
+    }
+}
+
 impl Download<'_> {
     pub async fn run(self) -> Result<Downloaded, GetError> {
         let Download {
@@ -927,131 +1168,29 @@ impl Download<'_> {
             mut more,
             share_as,
         } = self;
-        let mut pool = Pool::default();
+        let mut dialer = Dialer {
+            endpoint,
+            hash,
+            pool: Pool::default(),
+            tasks: JoinSet::new(),
+            spawned: 0,
+        };
         for s in sources {
-            pool.offer(s.clone());
+            dialer.pool.offer(s.clone());
         }
-        if pool.is_empty() {
+        if dialer.pool.is_empty() {
             return Err(GetError::NoSource(hash));
         }
-        let mut tasks: Tasks = JoinSet::new();
-        let mut spawned = 0;
-        let spawn_probe = |tasks: &mut Tasks, spawned: &mut usize, source: Source| {
-            let span = tracing::info_span!("get", source = %source.id.short(), addr = %source.addr);
-            let (endpoint, index) = (endpoint.clone(), *spawned);
-            *spawned += 1;
-            tasks.spawn(
-                async move {
-                    let result = probe(&endpoint, hash, source.clone(), index).await;
-                    (source, Task::Probed(result))
-                }
-                .instrument(span),
-            );
-        };
-        let fill = |tasks: &mut Tasks, spawned: &mut usize, pool: &mut Pool| {
-            while tasks.len() < MAX_SOURCES_AT_ONCE {
-                let Some(source) = pool.next() else { break };
-                spawn_probe(tasks, spawned, source);
-            }
-        };
-
-        // First the size: every source probed says what it is; the best
-        // supported claim is proven (layer, then last range) or refuted,
-        // and the next tried, until one is pinned.
-        let mut probes: HashMap<NodeId, Remote> = HashMap::new();
-        let mut claims: SizeClaims<NodeId> = SizeClaims::new();
-        let mut refuted: HashMap<NodeId, String> = HashMap::new();
-        let mut layer: Option<Vec<Cv>> = None;
-        let mut last_range: Option<Vec<u8>> = None;
-        let mut last_err: Option<String> = None;
-        let mut grace: Option<tokio::time::Instant> = None;
-        let mut grace_over = false;
-        let size = loop {
-            fill(&mut tasks, &mut spawned, &mut pool);
-            let probing = tasks.len();
-            if !probes.is_empty() && (probing == 0 || grace_over) {
-                while let Some((id, claimed)) = claims.next_pin() {
-                    let Some(remote) = probes.get(&id) else {
-                        claims.forget(&id);
-                        continue;
-                    };
-                    match pin_from(remote, hash, claimed, &mut layer, &mut claims).await {
-                        Ok(PinResult::Pinned(bytes)) => {
-                            debug!(size = claimed, source = %id.short(), "size proven");
-                            last_range = Some(bytes);
-                            break;
-                        }
-                        Ok(PinResult::Refuted(why)) => {
-                            warn!(source = %id, addr = %remote.source.addr, why, "source lied");
-                            refuted.insert(id, why);
-                        }
-                        Err(e) => {
-                            warn!(source = %id.short(), error = %e, "source dropped");
-                            last_err = Some(e.to_string());
-                            claims.forget(&id);
-                            probes.remove(&id);
-                        }
-                    }
-                }
-                if let Some(size) = claims.pinned() {
-                    break size;
-                }
-                if probing == 0 && pool.is_empty() {
-                    // Nobody left to ask, and no source has the last range
-                    // (all are partial): go on with the best supported
-                    // size; the last range proves it or not when it comes.
-                    if let Some(size) = claims.best() {
-                        info!(size, "no source has the last range yet: size not proven");
-                        break size;
-                    }
-                }
-            }
-            if tasks.is_empty() && pool.is_empty() {
-                let liars = describe_liars(&probes, &claims, &refuted, None);
-                return Err(failed(&liars, last_err));
-            }
-            let wake = grace.unwrap_or_else(tokio::time::Instant::now);
-            tokio::select! {
-                joined = tasks.join_next(), if !tasks.is_empty() => {
-                    let Some(Ok((source, Task::Probed(result)))) = joined else {
-                        continue;
-                    };
-                    match result {
-                        Ok((remote, claimed)) => {
-                            let last = pin::ranges_of(claimed) as usize - 1;
-                            let has_last = remote.has_range(last);
-                            claims.claim(source.id, hits::host_of(&source.addr), claimed, has_last);
-                            probes.insert(source.id, remote);
-                            grace.get_or_insert_with(|| tokio::time::Instant::now() + PROBE_GRACE);
-                        }
-                        Err(e) => {
-                            warn!(source = %source.id.short(), error = %e, "source dropped");
-                            last_err = Some(e.to_string());
-                        }
-                    }
-                }
-                _ = tokio::time::sleep_until(wake), if grace.is_some() && !grace_over => {
-                    grace_over = true;
-                }
-                batch = next_batch(&mut more) => match batch {
-                    Some(batch) => {
-                        for source in batch {
-                            pool.offer(source);
-                        }
-                    }
-                    None => more = None,
-                },
-            }
-        };
-        let pinned = claims.pinned().is_some();
-        let mut dropped: Vec<Dropped> = Vec::new();
-        for liar in describe_liars(&probes, &claims, &refuted, Some(size)) {
-            if let Some(remote) = probes.remove(&liar.id) {
-                warn!(source = %liar.id, addr = %liar.addr, reason = %liar.reason, "source dropped: it lied");
-                remote.peer.conn.close(0u32.into(), b"lied");
-                dropped.push(liar);
-            }
-        }
+        // First the size, proven; then the ranges.
+        let Learnt {
+            size,
+            pinned,
+            layer,
+            last_range,
+            agreeing,
+            mut dropped,
+            last_err,
+        } = learn_size(&mut dialer, &mut more).await?;
         if size > MAX_DOWNLOAD_SIZE {
             return Err(GetError::TooLarge { size });
         }
@@ -1120,33 +1259,16 @@ impl Download<'_> {
         }
         job.publish(&job.ranges());
 
-        let spawn_fetch = |tasks: &mut Tasks, remote: Remote| {
-            let span = tracing::info_span!("get", source = %remote.source.id.short(), addr = %remote.source.addr);
-            let job = job.clone();
-            tasks.spawn(
-                async move {
-                    let source = remote.source.clone();
-                    let result = fetch_from(&job, remote).await;
-                    (source, Task::Fetched(result))
-                }
-                .instrument(span),
-            );
-        };
-        for (_, remote) in probes.drain() {
-            if remote.claimed == size {
-                spawn_fetch(&mut tasks, remote);
-            } else {
-                // Unproven either way: not blamed, not used.
-                debug!(source = %remote.source.id.short(), claimed = remote.claimed, "size differs; not used");
-            }
+        for remote in agreeing {
+            dialer.fetch(&job, remote);
         }
         let mut last = last_err;
         let mut bad = None;
         let mut saves = tokio::time::interval(SAVE_EVERY);
         while job.ranges().left > 0 {
-            fill(&mut tasks, &mut spawned, &mut pool);
+            dialer.fill();
             let joined = tokio::select! {
-                joined = tasks.join_next() => joined,
+                joined = dialer.tasks.join_next() => joined,
                 _ = saves.tick() => {
                     if job.dirty.load(Ordering::Acquire) {
                         let job = job.clone();
@@ -1158,14 +1280,7 @@ impl Download<'_> {
                 }
                 batch = next_batch(&mut more) => {
                     match batch {
-                        Some(batch) => {
-                            for source in batch {
-                                let (id, addr) = (source.id, source.addr.clone());
-                                if pool.offer(source) {
-                                    info!(source = %id.short(), %addr, "a new source joins");
-                                }
-                            }
-                        }
+                        Some(batch) => dialer.offer(batch),
                         None => more = None,
                     }
                     continue;
@@ -1176,22 +1291,25 @@ impl Download<'_> {
             };
             let (source, task) = joined.map_err(|e| io_err(&part)(std::io::Error::other(e)))?;
             match task {
+                // A source that joined late: its claim is judged at once.
                 Task::Probed(Ok((remote, claimed))) if claimed == size => {
-                    spawn_fetch(&mut tasks, remote);
+                    dialer.fetch(&job, remote);
                 }
                 Task::Probed(Ok((remote, claimed))) => {
-                    if pinned {
-                        let reason = format!("announced a {claimed}-byte file; its layer and last range prove {size} bytes");
-                        warn!(source = %source.id, addr = %source.addr, %reason, "source dropped: it lied");
-                        dropped.push(Dropped {
-                            id: source.id,
-                            addr: source.addr.clone(),
-                            reason,
-                        });
-                    } else {
-                        debug!(source = %source.id.short(), claimed, "size differs; not used");
-                    }
                     remote.peer.conn.close(0u32.into(), b"size");
+                    if !pinned {
+                        debug!(source = %source.id.short(), claimed, "size differs; not used");
+                        continue;
+                    }
+                    let reason = format!(
+                        "announced a {claimed}-byte file; its layer and last range prove {size} bytes"
+                    );
+                    warn!(source = %source.id, addr = %source.addr, %reason, "source dropped: it lied");
+                    dropped.push(Dropped {
+                        id: source.id,
+                        addr: source.addr,
+                        reason,
+                    });
                 }
                 Task::Probed(Err(e)) | Task::Fetched(Err(e)) => match e {
                     SourceError::Io(e) => return Err(io_err(&part)(e)),
@@ -1199,7 +1317,7 @@ impl Download<'_> {
                         warn!(source = %source.id.short(), error = %e, "source dropped: bad data");
                         dropped.push(Dropped {
                             id: source.id,
-                            addr: source.addr.clone(),
+                            addr: source.addr,
                             reason: e.to_string(),
                         });
                         bad = Some(source.id);
@@ -1213,8 +1331,8 @@ impl Download<'_> {
             }
         }
         // Every range is verified: whatever is still in flight is a duplicate.
-        tasks.abort_all();
-        while tasks.join_next().await.is_some() {}
+        dialer.tasks.abort_all();
+        while dialer.tasks.join_next().await.is_some() {}
         if job.ranges().left > 0 {
             // Ranges verified are kept to resume from; a file with none is not.
             if job.ranges().progress.verified == 0 {
@@ -1242,48 +1360,14 @@ impl Download<'_> {
             partial::unregister(data_dir, &hash);
         }
         partial::remove_beside(target);
-        info!(%hash, size, fetched, dropped = dropped.len(), target = %target.display(), "downloaded and verified");
+        let dropped_n = dropped.len();
+        info!(%hash, size, fetched, dropped = dropped_n, target = %target.display(), "downloaded and verified");
         Ok(Downloaded {
             size,
             fetched,
             dropped,
         })
     }
-}
-
-/// Each liar among `probes`, and how it was caught: its own data refuted
-/// its claim, or (once `size` is known) the proven size contradicts it.
-fn describe_liars(
-    probes: &HashMap<NodeId, Remote>,
-    claims: &SizeClaims<NodeId>,
-    refuted: &HashMap<NodeId, String>,
-    size: Option<u64>,
-) -> Vec<Dropped> {
-    let mut out: Vec<Dropped> = claims
-        .liars()
-        .filter_map(|id| {
-            let remote = probes.get(id)?;
-            let reason = match (refuted.get(id), size, claims.pinned()) {
-                (Some(why), _, _) => why.clone(),
-                (None, Some(s), Some(_)) => format!(
-                    "announced a {}-byte file; its layer and last range prove {s} bytes",
-                    remote.claimed
-                ),
-                _ => format!(
-                    "announced a {}-byte file; the verified layer has {} ranges",
-                    remote.claimed,
-                    claims.ranges().unwrap_or(0)
-                ),
-            };
-            Some(Dropped {
-                id: *id,
-                addr: remote.source.addr.clone(),
-                reason,
-            })
-        })
-        .collect();
-    out.sort_by_key(|d| d.id);
-    out
 }
 
 /// The error of a download that no source completed.
