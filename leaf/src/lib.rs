@@ -470,7 +470,8 @@ impl Client {
             .ok_or(ClientError::NotFound(hash))?;
         let target = match out {
             Some(p) => p.to_path_buf(),
-            None => PathBuf::from(safe_file_name(&hit.name).unwrap_or_else(|| hash.to_string())),
+            // The name most independent sources announce.
+            None => PathBuf::from(safe_file_name(hit.name()).unwrap_or_else(|| hash.to_string())),
         };
         // Sources that appear during a long download join in.
         let (tx, rx) = tokio::sync::mpsc::channel(1);
@@ -501,7 +502,6 @@ impl Client {
         let done = transfer::Download {
             endpoint: &self.endpoint,
             hash,
-            size: hit.size,
             sources: &hit.sources,
             target: &target,
             progress,

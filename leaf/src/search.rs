@@ -1,9 +1,12 @@
 //! Asking supernodes: keyword and hash queries, with the hits of every
-//! supernode asked merged by content hash.
+//! supernode asked merged by content hash, each source once by id and by
+//! address, and every name recounted by independent sources
+//! (`servent_proto::hits`): what a hit shows is what most sources agree
+//! on, whichever supernode or source answered first.
 
-use std::collections::HashMap;
 use std::time::Duration;
 
+use servent_proto::hits;
 use servent_proto::limits::{MAX_REPLY_FRAME, MAX_REQUEST_FRAME, MAX_RESULTS};
 use servent_proto::msg::{Hit, LeafRequest, Query, QueryKind, SupernodeReply, ALPN_LEAF};
 use supernode::net::{self, Endpoint};
@@ -31,7 +34,8 @@ const ASKED_AT_ONCE: usize = 3;
 const ASK_CONNECT_TIMEOUT: Duration = Duration::from_millis(1500);
 
 /// Asks the supernodes in `supernodes` (a few at a time, in order, until
-/// one answers) and merges their hits by hash.
+/// one answers), merges their hits by hash and ranks them by independent
+/// sources, most first.
 pub async fn query(
     endpoint: &Endpoint,
     supernodes: &[String],
@@ -49,8 +53,7 @@ pub async fn query(
     // The mesh spreads a query from any one supernode: ask a few at a time,
     // and more only if none of those answers.
     let deadline = tokio::time::Instant::now() + timeout;
-    let mut merged: Vec<Hit> = Vec::new();
-    let mut at: HashMap<_, usize> = HashMap::new();
+    let mut all: Vec<Hit> = Vec::new();
     let mut reached = 0;
     let mut last = String::from("timed out");
     let groups = supernodes.len().div_ceil(ASKED_AT_ONCE);
@@ -83,22 +86,7 @@ pub async fn query(
                 }
             };
             reached += 1;
-            for hit in hits {
-                match at.get(&hit.hash) {
-                    Some(&i) => {
-                        let m = &mut merged[i];
-                        for s in hit.sources {
-                            if !m.sources.iter().any(|x| x.id == s.id) {
-                                m.sources.push(s);
-                            }
-                        }
-                    }
-                    None => {
-                        at.insert(hit.hash, merged.len());
-                        merged.push(hit);
-                    }
-                }
-            }
+            all.extend(hits);
         }
     }
     if reached == 0 {
@@ -107,6 +95,8 @@ pub async fn query(
             last,
         });
     }
+    let mut merged = hits::merge(all);
+    hits::rank(&mut merged);
     merged.truncate(max_results as usize);
     Ok(merged)
 }

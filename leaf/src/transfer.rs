@@ -2,10 +2,15 @@
 //! one file from all its sources at once. Serving is [`crate::upload`].
 //!
 //! A request names content by hash, never by path, so a downloader can
-//! only ever get what this leaf announced. A downloader first fetches the
-//! file's range layer from a source (one 32-byte BLAKE3 chaining value per
-//! [`RANGE_SIZE`] range, see [`crate::layer`]) and checks it against the
-//! hash; after that it takes raw ranges from every source in parallel and
+//! only ever get what this leaf announced. A downloader never takes the
+//! file's size from a hit: it asks each source (a few at a time, each
+//! address once, see [`MAX_SOURCES_AT_ONCE`]) what it has, fetches the
+//! range layer (one 32-byte BLAKE3 chaining value per [`RANGE_SIZE`]
+//! range, see [`crate::layer`]) from a source of the best supported size
+//! and checks it against the hash, then fetches the last range at that
+//! size and checks it against the last CV, which pins the size
+//! ([`servent_proto::pin`]). Sources that said another size are dropped
+//! then, not before, and named. After that it takes raw ranges from every source in parallel and
 //! checks each one as it arrives by hashing it alone, so a bad range is
 //! caught at once and its source dropped. Verified ranges are written into
 //! a preallocated partial file and recorded in a state file beside it, so
@@ -21,11 +26,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
+use servent_proto::hits;
+use servent_proto::limits::MAX_SOURCES_PER_IP;
 use servent_proto::limits::MAX_TRANSFER_FRAME;
 use servent_proto::msg::{
     ErrorCode, ErrorReply, GetReply, GetRequest, RangeRequest, Source, ALPN_TRANSFER,
 };
-use servent_proto::ContentHash;
+use servent_proto::pin::{self, SizeClaims};
+use servent_proto::{ContentHash, NodeId};
 use supernode::net::{self, Endpoint, Peer};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
@@ -60,12 +68,28 @@ const SAVE_EVERY: Duration = Duration::from_millis(100);
 const MAX_BUSY: u32 = 8;
 /// How often a partial source with nothing we need is asked again.
 const HAVE_POLL: Duration = Duration::from_secs(1);
+/// Sources a download has connected or connecting at once; more wait
+/// their turn.
+pub const MAX_SOURCES_AT_ONCE: usize = 8;
+/// Sources a download dials at one IP address in all: a hit naming many
+/// sources at one machine (a third party's, say) gets it dialled no more
+/// often than a hit may list it.
+pub const MAX_DIALS_PER_HOST: usize = MAX_SOURCES_PER_IP;
+/// How long a download waits, once one source has said how big the file
+/// is, for the others it dialled before it picks the size to prove: the
+/// best supported one is proven first.
+const PROBE_GRACE: Duration = Duration::from_millis(500);
+/// A source that connects but does not say what it has within this long
+/// is dropped.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(10);
 #[derive(Debug, thiserror::Error)]
 pub enum GetError {
     #[error("no source for {0}")]
     NoSource(ContentHash),
     #[error("every source failed; last: {0}")]
     SourcesFailed(String),
+    #[error("every source failed; some lied and were dropped: {liars}; last: {last}")]
+    Liars { liars: String, last: String },
     #[error("hash mismatch: source {source_id} sent content that is not {hash}; it was discarded")]
     HashMismatch {
         hash: ContentHash,
@@ -419,19 +443,36 @@ fn open_job(
 }
 
 /// What a finished download did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Downloaded {
     pub size: u64,
     /// Bytes that came over the network in this run (the rest was resumed).
     pub fetched: u64,
+    /// Sources dropped because what they said or sent was proven wrong.
+    pub dropped: Vec<Dropped>,
 }
 
-/// A download to run: what, from where, into where.
+/// A source a download dropped for lying, and how it was caught.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Dropped {
+    pub id: NodeId,
+    pub addr: String,
+    pub reason: String,
+}
+
+impl std::fmt::Display for Dropped {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "source {} at {} {}", self.id, self.addr, self.reason)
+    }
+}
+
+/// A download to run: what, from where, into where. The file's size is
+/// not given: it is learnt from the sources and proven by the range layer
+/// and the last range's bytes (see [`servent_proto::pin`]), never taken
+/// from a hit.
 pub struct Download<'a> {
     pub endpoint: &'a Endpoint,
     pub hash: ContentHash,
-    /// The size the hit gives (the layer proves it).
-    pub size: u64,
     pub sources: &'a [Source],
     pub target: &'a Path,
     pub progress: Option<watch::Sender<Progress>>,
@@ -445,15 +486,13 @@ pub struct Download<'a> {
     pub share_as: Option<(PathBuf, String)>,
 }
 
-/// Downloads `hash` (of `size` bytes, as the hit says; the layer proves
-/// it) from all `sources` at once into `target`. Resumes from what an
-/// earlier run verified; writes `target` only once every byte matches the
-/// hash. Dropping the future stops every transfer, leaving a partial file
-/// and its state to resume from.
+/// Downloads `hash` from all `sources` at once into `target`. Resumes
+/// from what an earlier run verified; writes `target` only once every
+/// byte matches the hash. Dropping the future stops every transfer,
+/// leaving a partial file and its state to resume from.
 pub async fn download(
     endpoint: &Endpoint,
     hash: ContentHash,
-    size: u64,
     sources: &[Source],
     target: &Path,
     progress: Option<watch::Sender<Progress>>,
@@ -461,7 +500,6 @@ pub async fn download(
     Download {
         endpoint,
         hash,
-        size,
         sources,
         target,
         progress,
@@ -472,30 +510,343 @@ pub async fn download(
     .await
 }
 
+/// The sources a download may dial: each once by node id and once by
+/// address, at most [`MAX_DIALS_PER_HOST`] at one IP address, however
+/// many a hit or a repeated query names. What keeps a hit from turning a
+/// downloader against a third party.
+#[derive(Debug, Default)]
+struct Pool {
+    queue: std::collections::VecDeque<Source>,
+    ids: HashSet<NodeId>,
+    addrs: HashSet<String>,
+    hosts: HashMap<String, usize>,
+}
+
+impl Pool {
+    /// Queues `source` unless its id or address was offered before or its
+    /// IP has had its share of dials.
+    fn offer(&mut self, source: Source) -> bool {
+        if self.ids.contains(&source.id) || self.addrs.contains(&source.addr) {
+            return false;
+        }
+        let host = hits::host_of(&source.addr).to_string();
+        let dials = self.hosts.entry(host).or_insert(0);
+        if *dials >= MAX_DIALS_PER_HOST {
+            return false;
+        }
+        *dials += 1;
+        self.ids.insert(source.id);
+        self.addrs.insert(source.addr.clone());
+        self.queue.push_back(source);
+        true
+    }
+
+    fn next(&mut self) -> Option<Source> {
+        self.queue.pop_front()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.queue.is_empty()
+    }
+}
+
+/// What a source task ended with.
+enum Task {
+    /// Connected and asked what it has: the source and its size claim.
+    Probed(Result<(Remote, u64), SourceError>),
+    /// Fetching from it ended.
+    Fetched(Result<(), SourceError>),
+}
+
+type Tasks = JoinSet<(Source, Task)>;
+
+/// How an attempt to prove a size from one source went.
+enum PinResult {
+    /// The last range verified: the size is pinned; its bytes.
+    Pinned(Vec<u8>),
+    /// The source's own layer or bytes do not verify for its claim.
+    Refuted(String),
+}
+
+/// The source tasks of one download: the sources queued, and those
+/// connecting, being asked what they have, or fetching.
+struct Dialer<'a> {
+    endpoint: &'a Endpoint,
+    hash: ContentHash,
+    pool: Pool,
+    tasks: Tasks,
+    /// Scheduler index of the next source.
+    spawned: usize,
+}
+
+impl Dialer<'_> {
+    /// Starts probing queued sources while fewer than
+    /// [`MAX_SOURCES_AT_ONCE`] are busy.
+    fn fill(&mut self) {
+        while self.tasks.len() < MAX_SOURCES_AT_ONCE {
+            let Some(source) = self.pool.next() else {
+                break;
+            };
+            let span = tracing::info_span!("get", source = %source.id.short(), addr = %source.addr);
+            let (endpoint, hash, index) = (self.endpoint.clone(), self.hash, self.spawned);
+            self.spawned += 1;
+            let task = async move {
+                let result = probe(&endpoint, hash, source.clone(), index).await;
+                (source, Task::Probed(result))
+            };
+            self.tasks.spawn(task.instrument(span));
+        }
+    }
+
+    /// Fetches ranges from a probed source.
+    fn fetch(&mut self, job: &Arc<Job>, remote: Remote) {
+        let span = tracing::info_span!("get", source = %remote.source.id.short(), addr = %remote.source.addr);
+        let job = job.clone();
+        let task = async move {
+            let source = remote.source.clone();
+            let result = fetch_from(&job, remote).await;
+            (source, Task::Fetched(result))
+        };
+        self.tasks.spawn(task.instrument(span));
+    }
+
+    /// Queues a batch of sources found later.
+    fn offer(&mut self, batch: Vec<Source>) {
+        for source in batch {
+            let (id, addr) = (source.id, source.addr.clone());
+            if self.pool.offer(source) {
+                info!(source = %id.short(), %addr, "a new source joins");
+            }
+        }
+    }
+
+    /// Nobody left to ask or being asked.
+    fn idle(&self) -> bool {
+        self.tasks.is_empty() && self.pool.is_empty()
+    }
+}
+
+/// What a download learns before it starts fetching: the size, and the
+/// sources that agree with it.
+struct Learnt {
+    size: u64,
+    /// Proven by the last range (else only the best supported claim).
+    pinned: bool,
+    /// The verified layer, if one was fetched.
+    layer: Option<Vec<Cv>>,
+    /// The last range's bytes, verified, if pinned.
+    last_range: Option<Vec<u8>>,
+    /// Probed sources that claim `size`, ready to fetch from.
+    agreeing: Vec<Remote>,
+    /// Sources proven to have lied.
+    dropped: Vec<Dropped>,
+    last_err: Option<String>,
+}
+
+/// The first part of a download: sources probed, their size claims, and
+/// the attempts to prove one (see [`servent_proto::pin`]).
+#[derive(Default)]
+struct SizeProbe {
+    probes: HashMap<NodeId, Remote>,
+    claims: SizeClaims<NodeId>,
+    refuted: HashMap<NodeId, String>,
+    layer: Option<Vec<Cv>>,
+    last_range: Option<Vec<u8>>,
+    last_err: Option<String>,
+}
+
+impl SizeProbe {
+    fn on_probe(&mut self, source: Source, result: Result<(Remote, u64), SourceError>) {
+        match result {
+            Ok((remote, claimed)) => {
+                let last = pin::ranges_of(claimed) as usize - 1;
+                let host = hits::host_of(&source.addr);
+                self.claims
+                    .claim(source.id, host, claimed, remote.has_range(last));
+                self.probes.insert(source.id, remote);
+            }
+            Err(e) => {
+                warn!(source = %source.id.short(), error = %e, "source dropped");
+                self.last_err = Some(e.to_string());
+            }
+        }
+    }
+
+    /// Tries the claims the best supported first until one is pinned or
+    /// none can be tried now; the pinned size, if any.
+    async fn try_pin(&mut self, hash: ContentHash) -> Option<u64> {
+        while let Some((id, claimed)) = self.claims.next_pin() {
+            let Some(remote) = self.probes.get(&id) else {
+                self.claims.forget(&id);
+                continue;
+            };
+            let tried = pin_from(remote, hash, claimed, &mut self.layer, &mut self.claims);
+            match tried.await {
+                Ok(PinResult::Pinned(bytes)) => {
+                    debug!(size = claimed, source = %id.short(), "size proven");
+                    self.last_range = Some(bytes);
+                }
+                Ok(PinResult::Refuted(why)) => {
+                    warn!(source = %id, addr = %remote.source.addr, why, "source lied");
+                    self.refuted.insert(id, why);
+                }
+                Err(e) => {
+                    warn!(source = %id.short(), error = %e, "source dropped");
+                    self.last_err = Some(e.to_string());
+                    self.claims.forget(&id);
+                    self.probes.remove(&id);
+                }
+            }
+        }
+        self.claims.pinned()
+    }
+
+    /// Each liar among the probed sources, and how it was caught: its own
+    /// data refuted its claim, or the proven size contradicts it.
+    fn liars(&self) -> Vec<Dropped> {
+        let mut out: Vec<Dropped> = self
+            .claims
+            .liars()
+            .filter_map(|id| {
+                let remote = self.probes.get(id)?;
+                let reason = match (self.refuted.get(id), self.claims.pinned()) {
+                    (Some(why), _) => why.clone(),
+                    (None, Some(s)) => format!(
+                        "announced a {}-byte file; its layer and last range prove {s} bytes",
+                        remote.claimed
+                    ),
+                    (None, None) => format!(
+                        "announced a {}-byte file; the verified layer has {} ranges",
+                        remote.claimed,
+                        self.claims.ranges().unwrap_or(0)
+                    ),
+                };
+                Some(Dropped {
+                    id: *id,
+                    addr: remote.source.addr.clone(),
+                    reason,
+                })
+            })
+            .collect();
+        out.sort_by_key(|d| d.id);
+        out
+    }
+
+    /// Ends the probing at `size`: liars are dropped and named, sources of
+    /// other unproven claims are left alone.
+    fn finish(mut self, size: u64) -> Learnt {
+        let dropped = self.liars();
+        for liar in &dropped {
+            warn!(source = %liar.id, addr = %liar.addr, reason = %liar.reason, "source dropped: it lied");
+        }
+        let mut agreeing = Vec::new();
+        for (_, remote) in self.probes.drain() {
+            if remote.claimed == size && !dropped.iter().any(|d| d.id == remote.source.id) {
+                agreeing.push(remote);
+            } else {
+                remote.peer.conn.close(0u32.into(), b"size");
+            }
+        }
+        Learnt {
+            size,
+            pinned: self.claims.pinned().is_some(),
+            layer: self.layer,
+            last_range: self.last_range,
+            agreeing,
+            dropped,
+            last_err: self.last_err,
+        }
+    }
+}
+
+/// Probes sources until a size is pinned: once one has answered, after
+/// the others dialled have too or [`PROBE_GRACE`] has passed, the best
+/// supported claim is proven (layer, then last range) or refuted, and the
+/// next tried. With no source left to ask and none with the last range,
+/// the best supported claim is taken unproven.
+async fn learn_size(
+    dialer: &mut Dialer<'_>,
+    more: &mut Option<mpsc::Receiver<Vec<Source>>>,
+) -> Result<Learnt, GetError> {
+    let mut probe = SizeProbe::default();
+    let mut grace: Option<tokio::time::Instant> = None;
+    let mut grace_over = false;
+    loop {
+        dialer.fill();
+        let probing = dialer.tasks.len();
+        if !probe.probes.is_empty() && (probing == 0 || grace_over) {
+            if let Some(size) = probe.try_pin(dialer.hash).await {
+                return Ok(probe.finish(size));
+            }
+            if dialer.idle() {
+                // Every source is partial without the last range: go on;
+                // the last range proves the size or not when it comes.
+                if let Some(size) = probe.claims.best() {
+                    info!(size, "no source has the last range yet: size not proven");
+                    return Ok(probe.finish(size));
+                }
+            }
+        }
+        if dialer.idle() {
+            return Err(failed(&probe.liars(), probe.last_err));
+        }
+        let wake = grace.unwrap_or_else(tokio::time::Instant::now);
+        tokio::select! {
+            joined = dialer.tasks.join_next(), if !dialer.tasks.is_empty() => {
+                if let Some(Ok((source, Task::Probed(result)))) = joined {
+                    probe.on_probe(source, result);
+                    grace.get_or_insert_with(|| tokio::time::Instant::now() + PROBE_GRACE);
+                }
+            }
+            _ = tokio::time::sleep_until(wake), if grace.is_some() && !grace_over => {
+                grace_over = true;
+            }
+            batch = next_batch(more) => match batch {
+                Some(batch) => dialer.offer(batch),
+                None => *more = None,
+            },
+        }
+    }
+}
+
 impl Download<'_> {
     pub async fn run(self) -> Result<Downloaded, GetError> {
         let Download {
             endpoint,
             hash,
-            size,
             sources,
             target,
             progress,
             mut more,
             share_as,
         } = self;
-        let mut seen = HashSet::new();
-        let sources: Vec<Source> = sources
-            .iter()
-            .filter(|s| seen.insert(s.id))
-            .cloned()
-            .collect();
-        if sources.is_empty() {
+        let mut dialer = Dialer {
+            endpoint,
+            hash,
+            pool: Pool::default(),
+            tasks: JoinSet::new(),
+            spawned: 0,
+        };
+        for s in sources {
+            dialer.pool.offer(s.clone());
+        }
+        if dialer.pool.is_empty() {
             return Err(GetError::NoSource(hash));
         }
+        // First the size, proven; then the ranges.
+        let Learnt {
+            size,
+            pinned,
+            layer,
+            last_range,
+            agreeing,
+            mut dropped,
+            last_err,
+        } = learn_size(&mut dialer, &mut more).await?;
         if size > MAX_DOWNLOAD_SIZE {
             return Err(GetError::TooLarge { size });
         }
+
         let part = part_path(target);
         let io_err = |path: &Path| {
             let path = path.display().to_string();
@@ -545,31 +896,31 @@ impl Download<'_> {
             let _ = job.layer.set(Arc::new(cvs));
             job.register();
         }
+        // The layer and last range that proved the size are kept.
+        if let Some(cvs) = layer.filter(|l| l.len() == count) {
+            let j = job.clone();
+            blocking(move || j.offer_layer(cvs).map(drop))
+                .await
+                .map_err(io_err(&part))?;
+            if let Some(bytes) = last_range.filter(|_| pinned) {
+                let j = job.clone();
+                blocking(move || j.store(count - 1, &bytes).map(drop))
+                    .await
+                    .map_err(io_err(&part))?;
+            }
+        }
         job.publish(&job.ranges());
 
-        let mut tasks = JoinSet::new();
-        let mut spawned = 0;
-        let mut spawn = |tasks: &mut JoinSet<_>, source: Source| {
-            let span = tracing::info_span!("get", source = %source.id.short(), addr = %source.addr);
-            let (job, endpoint, i) = (job.clone(), endpoint.clone(), spawned);
-            spawned += 1;
-            tasks.spawn(
-                async move {
-                    let result = fetch_from(&endpoint, &job, i, &source).await;
-                    (source, result)
-                }
-                .instrument(span),
-            );
-        };
-        for source in sources {
-            spawn(&mut tasks, source);
+        for remote in agreeing {
+            dialer.fetch(&job, remote);
         }
-        let mut last = None;
+        let mut last = last_err;
         let mut bad = None;
         let mut saves = tokio::time::interval(SAVE_EVERY);
         while job.ranges().left > 0 {
+            dialer.fill();
             let joined = tokio::select! {
-                joined = tasks.join_next() => joined,
+                joined = dialer.tasks.join_next() => joined,
                 _ = saves.tick() => {
                     if job.dirty.load(Ordering::Acquire) {
                         let job = job.clone();
@@ -581,12 +932,7 @@ impl Download<'_> {
                 }
                 batch = next_batch(&mut more) => {
                     match batch {
-                        Some(batch) => {
-                            for source in batch.into_iter().filter(|s| seen.insert(s.id)) {
-                                info!(source = %source.id.short(), "a new source joins");
-                                spawn(&mut tasks, source);
-                            }
-                        }
+                        Some(batch) => dialer.offer(batch),
                         None => more = None,
                     }
                     continue;
@@ -595,23 +941,50 @@ impl Download<'_> {
             let Some(joined) = joined else {
                 break;
             };
-            let (source, result) = joined.map_err(|e| io_err(&part)(std::io::Error::other(e)))?;
-            match result {
-                Ok(()) => {}
-                Err(SourceError::Io(e)) => return Err(io_err(&part)(e)),
-                Err(e @ SourceError::Mismatch { .. }) => {
-                    warn!(source = %source.id.short(), error = %e, "source dropped: bad data");
-                    bad = Some(source.id);
+            let (source, task) = joined.map_err(|e| io_err(&part)(std::io::Error::other(e)))?;
+            match task {
+                // A source that joined late: its claim is judged at once.
+                Task::Probed(Ok((remote, claimed))) if claimed == size => {
+                    dialer.fetch(&job, remote);
                 }
-                Err(e) => {
-                    warn!(source = %source.id.short(), error = %e, "source dropped");
-                    last = Some(e.to_string());
+                Task::Probed(Ok((remote, claimed))) => {
+                    remote.peer.conn.close(0u32.into(), b"size");
+                    if !pinned {
+                        debug!(source = %source.id.short(), claimed, "size differs; not used");
+                        continue;
+                    }
+                    let reason = format!(
+                        "announced a {claimed}-byte file; its layer and last range prove {size} bytes"
+                    );
+                    warn!(source = %source.id, addr = %source.addr, %reason, "source dropped: it lied");
+                    dropped.push(Dropped {
+                        id: source.id,
+                        addr: source.addr,
+                        reason,
+                    });
                 }
+                Task::Probed(Err(e)) | Task::Fetched(Err(e)) => match e {
+                    SourceError::Io(e) => return Err(io_err(&part)(e)),
+                    e @ SourceError::Mismatch { .. } => {
+                        warn!(source = %source.id.short(), error = %e, "source dropped: bad data");
+                        dropped.push(Dropped {
+                            id: source.id,
+                            addr: source.addr,
+                            reason: e.to_string(),
+                        });
+                        bad = Some(source.id);
+                    }
+                    e => {
+                        warn!(source = %source.id.short(), error = %e, "source dropped");
+                        last = Some(e.to_string());
+                    }
+                },
+                Task::Fetched(Ok(())) => {}
             }
         }
         // Every range is verified: whatever is still in flight is a duplicate.
-        tasks.abort_all();
-        while tasks.join_next().await.is_some() {}
+        dialer.tasks.abort_all();
+        while dialer.tasks.join_next().await.is_some() {}
         if job.ranges().left > 0 {
             // Ranges verified are kept to resume from; a file with none is not.
             if job.ranges().progress.verified == 0 {
@@ -621,12 +994,12 @@ impl Download<'_> {
                     partial::unregister(data_dir, &hash);
                 }
             }
-            return Err(match (bad, last) {
-                (Some(id), _) => GetError::HashMismatch {
+            return Err(match bad {
+                Some(id) => GetError::HashMismatch {
                     hash,
                     source_id: id.to_string(),
                 },
-                (None, last) => GetError::SourcesFailed(last.unwrap_or_else(|| "no answer".into())),
+                None => failed(&dropped, last),
             });
         }
         let fetched = job.ranges().progress.fetched;
@@ -639,9 +1012,168 @@ impl Download<'_> {
             partial::unregister(data_dir, &hash);
         }
         partial::remove_beside(target);
-        info!(%hash, size, fetched, target = %target.display(), "downloaded and verified");
-        Ok(Downloaded { size, fetched })
+        let dropped_n = dropped.len();
+        info!(%hash, size, fetched, dropped = dropped_n, target = %target.display(), "downloaded and verified");
+        Ok(Downloaded {
+            size,
+            fetched,
+            dropped,
+        })
     }
+}
+
+/// The error of a download that no source completed.
+fn failed(liars: &[Dropped], last: Option<String>) -> GetError {
+    let last = last.unwrap_or_else(|| "no answer".into());
+    if liars.is_empty() {
+        return GetError::SourcesFailed(last);
+    }
+    let liars: Vec<String> = liars.iter().map(Dropped::to_string).collect();
+    GetError::Liars {
+        liars: liars.join("; "),
+        last,
+    }
+}
+
+/// Connects to `source` and asks what it has of `hash`: its size claim
+/// and, from a partial source, its have-bitmap.
+async fn probe(
+    endpoint: &Endpoint,
+    hash: ContentHash,
+    source: Source,
+    index: usize,
+) -> Result<(Remote, u64), SourceError> {
+    let addr: SocketAddr = source
+        .addr
+        .parse()
+        .map_err(|_| SourceError::Addr(source.addr.clone()))?;
+    let peer = endpoint
+        .connect(addr, ALPN_TRANSFER, Some(source.id))
+        .await?;
+    let mut remote = Remote {
+        peer,
+        source,
+        index,
+        claimed: 0,
+        has: Mutex::new(None),
+    };
+    let req = GetRequest::Have(hash);
+    let asked = tokio::time::timeout(PROBE_TIMEOUT, remote.ask(&req));
+    let (reply, mut recv) = asked
+        .await
+        .map_err(|_| remote.gone(format!("no answer within {PROBE_TIMEOUT:?}")))??;
+    let (size, partial) = match reply {
+        GetReply::Ranges { size, partial } if size <= MAX_DOWNLOAD_SIZE => (size, partial),
+        GetReply::Ranges { size, .. } => {
+            return Err(remote.protocol(format!(
+                "announced {size} bytes; at most {MAX_DOWNLOAD_SIZE} are downloaded"
+            )))
+        }
+        other => {
+            return Err(remote.protocol(format!(
+                "answered {other:?} to a request for the ranges it has"
+            )))
+        }
+    };
+    let count = layer::range_count(size);
+    if partial {
+        let bytes = remote.read_exact(&mut recv, count.div_ceil(8)).await?;
+        let bitmap = Bitmap::from_bytes(bytes, count)
+            .ok_or_else(|| remote.protocol("a have-bitmap with bits past the end".into()))?;
+        *remote.has.lock().expect("has lock") = Some(bitmap);
+    } else {
+        remote.read_exact(&mut recv, 0).await?;
+    }
+    remote.claimed = size;
+    Ok((remote, size))
+}
+
+/// Tries to prove that the file is `size` bytes, as `remote` says, with
+/// what it sends: its layer (unless one of that many ranges verified
+/// already), which must prove the hash, and its last range, which must
+/// verify against the layer's last CV at exactly that length. Records in
+/// `claims` what is proven.
+async fn pin_from(
+    remote: &Remote,
+    hash: ContentHash,
+    size: u64,
+    layer: &mut Option<Vec<Cv>>,
+    claims: &mut SizeClaims<NodeId>,
+) -> Result<PinResult, SourceError> {
+    let id = remote.source.id;
+    let count = layer::range_count(size);
+    if layer.as_ref().is_none_or(|l| l.len() != count) {
+        let req = GetRequest::Layer(hash);
+        let asked = tokio::time::timeout(RANGE_TIMEOUT, remote.ask(&req));
+        let (reply, mut recv) = asked
+            .await
+            .map_err(|_| remote.gone(format!("no answer within {RANGE_TIMEOUT:?}")))??;
+        let partial = match reply {
+            GetReply::Ranges { size: s, partial } if s == size => partial,
+            other => {
+                return Err(remote.protocol(format!(
+                    "answered {other:?} to a request for the layer of the {size}-byte file it announced"
+                )))
+            }
+        };
+        let bitmap_len = if partial { count.div_ceil(8) } else { 0 };
+        let read = remote.read_exact(&mut recv, count * CV_LEN + bitmap_len);
+        let mut tail = tokio::time::timeout(RANGE_TIMEOUT, read)
+            .await
+            .map_err(|_| remote.gone(format!("no layer within {RANGE_TIMEOUT:?}")))??;
+        tail.truncate(count * CV_LEN);
+        let cvs = layer::from_bytes(&tail).expect("a whole number of CVs");
+        let (good, cvs) =
+            tokio::task::spawn_blocking(move || (layer::verify(&cvs, size, &hash), cvs))
+                .await
+                .map_err(|e| SourceError::Io(std::io::Error::other(e)))?;
+        if !good {
+            claims.refute(&id);
+            return Ok(PinResult::Refuted(format!(
+                "announced a {size}-byte file and sent a layer that does not prove its hash"
+            )));
+        }
+        claims.layer_verified(count as u64);
+        *layer = Some(cvs);
+    }
+    let cvs = layer.as_ref().expect("set above");
+    let last = count - 1;
+    let (offset, length) = layer::range_bounds(size, last);
+    let req = GetRequest::Range(RangeRequest {
+        hash,
+        offset,
+        length: Some(length),
+    });
+    let (reply, mut recv) = tokio::time::timeout(RANGE_TIMEOUT, remote.ask(&req))
+        .await
+        .map_err(|_| remote.gone(format!("no answer within {RANGE_TIMEOUT:?}")))??;
+    match reply {
+        GetReply::Ok { size: s, length: l } if s == size && l == length => {}
+        other => {
+            return Err(remote.protocol(format!(
+                "answered {other:?} to a request for the last {length} bytes of the {size}-byte file it announced"
+            )))
+        }
+    }
+    let data =
+        match tokio::time::timeout(RANGE_TIMEOUT, read_part(&mut recv, length as usize)).await {
+            Ok(Ok(data)) if data.len() as u64 == length => data,
+            Ok(Ok(data)) => {
+                let n = data.len();
+                return Err(remote.gone(format!("the last range cut short after {n} bytes")));
+            }
+            Ok(Err(e)) => return Err(remote.gone(e.to_string())),
+            Err(_) => return Err(remote.gone(format!("no range within {RANGE_TIMEOUT:?}"))),
+        };
+    remote.read_exact(&mut recv, 0).await?;
+    if layer::range_cv(&data, last, count) != cvs[last] {
+        claims.refute(&id);
+        return Ok(PinResult::Refuted(format!(
+            "announced a {size}-byte file and sent a last range that does not verify at that length"
+        )));
+    }
+    claims.pin(size);
+    Ok(PinResult::Pinned(data))
 }
 
 /// Runs file work on the blocking pool; a task that panicked is an I/O
@@ -661,25 +1193,40 @@ async fn next_batch(more: &mut Option<mpsc::Receiver<Vec<Source>>>) -> Option<Ve
     }
 }
 
-/// One connected source: which ranges it has (`None`: all of them).
-struct Remote<'a> {
+/// One connected source: what size it says the file is, and which ranges
+/// it has (`None`: all of them).
+struct Remote {
     peer: Peer,
-    source: &'a Source,
+    source: Source,
     index: usize,
+    claimed: u64,
     has: Mutex<Option<Bitmap>>,
 }
 
-impl Remote<'_> {
+impl Remote {
+    /// The source, named by id and address in every error about it.
+    fn who(&self) -> String {
+        format!("{} at {}", self.source.id, self.source.addr)
+    }
+
+    fn has_range(&self, index: usize) -> bool {
+        self.has
+            .lock()
+            .expect("has lock")
+            .as_ref()
+            .is_none_or(|h| h.get(index))
+    }
+
     fn gone(&self, reason: String) -> SourceError {
         SourceError::Gone {
-            addr: self.source.addr.clone(),
+            addr: self.who(),
             reason,
         }
     }
 
     fn protocol(&self, reason: String) -> SourceError {
         SourceError::Protocol {
-            addr: self.source.addr.clone(),
+            addr: self.who(),
             reason,
         }
     }
@@ -698,7 +1245,7 @@ impl Remote<'_> {
         match good {
             true => Ok(()),
             false => Err(SourceError::Mismatch {
-                addr: self.source.addr.clone(),
+                addr: self.who(),
                 what,
             }),
         }
@@ -718,7 +1265,7 @@ impl Remote<'_> {
         let _ = send.finish();
         match net::read_first_frame::<GetReply>(&mut recv, MAX_TRANSFER_FRAME).await {
             Ok(Some(GetReply::Error(reply))) => Err(SourceError::Refused {
-                addr: self.source.addr.clone(),
+                addr: self.who(),
                 reply,
             }),
             Ok(Some(reply)) => Ok((reply, recv)),
@@ -755,6 +1302,7 @@ impl Remote<'_> {
         let (reply, mut recv) = self.ask(&req).await?;
         let partial = match reply {
             GetReply::Ranges { size, partial } if size == job.size => partial,
+            // It said otherwise when probed: a change of mind is a lie.
             other => {
                 return Err(self.protocol(format!(
                     "answered {other:?} to a request for the ranges of a {}-byte file",
@@ -787,26 +1335,9 @@ impl Remote<'_> {
     }
 }
 
-/// Fetches ranges from one source until none is left for it, or it fails.
-async fn fetch_from(
-    endpoint: &Endpoint,
-    job: &Arc<Job>,
-    index: usize,
-    source: &Source,
-) -> Result<(), SourceError> {
-    let addr: SocketAddr = source
-        .addr
-        .parse()
-        .map_err(|_| SourceError::Addr(source.addr.clone()))?;
-    let peer = endpoint
-        .connect(addr, ALPN_TRANSFER, Some(source.id))
-        .await?;
-    let remote = Remote {
-        peer,
-        source,
-        index,
-        has: Mutex::new(None),
-    };
+/// Fetches ranges from one probed source until none is left for it, or
+/// it fails.
+async fn fetch_from(job: &Arc<Job>, remote: Remote) -> Result<(), SourceError> {
     remote.learn(job).await?;
     job.sources_changed(1);
     // PER_SOURCE requests in flight; the first failure ends them all.
@@ -819,7 +1350,7 @@ async fn fetch_from(
     result
 }
 
-async fn worker(remote: &Remote<'_>, job: &Arc<Job>) -> Result<(), SourceError> {
+async fn worker(remote: &Remote, job: &Arc<Job>) -> Result<(), SourceError> {
     // Consecutive `Unavailable` answers from a busy whole source.
     let mut busy = 0;
     loop {
@@ -894,7 +1425,7 @@ async fn read_part(recv: &mut quinn::RecvStream, len: usize) -> Result<Vec<u8>, 
 /// Asks the source for the consecutive ranges of `run` in one request,
 /// and verifies and stores each as it arrives.
 async fn fetch_run(
-    remote: &Remote<'_>,
+    remote: &Remote,
     job: &Arc<Job>,
     run: std::ops::Range<usize>,
 ) -> Result<(), SourceError> {
@@ -997,6 +1528,34 @@ mod tests {
         let mut has = Bitmap::new(400);
         (37..40).for_each(|i| has.set(i));
         assert_eq!(run(r.claim(2, Some(&has))), 37..40);
+    }
+
+    #[test]
+    fn the_pool_dials_each_address_once_and_few_per_host() {
+        let source = |i: u8, addr: &str| Source {
+            id: NodeId([i; 32]),
+            addr: addr.into(),
+            variant: 0,
+        };
+        let mut pool = Pool::default();
+        assert!(pool.offer(source(0, "10.0.0.1:1")));
+        // Another id at the same address, the same id elsewhere: no.
+        assert!(!pool.offer(source(1, "10.0.0.1:1")));
+        assert!(!pool.offer(source(0, "10.0.0.2:1")));
+        // Many ports of one machine: a few only.
+        let taken = (2..100u8)
+            .filter(|&i| pool.offer(source(i, &format!("10.0.0.1:{i}"))))
+            .count();
+        assert_eq!(taken, MAX_DIALS_PER_HOST - 1);
+        assert!(pool.offer(source(200, "[2001:db8::1]:7")));
+        let mut n = 0;
+        while pool.next().is_some() {
+            n += 1;
+        }
+        assert_eq!(n, MAX_DIALS_PER_HOST + 1);
+        // Once dialled, never again in this download.
+        assert!(!pool.offer(source(0, "10.0.0.1:1")));
+        assert!(pool.is_empty());
     }
 
     #[test]

@@ -21,6 +21,8 @@ pub use frame::FrameError;
 pub use id::{ContentHash, NodeId, ParseIdError};
 pub mod admit;
 pub mod elect;
+pub mod hits;
+pub mod pin;
 pub mod rate;
 pub mod route;
 pub mod upload;

@@ -26,6 +26,12 @@ pub const MAX_RESULTS: u32 = 500;
 pub const MAX_HITS_PER_FRAME: usize = 100;
 /// Sources listed in one hit.
 pub const MAX_SOURCES_PER_HIT: usize = 64;
+/// Sources at one IP address listed in one hit: one machine is one vote
+/// however many keys it makes, and a hit never sends a downloader to one
+/// address more than this many times.
+pub const MAX_SOURCES_PER_IP: usize = 8;
+/// Distinct names (name and size) listed in one hit.
+pub const MAX_NAMES_PER_HIT: usize = 8;
 /// Longest error message text.
 pub const MAX_ERROR_MESSAGE: usize = 512;
 

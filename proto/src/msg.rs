@@ -9,13 +9,15 @@ use serde::{Deserialize, Serialize};
 
 use crate::id::{ContentHash, NodeId};
 
-/// Leaf ↔ supernode: registration of shared files and queries.
-pub const ALPN_LEAF: &[u8] = b"servent-leaf/1";
+/// Leaf ↔ supernode: registration of shared files and queries. Version 2:
+/// a hit lists every name and size its sources announce.
+pub const ALPN_LEAF: &[u8] = b"servent-leaf/2";
 /// Leaf ↔ leaf: downloads. Version 2: ranges are answered with bao slices
 /// (content and proof interleaved), not raw bytes.
 pub const ALPN_TRANSFER: &[u8] = b"servent-xfer/3";
 /// Supernode ↔ supernode: the mesh (membership gossip and query routing).
-pub const ALPN_MESH: &[u8] = b"servent-mesh/1";
+/// Version 2: hits as in `servent-leaf/2`.
+pub const ALPN_MESH: &[u8] = b"servent-mesh/2";
 
 /// A file a leaf shares.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -104,14 +106,28 @@ pub struct Source {
     /// `IP:PORT` to dial (ALPN `servent-xfer/3`): the address the supernode
     /// observed for the leaf's connection with the leaf's listening port.
     pub addr: String,
+    /// Which entry of the hit's `names` this source announced.
+    pub variant: u8,
 }
 
-/// One file found by a query, with every source known for it.
+/// One name and size that sources announce for a content hash. Both are
+/// claims: the name is only a label, and a downloader learns the size from
+/// the sources themselves (docs/PROTOCOL.md §10.4), never from a hit.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct NameVariant {
+    pub name: String,
+    pub size: u64,
+}
+
+/// One file found by a query, with every source known for it and every
+/// name and size they announce (most independent sources first; see
+/// [`crate::hits`]). Self-contained: a hop may drop sources and variants
+/// of a hit without looking at any other frame.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Hit {
     pub hash: ContentHash,
-    pub name: String,
-    pub size: u64,
+    /// At most `MAX_NAMES_PER_HIT`.
+    pub names: Vec<NameVariant>,
     pub sources: Vec<Source>,
 }
 

@@ -44,11 +44,14 @@ fn entry() -> FileEntry {
 fn hit() -> Hit {
     Hit {
         hash: hash(),
-        name: "Blue Moon.mp3".into(),
-        size: 3_500_000,
+        names: vec![NameVariant {
+            name: "Blue Moon.mp3".into(),
+            size: 3_500_000,
+        }],
         sources: vec![Source {
             id: node(),
             addr: "192.0.2.7:7401".into(),
+            variant: 0,
         }],
     }
 }
@@ -345,12 +348,17 @@ fn every_supernode_reply_round_trips() {
     // The largest reply the supernode builds fits its frame limit.
     let big = Hit {
         hash: hash(),
-        name: "n".repeat(MAX_NAME_BYTES),
-        size: u64::MAX,
+        names: (0..MAX_NAMES_PER_HIT)
+            .map(|i| NameVariant {
+                name: "n".repeat(MAX_NAME_BYTES),
+                size: u64::MAX - i as u64,
+            })
+            .collect(),
         sources: (0..MAX_SOURCES_PER_HIT)
             .map(|i| Source {
                 id: NodeId([i as u8; 32]),
                 addr: "[ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff]:65535".into(),
+                variant: (i % MAX_NAMES_PER_HIT) as u8,
             })
             .collect(),
     };
@@ -669,15 +677,17 @@ fn golden_supernode_replies() {
         MAX_REPLY_FRAME,
         "0000000b81a7496e64657865649101",
     );
-    // 81 { a4 "Hits": 91 [ 94 [ <hash>, <name>, <size>, 91 [ 92 [ c4 20 <id>, ae "192.0.2.7:7401" ] ] ] ] }
+    // 81 { a4 "Hits": 91 [ 93 [ c4 20 <hash>,
+    //      91 [ 92 [ ad "Blue Moon.mp3", ce 003567e0 ] ],
+    //      91 [ 93 [ c4 20 <id>, ae "192.0.2.7:7401", 00 ] ] ] ] }
     golden(
         &SupernodeReply::Hits(vec![hit()]),
         MAX_REPLY_FRAME,
-        "0000007081a4486974739194c420\
+        "0000007381a4486974739193c420\
          af1349b9f5f9a1a6a0404dea36dcc9499bcb25c9adc112b7cc9a93cae41f3262\
-         ad426c7565204d6f6f6e2e6d7033ce003567e0\
-         9192c420000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f\
-         ae3139322e302e322e373a37343031",
+         9192ad426c7565204d6f6f6e2e6d7033ce003567e0\
+         9193c420000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f\
+         ae3139322e302e322e373a3734303100",
     );
     // 81 { a5 "Error": 92 [ ab "RateLimited", a9 "slow down" ] }
     golden(
@@ -1225,12 +1235,14 @@ fn ids_must_be_a_bin_of_exactly_32_bytes() {
     ] {
         // As the node id of a source in a hit...
         let mut body = variant("Hits");
-        body.extend([0x91, 0x94]);
+        body.extend([0x91, 0x93]);
         body.extend(bin8(hash().as_bytes()));
+        body.extend([0x91, 0x92]);
         body.extend(fixstr("a"));
-        body.extend([0x01, 0x91, 0x92]);
+        body.extend([0x01, 0x91, 0x93]);
         body.extend(&bad);
         body.extend(fixstr("192.0.2.7:7401"));
+        body.push(0x00);
         assert!(
             is_decode(&refused::<SupernodeReply>(&body, MAX_REPLY_FRAME)),
             "{}",
@@ -1677,7 +1689,7 @@ fn mutated_election_frames_never_panic() {
 
 #[test]
 fn alpns_are_pinned() {
-    assert_eq!(ALPN_LEAF, b"servent-leaf/1");
+    assert_eq!(ALPN_LEAF, b"servent-leaf/2");
     assert_eq!(ALPN_TRANSFER, b"servent-xfer/3");
-    assert_eq!(ALPN_MESH, b"servent-mesh/1");
+    assert_eq!(ALPN_MESH, b"servent-mesh/2");
 }

@@ -10,7 +10,7 @@ use std::collections::HashMap;
 
 use dashmap::DashMap;
 use servent_proto::keywords::words;
-use servent_proto::msg::FileEntry;
+use servent_proto::msg::{FileEntry, NameVariant};
 use servent_proto::{ContentHash, NodeId};
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -19,13 +19,20 @@ pub enum IndexError {
     TooManyFiles { max: usize },
 }
 
-/// One content hash and who shares it.
+/// One content hash, who shares it, and the name and size each announced
+/// (no owner's announcement stands for the others': see
+/// `servent_proto::hits`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Found {
     pub hash: ContentHash,
-    pub name: String,
-    pub size: u64,
-    pub owners: Vec<NodeId>,
+    /// Sorted by node id.
+    pub owners: Vec<(NodeId, NameVariant)>,
+}
+
+impl Found {
+    pub fn owner_ids(&self) -> Vec<NodeId> {
+        self.owners.iter().map(|(id, _)| *id).collect()
+    }
 }
 
 #[derive(Default)]
@@ -172,16 +179,26 @@ impl Index {
         out
     }
 
-    /// Every owner of exactly this content.
+    /// Every owner of exactly this content, with what each announced.
     pub fn get(&self, hash: &ContentHash) -> Option<Found> {
         let rec = self.files.get(hash)?;
-        let mut owners: Vec<NodeId> = rec.owners.keys().copied().collect();
-        owners.sort();
-        let (name, size) = rec.owners.get(owners.first()?)?.clone();
+        let mut owners: Vec<(NodeId, NameVariant)> = rec
+            .owners
+            .iter()
+            .map(|(id, (name, size))| {
+                let v = NameVariant {
+                    name: name.clone(),
+                    size: *size,
+                };
+                (*id, v)
+            })
+            .collect();
+        if owners.is_empty() {
+            return None;
+        }
+        owners.sort_by_key(|(id, _)| *id);
         Some(Found {
             hash: *hash,
-            name,
-            size,
             owners,
         })
     }
@@ -226,7 +243,7 @@ mod tests {
         assert_eq!(ix.search(&q("blue"), 10).len(), 2);
         let hits = ix.search(&q("MOON blue"), 10);
         assert_eq!(hits.len(), 1);
-        assert_eq!(hits[0].name, "Blue Moon.mp3");
+        assert_eq!(hits[0].owners[0].1.name, "Blue Moon.mp3");
         assert!(ix.search(&q("moon sky"), 10).is_empty());
         assert!(ix.search(&q("nothing"), 10).is_empty());
         assert_eq!(ix.search(&q("blue"), 1).len(), 1);
@@ -239,13 +256,16 @@ mod tests {
         ix.add(id(2), &[entry(7, "b.bin")], 10).unwrap();
         assert_eq!(ix.file_count(), 1);
         assert_eq!(
-            ix.get(&ContentHash([7; 32])).unwrap().owners,
+            ix.get(&ContentHash([7; 32])).unwrap().owner_ids(),
             vec![id(1), id(2)]
         );
         // Either name finds it.
         assert_eq!(ix.search(&words("b"), 10).len(), 1);
         ix.remove_owner(id(1));
-        assert_eq!(ix.get(&ContentHash([7; 32])).unwrap().owners, vec![id(2)]);
+        let found = ix.get(&ContentHash([7; 32])).unwrap();
+        assert_eq!(found.owner_ids(), vec![id(2)]);
+        // Each owner's own name is kept.
+        assert_eq!(found.owners[0].1.name, "b.bin");
         assert!(ix.search(&words("a"), 10).is_empty());
         ix.remove(id(2), &[ContentHash([7; 32])]);
         assert_eq!(ix.file_count(), 0);

@@ -11,13 +11,14 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use servent_proto::hits::{self, HitBuilder};
 use servent_proto::keywords;
 use servent_proto::limits::{
     MAX_HITS_PER_FRAME, MAX_MESH_FRAME, MAX_QUERY_WORDS, MAX_REPLY_FRAME, MAX_RESULTS,
     MAX_SOURCES_PER_HIT,
 };
 use servent_proto::msg::{
-    ErrorCode, ErrorReply, Hit, MeshQuery, MeshRequest, Query, QueryKind, Source, SupernodeReply,
+    ErrorCode, ErrorReply, Hit, MeshQuery, MeshRequest, Query, QueryKind, SupernodeReply,
 };
 use servent_proto::rate::TokenBucket;
 use servent_proto::route::{on_query, DynamicQuery, QueryAction};
@@ -63,23 +64,15 @@ pub fn local_hits(state: &State, q: &Query) -> Result<Vec<Hit>, ErrorReply> {
     Ok(found
         .into_iter()
         .filter_map(|f| {
-            let sources: Vec<Source> = f
-                .owners
-                .iter()
-                .filter_map(|o| {
-                    state.leaves.get(o).map(|e| Source {
-                        id: *o,
-                        addr: e.addr.to_string(),
-                    })
-                })
-                .take(MAX_SOURCES_PER_HIT)
-                .collect();
-            (!sources.is_empty()).then_some(Hit {
-                hash: f.hash,
-                name: f.name,
-                size: f.size,
-                sources,
-            })
+            // Every owner's own name and size, counted by independent
+            // sources: no one owner names the file for the others.
+            let mut hit = HitBuilder::new(f.hash);
+            for (owner, variant) in &f.owners {
+                if let Some(e) = state.leaves.get(owner) {
+                    hit.add(*owner, e.addr.to_string(), variant);
+                }
+            }
+            hit.finish()
         })
         .collect())
 }
@@ -87,22 +80,42 @@ pub fn local_hits(state: &State, q: &Query) -> Result<Vec<Hit>, ErrorReply> {
 /// Hits already sent on one stream, so that only news is sent again.
 #[derive(Default)]
 struct Sent {
-    sources: HashMap<ContentHash, HashSet<NodeId>>,
+    sources: HashMap<ContentHash, Known>,
+}
+
+/// The sources of one hash sent so far, by id and by address.
+#[derive(Default)]
+struct Known {
+    ids: HashSet<NodeId>,
+    addrs: HashSet<String>,
 }
 
 impl Sent {
-    /// Keeps what is new in `hits`: new hashes, or new sources of known ones.
+    /// Keeps what is new in `hits`: new hashes, or new sources of known
+    /// ones (new by id and by address). Each hit is rebuilt on its own
+    /// (`hits::retain_sources`), so a frame stays self-contained and its
+    /// names are ranked on the sources it lists.
     fn news(&mut self, hits: Vec<Hit>) -> Vec<Hit> {
         let mut out = Vec::new();
-        for mut hit in hits {
+        for hit in hits {
             let known = self.sources.entry(hit.hash).or_default();
-            if known.len() >= MAX_SOURCES_PER_HIT {
+            if known.ids.len() >= MAX_SOURCES_PER_HIT {
                 continue;
             }
-            hit.sources.retain(|s| known.insert(s.id));
-            hit.sources.truncate(MAX_SOURCES_PER_HIT);
-            if !hit.sources.is_empty() {
-                out.push(hit);
+            let room = MAX_SOURCES_PER_HIT - known.ids.len();
+            let mut taken = 0;
+            let news = hits::retain_sources(&hit, |s| {
+                let new =
+                    taken < room && !known.ids.contains(&s.id) && !known.addrs.contains(&s.addr);
+                taken += new as usize;
+                new
+            });
+            if let Some(news) = news {
+                for s in &news.sources {
+                    known.ids.insert(s.id);
+                    known.addrs.insert(s.addr.clone());
+                }
+                out.push(news);
             }
         }
         out

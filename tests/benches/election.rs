@@ -857,7 +857,7 @@ async fn search_round(dirs: Vec<PathBuf>, timeout: Duration) -> Vec<HashSet<usiz
         .map(|hits| {
             hits.unwrap_or_default()
                 .iter()
-                .filter_map(|h| serial_of(&h.name))
+                .filter_map(|h| serial_of(h.name()))
                 .collect()
         })
         .collect()

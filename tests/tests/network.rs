@@ -42,14 +42,14 @@ async fn keyword_search_finds_the_files_of_other_leaves() {
 
     let client = c.client(&[&sn]);
     let hits = client.search(&words("blue"), 100, T).await.unwrap();
-    let mut names: Vec<_> = hits.iter().map(|h| h.name.as_str()).collect();
+    let mut names: Vec<_> = hits.iter().map(|h| h.name()).collect();
     names.sort();
     assert_eq!(names, ["Blue Moon.mp3", "blue_sky.ogg"]);
 
     let hits = client.search(&words("MOON blue"), 100, T).await.unwrap();
     assert_eq!(hits.len(), 1);
     assert_eq!(hits[0].hash, hash_of(b"moon"));
-    assert_eq!(hits[0].size, 4);
+    assert_eq!(hits[0].size(), 4);
     assert_eq!(hits[0].sources.len(), 1);
     assert_eq!(hits[0].sources[0].id, a.leaf().id());
     assert_eq!(hits[0].sources[0].addr, a.leaf().addr().to_string());
@@ -311,8 +311,9 @@ async fn a_peer_whose_key_does_not_match_the_expected_id_is_refused() {
     let sources = [Source {
         id: impostor_id,
         addr: a.leaf().addr().to_string(),
+        variant: 0,
     }];
-    let err = leaf::transfer::download(client.endpoint(), hash_of(b"xx"), 2, &sources, &out, None)
+    let err = leaf::transfer::download(client.endpoint(), hash_of(b"xx"), &sources, &out, None)
         .await
         .unwrap_err();
     assert!(err.to_string().contains("not the expected"), "{err}");

@@ -188,25 +188,42 @@ fn run(args: Args) -> anyhow::Result<()> {
                     .await?;
                 let mut out = std::io::stdout().lock();
                 for hit in hits {
+                    let support = servent_proto::hits::support(&hit);
                     if json {
                         let line = serde_json::json!({
                             "hash": hit.hash.to_string(),
-                            "name": hit.name,
-                            "size": hit.size,
+                            // What most independent sources announce.
+                            "name": hit.name(),
+                            "size": hit.size(),
                             "sources": hit.sources.len(),
+                            // Distinct IP addresses among them.
+                            "hosts": servent_proto::hits::hit_support(&hit).ips,
+                            // Every name and size announced, best supported first.
+                            "names": hit.names.iter().zip(&support).map(|(v, s)| {
+                                serde_json::json!({
+                                    "name": v.name,
+                                    "size": v.size,
+                                    "sources": s.ids,
+                                    "hosts": s.ips,
+                                })
+                            }).collect::<Vec<_>>(),
                             // Where each source would be dialled: the
                             // addresses the supernodes saw it connect from.
                             "addrs": hit.sources.iter().map(|s| &s.addr).collect::<Vec<_>>(),
                         });
                         writeln!(out, "{line}")?;
                     } else {
+                        let others = match hit.names.len() {
+                            0 | 1 => String::new(),
+                            n => format!("  (+{} other names)", n - 1),
+                        };
                         writeln!(
                             out,
-                            "{}  {:>12}  {:>3} src  {}",
+                            "{}  {:>12}  {:>3} src  {}{others}",
                             hit.hash,
-                            hit.size,
+                            hit.size(),
                             hit.sources.len(),
-                            hit.name
+                            hit.name()
                         )?;
                     }
                 }

@@ -1,0 +1,461 @@
+//! Hits that no one source can poison: building, merging and ranking them.
+//!
+//! A hit lists every name and size its sources announce for one content
+//! hash (`Hit::names`, each a [`NameVariant`]) and which one each source
+//! announced (`Source::variant`). Both are claims, and node ids cost
+//! nothing to make, so support is counted in *independent* sources:
+//! distinct IP addresses first, distinct node ids second. A source is
+//! listed once by node id and once by address (`IP:PORT`), and an IP
+//! address has at most [`MAX_SOURCES_PER_IP`] sources in a hit, so one
+//! machine cannot outvote others by making keys, and one hit cannot send a
+//! downloader to the same address many times.
+//!
+//! Counts are never taken from the wire: every node that builds, relays or
+//! merges a hit recounts them from the sources the hit lists, so a hop
+//! cannot inflate them. What is displayed is the name most independent
+//! sources agree on ([`HitBuilder::finish`] puts it first); ties go to the
+//! name and size that sort first, a rule no source can use to win over a
+//! better-supported one.
+//!
+//! Not here: the size a downloader believes. That comes from the sources'
+//! range layers and is pinned by verified bytes (see [`crate::pin`]).
+
+use std::collections::{HashMap, HashSet};
+
+use crate::id::{ContentHash, NodeId};
+use crate::limits::{MAX_NAMES_PER_HIT, MAX_NAME_BYTES, MAX_SOURCES_PER_HIT, MAX_SOURCES_PER_IP};
+use crate::msg::{Hit, NameVariant, Source};
+
+/// The host part of `IP:PORT` (brackets of IPv6 removed); the whole string
+/// if it is not one. Sources with the same host are not independent.
+pub fn host_of(addr: &str) -> &str {
+    match addr.rsplit_once(':') {
+        Some((host, port)) if port.parse::<u16>().is_ok() && !host.is_empty() => host
+            .strip_prefix('[')
+            .and_then(|h| h.strip_suffix(']'))
+            .unwrap_or(host),
+        _ => addr,
+    }
+}
+
+/// How many independent sources announce one variant of a hit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Support {
+    /// Distinct IP addresses.
+    pub ips: usize,
+    /// Distinct node ids (sources listed).
+    pub ids: usize,
+}
+
+impl Support {
+    /// Orders best first: more IPs, then more ids.
+    fn key(self) -> (std::cmp::Reverse<usize>, std::cmp::Reverse<usize>) {
+        (std::cmp::Reverse(self.ips), std::cmp::Reverse(self.ids))
+    }
+}
+
+/// Support of each entry of `hit.names`, in that order. Sources naming a
+/// variant that does not exist count for nothing.
+pub fn support(hit: &Hit) -> Vec<Support> {
+    let mut hosts: Vec<HashSet<&str>> = vec![HashSet::new(); hit.names.len()];
+    let mut out = vec![Support::default(); hit.names.len()];
+    for s in &hit.sources {
+        let v = s.variant as usize;
+        if v < out.len() {
+            out[v].ids += 1;
+            hosts[v].insert(host_of(&s.addr));
+        }
+    }
+    for (o, h) in out.iter_mut().zip(hosts) {
+        o.ips = h.len();
+    }
+    out
+}
+
+/// Independent sources of a whole hit, whatever they announce.
+pub fn hit_support(hit: &Hit) -> Support {
+    let ips: HashSet<&str> = hit.sources.iter().map(|s| host_of(&s.addr)).collect();
+    Support {
+        ips: ips.len(),
+        ids: hit.sources.len(),
+    }
+}
+
+/// Orders hits best supported first (stable: equals keep their order).
+pub fn rank(hits: &mut [Hit]) {
+    hits.sort_by_cached_key(|h| hit_support(h).key());
+}
+
+/// Builds one hit from sources announced one by one (by a supernode's
+/// index, or from hits of several supernodes or hops), keeping every
+/// bound: a source once by id and by address, at most
+/// [`MAX_SOURCES_PER_IP`] per IP, names no longer than [`MAX_NAME_BYTES`];
+/// and, in [`HitBuilder::finish`], at most [`MAX_SOURCES_PER_HIT`] sources
+/// (one per IP first) and [`MAX_NAMES_PER_HIT`] names.
+#[derive(Debug, Clone)]
+pub struct HitBuilder {
+    hash: ContentHash,
+    names: Vec<NameVariant>,
+    variant_at: HashMap<NameVariant, usize>,
+    /// Sources with their index into `names`.
+    sources: Vec<(NodeId, String, usize)>,
+    ids: HashSet<NodeId>,
+    addrs: HashSet<String>,
+    per_host: HashMap<String, usize>,
+}
+
+impl HitBuilder {
+    pub fn new(hash: ContentHash) -> Self {
+        Self {
+            hash,
+            names: Vec::new(),
+            variant_at: HashMap::new(),
+            sources: Vec::new(),
+            ids: HashSet::new(),
+            addrs: HashSet::new(),
+            per_host: HashMap::new(),
+        }
+    }
+
+    pub fn hash(&self) -> ContentHash {
+        self.hash
+    }
+
+    /// Adds one source and what it announced; false if it is refused (a
+    /// known id or address, an IP at its cap, a name too long).
+    pub fn add(&mut self, id: NodeId, addr: String, variant: &NameVariant) -> bool {
+        if variant.name.len() > MAX_NAME_BYTES || self.ids.contains(&id) {
+            return false;
+        }
+        if self.addrs.contains(&addr) {
+            return false;
+        }
+        let host = host_of(&addr).to_string();
+        let n = self.per_host.entry(host).or_insert(0);
+        if *n >= MAX_SOURCES_PER_IP {
+            return false;
+        }
+        *n += 1;
+        let v = match self.variant_at.get(variant) {
+            Some(&v) => v,
+            None => {
+                self.names.push(variant.clone());
+                self.variant_at
+                    .insert(variant.clone(), self.names.len() - 1);
+                self.names.len() - 1
+            }
+        };
+        self.ids.insert(id);
+        self.addrs.insert(addr.clone());
+        self.sources.push((id, addr, v));
+        true
+    }
+
+    /// Adds every source of another hit of the same hash (a hit of another
+    /// hash adds nothing). Sources that name no variant of it are skipped.
+    pub fn add_hit(&mut self, hit: &Hit) {
+        if hit.hash != self.hash {
+            return;
+        }
+        for s in &hit.sources {
+            if let Some(v) = hit.names.get(s.variant as usize) {
+                self.add(s.id, s.addr.clone(), v);
+            }
+        }
+    }
+
+    /// Sources added so far.
+    pub fn len(&self) -> usize {
+        self.sources.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.sources.is_empty()
+    }
+
+    /// The hit: sources one per IP first (in the order added), then a
+    /// second per IP, and so on, up to [`MAX_SOURCES_PER_HIT`]; its names
+    /// ranked by the independent sources listed, most first, up to
+    /// [`MAX_NAMES_PER_HIT`] (the sources of names cut go too). `None`
+    /// without sources.
+    pub fn finish(self) -> Option<Hit> {
+        // Round-robin over IPs: a listed cap never goes to the many ids of
+        // one machine while other machines wait.
+        let mut turn: HashMap<&str, usize> = HashMap::new();
+        let mut order: Vec<(usize, usize)> = self
+            .sources
+            .iter()
+            .enumerate()
+            .map(|(i, (_, addr, _))| {
+                let t = turn.entry(host_of(addr)).or_insert(0);
+                *t += 1;
+                (*t, i)
+            })
+            .collect();
+        order.sort();
+        order.truncate(MAX_SOURCES_PER_HIT);
+        order.sort_by_key(|&(_, i)| i);
+        let listed: Vec<&(NodeId, String, usize)> =
+            order.iter().map(|&(_, i)| &self.sources[i]).collect();
+
+        // Rank the names on what is listed.
+        let mut sup = vec![Support::default(); self.names.len()];
+        {
+            let mut hosts: Vec<HashSet<&str>> = vec![HashSet::new(); self.names.len()];
+            for (_, addr, v) in &listed {
+                sup[*v].ids += 1;
+                hosts[*v].insert(host_of(addr));
+            }
+            for (s, h) in sup.iter_mut().zip(hosts) {
+                s.ips = h.len();
+            }
+        }
+        let mut ranked: Vec<usize> = (0..self.names.len()).filter(|&v| sup[v].ids > 0).collect();
+        ranked.sort_by(|&a, &b| {
+            sup[a]
+                .key()
+                .cmp(&sup[b].key())
+                .then_with(|| self.names[a].name.cmp(&self.names[b].name))
+                .then_with(|| self.names[a].size.cmp(&self.names[b].size))
+        });
+        ranked.truncate(MAX_NAMES_PER_HIT);
+        let mut new_index = vec![None; self.names.len()];
+        for (new, &old) in ranked.iter().enumerate() {
+            new_index[old] = Some(new as u8);
+        }
+        let sources: Vec<Source> = listed
+            .iter()
+            .filter_map(|(id, addr, v)| {
+                new_index[*v].map(|variant| Source {
+                    id: *id,
+                    addr: addr.clone(),
+                    variant,
+                })
+            })
+            .collect();
+        if sources.is_empty() {
+            return None;
+        }
+        let names = ranked.iter().map(|&v| self.names[v].clone()).collect();
+        Some(Hit {
+            hash: self.hash,
+            names,
+            sources,
+        })
+    }
+}
+
+/// Merges hits of several supernodes or hops by hash, in the order their
+/// hashes first appear; each merged hit is rebuilt (see [`HitBuilder`]).
+pub fn merge(hits: impl IntoIterator<Item = Hit>) -> Vec<Hit> {
+    let mut at: HashMap<ContentHash, usize> = HashMap::new();
+    let mut builders: Vec<HitBuilder> = Vec::new();
+    for hit in hits {
+        let i = *at.entry(hit.hash).or_insert_with(|| {
+            builders.push(HitBuilder::new(hit.hash));
+            builders.len() - 1
+        });
+        builders[i].add_hit(&hit);
+    }
+    builders
+        .into_iter()
+        .filter_map(HitBuilder::finish)
+        .collect()
+}
+
+/// Keeps the sources of `hit` that `keep` accepts, rebuilt; `None` if
+/// none is left.
+pub fn retain_sources(hit: &Hit, mut keep: impl FnMut(&Source) -> bool) -> Option<Hit> {
+    let mut b = HitBuilder::new(hit.hash);
+    for s in &hit.sources {
+        if let Some(v) = hit.names.get(s.variant as usize) {
+            if keep(s) {
+                b.add(s.id, s.addr.clone(), v);
+            }
+        }
+    }
+    b.finish()
+}
+
+impl Hit {
+    /// The name to display: the one most independent sources announce
+    /// (first in a hit built by [`HitBuilder`]); empty if none.
+    pub fn name(&self) -> &str {
+        self.names.first().map_or("", |v| v.name.as_str())
+    }
+
+    /// The size announced with [`Hit::name`]: a claim, for display only.
+    pub fn size(&self) -> u64 {
+        self.names.first().map_or(0, |v| v.size)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(n: u8) -> NodeId {
+        NodeId([n; 32])
+    }
+
+    fn v(name: &str, size: u64) -> NameVariant {
+        NameVariant {
+            name: name.into(),
+            size,
+        }
+    }
+
+    const H: ContentHash = ContentHash([7; 32]);
+
+    #[test]
+    fn hosts_of_addresses() {
+        assert_eq!(host_of("192.0.2.1:7401"), "192.0.2.1");
+        assert_eq!(host_of("[2001:db8::1]:7401"), "2001:db8::1");
+        assert_eq!(host_of("nonsense"), "nonsense");
+        assert_eq!(host_of(":7401"), ":7401");
+    }
+
+    #[test]
+    fn a_lone_lowest_id_does_not_choose_the_name() {
+        let mut b = HitBuilder::new(H);
+        // The liar sorts first and comes first.
+        assert!(b.add(id(0), "10.0.0.9:1".into(), &v("LYING NAME.exe", 300_000)));
+        assert!(b.add(id(5), "10.0.0.1:1".into(), &v("bluemoon.mp3", 300_001)));
+        assert!(b.add(id(6), "10.0.0.2:1".into(), &v("bluemoon.mp3", 300_001)));
+        let hit = b.finish().unwrap();
+        assert_eq!(hit.name(), "bluemoon.mp3");
+        assert_eq!(hit.size(), 300_001);
+        assert_eq!(hit.names.len(), 2);
+        assert_eq!(
+            support(&hit),
+            vec![Support { ips: 2, ids: 2 }, Support { ips: 1, ids: 1 }]
+        );
+        let liar = hit.sources.iter().find(|s| s.id == id(0)).unwrap();
+        assert_eq!(hit.names[liar.variant as usize].name, "LYING NAME.exe");
+    }
+
+    #[test]
+    fn many_ids_on_one_machine_are_one_vote_and_one_address_one_source() {
+        let mut b = HitBuilder::new(H);
+        b.add(id(1), "10.0.0.1:1".into(), &v("honest", 1));
+        b.add(id(2), "10.0.0.2:1".into(), &v("honest", 1));
+        let mut taken = 0;
+        for i in 10..80u8 {
+            // Same address: only the first is listed.
+            taken += b.add(id(i), "10.0.0.9:1".into(), &v("sybil", 1)) as usize;
+        }
+        assert_eq!(taken, 1);
+        for i in 80..150u8 {
+            taken += b.add(id(i), format!("10.0.0.9:{i}"), &v("sybil", 1)) as usize;
+        }
+        assert_eq!(taken, MAX_SOURCES_PER_IP);
+        let hit = b.finish().unwrap();
+        assert_eq!(hit.name(), "honest");
+        assert_eq!(hit.sources.len(), 2 + MAX_SOURCES_PER_IP);
+        assert_eq!(hit_support(&hit).ips, 3);
+    }
+
+    #[test]
+    fn merging_dedupes_by_id_and_address_and_recounts() {
+        let a = Hit {
+            hash: H,
+            names: vec![v("x", 1)],
+            sources: vec![
+                Source {
+                    id: id(1),
+                    addr: "10.0.0.1:1".into(),
+                    variant: 0,
+                },
+                // Names a variant that is not there: dropped.
+                Source {
+                    id: id(3),
+                    addr: "10.0.0.3:1".into(),
+                    variant: 4,
+                },
+            ],
+        };
+        let b = Hit {
+            hash: H,
+            names: vec![v("y", 1), v("x", 1)],
+            sources: vec![
+                Source {
+                    id: id(1),
+                    addr: "10.0.0.5:1".into(),
+                    variant: 0,
+                },
+                Source {
+                    id: id(2),
+                    addr: "10.0.0.1:1".into(),
+                    variant: 0,
+                },
+                Source {
+                    id: id(4),
+                    addr: "10.0.0.4:1".into(),
+                    variant: 1,
+                },
+            ],
+        };
+        let other = Hit {
+            hash: ContentHash([8; 32]),
+            ..a.clone()
+        };
+        let merged = merge([a, other, b]);
+        assert_eq!(merged.len(), 2);
+        let m = &merged[0];
+        assert_eq!(m.sources.len(), 2, "{m:?}");
+        assert_eq!(m.names, vec![v("x", 1)]);
+        assert!(m.sources.iter().all(|s| s.variant == 0));
+    }
+
+    #[test]
+    fn names_and_sources_are_capped_and_indices_stay_valid() {
+        let mut b = HitBuilder::new(H);
+        for i in 0..200u8 {
+            let name = format!("name {}", i % 20);
+            b.add(id(i), format!("10.0.{i}.1:1"), &v(&name, i as u64 % 3));
+        }
+        assert!(!b.add(
+            id(250),
+            "10.1.1.1:1".into(),
+            &v(&"n".repeat(MAX_NAME_BYTES + 1), 1)
+        ));
+        let hit = b.finish().unwrap();
+        assert!(hit.names.len() <= MAX_NAMES_PER_HIT);
+        assert!(hit.sources.len() <= MAX_SOURCES_PER_HIT);
+        assert!(hit
+            .sources
+            .iter()
+            .all(|s| (s.variant as usize) < hit.names.len()));
+        let sup = support(&hit);
+        assert!(sup.windows(2).all(|w| w[0].key() <= w[1].key()));
+    }
+
+    #[test]
+    fn retaining_sources_rebuilds_the_hit() {
+        let mut b = HitBuilder::new(H);
+        b.add(id(1), "10.0.0.1:1".into(), &v("a", 1));
+        b.add(id(2), "10.0.0.2:1".into(), &v("b", 1));
+        b.add(id(3), "10.0.0.3:1".into(), &v("b", 1));
+        let hit = b.finish().unwrap();
+        assert_eq!(hit.name(), "b");
+        let only_a = retain_sources(&hit, |s| s.id == id(1)).unwrap();
+        assert_eq!(only_a.names, vec![v("a", 1)]);
+        assert_eq!(only_a.sources[0].variant, 0);
+        assert!(retain_sources(&hit, |_| false).is_none());
+    }
+
+    #[test]
+    fn hits_rank_by_independent_sources() {
+        let one = |n: u8, hosts: &[u8]| {
+            let mut b = HitBuilder::new(ContentHash([n; 32]));
+            for (i, h) in hosts.iter().enumerate() {
+                b.add(id(n * 10 + i as u8), format!("10.0.0.{h}:{i}"), &v("f", 1));
+            }
+            b.finish().unwrap()
+        };
+        let mut hits = vec![one(1, &[1, 1, 1]), one(2, &[1, 2]), one(3, &[3])];
+        rank(&mut hits);
+        let order: Vec<u8> = hits.iter().map(|h| h.hash.0[0]).collect();
+        assert_eq!(order, vec![2, 1, 3]);
+    }
+}
