@@ -136,8 +136,9 @@ pub enum ConfigError {
 impl Config {
     /// A local configuration on `127.0.0.1:0`, with a fresh identity, for
     /// tests and local networks: those poll searches far faster than a
-    /// person would, so the query limits are 100 times the default; and
-    /// they run every honest node on `127.0.0.1` (or `::1`), so those two
+    /// person would and start hundreds of nodes at once, so the query
+    /// limits are 100 times the default and the total handshake rate 10
+    /// times; and they run every honest node on `127.0.0.1` (or `::1`), so those two
     /// addresses are exempt from the per-address limits. Other loopback
     /// addresses (`127.0.0.2` and up, where tests put attackers) are not.
     pub fn localhost() -> Self {
@@ -146,6 +147,8 @@ impl Config {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             query_rate: default.query_rate * 100.0,
             query_burst: default.query_burst * 100,
+            handshake_rate: default.handshake_rate * 10.0,
+            handshake_burst: default.handshake_burst * 10,
             exempt_ips: vec![
                 std::net::Ipv4Addr::LOCALHOST.into(),
                 std::net::Ipv6Addr::LOCALHOST.into(),

@@ -403,6 +403,10 @@ fn base_transport() -> quinn::TransportConfig {
 pub struct Endpoint {
     inner: quinn::Endpoint,
     identity: Arc<Identity>,
+    /// One client configuration per ALPN, built on first use: building one
+    /// parses the key and sets up TLS, which costs more than a handshake's
+    /// worth of CPU if done for every dial.
+    client_configs: Arc<std::sync::Mutex<Vec<(Vec<u8>, quinn::ClientConfig)>>>,
 }
 
 impl Endpoint {
@@ -415,7 +419,7 @@ impl Endpoint {
         let config = server_config(&identity, alpns)?;
         let inner = quinn::Endpoint::server(config, addr)
             .map_err(|source| EndpointError::Bind { addr, source })?;
-        Ok(Self { inner, identity })
+        Ok(Self::wrap(inner, identity))
     }
 
     /// Like [`Endpoint::bind`], on a socket the caller provides.
@@ -436,7 +440,7 @@ impl Endpoint {
             Arc::new(quinn::TokioRuntime),
         )
         .map_err(|source| EndpointError::Bind { addr, source })?;
-        Ok(Self { inner, identity })
+        Ok(Self::wrap(inner, identity))
     }
 
     /// An endpoint that only dials out, on an ephemeral port of the family
@@ -448,7 +452,7 @@ impl Endpoint {
         };
         let inner =
             quinn::Endpoint::client(addr).map_err(|source| EndpointError::Bind { addr, source })?;
-        Ok(Self { inner, identity })
+        Ok(Self::wrap(inner, identity))
     }
 
     /// An endpoint that only dials out and reaches both IPv4 and IPv6
@@ -467,9 +471,17 @@ impl Endpoint {
                     addr: (Ipv6Addr::UNSPECIFIED, 0).into(),
                     source,
                 })?;
-                Ok(Self { inner, identity })
+                Ok(Self::wrap(inner, identity))
             }
             Err(_) => Self::client(identity, (Ipv4Addr::UNSPECIFIED, 0).into()),
+        }
+    }
+
+    fn wrap(inner: quinn::Endpoint, identity: Arc<Identity>) -> Self {
+        Self {
+            inner,
+            identity,
+            client_configs: Default::default(),
         }
     }
 
@@ -495,6 +507,16 @@ impl Endpoint {
     }
 
     fn client_config(&self, alpn: &[u8]) -> Result<quinn::ClientConfig, EndpointError> {
+        let mut configs = self.client_configs.lock().expect("client configs");
+        if let Some((_, config)) = configs.iter().find(|(a, _)| a == alpn) {
+            return Ok(config.clone());
+        }
+        let config = self.new_client_config(alpn)?;
+        configs.push((alpn.to_vec(), config.clone()));
+        Ok(config)
+    }
+
+    fn new_client_config(&self, alpn: &[u8]) -> Result<quinn::ClientConfig, EndpointError> {
         let mut tls = rustls::ClientConfig::builder_with_provider(crypto_provider())
             .with_protocol_versions(&[&rustls::version::TLS13])?
             .dangerous()

@@ -11,6 +11,12 @@ use clap::{Parser, Subcommand};
 use leaf::{Client, Config, Leaf};
 use servent_proto::ContentHash;
 
+/// mimalloc gives freed memory back to the system: after a flood of
+/// connections or a purged index, the node shrinks again (glibc's malloc
+/// keeps most of it in its per-thread arenas).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// A Servent leaf: share a folder, search the network, download directly from other leaves.
 #[derive(Parser, Debug)]
 #[command(version)]

@@ -7,6 +7,12 @@ use std::process::ExitCode;
 use clap::Parser;
 use supernode::{Config, Supernode};
 
+/// mimalloc gives freed memory back to the system: after a flood of
+/// connections or a purged index, the node shrinks again (glibc's malloc
+/// keeps most of it in its per-thread arenas).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// A Servent supernode: indexes the files of its leaves and answers their queries.
 #[derive(Parser, Debug)]
 #[command(version)]
