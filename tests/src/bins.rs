@@ -6,8 +6,8 @@
 //! This crate cannot name the binaries of other packages with
 //! `CARGO_BIN_EXE_*`, so [`binaries`] builds them once per test process
 //! with the cargo that runs the tests, in the same target dir and profile
-//! (a no-op when `cargo test --workspace` has just built them), and finds
-//! them beside the test executable's `deps/` folder.
+//! as the test executable (a no-op when `cargo test --workspace` has just
+//! built them), and finds them beside its `deps/` folder.
 //!
 //! Every process is started with its pipes drained on threads (so it never
 //! blocks on a full pipe), every wait has a deadline, and a [`Process`]
@@ -59,8 +59,22 @@ fn build() -> Result<Binaries, String> {
     let cargo = std::env::var_os("CARGO")
         .or_else(|| option_env!("CARGO").map(Into::into))
         .unwrap_or_else(|| "cargo".into());
+    // The target dir is the one this test was built in, whatever the
+    // environment says now (the test may be run by hand, without the
+    // CARGO_TARGET_DIR its build had): target/<profile>/ or, for a build
+    // with --target, target/<triple>/<profile>/. Cargo marks its root.
+    let above = profile_dir.parent().ok_or("no target dir")?;
+    let (target_dir, triple) = match above.join("CACHEDIR.TAG").is_file() {
+        true => (above, None),
+        false => (
+            above.parent().ok_or("no target dir")?,
+            above.file_name().and_then(OsStr::to_str),
+        ),
+    };
     let mut cmd = Command::new(cargo);
     cmd.args("build --bins -p servent-supernode -p servent-leaf".split(' '))
+        .arg("--target-dir")
+        .arg(target_dir)
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -87,6 +101,9 @@ fn build() -> Result<Binaries, String> {
         if per_run {
             cmd.env_remove(key);
         }
+    }
+    if let Some(triple) = triple {
+        cmd.args(["--target", triple]);
     }
     match profile.as_str() {
         // The test profile builds into debug/, from the dev profile.
