@@ -9,6 +9,8 @@ use std::time::Duration;
 use servent_proto::ContentHash;
 
 pub mod bench;
+pub mod bins;
+pub mod lab;
 
 pub use leaf::{Client, Leaf};
 pub use supernode::Supernode;

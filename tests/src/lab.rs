@@ -1,0 +1,271 @@
+//! A network lab of Linux network namespaces, for tests that run the real
+//! binaries over an impaired network (`tests/impair.rs`).
+//!
+//! The shape is a star: one router namespace and one namespace per host,
+//! each host joined to the router by a veth pair, on a /24 of its own
+//! (`10.201.<n>.2`, the router being `.1`). Impairments apply where every
+//! packet between two hosts passes, in the router (random loss, with
+//! iptables `statistic`), and at each end of every link (a `tbf` rate cap
+//! each way). The kernel has no `sch_netem`, so there is no delay.
+//! iptables sees the kernel's buffers, and a GSO batch of datagrams (quinn
+//! sends them) is one buffer: the loss is the asked share of datagrams on
+//! average, in bursts of up to a batch.
+//!
+//! The lab touches nothing of the host: the veth pairs are created inside
+//! the lab's namespaces (never in the host's), the addresses, routes,
+//! sysctls and iptables rules all live in them, and dropping the [`Lab`]
+//! kills what still runs inside and deletes the namespaces, which takes
+//! the links with them. Names carry the test process's pid, so runs never
+//! collide, and namespaces left by a run that was killed outright (no
+//! drop) are removed by the next.
+
+use std::net::Ipv4Addr;
+use std::process::{Command, Stdio};
+
+/// The prefix of every namespace a lab makes: `svlab-<pid>-<name>`.
+const PREFIX: &str = "svlab-";
+
+/// Why this machine cannot host a lab, if it cannot: not root, or no
+/// `ip netns`, `iptables` or `tc`.
+pub fn unavailable() -> Option<String> {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let euid = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .unwrap_or("?");
+    if euid != "0" {
+        return Some(format!(
+            "network namespaces need root (effective uid {euid})"
+        ));
+    }
+    for (tool, args) in [
+        ("ip", &["netns", "list"][..]),
+        ("iptables", &["--version"][..]),
+        ("tc", &["-V"][..]),
+    ] {
+        match Command::new(tool).args(args).stdin(Stdio::null()).output() {
+            Err(e) => return Some(format!("cannot run `{tool}`: {e}")),
+            Ok(out) if !out.status.success() => {
+                return Some(format!(
+                    "`{tool} {}` failed: {}",
+                    args.join(" "),
+                    String::from_utf8_lossy(&out.stderr).trim()
+                ))
+            }
+            Ok(_) => {}
+        }
+    }
+    None
+}
+
+/// Runs a command line whose words are separated by spaces (every word
+/// here is a name, a number or an address, none with a space in it),
+/// failing with its stderr unless it succeeds.
+fn sh(line: &str) -> Result<(), String> {
+    let mut words = line.split(' ').filter(|w| !w.is_empty());
+    let program = words.next().ok_or("an empty command line")?;
+    let out = Command::new(program)
+        .args(words)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("cannot run {program}: {e}"))?;
+    match out.status.success() {
+        true => Ok(()),
+        false => Err(format!(
+            "`{line}` failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        )),
+    }
+}
+
+/// The names of all network namespaces (`ip netns list`: `name [(id: n)]`).
+fn namespaces() -> Vec<String> {
+    let out = Command::new("ip")
+        .args(["netns", "list"])
+        .stdin(Stdio::null())
+        .output();
+    let Ok(out) = out else { return Vec::new() };
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .map(str::to_string)
+        .collect()
+}
+
+/// Kills what runs in namespace `ns` (processes a test started there)
+/// and deletes it; errors are ignored, as this is cleanup.
+fn remove_namespace(ns: &str) {
+    if let Ok(out) = Command::new("ip")
+        .args(["netns", "pids", ns])
+        .stdin(Stdio::null())
+        .output()
+    {
+        for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+            if pid.parse::<u32>().is_ok() {
+                let _ = sh(&format!("kill -KILL {pid}"));
+            }
+        }
+    }
+    let _ = sh(&format!("ip netns del {ns}"));
+}
+
+/// A host of the lab: its namespace and its address.
+#[derive(Debug, Clone)]
+pub struct Host {
+    pub netns: String,
+    pub ip: Ipv4Addr,
+    /// The router's end of this host's link.
+    router_port: String,
+}
+
+/// A running lab; deleting its namespaces on drop.
+pub struct Lab {
+    prefix: String,
+    router: String,
+    hosts: Vec<Host>,
+    made: Vec<String>,
+}
+
+impl Lab {
+    /// Creates the router namespace (forwarding on, nothing impaired yet),
+    /// after removing what runs killed before their cleanup left behind.
+    pub fn new() -> Result<Self, String> {
+        Self::remove_stale();
+        let prefix = format!("{PREFIX}{}-", std::process::id());
+        let mut lab = Self {
+            router: format!("{prefix}router"),
+            prefix,
+            hosts: Vec::new(),
+            made: Vec::new(),
+        };
+        let router = lab.router.clone();
+        lab.add_namespace(&router)?;
+        // Written directly rather than with `sysctl`, which a slim machine
+        // may lack; inside the namespace, it is the namespace's own switch.
+        let forwarding = Command::new("ip")
+            .args(["netns", "exec", &router, "sh", "-c"])
+            .arg("echo 1 > /proc/sys/net/ipv4/ip_forward")
+            .stdin(Stdio::null())
+            .status()
+            .map_err(|e| format!("cannot run ip netns exec: {e}"))?;
+        if !forwarding.success() {
+            return Err(format!("cannot turn forwarding on in {router}"));
+        }
+        Ok(lab)
+    }
+
+    /// Namespaces of earlier runs whose test process is gone.
+    fn remove_stale() {
+        for ns in namespaces() {
+            let Some(rest) = ns.strip_prefix(PREFIX) else {
+                continue;
+            };
+            let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else {
+                continue;
+            };
+            if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+                eprintln!("removing namespace {ns} left by an earlier run");
+                remove_namespace(&ns);
+            }
+        }
+    }
+
+    fn add_namespace(&mut self, ns: &str) -> Result<(), String> {
+        sh(&format!("ip netns add {ns}"))?;
+        self.made.push(ns.to_string());
+        sh(&format!("ip -n {ns} link set lo up"))
+    }
+
+    /// Adds a host called `name`, linked to the router, and returns it.
+    pub fn add_host(&mut self, name: &str) -> Result<Host, String> {
+        let n = self.hosts.len() + 1;
+        if n > 250 {
+            return Err("a lab has at most 250 hosts".into());
+        }
+        let ns = format!("{}{name}", self.prefix);
+        self.add_namespace(&ns)?;
+        let port = format!("p{n}");
+        let router = &self.router;
+        // Made inside the router's namespace, its peer moved straight into
+        // the host's: neither end ever exists in the host's own namespace.
+        sh(&format!(
+            "ip -n {router} link add {port} type veth peer name eth0 netns {ns}"
+        ))?;
+        let gateway = format!("10.201.{n}.1");
+        let ip = Ipv4Addr::new(10, 201, n as u8, 2);
+        sh(&format!("ip -n {router} addr add {gateway}/24 dev {port}"))?;
+        sh(&format!("ip -n {router} link set {port} up"))?;
+        sh(&format!("ip -n {ns} addr add {ip}/24 dev eth0"))?;
+        sh(&format!("ip -n {ns} link set eth0 up"))?;
+        sh(&format!("ip -n {ns} route add default via {gateway}"))?;
+        let host = Host {
+            netns: ns,
+            ip,
+            router_port: port,
+        };
+        self.hosts.push(host.clone());
+        Ok(host)
+    }
+
+    /// From now on the router drops each forwarded packet with probability
+    /// `loss` (so each direction of every path loses that share), and each
+    /// link carries at most `rate` (a `tc` rate such as `"20mbit"`) each
+    /// way: shaped on the host's way out and on the router's way to it.
+    pub fn impair(&self, loss: f64, rate: &str) -> Result<(), String> {
+        let router = &self.router;
+        let in_router = format!("ip netns exec {router}");
+        // A rule with no target only counts: every packet forwarded.
+        sh(&format!("{in_router} iptables -A FORWARD"))?;
+        sh(&format!(
+            "{in_router} iptables -A FORWARD -m statistic --mode random --probability {loss:.4} -j DROP"
+        ))?;
+        // A burst of a few dozen packets and a queue of at most 25 ms: the
+        // cap is a link's, not a huge buffer's.
+        let tbf = format!("root tbf rate {rate} burst 32kb latency 25ms");
+        for host in &self.hosts {
+            let (port, ns) = (&host.router_port, &host.netns);
+            sh(&format!("{in_router} tc qdisc add dev {port} {tbf}"))?;
+            sh(&format!("ip netns exec {ns} tc qdisc add dev eth0 {tbf}"))?;
+        }
+        Ok(())
+    }
+
+    /// Packets (as the kernel's buffers: a GSO batch of datagrams counts
+    /// once) the router has forwarded or dropped, and of those dropped,
+    /// since [`Lab::impair`].
+    pub fn packet_counts(&self) -> Option<(u64, u64)> {
+        let out = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &self.router,
+                "iptables",
+                "-nvxL",
+                "FORWARD",
+            ])
+            .stdin(Stdio::null())
+            .output()
+            .ok()?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        // Rows after the two header lines: pkts bytes target prot ...
+        let mut rows = text.lines().skip(2).map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let pkts = f.first().and_then(|n| n.parse::<u64>().ok());
+            (pkts, l.contains("DROP"))
+        });
+        let (seen, _) = rows.next()?;
+        let (dropped, is_drop) = rows.next()?;
+        is_drop.then_some((seen?, dropped?))
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        // Hosts first, the router last: by then nothing is linked to it.
+        for ns in self.made.iter().rev() {
+            remove_namespace(ns);
+        }
+    }
+}
