@@ -20,6 +20,7 @@ pub mod msg;
 pub use frame::FrameError;
 pub use id::{ContentHash, NodeId, ParseIdError};
 pub mod admit;
+pub mod cost;
 pub mod elect;
 pub mod hits;
 pub mod pin;

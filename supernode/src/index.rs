@@ -9,6 +9,7 @@
 use std::collections::HashMap;
 
 use dashmap::DashMap;
+use servent_proto::cost::MAX_EXAMINED;
 use servent_proto::keywords::words;
 use servent_proto::msg::{FileEntry, NameVariant};
 use servent_proto::{ContentHash, NodeId};
@@ -33,6 +34,14 @@ impl Found {
     pub fn owner_ids(&self) -> Vec<NodeId> {
         self.owners.iter().map(|(id, _)| *id).collect()
     }
+}
+
+/// What a keyword search found, and the work it took.
+#[derive(Debug, Default)]
+pub struct Searched {
+    pub found: Vec<Found>,
+    /// Candidates examined (at most [`MAX_EXAMINED`]).
+    pub examined: usize,
 }
 
 #[derive(Default)]
@@ -143,34 +152,40 @@ impl Index {
         }
     }
 
-    /// Files whose names (any owner's) hold every word of `query`.
-    pub fn search(&self, query: &[String], max: usize) -> Vec<Found> {
+    /// Files whose names (any owner's) hold every word of `query`, at most
+    /// `max`, examining at most [`MAX_EXAMINED`] candidates; with how many
+    /// it examined (what the query is charged for, see
+    /// `servent_proto::cost`).
+    pub fn search(&self, query: &[String], max: usize) -> Searched {
+        let mut out = Searched::default();
         if query.is_empty() || max == 0 {
-            return Vec::new();
+            return out;
         }
         // Start from the rarest word: the candidate list is the shortest.
         let mut sizes = Vec::with_capacity(query.len());
         for w in query {
             match self.words.get(w) {
                 Some(set) => sizes.push((set.len(), w)),
-                None => return Vec::new(),
+                None => return out,
             }
         }
         sizes.sort();
         let rarest = sizes[0].1;
+        // Copied out (bounded) so that no map lock is held while the other
+        // words are looked up.
         let candidates: Vec<ContentHash> = match self.words.get(rarest) {
-            Some(set) => set.keys().copied().collect(),
-            None => return Vec::new(),
+            Some(set) => set.keys().take(MAX_EXAMINED).copied().collect(),
+            None => return out,
         };
-        let mut out = Vec::new();
         for hash in candidates {
+            out.examined += 1;
             let all = sizes[1..]
                 .iter()
                 .all(|(_, w)| self.words.get(*w).is_some_and(|s| s.contains_key(&hash)));
             if all {
                 if let Some(found) = self.get(&hash) {
-                    out.push(found);
-                    if out.len() >= max {
+                    out.found.push(found);
+                    if out.found.len() >= max {
                         break;
                     }
                 }
@@ -240,13 +255,13 @@ mod tests {
         )
         .unwrap();
         let q = |s: &str| words(s);
-        assert_eq!(ix.search(&q("blue"), 10).len(), 2);
-        let hits = ix.search(&q("MOON blue"), 10);
+        assert_eq!(ix.search(&q("blue"), 10).found.len(), 2);
+        let hits = ix.search(&q("MOON blue"), 10).found;
         assert_eq!(hits.len(), 1);
         assert_eq!(hits[0].owners[0].1.name, "Blue Moon.mp3");
-        assert!(ix.search(&q("moon sky"), 10).is_empty());
-        assert!(ix.search(&q("nothing"), 10).is_empty());
-        assert_eq!(ix.search(&q("blue"), 1).len(), 1);
+        assert!(ix.search(&q("moon sky"), 10).found.is_empty());
+        assert!(ix.search(&q("nothing"), 10).found.is_empty());
+        assert_eq!(ix.search(&q("blue"), 1).found.len(), 1);
     }
 
     #[test]
@@ -260,13 +275,13 @@ mod tests {
             vec![id(1), id(2)]
         );
         // Either name finds it.
-        assert_eq!(ix.search(&words("b"), 10).len(), 1);
+        assert_eq!(ix.search(&words("b"), 10).found.len(), 1);
         ix.remove_owner(id(1));
         let found = ix.get(&ContentHash([7; 32])).unwrap();
         assert_eq!(found.owner_ids(), vec![id(2)]);
         // Each owner's own name is kept.
         assert_eq!(found.owners[0].1.name, "b.bin");
-        assert!(ix.search(&words("a"), 10).is_empty());
+        assert!(ix.search(&words("a"), 10).found.is_empty());
         ix.remove(id(2), &[ContentHash([7; 32])]);
         assert_eq!(ix.file_count(), 0);
         assert!(ix.words.is_empty(), "no word entries leak");
@@ -277,8 +292,8 @@ mod tests {
         let ix = Index::new();
         ix.add(id(1), &[entry(1, "old name")], 10).unwrap();
         ix.add(id(1), &[entry(1, "new title")], 10).unwrap();
-        assert!(ix.search(&words("old"), 10).is_empty());
-        assert_eq!(ix.search(&words("title"), 10).len(), 1);
+        assert!(ix.search(&words("old"), 10).found.is_empty());
+        assert_eq!(ix.search(&words("title"), 10).found.len(), 1);
         assert_eq!(ix.owner_file_count(&id(1)), 1);
     }
 

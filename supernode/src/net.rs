@@ -397,6 +397,9 @@ fn base_transport() -> quinn::TransportConfig {
     t
 }
 
+/// Client configurations built so far, by ALPN.
+type ClientConfigs = Vec<(Vec<u8>, quinn::ClientConfig)>;
+
 /// A QUIC endpoint carrying a node's identity: it can accept connections for
 /// the ALPNs it was bound with and dial any.
 #[derive(Clone)]
@@ -406,7 +409,7 @@ pub struct Endpoint {
     /// One client configuration per ALPN, built on first use: building one
     /// parses the key and sets up TLS, which costs more than a handshake's
     /// worth of CPU if done for every dial.
-    client_configs: Arc<std::sync::Mutex<Vec<(Vec<u8>, quinn::ClientConfig)>>>,
+    client_configs: Arc<std::sync::Mutex<ClientConfigs>>,
 }
 
 impl Endpoint {

@@ -11,6 +11,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use servent_proto::cost::query_cost;
 use servent_proto::hits::{self, HitBuilder};
 use servent_proto::keywords;
 use servent_proto::limits::{
@@ -39,10 +40,11 @@ const MAX_HOP_BUDGET: Duration = Duration::from_secs(10);
 /// Most hits relayed from one neighbour's answer.
 const MAX_RELAYED_HITS: usize = 4 * MAX_RESULTS as usize;
 
-/// Checks a query and answers it from the local index.
-pub fn local_hits(state: &State, q: &Query) -> Result<Vec<Hit>, ErrorReply> {
+/// Checks a query and answers it from the local index, with what it cost
+/// (in query-limit tokens, `servent_proto::cost`).
+pub fn local_hits(state: &State, q: &Query) -> Result<(Vec<Hit>, f64), ErrorReply> {
     let max = q.max_results.clamp(1, MAX_RESULTS) as usize;
-    let found = match &q.kind {
+    let (found, examined) = match &q.kind {
         QueryKind::Keywords(terms) => {
             let words = keywords::words(&terms.join(" "));
             if words.is_empty() {
@@ -57,11 +59,13 @@ pub fn local_hits(state: &State, q: &Query) -> Result<Vec<Hit>, ErrorReply> {
                     format!("a query may have at most {MAX_QUERY_WORDS} words"),
                 ));
             }
-            state.index.search(&words, max)
+            let searched = state.index.search(&words, max);
+            (searched.found, searched.examined)
         }
-        QueryKind::Hash(h) => state.index.get(h).into_iter().collect(),
+        QueryKind::Hash(h) => (state.index.get(h).into_iter().collect(), 1),
     };
-    Ok(found
+    let cost = query_cost(examined, found.len());
+    let hits = found
         .into_iter()
         .filter_map(|f| {
             // Every owner's own name and size, counted by independent
@@ -74,7 +78,8 @@ pub fn local_hits(state: &State, q: &Query) -> Result<Vec<Hit>, ErrorReply> {
             }
             hit.finish()
         })
-        .collect())
+        .collect();
+    Ok((hits, cost))
 }
 
 /// Hits already sent on one stream, so that only news is sent again.
@@ -146,13 +151,18 @@ enum Event {
 /// Answers a query of one of our leaves: the local index at once, then the
 /// mesh, widening step by step until enough distinct files have been found,
 /// every neighbour has answered, or the search time is over.
+///
+/// `charge` is told what the local search cost beyond the one token the
+/// query took to be let in, for the asker's limits to pay.
 pub async fn serve_leaf_query(
     state: &Arc<State>,
     q: Query,
     send: &mut quinn::SendStream,
+    charge: impl FnOnce(f64),
 ) -> Result<(), ErrorReply> {
     state.metrics.leaf_queries.inc();
-    let local = local_hits(state, &q)?;
+    let (local, cost) = local_hits(state, &q)?;
+    charge(cost - 1.0);
     let mut sent = Sent::default();
     let wanted = q.max_results.clamp(1, MAX_RESULTS) as usize;
     let io = |e: StreamError| ErrorReply::new(ErrorCode::Internal, e.to_string());
@@ -327,8 +337,17 @@ pub async fn serve_mesh_query(
     let result = async {
         // An extension was answered the first time round: only forward it.
         let local = match local_hits(&state, &mq.query) {
-            Ok(h) if answer => h,
-            Ok(_) => Vec::new(),
+            Ok((hits, cost)) => {
+                // The neighbour pays for the work, not just the query.
+                if let Some(mut bucket) = state.mesh.rates.get_mut(&from) {
+                    bucket.take_many(cost - 1.0, Instant::now());
+                }
+                if answer {
+                    hits
+                } else {
+                    Vec::new()
+                }
+            }
             Err(e) => {
                 debug!(error = %e, "bad mesh query");
                 return Ok(());

@@ -93,6 +93,25 @@ impl QueryLimits {
     }
 }
 
+impl QueryLimits {
+    /// Charges `id` at `ip` `extra` tokens more for a query already let in
+    /// (what it cost beyond one token), going into debt if need be: the
+    /// next queries wait until it is paid.
+    pub fn charge(&self, id: NodeId, ip: IpAddr, extra: f64, now: Instant) {
+        if extra <= 0.0 {
+            return;
+        }
+        let mut by_ip = self.by_ip.lock().expect("query limits lock");
+        let mut by_id = self.by_id.lock().expect("query limits lock");
+        if !self.exempt.contains(&ip.to_canonical()) {
+            let ip_rate = self.rate * f64::from(PER_IP_FACTOR);
+            let ip_burst = self.burst.saturating_mul(PER_IP_FACTOR);
+            bucket(&mut by_ip, ip, ip_rate, ip_burst, now).take_many(extra, now);
+        }
+        bucket(&mut by_id, id, self.rate, self.burst, now).take_many(extra, now);
+    }
+}
+
 /// `key`'s bucket, made full if new; when there are too many, the
 /// buckets that are full again are forgotten first.
 fn bucket<K: std::hash::Hash + Eq>(
@@ -399,7 +418,12 @@ async fn query(
             "too many queries: slow down",
         ));
     }
-    routing::serve_leaf_query(state, q, send)
+    let charge = |extra: f64| {
+        state
+            .query_limits
+            .charge(conn.peer.id, remote, extra, Instant::now())
+    };
+    routing::serve_leaf_query(state, q, send, charge)
         .await
         .map_err(|reply| Refusal {
             reply,
