@@ -58,6 +58,12 @@ pub struct Config {
     pub exempt_ips: Vec<std::net::IpAddr>,
     /// Most files one leaf may have indexed. Default 100 000.
     pub max_files_per_leaf: usize,
+    /// Most index entries (a leaf sharing a file) in all. Default
+    /// 10 000 000, about 3 GB at ~300 bytes an entry.
+    pub max_index_entries: usize,
+    /// Most index entries of all the leaves at one IP address (or IPv6
+    /// /64): node ids cost nothing. Default 1 000 000.
+    pub max_index_entries_per_ip: usize,
     /// Sustained queries per second per node id (8 times as many per IP
     /// address). Default 10.
     pub query_rate: f64,
@@ -103,6 +109,8 @@ impl Default for Config {
             max_buffered: 256 << 20,
             exempt_ips: Vec::new(),
             max_files_per_leaf: DEFAULT_MAX_FILES_PER_LEAF,
+            max_index_entries: 10_000_000,
+            max_index_entries_per_ip: 1_000_000,
             query_rate: 10.0,
             query_burst: 20,
             target_neighbors: 8,

@@ -82,6 +82,12 @@ pub struct State {
 impl State {
     pub fn new(id: NodeId, config: Config, elected: bool) -> Self {
         let gate = gate::Gate::new(&config);
+        let index_limits = index::IndexLimits {
+            files_per_leaf: config.max_files_per_leaf,
+            entries: config.max_index_entries,
+            entries_per_ip: config.max_index_entries_per_ip,
+            exempt: config.exempt_ips.clone(),
+        };
         let peers = config.peers.clone();
         let query_limits = session::QueryLimits::new(
             config.query_rate,
@@ -91,7 +97,7 @@ impl State {
         Self {
             id,
             config,
-            index: Index::new(),
+            index: Index::new(index_limits),
             leaves: DashMap::new(),
             mesh: Mesh::new(&peers),
             metrics: Metrics::default(),

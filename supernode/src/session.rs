@@ -303,7 +303,7 @@ async fn register(
                 state.election.offer(id, c, since, addr);
                 state.index.owner_file_count(&id)
             }
-            update => apply(state, id, update)?,
+            update => apply(state, id, addr.ip(), update)?,
         };
         net::write_frame(
             send,
@@ -347,7 +347,7 @@ impl Drop for SessionGuard {
     }
 }
 
-fn apply(state: &State, id: NodeId, update: SessionUpdate) -> Result<usize, Refusal> {
+fn apply(state: &State, id: NodeId, ip: IpAddr, update: SessionUpdate) -> Result<usize, Refusal> {
     match update {
         SessionUpdate::Add(entries) => {
             if entries.len() > MAX_FILES_PER_UPDATE {
@@ -364,7 +364,7 @@ fn apply(state: &State, id: NodeId, update: SessionUpdate) -> Result<usize, Refu
             }
             state
                 .index
-                .add(id, &entries, state.config.max_files_per_leaf)
+                .add(id, ip, &entries)
                 .map_err(|e| Refusal::fatal(ErrorCode::LimitExceeded, e.to_string()))
         }
         SessionUpdate::Candidacy(_) => Ok(state.index.owner_file_count(&id)),
