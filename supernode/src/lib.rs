@@ -82,7 +82,11 @@ pub struct State {
 impl State {
     pub fn new(id: NodeId, config: Config, elected: bool) -> Self {
         let gate = gate::Gate::new(&config);
-        let peers = config.peers.clone();
+        let mesh = Mesh::new(
+            &config.peers,
+            config.mesh_query_rate,
+            config.mesh_query_burst,
+        );
         let query_limits = session::QueryLimits::new(
             config.query_rate,
             config.query_burst,
@@ -93,7 +97,7 @@ impl State {
             config,
             index: Index::new(),
             leaves: DashMap::new(),
-            mesh: Mesh::new(&peers),
+            mesh,
             metrics: Metrics::default(),
             election: election::Election::new(elected),
             query_limits,
