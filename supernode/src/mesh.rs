@@ -1,4 +1,4 @@
-//! The supernode mesh (ALPN `servent-mesh/1`): who our neighbours are, what
+//! The supernode mesh (ALPN `servent-mesh/2`): who our neighbours are, what
 //! we know of other supernodes, and keeping enough links alive.
 //!
 //! Membership is learned by gossip: every neighbour tells us, every

@@ -5,7 +5,10 @@
 //! module carries them out on QUIC streams. A query forwarded to a neighbour
 //! travels on a stream of its own, and that neighbour's hits come back on
 //! the same stream, so hits can only follow the reverse path of a query that
-//! was really forwarded.
+//! was really forwarded. What goes out on each link is shared fairly among
+//! the queries' origins (our own leaves, and the neighbours we forward
+//! for) by `servent_proto::fair`, so that a flooding neighbour spends only
+//! its own share of what the next hop accepts from us.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
