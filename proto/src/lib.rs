@@ -22,6 +22,7 @@ pub use id::{ContentHash, NodeId, ParseIdError};
 pub mod admit;
 pub mod cost;
 pub mod elect;
+pub mod fair;
 pub mod hits;
 pub mod pin;
 pub mod rate;

@@ -34,6 +34,14 @@ pub const DEFAULT_TTL: u8 = 4;
 /// How long a query id is remembered: longer than any query may run.
 pub const SEEN_TTL: Duration = Duration::from_secs(60);
 /// Most query ids remembered; the oldest are forgotten first.
+///
+/// A neighbour that floods fresh ids can only push out old ones, and only
+/// as fast as the mesh query limits let its queries in (a query refused
+/// by the limit is never recorded): at the defaults, 16 neighbours at 200
+/// a second, 3 200 ids a second in all, so an id stays at least 31 s,
+/// longer than any query lives (a hop's budget is at most 10 s). A
+/// forgotten id can only make a late copy be answered twice, never loop:
+/// every copy has one hop less. About 50 bytes an id: 5 MB when full.
 pub const SEEN_CAPACITY: usize = 100_000;
 
 /// A bounded, time-expiring set of query ids.
@@ -264,7 +272,10 @@ impl<N: Clone> DynamicQuery<N> {
 
 /// Caps on how many neighbours may share an address or a /24 (IPv4) or /48
 /// (IPv6), so that one host or network cannot surround a supernode.
-/// Loopback addresses are exempt: they are one machine's own test networks.
+/// Addresses the operator exempts (`exempt_ips`; local test networks
+/// exempt 127.0.0.1 and ::1, where all their honest nodes live) are
+/// neither capped nor counted against others: other loopback addresses,
+/// such as a test's attacker on 127.0.0.2, are capped like any address.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct IpCaps {
     pub per_ip: usize,
@@ -281,13 +292,19 @@ impl Default for IpCaps {
 }
 
 /// Whether one more neighbour at `ip` stays within `caps`, given the
-/// addresses of the current neighbours.
-pub fn ip_allowed(ip: IpAddr, current: impl IntoIterator<Item = IpAddr>, caps: IpCaps) -> bool {
-    if ip.is_loopback() {
+/// addresses of the current neighbours; `exempt` says which addresses the
+/// caps spare.
+pub fn ip_allowed(
+    ip: IpAddr,
+    current: impl IntoIterator<Item = IpAddr>,
+    caps: IpCaps,
+    exempt: impl Fn(IpAddr) -> bool,
+) -> bool {
+    if exempt(ip) {
         return true;
     }
     let (mut same_ip, mut same_net) = (0, 0);
-    for other in current {
+    for other in current.into_iter().filter(|o| !exempt(*o)) {
         if other == ip {
             same_ip += 1;
         }
@@ -326,6 +343,30 @@ mod tests {
         assert!(!s.contains(1), "oldest forgotten first");
         assert!(s.insert(5, t0 + Duration::from_secs(11)));
         assert_eq!(s.len(), 1, "everything older than the TTL expired");
+    }
+
+    #[test]
+    fn a_flood_of_fresh_ids_at_the_mesh_limits_forgets_no_live_query() {
+        // 16 neighbours at 200 queries a second, every one a fresh id, for
+        // twice as long as ids are remembered; an honest query every
+        // second must still be known 10 s on (the longest a query lives).
+        let t0 = Instant::now();
+        let mut s = Seen::default();
+        let mut flood = u64::MAX / 2;
+        for ms in 0..120_000u64 {
+            let now = t0 + Duration::from_millis(ms);
+            for _ in 0..(16 * 200 / 1000 + u64::from(ms % 5 == 0)) {
+                flood += 1;
+                s.insert(flood, now);
+            }
+            if ms % 1000 == 0 {
+                assert!(s.insert(ms, now));
+            }
+            if ms >= 10_000 && ms % 1000 == 0 {
+                assert!(s.contains(ms - 10_000), "honest id from 10 s ago forgotten");
+            }
+            assert!(s.len() <= SEEN_CAPACITY);
+        }
     }
 
     #[test]
@@ -445,13 +486,24 @@ mod tests {
             per_subnet: 3,
         };
         let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let none = |_: IpAddr| false;
         let cur = [ip("10.0.0.1"), ip("10.0.0.1")];
-        assert!(!ip_allowed(ip("10.0.0.1"), cur, caps));
-        assert!(ip_allowed(ip("10.0.0.2"), cur, caps));
+        assert!(!ip_allowed(ip("10.0.0.1"), cur, caps, none));
+        assert!(ip_allowed(ip("10.0.0.2"), cur, caps, none));
         let cur = [ip("10.0.0.1"), ip("10.0.0.2"), ip("10.0.0.3")];
-        assert!(!ip_allowed(ip("10.0.0.4"), cur, caps));
-        assert!(ip_allowed(ip("10.0.1.4"), cur, caps));
+        assert!(!ip_allowed(ip("10.0.0.4"), cur, caps, none));
+        assert!(ip_allowed(ip("10.0.1.4"), cur, caps, none));
         let lo = [ip("127.0.0.1"); 10];
-        assert!(ip_allowed(ip("127.0.0.1"), lo, caps), "loopback is exempt");
+        let exempt = |a: IpAddr| a == ip("127.0.0.1");
+        assert!(ip_allowed(ip("127.0.0.1"), lo, caps, exempt), "exempt");
+        // The exempt neighbours do not count against an attacker on the
+        // same /24, and the attacker is capped like anyone else.
+        assert!(ip_allowed(ip("127.0.0.2"), lo, caps, exempt));
+        let two = [ip("127.0.0.2"), ip("127.0.0.2")];
+        assert!(!ip_allowed(ip("127.0.0.2"), two, caps, exempt));
+        assert!(
+            !ip_allowed(ip("127.0.0.2"), two, caps, none),
+            "loopback is not exempt by itself"
+        );
     }
 }

@@ -73,9 +73,10 @@ pub struct Config {
     pub target_neighbors: usize,
     /// Most mesh neighbours, dialled and accepted. Default 16.
     pub max_neighbors: usize,
-    /// Most neighbours from one IP address (loopback exempt). Default 2.
+    /// Most neighbours from one IP address (`exempt_ips` excepted). Default 2.
     pub neighbors_per_ip: usize,
-    /// Most neighbours from one IPv4 /24 or IPv6 /48 (loopback exempt). Default 4.
+    /// Most neighbours from one IPv4 /24 or IPv6 /48 (`exempt_ips` excepted,
+    /// and not counted). Default 4.
     pub neighbors_per_subnet: usize,
     /// Hops a query of our leaves may travel. Default 4, at most 7.
     pub query_ttl: u8,

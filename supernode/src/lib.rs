@@ -88,7 +88,11 @@ impl State {
             entries_per_ip: config.max_index_entries_per_ip,
             exempt: config.exempt_ips.clone(),
         };
-        let peers = config.peers.clone();
+        let mesh = Mesh::new(
+            &config.peers,
+            config.mesh_query_rate,
+            config.mesh_query_burst,
+        );
         let query_limits = session::QueryLimits::new(
             config.query_rate,
             config.query_burst,
@@ -99,7 +103,7 @@ impl State {
             config,
             index: Index::new(index_limits),
             leaves: DashMap::new(),
-            mesh: Mesh::new(&peers),
+            mesh,
             metrics: Metrics::default(),
             election: election::Election::new(elected),
             query_limits,

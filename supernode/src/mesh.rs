@@ -1,4 +1,4 @@
-//! The supernode mesh (ALPN `servent-mesh/1`): who our neighbours are, what
+//! The supernode mesh (ALPN `servent-mesh/2`): who our neighbours are, what
 //! we know of other supernodes, and keeping enough links alive.
 //!
 //! Membership is learned by gossip: every neighbour tells us, every
@@ -14,6 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
+use servent_proto::fair::{FairForwarder, Origin};
 use servent_proto::limits::{MAX_MESH_FRAME, MAX_SUPERNODE_INFOS};
 use servent_proto::msg::{
     ErrorCode, ErrorReply, MeshControl, MeshRequest, SupernodeInfo, ALPN_MESH,
@@ -106,10 +107,15 @@ pub struct Mesh {
     pub seen: Mutex<Seen>,
     /// Per-neighbour mesh query rate limits.
     pub rates: DashMap<NodeId, TokenBucket>,
+    /// What we forward on each link, shared fairly among the origins of
+    /// the queries (`servent_proto::fair`).
+    pub fair: Mutex<FairForwarder<NodeId, Origin<NodeId>>>,
 }
 
 impl Mesh {
-    pub fn new(bootstrap: &[String]) -> Self {
+    /// `mesh_query_rate` and `mesh_query_burst`: what a neighbour accepts
+    /// from us (assumed to be what we accept from each of them).
+    pub fn new(bootstrap: &[String], mesh_query_rate: f64, mesh_query_burst: u32) -> Self {
         let now = Instant::now();
         Self {
             neighbours: DashMap::new(),
@@ -128,6 +134,7 @@ impl Mesh {
             dialing: Mutex::new(HashSet::new()),
             seen: Mutex::new(Seen::default()),
             rates: DashMap::new(),
+            fair: Mutex::new(FairForwarder::new(mesh_query_rate, mesh_query_burst)),
         }
     }
 
@@ -348,8 +355,9 @@ impl Mesh {
         v.into_iter().map(|(_, id, addr)| (id, addr)).collect()
     }
 
-    fn ip_caps_allow(&self, addr: SocketAddr, caps: IpCaps) -> bool {
-        ip_allowed(addr.ip(), self.neighbours.iter().map(|n| n.addr.ip()), caps)
+    fn ip_caps_allow(&self, addr: SocketAddr, caps: IpCaps, config: &crate::Config) -> bool {
+        let current = self.neighbours.iter().map(|n| n.addr.ip());
+        ip_allowed(addr.ip(), current, caps, |ip| config.is_exempt(ip))
     }
 
     /// Adds a link, settling a duplicate deterministically: of two links
@@ -722,7 +730,7 @@ fn welcome(
             state.config.max_neighbors
         ));
     }
-    if !existing && !state.mesh.ip_caps_allow(addr, caps(state)) {
+    if !existing && !state.mesh.ip_caps_allow(addr, caps(state), &state.config) {
         return Err(format!("too many neighbours from {}", addr.ip()));
     }
     let n = Neighbour {
@@ -827,6 +835,7 @@ async fn run_link(
     if let Some((_, n)) = state.mesh.neighbours.remove_if(&id, |_, n| same(n)) {
         state.mesh.remember(id, &n, Instant::now());
         state.mesh.rates.remove(&id);
+        state.mesh.fair.lock().expect("fair lock").remove_link(&id);
         info!("link down");
     }
     conn.close(0u32.into(), b"link closed");
@@ -850,7 +859,7 @@ mod tests {
 
     #[test]
     fn one_neighbour_cannot_flood_the_known_table() {
-        let mesh = Mesh::new(&[]);
+        let mesh = Mesh::new(&[], 200.0, 400);
         let me = NodeId([0xee; 32]);
         let (honest, hostile) = (NodeId([1; 32]), NodeId([2; 32]));
         let now = Instant::now();

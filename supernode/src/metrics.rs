@@ -20,6 +20,9 @@ pub struct Metrics {
     pub queries_processed: Counter,
     /// Query messages sent to neighbours.
     pub queries_forwarded: Counter,
+    /// Query messages not sent to a neighbour, to keep their origin to its
+    /// fair share of that link (`servent_proto::fair`).
+    pub queries_unforwarded: Counter,
     /// Mesh queries dropped because their id had been seen.
     pub queries_duplicate: Counter,
     /// Mesh queries seen before but forwarded again, farther (not answered again).
@@ -37,7 +40,7 @@ pub type Field = fn(&Metrics) -> &Counter;
 
 /// Every counter of [`Metrics`]: its `/metrics` name (`prometheus_client`
 /// appends `_total`), its help, and where it is.
-pub const COUNTERS: [(&str, &str, Field); 8] = [
+pub const COUNTERS: [(&str, &str, Field); 9] = [
     (
         "servent_leaf_queries",
         "Queries received from this supernode's own leaves",
@@ -57,6 +60,11 @@ pub const COUNTERS: [(&str, &str, Field); 8] = [
         "servent_queries_forwarded",
         "Query messages sent to mesh neighbours",
         |m| &m.queries_forwarded,
+    ),
+    (
+        "servent_queries_unforwarded",
+        "Query messages not sent to a neighbour, to keep their origin to its fair share of that link",
+        |m| &m.queries_unforwarded,
     ),
     (
         "servent_queries_duplicate",

@@ -5,13 +5,17 @@
 //! module carries them out on QUIC streams. A query forwarded to a neighbour
 //! travels on a stream of its own, and that neighbour's hits come back on
 //! the same stream, so hits can only follow the reverse path of a query that
-//! was really forwarded.
+//! was really forwarded. What goes out on each link is shared fairly among
+//! the queries' origins (our own leaves, and the neighbours we forward
+//! for) by `servent_proto::fair`, so that a flooding neighbour spends only
+//! its own share of what the next hop accepts from us.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use servent_proto::cost::query_cost;
+use servent_proto::fair::Origin;
 use servent_proto::hits::{self, HitBuilder};
 use servent_proto::keywords;
 use servent_proto::limits::{
@@ -153,9 +157,11 @@ enum Event {
 /// every neighbour has answered, or the search time is over.
 ///
 /// `charge` is told what the local search cost beyond the one token the
-/// query took to be let in, for the asker's limits to pay.
+/// query took to be let in, for the asker's limits to pay. `leaf` is the
+/// asker, whose fair share of each link the mesh query is charged to.
 pub async fn serve_leaf_query(
     state: &Arc<State>,
+    leaf: NodeId,
     q: Query,
     send: &mut quinn::SendStream,
     charge: impl FnOnce(f64),
@@ -209,7 +215,19 @@ pub async fn serve_leaf_query(
                 timeout_ms: budget.as_millis() as u32,
                 query: q.clone(),
             };
-            ask(state, &mut asks, n, mq, tx.clone());
+            if !ask(
+                state,
+                &mut asks,
+                n,
+                mq,
+                tx.clone(),
+                Origin::Leaf(leaf),
+                cost,
+            ) {
+                // Not sent: as if that neighbour had found nothing.
+                plan.on_answer(0);
+                plan.hurry_if_idle(now);
+            }
         }
         if plan.is_done(now) {
             break;
@@ -236,14 +254,30 @@ pub async fn serve_leaf_query(
     Ok(())
 }
 
-/// Starts asking neighbour `to`; its hits and its end arrive on `tx`.
+/// Starts asking neighbour `to`, if `origin` is within its fair share of
+/// that link (`servent_proto::fair`; `cost` is what the query cost here,
+/// the estimate of what it costs there); its hits and its end then arrive
+/// on `tx`. Returns whether it was sent.
 fn ask(
     state: &Arc<State>,
     asks: &mut JoinSet<()>,
     to: NodeId,
     mq: MeshQuery,
     tx: mpsc::Sender<Event>,
-) {
+    origin: Origin<NodeId>,
+    cost: f64,
+) -> bool {
+    let verdict =
+        state
+            .mesh
+            .fair
+            .lock()
+            .expect("fair lock")
+            .decide(Instant::now(), &to, &origin, cost);
+    if !verdict.forwards() {
+        state.metrics.queries_unforwarded.inc();
+        return false;
+    }
     let conn = state.mesh.neighbours.get(&to).map(|n| n.conn.clone());
     let state = state.clone();
     asks.spawn(
@@ -257,6 +291,7 @@ fn ask(
         }
         .in_current_span(),
     );
+    true
 }
 
 async fn relay(
@@ -336,16 +371,16 @@ pub async fn serve_mesh_query(
     let deadline = now + budget;
     let result = async {
         // An extension was answered the first time round: only forward it.
-        let local = match local_hits(&state, &mq.query) {
+        let (local, cost) = match local_hits(&state, &mq.query) {
             Ok((hits, cost)) => {
                 // The neighbour pays for the work, not just the query.
                 if let Some(mut bucket) = state.mesh.rates.get_mut(&from) {
                     bucket.take_many(cost - 1.0, Instant::now());
                 }
                 if answer {
-                    hits
+                    (hits, cost)
                 } else {
-                    Vec::new()
+                    (Vec::new(), cost)
                 }
             }
             Err(e) => {
@@ -362,9 +397,11 @@ pub async fn serve_mesh_query(
         let (tx, mut rx) = mpsc::channel::<Event>(64);
         let mut asks = JoinSet::new();
         let child = MeshQuery { id: mq.id, ttl, timeout_ms: child_budget.as_millis() as u32, query: mq.query.clone() };
-        let mut outstanding = forward.len();
+        let mut outstanding = 0;
         for n in forward {
-            ask(&state, &mut asks, n, child.clone(), tx.clone());
+            // The sender spends only its own share of each onward link.
+            let origin = Origin::Neighbour(from);
+            outstanding += usize::from(ask(&state, &mut asks, n, child.clone(), tx.clone(), origin, cost));
         }
         drop(tx);
         while outstanding > 0 {

@@ -423,7 +423,7 @@ async fn query(
             .query_limits
             .charge(conn.peer.id, remote, extra, Instant::now())
     };
-    routing::serve_leaf_query(state, q, send, charge)
+    routing::serve_leaf_query(state, conn.peer.id, q, send, charge)
         .await
         .map_err(|reply| Refusal {
             reply,
