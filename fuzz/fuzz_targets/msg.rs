@@ -1,8 +1,13 @@
 //! Every message decoder: each top-level message enum, read from a whole
 //! frame with the limit the nodes read it with. A frame that decodes
-//! re-encodes within the same limit to a frame that decodes to the same
-//! message, and that encoding is canonical (encoding it again gives the
-//! same bytes).
+//! re-encodes to a frame that decodes to the same message, and that
+//! encoding is canonical (encoding it again gives the same bytes).
+//!
+//! Not asserted: that the canonical frame is no longer than the one read,
+//! nor within the same limit. The reference decoder accepts a variant by
+//! its index (PROTOCOL.md section 6), and `00` for `LeafReply::Accepted` is
+//! shorter than its name (`corpus/msg/regress-variant-by-index`, which an
+//! earlier version of this target wrongly failed on).
 //!
 //! Input: one byte picks the message type, the rest is the frame.
 #![no_main]
@@ -28,12 +33,10 @@ where
     let Ok(msg) = frame::parse_exact::<T>(buf, max) else {
         return;
     };
-    let again = frame::encode(&msg, max)
-        .unwrap_or_else(|e| panic!("{msg:?} was read within {max} bytes but encodes to: {e}"));
-    assert!(again.len() <= buf.len(), "the canonical encoding is the shortest");
-    let back: T = frame::parse_exact(&again, max).expect("a frame we encoded decodes");
+    let again = frame::encode(&msg, usize::MAX).expect("a message read encodes");
+    let back: T = frame::parse_exact(&again, usize::MAX).expect("a frame we encoded decodes");
     assert_eq!(back, msg);
-    assert_eq!(frame::encode(&back, max).unwrap(), again);
+    assert_eq!(frame::encode(&back, usize::MAX).unwrap(), again);
 }
 
 fuzz_target!(|data: &[u8]| {
