@@ -524,17 +524,26 @@ impl Client {
 pub const MAX_SAFE_NAME_BYTES: usize = 200;
 
 /// A name from the network made safe to create in the current folder, on
-/// any platform: its last component only; no control characters and none
+/// any platform: its last component only, in NFC; none of the characters
+/// `servent_proto::name` refuses (controls, bidi controls, zero-width and
+/// other invisible characters; a name from a hostile supernode is
+/// neutralised here, not refused, since the download goes on) and none
 /// that Windows forbids (`<>:"|?*`); not hidden, not `.`/`..`; no trailing
 /// dots or spaces; not a Windows device name (`CON`, `NUL`, `COM1`, ... with
 /// any extension), which gets a `_` prefix; at most
 /// [`MAX_SAFE_NAME_BYTES`].
 pub fn safe_file_name(name: &str) -> Option<String> {
     let last = name.rsplit(['/', '\\']).next()?;
-    let clean: String = last
+    let kept: String = last
         .chars()
-        .filter(|c| !c.is_control() && !matches!(c, '<' | '>' | ':' | '"' | '|' | '?' | '*'))
+        .filter(|&c| {
+            servent_proto::name::refused_class(c).is_none()
+                && !matches!(c, '<' | '>' | ':' | '"' | '|' | '?' | '*')
+        })
         .collect();
+    // Normalised after the filter: what it dropped may have kept a letter
+    // and its accent apart.
+    let clean = servent_proto::name::nfc(&kept);
     let mut clean = clean
         .trim()
         .trim_start_matches('.')
@@ -597,5 +606,19 @@ mod tests {
             Some("evil.dll")
         );
         assert_eq!(safe_file_name("C:evil").as_deref(), Some("Cevil"));
+        // What disguises a name is dropped: "\u{202e}gpj.exe" shows as "exe.jpg".
+        assert_eq!(
+            safe_file_name("\u{202e}gpj.exe").as_deref(),
+            Some("gpj.exe")
+        );
+        assert_eq!(
+            safe_file_name("a\u{200b}b\u{feff}\u{2028}c\u{fffe}").as_deref(),
+            Some("abc")
+        );
+        assert_eq!(safe_file_name("cafe\u{301}").as_deref(), Some("caf\u{e9}"));
+        assert_eq!(
+            safe_file_name("cafe\u{200b}\u{301}").as_deref(),
+            Some("caf\u{e9}")
+        );
     }
 }

@@ -2,11 +2,13 @@
 //! noticing changes, and the lookup the transfer server serves from.
 //!
 //! Only regular files below the share root are shared. Symbolic links are
-//! never followed, hidden files (a name starting with `.`) and partial
-//! downloads are skipped, and a file is served only while its size and
-//! modification time are those it had when it was hashed.
+//! never followed, hidden files (a name starting with `.`), partial
+//! downloads and files whose names `servent_proto::name` refuses (bidi
+//! controls, zero-width characters, ...: a warning names each once) are
+//! skipped, names are announced in NFC, and a file is served only while its
+//! size and modification time are those it had when it was hashed.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -15,6 +17,7 @@ use dashmap::DashMap;
 use serde::{Deserialize, Serialize};
 use servent_proto::limits::MAX_NAME_BYTES;
 use servent_proto::msg::{truncate_utf8, FileEntry};
+use servent_proto::name::{self, NameError};
 use servent_proto::ContentHash;
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
@@ -119,6 +122,9 @@ pub struct Share {
     /// Bumped after every change to `files`; links and waiters watch it.
     version: watch::Sender<u64>,
     progress: Mutex<ScanProgress>,
+    /// Files found whose names cannot be announced, warned about once
+    /// (owned by the scanner; only those still there are kept).
+    refused: Mutex<HashSet<PathBuf>>,
 }
 
 impl Share {
@@ -138,6 +144,7 @@ impl Share {
             paths: Mutex::new(HashMap::new()),
             version: watch::channel(0).0,
             progress: Mutex::new(ScanProgress::default()),
+            refused: Mutex::new(HashSet::new()),
         }))
     }
 
@@ -183,7 +190,7 @@ impl Share {
             .filter_map(|p| {
                 Some(FileEntry {
                     hash: p.hash,
-                    name: announce_name(Path::new(&p.name))?,
+                    name: announce_name(Path::new(&p.name)).ok()?,
                     size: p.size,
                 })
             });
@@ -351,7 +358,7 @@ impl Share {
     }
 
     fn share(&self, path: &Path, stamp: Stamp, hash: ContentHash) {
-        let Some(name) = announce_name(path) else {
+        let Ok(name) = announce_name(path) else {
             debug!(path = %path.display(), "name cannot be announced; not shared");
             return;
         };
@@ -375,7 +382,7 @@ impl Share {
         }
         match paths.iter().find(|(_, (_, h))| *h == hash) {
             Some((other, (stamp, _))) => {
-                let Some(name) = announce_name(other) else {
+                let Ok(name) = announce_name(other) else {
                     self.files.remove(&hash);
                     return;
                 };
@@ -399,9 +406,12 @@ impl Share {
     }
 
     /// Regular files below the root with their stamps. Symlinks are not
-    /// followed, not even to files inside the share.
+    /// followed, not even to files inside the share. Files whose names
+    /// cannot be announced are left out (and not hashed), with a warning
+    /// the first time each is seen.
     fn walk(&self) -> HashMap<PathBuf, Stamp> {
         let mut out = HashMap::new();
+        let mut refused = HashSet::new();
         let walker = walkdir::WalkDir::new(&self.root)
             .follow_links(false)
             .into_iter()
@@ -419,11 +429,25 @@ impl Share {
             {
                 continue;
             }
+            if let Err(e) = announce_name(entry.path()) {
+                let path = entry.into_path();
+                if !self.was_refused(&path) {
+                    // Debug-quoted: the name may hold what a terminal obeys.
+                    warn!(path = ?path, error = %e, "not shared: its name cannot be announced");
+                }
+                refused.insert(path);
+                continue;
+            }
             if let Ok(meta) = entry.metadata() {
                 out.insert(entry.into_path(), Stamp::of(&meta));
             }
         }
+        *self.refused.lock().expect("refused lock") = refused;
         out
+    }
+
+    fn was_refused(&self, path: &Path) -> bool {
+        self.refused.lock().expect("refused lock").contains(path)
     }
 
     /// Removes the layers of content the cache no longer knows, so that
@@ -495,15 +519,26 @@ impl Share {
     }
 }
 
-/// The name under which a file is announced: its last path component,
-/// cut to the protocol's limit; `None` if it cannot be sent.
-fn announce_name(path: &Path) -> Option<String> {
-    let mut name = path.file_name()?.to_str()?.to_string();
-    if name.chars().any(|c| c.is_control() || c == '\\') {
-        return None;
-    }
+/// Why a file's name cannot be announced.
+#[derive(Debug, thiserror::Error)]
+enum Unannounceable {
+    #[error("file name is not UTF-8")]
+    NotUtf8,
+    #[error(transparent)]
+    Name(#[from] NameError),
+}
+
+/// The name under which a file is announced: its last path component in
+/// NFC, cut to the protocol's limit, if `servent_proto::name` allows it.
+fn announce_name(path: &Path) -> Result<String, Unannounceable> {
+    let raw = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .ok_or(Unannounceable::NotUtf8)?;
+    let mut name = name::nfc(raw);
     truncate_utf8(&mut name, MAX_NAME_BYTES);
-    (!name.is_empty()).then_some(name)
+    // Normalised again: the cut may have left a form that composes.
+    Ok(name::sanitise(&name)?)
 }
 
 const LAYER_EXT: &str = "layer";

@@ -1069,3 +1069,38 @@ fn get_killed_halfway_continues_from_its_verified_ranges() {
     );
     assert!(std::fs::read(&out).unwrap() == content);
 }
+
+#[test]
+fn serve_skips_a_disguised_name_and_logs_it_escaped() {
+    let supernode = TestSupernode::start();
+    // Shown raw, "\u{202e}gpj.exe" reads "exe.jpg".
+    let share = share_with(&[("\u{202e}gpj.exe", b"disguised"), ("plain.txt", b"plain")]);
+    let data = tempfile::tempdir().unwrap();
+    let mut serving = Serving::start(&supernode, share.path(), data.path());
+    let me = tempfile::tempdir().unwrap();
+    wait_for_hit(&supernode, me.path(), "plain", &blake3_hex(b"plain"), 1);
+    assert_eq!(
+        search_json(Some(&supernode), me.path(), &["gpj"]),
+        Vec::<Value>::new()
+    );
+    // The scan warned before it announced: the line is there or on its way.
+    let deadline = Instant::now() + COMMAND_TIMEOUT;
+    while !serving.stderr().contains("not shared") && Instant::now() < deadline {
+        thread::sleep(POLL);
+    }
+    let stderr = serving.stderr();
+    assert!(
+        stderr.contains("not shared: its name cannot be announced")
+            && stderr.contains("\\u{202e}gpj.exe"),
+        "{stderr}"
+    );
+    assert!(
+        !stderr.contains('\u{202e}'),
+        "a raw bidi control on stderr: {stderr:?}"
+    );
+    assert!(
+        serving.terminate().success(),
+        "stderr:\n{}",
+        serving.stderr()
+    );
+}

@@ -16,6 +16,7 @@ pub mod id;
 pub mod keywords;
 pub mod limits;
 pub mod msg;
+pub mod name;
 
 pub use frame::FrameError;
 pub use id::{ContentHash, NodeId, ParseIdError};

@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use servent_proto::limits::{
-    MAX_FILES_PER_UPDATE, MAX_NAME_BYTES, MAX_REPLY_FRAME, MAX_REQUEST_FRAME, MAX_UPDATE_FRAME,
+    MAX_FILES_PER_UPDATE, MAX_REPLY_FRAME, MAX_REQUEST_FRAME, MAX_UPDATE_FRAME,
 };
 use servent_proto::msg::{
     ErrorCode, ErrorReply, FileEntry, LeafRequest, Query, SessionUpdate, SupernodeReply,
@@ -383,22 +383,12 @@ fn apply(state: &State, id: NodeId, ip: IpAddr, update: SessionUpdate) -> Result
     }
 }
 
-/// A file name must be one plain path component a person could type.
+/// A file name must be one plain path component a person could read and
+/// type, in NFC: the rule of `servent_proto::name`.
 fn invalid_name(e: &FileEntry) -> Option<String> {
-    let n = &e.name;
-    if n.is_empty() || n.len() > MAX_NAME_BYTES {
-        return Some(format!(
-            "file name must be 1 to {MAX_NAME_BYTES} bytes, got {}",
-            n.len()
-        ));
-    }
-    if n == "." || n == ".." || n.chars().any(|c| c == '/' || c == '\\' || c.is_control()) {
-        return Some(format!(
-            "file name {:?} is not a plain file name",
-            n.chars().take(64).collect::<String>()
-        ));
-    }
-    None
+    servent_proto::name::check(&e.name)
+        .err()
+        .map(|err| err.to_string())
 }
 
 async fn query(

@@ -527,3 +527,99 @@ async fn a_bad_registration_update_ends_only_that_leaf_session() {
         .expect("only the offender is gone");
     assert_eq!(sn.file_count(), 1);
 }
+
+#[tokio::test]
+async fn a_name_with_a_bidi_override_ends_only_that_leaf_session() {
+    use servent_proto::msg::{FileEntry, SessionUpdate};
+    let sn = supernode().await;
+    let a = TestLeaf::start(&[&sn], &[("kept.txt", b"kept")]).await;
+    a.wait_indexed(1).await;
+
+    let ep = raw_endpoint();
+    let peer = ep.connect(sn.addr(), ALPN_LEAF, None).await.unwrap();
+    let (mut send, mut recv) = peer.conn.open_bi().await.unwrap();
+    net::write_frame(&mut send, &LeafRequest::Register { listen_port: 9 }, 1024)
+        .await
+        .unwrap();
+    let reply = net::read_frame::<SupernodeReply>(&mut recv, MAX_REPLY_FRAME)
+        .await
+        .unwrap();
+    assert!(matches!(reply, Some(SupernodeReply::Registered { .. })));
+    let entry = |n: u8, name: &str| FileEntry {
+        hash: ContentHash([n; 32]),
+        name: name.into(),
+        size: 1,
+    };
+    // A good batch is indexed...
+    net::write_frame(
+        &mut send,
+        &SessionUpdate::Add(vec![entry(1, "report.pdf")]),
+        1 << 20,
+    )
+    .await
+    .unwrap();
+    let reply = net::read_frame::<SupernodeReply>(&mut recv, MAX_REPLY_FRAME)
+        .await
+        .unwrap();
+    assert!(matches!(reply, Some(SupernodeReply::Indexed { files: 1 })));
+    assert_eq!(sn.file_count(), 2);
+    // ...and one name shown as "exe.jpg" ends the session: an error that
+    // says why and quotes the name escaped, then the connection closes.
+    let batch = vec![entry(2, "holiday.jpg"), entry(3, "\u{202e}gpj.exe")];
+    net::write_frame(&mut send, &SessionUpdate::Add(batch), 1 << 20)
+        .await
+        .unwrap();
+    let reply = net::read_frame::<SupernodeReply>(&mut recv, MAX_REPLY_FRAME)
+        .await
+        .unwrap();
+    let Some(SupernodeReply::Error(e)) = reply else {
+        panic!("wanted an error, got {reply:?}");
+    };
+    assert_eq!(e.code, ErrorCode::BadRequest);
+    assert_eq!(
+        e.message,
+        "file name \"\\u{202e}gpj.exe\" holds a bidirectional control ('\\u{202e}')"
+    );
+    tokio::time::timeout(T, peer.conn.closed())
+        .await
+        .expect("offender disconnected");
+
+    // Its session and everything it announced are gone; the other leaf's
+    // files stay.
+    wait_for(T, || async { sn.leaf_count() == 1 && sn.file_count() == 1 })
+        .await
+        .expect("only the offender is gone");
+    let hits = a
+        .client(&[&sn])
+        .search(&words("kept"), 10, T)
+        .await
+        .unwrap();
+    assert_eq!(hits.len(), 1);
+}
+
+#[tokio::test]
+async fn a_leaf_announces_nfc_names_and_skips_names_the_rule_refuses() {
+    let files: &[(&str, &[u8])] = &[
+        ("ok.txt", b"ok"),
+        // NFD, as macOS writes names: announced as NFC "café.txt".
+        ("cafe\u{301}.txt", b"coffee"),
+        ("\u{202e}gpj.exe", b"disguised"),
+        ("zero\u{200b}width.txt", b"invisible"),
+        ("line\u{2028}break.txt", b"separator"),
+    ];
+    let sn = supernode().await;
+    let a = TestLeaf::start(&[&sn], files).await;
+    a.wait_indexed(2).await;
+    assert_eq!(sn.file_count(), 2);
+    let client = a.client(&[&sn]);
+    let hits = client.search(&words("café"), 10, T).await.unwrap();
+    assert_eq!(hits.len(), 1);
+    assert_eq!(hits[0].name(), "caf\u{e9}.txt");
+    assert_eq!(hits[0].hash, hash_of(b"coffee"));
+    for word in ["gpj", "exe", "width", "break"] {
+        let hits = client.search(&words(word), 10, T).await.unwrap();
+        assert!(hits.is_empty(), "{word}: {hits:?}");
+    }
+    // The session is still up: the leaf was not refused for them.
+    assert_eq!(sn.leaf_count(), 1);
+}

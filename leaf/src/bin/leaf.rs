@@ -9,6 +9,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use leaf::{Client, Config, Leaf};
+use servent_proto::name::{refused_class, CharClass, Escaped};
 use servent_proto::ContentHash;
 
 /// mimalloc gives freed memory back to the system: after a flood of
@@ -120,7 +121,7 @@ async fn show_progress(mut rx: tokio::sync::watch::Receiver<leaf::transfer::Prog
                 "fetched": p.fetched,
                 "sources": p.sources,
             });
-            if writeln!(std::io::stdout().lock(), "{line}").is_err() {
+            if writeln!(std::io::stdout().lock(), "{}", json_line(&line)).is_err() {
                 return;
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
@@ -131,12 +132,31 @@ async fn show_progress(mut rx: tokio::sync::watch::Receiver<leaf::transfer::Prog
     }
 }
 
+/// `value` as one line of JSON that a terminal shows as it is: every
+/// character `servent_proto::name` refuses (names come from the network)
+/// is written as a `\uXXXX` escape, which leaves the JSON value the same.
+fn json_line(value: &serde_json::Value) -> String {
+    let mut out = String::new();
+    for c in value.to_string().chars() {
+        match refused_class(c) {
+            None | Some(CharClass::PathSeparator) => out.push(c),
+            Some(_) => {
+                for unit in c.encode_utf16(&mut [0; 2]) {
+                    out.push_str(&format!("\\u{unit:04x}"));
+                }
+            }
+        }
+    }
+    out
+}
+
 fn main() -> ExitCode {
     supernode::init_logging("warn,leaf=info");
     match run(Args::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {}", supernode::error_line(e.as_ref()));
+            // An error may quote what a supernode or a peer said.
+            eprintln!("error: {}", Escaped(&supernode::error_line(e.as_ref())));
             ExitCode::FAILURE
         }
     }
@@ -217,7 +237,7 @@ fn run(args: Args) -> anyhow::Result<()> {
                             // addresses the supernodes saw it connect from.
                             "addrs": hit.sources.iter().map(|s| &s.addr).collect::<Vec<_>>(),
                         });
-                        writeln!(out, "{line}")?;
+                        writeln!(out, "{}", json_line(&line))?;
                     } else {
                         let others = match hit.names.len() {
                             0 | 1 => String::new(),
@@ -229,7 +249,7 @@ fn run(args: Args) -> anyhow::Result<()> {
                             hit.hash,
                             hit.size(),
                             hit.sources.len(),
-                            hit.name()
+                            Escaped(hit.name())
                         )?;
                     }
                 }
@@ -256,9 +276,9 @@ fn run(args: Args) -> anyhow::Result<()> {
                         "size": done.size,
                         "fetched": done.fetched,
                     });
-                    writeln!(std::io::stdout().lock(), "{line}")?;
+                    writeln!(std::io::stdout().lock(), "{}", json_line(&line))?;
                 }
-                tracing::info!(path = %path.display(), "saved");
+                tracing::info!(path = ?path, "saved");
             }
             Command::Probe { .. } => unreachable!("handled before the data dir"),
         }
@@ -269,4 +289,30 @@ fn run(args: Args) -> anyhow::Result<()> {
     // unanswered DNS query takes 10 s): exit without waiting for it.
     runtime.shutdown_background();
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_lines_escape_what_a_terminal_obeys_and_keep_the_value() {
+        let name = "\u{202e}gpj.exe a\u{200b}b\u{2028}\u{7f}\u{85}\u{e0041}/é";
+        let value = serde_json::json!({ "name": name });
+        let line = json_line(&value);
+        assert_eq!(
+            line,
+            r#"{"name":"\u202egpj.exe a\u200bb\u2028\u007f\u0085\udb40\udc41/é"}"#
+        );
+        let back: serde_json::Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(back, value);
+    }
+
+    #[test]
+    fn text_output_escapes_names() {
+        assert_eq!(
+            Escaped("\u{202e}gpj.exe\n").to_string(),
+            "\\u{202e}gpj.exe\\u{a}"
+        );
+    }
 }
