@@ -441,3 +441,25 @@ async fn requests_are_answered_without_waiting_for_an_upload_slot() {
         "Have took {layer_took:?}"
     );
 }
+
+#[tokio::test]
+async fn under_load_every_new_address_proves_itself_with_a_retry_and_is_served() {
+    let _serial = serial().await;
+    // Always "under load": every first attempt gets a QUIC Retry.
+    let sn = supernode_with(supernode::Config {
+        retry_above: 0,
+        ..supernode::Config::localhost()
+    })
+    .await;
+    let leaf = TestLeaf::start(&[&sn], &[("bluemoon.mp3", b"blue moon")]).await;
+    leaf.wait_indexed(1).await;
+    let client = leaf.client(&[&sn]);
+    let (ok, times) = searches(&client, 20).await;
+    let retried = sn.state().gate.metrics.retried.get();
+    println!(
+        "{{\"test\":\"retry\",\"honest_ok\":{ok},\"of\":20,\"p95_ms\":{:.2},\"retries\":{retried}}}",
+        p95(&times).as_secs_f64() * 1e3
+    );
+    assert_eq!(ok, 20, "searches through a Retry");
+    assert!(retried >= 21, "only {retried} Retry packets sent");
+}
