@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use servent_proto::ContentHash;
 
+pub mod attack;
 pub mod bench;
 pub mod bins;
 pub mod lab;

@@ -5,47 +5,16 @@
 //! honest peers are still served. Each prints its figures as one JSON line.
 
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use servent_proto::limits::MAX_TRANSFER_FRAME;
 use servent_proto::msg::{GetReply, GetRequest, RangeRequest, ALPN_LEAF, ALPN_TRANSFER};
 use servent_proto::ContentHash;
+use servent_tests::attack::{elsewhere, endpoint_on, p95, serial};
 use servent_tests::*;
-use supernode::net::{self, Endpoint, Identity};
+use supernode::net::{self, Endpoint};
 
 const T: Duration = Duration::from_secs(10);
-
-/// These tests measure honest latency and rate under attack: run one at a
-/// time, so that one test's attack is not another's noise.
-async fn serial() -> tokio::sync::MutexGuard<'static, ()> {
-    static LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-    LOCK.lock().await
-}
-
-/// An endpoint on a loopback address of its own (an attacker's, unless
-/// it is the honest 127.0.0.1).
-fn endpoint_on(ip: &str) -> Endpoint {
-    let identity = Arc::new(Identity::generate().expect("identity"));
-    let at: SocketAddr = format!("{ip}:0").parse().unwrap();
-    Endpoint::bind(identity, at, &[ALPN_TRANSFER]).expect("bind the attacker's address")
-}
-
-/// Runs `attack` on a thread and runtime of its own, as another process
-/// would: the attacker's own work (it makes the handshakes it floods with)
-/// then competes with the honest nodes for the machine's cores, not for
-/// their runtime's threads.
-fn elsewhere<T: Send + 'static>(
-    attack: impl std::future::Future<Output = T> + Send + 'static,
-) -> std::thread::JoinHandle<T> {
-    std::thread::spawn(move || {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("attacker runtime")
-            .block_on(attack)
-    })
-}
 
 /// Latencies of `n` honest keyword searches, one after another, and how
 /// many succeeded (found the file).
@@ -64,12 +33,6 @@ async fn searches(client: &Client, n: usize) -> (usize, Vec<Duration>) {
         ok += usize::from(found);
     }
     (ok, times)
-}
-
-fn p95(times: &[Duration]) -> Duration {
-    let mut sorted = times.to_vec();
-    sorted.sort();
-    sorted[(sorted.len() * 95 / 100).min(sorted.len() - 1)]
 }
 
 /// The honest latency bound under attack: twice normal, with 25 ms of
@@ -126,7 +89,7 @@ async fn a_connection_flood_from_one_address_leaves_honest_searches_served() {
 
     // The attacker made 4 095 connection attempts in 4.3 s: about
     // a thousand a second, from one address.
-    let (from, target) = (endpoint_on("127.0.0.2"), sn.addr());
+    let (from, target) = (endpoint_on("127.0.0.2", &[ALPN_TRANSFER]), sn.addr());
     let flood = elsewhere(async move {
         let started = Instant::now();
         let held = connection_flood(&from, target, ALPN_LEAF, 4096, 1000).await;
@@ -173,7 +136,7 @@ async fn a_connection_flood_from_one_address_leaves_honest_searches_served() {
 async fn silent_connections_are_closed_and_give_their_slots_back() {
     let _serial = serial().await;
     let sn = supernode().await;
-    let from = endpoint_on("127.0.0.3");
+    let from = endpoint_on("127.0.0.3", &[ALPN_TRANSFER]);
     let held = connection_flood(&from, sn.addr(), ALPN_LEAF, 64, 1000).await;
     assert!(!held.is_empty(), "the attacker could not connect at all");
     let started = Instant::now();
@@ -212,7 +175,7 @@ async fn a_connection_flood_against_a_leaf_does_not_block_its_downloads() {
     let sn = supernode().await;
     let source = TestLeaf::start(&[&sn], &[("song.ogg", &content)]).await;
     source.wait_indexed(1).await;
-    let from = endpoint_on("127.0.0.4");
+    let from = endpoint_on("127.0.0.4", &[ALPN_TRANSFER]);
     let held = connection_flood(&from, source.leaf().addr(), ALPN_TRANSFER, 4096, 1000).await;
     let cap = supernode::Config::localhost().max_connections_per_ip;
     assert!(
@@ -321,7 +284,7 @@ async fn stalled_uploads_from_one_peer_leave_honest_downloads_their_speed() {
 
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let attack = tokio::spawn(stall_uploads(
-        endpoint_on("127.0.0.5"),
+        endpoint_on("127.0.0.5", &[ALPN_TRANSFER]),
         source.leaf().addr(),
         hash,
         16,
@@ -361,7 +324,7 @@ async fn requests_are_answered_without_waiting_for_an_upload_slot() {
     let attacks: Vec<_> = (6..10)
         .map(|n| {
             tokio::spawn(stall_uploads(
-                endpoint_on(&format!("127.0.0.{n}")),
+                endpoint_on(&format!("127.0.0.{n}"), &[ALPN_TRANSFER]),
                 source.leaf().addr(),
                 hash,
                 4,
@@ -369,7 +332,7 @@ async fn requests_are_answered_without_waiting_for_an_upload_slot() {
             ))
         })
         .collect();
-    let honest = endpoint_on("127.0.0.1");
+    let honest = endpoint_on("127.0.0.1", &[ALPN_TRANSFER]);
     let peer = honest
         .connect(
             source.leaf().addr(),

@@ -7,7 +7,6 @@
 //! one JSON line.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use servent_proto::limits::{MAX_REPLY_FRAME, MAX_REQUEST_FRAME, MAX_UPDATE_FRAME};
@@ -15,23 +14,11 @@ use servent_proto::msg::{
     ErrorCode, FileEntry, LeafRequest, Query, QueryKind, SessionUpdate, SupernodeReply, ALPN_LEAF,
 };
 use servent_proto::ContentHash;
+use servent_tests::attack::{elsewhere, endpoint_on, p95, serial};
 use servent_tests::*;
-use supernode::net::{self, Endpoint, Identity, Peer};
+use supernode::net::{self, Endpoint, Peer};
 
 const T: Duration = Duration::from_secs(10);
-
-/// One test at a time: they measure honest latency under attack.
-async fn serial() -> tokio::sync::MutexGuard<'static, ()> {
-    static LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-    LOCK.lock().await
-}
-
-/// A fresh node id on an endpoint of its own at `ip`.
-fn endpoint_on(ip: &str) -> Endpoint {
-    let identity = Arc::new(Identity::generate().expect("identity"));
-    let at: SocketAddr = format!("{ip}:0").parse().unwrap();
-    Endpoint::bind(identity, at, &[]).expect("bind a loopback address")
-}
 
 /// A registered session, driven by hand.
 struct Session {
@@ -101,26 +88,6 @@ async fn searches(clients: &[Client], n: usize) -> (usize, Vec<Duration>) {
     (ok, times)
 }
 
-fn p95(times: &[Duration]) -> Duration {
-    let mut sorted = times.to_vec();
-    sorted.sort();
-    sorted[(sorted.len() * 95 / 100).min(sorted.len() - 1)]
-}
-
-/// Runs `attack` on a thread and runtime of its own, as another process
-/// would.
-fn elsewhere<T: Send + 'static>(
-    attack: impl std::future::Future<Output = T> + Send + 'static,
-) -> std::thread::JoinHandle<T> {
-    std::thread::spawn(move || {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("attacker runtime")
-            .block_on(attack)
-    })
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_broadest_queries_at_one_addresss_allowance_leave_honest_searches_fast() {
     let _serial = serial().await;
@@ -135,7 +102,7 @@ async fn the_broadest_queries_at_one_addresss_allowance_leave_honest_searches_fa
     // 60 000 entries: every name holds "everything", half "even", half
     // "odd": the query "even odd" examines as much as any query can and
     // finds nothing.
-    let filler = endpoint_on("127.0.0.1");
+    let filler = endpoint_on("127.0.0.1", &[]);
     let mut session = Session::open(&filler, sn.addr()).await;
     for batch in (0..60_000u32).collect::<Vec<_>>().chunks(1024) {
         let files = batch
@@ -171,7 +138,7 @@ async fn the_broadest_queries_at_one_addresss_allowance_leave_honest_searches_fa
         let mut peers = Vec::new();
         for _ in 0..8 {
             peers.push(
-                endpoint_on("127.0.0.2")
+                endpoint_on("127.0.0.2", &[])
                     .connect(target, ALPN_LEAF, None)
                     .await
                     .unwrap(),
@@ -245,7 +212,7 @@ async fn one_address_cannot_fill_the_index_by_making_ids() {
     let mut n = 0u32;
     let mut kept = Vec::new();
     'ids: for _ in 0..20 {
-        let mut session = Session::open(&endpoint_on("127.0.0.3"), sn.addr()).await;
+        let mut session = Session::open(&endpoint_on("127.0.0.3", &[]), sn.addr()).await;
         for _ in 0..2 {
             let files = (0..1000).map(|_| {
                 n += 1;
@@ -280,7 +247,7 @@ async fn one_address_cannot_fill_the_index_by_making_ids() {
 async fn a_session_frame_that_never_ends_closes_its_connection() {
     let _serial = serial().await;
     let sn = supernode().await;
-    let mut session = Session::open(&endpoint_on("127.0.0.4"), sn.addr()).await;
+    let mut session = Session::open(&endpoint_on("127.0.0.4", &[]), sn.addr()).await;
     // A header announcing 1 000 bytes, and 10 of them.
     session
         .send

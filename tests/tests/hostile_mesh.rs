@@ -15,30 +15,11 @@ use servent_proto::msg::{
     SupernodeInfo, SupernodeReply, SupernodeRequest, ALPN_LEAF, ALPN_MESH, ALPN_TRANSFER,
 };
 use servent_proto::{ContentHash, NodeId};
+use servent_tests::attack::{elsewhere, percentile, serial};
 use servent_tests::*;
 use supernode::net::{self, Endpoint, Identity};
 
 const T: Duration = Duration::from_secs(10);
-
-/// These tests measure honest latency under attack: one at a time.
-async fn serial() -> tokio::sync::MutexGuard<'static, ()> {
-    static LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-    LOCK.lock().await
-}
-
-/// Runs `attack` on a thread and runtime of its own, as another process
-/// would (tests/tests/hostile.rs has the same).
-fn elsewhere<T: Send + 'static>(
-    attack: impl std::future::Future<Output = T> + Send + 'static,
-) -> std::thread::JoinHandle<T> {
-    std::thread::spawn(move || {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("attacker runtime")
-            .block_on(attack)
-    })
-}
 
 /// What the hostile supernode does once linked.
 #[derive(Clone, Copy)]
@@ -261,9 +242,7 @@ async fn search_both_ways(ca: &Client, cb: &Client, how_long: Duration) -> Searc
 }
 
 fn pct(times: &[Duration], p: usize) -> f64 {
-    let mut sorted = times.to_vec();
-    sorted.sort();
-    sorted[(sorted.len() * p / 100).min(sorted.len() - 1)].as_secs_f64() * 1e3
+    percentile(times, p).as_secs_f64() * 1e3
 }
 
 /// One honest search: its hits (none if it failed) and how long it took.
