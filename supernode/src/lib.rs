@@ -1,5 +1,5 @@
 //! The Servent supernode: it accepts leaf connections (ALPN
-//! `servent-leaf/1`), indexes the files each leaf registers, and answers
+//! `servent-leaf/2`), indexes the files each leaf registers, and answers
 //! keyword and hash queries with hits whose sources are dialable addresses
 //! it observed itself. Transfers never pass through it.
 //!

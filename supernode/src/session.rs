@@ -1,4 +1,4 @@
-//! One leaf's connection (ALPN `servent-leaf/1`): its registration stream,
+//! One leaf's connection (ALPN `servent-leaf/2`): its registration stream,
 //! and its queries, each on a stream of its own.
 //!
 //! A bad frame gets an `Error` reply and ends only the stream it came on; a
