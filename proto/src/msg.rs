@@ -12,8 +12,8 @@ use crate::id::{ContentHash, NodeId};
 /// Leaf ↔ supernode: registration of shared files and queries. Version 2:
 /// a hit lists every name and size its sources announce.
 pub const ALPN_LEAF: &[u8] = b"servent-leaf/2";
-/// Leaf ↔ leaf: downloads. Version 2: ranges are answered with bao slices
-/// (content and proof interleaved), not raw bytes.
+/// Leaf ↔ leaf: downloads. Version 3: a file's range layer once, then raw
+/// ranges, each checked against it (docs/PROTOCOL.md section 10).
 pub const ALPN_TRANSFER: &[u8] = b"servent-xfer/3";
 /// Supernode ↔ supernode: the mesh (membership gossip and query routing).
 /// Version 2: hits as in `servent-leaf/2`.
