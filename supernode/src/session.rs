@@ -67,6 +67,42 @@ impl QueryLimits {
 
     /// Takes a query token for `id` at `ip`, if both buckets have one.
     pub fn allow(&self, id: NodeId, ip: IpAddr, now: Instant) -> bool {
+        self.with_buckets(id, ip, now, |ip_bucket, id_bucket| {
+            // Both or neither: a refused query costs no token.
+            if !id_bucket.ready(now) || ip_bucket.as_ref().is_some_and(|b| !b.ready(now)) {
+                return false;
+            }
+            id_bucket.try_take(now);
+            if let Some(b) = ip_bucket {
+                b.try_take(now);
+            }
+            true
+        })
+    }
+
+    /// Charges `id` at `ip` `extra` tokens more for a query already let in
+    /// (what it cost beyond one token), going into debt if need be: the
+    /// next queries wait until it is paid.
+    pub fn charge(&self, id: NodeId, ip: IpAddr, extra: f64, now: Instant) {
+        if extra <= 0.0 {
+            return;
+        }
+        self.with_buckets(id, ip, now, |ip_bucket, id_bucket| {
+            if let Some(b) = ip_bucket {
+                b.take_many(extra, now);
+            }
+            id_bucket.take_many(extra, now);
+        })
+    }
+
+    /// Runs `f` on `ip`'s bucket (none if exempt) and `id`'s, both locked.
+    fn with_buckets<R>(
+        &self,
+        id: NodeId,
+        ip: IpAddr,
+        now: Instant,
+        f: impl FnOnce(Option<&mut TokenBucket>, &mut TokenBucket) -> R,
+    ) -> R {
         // Always in this order: ip, then id.
         let mut by_ip = self.by_ip.lock().expect("query limits lock");
         let mut by_id = self.by_id.lock().expect("query limits lock");
@@ -80,35 +116,10 @@ impl QueryLimits {
                 now,
             )),
         };
-        let id_bucket = bucket(&mut by_id, id, self.rate, self.burst, now);
-        // Both or neither: a refused query costs no token.
-        if !id_bucket.ready(now) || ip_bucket.as_ref().is_some_and(|b| !b.ready(now)) {
-            return false;
-        }
-        id_bucket.try_take(now);
-        if let Some(b) = ip_bucket {
-            b.try_take(now);
-        }
-        true
-    }
-}
-
-impl QueryLimits {
-    /// Charges `id` at `ip` `extra` tokens more for a query already let in
-    /// (what it cost beyond one token), going into debt if need be: the
-    /// next queries wait until it is paid.
-    pub fn charge(&self, id: NodeId, ip: IpAddr, extra: f64, now: Instant) {
-        if extra <= 0.0 {
-            return;
-        }
-        let mut by_ip = self.by_ip.lock().expect("query limits lock");
-        let mut by_id = self.by_id.lock().expect("query limits lock");
-        if !self.exempt.contains(&ip.to_canonical()) {
-            let ip_rate = self.rate * f64::from(PER_IP_FACTOR);
-            let ip_burst = self.burst.saturating_mul(PER_IP_FACTOR);
-            bucket(&mut by_ip, ip, ip_rate, ip_burst, now).take_many(extra, now);
-        }
-        bucket(&mut by_id, id, self.rate, self.burst, now).take_many(extra, now);
+        f(
+            ip_bucket,
+            bucket(&mut by_id, id, self.rate, self.burst, now),
+        )
     }
 }
 
