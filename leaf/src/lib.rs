@@ -53,6 +53,9 @@ pub struct Config {
     pub no_promote: bool,
     /// Supernodes to be attached to at once. Default 3.
     pub attach: usize,
+    /// Timings and limits of the attach planner (backoff, `Full` retry,
+    /// `Rehome` avoidance, cache size). Default: the planner's defaults.
+    pub attach_rules: servent_proto::attach::AttachConfig,
     /// HTTP address for `/status` and `/metrics`. Default none.
     pub http: Option<SocketAddr>,
     /// Cap on the upload rate of all uploads together, bytes a second.
@@ -74,6 +77,7 @@ impl Config {
             supernodes,
             no_promote: false,
             attach: attach::DEFAULT_ATTACH,
+            attach_rules: Default::default(),
             http: None,
             max_upload_rate: None,
             role: supernode::Config::localhost(),
@@ -200,6 +204,7 @@ impl Leaf {
             listen_port: addr.port(),
             share: share.clone(),
             attach: config.attach.max(1),
+            rules: config.attach_rules.clone(),
             links: links.clone(),
             role: role.clone(),
         };

@@ -67,6 +67,8 @@ pub struct Hooks {
     pub requests: mpsc::Sender<Request>,
     /// Offer to become a supernode.
     pub promotable: bool,
+    /// Told the supernode's id once registered.
+    pub registered: oneshot::Sender<NodeId>,
 }
 
 /// How often a promotable leaf restates its candidacy.
@@ -101,6 +103,7 @@ pub async fn session(
         learned,
         requests,
         promotable,
+        registered,
     } = hooks;
     let peer = endpoint.connect(sock, ALPN_LEAF, expected).await?;
     let lost = |e: net::StreamError| LinkError::Lost(e.to_string());
@@ -128,6 +131,7 @@ pub async fn session(
         other => return Err(LinkError::Lost(format!("unexpected reply {other:?}"))),
     }
     status.lock().expect("link status").supernode = Some((peer.id, sock));
+    let _ = registered.send(peer.id);
     // Ask, now and then, which other supernodes it knows.
     let asker = {
         let conn = peer.conn.clone();

@@ -21,6 +21,7 @@ pub mod name;
 pub use frame::FrameError;
 pub use id::{ContentHash, NodeId, ParseIdError};
 pub mod admit;
+pub mod attach;
 pub mod cost;
 pub mod elect;
 pub mod fair;

@@ -192,6 +192,7 @@ fn run(args: Args) -> anyhow::Result<()> {
                     supernodes: args.supernodes,
                     no_promote,
                     attach,
+                    attach_rules: Default::default(),
                     http,
                     max_upload_rate,
                     // Should this leaf be elected: the supernode defaults.
