@@ -965,4 +965,123 @@ mod tests {
         assert_eq!((saved[0].id, saved[0].last_seen), (Some(id(1)), UNIX + 100));
         assert!(saved.windows(2).all(|w| w[0].last_seen >= w[1].last_seen));
     }
+
+    /// What may happen to a leaf, for the property test.
+    #[derive(Debug, Clone)]
+    enum Step {
+        Wait(u16),
+        Learned(Vec<(u8, u16)>),
+        Up(usize),
+        Ended(usize, u8),
+        Rehome(usize, Vec<u8>),
+        Role(bool),
+    }
+
+    fn step() -> impl proptest::strategy::Strategy<Value = Step> {
+        use proptest::prelude::*;
+        prop_oneof![
+            (0u16..5000).prop_map(Step::Wait),
+            proptest::collection::vec((0u8..8, 0u16..1200), 0..5).prop_map(Step::Learned),
+            (0usize..4).prop_map(Step::Up),
+            ((0usize..4), (0u8..3)).prop_map(|(i, o)| Step::Ended(i, o)),
+            ((0usize..4), proptest::collection::vec(0u8..8, 0..3))
+                .prop_map(|(i, l)| Step::Rehome(i, l)),
+            any::<bool>().prop_map(Step::Role),
+        ]
+    }
+
+    /// The true id behind an address: `10.0.0.n` is `n`, the name is 1.
+    fn true_id(addr: &str) -> NodeId {
+        if addr == "sn1.example:7400" {
+            return id(1);
+        }
+        let n: u8 = addr[7..addr.len() - 5].parse().expect("test address");
+        id(n)
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn never_itself_never_twice_never_too_many(
+            attach in 1usize..4,
+            steps in proptest::collection::vec(step(), 1..80),
+        ) {
+            let t0 = Instant::now();
+            let mut now = t0;
+            let bootstrap = vec!["sn1.example:7400".to_string(), addr(0)];
+            let mut p = AttachPlanner::new(
+                AttachConfig::default(), id(0), attach, bootstrap, Vec::new(), t0, UNIX,
+            );
+            let mut supernode = false;
+            let (first, _) = drain(&mut p);
+            proptest::prop_assert_eq!(first.len(), attach.min(2));
+            for s in steps {
+                let links: Vec<String> = p.links().cloned().collect();
+                match s {
+                    Step::Wait(ms) => {
+                        now += MS * u32::from(ms);
+                        // Every timeout on the way, as a driver would fire them.
+                        while let Some(t) = p.poll_timeout().filter(|&t| t <= now) {
+                            let before = p.links().count();
+                            p.handle_timeout(t);
+                            proptest::prop_assert!(
+                                p.links().count() > before
+                                    || p.poll_timeout().is_none_or(|next| next > t),
+                                "a timeout that starts nothing must move on"
+                            );
+                        }
+                        p.handle_timeout(now);
+                    }
+                    Step::Learned(list) => {
+                        let list = list.into_iter().map(|(n, l)| info(n, l.into())).collect();
+                        p.handle_learned(now, UNIX, list);
+                    }
+                    Step::Up(i) => {
+                        if let Some(a) = links.get(i) {
+                            p.handle_link_up(now, UNIX, a, true_id(a));
+                        }
+                    }
+                    Step::Ended(i, o) => if let Some(a) = links.get(i) {
+                        let outcome = match o {
+                            0 => LinkOutcome::Stopped,
+                            1 => LinkOutcome::Failed,
+                            _ => LinkOutcome::Full(vec![info(5, 0), info(6, 999)]),
+                        };
+                        p.handle_link_ended(now, UNIX, a, outcome);
+                    },
+                    Step::Rehome(i, offered) => {
+                        let from: Vec<NodeId> = p.registered().collect();
+                        if let Some(&from) = from.get(i) {
+                            let list = offered.into_iter().map(|n| info(n, 0)).collect();
+                            p.handle_rehome(now, UNIX, from, list);
+                        }
+                    }
+                    Step::Role(on) => {
+                        supernode = on;
+                        p.handle_role(now, UNIX, on.then(|| vec![info(7, 0)]));
+                    }
+                }
+                let mut connects = Vec::new();
+                while let Some(a) = p.poll_action() {
+                    if let Action::Connect { addr, expected } = a {
+                        proptest::prop_assert!(expected != Some(id(0)), "dialled itself");
+                        proptest::prop_assert!(p.links().filter(|&a| *a == addr).count() == 1);
+                        connects.push(addr);
+                    }
+                }
+                let all: Vec<&String> = p.links().collect();
+                for (i, a) in all.iter().enumerate() {
+                    proptest::prop_assert!(!all[i + 1..].contains(a), "{} dialled twice", a);
+                }
+                let registered: Vec<NodeId> = p.registered().collect();
+                proptest::prop_assert!(!registered.contains(&id(0)));
+                for (i, r) in registered.iter().enumerate() {
+                    proptest::prop_assert!(!registered[i + 1..].contains(r), "twice with {:?}", r);
+                }
+                let wanted = if supernode { 1 } else { attach };
+                let live = p.links.iter().filter(|l| !l.stopping).count();
+                proptest::prop_assert!(live <= wanted, "{} sessions, {} wanted", live, wanted);
+                proptest::prop_assert!(connects.is_empty() || p.links().count() <= wanted);
+            }
+        }
+    }
 }
