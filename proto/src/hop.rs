@@ -551,6 +551,94 @@ impl<N: Clone + Eq + Hash> HopQuery<N> {
     }
 }
 
+/// What every query at one node shares: the seen-set, each neighbour's
+/// mesh query bucket and the fair forwarder, with the calls of
+/// [`HopQuery`] that need them. A simulator keeps one per node and owns
+/// the [`HopQuery`]s beside it; the supernode keeps the same three parts
+/// in its mesh state and makes the same calls.
+#[derive(Debug)]
+pub struct HopNode<N> {
+    pub config: HopConfig,
+    pub seen: Seen,
+    pub fair: FairForwarder<N, Origin<N>>,
+    buckets: HashMap<N, TokenBucket>,
+    mesh_query_rate: f64,
+    mesh_query_burst: u32,
+}
+
+impl<N: Clone + Eq + Hash> HopNode<N> {
+    /// `mesh_query_rate` and `mesh_query_burst`: what this node accepts
+    /// from each neighbour, taken as what each accepts from it.
+    pub fn new(config: HopConfig, mesh_query_rate: f64, mesh_query_burst: u32) -> Self {
+        Self {
+            config,
+            seen: Seen::default(),
+            fair: FairForwarder::new(mesh_query_rate, mesh_query_burst),
+            buckets: HashMap::new(),
+            mesh_query_rate,
+            mesh_query_burst,
+        }
+    }
+
+    /// [`HopQuery::from_leaf`] with this node's seen-set.
+    pub fn from_leaf(
+        &mut self,
+        now: Instant,
+        ask: LeafQuery<'_, N>,
+        neighbours: impl FnOnce() -> Vec<N>,
+    ) -> Arrival<N> {
+        HopQuery::from_leaf(&self.config, now, &mut self.seen, ask, neighbours)
+    }
+
+    /// [`HopQuery::from_neighbour`] with `from`'s bucket and this node's
+    /// seen-set.
+    pub fn from_neighbour(
+        &mut self,
+        now: Instant,
+        from: N,
+        query: &MeshQuery,
+        neighbours: impl FnOnce() -> Vec<N>,
+    ) -> Arrival<N> {
+        let (rate, burst) = (self.mesh_query_rate, self.mesh_query_burst);
+        let bucket = self
+            .buckets
+            .entry(from.clone())
+            .or_insert_with(|| TokenBucket::new(rate, burst, now));
+        HopQuery::from_neighbour(
+            &self.config,
+            now,
+            bucket,
+            &mut self.seen,
+            from,
+            query,
+            neighbours,
+        )
+    }
+
+    /// [`HopQuery::handle_local`] with this node's fair forwarder.
+    pub fn handle_local(&mut self, now: Instant, query: &mut HopQuery<N>, local: Local) {
+        query.handle_local(now, local, &mut self.fair);
+    }
+
+    /// [`HopQuery::handle_timeout`] with this node's fair forwarder.
+    pub fn handle_timeout(&mut self, now: Instant, query: &mut HopQuery<N>) {
+        query.handle_timeout(now, &mut self.fair);
+    }
+
+    /// Carries out [`Action::Charge`] of a query neighbour `from` sent.
+    pub fn charge(&mut self, now: Instant, from: &N, tokens: f64) {
+        if let Some(b) = self.buckets.get_mut(from) {
+            b.take_many(tokens, now);
+        }
+    }
+
+    /// Forgets what was kept for a neighbour whose link went down.
+    pub fn remove_neighbour(&mut self, neighbour: &N) {
+        self.buckets.remove(neighbour);
+        self.fair.remove_link(neighbour);
+    }
+}
+
 /// Hits already sent on one stream, so that only news is sent again.
 #[derive(Debug, Default)]
 struct Sent {
