@@ -16,9 +16,22 @@
 //! [`crate::cost`] (what a query costs); the rules are those of
 //! `docs/PROTOCOL.md` section 11.5.
 //!
-//! Not here: streams, connections, timers, the index itself. The driver
-//! searches the index when asked to, keeps one stream per forwarded copy,
-//! and sleeps until [`HopQuery::poll_timeout`].
+//! Not here: streams, connections, timers, the index itself. A driver:
+//! 1. makes the query from its arrival; anything but
+//!    [`Arrival::Accepted`] only finishes the stream (a leaf is told why
+//!    its query is invalid);
+//! 2. searches its index for [`HopQuery::lookup`], if any, and passes
+//!    what it found to [`HopQuery::handle_local`];
+//! 3. carries out every [`HopQuery::poll_action`], then waits for a
+//!    forwarded copy's hits or end ([`HopQuery::handle_hits`],
+//!    [`HopQuery::handle_ended`]) or for [`HopQuery::poll_timeout`]
+//!    ([`HopQuery::handle_timeout`]), and goes back to 3 until
+//!    [`Action::Finish`].
+//!
+//! [`HopNode`] holds what the queries of one node share (seen-set,
+//! neighbours' buckets, fair forwarder), for a driver that keeps no such
+//! state of its own (a simulator; `proto/tests/hop.rs` is one in
+//! miniature).
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::hash::Hash;
