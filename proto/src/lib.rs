@@ -26,6 +26,7 @@ pub mod cost;
 pub mod elect;
 pub mod fair;
 pub mod hits;
+pub mod hop;
 pub mod pin;
 pub mod rate;
 pub mod route;

@@ -251,6 +251,11 @@ impl<N: Clone> DynamicQuery<N> {
         self.results += results;
     }
 
+    /// Neighbours not asked yet.
+    pub fn waiting(&self) -> usize {
+        self.waiting.len()
+    }
+
     /// When `poll` may next have something to send.
     pub fn next_wakeup(&self) -> Instant {
         Instant::min(self.next_step, self.deadline)

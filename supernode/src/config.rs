@@ -4,6 +4,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
+use servent_proto::hop::HopConfig;
 use servent_proto::limits::DEFAULT_MAX_FILES_PER_LEAF;
 
 /// Default UDP port of a supernode.
@@ -90,6 +91,10 @@ pub struct Config {
     pub mesh_query_burst: u32,
     /// Supernode election (the `[election]` table).
     pub election: crate::election::ElectionConfig,
+    /// Timings of query handling at a hop (`servent_proto::hop`); not in
+    /// the TOML file. Default [`HopConfig::default`].
+    #[serde(skip)]
+    pub hop: HopConfig,
 }
 
 impl Default for Config {
@@ -125,6 +130,7 @@ impl Default for Config {
             mesh_query_rate: 200.0,
             mesh_query_burst: 400,
             election: Default::default(),
+            hop: HopConfig::default(),
         }
     }
 }
