@@ -513,6 +513,8 @@ impl<N: Copy + Ord> Election<N> {
             }
             Decision::StepDown => {
                 self.stepped_down = true;
+                // Whatever was under way ends with the role.
+                self.promotion = None;
                 self.actions.push_back(Action::StepDown);
             }
         }
