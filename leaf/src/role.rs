@@ -4,10 +4,13 @@
 //!
 //! There is one implementation of the supernode: the `supernode` library,
 //! embedded. The leaf keeps sharing and keeps its own supernode links.
+//! Whether to take the role is `servent_proto::elect::answer_promote`'s
+//! decision; when to leave it is the role's own election core's.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
+use servent_proto::elect;
 use servent_proto::msg::{LeafReply, SupernodeInfo};
 use supernode::net::Endpoint;
 use supernode::Supernode;
@@ -83,19 +86,12 @@ impl Role {
         peers: Vec<SocketAddr>,
         known: Vec<SupernodeInfo>,
     ) -> LeafReply {
-        if self.no_promote {
-            return LeafReply::Declined(
-                "this leaf never becomes a supernode (--no-promote)".into(),
-            );
-        }
         let mut current = self.current.lock().expect("role lock");
-        if current.is_some() {
-            // Accepting again would cost the asker its cool-down and send it
-            // leaves that this supernode never meshed to take.
-            return LeafReply::Declined("already a supernode".into());
+        if let Err(refusal) = elect::answer_promote(self.no_promote, current.is_some()) {
+            return LeafReply::Declined(refusal.reason().into());
         }
         let config = supernode::Config {
-            max_leaves: max_leaves.max(1) as usize,
+            max_leaves: elect::role_max_leaves(max_leaves),
             peers: peers.iter().map(ToString::to_string).collect(),
             data_dir: None,
             listen: self.endpoint.local_addr().unwrap_or(self.template.listen),

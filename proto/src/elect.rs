@@ -1,13 +1,33 @@
 //! Supernode election, as pure decisions: when a supernode should grow the
-//! network by promoting one of its leaves, which leaf, and when an elected
-//! supernode should step down. The caller passes the time and the facts.
+//! network by promoting one of its leaves, which leaf, when to dial a
+//! candidate back, how to hand leaves over, and when an elected supernode
+//! should step down. The caller passes the time and the facts.
 //!
 //! Damping: a supernode elects only after being over its high-water mark
 //! for a randomised wait, and at most once per cool-down, so that a burst of
 //! joins does not promote a crowd at once; an elected supernode steps down
 //! only after holding no more than `drained_leaves` leaves for `drain_for`.
+//!
+//! [`Election`] is the whole of it as one state machine, in the manner of
+//! quinn-proto: the driver feeds it candidacies, dial-back results, the
+//! leaf's answer to `Promote` and the moment the new supernode joins the
+//! mesh, calls [`Election::handle_timeout`] at [`Election::poll_timeout`]
+//! with the load of this supernode and the room of the others, and carries
+//! out the [`Action`]s it drains with [`Election::poll_action`]. It never
+//! dials, sends or reads a clock itself; that is what lets a simulator run
+//! thousands of them on a virtual clock. [`Elector`], [`qualifies`] and
+//! [`best`] are its parts. [`answer_promote`] is the leaf's side.
+//!
+//! Not here: measuring a leaf's spare capacity (the leaf does, from /proc),
+//! the dial-back itself (a QUIC handshake from a socket of its own), and
+//! which supernodes a stepping-down node lists to its leaves (the mesh's
+//! `Full` list).
 
+use std::collections::{BTreeMap, VecDeque};
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
+
+use crate::msg::Candidacy;
 
 /// The rules, with their defaults (see docs/PROTOCOL.md).
 #[derive(Debug, Clone, PartialEq)]
@@ -30,6 +50,17 @@ pub struct Policy {
     pub drained_leaves: usize,
     /// How long it must stay drained before stepping down. Default 5 min.
     pub drain_for: Duration,
+    /// How often the rules are applied (at least every millisecond). Default 250 ms.
+    pub tick: Duration,
+    /// Longest wait for a dial-back. Default 5 s.
+    pub probe_timeout: Duration,
+    /// A failed dial-back is retried once this long has passed. Default 60 s.
+    pub probe_retry: Duration,
+    /// Least time between two dial-backs of one leaf. Default 10 s.
+    pub probe_spacing: Duration,
+    /// Longest wait, after a leaf accepted `Promote`, for it to join the
+    /// mesh before handing leaves over to it. Default 10 s.
+    pub join_timeout: Duration,
 }
 
 impl Default for Policy {
@@ -44,6 +75,11 @@ impl Default for Policy {
             min_mem_mib: 512,
             drained_leaves: 0,
             drain_for: Duration::from_secs(300),
+            tick: Duration::from_millis(250),
+            probe_timeout: Duration::from_secs(5),
+            probe_retry: Duration::from_secs(60),
+            probe_spacing: Duration::from_secs(10),
+            join_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -150,6 +186,443 @@ impl Elector {
         self.last_election = Some(now);
         self.overloaded_since = None;
     }
+}
+
+/// The shortest tick: a tick of zero would have the driver spin.
+const MIN_TICK: Duration = Duration::from_millis(1);
+
+/// The spare room of one other supernode, as last gossiped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Room {
+    pub leaves: u32,
+    pub max_leaves: u32,
+}
+
+/// How many leaves the supernodes in `others` can take between them and
+/// stay under their high-water marks (each mark taken at this supernode's
+/// own `high_water_permille`).
+pub fn room(others: &[Room], p: &Policy) -> u64 {
+    others
+        .iter()
+        .map(|r| {
+            (u64::from(r.max_leaves) * u64::from(p.high_water_permille) / 1000)
+                .saturating_sub(r.leaves.into())
+        })
+        .sum()
+}
+
+/// What the driver tells [`Election::handle_timeout`] of the load now.
+#[derive(Debug, Clone, Copy)]
+pub struct Load<'a> {
+    /// Leaves registered with this supernode.
+    pub leaves: usize,
+    /// Its `max_leaves` setting.
+    pub max_leaves: usize,
+    /// The other supernodes it would send its leaves to (those it would
+    /// list in a `Full`): only when they have room for all of its leaves may
+    /// an elected supernode step down, or its leaves would push another over
+    /// the mark and a new election would follow.
+    pub others: &'a [Room],
+}
+
+/// How a promoted leaf answered `Promote`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PromoteReply {
+    /// It took the role.
+    Accepted,
+    /// It refused: it is no longer a candidate until its next `Candidacy`.
+    Declined,
+    /// No answer (the leaf went, the stream broke): it stays a candidate.
+    Failed,
+}
+
+/// What the driver must do for the election.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action<N> {
+    /// Dial `addr` back from a socket of its own, expecting node `id`, and
+    /// give up after `timeout`; report with [`Election::handle_probe`].
+    Probe {
+        id: N,
+        addr: SocketAddr,
+        timeout: Duration,
+    },
+    /// Send `Promote { max_leaves }` to leaf `id`; report its answer with
+    /// [`Election::handle_promote_reply`], then, once it is a neighbour in
+    /// the mesh, call [`Election::handle_joined`] (while
+    /// [`Election::awaiting_join`] names it).
+    Promote { id: N },
+    /// Send `Rehome([to at addr])` to `count` of our leaves other than
+    /// `to`, one after the other; report with [`Election::handle_handover_done`].
+    HandOver {
+        to: N,
+        addr: SocketAddr,
+        count: usize,
+    },
+    /// Send every leaf to the supernodes with room, close every leaf and
+    /// mesh connection, and stop the role. The core does nothing after this.
+    StepDown,
+}
+
+/// What is known of one leaf that offered itself.
+#[derive(Debug, Clone)]
+struct Offer {
+    candidacy: Candidacy,
+    /// When its session began.
+    since: Instant,
+    /// Its source address (observed IP, announced port).
+    addr: SocketAddr,
+    reachable: Option<bool>,
+    probed_at: Option<Instant>,
+    /// The address being dialled back, while a dial-back is out.
+    probing: Option<SocketAddr>,
+}
+
+/// The one promotion under way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Promotion<N> {
+    /// `Promote` sent, no answer yet.
+    Asked(N),
+    /// Accepted; waiting for it to join the mesh until the deadline.
+    Joining(N, Instant),
+    /// Leaves are being handed over to it.
+    HandingOver(N),
+}
+
+/// One supernode's whole election, as a state machine (see the module doc).
+///
+/// Generic over the node id `N`, so that a simulator may use small ids.
+/// Candidates are kept in id order, so that the same inputs always give the
+/// same actions.
+#[derive(Debug, Clone)]
+pub struct Election<N> {
+    policy: Policy,
+    /// This supernode was a leaf once, and may step down.
+    elected: bool,
+    offers: BTreeMap<N, Offer>,
+    elector: Elector,
+    rng: SplitMix64,
+    promotion: Option<Promotion<N>>,
+    next_tick: Instant,
+    actions: VecDeque<Action<N>>,
+    promotions: u64,
+    stepped_down: bool,
+}
+
+impl<N: Copy + Ord> Election<N> {
+    /// A new election, first ticking one `policy.tick` after `now`.
+    /// `elected`: this supernode was a leaf once and may step down. `seed`
+    /// seeds the random waits.
+    pub fn new(policy: Policy, elected: bool, seed: u64, now: Instant) -> Self {
+        Self {
+            next_tick: now + policy.tick.max(MIN_TICK),
+            policy,
+            elected,
+            offers: BTreeMap::new(),
+            elector: Elector::default(),
+            rng: SplitMix64(seed),
+            promotion: None,
+            actions: VecDeque::new(),
+            promotions: 0,
+            stepped_down: false,
+        }
+    }
+
+    pub fn policy(&self) -> &Policy {
+        &self.policy
+    }
+
+    /// Records a leaf's candidacy; `since` is when its session began and
+    /// `addr` its source address. A new address must be dialled back anew.
+    pub fn offer(&mut self, id: N, candidacy: Candidacy, since: Instant, addr: SocketAddr) {
+        let o = self.offers.entry(id).or_insert(Offer {
+            candidacy: candidacy.clone(),
+            since,
+            addr,
+            reachable: None,
+            probed_at: None,
+            probing: None,
+        });
+        o.candidacy = candidacy;
+        if o.addr != addr {
+            // What a dial-back of the old address finds says nothing of the new.
+            o.addr = addr;
+            o.reachable = None;
+            o.probing = None;
+        }
+    }
+
+    /// Forgets a leaf (its session ended, or a new one replaced it).
+    pub fn withdraw(&mut self, id: &N) {
+        self.offers.remove(id);
+    }
+
+    /// Whether a leaf's dial-back succeeded: `None` if it has not offered
+    /// itself, `Some(None)` if not checked yet.
+    pub fn reachable(&self, id: &N) -> Option<Option<bool>> {
+        self.offers.get(id).map(|o| o.reachable)
+    }
+
+    /// Leaves that offered themselves, as the election rules see them.
+    pub fn candidates(&self, now: Instant) -> Vec<Candidate<N>> {
+        self.offers
+            .iter()
+            .map(|(id, o)| Candidate {
+                id: *id,
+                session_age: now.saturating_duration_since(o.since),
+                reachable: o.reachable,
+                cpu_idle_permille: o.candidacy.cpu_idle_permille,
+                mem_available_mib: o.candidacy.mem_available_mib,
+                upload_kbps: o.candidacy.upload_kbps,
+            })
+            .collect()
+    }
+
+    /// The result of a dial-back of `id` at `addr`. A result for an address
+    /// the leaf no longer has is ignored.
+    pub fn handle_probe(&mut self, _now: Instant, id: N, addr: SocketAddr, reachable: bool) {
+        if let Some(o) = self.offers.get_mut(&id) {
+            if o.addr == addr {
+                o.reachable = Some(reachable);
+                o.probing = None;
+            }
+        }
+    }
+
+    /// How leaf `id` answered `Promote`.
+    pub fn handle_promote_reply(&mut self, now: Instant, id: N, reply: PromoteReply) {
+        if self.promotion != Some(Promotion::Asked(id)) {
+            return;
+        }
+        match reply {
+            PromoteReply::Accepted => {
+                self.promotions += 1;
+                self.offers.remove(&id);
+                self.promotion = Some(Promotion::Joining(id, now + self.policy.join_timeout));
+            }
+            PromoteReply::Declined => {
+                self.offers.remove(&id);
+                self.promotion = None;
+            }
+            PromoteReply::Failed => self.promotion = None,
+        }
+    }
+
+    /// The promoted leaf the driver should watch the mesh for.
+    pub fn awaiting_join(&self) -> Option<N> {
+        match self.promotion {
+            Some(Promotion::Joining(id, _)) => Some(id),
+            _ => None,
+        }
+    }
+
+    /// The promoted leaf `id` is now a neighbour, its link coming from
+    /// `addr`; `leaves` is how many leaves this supernode holds now. Half
+    /// of them are handed over.
+    pub fn handle_joined(&mut self, _now: Instant, id: N, addr: SocketAddr, leaves: usize) {
+        if self.awaiting_join() != Some(id) {
+            return;
+        }
+        self.promotion = Some(Promotion::HandingOver(id));
+        self.actions.push_back(Action::HandOver {
+            to: id,
+            addr,
+            count: leaves / 2,
+        });
+    }
+
+    /// The hand-over to `to` is done: another promotion may start.
+    pub fn handle_handover_done(&mut self, _now: Instant, to: N) {
+        if self.promotion == Some(Promotion::HandingOver(to)) {
+            self.promotion = None;
+        }
+    }
+
+    /// When [`Election::handle_timeout`] is next due.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        if self.stepped_down {
+            return None;
+        }
+        let probes = self
+            .offers
+            .values()
+            .filter(|o| o.probing.is_some())
+            .filter_map(|o| o.probed_at.map(|t| t + self.policy.probe_timeout));
+        let join = match self.promotion {
+            Some(Promotion::Joining(_, deadline)) => Some(deadline),
+            _ => None,
+        };
+        probes.chain(join).chain([self.next_tick]).min()
+    }
+
+    /// Expires dial-backs and the wait for a join, and applies the rules
+    /// when a tick is due, given the load now.
+    pub fn handle_timeout(&mut self, now: Instant, load: &Load<'_>) {
+        if self.stepped_down {
+            return;
+        }
+        let timeout = self.policy.probe_timeout;
+        for o in self.offers.values_mut() {
+            let expired = o
+                .probed_at
+                .is_some_and(|t| now.saturating_duration_since(t) >= timeout);
+            if o.probing.is_some() && expired {
+                o.probing = None;
+                o.reachable = Some(false);
+            }
+        }
+        if let Some(Promotion::Joining(_, deadline)) = self.promotion {
+            if now >= deadline {
+                // It accepted but never meshed with us: hand nothing over.
+                self.promotion = None;
+            }
+        }
+        if now < self.next_tick {
+            return;
+        }
+        self.next_tick = now + self.policy.tick.max(MIN_TICK);
+        self.tick(now, load);
+    }
+
+    fn tick(&mut self, now: Instant, load: &Load<'_>) {
+        self.probe_due(now);
+        let others = room(load.others, &self.policy) > load.leaves as u64;
+        let random = self.rng.next_f64();
+        let decision = self.elector.tick(
+            now,
+            load.leaves,
+            load.max_leaves,
+            self.elected,
+            others,
+            random,
+            &self.policy,
+        );
+        match decision {
+            Decision::Nothing => {}
+            Decision::Elect => {
+                let candidates = self.candidates(now);
+                // No candidate yet: try again at the next tick.
+                let Some(id) = best(&candidates, &self.policy).map(|c| c.id) else {
+                    return;
+                };
+                self.elector.elected(now);
+                // One promotion at a time; the cool-down runs anyway.
+                if self.promotion.is_none() {
+                    self.promotion = Some(Promotion::Asked(id));
+                    self.actions.push_back(Action::Promote { id });
+                }
+            }
+            Decision::StepDown => {
+                self.stepped_down = true;
+                // Whatever was under way ends with the role.
+                self.promotion = None;
+                self.actions.push_back(Action::StepDown);
+            }
+        }
+    }
+
+    /// Dials back the qualified candidates not yet checked, those whose
+    /// last dial-back failed `probe_retry` ago, never one twice within
+    /// `probe_spacing`.
+    fn probe_due(&mut self, now: Instant) {
+        let p = &self.policy;
+        for (id, o) in self.offers.iter_mut() {
+            let since = |t: Instant| now.saturating_duration_since(t);
+            let due = o.reachable.is_none()
+                || (o.reachable == Some(false)
+                    && o.probed_at.is_some_and(|t| since(t) > p.probe_retry));
+            let qualifies = since(o.since) >= p.min_uptime
+                && o.candidacy.cpu_idle_permille >= p.min_cpu_idle_permille
+                && o.candidacy.mem_available_mib >= p.min_mem_mib;
+            let spaced = o.probed_at.is_none_or(|t| since(t) >= p.probe_spacing);
+            if !due || !qualifies || !spaced || o.probing.is_some() {
+                continue;
+            }
+            o.probed_at = Some(now);
+            o.probing = Some(o.addr);
+            self.actions.push_back(Action::Probe {
+                id: *id,
+                addr: o.addr,
+                timeout: p.probe_timeout,
+            });
+        }
+    }
+
+    /// The next thing to do, if any.
+    pub fn poll_action(&mut self) -> Option<Action<N>> {
+        self.actions.pop_front()
+    }
+
+    /// Leaves that accepted a promotion from this supernode.
+    pub fn promotions(&self) -> u64 {
+        self.promotions
+    }
+
+    /// Whether a promotion is under way (asked, joining or handing over).
+    pub fn promoting(&self) -> bool {
+        self.promotion.is_some()
+    }
+
+    /// Whether this supernode has decided to step down.
+    pub fn stepped_down(&self) -> bool {
+        self.stepped_down
+    }
+}
+
+/// A small seeded generator (SplitMix64): the random waits need no more,
+/// and it keeps this crate free of a global or thread RNG.
+#[derive(Debug, Clone)]
+struct SplitMix64(u64);
+
+impl SplitMix64 {
+    fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in [0, 1).
+    fn next_f64(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+/// Why a leaf refuses `Promote`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// It runs with `--no-promote`.
+    OptedOut,
+    /// It holds the role already: accepting again would cost the asker its
+    /// cool-down and send it leaves that this supernode never meshed to take.
+    AlreadySupernode,
+}
+
+impl Refusal {
+    /// The text of its `Declined`.
+    pub fn reason(self) -> &'static str {
+        match self {
+            Refusal::OptedOut => "this leaf never becomes a supernode (--no-promote)",
+            Refusal::AlreadySupernode => "already a supernode",
+        }
+    }
+}
+
+/// The leaf's side: whether it takes the supernode role when asked.
+pub fn answer_promote(no_promote: bool, holds_role: bool) -> Result<(), Refusal> {
+    if no_promote {
+        Err(Refusal::OptedOut)
+    } else if holds_role {
+        Err(Refusal::AlreadySupernode)
+    } else {
+        Ok(())
+    }
+}
+
+/// The most leaves a promoted leaf's role takes when asked for
+/// `max_leaves`: at least one.
+pub fn role_max_leaves(asked: u32) -> usize {
+    asked.max(1) as usize
 }
 
 #[cfg(test)]
@@ -280,5 +753,421 @@ mod tests {
             ..c(6, 100, Some(true), 99_999)
         };
         assert!(!qualifies(&weak, &p));
+    }
+
+    // The state machine, on a made-up clock.
+
+    const MS: fn(u64) -> Duration = Duration::from_millis;
+
+    fn quick() -> Policy {
+        Policy {
+            overload_for: Duration::from_secs(1),
+            jitter: Duration::ZERO,
+            cooldown: Duration::from_secs(3),
+            min_uptime: Duration::from_secs(1),
+            min_cpu_idle_permille: 0,
+            min_mem_mib: 0,
+            drain_for: Duration::from_secs(2),
+            ..Policy::default()
+        }
+    }
+
+    fn addr(port: u16) -> SocketAddr {
+        SocketAddr::from(([10, 0, 0, 1], port))
+    }
+
+    fn candidacy(kbps: u32) -> Candidacy {
+        Candidacy {
+            cpu_idle_permille: 900,
+            mem_available_mib: 4096,
+            upload_kbps: kbps,
+        }
+    }
+
+    /// A supernode core with a clock, fed the same load at every step.
+    struct Rig {
+        e: Election<u8>,
+        now: Instant,
+        leaves: usize,
+        max_leaves: usize,
+        others: Vec<Room>,
+        /// Every action, with the time it came out.
+        log: Vec<(Duration, Action<u8>)>,
+        t0: Instant,
+        /// Whom a dial-back reaches (answered at once); others time out.
+        reachable: Vec<u8>,
+    }
+
+    impl Rig {
+        fn new(p: Policy, elected: bool) -> Self {
+            let t0 = Instant::now();
+            Self {
+                e: Election::new(p, elected, 7, t0),
+                now: t0,
+                leaves: 10,
+                max_leaves: 10,
+                others: Vec::new(),
+                log: Vec::new(),
+                t0,
+                reachable: Vec::new(),
+            }
+        }
+
+        /// Runs the core until `until` after the start, stepping from one
+        /// timeout to the next, answering dial-backs from `reachable`.
+        fn run_until(&mut self, until: Duration) {
+            let end = self.t0 + until;
+            while let Some(t) = self.e.poll_timeout() {
+                if t > end {
+                    break;
+                }
+                self.now = self.now.max(t);
+                let load = Load {
+                    leaves: self.leaves,
+                    max_leaves: self.max_leaves,
+                    others: &self.others,
+                };
+                self.e.handle_timeout(self.now, &load);
+                self.drain();
+            }
+            self.now = self.now.max(end);
+        }
+
+        fn drain(&mut self) {
+            while let Some(a) = self.e.poll_action() {
+                if let Action::Probe { id, addr, .. } = a {
+                    if self.reachable.contains(&id) {
+                        self.e.handle_probe(self.now, id, addr, true);
+                    }
+                }
+                self.log.push((self.now - self.t0, a));
+            }
+        }
+
+        fn promotes(&self) -> Vec<(Duration, u8)> {
+            self.log
+                .iter()
+                .filter_map(|(t, a)| match a {
+                    Action::Promote { id } => Some((*t, *id)),
+                    _ => None,
+                })
+                .collect()
+        }
+
+        fn probes(&self, who: u8) -> Vec<Duration> {
+            self.log
+                .iter()
+                .filter_map(|(t, a)| match a {
+                    Action::Probe { id, .. } if *id == who => Some(*t),
+                    _ => None,
+                })
+                .collect()
+        }
+    }
+
+    #[test]
+    fn an_unreachable_candidate_is_never_promoted() {
+        let mut r = Rig::new(quick(), false);
+        // The strongest candidate cannot be reached; the other can.
+        r.e.offer(1, candidacy(9000), r.t0, addr(1));
+        r.run_until(Duration::from_secs(120));
+        assert!(
+            r.promotes().is_empty(),
+            "no reachable candidate, no promotion"
+        );
+        assert_eq!(r.e.reachable(&1), Some(Some(false)));
+        assert!(!r.e.promoting() && r.e.promotions() == 0);
+
+        r.reachable.push(2);
+        r.e.offer(2, candidacy(10), r.now, addr(2));
+        r.run_until(Duration::from_secs(240));
+        let promoted: Vec<u8> = r.promotes().iter().map(|(_, id)| *id).collect();
+        assert_eq!(promoted.first(), Some(&2));
+        assert!(!promoted.contains(&1));
+    }
+
+    #[test]
+    fn a_failed_dial_back_is_retried_after_probe_retry_and_a_new_address_at_once() {
+        let p = quick();
+        let mut r = Rig::new(p.clone(), false);
+        r.leaves = 0; // Not electing: only the dial-backs matter here.
+        r.e.offer(1, candidacy(0), r.t0, addr(1));
+        r.run_until(Duration::from_secs(183));
+        let probes = r.probes(1);
+        // Qualifies at 1 s (first tick at or after it), times out 5 s later,
+        // retried once more than 60 s have passed since the last attempt.
+        assert_eq!(probes[0], Duration::from_secs(1));
+        for w in probes.windows(2) {
+            assert!(w[1] - w[0] > p.probe_retry, "{probes:?}");
+            assert!(w[1] - w[0] <= p.probe_retry + p.tick, "{probes:?}");
+        }
+        assert_eq!(probes.len(), 4, "{probes:?}");
+        assert_eq!(r.e.reachable(&1), Some(Some(false)));
+
+        // A new source address is checked anew, but never twice within 10 s,
+        // and the dial-back of the old one, still out, does not count.
+        let last = *probes.last().unwrap();
+        r.e.offer(1, candidacy(0), r.t0, addr(2));
+        assert_eq!(r.e.reachable(&1), Some(None));
+        r.run_until(last + Duration::from_secs(20));
+        let again = r.probes(1);
+        assert_eq!(again.len(), 5);
+        assert_eq!(again[4], last + p.probe_spacing);
+        // A late answer for the old address changes nothing.
+        r.e.handle_probe(r.now, 1, addr(1), true);
+        assert_eq!(r.e.reachable(&1), Some(Some(false)));
+        r.e.handle_probe(r.now, 1, addr(2), true);
+        assert_eq!(r.e.reachable(&1), Some(Some(true)));
+    }
+
+    #[test]
+    fn a_leaf_is_dialled_back_only_once_it_qualifies() {
+        let mut r = Rig::new(quick(), false);
+        r.leaves = 0;
+        r.e.offer(
+            1,
+            Candidacy {
+                mem_available_mib: 0,
+                ..candidacy(0)
+            },
+            r.t0,
+            addr(1),
+        );
+        let p = Policy {
+            min_mem_mib: 1,
+            ..quick()
+        };
+        r.e.policy = p;
+        r.run_until(Duration::from_secs(30));
+        assert!(r.probes(1).is_empty());
+        assert_eq!(r.e.reachable(&1), Some(None));
+    }
+
+    #[test]
+    fn an_overloaded_supernode_promotes_whatever_room_the_others_have() {
+        // Today's rule: room elsewhere holds back a step-down, never an
+        // election (an overloaded supernode cannot send its leaves away).
+        for others in [
+            vec![],
+            vec![Room {
+                leaves: 0,
+                max_leaves: 1000,
+            }],
+        ] {
+            let mut r = Rig::new(quick(), false);
+            r.others = others;
+            r.reachable.push(1);
+            r.e.offer(1, candidacy(0), r.t0, addr(1));
+            r.run_until(Duration::from_secs(5));
+            assert_eq!(r.promotes().len(), 1);
+        }
+    }
+
+    #[test]
+    fn no_promotion_below_the_high_water_mark() {
+        let mut r = Rig::new(quick(), false);
+        r.leaves = 7; // 700 ‰ of 10
+        r.reachable.push(1);
+        r.e.offer(1, candidacy(0), r.t0, addr(1));
+        r.run_until(Duration::from_secs(60));
+        assert!(r.promotes().is_empty());
+        assert_eq!(r.e.reachable(&1), Some(Some(true)));
+        r.leaves = 8;
+        r.run_until(Duration::from_secs(62));
+        assert_eq!(r.promotes().len(), 1);
+    }
+
+    #[test]
+    fn no_two_promotions_at_once_and_a_handover_goes_to_half_the_leaves() {
+        let p = quick();
+        let mut r = Rig::new(p.clone(), false);
+        r.reachable.extend([1, 2]);
+        r.e.offer(1, candidacy(500), r.t0, addr(1));
+        r.e.offer(2, candidacy(100), r.t0, addr(2));
+        r.run_until(Duration::from_secs(2));
+        assert_eq!(r.promotes(), vec![(MS(1250), 1)]);
+        // The leaf takes its time to answer: cool-downs pass, no second
+        // promotion while the first is open.
+        r.run_until(Duration::from_secs(30));
+        assert_eq!(r.promotes().len(), 1);
+        r.e.handle_promote_reply(r.now, 1, PromoteReply::Accepted);
+        assert_eq!(r.e.promotions(), 1);
+        assert_eq!(r.e.reachable(&1), None, "no longer a candidate");
+        assert_eq!(r.e.awaiting_join(), Some(1));
+        r.run_until(Duration::from_secs(33));
+        assert_eq!(r.promotes().len(), 1, "joining is part of the promotion");
+        r.e.handle_joined(r.now, 1, addr(9), 9);
+        r.drain();
+        assert_eq!(
+            r.log.last().map(|(_, a)| a.clone()),
+            Some(Action::HandOver {
+                to: 1,
+                addr: addr(9),
+                count: 4
+            })
+        );
+        r.run_until(Duration::from_secs(50));
+        assert_eq!(r.promotes().len(), 1, "handing over is part of it too");
+        r.e.handle_handover_done(r.now, 1);
+        assert!(!r.e.promoting());
+        // Still overloaded: the next election needs a new episode's wait.
+        let done = r.now - r.t0;
+        r.run_until(Duration::from_secs(60));
+        let promotes = r.promotes();
+        assert_eq!(promotes.len(), 2);
+        assert_eq!(promotes[1].1, 2);
+        assert!(promotes[1].0 >= done + p.overload_for, "{promotes:?}");
+    }
+
+    #[test]
+    fn a_promoted_leaf_that_does_not_join_in_time_gets_no_leaves() {
+        let p = quick();
+        let mut r = Rig::new(p.clone(), false);
+        r.reachable.push(1);
+        r.e.offer(1, candidacy(0), r.t0, addr(1));
+        r.run_until(Duration::from_secs(2));
+        r.e.handle_promote_reply(r.now, 1, PromoteReply::Accepted);
+        let accepted = r.now;
+        assert_eq!(
+            r.e.poll_timeout().map(|t| t <= accepted + p.join_timeout),
+            Some(true)
+        );
+        r.run_until(Duration::from_secs(2) + p.join_timeout - MS(1));
+        assert_eq!(r.e.awaiting_join(), Some(1));
+        r.run_until(Duration::from_secs(2) + p.join_timeout);
+        assert_eq!(r.e.awaiting_join(), None);
+        assert!(!r.e.promoting());
+        // Too late: nothing is handed over.
+        r.e.handle_joined(r.now, 1, addr(9), 10);
+        r.drain();
+        assert!(!r
+            .log
+            .iter()
+            .any(|(_, a)| matches!(a, Action::HandOver { .. })));
+    }
+
+    #[test]
+    fn a_declined_promotion_forgets_the_candidate_and_a_failed_one_keeps_it() {
+        let mut r = Rig::new(quick(), false);
+        r.reachable.extend([1, 2]);
+        r.e.offer(1, candidacy(500), r.t0, addr(1));
+        r.e.offer(2, candidacy(100), r.t0, addr(2));
+        r.run_until(Duration::from_secs(2));
+        r.e.handle_promote_reply(r.now, 1, PromoteReply::Failed);
+        assert_eq!(r.e.reachable(&1), Some(Some(true)));
+        // An answer for a promotion not under way is ignored.
+        r.e.handle_promote_reply(r.now, 1, PromoteReply::Accepted);
+        assert_eq!(r.e.promotions(), 0);
+        r.run_until(Duration::from_secs(10));
+        assert_eq!(r.promotes().last().map(|p| p.1), Some(1), "still the best");
+        r.e.handle_promote_reply(r.now, 1, PromoteReply::Declined);
+        assert_eq!(r.e.reachable(&1), None);
+        r.run_until(Duration::from_secs(20));
+        assert_eq!(r.promotes().last().map(|p| p.1), Some(2));
+    }
+
+    #[test]
+    fn an_elected_supernode_steps_down_only_drained_and_when_the_others_have_room() {
+        let p = quick();
+        // Drained, but the others are full: it stays.
+        let mut r = Rig::new(p.clone(), true);
+        r.leaves = 0;
+        r.others = vec![Room {
+            leaves: 8,
+            max_leaves: 10,
+        }];
+        r.run_until(Duration::from_secs(60));
+        assert!(!r.e.stepped_down());
+        // One leaf, room for exactly one: not enough (room must exceed it).
+        let mut r = Rig::new(
+            Policy {
+                drained_leaves: 1,
+                ..p.clone()
+            },
+            true,
+        );
+        r.leaves = 1;
+        r.others = vec![Room {
+            leaves: 7,
+            max_leaves: 10,
+        }];
+        r.run_until(Duration::from_secs(60));
+        assert!(!r.e.stepped_down());
+        r.others = vec![Room {
+            leaves: 6,
+            max_leaves: 10,
+        }];
+        let since = r.now;
+        r.run_until(Duration::from_secs(120));
+        assert!(r.e.stepped_down());
+        let (at, last) = r.log.last().cloned().unwrap();
+        assert_eq!(last, Action::StepDown);
+        assert!(r.t0 + at >= since + p.drain_for);
+        assert_eq!(r.e.poll_timeout(), None, "nothing after a step-down");
+        // A dedicated supernode never steps down.
+        let mut r = Rig::new(p, false);
+        r.leaves = 0;
+        r.others = vec![Room {
+            leaves: 0,
+            max_leaves: 1000,
+        }];
+        r.run_until(Duration::from_secs(600));
+        assert!(!r.e.stepped_down());
+        assert!(r.log.is_empty());
+    }
+
+    #[test]
+    fn the_same_seed_and_inputs_give_the_same_actions() {
+        let run = |seed| {
+            let p = Policy {
+                jitter: Duration::from_secs(10),
+                ..quick()
+            };
+            let mut r = Rig::new(p, false);
+            r.e = Election::new(r.e.policy.clone(), false, seed, r.t0);
+            r.reachable.extend(0..20);
+            for id in 0..20 {
+                r.e.offer(id, candidacy(u32::from(id % 3)), r.t0, addr(id.into()));
+            }
+            for round in 0..5u64 {
+                r.run_until(Duration::from_secs(30 * (round + 1)));
+                for (_, id) in r.promotes() {
+                    r.e.handle_promote_reply(r.now, id, PromoteReply::Declined);
+                }
+            }
+            r.log
+        };
+        assert_eq!(run(1), run(1));
+        assert_ne!(run(1), run(2), "the seed draws the waits");
+    }
+
+    #[test]
+    fn the_leaf_answers_promote_by_its_choice_and_its_role() {
+        assert_eq!(answer_promote(false, false), Ok(()));
+        assert_eq!(answer_promote(true, false), Err(Refusal::OptedOut));
+        assert_eq!(answer_promote(true, true), Err(Refusal::OptedOut));
+        assert_eq!(answer_promote(false, true), Err(Refusal::AlreadySupernode));
+        assert_eq!(role_max_leaves(0), 1);
+        assert_eq!(role_max_leaves(50), 50);
+    }
+
+    #[test]
+    fn room_counts_each_mark_less_its_leaves() {
+        let p = Policy::default();
+        let others = [
+            Room {
+                leaves: 100,
+                max_leaves: 1000,
+            },
+            Room {
+                leaves: 900,
+                max_leaves: 1000,
+            },
+            Room {
+                leaves: 0,
+                max_leaves: 0,
+            },
+        ];
+        assert_eq!(room(&others, &p), 700);
     }
 }

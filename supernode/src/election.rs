@@ -1,8 +1,11 @@
 //! Growing the network: electing capable leaves to supernode, handing
 //! leaves over to them, and stepping down when no longer needed.
 //!
-//! The decisions are `servent_proto::elect`'s pure functions; this module
-//! gathers the facts they need and carries them out. Facts a leaf claims
+//! The decisions are `servent_proto::elect::Election`'s, a state machine
+//! with no I/O; this module is its driver: it gathers the facts the core
+//! needs (the load, the room of the other supernodes, whether a promoted
+//! leaf has joined the mesh), carries out its actions, and reports their
+//! results back. Facts a leaf claims
 //! (spare CPU, memory, bandwidth) come from its `Candidacy`; the facts that
 //! matter most are measured here: how long its session has lasted, and
 //! whether it can be reached from outside, checked by dialling its announced
@@ -11,32 +14,25 @@
 //! any NAT mapping and prove nothing).
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use dashmap::DashMap;
 use serde::Deserialize;
-use servent_proto::elect::{self, Candidate, Decision, Elector, Policy};
+use servent_proto::elect::{self, Action, Load, Policy, PromoteReply, Room};
 use servent_proto::limits::{MAX_ERROR_MESSAGE, MAX_REPLY_FRAME};
 use servent_proto::msg::{
     truncate_utf8, Candidacy, LeafReply, SupernodeInfo, SupernodeRequest, ALPN_TRANSFER,
 };
 use servent_proto::NodeId;
-use tokio::sync::watch;
+use tokio::sync::{watch, Notify};
 use tracing::{debug, info, warn, Instrument};
 
 use crate::net::{self, Endpoint};
 use crate::State;
 
-/// How often the election rules are applied.
-const TICK: Duration = Duration::from_millis(250);
-/// Longest wait for a dial-back.
-const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
-/// A failed dial-back is retried after this long.
-const PROBE_RETRY: Duration = Duration::from_secs(60);
-/// Longest wait for a promoted leaf to join the mesh before handing over.
-const JOIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often the driver looks for a promoted leaf among its neighbours.
+const JOIN_POLL: Duration = Duration::from_millis(100);
 
 /// Election settings (the `[election]` table of the config file).
 #[derive(Debug, Clone, Deserialize)]
@@ -62,6 +58,16 @@ pub struct ElectionConfig {
     pub drain_secs: f64,
     /// An elected supernode with at most this many leaves is drained. Default 0.
     pub drained_leaves: usize,
+    /// Seconds between two applications of the rules. Default 0.25.
+    pub tick_secs: f64,
+    /// Longest wait for a dial-back, seconds. Default 5.
+    pub probe_timeout_secs: f64,
+    /// Seconds after which a failed dial-back is retried. Default 60.
+    pub probe_retry_secs: f64,
+    /// Least seconds between two dial-backs of one leaf. Default 10.
+    pub probe_spacing_secs: f64,
+    /// Longest wait for a promoted leaf to join the mesh, seconds. Default 10.
+    pub join_timeout_secs: f64,
 }
 
 impl Default for ElectionConfig {
@@ -78,6 +84,11 @@ impl Default for ElectionConfig {
             min_mem_mib: p.min_mem_mib,
             drain_secs: p.drain_for.as_secs_f64(),
             drained_leaves: p.drained_leaves,
+            tick_secs: p.tick.as_secs_f64(),
+            probe_timeout_secs: p.probe_timeout.as_secs_f64(),
+            probe_retry_secs: p.probe_retry.as_secs_f64(),
+            probe_spacing_secs: p.probe_spacing.as_secs_f64(),
+            join_timeout_secs: p.join_timeout.as_secs_f64(),
         }
     }
 }
@@ -102,6 +113,11 @@ impl ElectionConfig {
             min_mem_mib: self.min_mem_mib,
             drain_for: secs(self.drain_secs),
             drained_leaves: self.drained_leaves,
+            tick: secs(self.tick_secs),
+            probe_timeout: secs(self.probe_timeout_secs),
+            probe_retry: secs(self.probe_retry_secs),
+            probe_spacing: secs(self.probe_spacing_secs),
+            join_timeout: secs(self.join_timeout_secs),
         }
     }
 
@@ -120,95 +136,59 @@ impl ElectionConfig {
     }
 }
 
-/// What is known of one leaf that offered itself.
-#[derive(Debug, Clone)]
-struct Offer {
-    candidacy: Candidacy,
-    since: Instant,
-    addr: SocketAddr,
-    reachable: Option<bool>,
-    probed_at: Option<Instant>,
-}
-
-/// Election state of one supernode.
+/// Election state of one supernode: the core, and what its driver needs.
 pub struct Election {
-    offers: DashMap<NodeId, Offer>,
-    elector: Mutex<Elector>,
+    core: Mutex<elect::Election<NodeId>>,
+    /// Wakes the driver when a task it started has reported to the core.
+    wake: Notify,
     /// This supernode was a leaf once, and may step down.
     pub elected: bool,
     /// Set when it has stepped down: its owner stops the role.
     pub stepped_down: watch::Sender<bool>,
-    promoting: AtomicBool,
-    pub promotions: std::sync::atomic::AtomicU64,
+    pub promotions: AtomicU64,
 }
 
 impl Election {
-    pub fn new(elected: bool) -> Self {
+    pub fn new(config: &ElectionConfig, elected: bool) -> Self {
         Self {
-            offers: DashMap::new(),
-            elector: Mutex::new(Elector::default()),
+            core: Mutex::new(elect::Election::new(
+                config.policy(),
+                elected,
+                rand::random(),
+                Instant::now(),
+            )),
+            wake: Notify::new(),
             elected,
             stepped_down: watch::channel(false).0,
-            promoting: AtomicBool::new(false),
             promotions: Default::default(),
         }
     }
 
+    fn core(&self) -> MutexGuard<'_, elect::Election<NodeId>> {
+        self.core.lock().expect("election lock")
+    }
+
     /// Records a leaf's candidacy; `since` is when its session began.
     pub fn offer(&self, id: NodeId, candidacy: Candidacy, since: Instant, addr: SocketAddr) {
-        match self.offers.get_mut(&id) {
-            Some(mut o) => {
-                o.candidacy = candidacy;
-                if o.addr != addr {
-                    o.addr = addr;
-                    o.reachable = None;
-                }
-            }
-            None => {
-                self.offers.insert(
-                    id,
-                    Offer {
-                        candidacy,
-                        since,
-                        addr,
-                        reachable: None,
-                        probed_at: None,
-                    },
-                );
-            }
-        }
+        self.core().offer(id, candidacy, since, addr);
     }
 
     /// Whether a leaf's dial-back succeeded: `None` if it has not offered
     /// itself, `Some(None)` if not checked yet.
     pub fn reachable(&self, id: &NodeId) -> Option<Option<bool>> {
-        self.offers.get(id).map(|o| o.reachable)
+        self.core().reachable(id)
     }
 
     /// Forgets a leaf whose session ended.
     pub fn withdraw(&self, id: &NodeId) {
-        self.offers.remove(id);
-    }
-
-    /// Leaves that offered themselves, as the election rules see them.
-    fn candidates(&self, now: Instant) -> Vec<Candidate<NodeId>> {
-        self.offers
-            .iter()
-            .map(|o| Candidate {
-                id: *o.key(),
-                session_age: now.saturating_duration_since(o.since),
-                reachable: o.reachable,
-                cpu_idle_permille: o.candidacy.cpu_idle_permille,
-                mem_available_mib: o.candidacy.mem_available_mib,
-                upload_kbps: o.candidacy.upload_kbps,
-            })
-            .collect()
+        self.core().withdraw(id);
     }
 }
 
-/// Applies the election rules until `stop` fires.
+/// Carries the election core's actions out until `stop` fires or it steps
+/// down: dial-backs, `Promote`, hand-overs and the step-down are made here,
+/// and their results reported back to it.
 pub async fn run(state: Arc<State>, mut stop: watch::Receiver<bool>) {
-    let policy = state.config.election.policy();
     if !state.config.election.enabled {
         return;
     }
@@ -221,113 +201,112 @@ pub async fn run(state: Arc<State>, mut stop: watch::Receiver<bool>) {
         }
         None => return,
     };
+    let election = &state.election;
     loop {
+        let (due, joining) = {
+            let core = election.core();
+            (core.poll_timeout(), core.awaiting_join())
+        };
+        let Some(mut due) = due else { return };
+        if joining.is_some() {
+            // The mesh tells no one when a neighbour arrives: look.
+            due = due.min(Instant::now() + JOIN_POLL);
+        }
         tokio::select! {
             _ = stop.changed() => return,
-            _ = tokio::time::sleep(TICK) => {}
+            _ = tokio::time::sleep_until(due.into()) => {}
+            _ = election.wake.notified() => {}
         }
         let now = Instant::now();
-        probe_due(&state, &probe, &policy, now);
-        let decision = {
-            let mut elector = state.election.elector.lock().expect("elector lock");
-            elector.tick(
-                now,
-                state.leaves.len(),
-                state.config.max_leaves,
-                state.election.elected,
-                others_have_room(&state, &policy, now),
-                rand::random::<f64>(),
-                &policy,
-            )
+        let joining = election.core().awaiting_join();
+        if let Some(id) = joining {
+            let addr = state.mesh.neighbours.get(&id).map(|n| n.addr);
+            if let Some(addr) = addr {
+                election
+                    .core()
+                    .handle_joined(now, id, addr, state.leaves.len());
+            }
+        }
+        let others: Vec<Room> = state
+            .mesh
+            .for_leaves(true, now)
+            .iter()
+            .map(|i| Room {
+                leaves: i.leaves,
+                max_leaves: i.max_leaves,
+            })
+            .collect();
+        let load = Load {
+            leaves: state.leaves.len(),
+            max_leaves: state.config.max_leaves,
+            others: &others,
         };
-        match decision {
-            Decision::Nothing => {}
-            Decision::Elect => {
-                let candidates = state.election.candidates(now);
-                let Some(best) = elect::best(&candidates, &policy).map(|c| c.id) else {
-                    continue;
-                };
-                state
-                    .election
-                    .elector
-                    .lock()
-                    .expect("elector lock")
-                    .elected(now);
-                if !state.election.promoting.swap(true, Ordering::SeqCst) {
+        let actions: Vec<Action<NodeId>> = {
+            let mut core = election.core();
+            core.handle_timeout(now, &load);
+            if let Some(id) =
+                joining.filter(|_| core.awaiting_join().is_none() && !core.promoting())
+            {
+                debug!(leaf = %id.short(), "promoted leaf did not join the mesh in time");
+            }
+            std::iter::from_fn(|| core.poll_action()).collect()
+        };
+        for action in actions {
+            match action {
+                Action::Probe { id, addr, timeout } => {
+                    spawn_probe(&state, &probe, id, addr, timeout)
+                }
+                Action::Promote { id } => {
+                    let state = state.clone();
+                    tokio::spawn(async move { promote(&state, id).await }.in_current_span());
+                }
+                Action::HandOver { to, addr, count } => {
                     let state = state.clone();
                     tokio::spawn(
-                        async move {
-                            promote(&state, best).await;
-                            state.election.promoting.store(false, Ordering::SeqCst);
-                        }
-                        .in_current_span(),
+                        async move { hand_over(&state, to, addr, count).await }.in_current_span(),
                     );
                 }
-            }
-            Decision::StepDown => {
-                step_down(&state).await;
-                return;
-            }
-        }
-    }
-}
-
-/// Whether other supernodes can take all our leaves and stay under their
-/// high-water mark: only then may an elected supernode step down, or its
-/// leaves would push another over the mark and a new election would follow.
-fn others_have_room(state: &State, policy: &Policy, now: Instant) -> bool {
-    let room: u64 = state
-        .mesh
-        .for_leaves(true, now)
-        .iter()
-        .map(|i| {
-            (u64::from(i.max_leaves) * u64::from(policy.high_water_permille) / 1000)
-                .saturating_sub(i.leaves.into())
-        })
-        .sum();
-    room > state.leaves.len() as u64
-}
-
-/// Starts dial-backs to qualified candidates not yet checked.
-fn probe_due(state: &Arc<State>, probe: &Endpoint, policy: &Policy, now: Instant) {
-    for mut o in state.election.offers.iter_mut() {
-        let age = now.saturating_duration_since(o.since);
-        let due = o.reachable.is_none()
-            || (o.reachable == Some(false) && o.probed_at.is_some_and(|t| now - t > PROBE_RETRY));
-        let qualifies = age >= policy.min_uptime
-            && o.candidacy.cpu_idle_permille >= policy.min_cpu_idle_permille
-            && o.candidacy.mem_available_mib >= policy.min_mem_mib;
-        if !due || !qualifies || o.probed_at.is_some_and(|t| now - t < PROBE_TIMEOUT * 2) {
-            continue;
-        }
-        o.probed_at = Some(now);
-        let (id, addr) = (*o.key(), o.addr);
-        let (state, probe) = (state.clone(), probe.clone());
-        tokio::spawn(
-            async move {
-                let reachable = tokio::time::timeout(
-                    PROBE_TIMEOUT,
-                    probe.connect(addr, ALPN_TRANSFER, Some(id)),
-                )
-                .await
-                .is_ok_and(|r| match r {
-                    Ok(peer) => {
-                        peer.conn.close(0u32.into(), b"dial-back done");
-                        true
-                    }
-                    Err(e) => {
-                        debug!(leaf = %id.short(), %addr, error = %e, "dial-back failed");
-                        false
-                    }
-                });
-                if let Some(mut o) = state.election.offers.get_mut(&id) {
-                    o.reachable = Some(reachable);
+                Action::StepDown => {
+                    step_down(&state).await;
+                    return;
                 }
-                debug!(leaf = %id.short(), %addr, reachable, "dial-back");
             }
-            .in_current_span(),
-        );
+        }
     }
+}
+
+/// Dials `id` back at `addr` and reports to the core.
+fn spawn_probe(
+    state: &Arc<State>,
+    probe: &Endpoint,
+    id: NodeId,
+    addr: SocketAddr,
+    timeout: Duration,
+) {
+    let (state, probe) = (state.clone(), probe.clone());
+    tokio::spawn(
+        async move {
+            let reachable =
+                tokio::time::timeout(timeout, probe.connect(addr, ALPN_TRANSFER, Some(id)))
+                    .await
+                    .is_ok_and(|r| match r {
+                        Ok(peer) => {
+                            peer.conn.close(0u32.into(), b"dial-back done");
+                            true
+                        }
+                        Err(e) => {
+                            debug!(leaf = %id.short(), %addr, error = %e, "dial-back failed");
+                            false
+                        }
+                    });
+            state
+                .election
+                .core()
+                .handle_probe(Instant::now(), id, addr, reachable);
+            debug!(leaf = %id.short(), %addr, reachable, "dial-back");
+        }
+        .in_current_span(),
+    );
 }
 
 /// Sends `req` to a leaf of ours over its connection and waits for its answer.
@@ -349,52 +328,54 @@ async fn ask_leaf(state: &State, id: NodeId, req: &SupernodeRequest) -> Result<L
     }
 }
 
-/// Asks `id` to become a supernode; once it has joined the mesh, moves a
-/// share of our leaves to it.
+fn role_max_leaves(state: &State) -> u32 {
+    state.config.max_leaves.min(u32::MAX as usize) as u32
+}
+
+/// Asks `id` to become a supernode and reports its answer to the core.
 async fn promote(state: &Arc<State>, id: NodeId) {
-    let max_leaves = state.config.max_leaves.min(u32::MAX as usize) as u32;
-    match ask_leaf(state, id, &SupernodeRequest::Promote { max_leaves }).await {
-        Ok(LeafReply::Accepted) => {}
+    let max_leaves = role_max_leaves(state);
+    let reply = match ask_leaf(state, id, &SupernodeRequest::Promote { max_leaves }).await {
+        Ok(LeafReply::Accepted) => {
+            state.election.promotions.fetch_add(1, Ordering::Relaxed);
+            info!(leaf = %id.short(), "leaf promoted to supernode");
+            PromoteReply::Accepted
+        }
         Ok(LeafReply::Declined(mut why)) => {
             // Text for people, from a leaf: no longer than an error message.
             truncate_utf8(&mut why, MAX_ERROR_MESSAGE);
             info!(leaf = %id.short(), %why, "promotion declined");
-            state.election.withdraw(&id);
-            return;
+            PromoteReply::Declined
         }
         Err(e) => {
             debug!(leaf = %id.short(), error = %e, "promotion failed");
-            return;
+            PromoteReply::Failed
         }
-    }
-    state.election.promotions.fetch_add(1, Ordering::Relaxed);
-    state.election.withdraw(&id);
-    info!(leaf = %id.short(), "leaf promoted to supernode");
-    // It dials us as its first peer; hand over once it is a neighbour.
-    let deadline = Instant::now() + JOIN_TIMEOUT;
-    let info = loop {
-        if let Some(n) = state.mesh.neighbours.get(&id) {
-            break SupernodeInfo {
-                id,
-                addr: n.addr.to_string(),
-                leaves: 0,
-                max_leaves,
-                age_secs: 0,
-            };
-        }
-        if Instant::now() >= deadline {
-            debug!(leaf = %id.short(), "promoted leaf did not join the mesh in time");
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
     };
-    // Move half of our leaves (not the new supernode itself) to it.
+    state
+        .election
+        .core()
+        .handle_promote_reply(Instant::now(), id, reply);
+    // It dials us as its first peer: the driver watches for it.
+    state.election.wake.notify_one();
+}
+
+/// Moves `count` of our leaves (not the new supernode itself) to `to`,
+/// which has joined the mesh from `addr`.
+async fn hand_over(state: &Arc<State>, to: NodeId, addr: SocketAddr, count: usize) {
+    let info = SupernodeInfo {
+        id: to,
+        addr: addr.to_string(),
+        leaves: 0,
+        max_leaves: role_max_leaves(state),
+        age_secs: 0,
+    };
     let movers: Vec<NodeId> = state
         .leaves
         .iter()
         .map(|e| *e.key())
-        .filter(|l| *l != id)
-        .take(state.leaves.len() / 2)
+        .filter(|l| *l != to)
+        .take(count)
         .collect();
     let mut moved = 0;
     for leaf in movers {
@@ -404,7 +385,12 @@ async fn promote(state: &Arc<State>, id: NodeId) {
             moved += 1;
         }
     }
-    info!(to = %id.short(), moved, "leaves handed over");
+    info!(to = %to.short(), moved, "leaves handed over");
+    state
+        .election
+        .core()
+        .handle_handover_done(Instant::now(), to);
+    state.election.wake.notify_one();
 }
 
 /// Sends every leaf elsewhere, then tells the owner to stop the role.

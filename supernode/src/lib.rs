@@ -98,6 +98,7 @@ impl State {
             config.query_burst,
             config.exempt_ips.clone(),
         );
+        let election = election::Election::new(&config.election, elected);
         Self {
             id,
             config,
@@ -105,7 +106,7 @@ impl State {
             leaves: DashMap::new(),
             mesh,
             metrics: Metrics::default(),
-            election: election::Election::new(elected),
+            election,
             query_limits,
             endpoint: OnceLock::new(),
             generations: AtomicU64::new(1),
