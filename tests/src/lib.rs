@@ -12,6 +12,7 @@ pub mod attack;
 pub mod bench;
 pub mod bins;
 pub mod lab;
+pub mod sim;
 
 pub use leaf::{Client, Leaf};
 pub use supernode::Supernode;

@@ -1,0 +1,83 @@
+//! `sim`: runs a simulated Servent network and prints what it measured.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Parser;
+use servent_tests::sim::{self, Sample, Scenario};
+
+// A run allocates and frees hundreds of millions of small messages.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// Simulates a Servent network with the protocol's own rules on a virtual
+/// clock, and reports recall, latency, message load, supernode counts and
+/// re-homing. The flags override the scenario's sizes.
+#[derive(Parser)]
+#[command(name = "sim")]
+struct Args {
+    /// Scenario file (TOML); the defaults are 100 000 leaves, 1 000
+    /// supernodes and 30 minutes
+    #[arg(long)]
+    config: Option<PathBuf>,
+    #[arg(long)]
+    seed: Option<u64>,
+    #[arg(long)]
+    leaves: Option<usize>,
+    #[arg(long)]
+    supernodes: Option<usize>,
+    #[arg(long)]
+    minutes: Option<f64>,
+    /// Measured queries
+    #[arg(long)]
+    queries: Option<usize>,
+    /// Print the report as one JSON object
+    #[arg(long)]
+    json: bool,
+    /// Write the time series (one row per sample) to this CSV file
+    #[arg(long)]
+    csv: Option<PathBuf>,
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let mut sc = match &args.config {
+        Some(path) => Scenario::from_file(path)?,
+        None => Scenario::default(),
+    };
+    if let Some(v) = args.seed {
+        sc.seed = v;
+    }
+    if let Some(v) = args.leaves {
+        sc.leaves = v;
+    }
+    if let Some(v) = args.supernodes {
+        sc.supernodes = v;
+    }
+    if let Some(v) = args.minutes {
+        sc.minutes = v;
+        sc.warmup_minutes = sc.warmup_minutes.min(v / 2.0);
+    }
+    if let Some(v) = args.queries {
+        sc.queries = v;
+    }
+    let (report, samples) = sim::run(sc)?;
+    if let Some(path) = &args.csv {
+        let mut text = String::from(Sample::CSV_HEADER);
+        text.push('\n');
+        for s in &samples {
+            text.push_str(&s.csv());
+            text.push('\n');
+        }
+        std::fs::write(path, text).with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    if args.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        let v = serde_json::to_value(&report)?;
+        for (k, v) in v.as_object().into_iter().flatten() {
+            println!("{k:>30}  {v}");
+        }
+    }
+    Ok(())
+}

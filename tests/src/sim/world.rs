@@ -1,0 +1,2289 @@
+//! The simulated network: every node's state, the messages between them,
+//! and what each node does with a message or a timer.
+//!
+//! The rules that `proto` holds run here as they run in the nodes: the
+//! duplicate memory and forward set of a hop (`route::Seen`,
+//! `route::on_query`), the origin's widening (`route::DynamicQuery`), the
+//! per-neighbour query limit (`rate::TokenBucket`) and its cost
+//! (`cost::query_cost`), and election (`elect::Elector`, `elect::best`,
+//! `elect::Policy`). Mesh membership and the leaf's attach choices are
+//! modelled here after `supernode/src/mesh.rs` and `leaf/src/attach.rs`
+//! until their cores move into `proto` (see docs/BENCHMARKS.md).
+
+use std::collections::{HashMap, HashSet};
+use std::hash::BuildHasherDefault;
+use std::time::{Duration, Instant};
+
+use std::net::SocketAddr;
+
+use rand::rngs::StdRng;
+use rand::Rng;
+use servent_proto::attach::{Action, AttachConfig, AttachPlanner, CacheEntry, LinkOutcome};
+use servent_proto::elect::{self, Candidate, Decision, Elector, Policy};
+use servent_proto::hop::{
+    Action as HopAction, Arrival, HopConfig, HopNode, HopQuery, LeafQuery, Local, Lookup,
+};
+use servent_proto::limits::MAX_SOURCES_PER_HIT;
+use servent_proto::msg::SupernodeInfo;
+use servent_proto::msg::{Hit, MeshQuery, NameVariant, Query, QueryKind, Source};
+use servent_proto::ContentHash;
+use servent_proto::NodeId;
+
+use super::dist::{self, Latency, Zipf};
+use super::queue::{micros, Micros, Queue};
+use super::report::{self, Report, Sample};
+use super::scenario::Scenario;
+
+/// Maps and sets that iterate in the same order in every run (no random
+/// keys), and hash small integers fast.
+type Map<K, V> = HashMap<K, V, BuildHasherDefault<dist::MixHasher>>;
+type Set<K> = HashSet<K, BuildHasherDefault<dist::MixHasher>>;
+
+const SEC: Micros = 1_000_000;
+const MS: Micros = 1_000;
+
+// The node's own settings, as today's defaults have them.
+/// `mesh_query_rate` and `mesh_query_burst`.
+const MESH_QUERY_RATE: f64 = 200.0;
+const MESH_QUERY_BURST: u32 = 400;
+/// `supernode/src/mesh.rs` MAINTAIN_INTERVAL.
+const MAINTAIN: Micros = 500 * MS;
+/// `supernode/src/election.rs` TICK, PROBE_TIMEOUT, PROBE_RETRY, JOIN_TIMEOUT.
+const ELECT_TICK: Micros = 250 * MS;
+const PROBE_TIMEOUT: Micros = 5 * SEC;
+const PROBE_RETRY: Micros = 60 * SEC;
+const JOIN_TIMEOUT: Micros = 10 * SEC;
+/// Unix time at the start of a run, for the leaf cache's stamps.
+const UNIX_START: u64 = 1_800_000_000;
+/// `limits::MAX_SUPERNODE_INFOS`.
+const MAX_INFOS: usize = servent_proto::limits::MAX_SUPERNODE_INFOS;
+/// `leaf/src/search.rs` ASKED_AT_ONCE.
+const ASKED_AT_ONCE: usize = 3;
+/// A register that gets no answer counts as failed after this long.
+const REGISTER_TIMEOUT: Micros = 10 * SEC;
+/// Bootstrap supernodes a new leaf is given (its `--supernode` flags).
+const BOOTSTRAP: usize = 5;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Node {
+    Super(u32),
+    Leaf(u32),
+}
+
+/// A supernode as another tells of it (made a `SupernodeInfo`, with its
+/// id and address, where a leaf's planner reads it).
+#[derive(Debug, Clone, Copy)]
+struct Info {
+    sup: u32,
+    leaves: u32,
+    max_leaves: u32,
+}
+
+#[derive(Debug)]
+enum Msg {
+    // leaf → supernode
+    Register {
+        leaf: u32,
+        gen: u32,
+    },
+    Goodbye {
+        leaf: u32,
+        gen: u32,
+    },
+    Query {
+        q: u32,
+        leaf: u32,
+        gen: u32,
+    },
+    Promoted {
+        leaf: u32,
+        sup: Option<u32>,
+    },
+    ListReq {
+        leaf: u32,
+        gen: u32,
+    },
+    // supernode → leaf
+    Registered {
+        sup: u32,
+        list: Vec<Info>,
+    },
+    List {
+        sup: u32,
+        list: Vec<Info>,
+    },
+    Full {
+        sup: u32,
+        list: Vec<Info>,
+    },
+    Hits {
+        q: u32,
+        files: Vec<u32>,
+    },
+    Done {
+        q: u32,
+    },
+    Promote {
+        sup: u32,
+        max_leaves: usize,
+    },
+    Rehome {
+        sup: u32,
+        list: Vec<Info>,
+    },
+    // supernode ↔ supernode
+    Link {
+        from: u32,
+        epoch: u32,
+    },
+    Linked {
+        from: u32,
+        epoch: u32,
+        ok: bool,
+    },
+    Unlink {
+        from: u32,
+    },
+    MeshQuery(Box<MeshCopy>),
+    MeshHits {
+        stream: u64,
+        from: u32,
+        hits: Vec<Hit>,
+    },
+    MeshDone {
+        stream: u64,
+        from: u32,
+    },
+    MeshCancel {
+        stream: u64,
+    },
+}
+
+/// A copy of a query on its way to a neighbour, on a stream of its own.
+#[derive(Debug)]
+struct MeshCopy {
+    /// The stream this copy opens at its receiver.
+    stream: u64,
+    /// The sender's stream its answers go back to.
+    parent: u64,
+    from: u32,
+    query: MeshQuery,
+}
+
+#[derive(Debug)]
+enum Ev {
+    /// `to` at incarnation `epoch` (supernode) or session `epoch` (leaf).
+    Deliver {
+        to: Node,
+        epoch: u32,
+        msg: Msg,
+    },
+    LeafJoin(u32),
+    LeafLeave {
+        leaf: u32,
+        gen: u32,
+    },
+    LeafWake {
+        leaf: u32,
+        gen: u32,
+    },
+    RegisterTimeout {
+        leaf: u32,
+        gen: u32,
+        addr: SocketAddr,
+    },
+    /// The leaf's session asks its supernode for others (after 2, 4, 8,
+    /// 16 s, then every 30 s, as `leaf/src/link.rs` does).
+    AskList {
+        leaf: u32,
+        gen: u32,
+        sup: u32,
+        n: u32,
+    },
+    /// A leaf's link to a supernode that vanished times out.
+    LinkLost {
+        leaf: u32,
+        gen: u32,
+        sup: u32,
+    },
+    /// A supernode notices a leaf that vanished.
+    LeafGone {
+        sup: u32,
+        epoch: u32,
+        leaf: u32,
+        gen: u32,
+    },
+    NeighbourLost {
+        sup: u32,
+        epoch: u32,
+        gone: u32,
+    },
+    Maintain {
+        sup: u32,
+        epoch: u32,
+    },
+    ElectTick {
+        sup: u32,
+        epoch: u32,
+    },
+    ProbeDue {
+        sup: u32,
+        epoch: u32,
+        leaf: u32,
+        gen: u32,
+    },
+    ProbeDone {
+        sup: u32,
+        epoch: u32,
+        leaf: u32,
+        gen: u32,
+        ok: bool,
+    },
+    HandoverTimeout {
+        sup: u32,
+        epoch: u32,
+        to: u32,
+    },
+    Kill,
+    MassKill,
+    Restart(u32),
+    HopWake {
+        stream: u64,
+    },
+    QueryStart,
+    QueryEnd(u32),
+    Sample,
+}
+
+struct Offer {
+    gen: u32,
+    since: Micros,
+    reachable: Option<bool>,
+}
+
+struct Super {
+    alive: bool,
+    epoch: u32,
+    from_leaf: Option<u32>,
+    max_leaves: usize,
+    /// Registered leaves and their session generation.
+    leaves: Map<u32, (u32, Micros)>,
+    neighbours: Vec<u32>,
+    dialing: Set<u32>,
+    /// keyword → (file, leaf).
+    index: Map<u32, Vec<(u32, u32)>>,
+    /// Seen-set, neighbours' query buckets and fair forwarding (`proto::hop`).
+    hop: HopNode<u32>,
+    elector: Elector,
+    offers: Map<u32, Offer>,
+    promoting: Option<u32>,
+    /// A promoted supernode to hand half our leaves to once it links.
+    handover: Option<u32>,
+    msgs_sec: u64,
+    msgs_in_sec: u64,
+    /// Query messages received for the current query window.
+    query_msgs: u64,
+}
+
+impl Super {
+    fn new(epoch: u32, from_leaf: Option<u32>, max_leaves: usize) -> Self {
+        Self {
+            alive: true,
+            epoch,
+            from_leaf,
+            max_leaves,
+            leaves: Map::default(),
+            neighbours: Vec::new(),
+            dialing: Set::default(),
+            index: Map::default(),
+            hop: HopNode::new(HopConfig::default(), MESH_QUERY_RATE, MESH_QUERY_BURST),
+            elector: Elector::default(),
+            offers: Map::default(),
+            promoting: None,
+            handover: None,
+            msgs_sec: 0,
+            msgs_in_sec: 0,
+            query_msgs: 0,
+        }
+    }
+}
+
+/// A session of a leaf: tried, then registered.
+struct Sess {
+    addr: SocketAddr,
+    sup: u32,
+    registered: bool,
+}
+
+struct Leaf {
+    online: bool,
+    gen: u32,
+    /// A new address at each session: nothing keys a leaf by it.
+    ip: u32,
+    reachable: bool,
+    capable: bool,
+    upload_kbps: u32,
+    files: Vec<u32>,
+    /// Its `--supernode` addresses.
+    boot: Vec<SocketAddr>,
+    /// The attach planner of the session now (`proto::attach`).
+    planner: Option<Box<AttachPlanner<SocketAddr>>>,
+    /// Its supernode cache between sessions.
+    cache: Vec<CacheEntry<SocketAddr>>,
+    sessions: Vec<Sess>,
+    /// Supernodes it is registered with.
+    links: Vec<u32>,
+    role: Option<u32>,
+    orphan_since: Option<Micros>,
+    wake_at: Option<Micros>,
+    promoted_at: Vec<Micros>,
+}
+
+#[derive(Clone, Copy)]
+enum Up {
+    Leaf { q: u32, leaf: u32 },
+    Mesh { node: u32, epoch: u32, parent: u64 },
+}
+
+/// One query at one supernode: its hop core, where its answers go, and
+/// the copies it forwarded (neighbour, stream there).
+struct Stream {
+    node: u32,
+    epoch: u32,
+    query: HopQuery<u32>,
+    up: Up,
+    mesh: Query,
+    children: Vec<(u32, u64)>,
+    wake_at: Option<Micros>,
+}
+
+struct QueryRec {
+    start: Micros,
+    kw: u32,
+    rare: bool,
+    expected: usize,
+    found: Set<u32>,
+    first_hit: Option<Micros>,
+    outstanding: usize,
+    done: bool,
+    unattached: bool,
+}
+
+pub struct World {
+    sc: Scenario,
+    q: Queue<Ev>,
+    rng: StdRng,
+    /// Access delays (`dist::Latency`), by dedicated supernode and by leaf.
+    super_delay: Vec<u32>,
+    leaf_delay: Vec<u32>,
+    policy: Policy,
+    supers: Vec<Super>,
+    dedicated: usize,
+    leaves: Vec<Leaf>,
+    zipf: Zipf,
+    /// Online leaves holding each popular file.
+    holders: Vec<u32>,
+    online: Vec<u32>,
+    online_pos: Vec<u32>,
+    streams: Map<u64, Stream>,
+    next_stream: u64,
+    queries: Vec<QueryRec>,
+    measure_from: Micros,
+    end: Micros,
+    // Tallies.
+    query_traffic: u64,
+    mesh_copies: u64,
+    max_msgs_per_sec: u64,
+    max_query_msgs_sum: u64,
+    unforwarded: u64,
+    samples: Vec<Sample>,
+    msgs_since_sample: u64,
+    orphaned: Vec<f64>,
+    promotions: u64,
+    step_downs: u64,
+    kills: u64,
+    sessions: u64,
+    online_sum: f64,
+}
+
+const NOT_ONLINE: u32 = u32::MAX;
+
+impl World {
+    pub fn new(sc: Scenario) -> Self {
+        let mut rng = dist::rng(sc.seed, 0);
+        let latency = Latency {
+            seed: sc.seed,
+            median_ms: sc.rtt_median_ms,
+            sigma: sc.rtt_sigma,
+            floor_ms: 1.0,
+        };
+        let scale = |d: Duration| d.mul_f64(sc.election_time_scale.max(0.0));
+        let p = Policy::default();
+        let policy = Policy {
+            overload_for: scale(p.overload_for),
+            jitter: scale(p.jitter),
+            cooldown: scale(p.cooldown),
+            min_uptime: scale(p.min_uptime),
+            drain_for: scale(p.drain_for),
+            ..p
+        };
+        let zipf = Zipf::new(sc.catalog_files, sc.zipf_exponent);
+        let mut leaves = Vec::with_capacity(sc.leaves);
+        for i in 0..sc.leaves {
+            let mut files = Vec::with_capacity(sc.popular_per_leaf + sc.rare_per_leaf);
+            for _ in 0..sc.popular_per_leaf {
+                let f = zipf.sample(&mut rng) as u32;
+                if !files.contains(&f) {
+                    files.push(f);
+                }
+            }
+            for j in 0..sc.rare_per_leaf {
+                files.push((sc.catalog_files + i * sc.rare_per_leaf + j) as u32);
+            }
+            let capable = rng.random_bool(sc.capable_share);
+            leaves.push(Leaf {
+                online: false,
+                gen: 0,
+                ip: 0,
+                reachable: !rng.random_bool(sc.unreachable_share),
+                capable,
+                upload_kbps: rng.random_range(1_000..100_000),
+                files,
+                boot: Vec::new(),
+                planner: None,
+                cache: Vec::new(),
+                sessions: Vec::new(),
+                links: Vec::new(),
+                role: None,
+                orphan_since: None,
+                wake_at: None,
+                promoted_at: Vec::new(),
+            });
+        }
+        let supers = (0..sc.supernodes)
+            .map(|_| Super::new(0, None, sc.max_leaves))
+            .collect();
+        let super_delay = (0..sc.supernodes as u64)
+            .map(|s| latency.access_us(s))
+            .collect();
+        let leaf_delay = (0..sc.leaves as u64)
+            .map(|l| latency.access_us((1 << 40) | l))
+            .collect();
+        let measure_from = (sc.warmup_minutes * 60.0 * SEC as f64) as Micros;
+        let end = (sc.minutes * 60.0 * SEC as f64) as Micros;
+        Self {
+            holders: vec![0; sc.catalog_files],
+            online_pos: vec![NOT_ONLINE; sc.leaves],
+            dedicated: sc.supernodes,
+            sc,
+            q: Queue::new(Instant::now()),
+            rng,
+            super_delay,
+            leaf_delay,
+            policy,
+            supers,
+            leaves,
+            zipf,
+            online: Vec::new(),
+            streams: Map::default(),
+            next_stream: 1,
+            queries: Vec::new(),
+            measure_from,
+            end,
+            query_traffic: 0,
+            mesh_copies: 0,
+            max_msgs_per_sec: 0,
+            max_query_msgs_sum: 0,
+            unforwarded: 0,
+            samples: Vec::new(),
+            msgs_since_sample: 0,
+            orphaned: Vec::new(),
+            promotions: 0,
+            step_downs: 0,
+            kills: 0,
+            sessions: 0,
+            online_sum: 0.0,
+        }
+    }
+
+    /// Runs the scenario to its end and reports.
+    pub fn run(mut self) -> (Report, Vec<Sample>) {
+        let started = Instant::now();
+        self.start();
+        while let Some(ev) = self.q.pop(self.end) {
+            self.handle(ev);
+        }
+        let wall = started.elapsed().as_secs_f64();
+        let report = self.report(wall);
+        (report, self.samples)
+    }
+
+    fn start(&mut self) {
+        // The dedicated supernodes start meshed with a few others each, as
+        // from their `--peer` flags.
+        for s in 0..self.dedicated as u32 {
+            self.boot_super(s);
+        }
+        // Leaves join over the first half of the warm-up.
+        let spread = (self.measure_from / 2).max(1);
+        for l in 0..self.leaves.len() as u32 {
+            let at = self.rng.random_range(0..spread);
+            self.q.at(at, Ev::LeafJoin(l));
+        }
+        if self.sc.supernode_kill_share_per_hour > 0.0 {
+            self.schedule_kill();
+        }
+        if let Some(m) = self.sc.mass_kill_at_min {
+            self.q.at((m * 60.0 * SEC as f64) as Micros, Ev::MassKill);
+        }
+        let n = self.sc.queries.max(1) as f64;
+        let window = (self.end - self.measure_from) as f64;
+        let mut t = self.measure_from as f64;
+        // Leave the last leaf timeout inside the run, so every query ends.
+        let last = self.end.saturating_sub(self.sc.leaf_timeout_ms * MS + SEC) as f64;
+        for _ in 0..self.sc.queries {
+            t += dist::exponential(&mut self.rng, window / n);
+            if t > last {
+                t = self.measure_from as f64
+                    + self.rng.random::<f64>() * (last - self.measure_from as f64).max(1.0);
+            }
+            self.q.at(t as Micros, Ev::QueryStart);
+        }
+        self.q.at(0, Ev::Sample);
+    }
+
+    fn boot_super(&mut self, s: u32) {
+        let epoch = self.supers[s as usize].epoch;
+        self.q.after(
+            self.rng.random_range(0..MAINTAIN),
+            Ev::Maintain { sup: s, epoch },
+        );
+        if self.sc.election {
+            self.q.after(
+                self.rng.random_range(0..ELECT_TICK),
+                Ev::ElectTick { sup: s, epoch },
+            );
+        }
+    }
+
+    fn schedule_kill(&mut self) {
+        let per_hour = self.sc.supernode_kill_share_per_hour * self.dedicated as f64;
+        let mean = 3600.0 * SEC as f64 / per_hour;
+        let gap = dist::exponential(&mut self.rng, mean) as Micros;
+        self.q.after(gap.max(1), Ev::Kill);
+    }
+
+    /// A node's access delay: an elected supernode is its leaf's host.
+    fn access(&self, n: Node) -> u64 {
+        let leaf = match n {
+            Node::Leaf(l) => l,
+            Node::Super(s) => match self.supers[s as usize].from_leaf {
+                Some(l) => l,
+                None => return u64::from(self.super_delay[s as usize]),
+            },
+        };
+        u64::from(self.leaf_delay[leaf as usize])
+    }
+
+    fn rtt(&self, a: Node, b: Node) -> Micros {
+        self.access(a) + self.access(b)
+    }
+
+    fn now(&self) -> Micros {
+        self.q.now()
+    }
+
+    fn measuring(&self) -> bool {
+        self.now() >= self.measure_from
+    }
+
+    /// Sends `msg` from `from` to `to`, arriving half an RTT later (or
+    /// `extra_rtts` more, for a handshake first), unless lost.
+    fn send_after(&mut self, from: Node, to: Node, msg: Msg, rtts: f64) {
+        let query = matches!(
+            msg,
+            Msg::Query { .. }
+                | Msg::Hits { .. }
+                | Msg::Done { .. }
+                | Msg::MeshQuery(_)
+                | Msg::MeshHits { .. }
+                | Msg::MeshDone { .. }
+                | Msg::MeshCancel { .. }
+        );
+        if query {
+            self.query_traffic += 1;
+            if matches!(msg, Msg::MeshQuery(_)) {
+                self.mesh_copies += 1;
+            }
+        }
+        if self.sc.loss > 0.0 && query && self.rng.random_bool(self.sc.loss) {
+            return;
+        }
+        let epoch = match to {
+            Node::Super(s) => self.supers[s as usize].epoch,
+            Node::Leaf(l) => self.leaves[l as usize].gen,
+        };
+        let delay = (self.rtt(from, to) as f64 * rtts) as Micros;
+        self.q.after(delay.max(1), Ev::Deliver { to, epoch, msg });
+    }
+
+    fn send(&mut self, from: Node, to: Node, msg: Msg) {
+        self.send_after(from, to, msg, 0.5);
+    }
+
+    fn handle(&mut self, ev: Ev) {
+        match ev {
+            Ev::Deliver { to, epoch, msg } => self.deliver(to, epoch, msg),
+            Ev::LeafJoin(l) => self.leaf_join(l),
+            Ev::LeafLeave { leaf, gen } => {
+                if self.session(leaf, gen) {
+                    self.leaf_leave(leaf);
+                }
+            }
+            Ev::LeafWake { leaf, gen } => {
+                if self.session(leaf, gen) {
+                    self.leaves[leaf as usize].wake_at = None;
+                    let instant = self.q.instant();
+                    if let Some(p) = self.leaves[leaf as usize].planner.as_mut() {
+                        p.handle_timeout(instant);
+                    }
+                    self.drive_leaf(leaf);
+                }
+            }
+            Ev::RegisterTimeout { leaf, gen, addr } => {
+                let waiting = self.session(leaf, gen)
+                    && self.leaves[leaf as usize]
+                        .sessions
+                        .iter()
+                        .any(|x| x.addr == addr && !x.registered);
+                if waiting {
+                    self.session_ended(leaf, addr, LinkOutcome::Failed, false);
+                }
+            }
+            Ev::AskList { leaf, gen, sup, n } => {
+                if self.session(leaf, gen) && self.registered_addr(leaf, sup).is_some() {
+                    self.send(
+                        Node::Leaf(leaf),
+                        Node::Super(sup),
+                        Msg::ListReq { leaf, gen },
+                    );
+                    let next = if n < 3 { (4 << n) * SEC } else { 30 * SEC };
+                    self.q.after(
+                        next,
+                        Ev::AskList {
+                            leaf,
+                            gen,
+                            sup,
+                            n: n + 1,
+                        },
+                    );
+                }
+            }
+            Ev::LinkLost { leaf, gen, sup } => {
+                if self.session(leaf, gen) {
+                    if let Some(addr) = self.registered_addr(leaf, sup) {
+                        self.session_ended(leaf, addr, LinkOutcome::Failed, true);
+                    }
+                }
+            }
+            Ev::LeafGone {
+                sup,
+                epoch,
+                leaf,
+                gen,
+            } => {
+                if self.up(sup, epoch) {
+                    self.drop_leaf(sup, leaf, gen);
+                }
+            }
+            Ev::NeighbourLost { sup, epoch, gone } => {
+                if self.up(sup, epoch) {
+                    self.unlink(sup, gone);
+                }
+            }
+            Ev::Maintain { sup, epoch } => {
+                if self.up(sup, epoch) {
+                    self.maintain(sup);
+                    self.q.after(MAINTAIN, Ev::Maintain { sup, epoch });
+                }
+            }
+            Ev::ElectTick { sup, epoch } => {
+                if self.up(sup, epoch) {
+                    self.elect_tick(sup);
+                    if self.up(sup, epoch) {
+                        self.q.after(ELECT_TICK, Ev::ElectTick { sup, epoch });
+                    }
+                }
+            }
+            Ev::ProbeDue {
+                sup,
+                epoch,
+                leaf,
+                gen,
+            } => {
+                if self.up(sup, epoch) {
+                    self.probe(sup, leaf, gen);
+                }
+            }
+            Ev::ProbeDone {
+                sup,
+                epoch,
+                leaf,
+                gen,
+                ok,
+            } => {
+                if self.up(sup, epoch) {
+                    let retry = {
+                        let s = &mut self.supers[sup as usize];
+                        match s.offers.get_mut(&leaf) {
+                            Some(o) if o.gen == gen => {
+                                o.reachable = Some(ok);
+                                !ok
+                            }
+                            _ => false,
+                        }
+                    };
+                    if retry {
+                        self.q.after(
+                            PROBE_RETRY,
+                            Ev::ProbeDue {
+                                sup,
+                                epoch,
+                                leaf,
+                                gen,
+                            },
+                        );
+                    }
+                }
+            }
+            Ev::HandoverTimeout { sup, epoch, to } => {
+                if self.up(sup, epoch) && self.supers[sup as usize].handover == Some(to) {
+                    self.supers[sup as usize].handover = None;
+                }
+            }
+            Ev::Kill => {
+                self.schedule_kill();
+                self.kill_random(1);
+            }
+            Ev::MassKill => {
+                let alive = self.supers.iter().filter(|s| s.alive).count();
+                let n = (alive as f64 * self.sc.mass_kill_share).round() as usize;
+                self.kill_random(n);
+            }
+            Ev::Restart(s) => {
+                let sup = &mut self.supers[s as usize];
+                let epoch = sup.epoch + 1;
+                *sup = Super::new(epoch, None, self.sc.max_leaves);
+                self.boot_super(s);
+            }
+            Ev::HopWake { stream } => self.hop_wake(stream),
+            Ev::QueryStart => self.query_start(),
+            Ev::QueryEnd(q) => self.query_end(q),
+            Ev::Sample => {
+                self.sample();
+                self.q
+                    .after((self.sc.sample_secs * SEC as f64) as Micros, Ev::Sample);
+            }
+        }
+    }
+
+    fn session(&self, leaf: u32, gen: u32) -> bool {
+        let l = &self.leaves[leaf as usize];
+        l.online && l.gen == gen
+    }
+
+    fn up(&self, sup: u32, epoch: u32) -> bool {
+        let s = &self.supers[sup as usize];
+        s.alive && s.epoch == epoch
+    }
+
+    fn count_msg(&mut self, sup: u32, query: bool) {
+        if !self.measuring() {
+            return;
+        }
+        let sec = self.now() / SEC;
+        let s = &mut self.supers[sup as usize];
+        if s.msgs_sec != sec {
+            s.msgs_sec = sec;
+            s.msgs_in_sec = 0;
+        }
+        s.msgs_in_sec += 1;
+        if query {
+            s.query_msgs += 1;
+        }
+        self.max_msgs_per_sec = self.max_msgs_per_sec.max(s.msgs_in_sec);
+        self.msgs_since_sample += 1;
+    }
+
+    fn deliver(&mut self, to: Node, epoch: u32, msg: Msg) {
+        match to {
+            Node::Super(s) => {
+                if !self.up(s, epoch) {
+                    return;
+                }
+                let query = matches!(
+                    msg,
+                    Msg::Query { .. }
+                        | Msg::MeshQuery(_)
+                        | Msg::MeshHits { .. }
+                        | Msg::MeshDone { .. }
+                        | Msg::MeshCancel { .. }
+                );
+                self.count_msg(s, query);
+                self.at_super(s, msg);
+            }
+            Node::Leaf(l) => {
+                if !self.session(l, epoch) {
+                    return;
+                }
+                self.at_leaf(l, msg);
+            }
+        }
+    }
+
+    // ---- leaves -------------------------------------------------------
+
+    fn leaf_join(&mut self, l: u32) {
+        let now = self.now();
+        let instant = self.q.instant();
+        let unix = self.unix();
+        if self.leaves[l as usize].boot.is_empty() {
+            // Its `--supernode` flags: addresses that stay as they were
+            // given, even after those supernodes move.
+            let mut boot = Vec::new();
+            for _ in 0..BOOTSTRAP {
+                let s = self.rng.random_range(0..self.dedicated) as u32;
+                let a = self.sup_addr(s);
+                if !boot.contains(&a) {
+                    boot.push(a);
+                }
+            }
+            self.leaves[l as usize].boot = boot;
+        }
+        let cfg = AttachConfig {
+            max_cached: self.sc.leaf_table,
+            ..AttachConfig::default()
+        };
+        let id = leaf_id(l);
+        let leaf = &mut self.leaves[l as usize];
+        if leaf.online {
+            return;
+        }
+        leaf.online = true;
+        leaf.gen += 1;
+        leaf.ip = self.rng.random();
+        leaf.links.clear();
+        leaf.sessions.clear();
+        leaf.orphan_since = None;
+        leaf.wake_at = None;
+        let cached = std::mem::take(&mut leaf.cache);
+        leaf.planner = Some(Box::new(AttachPlanner::new(
+            cfg,
+            id,
+            self.sc.attach,
+            leaf.boot.clone(),
+            cached,
+            instant,
+            unix,
+        )));
+        let gen = leaf.gen;
+        self.sessions += 1;
+        self.online_pos[l as usize] = self.online.len() as u32;
+        self.online.push(l);
+        for f in &self.leaves[l as usize].files {
+            if let Some(h) = self.holders.get_mut(*f as usize) {
+                *h += 1;
+            }
+        }
+        let minutes = dist::lognormal(
+            &mut self.rng,
+            self.sc.session_median_min,
+            self.sc.session_sigma,
+        );
+        let length = (minutes * 60.0 * SEC as f64).max(SEC as f64) as Micros;
+        self.q.at(now + length, Ev::LeafLeave { leaf: l, gen });
+        self.drive_leaf(l);
+    }
+
+    fn leaf_leave(&mut self, l: u32) {
+        let vanish = self.rng.random_bool(self.sc.vanish_share);
+        let unix = self.unix();
+        let (gen, links, role) = {
+            let leaf = &mut self.leaves[l as usize];
+            leaf.online = false;
+            // What the next session starts from: the cache on disk.
+            if let Some(p) = leaf.planner.take() {
+                leaf.cache = p.cache_entries(unix);
+            }
+            leaf.sessions.clear();
+            (leaf.gen, std::mem::take(&mut leaf.links), leaf.role.take())
+        };
+        // Out of the online list (swap-remove keeps it dense).
+        let pos = self.online_pos[l as usize] as usize;
+        let last = self.online.pop().expect("online leaf listed");
+        if last != l {
+            self.online[pos] = last;
+            self.online_pos[last as usize] = pos as u32;
+        }
+        self.online_pos[l as usize] = NOT_ONLINE;
+        for f in &self.leaves[l as usize].files {
+            if let Some(h) = self.holders.get_mut(*f as usize) {
+                *h -= 1;
+            }
+        }
+        for s in links {
+            if vanish {
+                let epoch = self.supers[s as usize].epoch;
+                let at = self.sc.loss_detect_ms * MS;
+                self.q.after(
+                    at,
+                    Ev::LeafGone {
+                        sup: s,
+                        epoch,
+                        leaf: l,
+                        gen,
+                    },
+                );
+            } else {
+                self.send(Node::Leaf(l), Node::Super(s), Msg::Goodbye { leaf: l, gen });
+            }
+        }
+        if let Some(s) = role {
+            self.super_down(s, !vanish);
+        }
+        let minutes = dist::lognormal(&mut self.rng, self.sc.offline_median_min, 1.0);
+        let gap = (minutes * 60.0 * SEC as f64).max(SEC as f64) as Micros;
+        self.q.after(gap, Ev::LeafJoin(l));
+    }
+
+    /// Unix seconds, as the leaf's cache stamps entries.
+    fn unix(&self) -> u64 {
+        UNIX_START + self.now() / SEC
+    }
+
+    /// Supernode `s`'s address now: a restarted one is somewhere new.
+    fn sup_addr(&self, s: u32) -> SocketAddr {
+        let epoch = self.supers[s as usize].epoch;
+        let ip = std::net::Ipv4Addr::from(0x0a00_0000 | (s & 0x00ff_ffff));
+        SocketAddr::from((ip, 1024 + (epoch % 60_000) as u16))
+    }
+
+    fn sup_id(&self, s: u32) -> NodeId {
+        match self.supers[s as usize].from_leaf {
+            Some(l) => leaf_id(l),
+            None => node_id(1, s),
+        }
+    }
+
+    fn info(&self, i: &Info) -> SupernodeInfo {
+        SupernodeInfo {
+            id: self.sup_id(i.sup),
+            addr: self.sup_addr(i.sup).to_string(),
+            leaves: i.leaves,
+            max_leaves: i.max_leaves,
+            age_secs: 0,
+        }
+    }
+
+    fn infos(&self, list: &[Info]) -> Vec<SupernodeInfo> {
+        list.iter().map(|i| self.info(i)).collect()
+    }
+
+    /// Carries out what leaf `l`'s attach planner asks for, until it asks
+    /// for nothing more, and sets its timer.
+    fn drive_leaf(&mut self, l: u32) {
+        let instant = self.q.instant();
+        let unix = self.unix();
+        for _ in 0..1000 {
+            let Some(action) = self.leaves[l as usize]
+                .planner
+                .as_mut()
+                .and_then(|p| p.poll_action())
+            else {
+                break;
+            };
+            match action {
+                Action::Connect { addr, expected } => {
+                    let gen = self.leaves[l as usize].gen;
+                    let s = slot_of(addr);
+                    self.leaves[l as usize].sessions.push(Sess {
+                        addr,
+                        sup: s,
+                        registered: false,
+                    });
+                    self.q
+                        .after(REGISTER_TIMEOUT, Ev::RegisterTimeout { leaf: l, gen, addr });
+                    let reachable = (s as usize) < self.supers.len()
+                        && self.supers[s as usize].alive
+                        && self.sup_addr(s) == addr
+                        && expected.is_none_or(|id| id == self.sup_id(s));
+                    if reachable {
+                        // A QUIC handshake, then the registration.
+                        self.send_after(
+                            Node::Leaf(l),
+                            Node::Super(s),
+                            Msg::Register { leaf: l, gen },
+                            1.5,
+                        );
+                    }
+                }
+                Action::Stop { addr } => {
+                    let gen = self.leaves[l as usize].gen;
+                    let leaf = &mut self.leaves[l as usize];
+                    if let Some(i) = leaf.sessions.iter().position(|x| x.addr == addr) {
+                        let sess = leaf.sessions.remove(i);
+                        if sess.registered {
+                            leaf.links.retain(|&x| x != sess.sup);
+                            self.send(
+                                Node::Leaf(l),
+                                Node::Super(sess.sup),
+                                Msg::Goodbye { leaf: l, gen },
+                            );
+                        }
+                    }
+                    if let Some(p) = self.leaves[l as usize].planner.as_mut() {
+                        p.handle_link_ended(instant, unix, &addr, LinkOutcome::Stopped);
+                    }
+                }
+                Action::SaveCache(_) => {}
+            }
+        }
+        let leaf = &mut self.leaves[l as usize];
+        let Some(p) = leaf.planner.as_ref() else {
+            return;
+        };
+        if let Some(t) = p.poll_timeout() {
+            let t = self.q.from_instant(t).max(self.q.now() + 1);
+            if leaf.wake_at.is_none_or(|w| w > t || w < self.q.now()) {
+                leaf.wake_at = Some(t);
+                let gen = leaf.gen;
+                self.q.at(t, Ev::LeafWake { leaf: l, gen });
+            }
+        }
+    }
+
+    /// The session to `s` that is being tried (not yet registered).
+    fn trying(&self, l: u32, s: u32) -> Option<SocketAddr> {
+        self.leaves[l as usize]
+            .sessions
+            .iter()
+            .find(|x| x.sup == s && !x.registered)
+            .map(|x| x.addr)
+    }
+
+    /// Ends leaf `l`'s session at `addr` with `outcome`; `died`: its
+    /// supernode vanished (the leaf may now be orphaned).
+    fn session_ended(&mut self, l: u32, addr: SocketAddr, outcome: LinkOutcome, died: bool) {
+        let now = self.now();
+        let instant = self.q.instant();
+        let unix = self.unix();
+        let measuring = self.measuring();
+        let leaf = &mut self.leaves[l as usize];
+        let Some(i) = leaf.sessions.iter().position(|x| x.addr == addr) else {
+            return;
+        };
+        let sess = leaf.sessions.remove(i);
+        if sess.registered {
+            leaf.links.retain(|&x| x != sess.sup);
+            if died && leaf.links.is_empty() && leaf.orphan_since.is_none() && measuring {
+                leaf.orphan_since = Some(now);
+            }
+        }
+        if let Some(p) = leaf.planner.as_mut() {
+            p.handle_link_ended(instant, unix, &addr, outcome);
+        }
+        self.drive_leaf(l);
+    }
+
+    fn registered_addr(&self, l: u32, s: u32) -> Option<SocketAddr> {
+        self.leaves[l as usize]
+            .sessions
+            .iter()
+            .find(|x| x.sup == s && x.registered)
+            .map(|x| x.addr)
+    }
+
+    fn at_leaf(&mut self, l: u32, msg: Msg) {
+        let now = self.now();
+        let instant = self.q.instant();
+        let unix = self.unix();
+        match msg {
+            Msg::Registered { sup, list } => {
+                let gen = self.leaves[l as usize].gen;
+                let Some(addr) = self.trying(l, sup) else {
+                    // Given up on meanwhile: say goodbye.
+                    self.send(
+                        Node::Leaf(l),
+                        Node::Super(sup),
+                        Msg::Goodbye { leaf: l, gen },
+                    );
+                    return;
+                };
+                let id = self.sup_id(sup);
+                let infos = self.infos(&list);
+                let leaf = &mut self.leaves[l as usize];
+                if let Some(x) = leaf.sessions.iter_mut().find(|x| x.addr == addr) {
+                    x.registered = true;
+                }
+                leaf.links.push(sup);
+                if let Some(since) = leaf.orphan_since.take() {
+                    self.orphaned.push((now - since) as f64 / SEC as f64);
+                }
+                let leaf = &mut self.leaves[l as usize];
+                if let Some(p) = leaf.planner.as_mut() {
+                    p.handle_link_up(instant, unix, &addr, id);
+                    p.handle_learned(instant, unix, infos);
+                }
+                self.q.after(
+                    2 * SEC,
+                    Ev::AskList {
+                        leaf: l,
+                        gen,
+                        sup,
+                        n: 0,
+                    },
+                );
+                self.drive_leaf(l);
+            }
+            Msg::List { sup, list } if self.registered_addr(l, sup).is_some() => {
+                let infos = self.infos(&list);
+                if let Some(p) = self.leaves[l as usize].planner.as_mut() {
+                    p.handle_learned(instant, unix, infos);
+                }
+                self.drive_leaf(l);
+            }
+            Msg::Full { sup, list } => {
+                if let Some(addr) = self.trying(l, sup) {
+                    let infos = self.infos(&list);
+                    self.session_ended(l, addr, LinkOutcome::Full(infos), false);
+                }
+            }
+            Msg::Hits { q, files } => {
+                let rec = &mut self.queries[q as usize];
+                if rec.done {
+                    return;
+                }
+                if rec.first_hit.is_none() && !files.is_empty() {
+                    rec.first_hit = Some(now);
+                }
+                rec.found.extend(files);
+            }
+            Msg::Done { q } => {
+                let rec = &mut self.queries[q as usize];
+                rec.outstanding = rec.outstanding.saturating_sub(1);
+                if rec.outstanding == 0 {
+                    self.query_end(q);
+                }
+            }
+            Msg::Promote { sup, max_leaves } => {
+                let leaf = &self.leaves[l as usize];
+                let accept = leaf.role.is_none() && leaf.links.contains(&sup) && self.sc.election;
+                let answer = if accept {
+                    Some(self.promote_leaf(l, sup, max_leaves))
+                } else {
+                    None
+                };
+                self.send(
+                    Node::Leaf(l),
+                    Node::Super(sup),
+                    Msg::Promoted {
+                        leaf: l,
+                        sup: answer,
+                    },
+                );
+            }
+            Msg::Rehome { sup, list } => {
+                let Some(addr) = self.registered_addr(l, sup) else {
+                    return;
+                };
+                let (from, infos) = (self.sup_id(sup), self.infos(&list));
+                if let Some(p) = self.leaves[l as usize].planner.as_mut() {
+                    p.handle_rehome(instant, unix, from, infos);
+                }
+                let gen = self.leaves[l as usize].gen;
+                self.send(
+                    Node::Leaf(l),
+                    Node::Super(sup),
+                    Msg::Goodbye { leaf: l, gen },
+                );
+                self.session_ended(l, addr, LinkOutcome::Failed, false);
+            }
+            _ => {}
+        }
+    }
+
+    /// The leaf takes the supernode role on its own endpoint.
+    fn promote_leaf(&mut self, l: u32, promoter: u32, max_leaves: usize) -> u32 {
+        let now = self.now();
+        let instant = self.q.instant();
+        let unix = self.unix();
+        let s = self.supers.len() as u32;
+        self.supers.push(Super::new(0, Some(l), max_leaves));
+        let from = self.sup_id(promoter);
+        let promotion = self.leaves[l as usize]
+            .planner
+            .as_ref()
+            .map(|p| p.promotion(unix, from));
+        let leaf = &mut self.leaves[l as usize];
+        leaf.role = Some(s);
+        leaf.promoted_at.push(now);
+        self.promotions += 1;
+        // Mesh first with the supernodes it is linked to, the promoter first.
+        let peers: Vec<u32> = promotion
+            .map(|p| {
+                p.peers
+                    .iter()
+                    .filter_map(|id| self.slot_by_id(id))
+                    .collect()
+            })
+            .unwrap_or_default();
+        for p in peers {
+            self.dial(s, p);
+        }
+        self.boot_super(s);
+        if let Some(p) = self.leaves[l as usize].planner.as_mut() {
+            p.handle_role(instant, unix, Some(Vec::new()));
+        }
+        self.drive_leaf(l);
+        s
+    }
+
+    fn slot_by_id(&self, id: &NodeId) -> Option<u32> {
+        let b = id.as_bytes();
+        let n = u32::from_be_bytes([b[1], b[2], b[3], b[4]]);
+        match b[0] {
+            1 => Some(n),
+            2 => self.leaves.get(n as usize)?.role,
+            _ => None,
+        }
+    }
+
+    // ---- supernodes ---------------------------------------------------
+
+    fn for_leaves(&self, s: u32, with_room: bool) -> Vec<Info> {
+        let sup = &self.supers[s as usize];
+        let mut v: Vec<Info> = sup
+            .neighbours
+            .iter()
+            .map(|&n| {
+                let ns = &self.supers[n as usize];
+                Info {
+                    sup: n,
+                    leaves: ns.leaves.len() as u32,
+                    max_leaves: ns.max_leaves as u32,
+                }
+            })
+            .filter(|i| !with_room || i.leaves < i.max_leaves)
+            .collect();
+        v.sort_by_key(|i| {
+            (
+                u64::from(i.leaves) * 1000 / u64::from(i.max_leaves.max(1)),
+                i.sup,
+            )
+        });
+        v.truncate(MAX_INFOS);
+        v
+    }
+
+    fn at_super(&mut self, s: u32, msg: Msg) {
+        let now = self.now();
+        match msg {
+            Msg::Register { leaf, gen } => {
+                let sup = &self.supers[s as usize];
+                if sup.leaves.len() >= sup.max_leaves && !sup.leaves.contains_key(&leaf) {
+                    let mut list = self.for_leaves(s, true);
+                    if list.is_empty() {
+                        list = self.for_leaves(s, false);
+                    }
+                    self.send(Node::Super(s), Node::Leaf(leaf), Msg::Full { sup: s, list });
+                    return;
+                }
+                self.add_leaf(s, leaf, gen);
+                let list = self.for_leaves(s, true);
+                self.send(
+                    Node::Super(s),
+                    Node::Leaf(leaf),
+                    Msg::Registered { sup: s, list },
+                );
+            }
+            Msg::Goodbye { leaf, gen } => self.drop_leaf(s, leaf, gen),
+            Msg::ListReq { leaf, gen }
+                if self.supers[s as usize]
+                    .leaves
+                    .get(&leaf)
+                    .is_some_and(|&(g, _)| g == gen) =>
+            {
+                let list = self.for_leaves(s, true);
+                self.send(Node::Super(s), Node::Leaf(leaf), Msg::List { sup: s, list });
+            }
+            Msg::Query { q, leaf, gen } => self.origin_query(s, q, leaf, gen),
+            Msg::Promoted { leaf, sup: to } => {
+                let me = &mut self.supers[s as usize];
+                me.promoting = None;
+                me.offers.remove(&leaf);
+                if let Some(to) = to {
+                    // Hand over once it has linked to us.
+                    me.handover = Some(to);
+                    let epoch = me.epoch;
+                    if me.neighbours.contains(&to) {
+                        self.handover(s, to);
+                    } else {
+                        self.q
+                            .after(JOIN_TIMEOUT, Ev::HandoverTimeout { sup: s, epoch, to });
+                    }
+                }
+            }
+            Msg::Link { from, epoch } => {
+                let ok = {
+                    let me = &self.supers[s as usize];
+                    me.neighbours.contains(&from) || me.neighbours.len() < self.sc.max_neighbors
+                };
+                if ok && !self.supers[s as usize].neighbours.contains(&from) {
+                    self.supers[s as usize].neighbours.push(from);
+                    if self.supers[s as usize].handover == Some(from) {
+                        self.handover(s, from);
+                    }
+                }
+                let my_epoch = self.supers[s as usize].epoch;
+                if self.up(from, epoch) {
+                    self.send(
+                        Node::Super(s),
+                        Node::Super(from),
+                        Msg::Linked {
+                            from: s,
+                            epoch: my_epoch,
+                            ok,
+                        },
+                    );
+                }
+            }
+            Msg::Linked { from, epoch, ok } => {
+                let me = &mut self.supers[s as usize];
+                me.dialing.remove(&from);
+                if ok
+                    && self.supers[from as usize].epoch == epoch
+                    && !self.supers[s as usize].neighbours.contains(&from)
+                {
+                    if self.supers[s as usize].neighbours.len() < self.sc.max_neighbors {
+                        self.supers[s as usize].neighbours.push(from);
+                    } else {
+                        self.send(Node::Super(s), Node::Super(from), Msg::Unlink { from: s });
+                    }
+                }
+            }
+            Msg::Unlink { from } => self.unlink(s, from),
+            Msg::MeshQuery(mq) => self.mesh_query(s, *mq),
+            Msg::MeshHits { stream, from, hits } => self.stream_hits(stream, from, hits),
+            Msg::MeshDone { stream, from } => self.stream_done(stream, from),
+            Msg::MeshCancel { stream } => self.stream_cancelled(stream),
+            _ => {}
+        }
+        let _ = now;
+    }
+
+    fn add_leaf(&mut self, s: u32, leaf: u32, gen: u32) {
+        let now = self.now();
+        let kw_of = |f: u32| -> u32 { keyword(&self.sc, f) };
+        let kws: Vec<(u32, u32)> = self.leaves[leaf as usize]
+            .files
+            .iter()
+            .map(|&f| (kw_of(f), f))
+            .collect();
+        let capable = self.leaves[leaf as usize].capable;
+        let sup = &mut self.supers[s as usize];
+        if let Some((old, _)) = sup.leaves.insert(leaf, (gen, now)) {
+            if old == gen {
+                return;
+            }
+        }
+        for (kw, f) in kws {
+            let postings = sup.index.entry(kw).or_default();
+            if !postings.contains(&(f, leaf)) {
+                postings.push((f, leaf));
+            }
+        }
+        if capable && self.sc.election {
+            sup.offers.insert(
+                leaf,
+                Offer {
+                    gen,
+                    since: now,
+                    reachable: None,
+                },
+            );
+            let epoch = sup.epoch;
+            let at = now + micros(self.policy.min_uptime);
+            self.q.at(
+                at,
+                Ev::ProbeDue {
+                    sup: s,
+                    epoch,
+                    leaf,
+                    gen,
+                },
+            );
+        }
+    }
+
+    fn drop_leaf(&mut self, s: u32, leaf: u32, gen: u32) {
+        let files: Vec<u32> = self.leaves[leaf as usize].files.clone();
+        let sc = &self.sc;
+        let sup = &mut self.supers[s as usize];
+        match sup.leaves.get(&leaf) {
+            Some((g, _)) if *g == gen => {}
+            _ => return,
+        }
+        sup.leaves.remove(&leaf);
+        sup.offers.remove(&leaf);
+        for f in files {
+            let kw = keyword(sc, f);
+            if let Some(p) = sup.index.get_mut(&kw) {
+                p.retain(|&(_, l)| l != leaf);
+                if p.is_empty() {
+                    sup.index.remove(&kw);
+                }
+            }
+        }
+    }
+
+    fn unlink(&mut self, s: u32, gone: u32) {
+        let me = &mut self.supers[s as usize];
+        me.neighbours.retain(|&n| n != gone);
+        me.dialing.remove(&gone);
+        me.hop.remove_neighbour(&gone);
+    }
+
+    fn dial(&mut self, s: u32, to: u32) {
+        if s == to || !self.supers[to as usize].alive {
+            return;
+        }
+        let epoch = self.supers[s as usize].epoch;
+        self.supers[s as usize].dialing.insert(to);
+        self.send_after(
+            Node::Super(s),
+            Node::Super(to),
+            Msg::Link { from: s, epoch },
+            1.5,
+        );
+    }
+
+    /// Mesh upkeep (`supernode/src/mesh.rs` `maintain`): dial while below
+    /// the target. The known table is modelled as knowing every supernode
+    /// alive, which gossip approaches in a connected mesh.
+    fn maintain(&mut self, s: u32) {
+        let (linked, dialing) = {
+            let me = &self.supers[s as usize];
+            (me.neighbours.len(), me.dialing.len())
+        };
+        if linked + dialing >= self.sc.target_neighbors {
+            return;
+        }
+        // Dials that got no answer are given up after a round.
+        self.supers[s as usize].dialing.clear();
+        for _ in 0..8 {
+            let to = self.rng.random_range(0..self.supers.len()) as u32;
+            let me = &self.supers[s as usize];
+            if to != s && self.supers[to as usize].alive && !me.neighbours.contains(&to) {
+                self.dial(s, to);
+                break;
+            }
+        }
+    }
+
+    fn kill_random(&mut self, n: usize) {
+        let alive: Vec<u32> = (0..self.dedicated as u32)
+            .filter(|&s| self.supers[s as usize].alive)
+            .collect();
+        let mut picked = Set::default();
+        for _ in 0..n.min(alive.len()) * 4 {
+            if picked.len() >= n.min(alive.len()) {
+                break;
+            }
+            picked.insert(alive[self.rng.random_range(0..alive.len())]);
+        }
+        let mut picked: Vec<u32> = picked.into_iter().collect();
+        picked.sort_unstable();
+        for s in picked {
+            self.kills += 1;
+            self.super_down(s, false);
+            let restart = (self.sc.supernode_restart_min * 60.0 * SEC as f64) as Micros;
+            self.q.after(restart.max(SEC), Ev::Restart(s));
+        }
+    }
+
+    /// Supernode `s` stops; `goodbye`: it closed its connections, else
+    /// they time out.
+    fn super_down(&mut self, s: u32, goodbye: bool) {
+        let (leaves, neighbours) = {
+            let sup = &mut self.supers[s as usize];
+            sup.alive = false;
+            let leaves: Vec<(u32, u32)> = sup.leaves.iter().map(|(&l, &(g, _))| (l, g)).collect();
+            (leaves, std::mem::take(&mut sup.neighbours))
+        };
+        let detect = self.sc.loss_detect_ms * MS;
+        for (l, gen) in leaves {
+            if goodbye {
+                let at = self.rtt(Node::Super(s), Node::Leaf(l)) / 2;
+                self.q.after(
+                    at,
+                    Ev::LinkLost {
+                        leaf: l,
+                        gen,
+                        sup: s,
+                    },
+                );
+            } else {
+                let jitter = self.rng.random_range(0..SEC);
+                self.q.after(
+                    detect + jitter,
+                    Ev::LinkLost {
+                        leaf: l,
+                        gen,
+                        sup: s,
+                    },
+                );
+            }
+        }
+        for n in neighbours {
+            let epoch = self.supers[n as usize].epoch;
+            let at = if goodbye {
+                self.rtt(Node::Super(s), Node::Super(n)) / 2
+            } else {
+                detect
+            };
+            self.q.after(
+                at,
+                Ev::NeighbourLost {
+                    sup: n,
+                    epoch,
+                    gone: s,
+                },
+            );
+        }
+        if let Some(l) = self.supers[s as usize].from_leaf {
+            let (instant, unix) = (self.q.instant(), self.unix());
+            let leaf = &mut self.leaves[l as usize];
+            if leaf.role == Some(s) {
+                leaf.role = None;
+                if let Some(p) = leaf.planner.as_mut() {
+                    p.handle_role(instant, unix, None);
+                }
+                if leaf.online {
+                    self.drive_leaf(l);
+                }
+            }
+        }
+        let s_sup = &mut self.supers[s as usize];
+        s_sup.leaves.clear();
+        s_sup.index.clear();
+        s_sup.offers.clear();
+    }
+
+    // ---- election -----------------------------------------------------
+
+    fn probe(&mut self, s: u32, leaf: u32, gen: u32) {
+        let sup = &self.supers[s as usize];
+        let Some(o) = sup.offers.get(&leaf) else {
+            return;
+        };
+        if o.gen != gen || o.reachable == Some(true) {
+            return;
+        }
+        let epoch = sup.epoch;
+        let l = &self.leaves[leaf as usize];
+        let ok = l.online && l.gen == gen && l.reachable;
+        let after = if ok {
+            self.rtt(Node::Super(s), Node::Leaf(leaf)) * 3 / 2
+        } else {
+            PROBE_TIMEOUT
+        };
+        self.q.after(
+            after,
+            Ev::ProbeDone {
+                sup: s,
+                epoch,
+                leaf,
+                gen,
+                ok,
+            },
+        );
+    }
+
+    /// `supernode/src/election.rs` `others_have_room`, over what this
+    /// supernode knows: its neighbours.
+    fn others_have_room(&self, s: u32) -> bool {
+        let hw = u64::from(self.policy.high_water_permille);
+        let room: u64 = self.supers[s as usize]
+            .neighbours
+            .iter()
+            .map(|&n| {
+                let ns = &self.supers[n as usize];
+                (ns.max_leaves as u64 * hw / 1000).saturating_sub(ns.leaves.len() as u64)
+            })
+            .sum();
+        room > self.supers[s as usize].leaves.len() as u64
+    }
+
+    fn elect_tick(&mut self, s: u32) {
+        let now = self.now();
+        let instant = self.q.instant();
+        let others = self.others_have_room(s);
+        let random: f64 = self.rng.random();
+        let sup = &mut self.supers[s as usize];
+        let decision = sup.elector.tick(
+            instant,
+            sup.leaves.len(),
+            sup.max_leaves,
+            sup.from_leaf.is_some(),
+            others,
+            random,
+            &self.policy,
+        );
+        match decision {
+            Decision::Nothing => {}
+            Decision::Elect => {
+                let candidates: Vec<Candidate<u32>> = sup
+                    .offers
+                    .iter()
+                    .map(|(&l, o)| {
+                        let leaf = &self.leaves[l as usize];
+                        Candidate {
+                            id: l,
+                            session_age: Duration::from_micros(now - o.since),
+                            reachable: o.reachable,
+                            cpu_idle_permille: if leaf.capable { 800 } else { 100 },
+                            mem_available_mib: if leaf.capable { 4096 } else { 256 },
+                            upload_kbps: leaf.upload_kbps,
+                        }
+                    })
+                    .collect();
+                let Some(best) = elect::best(&candidates, &self.policy).map(|c| c.id) else {
+                    return;
+                };
+                sup.elector.elected(instant);
+                if sup.promoting.is_none() {
+                    sup.promoting = Some(best);
+                    let max_leaves = sup.max_leaves;
+                    self.send(
+                        Node::Super(s),
+                        Node::Leaf(best),
+                        Msg::Promote { sup: s, max_leaves },
+                    );
+                }
+            }
+            Decision::StepDown => {
+                self.step_downs += 1;
+                let list = self.for_leaves(s, true);
+                let leaves: Vec<u32> = {
+                    let mut v: Vec<u32> = self.supers[s as usize].leaves.keys().copied().collect();
+                    v.sort_unstable();
+                    v
+                };
+                for l in leaves {
+                    self.send(
+                        Node::Super(s),
+                        Node::Leaf(l),
+                        Msg::Rehome {
+                            sup: s,
+                            list: list.clone(),
+                        },
+                    );
+                }
+                self.super_down(s, true);
+            }
+        }
+    }
+
+    /// Moves half our leaves (not the new supernode's own) to `to`.
+    fn handover(&mut self, s: u32, to: u32) {
+        let me = &mut self.supers[s as usize];
+        me.handover = None;
+        let own = self.supers[to as usize].from_leaf;
+        let me = &self.supers[s as usize];
+        let mut movers: Vec<u32> = me
+            .leaves
+            .keys()
+            .copied()
+            .filter(|&l| Some(l) != own)
+            .collect();
+        movers.sort_unstable();
+        movers.truncate(me.leaves.len() / 2);
+        let info = Info {
+            sup: to,
+            leaves: 0,
+            max_leaves: self.supers[to as usize].max_leaves as u32,
+        };
+        for l in movers {
+            self.send(
+                Node::Super(s),
+                Node::Leaf(l),
+                Msg::Rehome {
+                    sup: s,
+                    list: vec![info],
+                },
+            );
+        }
+    }
+
+    // ---- queries ------------------------------------------------------
+
+    fn query_start(&mut self) {
+        if self.online.is_empty() {
+            return;
+        }
+        let leaf = self.online[self.rng.random_range(0..self.online.len())];
+        let rare = self.rng.random_bool(self.sc.rare_query_share);
+        let (kw, expected) = if rare && self.sc.rare_per_leaf > 0 {
+            // A file of another online leaf that only it has.
+            let mut pick = None;
+            for _ in 0..16 {
+                let h = self.online[self.rng.random_range(0..self.online.len())];
+                if h != leaf {
+                    let j = self.rng.random_range(0..self.sc.rare_per_leaf);
+                    let f = (self.sc.catalog_files + h as usize * self.sc.rare_per_leaf + j) as u32;
+                    pick = Some(keyword(&self.sc, f));
+                    break;
+                }
+            }
+            let Some(kw) = pick else { return };
+            (kw, 1)
+        } else {
+            let f = self.zipf.sample(&mut self.rng);
+            let group = f / self.sc.files_per_keyword;
+            let lo = group * self.sc.files_per_keyword;
+            let hi = (lo + self.sc.files_per_keyword).min(self.sc.catalog_files);
+            let held = (lo..hi).filter(|&g| self.holders[g] > 0).count();
+            if held == 0 {
+                return;
+            }
+            (group as u32, held.min(self.sc.max_results))
+        };
+        let rare = rare && self.sc.rare_per_leaf > 0;
+        let q = self.queries.len() as u32;
+        let links: Vec<u32> = self.leaves[leaf as usize]
+            .links
+            .iter()
+            .copied()
+            .take(ASKED_AT_ONCE)
+            .collect();
+        let gen = self.leaves[leaf as usize].gen;
+        self.queries.push(QueryRec {
+            start: self.now(),
+            kw,
+            rare,
+            expected,
+            found: Set::default(),
+            first_hit: None,
+            outstanding: links.len(),
+            done: links.is_empty(),
+            unattached: links.is_empty(),
+        });
+        for s in &links {
+            self.send(
+                Node::Leaf(leaf),
+                Node::Super(*s),
+                Msg::Query { q, leaf, gen },
+            );
+        }
+        if !links.is_empty() {
+            self.q.after(self.sc.leaf_timeout_ms * MS, Ev::QueryEnd(q));
+        }
+    }
+
+    fn query_end(&mut self, q: u32) {
+        self.queries[q as usize].done = true;
+    }
+
+    fn ranked(&self, s: u32) -> Vec<u32> {
+        let mut n = self.supers[s as usize].neighbours.clone();
+        n.sort_by_cached_key(|&x| (self.access(Node::Super(x)), x));
+        n
+    }
+
+    /// What `s`'s index holds for `lookup`: one hit per file, with every
+    /// leaf registered there that holds it as a source.
+    fn local(&self, s: u32, lookup: &Lookup, wanted: usize) -> Local {
+        let kw = match lookup {
+            Lookup::Words(w) => w
+                .first()
+                .and_then(|w| w.strip_prefix('k')?.parse::<u32>().ok()),
+            Lookup::Hash(_) => None,
+        };
+        let Some(p) = kw.and_then(|kw| self.supers[s as usize].index.get(&kw)) else {
+            return Local::default();
+        };
+        let mut hits: Vec<Hit> = Vec::new();
+        for &(f, l) in p {
+            let hash = file_hash(f);
+            let source = Source {
+                id: leaf_id(l),
+                addr: self.leaf_addr(l),
+                variant: 0,
+            };
+            let room = hits.len() < wanted;
+            match hits.iter_mut().find(|h| h.hash == hash) {
+                Some(h) if h.sources.len() < MAX_SOURCES_PER_HIT => h.sources.push(source),
+                Some(_) => {}
+                None if room => hits.push(Hit {
+                    hash,
+                    names: vec![NameVariant {
+                        name: format!("file {f}"),
+                        size: 1 << 20,
+                    }],
+                    sources: vec![source],
+                }),
+                None => {}
+            }
+        }
+        let found = hits.len();
+        Local {
+            hits,
+            examined: p.len().min(servent_proto::cost::MAX_EXAMINED),
+            found,
+        }
+    }
+
+    fn leaf_addr(&self, l: u32) -> String {
+        let ip = std::net::Ipv4Addr::from(self.leaves[l as usize].ip | 0x0100_0000);
+        format!("{ip}:7401")
+    }
+
+    /// A leaf's query at its supernode (`routing::serve_leaf_query`).
+    fn origin_query(&mut self, s: u32, q: u32, leaf: u32, gen: u32) {
+        let query = Query {
+            kind: QueryKind::Keywords(vec![format!("k{}", self.queries[q as usize].kw)]),
+            max_results: self.sc.max_results as u32,
+        };
+        let id: u64 = self.rng.random();
+        let ask = LeafQuery {
+            leaf: u32::MAX - leaf,
+            id,
+            query: &query,
+            ttl: self.sc.query_ttl,
+            search_time: Duration::from_millis(self.sc.search_time_ms),
+        };
+        let instant = self.q.instant();
+        let ranked = self.ranked(s);
+        let arrival = self.supers[s as usize]
+            .hop
+            .from_leaf(instant, ask, || ranked);
+        let Arrival::Accepted(hq) = arrival else {
+            self.send(Node::Super(s), Node::Leaf(leaf), Msg::Done { q });
+            return;
+        };
+        let _ = gen;
+        self.start_hop(s, *hq, Up::Leaf { q, leaf }, query);
+    }
+
+    /// A neighbour's copy of a query (`routing::serve_mesh_query`).
+    fn mesh_query(&mut self, s: u32, mq: MeshCopy) {
+        let instant = self.q.instant();
+        let ranked = self.ranked(s);
+        let arrival =
+            self.supers[s as usize]
+                .hop
+                .from_neighbour(instant, mq.from, &mq.query, || ranked);
+        let Arrival::Accepted(hq) = arrival else {
+            self.send(
+                Node::Super(s),
+                Node::Super(mq.from),
+                Msg::MeshDone {
+                    stream: mq.parent,
+                    from: s,
+                },
+            );
+            return;
+        };
+        let epoch = self.supers[mq.from as usize].epoch;
+        let up = Up::Mesh {
+            node: mq.from,
+            epoch,
+            parent: mq.parent,
+        };
+        self.start_hop_as(s, *hq, up, mq.query.query, mq.stream);
+    }
+
+    fn start_hop(&mut self, s: u32, hq: HopQuery<u32>, up: Up, query: Query) {
+        let id = self.new_stream();
+        self.start_hop_as(s, hq, up, query, id);
+    }
+
+    fn start_hop_as(&mut self, s: u32, mut hq: HopQuery<u32>, up: Up, query: Query, id: u64) {
+        let instant = self.q.instant();
+        let local = match hq.lookup() {
+            Some(l) => self.local(s, l, hq.wanted()),
+            None => Local::default(),
+        };
+        self.supers[s as usize]
+            .hop
+            .handle_local(instant, &mut hq, local);
+        let epoch = self.supers[s as usize].epoch;
+        self.streams.insert(
+            id,
+            Stream {
+                node: s,
+                epoch,
+                query: hq,
+                up,
+                mesh: query,
+                children: Vec::new(),
+                wake_at: None,
+            },
+        );
+        self.drive_hop(id);
+    }
+
+    fn new_stream(&mut self) -> u64 {
+        self.next_stream += 1;
+        self.next_stream
+    }
+
+    /// Carries out what query `id`'s hop core asks for, and sets its timer.
+    fn drive_hop(&mut self, id: u64) {
+        let instant = self.q.instant();
+        let now = self.now();
+        for _ in 0..10_000 {
+            let Some(st) = self.streams.get_mut(&id) else {
+                return;
+            };
+            let Some(action) = st.query.poll_action() else {
+                break;
+            };
+            let (s, up) = (st.node, st.up);
+            match action {
+                HopAction::Forward { to, ttl, budget } => {
+                    let child = self.new_stream();
+                    let st = self.streams.get_mut(&id).expect("stream");
+                    st.children.push((to, child));
+                    let mq = MeshCopy {
+                        stream: child,
+                        parent: id,
+                        from: s,
+                        query: MeshQuery {
+                            id: st.query.id(),
+                            ttl,
+                            timeout_ms: budget.as_millis().min(u32::MAX as u128) as u32,
+                            query: st.mesh.clone(),
+                        },
+                    };
+                    self.send(
+                        Node::Super(s),
+                        Node::Super(to),
+                        Msg::MeshQuery(Box::new(mq)),
+                    );
+                }
+                HopAction::NotForwarded { .. } => self.unforwarded += 1,
+                HopAction::SendHits { hits } => match up {
+                    Up::Leaf { q, leaf } => {
+                        let files = hits.iter().map(|h| file_of(&h.hash)).collect();
+                        self.send(Node::Super(s), Node::Leaf(leaf), Msg::Hits { q, files });
+                    }
+                    Up::Mesh { node, parent, .. } => {
+                        self.send(
+                            Node::Super(s),
+                            Node::Super(node),
+                            Msg::MeshHits {
+                                stream: parent,
+                                from: s,
+                                hits,
+                            },
+                        );
+                    }
+                },
+                HopAction::Charge { tokens } => {
+                    if let Up::Mesh { node, .. } = up {
+                        self.supers[s as usize].hop.charge(instant, &node, tokens);
+                    }
+                }
+                HopAction::Cancel { neighbour } => {
+                    let st = self.streams.get_mut(&id).expect("stream");
+                    if let Some(i) = st.children.iter().position(|&(n, _)| n == neighbour) {
+                        let (n, child) = st.children.swap_remove(i);
+                        self.send(
+                            Node::Super(s),
+                            Node::Super(n),
+                            Msg::MeshCancel { stream: child },
+                        );
+                    }
+                }
+                HopAction::Finish => {
+                    let st = self.streams.remove(&id).expect("stream");
+                    for (n, child) in st.children {
+                        self.send(
+                            Node::Super(s),
+                            Node::Super(n),
+                            Msg::MeshCancel { stream: child },
+                        );
+                    }
+                    match up {
+                        Up::Leaf { q, leaf } => {
+                            self.send(Node::Super(s), Node::Leaf(leaf), Msg::Done { q })
+                        }
+                        Up::Mesh {
+                            node,
+                            epoch,
+                            parent,
+                        } => {
+                            if self.supers[node as usize].epoch == epoch {
+                                self.send(
+                                    Node::Super(s),
+                                    Node::Super(node),
+                                    Msg::MeshDone {
+                                        stream: parent,
+                                        from: s,
+                                    },
+                                );
+                            }
+                        }
+                    }
+                    return;
+                }
+            }
+        }
+        let Some(st) = self.streams.get_mut(&id) else {
+            return;
+        };
+        if let Some(t) = st.query.poll_timeout() {
+            let t = self.q.from_instant(t).max(now + 1);
+            if st.wake_at.is_none_or(|w| w > t || w < now) {
+                st.wake_at = Some(t);
+                self.q.at(t, Ev::HopWake { stream: id });
+            }
+        }
+    }
+
+    fn live_stream(&mut self, id: u64) -> Option<&mut Stream> {
+        let st = self.streams.get(&id)?;
+        if !(self.supers[st.node as usize].alive && self.supers[st.node as usize].epoch == st.epoch)
+        {
+            self.streams.remove(&id);
+            return None;
+        }
+        self.streams.get_mut(&id)
+    }
+
+    fn stream_hits(&mut self, id: u64, from: u32, hits: Vec<Hit>) {
+        let instant = self.q.instant();
+        let Some(st) = self.live_stream(id) else {
+            return;
+        };
+        if !st.children.iter().any(|&(n, _)| n == from) {
+            return;
+        }
+        st.query.handle_hits(instant, &from, hits);
+        self.drive_hop(id);
+    }
+
+    fn stream_done(&mut self, id: u64, from: u32) {
+        let instant = self.q.instant();
+        let Some(st) = self.live_stream(id) else {
+            return;
+        };
+        let Some(i) = st.children.iter().position(|&(n, _)| n == from) else {
+            return;
+        };
+        st.children.swap_remove(i);
+        st.query.handle_ended(instant, &from);
+        self.drive_hop(id);
+    }
+
+    fn hop_wake(&mut self, id: u64) {
+        let instant = self.q.instant();
+        let Some(st) = self.live_stream(id) else {
+            return;
+        };
+        st.wake_at = None;
+        let s = st.node as usize;
+        let mut st = self.streams.remove(&id).expect("stream");
+        self.supers[s].hop.handle_timeout(instant, &mut st.query);
+        self.streams.insert(id, st);
+        self.drive_hop(id);
+    }
+
+    /// The asker closed a stream: the query there ends, and so do the
+    /// copies it forwarded.
+    fn stream_cancelled(&mut self, id: u64) {
+        let Some(st) = self.streams.remove(&id) else {
+            return;
+        };
+        for (n, child) in st.children {
+            self.send(
+                Node::Super(st.node),
+                Node::Super(n),
+                Msg::MeshCancel { stream: child },
+            );
+        }
+    }
+
+    // ---- measuring ----------------------------------------------------
+
+    fn sample(&mut self) {
+        let alive: Vec<&Super> = self.supers.iter().filter(|s| s.alive).collect();
+        let online = self.online.len();
+        let attached = self
+            .online
+            .iter()
+            .filter(|&&l| !self.leaves[l as usize].links.is_empty())
+            .count();
+        let per = (self.sc.max_leaves as f64 * f64::from(self.policy.high_water_permille) / 1000.0)
+            .max(1.0);
+        let needed = (online as f64 / per).ceil().max(1.0) as usize;
+        let over_cap = alive
+            .iter()
+            .map(|s| s.leaves.len() as f64 / s.max_leaves.max(1) as f64)
+            .fold(0.0, f64::max);
+        let t = self.now() as f64 / SEC as f64;
+        let sample = Sample {
+            t_secs: report::round(t, 1),
+            supernodes: alive.len(),
+            elected: alive.iter().filter(|s| s.from_leaf.is_some()).count(),
+            needed,
+            online_leaves: online,
+            attached_leaves: attached,
+            max_leaves_over_cap: report::round(over_cap, 3),
+            msgs_per_sec: report::round(self.msgs_since_sample as f64 / self.sc.sample_secs, 1),
+        };
+        self.msgs_since_sample = 0;
+        if self.measuring() {
+            self.online_sum += online as f64;
+        }
+        self.samples.push(sample);
+    }
+
+    fn report(&mut self, wall: f64) -> Report {
+        let measured: Vec<&Sample> = self
+            .samples
+            .iter()
+            .filter(|s| s.t_secs * SEC as f64 >= self.measure_from as f64)
+            .collect();
+        let ratio = |s: &Sample| s.supernodes as f64 / s.needed.max(1) as f64;
+        let over_max = measured.iter().map(|s| ratio(s)).fold(0.0, f64::max);
+        let over_mean =
+            measured.iter().map(|s| ratio(s)).sum::<f64>() / measured.len().max(1) as f64;
+        let (mut rare_n, mut rare_found, mut pop_n, mut pop_recall, mut unattached) =
+            (0, 0, 0, 0.0, 0);
+        let mut first: Vec<f64> = Vec::new();
+        for r in &self.queries {
+            if r.unattached {
+                unattached += 1;
+            }
+            let got = r.found.len().min(r.expected);
+            if r.rare {
+                rare_n += 1;
+                rare_found += usize::from(got > 0);
+            } else {
+                pop_n += 1;
+                pop_recall += got as f64 / r.expected.max(1) as f64;
+            }
+            if let Some(t) = r.first_hit {
+                first.push((t - r.start) as f64 / MS as f64);
+            }
+        }
+        let n = self.queries.len().max(1) as f64;
+        let max_q = self.supers.iter().map(|s| s.query_msgs).max().unwrap_or(0);
+        self.max_query_msgs_sum = max_q;
+        // Leaves still orphaned at the end count with their time so far.
+        let end = self.now();
+        let mut orphaned = self.orphaned.clone();
+        for l in &self.leaves {
+            if let (true, Some(since)) = (l.online, l.orphan_since) {
+                orphaned.push((end - since) as f64 / SEC as f64);
+            }
+        }
+        let hours = (self.sc.minutes / 60.0).max(1.0);
+        let most_promoted = self
+            .leaves
+            .iter()
+            .map(|l| l.promoted_at.len())
+            .max()
+            .unwrap_or(0);
+        let events = self.q.processed();
+        Report {
+            seed: self.sc.seed,
+            leaves: self.sc.leaves,
+            supernodes: self.sc.supernodes,
+            minutes: self.sc.minutes,
+            queries: self.queries.len(),
+            rare_queries: rare_n,
+            popular_queries: pop_n,
+            recall_rare: report::round(rare_found as f64 / rare_n.max(1) as f64, 4),
+            recall_popular: report::round(pop_recall / pop_n.max(1) as f64, 4),
+            queries_unattached: report::round(unattached as f64 / n, 4),
+            first_hit_ms_p50: report::round(report::percentile(&mut first.clone(), 50.0), 1),
+            first_hit_ms_p99: report::round(report::percentile(&mut first, 99.0), 1),
+            messages_per_query: report::round(self.query_traffic as f64 / n, 1),
+            mesh_queries_per_query: report::round(self.mesh_copies as f64 / n, 1),
+            max_supernode_msgs_per_sec: self.max_msgs_per_sec,
+            max_supernode_msgs_per_query: report::round(max_q as f64 / n, 2),
+            supernodes_over_needed_max: report::round(over_max, 3),
+            supernodes_over_needed_mean: report::round(over_mean, 3),
+            supernodes_alive_min: measured.iter().map(|s| s.supernodes).min().unwrap_or(0),
+            supernodes_alive_max: measured.iter().map(|s| s.supernodes).max().unwrap_or(0),
+            elected_max: measured.iter().map(|s| s.elected).max().unwrap_or(0),
+            max_leaves_over_cap: report::round(
+                self.samples
+                    .iter()
+                    .map(|s| s.max_leaves_over_cap)
+                    .fold(0.0, f64::max),
+                3,
+            ),
+            unattached_secs_p50: report::round(report::percentile(&mut orphaned.clone(), 50.0), 2),
+            unattached_secs_p99: report::round(report::percentile(&mut orphaned, 99.0), 2),
+            orphanings: orphaned.len(),
+            promotions: self.promotions,
+            step_downs: self.step_downs,
+            promotions_per_leaf_hour: report::round(most_promoted as f64 / hours, 3),
+            supernode_kills: self.kills,
+            leaf_sessions: self.sessions,
+            online_leaves_mean: report::round(self.online_sum / measured.len().max(1) as f64, 1),
+            events,
+            wall_secs: report::round(wall, 2),
+            events_per_sec: report::round(events as f64 / wall.max(1e-9), 0),
+            peak_rss_mib: report::round(report::peak_rss_mib(), 1),
+        }
+    }
+}
+
+/// The one keyword of file `f`: popular files share theirs with
+/// `files_per_keyword − 1` others, a single-holder file has its own.
+fn keyword(sc: &Scenario, f: u32) -> u32 {
+    let f = f as usize;
+    if f < sc.catalog_files {
+        (f / sc.files_per_keyword) as u32
+    } else {
+        (sc.catalog_files.div_ceil(sc.files_per_keyword) + (f - sc.catalog_files)) as u32
+    }
+}
+
+/// A made-up node id: `kind` 1 for a dedicated supernode, 2 for a leaf
+/// (and the supernode role it may hold), then the index.
+fn node_id(kind: u8, n: u32) -> NodeId {
+    let mut b = [0u8; 32];
+    b[0] = kind;
+    b[1..5].copy_from_slice(&n.to_be_bytes());
+    NodeId(b)
+}
+
+fn leaf_id(l: u32) -> NodeId {
+    node_id(2, l)
+}
+
+/// The supernode slot an address of [`World::sup_addr`] stands for.
+fn slot_of(addr: SocketAddr) -> u32 {
+    match addr.ip() {
+        std::net::IpAddr::V4(v4) => u32::from(v4) & 0x00ff_ffff,
+        std::net::IpAddr::V6(_) => u32::MAX,
+    }
+}
+
+/// A made-up content hash standing for file `f`.
+fn file_hash(f: u32) -> ContentHash {
+    let mut b = [0u8; 32];
+    b[..4].copy_from_slice(&f.to_be_bytes());
+    ContentHash(b)
+}
+
+fn file_of(h: &ContentHash) -> u32 {
+    let b = h.as_bytes();
+    u32::from_be_bytes([b[0], b[1], b[2], b[3]])
+}

@@ -1,0 +1,69 @@
+//! The network simulator: deterministic, and sane on a small network.
+
+use servent_tests::sim::{self, Scenario};
+
+/// A network small enough for CI: 10 supernodes, 600 leaves, 4 minutes,
+/// election timings shortened so that elections happen within it.
+fn small() -> Scenario {
+    Scenario {
+        leaves: 600,
+        supernodes: 10,
+        minutes: 4.0,
+        warmup_minutes: 1.5,
+        queries: 200,
+        catalog_files: 1_000,
+        election_time_scale: 0.05,
+        ..Scenario::small()
+    }
+}
+
+#[test]
+fn the_same_seed_gives_the_same_report() {
+    let (a, series_a) = sim::run(small()).expect("scenario is valid");
+    let (b, series_b) = sim::run(small()).expect("scenario is valid");
+    assert_eq!(a.deterministic_json(), b.deterministic_json());
+    let csv = |s: &[sim::Sample]| s.iter().map(|x| x.csv()).collect::<Vec<_>>().join("\n");
+    assert_eq!(csv(&series_a), csv(&series_b));
+    let (c, _) = sim::run(Scenario { seed: 2, ..small() }).expect("scenario is valid");
+    assert_ne!(
+        a.deterministic_json(),
+        c.deterministic_json(),
+        "another seed, another run"
+    );
+}
+
+#[test]
+fn a_small_network_finds_files_and_elects() {
+    let (r, series) = sim::run(small()).expect("scenario is valid");
+    println!("{}", serde_json::to_string(&r).expect("report serialises"));
+    assert!(r.queries >= 150, "{} queries measured", r.queries);
+    // Every measured query of an attached leaf reaches the whole mesh of 10.
+    let attached = 1.0 - r.queries_unattached;
+    assert!(
+        r.recall_rare >= 0.9 * attached,
+        "rare recall {} with {attached} attached",
+        r.recall_rare
+    );
+    assert!(r.first_hit_ms_p50 > 0.0 && r.first_hit_ms_p99 < 5_000.0);
+    assert!(
+        r.max_leaves_over_cap <= 1.0,
+        "a supernode took more leaves than its cap"
+    );
+    assert!(!series.is_empty());
+    assert!(r.events > 10_000 && r.events_per_sec > 0.0);
+}
+
+#[test]
+fn a_bad_scenario_is_refused() {
+    let bad = Scenario {
+        supernodes: 0,
+        ..small()
+    };
+    let err = sim::run(bad).expect_err("no supernodes");
+    assert!(err.to_string().contains("supernode"), "{err}");
+    let bad = Scenario {
+        loss: 1.5,
+        ..small()
+    };
+    assert!(sim::run(bad).is_err());
+}
