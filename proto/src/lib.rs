@@ -25,6 +25,7 @@ pub mod cost;
 pub mod elect;
 pub mod fair;
 pub mod hits;
+pub mod mesh;
 pub mod pin;
 pub mod rate;
 pub mod route;

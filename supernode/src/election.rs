@@ -373,10 +373,10 @@ async fn promote(state: &Arc<State>, id: NodeId) {
     // It dials us as its first peer; hand over once it is a neighbour.
     let deadline = Instant::now() + JOIN_TIMEOUT;
     let info = loop {
-        if let Some(n) = state.mesh.neighbours.get(&id) {
+        if let Some(addr) = state.mesh.neighbour_addr(&id) {
             break SupernodeInfo {
                 id,
-                addr: n.addr.to_string(),
+                addr: addr.to_string(),
                 leaves: 0,
                 max_leaves,
                 age_secs: 0,

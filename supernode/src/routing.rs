@@ -278,7 +278,7 @@ fn ask(
         state.metrics.queries_unforwarded.inc();
         return false;
     }
-    let conn = state.mesh.neighbours.get(&to).map(|n| n.conn.clone());
+    let conn = state.mesh.conn(&to);
     let state = state.clone();
     asks.spawn(
         async move {
