@@ -629,7 +629,14 @@ impl Membership {
         let Some(n) = self.neighbours.remove(&id) else {
             return;
         };
-        // Remembered so that it may be redialled later.
+        // Remembered so that it may be redialled later, within the cap.
+        if !self.known.contains_key(&id) && self.known.len() >= self.config.max_known {
+            let evict =
+                oldest(&self.known, &|k| !k.verified).or_else(|| oldest(&self.known, &|_| true));
+            if let Some(o) = evict {
+                self.known.remove(&o);
+            }
+        }
         self.known.insert(
             id,
             Known {
@@ -700,13 +707,6 @@ impl Membership {
                     }
                 }
                 None => {
-                    let oldest = |known: &HashMap<NodeId, Known>, pick: &dyn Fn(&Known) -> bool| {
-                        known
-                            .iter()
-                            .filter(|(_, k)| pick(k))
-                            .min_by_key(|(id, k)| (k.last_seen, **id))
-                            .map(|(id, _)| *id)
-                    };
                     let by_sender = |k: &Known| !k.verified && k.told_by == Some(from);
                     // Room comes first out of what this neighbour told us,
                     // then out of what nobody has verified.
@@ -871,6 +871,15 @@ impl Membership {
         v.truncate(MAX_SUPERNODE_INFOS);
         v
     }
+}
+
+/// The least recently heard of entry that `pick` accepts.
+fn oldest(known: &HashMap<NodeId, Known>, pick: &dyn Fn(&Known) -> bool) -> Option<NodeId> {
+    known
+        .iter()
+        .filter(|(_, k)| pick(k))
+        .min_by_key(|(id, k)| (k.last_seen, **id))
+        .map(|(id, _)| *id)
 }
 
 /// Load as thousandths of capacity (full or unknown capacity ranks last).
