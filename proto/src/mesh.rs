@@ -815,62 +815,119 @@ impl Membership {
         self.neighbours.len() + remembered
     }
 
-    /// Supernodes to tell others about: neighbours first, then recently
-    /// seen ones, never `except`, at most `MAX_SUPERNODE_INFOS`.
+    /// Supernodes to tell others about: neighbours first (by id), then
+    /// recently seen ones (by age), never `except`, at most
+    /// `MAX_SUPERNODE_INFOS`.
     pub fn gossip(&self, except: Option<NodeId>, now: Instant) -> Vec<SupernodeInfo> {
-        let mut out = self.passable(except, now);
-        out.truncate(MAX_SUPERNODE_INFOS);
-        out
+        let keys = self
+            .passable(except, now)
+            .map(|p| (p.former, p.age_secs, p.id))
+            .collect();
+        smallest(keys, MAX_SUPERNODE_INFOS)
+            .into_iter()
+            .map(|(_, _, id)| self.info(id, now))
+            .collect()
     }
 
-    /// Every supernode we may tell others about (linked to, or verified
-    /// and heard of lately): neighbours first (by id), then by age.
-    fn passable(&self, except: Option<NodeId>, now: Instant) -> Vec<SupernodeInfo> {
-        let mut linked: Vec<(&NodeId, &Neighbour)> = self
+    /// Every supernode we may tell others about: linked to, or verified
+    /// and heard of within [`MeshConfig::gossip_max_age`]. Only keys: a
+    /// frame's worth is chosen before any entry is built.
+    fn passable(
+        &self,
+        except: Option<NodeId>,
+        now: Instant,
+    ) -> impl Iterator<Item = Passable> + '_ {
+        let linked = self
             .neighbours
             .iter()
-            .filter(|(id, _)| Some(**id) != except)
-            .collect();
-        linked.sort_by_key(|(id, _)| **id);
-        let mut out: Vec<SupernodeInfo> = linked.into_iter().map(|(id, n)| n.info(*id)).collect();
-        let mut rest: Vec<SupernodeInfo> = self
+            .filter(move |(id, _)| Some(**id) != except)
+            .map(|(id, n)| Passable {
+                id: *id,
+                former: false,
+                age_secs: 0,
+                load: load_permille(n.leaves, n.max_leaves),
+                room: n.leaves < n.max_leaves,
+            });
+        let former = self
             .known
             .iter()
-            .filter(|(id, k)| {
+            .filter(move |(id, k)| {
                 Some(**id) != except
                     && k.verified
                     && !self.neighbours.contains_key(*id)
                     && now.saturating_duration_since(k.last_seen) < self.config.gossip_max_age
             })
-            .map(|(id, k)| SupernodeInfo {
+            .map(move |(id, k)| Passable {
                 id: *id,
-                addr: k.addr.to_string(),
-                leaves: k.leaves,
-                max_leaves: k.max_leaves,
-                age_secs: now
-                    .saturating_duration_since(k.last_seen)
-                    .as_secs()
-                    .min(u32::MAX as u64) as u32,
-            })
-            .collect();
-        rest.sort_by_key(|i| (i.age_secs, i.id));
-        out.extend(rest);
-        out
+                former: true,
+                age_secs: age_secs(now, k.last_seen),
+                load: load_permille(k.leaves, k.max_leaves),
+                room: k.leaves < k.max_leaves,
+            });
+        linked.chain(former)
     }
 
-    /// Supernodes for a leaf, least loaded first; with `with_room`, only
-    /// those that can take another leaf.
+    /// The entry for `id`, a neighbour or a known supernode.
+    fn info(&self, id: NodeId, now: Instant) -> SupernodeInfo {
+        if let Some(n) = self.neighbours.get(&id) {
+            return n.info(id);
+        }
+        let k = &self.known[&id];
+        SupernodeInfo {
+            id,
+            addr: k.addr.to_string(),
+            leaves: k.leaves,
+            max_leaves: k.max_leaves,
+            age_secs: age_secs(now, k.last_seen),
+        }
+    }
+
+    /// Supernodes for a leaf, least loaded first (then most recently
+    /// heard of, neighbours first, by id); with `with_room`, only those
+    /// that can take another leaf.
     /// At most `MAX_SUPERNODE_INFOS`, chosen from all we may pass on (not
     /// only the first 64 we would gossip), so that room anywhere is found.
     pub fn for_leaves(&self, with_room: bool, now: Instant) -> Vec<SupernodeInfo> {
-        let mut v = self.passable(None, now);
-        if with_room {
-            v.retain(|i| i.leaves < i.max_leaves);
-        }
-        v.sort_by_key(|i| (load_permille(i.leaves, i.max_leaves), i.age_secs));
-        v.truncate(MAX_SUPERNODE_INFOS);
-        v
+        let keys = self
+            .passable(None, now)
+            .filter(|p| p.room || !with_room)
+            .map(|p| (p.load, p.age_secs, p.former, p.id))
+            .collect();
+        smallest(keys, MAX_SUPERNODE_INFOS)
+            .into_iter()
+            .map(|(_, _, _, id)| self.info(id, now))
+            .collect()
     }
+}
+
+/// A supernode we may pass on, by the keys it is chosen by.
+struct Passable {
+    id: NodeId,
+    /// Not linked now (a former neighbour).
+    former: bool,
+    age_secs: u32,
+    load: u64,
+    room: bool,
+}
+
+fn age_secs(now: Instant, last_seen: Instant) -> u32 {
+    now.saturating_duration_since(last_seen)
+        .as_secs()
+        .min(u32::MAX as u64) as u32
+}
+
+/// The `n` smallest of `v`, in order, without sorting all of it (a
+/// supernode may know a thousand others and gossips 64 of them).
+fn smallest<K: Ord>(mut v: Vec<K>, n: usize) -> Vec<K> {
+    if n == 0 {
+        return Vec::new();
+    }
+    if v.len() > n {
+        v.select_nth_unstable(n - 1);
+        v.truncate(n);
+    }
+    v.sort_unstable();
+    v
 }
 
 /// The least recently heard of entry that `pick` accepts.
