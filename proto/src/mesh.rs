@@ -43,7 +43,7 @@
 //! - **Silence.** A neighbour that sends no `Status` for
 //!   [`MeshConfig::silence_limit`] is dropped.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
@@ -273,7 +273,7 @@ pub struct Membership {
     me: NodeId,
     config: MeshConfig,
     neighbours: HashMap<NodeId, Neighbour>,
-    known: HashMap<NodeId, Known>,
+    known: KnownTable,
     bootstrap: Vec<Bootstrap>,
     dials: HashMap<DialId, PendingDial>,
     /// Addresses being dialled now, so no address is dialled twice at once.
@@ -292,7 +292,7 @@ impl Membership {
             me,
             config,
             neighbours: HashMap::new(),
-            known: HashMap::new(),
+            known: KnownTable::default(),
             bootstrap: bootstrap
                 .iter()
                 .map(|a| Bootstrap {
@@ -442,15 +442,11 @@ impl Membership {
             return;
         };
         if let Some(id) = p.expect {
-            if let Some(k) = self.known.get_mut(&id) {
+            let (unit, cap) = (self.config.backoff_min, self.config.backoff_max * 2);
+            self.known.update(&id, |k| {
                 k.failures = k.failures.saturating_add(1);
-                let delay = self
-                    .config
-                    .backoff_min
-                    .saturating_mul(1 << k.failures.min(7))
-                    .min(self.config.backoff_max * 2);
-                k.next_try = now + delay;
-            }
+                k.next_try = now + unit.saturating_mul(1 << k.failures.min(7)).min(cap);
+            });
         }
     }
 
@@ -631,9 +627,7 @@ impl Membership {
         };
         // Remembered so that it may be redialled later, within the cap.
         if !self.known.contains_key(&id) && self.known.len() >= self.config.max_known {
-            let evict =
-                oldest(&self.known, &|k| !k.verified).or_else(|| oldest(&self.known, &|_| true));
-            if let Some(o) = evict {
+            if let Some(o) = self.known.oldest_unverified() {
                 self.known.remove(&o);
             }
         }
@@ -693,9 +687,9 @@ impl Membership {
             let seen = now
                 .checked_sub(Duration::from_secs(info.age_secs.into()))
                 .unwrap_or(now);
-            match known.get_mut(&info.id) {
+            match known.get(&info.id) {
                 Some(k) if k.last_seen >= seen => {}
-                Some(k) => {
+                Some(_) => known.update(&info.id, |k| {
                     k.last_seen = seen;
                     k.leaves = info.leaves;
                     k.max_leaves = info.max_leaves;
@@ -705,15 +699,14 @@ impl Membership {
                         k.next_try = now;
                         k.failures = 0;
                     }
-                }
+                }),
                 None => {
-                    let by_sender = |k: &Known| !k.verified && k.told_by == Some(from);
                     // Room comes first out of what this neighbour told us,
                     // then out of what nobody has verified.
-                    let evict = if known.values().filter(|k| by_sender(k)).count() >= per_sender {
-                        oldest(known, &by_sender)
+                    let evict = if known.told_by(&from) >= per_sender {
+                        known.oldest_told_by(&from)
                     } else if known.len() >= max_known {
-                        oldest(known, &|k| !k.verified).or_else(|| oldest(known, &|_| true))
+                        known.oldest_unverified()
                     } else {
                         None
                     };
@@ -743,7 +736,7 @@ impl Membership {
     fn candidates(&mut self, now: Instant) -> Vec<(NodeId, SocketAddr)> {
         let forget_after = self.config.forget_after;
         self.known
-            .retain(|_, k| now.saturating_duration_since(k.last_seen) < forget_after);
+            .retain(|k| now.saturating_duration_since(k.last_seen) < forget_after);
         let mut v: Vec<_> = self
             .known
             .iter()
@@ -872,7 +865,7 @@ impl Membership {
         if let Some(n) = self.neighbours.get(&id) {
             return n.info(id);
         }
-        let k = &self.known[&id];
+        let k = &self.known.entries[&id];
         SupernodeInfo {
             id,
             addr: k.addr.to_string(),
@@ -930,13 +923,134 @@ fn smallest<K: Ord>(mut v: Vec<K>, n: usize) -> Vec<K> {
     v
 }
 
-/// The least recently heard of entry that `pick` accepts.
-fn oldest(known: &HashMap<NodeId, Known>, pick: &dyn Fn(&Known) -> bool) -> Option<NodeId> {
-    known
-        .iter()
-        .filter(|(_, k)| pick(k))
-        .min_by_key(|(id, k)| (k.last_seen, **id))
-        .map(|(id, _)| *id)
+/// The known supernodes, with their unverified entries indexed by age
+/// overall and by the neighbour that told of them, so that making room
+/// costs a lookup rather than a scan of the table: at a thousand entries,
+/// new names arrive in every `Status` of a churning mesh.
+#[derive(Debug, Default)]
+struct KnownTable {
+    entries: HashMap<NodeId, Known>,
+    /// Unverified entries, least recently heard of first.
+    unverified: BTreeSet<(Instant, NodeId)>,
+    /// The same, by the neighbour that told us of them.
+    by_sender: HashMap<NodeId, BTreeSet<(Instant, NodeId)>>,
+}
+
+impl KnownTable {
+    fn get(&self, id: &NodeId) -> Option<&Known> {
+        self.entries.get(id)
+    }
+
+    fn contains_key(&self, id: &NodeId) -> bool {
+        self.entries.contains_key(id)
+    }
+
+    fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    fn iter(&self) -> impl Iterator<Item = (&NodeId, &Known)> {
+        self.entries.iter()
+    }
+
+    fn keys(&self) -> impl Iterator<Item = &NodeId> {
+        self.entries.keys()
+    }
+
+    #[cfg(test)]
+    fn values(&self) -> impl Iterator<Item = &Known> {
+        self.entries.values()
+    }
+
+    fn insert(&mut self, id: NodeId, k: Known) {
+        self.remove(&id);
+        if !k.verified {
+            self.unverified.insert((k.last_seen, id));
+            if let Some(from) = k.told_by {
+                self.by_sender
+                    .entry(from)
+                    .or_default()
+                    .insert((k.last_seen, id));
+            }
+        }
+        self.entries.insert(id, k);
+    }
+
+    fn remove(&mut self, id: &NodeId) -> Option<Known> {
+        let k = self.entries.remove(id)?;
+        if !k.verified {
+            self.unverified.remove(&(k.last_seen, *id));
+            if let Some(from) = k.told_by {
+                if let Some(set) = self.by_sender.get_mut(&from) {
+                    set.remove(&(k.last_seen, *id));
+                    if set.is_empty() {
+                        self.by_sender.remove(&from);
+                    }
+                }
+            }
+        }
+        Some(k)
+    }
+
+    /// Changes an entry, keeping the indexes right.
+    fn update(&mut self, id: &NodeId, f: impl FnOnce(&mut Known)) {
+        if let Some(mut k) = self.remove(id) {
+            f(&mut k);
+            self.insert(*id, k);
+        }
+    }
+
+    fn retain(&mut self, keep: impl Fn(&Known) -> bool) {
+        let gone: Vec<NodeId> = self
+            .entries
+            .iter()
+            .filter(|(_, k)| !keep(k))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in gone {
+            self.remove(&id);
+        }
+    }
+
+    /// Unverified entries `from` told us of.
+    fn told_by(&self, from: &NodeId) -> usize {
+        self.by_sender.get(from).map_or(0, BTreeSet::len)
+    }
+
+    fn oldest_told_by(&self, from: &NodeId) -> Option<NodeId> {
+        Some(self.by_sender.get(from)?.first()?.1)
+    }
+
+    /// The least recently heard of unverified entry, or of all if every
+    /// entry is verified.
+    fn oldest_unverified(&self) -> Option<NodeId> {
+        match self.unverified.first() {
+            Some((_, id)) => Some(*id),
+            None => self
+                .entries
+                .iter()
+                .min_by_key(|(id, k)| (k.last_seen, **id))
+                .map(|(id, _)| *id),
+        }
+    }
+
+    /// Whether the indexes agree with the entries (for tests).
+    #[cfg(test)]
+    fn consistent(&self) -> bool {
+        let unverified: BTreeSet<(Instant, NodeId)> = self
+            .entries
+            .iter()
+            .filter(|(_, k)| !k.verified)
+            .map(|(id, k)| (k.last_seen, *id))
+            .collect();
+        let by_sender: usize = self.by_sender.values().map(BTreeSet::len).sum();
+        let told = self
+            .entries
+            .values()
+            .filter(|k| !k.verified && k.told_by.is_some())
+            .count();
+        unverified == self.unverified && by_sender == told
+    }
 }
 
 /// Load as thousandths of capacity (full or unknown capacity ranks last).
@@ -1019,6 +1133,7 @@ mod tests {
         for n in 0..10 {
             assert!(m.known.contains_key(&info(n).id), "honest entry {n} kept");
         }
+        assert!(m.known.consistent());
     }
 
     #[test]
@@ -1054,6 +1169,13 @@ mod tests {
         m.handle_status(t0, node(4), LinkId(4), 0, 100, bad);
         assert!(!m.known.contains_key(&node(0xee)) && !m.known.contains_key(&node(4)));
         assert!(!m.known.contains_key(&info(502).id) && !m.known.contains_key(&info(503).id));
+        // Former neighbours make room too, and the indexes follow.
+        for n in 10..20 {
+            accept(&mut m, t0, n);
+            m.handle_link_down(t0 + Duration::from_secs(20), node(n), LinkId(n.into()));
+        }
+        assert_eq!(m.known.len(), 20);
+        assert!(m.known.consistent());
     }
 
     #[test]
@@ -1113,6 +1235,7 @@ mod tests {
         assert!(dials(&drain(&mut m)).is_empty());
         m.handle_timeout(now + Duration::from_millis(1000));
         assert_eq!(dials(&drain(&mut m)).len(), 1);
+        assert!(m.known.consistent());
     }
 
     #[test]
@@ -1347,6 +1470,7 @@ mod tests {
         let to1 = gossip_to(&drain(&mut m), node(1)).expect("status to node 1");
         assert_eq!(to1.iter().map(|i| i.id).collect::<Vec<_>>(), [node(2)]);
         assert_eq!(m.for_leaves(false, later).len(), 2);
+        assert!(m.known.consistent());
     }
 
     #[test]
