@@ -843,12 +843,11 @@ impl Membership {
             });
         let former = self
             .known
-            .iter()
+            .verified()
             .filter(move |(id, k)| {
-                Some(**id) != except
-                    && k.verified
+                now.saturating_duration_since(k.last_seen) < self.config.gossip_max_age
+                    && Some(**id) != except
                     && !self.neighbours.contains_key(*id)
-                    && now.saturating_duration_since(k.last_seen) < self.config.gossip_max_age
             })
             .map(move |(id, k)| Passable {
                 id: *id,
@@ -934,6 +933,9 @@ struct KnownTable {
     unverified: BTreeSet<(Instant, NodeId)>,
     /// The same, by the neighbour that told us of them.
     by_sender: HashMap<NodeId, BTreeSet<(Instant, NodeId)>>,
+    /// Verified entries (former neighbours): the only ones passed on, and
+    /// few, so gossip need not look at the rest.
+    verified: BTreeSet<NodeId>,
 }
 
 impl KnownTable {
@@ -964,7 +966,9 @@ impl KnownTable {
 
     fn insert(&mut self, id: NodeId, k: Known) {
         self.remove(&id);
-        if !k.verified {
+        if k.verified {
+            self.verified.insert(id);
+        } else {
             self.unverified.insert((k.last_seen, id));
             if let Some(from) = k.told_by {
                 self.by_sender
@@ -978,7 +982,9 @@ impl KnownTable {
 
     fn remove(&mut self, id: &NodeId) -> Option<Known> {
         let k = self.entries.remove(id)?;
-        if !k.verified {
+        if k.verified {
+            self.verified.remove(id);
+        } else {
             self.unverified.remove(&(k.last_seen, *id));
             if let Some(from) = k.told_by {
                 if let Some(set) = self.by_sender.get_mut(&from) {
@@ -992,11 +998,24 @@ impl KnownTable {
         Some(k)
     }
 
-    /// Changes an entry, keeping the indexes right.
+    /// Changes an entry (not whether it is verified, nor who told of it),
+    /// keeping the indexes right.
     fn update(&mut self, id: &NodeId, f: impl FnOnce(&mut Known)) {
-        if let Some(mut k) = self.remove(id) {
-            f(&mut k);
-            self.insert(*id, k);
+        let Some(k) = self.entries.get_mut(id) else {
+            return;
+        };
+        let (before, verified, told_by) = (k.last_seen, k.verified, k.told_by);
+        f(k);
+        debug_assert!(k.verified == verified && k.told_by == told_by);
+        let after = k.last_seen;
+        if verified || before == after {
+            return;
+        }
+        self.unverified.remove(&(before, *id));
+        self.unverified.insert((after, *id));
+        if let Some(set) = told_by.and_then(|from| self.by_sender.get_mut(&from)) {
+            set.remove(&(before, *id));
+            set.insert((after, *id));
         }
     }
 
@@ -1010,6 +1029,11 @@ impl KnownTable {
         for id in gone {
             self.remove(&id);
         }
+    }
+
+    /// The verified entries, by id.
+    fn verified(&self) -> impl Iterator<Item = (&NodeId, &Known)> {
+        self.verified.iter().map(|id| (id, &self.entries[id]))
     }
 
     /// Unverified entries `from` told us of.
@@ -1049,7 +1073,13 @@ impl KnownTable {
             .values()
             .filter(|k| !k.verified && k.told_by.is_some())
             .count();
-        unverified == self.unverified && by_sender == told
+        let verified: BTreeSet<NodeId> = self
+            .entries
+            .iter()
+            .filter(|(_, k)| k.verified)
+            .map(|(id, _)| *id)
+            .collect();
+        unverified == self.unverified && by_sender == told && verified == self.verified
     }
 }
 

@@ -31,6 +31,7 @@ fn addr(i: usize) -> SocketAddr {
 struct Net {
     nodes: Vec<Option<Membership>>,
     by_addr: HashMap<SocketAddr, usize>,
+    by_id: HashMap<NodeId, usize>,
     next_link: u64,
     /// (to, from, action of `from`) still to deliver.
     queue: VecDeque<(usize, Action)>,
@@ -53,6 +54,7 @@ impl Net {
         Self {
             nodes,
             by_addr: (0..n).map(|i| (addr(i), i)).collect(),
+            by_id: (0..n).map(|i| (id(i), i)).collect(),
             next_link: 1,
             queue: VecDeque::new(),
             dead: vec![false; n],
@@ -146,9 +148,7 @@ impl Net {
     }
 
     fn index(&self, n: NodeId) -> usize {
-        (0..self.nodes.len())
-            .find(|i| id(*i) == n)
-            .expect("known node")
+        self.by_id[&n]
     }
 
     fn live(&self) -> impl Iterator<Item = (usize, &Membership)> {
