@@ -42,6 +42,28 @@
 //!   both ends keep the one dialled by the lower node id.
 //! - **Silence.** A neighbour that sends no `Status` for
 //!   [`MeshConfig::silence_limit`] is dropped.
+//!
+//! Driving it (what `supernode/src/mesh.rs` does over QUIC, and
+//! `proto/tests/mesh.rs` on a virtual clock):
+//! - call [`Membership::handle_timeout`] at [`Membership::poll_timeout`]
+//!   (at the latest), and drain [`Membership::poll_action`] after every
+//!   call;
+//! - `Dial`: connect (a [`DialAddr::Name`] is resolved first and reported
+//!   with [`Membership::handle_resolved`]); if the peer is ourselves or
+//!   already a neighbour ([`Membership::is_neighbour`]) close it and report
+//!   [`Membership::handle_dial_failed`]; else say `Hello`, and on `Welcome`
+//!   report [`Membership::handle_dialled`] with a fresh [`LinkId`] (on
+//!   `Err`, close the connection), on anything else `handle_dial_failed`;
+//! - an incoming `Hello`: [`Membership::handle_hello`]; `Ok` means answer
+//!   `Welcome`, `Err` a `Refused` with its text;
+//! - a `Status` on a link: [`Membership::handle_status`]; a link whose
+//!   connection or control stream ends: [`Membership::handle_link_down`]
+//!   (before a new link to the same node is judged, so a dead link does not
+//!   win the duplicate rule);
+//! - `SendGossip`: a `Status` on that link with the node's own load;
+//!   `Close`: close that link's connection with [`CloseReason::as_str`];
+//! - RTT samples ([`Membership::handle_rtt`]) whenever convenient; only
+//!   [`Membership::ranked_neighbours`] reads them.
 
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::net::{IpAddr, SocketAddr};
