@@ -100,7 +100,7 @@ impl Role {
         match Supernode::embedded(config, self.endpoint.clone()) {
             Ok(sn) => {
                 let state = sn.state();
-                state.mesh.seed(state.id, known, std::time::Instant::now());
+                state.mesh.seed(known, std::time::Instant::now());
                 let mut stepped = sn.state().election.stepped_down.subscribe();
                 *current = Some(sn);
                 self.promotions

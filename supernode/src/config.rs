@@ -6,6 +6,8 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use servent_proto::hop::HopConfig;
 use servent_proto::limits::DEFAULT_MAX_FILES_PER_LEAF;
+use servent_proto::mesh::MeshConfig;
+use servent_proto::route::IpCaps;
 
 /// Default UDP port of a supernode.
 pub const DEFAULT_PORT: u16 = 7400;
@@ -95,6 +97,15 @@ pub struct Config {
     /// the TOML file. Default [`HopConfig::default`].
     #[serde(skip)]
     pub hop: HopConfig,
+    /// Mesh membership timings and table sizes (gossip interval, silence
+    /// limit, backoff, known-table caps; defaults in
+    /// [`servent_proto::mesh::MeshConfig`]). Not read from the file. Its
+    /// neighbour counts, address caps and exempt addresses are not used:
+    /// [`Config::mesh_config`] takes those from `target_neighbors`,
+    /// `max_neighbors`, `neighbors_per_ip`, `neighbors_per_subnet` and
+    /// `exempt_ips` above.
+    #[serde(skip)]
+    pub mesh: MeshConfig,
 }
 
 impl Default for Config {
@@ -131,6 +142,7 @@ impl Default for Config {
             mesh_query_burst: 400,
             election: Default::default(),
             hop: HopConfig::default(),
+            mesh: MeshConfig::default(),
         }
     }
 }
@@ -171,6 +183,21 @@ impl Config {
                 std::net::Ipv6Addr::LOCALHOST.into(),
             ],
             ..default
+        }
+    }
+
+    /// The mesh core's configuration: `mesh` with the neighbour settings
+    /// of this config.
+    pub fn mesh_config(&self) -> MeshConfig {
+        MeshConfig {
+            target_neighbors: self.target_neighbors,
+            max_neighbors: self.max_neighbors,
+            ip_caps: IpCaps {
+                per_ip: self.neighbors_per_ip,
+                per_subnet: self.neighbors_per_subnet,
+            },
+            exempt_ips: self.exempt_ips.clone(),
+            ..self.mesh.clone()
         }
     }
 

@@ -220,7 +220,7 @@ pub async fn run(state: Arc<State>, mut stop: watch::Receiver<bool>) {
         let now = Instant::now();
         let joining = election.core().awaiting_join();
         if let Some(id) = joining {
-            let addr = state.mesh.neighbours.get(&id).map(|n| n.addr);
+            let addr = state.mesh.neighbour_addr(&id);
             if let Some(addr) = addr {
                 election
                     .core()

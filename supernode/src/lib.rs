@@ -88,11 +88,7 @@ impl State {
             entries_per_ip: config.max_index_entries_per_ip,
             exempt: config.exempt_ips.clone(),
         };
-        let mesh = Mesh::new(
-            &config.peers,
-            config.mesh_query_rate,
-            config.mesh_query_burst,
-        );
+        let mesh = Mesh::new(id, &config);
         let query_limits = session::QueryLimits::new(
             config.query_rate,
             config.query_burst,
@@ -289,9 +285,7 @@ impl Supernode {
         for e in self.state.leaves.iter() {
             e.conn.close(0u32.into(), b"supernode stepped down");
         }
-        for n in self.state.mesh.neighbours.iter() {
-            n.conn.close(0u32.into(), b"supernode stepped down");
-        }
+        self.state.mesh.close_all(b"supernode stepped down");
     }
 
     pub fn id(&self) -> NodeId {
@@ -326,9 +320,9 @@ impl Supernode {
     pub fn neighbours(&self) -> Vec<NodeId> {
         self.state
             .mesh
-            .neighbours
-            .iter()
-            .map(|n| *n.key())
+            .neighbours()
+            .into_iter()
+            .map(|(id, _)| id)
             .collect()
     }
 

@@ -1,109 +1,66 @@
-//! The supernode mesh (ALPN `servent-mesh/2`): who our neighbours are, what
-//! we know of other supernodes, and keeping enough links alive.
+//! The supernode mesh (ALPN `servent-mesh/2`) over QUIC: the driver of
+//! [`servent_proto::mesh::Membership`], which decides who our neighbours
+//! are, what we know of other supernodes, whom to dial, what to gossip and
+//! when a neighbour is gone. This module only carries its decisions out:
+//! it dials, runs each link's control stream, feeds the core what happens
+//! (dial outcomes, `Hello`s, `Status` frames, links that end, RTT samples,
+//! timer expiries) and keeps the connections, keyed by link, beside it.
 //!
-//! Membership is learned by gossip: every neighbour tells us, every
-//! `GOSSIP_INTERVAL`, its load and the supernodes it knows. A neighbour's own
-//! address is the one its connection comes from (with the port its `Hello`
-//! gave); gossiped addresses are only claims, dialled with the gossiped id
-//! as the expected node id. Query routing over these links is in
-//! [`crate::routing`].
+//! A neighbour's own address is the one its connection comes from (with the
+//! port its `Hello` gave); gossiped addresses are only claims, dialled with
+//! the gossiped id as the expected node id. Query routing over these links
+//! is in [`crate::routing`]; the per-neighbour query state (seen ids, rate
+//! limits, fair forwarding) lives here beside the links it belongs to.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
 use servent_proto::fair::{FairForwarder, Origin};
-use servent_proto::limits::{MAX_MESH_FRAME, MAX_SUPERNODE_INFOS};
+use servent_proto::limits::MAX_MESH_FRAME;
+use servent_proto::mesh::{Action, CloseReason, DialAddr, DialId, LinkId, Membership, Refusal};
 use servent_proto::msg::{
     ErrorCode, ErrorReply, MeshControl, MeshRequest, SupernodeInfo, ALPN_MESH,
 };
 use servent_proto::rate::TokenBucket;
-use servent_proto::route::{ip_allowed, IpCaps, Seen};
+use servent_proto::route::Seen;
 use servent_proto::NodeId;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch, Notify};
 use tracing::{debug, info, info_span, warn, Instrument};
 
 use crate::gate::Inbound;
 use crate::net::{self, Peer, StreamError};
 use crate::{routing, State};
 
-/// How often each side of a link sends its `Status`.
-pub const GOSSIP_INTERVAL: Duration = Duration::from_secs(2);
-/// A neighbour whose control stream is silent this long is dropped.
-const SILENCE_LIMIT: Duration = Duration::from_secs(8);
-/// Known supernodes not heard of for this long are not gossiped.
-pub const GOSSIP_MAX_AGE: Duration = Duration::from_secs(300);
-/// Known supernodes not heard of for this long are forgotten.
-const FORGET_AFTER: Duration = Duration::from_secs(600);
-/// Most supernodes remembered.
-const MAX_KNOWN: usize = 1000;
-/// Most unverified supernodes remembered from what one neighbour told us
-/// (two `Status` frames' worth), so that one hostile neighbour cannot
-/// fill the table with made-up entries and push out real ones.
-const MAX_KNOWN_PER_SENDER: usize = 2 * MAX_SUPERNODE_INFOS;
-/// How often the mesh is checked for missing links.
-const MAINTAIN_INTERVAL: Duration = Duration::from_millis(500);
-const BACKOFF_MIN: Duration = Duration::from_millis(500);
-const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// `Status` frames waiting for a link's writer. The core queues one a
+/// gossip interval; a writer this far behind has a link that is dying.
+const GOSSIP_QUEUE: usize = 4;
 
-/// A live link to another supernode.
-#[derive(Debug, Clone)]
-pub struct Neighbour {
-    pub conn: quinn::Connection,
-    /// Where it listens: observed IP, announced port (or the address dialled).
-    pub addr: SocketAddr,
-    pub leaves: u32,
-    pub max_leaves: u32,
-    /// Which end dialled this link (for settling duplicate links).
-    pub dialer: NodeId,
-    pub since: Instant,
+/// A link the core has admitted: the connection it runs on.
+struct Link {
+    peer: NodeId,
+    conn: quinn::Connection,
+    /// The `known` lists of the `Status` frames to send on it.
+    gossip: mpsc::Sender<Vec<SupernodeInfo>>,
 }
 
-impl Neighbour {
-    fn info(&self, id: NodeId) -> SupernodeInfo {
-        SupernodeInfo {
-            id,
-            addr: self.addr.to_string(),
-            leaves: self.leaves,
-            max_leaves: self.max_leaves,
-            age_secs: 0,
-        }
-    }
-}
-
-#[derive(Debug, Clone)]
-struct Known {
-    addr: SocketAddr,
-    leaves: u32,
-    max_leaves: u32,
-    last_seen: Instant,
-    next_try: Instant,
-    failures: u32,
-    /// We have been linked to it ourselves. Only such entries are passed
-    /// on, so a made-up entry dies with the first supernode told of it.
-    verified: bool,
-    /// The neighbour that told us of it, while it is not verified.
-    told_by: Option<NodeId>,
-}
-
-#[derive(Debug)]
-struct Bootstrap {
-    addr: String,
-    next_try: Instant,
-    delay: Duration,
-    /// The node last found there, to tell whether we are linked to it.
-    id: Option<NodeId>,
+struct Inner {
+    core: Membership,
+    /// Exactly the links of the core's neighbours.
+    links: HashMap<LinkId, Link>,
 }
 
 /// The mesh state of one supernode.
 pub struct Mesh {
-    pub neighbours: DashMap<NodeId, Neighbour>,
-    known: Mutex<HashMap<NodeId, Known>>,
-    bootstrap: Mutex<Vec<Bootstrap>>,
-    /// Addresses being dialled now, so no address is dialled twice at once.
-    dialing: Mutex<HashSet<SocketAddr>>,
+    inner: Mutex<Inner>,
+    /// Wakes the maintenance loop when a new link may move the core's
+    /// next deadline earlier.
+    wake: Notify,
+    /// The UDP port our `Hello`s announce.
+    listen_port: AtomicU16,
     pub seen: Mutex<Seen>,
     /// Per-neighbour mesh query rate limits.
     pub rates: DashMap<NodeId, TokenBucket>,
@@ -112,288 +69,157 @@ pub struct Mesh {
     pub fair: Mutex<FairForwarder<NodeId, Origin<NodeId>>>,
 }
 
+fn link_id(conn: &quinn::Connection) -> LinkId {
+    LinkId(conn.stable_id() as u64)
+}
+
 impl Mesh {
-    /// `mesh_query_rate` and `mesh_query_burst`: what a neighbour accepts
-    /// from us (assumed to be what we accept from each of them).
-    pub fn new(bootstrap: &[String], mesh_query_rate: f64, mesh_query_burst: u32) -> Self {
-        let now = Instant::now();
+    /// The membership core of supernode `me`, configured from `config`
+    /// (its `mesh` timings, neighbour counts, address caps and `peers`).
+    /// `mesh_query_rate` and `mesh_query_burst` are what a neighbour
+    /// accepts from us (assumed to be what we accept from each of them).
+    pub fn new(me: NodeId, config: &crate::Config) -> Self {
+        let core = Membership::new(me, config.mesh_config(), &config.peers, Instant::now());
         Self {
-            neighbours: DashMap::new(),
-            known: Mutex::new(HashMap::new()),
-            bootstrap: Mutex::new(
-                bootstrap
-                    .iter()
-                    .map(|a| Bootstrap {
-                        addr: a.clone(),
-                        next_try: now,
-                        delay: BACKOFF_MIN,
-                        id: None,
-                    })
-                    .collect(),
-            ),
-            dialing: Mutex::new(HashSet::new()),
+            inner: Mutex::new(Inner {
+                core,
+                links: HashMap::new(),
+            }),
+            wake: Notify::new(),
+            listen_port: AtomicU16::new(0),
             seen: Mutex::new(Seen::default()),
             rates: DashMap::new(),
-            fair: Mutex::new(FairForwarder::new(mesh_query_rate, mesh_query_burst)),
+            fair: Mutex::new(FairForwarder::new(
+                config.mesh_query_rate,
+                config.mesh_query_burst,
+            )),
         }
     }
 
-    /// Neighbour ids, least loaded and fastest first: the order a search asks them in.
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().expect("mesh lock")
+    }
+
+    /// Neighbour ids, least loaded and fastest first: the order a search
+    /// asks them in. Each link's current RTT is fed to the core first.
     pub fn ranked_neighbours(&self) -> Vec<NodeId> {
-        let mut v: Vec<(u64, Duration, NodeId)> = self
-            .neighbours
-            .iter()
-            .map(|n| {
-                (
-                    load_permille(n.leaves, n.max_leaves),
-                    n.conn.rtt(),
-                    *n.key(),
-                )
-            })
-            .collect();
-        v.sort();
-        v.into_iter().map(|(_, _, id)| id).collect()
+        let mut inner = self.lock();
+        let Inner { core, links } = &mut *inner;
+        for l in links.values() {
+            core.handle_rtt(l.peer, l.conn.rtt());
+        }
+        core.ranked_neighbours()
+    }
+
+    /// The connection of neighbour `id`, if linked.
+    pub fn conn(&self, id: &NodeId) -> Option<quinn::Connection> {
+        let inner = self.lock();
+        let link = inner.core.neighbour_info(id)?.link;
+        inner.links.get(&link).map(|l| l.conn.clone())
+    }
+
+    /// Where neighbour `id` listens, if linked.
+    pub fn neighbour_addr(&self, id: &NodeId) -> Option<SocketAddr> {
+        self.lock().core.neighbour_info(id).map(|n| n.addr)
+    }
+
+    pub fn is_neighbour(&self, id: &NodeId) -> bool {
+        self.lock().core.is_neighbour(id)
+    }
+
+    pub fn neighbour_count(&self) -> usize {
+        self.lock().core.neighbour_count()
+    }
+
+    /// The neighbours linked now and where they listen.
+    pub fn neighbours(&self) -> Vec<(NodeId, SocketAddr)> {
+        self.lock()
+            .core
+            .neighbours()
+            .map(|(id, n)| (*id, n.addr))
+            .collect()
     }
 
     /// Other supernodes known now: neighbours, and those remembered but
     /// not linked (gossiped ones included, checked or not).
     pub fn known_count(&self) -> usize {
-        let known = self.known.lock().expect("known lock");
-        let remembered = known
-            .keys()
-            .filter(|id| !self.neighbours.contains_key(*id))
-            .count();
-        self.neighbours.len() + remembered
-    }
-
-    /// Supernodes to tell others about: neighbours first, then recently
-    /// seen ones, never `except`, at most `MAX_SUPERNODE_INFOS`.
-    pub fn gossip(&self, except: Option<NodeId>, now: Instant) -> Vec<SupernodeInfo> {
-        let mut out = self.passable(except, now);
-        out.truncate(MAX_SUPERNODE_INFOS);
-        out
-    }
-
-    /// Every supernode we may tell others about (linked to, or verified
-    /// and heard of lately): neighbours first, then by age.
-    fn passable(&self, except: Option<NodeId>, now: Instant) -> Vec<SupernodeInfo> {
-        let mut out: Vec<SupernodeInfo> = self
-            .neighbours
-            .iter()
-            .filter(|n| Some(*n.key()) != except)
-            .map(|n| n.info(*n.key()))
-            .collect();
-        let known = self.known.lock().expect("known lock");
-        let mut rest: Vec<SupernodeInfo> = known
-            .iter()
-            .filter(|(id, k)| {
-                Some(**id) != except
-                    && k.verified
-                    && !self.neighbours.contains_key(*id)
-                    && now.saturating_duration_since(k.last_seen) < GOSSIP_MAX_AGE
-            })
-            .map(|(id, k)| SupernodeInfo {
-                id: *id,
-                addr: k.addr.to_string(),
-                leaves: k.leaves,
-                max_leaves: k.max_leaves,
-                age_secs: now
-                    .saturating_duration_since(k.last_seen)
-                    .as_secs()
-                    .min(u32::MAX as u64) as u32,
-            })
-            .collect();
-        rest.sort_by_key(|i| i.age_secs);
-        out.extend(rest);
-        out
+        self.lock().core.known_count()
     }
 
     /// Supernodes for a leaf, least loaded first; with `with_room`, only
-    /// those that can take another leaf.
-    /// At most `MAX_SUPERNODE_INFOS`, chosen from all we know (not only
-    /// those we would gossip), so that room anywhere is found.
+    /// those that can take another leaf (see [`Membership::for_leaves`]).
     pub fn for_leaves(&self, with_room: bool, now: Instant) -> Vec<SupernodeInfo> {
-        let mut v = self.passable(None, now);
-        if with_room {
-            v.retain(|i| i.leaves < i.max_leaves);
-        }
-        v.sort_by_key(|i| (load_permille(i.leaves, i.max_leaves), i.age_secs));
-        v.truncate(MAX_SUPERNODE_INFOS);
-        v
+        self.lock().core.for_leaves(with_room, now)
     }
 
     /// Adds supernodes known from elsewhere (an elected leaf's own list),
-    /// unverified, as candidates to dial: a supernode whose first peers
-    /// refuse it still has others to try.
-    pub fn seed(&self, me: NodeId, infos: Vec<SupernodeInfo>, now: Instant) {
-        self.learn(me, me, infos, now);
+    /// unverified, as candidates to dial.
+    pub fn seed(&self, infos: Vec<SupernodeInfo>, now: Instant) {
+        self.lock().core.seed(infos, now);
     }
 
-    /// Records what a neighbour gossiped.
-    fn learn(&self, me: NodeId, from: NodeId, infos: Vec<SupernodeInfo>, now: Instant) {
-        let mut known = self.known.lock().expect("known lock");
-        for info in infos.into_iter().take(MAX_SUPERNODE_INFOS) {
-            if info.id == me || info.id == from {
-                continue;
-            }
-            let Ok(addr) = info.addr.parse::<SocketAddr>() else {
-                continue;
-            };
-            if addr.port() == 0 || addr.ip().is_unspecified() {
-                continue;
-            }
-            let seen = now
-                .checked_sub(Duration::from_secs(info.age_secs.into()))
-                .unwrap_or(now);
-            match known.get_mut(&info.id) {
-                Some(k) if k.last_seen >= seen => {}
-                Some(k) => {
-                    k.last_seen = seen;
-                    k.leaves = info.leaves;
-                    k.max_leaves = info.max_leaves;
-                    if k.addr != addr {
-                        // A new address for the same key: worth a fresh try.
-                        k.addr = addr;
-                        k.next_try = now;
-                        k.failures = 0;
-                    }
-                }
-                None => {
-                    let oldest = |known: &HashMap<NodeId, Known>, pick: &dyn Fn(&Known) -> bool| {
-                        known
-                            .iter()
-                            .filter(|(_, k)| pick(k))
-                            .min_by_key(|(_, k)| k.last_seen)
-                            .map(|(id, _)| *id)
-                    };
-                    let by_sender = |k: &Known| !k.verified && k.told_by == Some(from);
-                    // Room comes first out of what this neighbour told us,
-                    // then out of what nobody has verified.
-                    let evict = if known.values().filter(|k| by_sender(k)).count()
-                        >= MAX_KNOWN_PER_SENDER
-                    {
-                        oldest(&known, &by_sender)
-                    } else if known.len() >= MAX_KNOWN {
-                        oldest(&known, &|k| !k.verified).or_else(|| oldest(&known, &|_| true))
-                    } else {
-                        None
-                    };
-                    if let Some(o) = evict {
-                        known.remove(&o);
-                    }
-                    known.insert(
-                        info.id,
-                        Known {
-                            addr,
-                            leaves: info.leaves,
-                            max_leaves: info.max_leaves,
-                            last_seen: seen,
-                            next_try: now,
-                            failures: 0,
-                            verified: false,
-                            told_by: Some(from),
-                        },
-                    );
-                }
-            }
-        }
-    }
-
-    /// Records a neighbour that just went away, so it may be redialled later.
-    fn remember(&self, id: NodeId, n: &Neighbour, now: Instant) {
-        let mut known = self.known.lock().expect("known lock");
-        known.insert(
-            id,
-            Known {
-                addr: n.addr,
-                leaves: n.leaves,
-                max_leaves: n.max_leaves,
-                last_seen: now,
-                next_try: now + BACKOFF_MIN,
-                failures: 0,
-                verified: true,
-                told_by: None,
-            },
-        );
-    }
-
-    fn failed(&self, id: NodeId, now: Instant) {
-        if let Some(k) = self.known.lock().expect("known lock").get_mut(&id) {
-            k.failures = k.failures.saturating_add(1);
-            let delay = BACKOFF_MIN
-                .saturating_mul(1 << k.failures.min(7))
-                .min(BACKOFF_MAX * 2);
-            k.next_try = now + delay;
-        }
-    }
-
-    /// Known supernodes worth dialling now, best first.
-    fn candidates(&self, me: NodeId, now: Instant) -> Vec<(NodeId, SocketAddr)> {
-        let mut known = self.known.lock().expect("known lock");
-        known.retain(|_, k| now.saturating_duration_since(k.last_seen) < FORGET_AFTER);
-        let dialing = self.dialing.lock().expect("dialing lock");
-        let mut v: Vec<_> = known
-            .iter()
-            .filter(|(id, k)| {
-                **id != me
-                    && !self.neighbours.contains_key(*id)
-                    && k.next_try <= now
-                    && !dialing.contains(&k.addr)
-            })
-            .map(|(id, k)| {
-                (
-                    (
-                        load_permille(k.leaves, k.max_leaves),
-                        now.saturating_duration_since(k.last_seen),
-                    ),
-                    *id,
-                    k.addr,
-                )
-            })
-            .collect();
-        v.sort_by_key(|(rank, _, _)| *rank);
-        v.into_iter().map(|(_, id, addr)| (id, addr)).collect()
-    }
-
-    fn ip_caps_allow(&self, addr: SocketAddr, caps: IpCaps, config: &crate::Config) -> bool {
-        let current = self.neighbours.iter().map(|n| n.addr.ip());
-        ip_allowed(addr.ip(), current, caps, |ip| config.is_exempt(ip))
-    }
-
-    /// Adds a link, settling a duplicate deterministically: of two links
-    /// between the same pair, both ends keep the one dialled by the lower id.
-    /// Returns false if `n` lost and must be closed.
-    fn admit(&self, id: NodeId, n: Neighbour) -> bool {
-        match self.neighbours.entry(id) {
-            dashmap::mapref::entry::Entry::Vacant(v) => {
-                v.insert(n);
-                true
-            }
-            dashmap::mapref::entry::Entry::Occupied(mut o) => {
-                if o.get().conn.close_reason().is_some() || n.dialer < o.get().dialer {
-                    let old = o.insert(n);
-                    old.conn.close(0u32.into(), b"duplicate link");
-                    true
-                } else {
-                    false
-                }
-            }
+    /// Closes every link with `reason` (the role is ending).
+    pub fn close_all(&self, reason: &[u8]) {
+        for l in self.lock().links.values() {
+            l.conn.close(0u32.into(), reason);
         }
     }
 }
 
-/// Load as thousandths of capacity (full or unknown capacity ranks last).
-fn load_permille(leaves: u32, max_leaves: u32) -> u64 {
-    if max_leaves == 0 {
-        return 1000;
+/// Tells the core of any link whose connection has closed, so that a new
+/// link to the same node is not measured against a dead one.
+fn reap(inner: &mut Inner, now: Instant) {
+    let dead: Vec<(NodeId, LinkId)> = inner
+        .links
+        .iter()
+        .filter(|(_, l)| l.conn.close_reason().is_some())
+        .map(|(id, l)| (l.peer, *id))
+        .collect();
+    for (peer, link) in dead {
+        inner.core.handle_link_down(now, peer, link);
     }
-    (u64::from(leaves) * 1000 / u64::from(max_leaves)).min(1000)
 }
 
-fn caps(state: &State) -> IpCaps {
-    IpCaps {
-        per_ip: state.config.neighbors_per_ip,
-        per_subnet: state.config.neighbors_per_subnet,
+/// Carries out what the core asked for: queues gossip under the lock, then
+/// closes connections and starts dials once it is released.
+fn run_actions(state: &Arc<State>, mut inner: MutexGuard<'_, Inner>) {
+    let mut dials = Vec::new();
+    let mut closes = Vec::new();
+    while let Some(action) = inner.core.poll_action() {
+        match action {
+            Action::Dial { dial, expect, addr } => dials.push((dial, expect, addr)),
+            Action::SendGossip { link, known, .. } => {
+                if let Some(l) = inner.links.get(&link) {
+                    // A full queue: that link's writer is stuck, and the
+                    // next frame will carry fresher news anyway.
+                    let _ = l.gossip.try_send(known);
+                }
+            }
+            Action::Close { id, link, reason } => {
+                if let Some(l) = inner.links.remove(&link) {
+                    closes.push((id, l, reason));
+                }
+            }
+        }
+    }
+    drop(inner);
+    for (id, link, reason) in closes {
+        link.conn.close(0u32.into(), reason.as_str().as_bytes());
+        match reason {
+            CloseReason::Replaced => {
+                debug!(peer = %id.short(), "duplicate link closed");
+                continue;
+            }
+            CloseReason::Silent => warn!(peer = %id.short(), "neighbour stopped sending status"),
+            CloseReason::Ended => {}
+        }
+        state.mesh.rates.remove(&id);
+        state.mesh.fair.lock().expect("fair lock").remove_link(&id);
+        info!(peer = %id.short(), "link down");
+    }
+    let listen_port = state.mesh.listen_port.load(Ordering::Relaxed);
+    for (dial, expect, addr) in dials {
+        tokio::spawn(run_dial(state.clone(), dial, expect, addr, listen_port).in_current_span());
     }
 }
 
@@ -404,79 +230,29 @@ fn my_load(state: &State) -> (u32, u32) {
     )
 }
 
-/// Keeps the mesh at its target size until `stop` fires: redials
-/// bootstrap peers that are not linked, and dials known supernodes while
-/// there are fewer neighbours than the target.
+/// Runs the core's timers until `stop` fires: maintenance (bootstrap
+/// peers, dialling up to the target), each link's `Status`, and dropping
+/// silent neighbours.
 pub async fn maintain(state: Arc<State>, listen_port: u16, mut stop: watch::Receiver<bool>) {
+    state.mesh.listen_port.store(listen_port, Ordering::Relaxed);
     loop {
-        let now = Instant::now();
-        let mesh = &state.mesh;
-        // Bootstrap peers: always wanted, whatever the count.
-        let mut due = Vec::new();
-        for (i, b) in mesh
-            .bootstrap
-            .lock()
-            .expect("bootstrap lock")
-            .iter()
-            .enumerate()
-        {
-            let linked = b.id.is_some_and(|id| mesh.neighbours.contains_key(&id));
-            if !linked && b.next_try <= now {
-                due.push((i, b.addr.clone()));
-            }
-        }
-        for (i, addr) in due {
-            if mesh.neighbours.len() >= state.config.max_neighbors {
-                break;
-            }
-            if let Some(b) = mesh.bootstrap.lock().expect("bootstrap lock").get_mut(i) {
-                b.next_try = now + b.delay;
-                b.delay = (b.delay * 2).min(BACKOFF_MAX);
-            }
-            let state = state.clone();
-            tokio::spawn(
-                async move {
-                    let Some(sock) = resolve(&addr).await else {
-                        debug!(%addr, "cannot resolve peer");
-                        return;
-                    };
-                    if let Ok(id) = dial(&state, sock, None, listen_port).await {
-                        if let Some(b) = state
-                            .mesh
-                            .bootstrap
-                            .lock()
-                            .expect("bootstrap lock")
-                            .get_mut(i)
-                        {
-                            b.id = Some(id);
-                            b.delay = BACKOFF_MIN;
-                        }
-                    }
-                }
-                .in_current_span(),
-            );
-        }
-        // Learned supernodes: up to the target.
-        let missing = state
-            .config
-            .target_neighbors
-            .saturating_sub(mesh.neighbours.len());
-        if missing > 0 {
-            for (id, addr) in mesh.candidates(state.id, now).into_iter().take(missing) {
-                let state = state.clone();
-                tokio::spawn(
-                    async move {
-                        if dial(&state, addr, Some(id), listen_port).await.is_err() {
-                            state.mesh.failed(id, Instant::now());
-                        }
-                    }
-                    .in_current_span(),
-                );
-            }
-        }
+        let next = {
+            let now = Instant::now();
+            let mut inner = state.mesh.lock();
+            reap(&mut inner, now);
+            inner.core.handle_timeout(now);
+            let next = inner.core.poll_timeout();
+            run_actions(&state, inner);
+            next
+        };
+        let sleep = match next {
+            Some(at) => tokio::time::sleep_until(at.into()),
+            None => tokio::time::sleep(Duration::from_secs(3600)),
+        };
         tokio::select! {
             _ = stop.changed() => return,
-            _ = tokio::time::sleep(MAINTAIN_INTERVAL) => {}
+            _ = sleep => {}
+            _ = state.mesh.wake.notified() => {}
         }
     }
 }
@@ -487,6 +263,8 @@ async fn resolve(addr: &str) -> Option<SocketAddr> {
 
 #[derive(Debug, thiserror::Error)]
 enum DialError {
+    #[error("cannot resolve the address")]
+    Unresolved,
     #[error("already dialling")]
     Busy,
     #[error(transparent)]
@@ -501,53 +279,68 @@ enum DialError {
     Duplicate,
 }
 
-/// Dials a supernode and, once it welcomes us, runs the link.
-async fn dial(
-    state: &Arc<State>,
-    addr: SocketAddr,
-    expected: Option<NodeId>,
+/// Carries out one `Dial` of the core and reports its outcome.
+async fn run_dial(
+    state: Arc<State>,
+    dial: DialId,
+    expect: Option<NodeId>,
+    addr: DialAddr,
     listen_port: u16,
-) -> Result<NodeId, ()> {
-    {
-        let mut dialing = state.mesh.dialing.lock().expect("dialing lock");
-        if !dialing.insert(addr) {
-            return Err(());
-        }
-    }
-    let result = dial_inner(state, addr, expected, listen_port).await;
-    state
-        .mesh
-        .dialing
-        .lock()
-        .expect("dialing lock")
-        .remove(&addr);
-    match result {
-        Ok(id) => Ok(id),
-        Err(e) => {
-            debug!(%addr, error = %e, "mesh dial failed");
-            Err(())
-        }
+) {
+    let sock = match addr {
+        DialAddr::Socket(a) => Some(a),
+        DialAddr::Name(name) => match resolve(&name).await {
+            Some(a) => {
+                if !state
+                    .mesh
+                    .lock()
+                    .core
+                    .handle_resolved(Instant::now(), dial, a)
+                {
+                    return;
+                }
+                Some(a)
+            }
+            None => None,
+        },
+    };
+    let result = match sock {
+        Some(sock) => dial_inner(&state, dial, sock, expect, listen_port).await,
+        None => Err(DialError::Unresolved),
+    };
+    if let Err(e) = result {
+        debug!(addr = ?sock, error = %e, "mesh dial failed");
+        // Once the core has refused the link it has counted the failure
+        // itself; reporting it again is harmless.
+        let mut inner = state.mesh.lock();
+        inner.core.handle_dial_failed(Instant::now(), dial);
+        run_actions(&state, inner);
     }
 }
 
+/// Dials a supernode and, once it welcomes us and the core takes the
+/// link, runs the link.
 async fn dial_inner(
     state: &Arc<State>,
+    dial: DialId,
     addr: SocketAddr,
     expected: Option<NodeId>,
     listen_port: u16,
-) -> Result<NodeId, DialError> {
+) -> Result<(), DialError> {
     let endpoint = state.endpoint().ok_or(DialError::Busy)?;
     let peer = endpoint.connect(addr, ALPN_MESH, expected).await?;
     if peer.id == state.id {
         peer.conn.close(0u32.into(), b"that is me");
         return Err(DialError::Myself);
     }
-    if state
-        .mesh
-        .neighbours
-        .get(&peer.id)
-        .is_some_and(|n| n.conn.close_reason().is_none())
-    {
+    let linked = {
+        let mut inner = state.mesh.lock();
+        reap(&mut inner, Instant::now());
+        let linked = inner.core.is_neighbour(&peer.id);
+        run_actions(state, inner);
+        linked
+    };
+    if linked {
         peer.conn.close(0u32.into(), b"already linked");
         return Err(DialError::Duplicate);
     }
@@ -573,33 +366,39 @@ async fn dial_inner(
             Some(MeshControl::Refused(e)) => return Err(DialError::Refused(e.to_string())),
             other => return Err(DialError::Refused(format!("unexpected answer {other:?}"))),
         };
-    let n = Neighbour {
-        conn: peer.conn.clone(),
-        addr,
-        leaves: their_leaves,
-        max_leaves: their_max,
-        dialer: state.id,
-        since: Instant::now(),
+    let (tx, rx) = mpsc::channel(GOSSIP_QUEUE);
+    let link = link_id(&peer.conn);
+    let admitted = {
+        let mut inner = state.mesh.lock();
+        reap(&mut inner, Instant::now());
+        let r =
+            inner
+                .core
+                .handle_dialled(Instant::now(), dial, peer.id, link, their_leaves, their_max);
+        if r.is_ok() {
+            inner.links.insert(link, new_link(&peer, tx));
+        }
+        run_actions(state, inner);
+        r
     };
-    // Dials run concurrently: check the cap again now that this one is up.
-    if state.mesh.neighbours.len() >= state.config.max_neighbors
-        && !state.mesh.neighbours.contains_key(&peer.id)
-    {
-        peer.conn.close(0u32.into(), b"no room");
-        return Err(DialError::Refused(
-            "neighbour table filled meanwhile".into(),
-        ));
+    match admitted {
+        Ok(()) => state.mesh.wake.notify_one(),
+        Err(Refusal::NoRoom(_)) => {
+            peer.conn.close(0u32.into(), b"no room");
+            return Err(DialError::Refused(
+                "neighbour table filled meanwhile".into(),
+            ));
+        }
+        Err(_) => {
+            peer.conn.close(0u32.into(), b"duplicate link");
+            return Err(DialError::Duplicate);
+        }
     }
-    if !state.mesh.admit(peer.id, n) {
-        peer.conn.close(0u32.into(), b"duplicate link");
-        return Err(DialError::Duplicate);
-    }
-    let id = peer.id;
-    let span = info_span!("mesh", peer = %id.short(), %addr);
+    let span = info_span!("mesh", peer = %peer.id.short(), %addr);
     info!(parent: &span, "linked (dialled)");
     // Accepted links are counted where they are accepted; this one is ours.
     let traffic = state.metrics.traffic.track(&peer.conn);
-    let link = run_link(state.clone(), peer, send, recv);
+    let link = run_link(state.clone(), peer, true, send, recv, rx);
     tokio::spawn(
         async move {
             link.await;
@@ -607,7 +406,15 @@ async fn dial_inner(
         }
         .instrument(span),
     );
-    Ok(id)
+    Ok(())
+}
+
+fn new_link(peer: &Peer, gossip: mpsc::Sender<Vec<SupernodeInfo>>) -> Link {
+    Link {
+        peer: peer.id,
+        conn: peer.conn.clone(),
+        gossip,
+    }
 }
 
 /// Serves an accepted mesh connection: its control stream and its queries.
@@ -671,7 +478,9 @@ async fn serve_stream(
             leaves,
             max_leaves,
         })) if !hello_seen.swap(true, Ordering::SeqCst) => {
-            if let Err(reason) = welcome(&state, &peer, listen_port, leaves, max_leaves) {
+            let (tx, rx) = mpsc::channel(GOSSIP_QUEUE);
+            if let Err(refusal) = welcome(&state, &peer, listen_port, leaves, max_leaves, tx) {
+                let reason = refusal.to_string();
                 debug!(%reason, "link refused");
                 let refusal =
                     MeshControl::Refused(ErrorReply::new(ErrorCode::Unavailable, reason.clone()));
@@ -687,12 +496,13 @@ async fn serve_stream(
                 .await
                 .is_err()
             {
+                link_down(&state, &peer);
                 return;
             }
             info!("linked (accepted)");
-            run_link(state, peer, send, recv).await;
+            run_link(state, peer, false, send, recv, rx).await;
         }
-        Ok(Some(MeshRequest::Query(q))) if state.mesh.neighbours.contains_key(&peer.id) => {
+        Ok(Some(MeshRequest::Query(q))) if state.mesh.is_neighbour(&peer.id) => {
             routing::serve_mesh_query(state, peer.id, q, send).await;
         }
         Ok(Some(_)) => {
@@ -708,60 +518,58 @@ async fn serve_stream(
     }
 }
 
-/// Whether to take an accepted link; on success it is in the neighbour table.
+/// Whether to take an accepted link; on success it is a neighbour and its
+/// `Status` frames go to `gossip`.
 fn welcome(
-    state: &State,
+    state: &Arc<State>,
     peer: &Peer,
     listen_port: u16,
     leaves: u32,
     max_leaves: u32,
-) -> Result<(), String> {
-    if peer.id == state.id {
-        return Err("that is me".into());
+    gossip: mpsc::Sender<Vec<SupernodeInfo>>,
+) -> Result<(), Refusal> {
+    let ip = peer.conn.remote_address().ip().to_canonical();
+    let link = link_id(&peer.conn);
+    let now = Instant::now();
+    let mut inner = state.mesh.lock();
+    reap(&mut inner, now);
+    let r = inner
+        .core
+        .handle_hello(now, peer.id, link, ip, listen_port, leaves, max_leaves);
+    if r.is_ok() {
+        inner.links.insert(link, new_link(peer, gossip));
     }
-    if listen_port == 0 {
-        return Err("listen_port 0 is not dialable".into());
+    run_actions(state, inner);
+    if r.is_ok() {
+        state.mesh.wake.notify_one();
     }
-    let addr = SocketAddr::new(peer.conn.remote_address().ip().to_canonical(), listen_port);
-    let existing = state.mesh.neighbours.contains_key(&peer.id);
-    if !existing && state.mesh.neighbours.len() >= state.config.max_neighbors {
-        return Err(format!(
-            "no room: {} neighbours",
-            state.config.max_neighbors
-        ));
-    }
-    if !existing && !state.mesh.ip_caps_allow(addr, caps(state), &state.config) {
-        return Err(format!("too many neighbours from {}", addr.ip()));
-    }
-    let n = Neighbour {
-        conn: peer.conn.clone(),
-        addr,
-        leaves,
-        max_leaves,
-        dialer: peer.id,
-        since: Instant::now(),
-    };
-    if !state.mesh.admit(peer.id, n) {
-        return Err("a link to this supernode exists already".into());
-    }
-    Ok(())
+    r
 }
 
-/// Runs one link's control stream and, on the dialling side, serves the
-/// queries the other end sends, until the connection ends.
+/// Tells the core that this connection's link has ended.
+fn link_down(state: &Arc<State>, peer: &Peer) {
+    let mut inner = state.mesh.lock();
+    inner
+        .core
+        .handle_link_down(Instant::now(), peer.id, link_id(&peer.conn));
+    run_actions(state, inner);
+}
+
+/// Runs one link's control stream and, on the dialling side (`dialled`),
+/// serves the queries the other end sends, until the connection ends, the
+/// control stream carries anything but `Status`, or the core drops the
+/// neighbour (silence, a duplicate link won).
 async fn run_link(
     state: Arc<State>,
     peer: Peer,
+    dialled: bool,
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
+    mut gossip: mpsc::Receiver<Vec<SupernodeInfo>>,
 ) {
     let id = peer.id;
+    let link = link_id(&peer.conn);
     let conn = peer.conn.clone();
-    let dialled = state
-        .mesh
-        .neighbours
-        .get(&id)
-        .is_some_and(|n| n.dialer == state.id);
     // The dialling end must also accept the query streams of the other end.
     let streams = dialled.then(|| {
         let (state, peer) = (state.clone(), peer.clone());
@@ -771,26 +579,24 @@ async fn run_link(
         let state = state.clone();
         async move {
             loop {
-                // A neighbour that stops gossiping is as good as gone.
-                let frame = tokio::time::timeout(
-                    SILENCE_LIMIT,
-                    net::read_frame::<MeshControl>(&mut recv, MAX_MESH_FRAME),
-                );
-                let Ok(frame) = frame.await else {
-                    warn!("neighbour stopped sending status");
-                    return;
-                };
-                match frame {
+                // Silence is the core's to judge (its timers drop the
+                // neighbour and close the connection).
+                match net::read_frame::<MeshControl>(&mut recv, MAX_MESH_FRAME).await {
                     Ok(Some(MeshControl::Status {
                         leaves,
                         max_leaves,
                         known,
                     })) => {
-                        if let Some(mut n) = state.mesh.neighbours.get_mut(&id) {
-                            n.leaves = leaves;
-                            n.max_leaves = max_leaves;
-                        }
-                        state.mesh.learn(state.id, id, known, Instant::now());
+                        let mut inner = state.mesh.lock();
+                        inner.core.handle_status(
+                            Instant::now(),
+                            id,
+                            link,
+                            leaves,
+                            max_leaves,
+                            known,
+                        );
+                        run_actions(&state, inner);
                     }
                     Ok(Some(other)) => {
                         warn!(message = ?other, "unexpected control frame");
@@ -806,9 +612,9 @@ async fn run_link(
         }
     };
     let writer = async {
-        loop {
+        // Ends when the core drops the link (the sender goes with it).
+        while let Some(known) = gossip.recv().await {
             let (leaves, max_leaves) = my_load(&state);
-            let known = state.mesh.gossip(Some(id), Instant::now());
             let status = MeshControl::Status {
                 leaves,
                 max_leaves,
@@ -820,7 +626,6 @@ async fn run_link(
             {
                 return;
             }
-            tokio::time::sleep(GOSSIP_INTERVAL).await;
         }
     };
     tokio::select! {
@@ -831,52 +636,6 @@ async fn run_link(
     if let Some(t) = streams {
         t.abort();
     }
-    let same = |n: &Neighbour| n.conn.stable_id() == conn.stable_id();
-    if let Some((_, n)) = state.mesh.neighbours.remove_if(&id, |_, n| same(n)) {
-        state.mesh.remember(id, &n, Instant::now());
-        state.mesh.rates.remove(&id);
-        state.mesh.fair.lock().expect("fair lock").remove_link(&id);
-        info!("link down");
-    }
+    link_down(&state, &peer);
     conn.close(0u32.into(), b"link closed");
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn info(n: u32) -> SupernodeInfo {
-        let mut id = [0u8; 32];
-        id[..4].copy_from_slice(&n.to_be_bytes());
-        SupernodeInfo {
-            id: NodeId(id),
-            addr: format!("192.0.2.{}:{}", n % 250 + 1, 7000 + n % 1000),
-            leaves: 0,
-            max_leaves: 100,
-            age_secs: 0,
-        }
-    }
-
-    #[test]
-    fn one_neighbour_cannot_flood_the_known_table() {
-        let mesh = Mesh::new(&[], 200.0, 400);
-        let me = NodeId([0xee; 32]);
-        let (honest, hostile) = (NodeId([1; 32]), NodeId([2; 32]));
-        let now = Instant::now();
-        mesh.learn(me, honest, (0..10).map(info).collect(), now);
-        // Made-up entries, 64 fresh ones every round, always the newest.
-        for round in 0..40u32 {
-            let batch = (0..64).map(|i| info(1000 + round * 64 + i)).collect();
-            mesh.learn(me, hostile, batch, now + Duration::from_secs(round.into()));
-        }
-        let known = mesh.known.lock().unwrap();
-        let from_hostile = known
-            .values()
-            .filter(|k| k.told_by == Some(hostile))
-            .count();
-        assert_eq!(from_hostile, MAX_KNOWN_PER_SENDER);
-        for n in 0..10 {
-            assert!(known.contains_key(&info(n).id), "honest entry {n} kept");
-        }
-    }
 }

@@ -271,7 +271,7 @@ fn ask(
     mq: MeshQuery,
     tx: mpsc::Sender<Event>,
 ) -> impl std::future::Future<Output = ()> {
-    let conn = state.mesh.neighbours.get(&to).map(|n| n.conn.clone());
+    let conn = state.mesh.conn(&to);
     async move {
         if let Some(conn) = conn {
             state.metrics.queries_forwarded.inc();

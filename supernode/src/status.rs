@@ -50,9 +50,9 @@ impl SupernodeFields {
     pub fn of(state: &State) -> Self {
         let mut neighbors: Vec<NodeAddr> = state
             .mesh
-            .neighbours
-            .iter()
-            .map(|n| NodeAddr::new(*n.key(), n.addr))
+            .neighbours()
+            .into_iter()
+            .map(|(id, addr)| NodeAddr::new(id, addr))
             .collect();
         neighbors.sort_by(|a, b| a.id.cmp(&b.id));
         Self {
@@ -115,7 +115,7 @@ pub fn register(registry: &mut Registry, source: Source) {
             s.index.file_count() as u64
         }),
         ("servent_neighbors", "Mesh neighbours linked now", |s| {
-            s.mesh.neighbours.len() as u64
+            s.mesh.neighbour_count() as u64
         }),
         (
             "servent_known_supernodes",

@@ -1249,9 +1249,9 @@ fn mesh_report(net: &Shared) -> String {
         .iter()
         .map(|s| {
             s.mesh
-                .neighbours
+                .neighbours()
                 .iter()
-                .filter_map(|n| index.get(n.key()).copied())
+                .filter_map(|(id, _)| index.get(id).copied())
                 .collect()
         })
         .collect();
@@ -1319,7 +1319,7 @@ fn mesh_report(net: &Shared) -> String {
     let alone: Vec<usize> = states
         .iter()
         .zip(&adj)
-        .filter(|(s, ws)| ws.is_empty() && s.mesh.neighbours.is_empty())
+        .filter(|(s, ws)| ws.is_empty() && s.mesh.neighbour_count() == 0)
         .map(|(s, _)| s.leaves.len())
         .collect();
     format!(

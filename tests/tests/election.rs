@@ -294,7 +294,7 @@ async fn an_elected_leaf_refused_by_its_promoter_meshes_with_supernodes_it_knows
             .leaf()
             .role()
             .state()
-            .is_some_and(|s| s.mesh.neighbours.contains_key(&other.id()))
+            .is_some_and(|s| s.mesh.is_neighbour(&other.id()))
     })
     .await
     .expect("the elected leaf is not left without a neighbour");
