@@ -24,6 +24,9 @@ use servent_proto::hop::{
     Action as HopAction, Arrival, HopConfig, HopNode, HopQuery, LeafQuery, Local, Lookup,
 };
 use servent_proto::limits::MAX_SOURCES_PER_HIT;
+use servent_proto::mesh::{
+    Action as MeshAction, CloseReason, DialAddr, DialId, LinkId, Membership, MeshConfig,
+};
 use servent_proto::msg::SupernodeInfo;
 use servent_proto::msg::{Hit, MeshQuery, NameVariant, Query, QueryKind, Source};
 use servent_proto::ContentHash;
@@ -46,8 +49,6 @@ const MS: Micros = 1_000;
 /// `mesh_query_rate` and `mesh_query_burst`.
 const MESH_QUERY_RATE: f64 = 200.0;
 const MESH_QUERY_BURST: u32 = 400;
-/// `supernode/src/mesh.rs` MAINTAIN_INTERVAL.
-const MAINTAIN: Micros = 500 * MS;
 /// `supernode/src/election.rs` TICK, PROBE_TIMEOUT, PROBE_RETRY, JOIN_TIMEOUT.
 const ELECT_TICK: Micros = 250 * MS;
 const PROBE_TIMEOUT: Micros = 5 * SEC;
@@ -55,28 +56,19 @@ const PROBE_RETRY: Micros = 60 * SEC;
 const JOIN_TIMEOUT: Micros = 10 * SEC;
 /// Unix time at the start of a run, for the leaf cache's stamps.
 const UNIX_START: u64 = 1_800_000_000;
-/// `limits::MAX_SUPERNODE_INFOS`.
-const MAX_INFOS: usize = servent_proto::limits::MAX_SUPERNODE_INFOS;
 /// `leaf/src/search.rs` ASKED_AT_ONCE.
 const ASKED_AT_ONCE: usize = 3;
 /// A register that gets no answer counts as failed after this long.
 const REGISTER_TIMEOUT: Micros = 10 * SEC;
 /// Bootstrap supernodes a new leaf is given (its `--supernode` flags).
 const BOOTSTRAP: usize = 5;
+/// `--peer` flags of a dedicated supernode.
+const PEERS: usize = 3;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 enum Node {
     Super(u32),
     Leaf(u32),
-}
-
-/// A supernode as another tells of it (made a `SupernodeInfo`, with its
-/// id and address, where a leaf's planner reads it).
-#[derive(Debug, Clone, Copy)]
-struct Info {
-    sup: u32,
-    leaves: u32,
-    max_leaves: u32,
 }
 
 #[derive(Debug)]
@@ -106,15 +98,15 @@ enum Msg {
     // supernode → leaf
     Registered {
         sup: u32,
-        list: Vec<Info>,
+        list: Vec<SupernodeInfo>,
     },
     List {
         sup: u32,
-        list: Vec<Info>,
+        list: Vec<SupernodeInfo>,
     },
     Full {
         sup: u32,
-        list: Vec<Info>,
+        list: Vec<SupernodeInfo>,
     },
     Hits {
         q: u32,
@@ -129,20 +121,33 @@ enum Msg {
     },
     Rehome {
         sup: u32,
-        list: Vec<Info>,
+        list: Vec<SupernodeInfo>,
     },
     // supernode ↔ supernode
-    Link {
+    /// A dialled supernode's `Hello`, on link `link`.
+    Hello {
         from: u32,
-        epoch: u32,
+        dial: u64,
+        link: u64,
     },
-    Linked {
+    /// The answer to `Hello`: `Welcome` or `Refused`.
+    Welcome {
         from: u32,
-        epoch: u32,
+        dial: u64,
+        link: u64,
         ok: bool,
     },
-    Unlink {
+    Status {
         from: u32,
+        link: u64,
+        leaves: u32,
+        max_leaves: u32,
+        known: Vec<SupernodeInfo>,
+    },
+    /// The link's connection was closed.
+    LinkDown {
+        from: u32,
+        link: u64,
     },
     MeshQuery(Box<MeshCopy>),
     MeshHits {
@@ -213,14 +218,23 @@ enum Ev {
         leaf: u32,
         gen: u32,
     },
+    /// A link's connection to a neighbour that vanished times out.
     NeighbourLost {
         sup: u32,
         epoch: u32,
         gone: u32,
+        link: u64,
     },
-    Maintain {
+    /// The mesh core's timer (`Membership::poll_timeout`).
+    MeshWake {
         sup: u32,
         epoch: u32,
+    },
+    /// A dial to an address where no supernode answers gives up.
+    DialFailed {
+        sup: u32,
+        epoch: u32,
+        dial: u64,
     },
     ElectTick {
         sup: u32,
@@ -268,8 +282,11 @@ struct Super {
     max_leaves: usize,
     /// Registered leaves and their session generation.
     leaves: Map<u32, (u32, Micros)>,
-    neighbours: Vec<u32>,
-    dialing: Set<u32>,
+    /// Mesh membership (`proto::mesh`): known table, dials, links, gossip.
+    mesh: Membership,
+    mesh_wake: Option<Micros>,
+    /// Its `--peer` supernodes (dedicated ones), dialled at each start.
+    peers: Vec<u32>,
     /// keyword → (file, leaf).
     index: Map<u32, Vec<(u32, u32)>>,
     /// Seen-set, neighbours' query buckets and fair forwarding (`proto::hop`).
@@ -286,15 +303,22 @@ struct Super {
 }
 
 impl Super {
-    fn new(epoch: u32, from_leaf: Option<u32>, max_leaves: usize) -> Self {
+    fn new(
+        epoch: u32,
+        from_leaf: Option<u32>,
+        max_leaves: usize,
+        mesh: Membership,
+        peers: Vec<u32>,
+    ) -> Self {
         Self {
             alive: true,
             epoch,
             from_leaf,
             max_leaves,
             leaves: Map::default(),
-            neighbours: Vec::new(),
-            dialing: Set::default(),
+            mesh,
+            mesh_wake: None,
+            peers,
             index: Map::default(),
             hop: HopNode::new(HopConfig::default(), MESH_QUERY_RATE, MESH_QUERY_BURST),
             elector: Elector::default(),
@@ -378,6 +402,8 @@ pub struct World {
     leaf_delay: Vec<u32>,
     policy: Policy,
     supers: Vec<Super>,
+    mesh_config: MeshConfig,
+    next_link: u64,
     dedicated: usize,
     leaves: Vec<Leaf>,
     zipf: Zipf,
@@ -460,9 +486,27 @@ impl World {
                 promoted_at: Vec::new(),
             });
         }
-        let supers = (0..sc.supernodes)
-            .map(|_| Super::new(0, None, sc.max_leaves))
-            .collect();
+        let mesh_config = MeshConfig {
+            target_neighbors: sc.target_neighbors,
+            max_neighbors: sc.max_neighbors,
+            ..MeshConfig::default()
+        };
+        let base = Instant::now();
+        let mut supers = Vec::with_capacity(sc.supernodes);
+        for s in 0..sc.supernodes as u32 {
+            // `--peer` flags: a few other dedicated supernodes, by name
+            // (so that they resolve to wherever those are now).
+            let mut peers = Vec::new();
+            for _ in 0..PEERS.min(sc.supernodes - 1) {
+                let p = rng.random_range(0..sc.supernodes) as u32;
+                if p != s && !peers.contains(&p) {
+                    peers.push(p);
+                }
+            }
+            let boot: Vec<String> = peers.iter().map(|&p| addr_of(p, 0).to_string()).collect();
+            let mesh = Membership::new(node_id(1, s), mesh_config.clone(), &boot, base);
+            supers.push(Super::new(0, None, sc.max_leaves, mesh, peers));
+        }
         let super_delay = (0..sc.supernodes as u64)
             .map(|s| latency.access_us(s))
             .collect();
@@ -476,7 +520,9 @@ impl World {
             online_pos: vec![NOT_ONLINE; sc.leaves],
             dedicated: sc.supernodes,
             sc,
-            q: Queue::new(Instant::now()),
+            q: Queue::new(base),
+            mesh_config,
+            next_link: 0,
             rng,
             super_delay,
             leaf_delay,
@@ -554,10 +600,7 @@ impl World {
 
     fn boot_super(&mut self, s: u32) {
         let epoch = self.supers[s as usize].epoch;
-        self.q.after(
-            self.rng.random_range(0..MAINTAIN),
-            Ev::Maintain { sup: s, epoch },
-        );
+        self.drive_mesh(s);
         if self.sc.election {
             self.q.after(
                 self.rng.random_range(0..ELECT_TICK),
@@ -696,15 +739,32 @@ impl World {
                     self.drop_leaf(sup, leaf, gen);
                 }
             }
-            Ev::NeighbourLost { sup, epoch, gone } => {
+            Ev::NeighbourLost {
+                sup,
+                epoch,
+                gone,
+                link,
+            } => {
                 if self.up(sup, epoch) {
-                    self.unlink(sup, gone);
+                    self.link_down(sup, gone, link);
                 }
             }
-            Ev::Maintain { sup, epoch } => {
+            Ev::MeshWake { sup, epoch } => {
                 if self.up(sup, epoch) {
-                    self.maintain(sup);
-                    self.q.after(MAINTAIN, Ev::Maintain { sup, epoch });
+                    let instant = self.q.instant();
+                    let me = &mut self.supers[sup as usize];
+                    me.mesh_wake = None;
+                    me.mesh.handle_timeout(instant);
+                    self.drive_mesh(sup);
+                }
+            }
+            Ev::DialFailed { sup, epoch, dial } => {
+                if self.up(sup, epoch) {
+                    let instant = self.q.instant();
+                    self.supers[sup as usize]
+                        .mesh
+                        .handle_dial_failed(instant, DialId(dial));
+                    self.drive_mesh(sup);
                 }
             }
             Ev::ElectTick { sup, epoch } => {
@@ -771,9 +831,11 @@ impl World {
                 self.kill_random(n);
             }
             Ev::Restart(s) => {
-                let sup = &mut self.supers[s as usize];
-                let epoch = sup.epoch + 1;
-                *sup = Super::new(epoch, None, self.sc.max_leaves);
+                let epoch = self.supers[s as usize].epoch + 1;
+                self.supers[s as usize].epoch = epoch;
+                let peers = std::mem::take(&mut self.supers[s as usize].peers);
+                let mesh = self.membership(self.sup_id(s), &peers);
+                self.supers[s as usize] = Super::new(epoch, None, self.sc.max_leaves, mesh, peers);
                 self.boot_super(s);
             }
             Ev::HopWake { stream } => self.hop_wake(stream),
@@ -963,9 +1025,7 @@ impl World {
 
     /// Supernode `s`'s address now: a restarted one is somewhere new.
     fn sup_addr(&self, s: u32) -> SocketAddr {
-        let epoch = self.supers[s as usize].epoch;
-        let ip = std::net::Ipv4Addr::from(0x0a00_0000 | (s & 0x00ff_ffff));
-        SocketAddr::from((ip, 1024 + (epoch % 60_000) as u16))
+        addr_of(s, self.supers[s as usize].epoch)
     }
 
     fn sup_id(&self, s: u32) -> NodeId {
@@ -973,20 +1033,6 @@ impl World {
             Some(l) => leaf_id(l),
             None => node_id(1, s),
         }
-    }
-
-    fn info(&self, i: &Info) -> SupernodeInfo {
-        SupernodeInfo {
-            id: self.sup_id(i.sup),
-            addr: self.sup_addr(i.sup).to_string(),
-            leaves: i.leaves,
-            max_leaves: i.max_leaves,
-            age_secs: 0,
-        }
-    }
-
-    fn infos(&self, list: &[Info]) -> Vec<SupernodeInfo> {
-        list.iter().map(|i| self.info(i)).collect()
     }
 
     /// Carries out what leaf `l`'s attach planner asks for, until it asks
@@ -1120,7 +1166,7 @@ impl World {
                     return;
                 };
                 let id = self.sup_id(sup);
-                let infos = self.infos(&list);
+                let infos = list;
                 let leaf = &mut self.leaves[l as usize];
                 if let Some(x) = leaf.sessions.iter_mut().find(|x| x.addr == addr) {
                     x.registered = true;
@@ -1146,7 +1192,7 @@ impl World {
                 self.drive_leaf(l);
             }
             Msg::List { sup, list } if self.registered_addr(l, sup).is_some() => {
-                let infos = self.infos(&list);
+                let infos = list;
                 if let Some(p) = self.leaves[l as usize].planner.as_mut() {
                     p.handle_learned(instant, unix, infos);
                 }
@@ -1154,7 +1200,7 @@ impl World {
             }
             Msg::Full { sup, list } => {
                 if let Some(addr) = self.trying(l, sup) {
-                    let infos = self.infos(&list);
+                    let infos = list;
                     self.session_ended(l, addr, LinkOutcome::Full(infos), false);
                 }
             }
@@ -1196,7 +1242,7 @@ impl World {
                 let Some(addr) = self.registered_addr(l, sup) else {
                     return;
                 };
-                let (from, infos) = (self.sup_id(sup), self.infos(&list));
+                let (from, infos) = (self.sup_id(sup), list);
                 if let Some(p) = self.leaves[l as usize].planner.as_mut() {
                     p.handle_rehome(instant, unix, from, infos);
                 }
@@ -1218,12 +1264,12 @@ impl World {
         let instant = self.q.instant();
         let unix = self.unix();
         let s = self.supers.len() as u32;
-        self.supers.push(Super::new(0, Some(l), max_leaves));
         let from = self.sup_id(promoter);
         let promotion = self.leaves[l as usize]
             .planner
             .as_ref()
             .map(|p| p.promotion(unix, from));
+        let promotion_known = promotion.as_ref().map(|p| p.known.clone());
         let leaf = &mut self.leaves[l as usize];
         leaf.role = Some(s);
         leaf.promoted_at.push(now);
@@ -1237,9 +1283,12 @@ impl World {
                     .collect()
             })
             .unwrap_or_default();
-        for p in peers {
-            self.dial(s, p);
+        let mut mesh = self.membership(leaf_id(l), &peers);
+        if let Some(known) = promotion_known {
+            mesh.seed(known, instant);
         }
+        self.supers
+            .push(Super::new(0, Some(l), max_leaves, mesh, Vec::new()));
         self.boot_super(s);
         if let Some(p) = self.leaves[l as usize].planner.as_mut() {
             p.handle_role(instant, unix, Some(Vec::new()));
@@ -1260,33 +1309,134 @@ impl World {
 
     // ---- supernodes ---------------------------------------------------
 
-    fn for_leaves(&self, s: u32, with_room: bool) -> Vec<Info> {
-        let sup = &self.supers[s as usize];
-        let mut v: Vec<Info> = sup
-            .neighbours
+    fn for_leaves(&self, s: u32, with_room: bool) -> Vec<SupernodeInfo> {
+        self.supers[s as usize]
+            .mesh
+            .for_leaves(with_room, self.q.instant())
+    }
+
+    /// A mesh core for the supernode `id`, dialling `peers` first.
+    fn membership(&self, id: NodeId, peers: &[u32]) -> Membership {
+        let boot: Vec<String> = peers
             .iter()
-            .map(|&n| {
-                let ns = &self.supers[n as usize];
-                Info {
-                    sup: n,
-                    leaves: ns.leaves.len() as u32,
-                    max_leaves: ns.max_leaves as u32,
-                }
-            })
-            .filter(|i| !with_room || i.leaves < i.max_leaves)
+            .map(|&p| self.sup_addr(p).to_string())
             .collect();
-        v.sort_by_key(|i| {
-            (
-                u64::from(i.leaves) * 1000 / u64::from(i.max_leaves.max(1)),
-                i.sup,
-            )
-        });
-        v.truncate(MAX_INFOS);
-        v
+        Membership::new(id, self.mesh_config.clone(), &boot, self.q.instant())
+    }
+
+    fn load_of(&self, s: u32) -> (u32, u32) {
+        let sup = &self.supers[s as usize];
+        (sup.leaves.len() as u32, sup.max_leaves as u32)
+    }
+
+    /// Carries out what supernode `s`'s mesh core asks for, and sets its
+    /// timer.
+    fn drive_mesh(&mut self, s: u32) {
+        let now = self.now();
+        for _ in 0..10_000 {
+            let Some(action) = self.supers[s as usize].mesh.poll_action() else {
+                break;
+            };
+            match action {
+                MeshAction::Dial { dial, expect, addr } => {
+                    let target = match addr {
+                        DialAddr::Socket(a) => Some(a),
+                        DialAddr::Name(_) => None,
+                    };
+                    let t = target.map(slot_of).filter(|&t| {
+                        (t as usize) < self.supers.len()
+                            && t != s
+                            && self.supers[t as usize].alive
+                            && Some(self.sup_addr(t)) == target
+                            && expect.is_none_or(|id| id == self.sup_id(t))
+                    });
+                    match t {
+                        Some(t) => {
+                            self.next_link += 1;
+                            let link = self.next_link;
+                            let hello = Msg::Hello {
+                                from: s,
+                                dial: dial.0,
+                                link,
+                            };
+                            self.send_after(Node::Super(s), Node::Super(t), hello, 1.5);
+                        }
+                        None => {
+                            let epoch = self.supers[s as usize].epoch;
+                            let dial = dial.0;
+                            self.q.after(
+                                self.sc.loss_detect_ms * MS,
+                                Ev::DialFailed {
+                                    sup: s,
+                                    epoch,
+                                    dial,
+                                },
+                            );
+                        }
+                    }
+                }
+                MeshAction::SendGossip { to, link, known } => {
+                    if let Some(t) = self.slot_by_id(&to) {
+                        let (leaves, max_leaves) = self.load_of(s);
+                        let status = Msg::Status {
+                            from: s,
+                            link: link.0,
+                            leaves,
+                            max_leaves,
+                            known,
+                        };
+                        self.send(Node::Super(s), Node::Super(t), status);
+                    }
+                }
+                MeshAction::Close { id, link, reason } => {
+                    if let Some(t) = self.slot_by_id(&id) {
+                        self.send(
+                            Node::Super(s),
+                            Node::Super(t),
+                            Msg::LinkDown {
+                                from: s,
+                                link: link.0,
+                            },
+                        );
+                        if reason != CloseReason::Replaced {
+                            self.supers[s as usize].hop.remove_neighbour(&t);
+                        }
+                    }
+                }
+            }
+        }
+        // A promoted supernode has joined: hand half our leaves to it.
+        if let Some(to) = self.supers[s as usize].handover {
+            if self.supers[s as usize].mesh.is_neighbour(&self.sup_id(to)) {
+                self.handover(s, to);
+            }
+        }
+        let me = &mut self.supers[s as usize];
+        if let Some(t) = me.mesh.poll_timeout() {
+            let t = self.q.from_instant(t).max(now + 1);
+            if me.mesh_wake.is_none_or(|w| w > t || w < now) {
+                me.mesh_wake = Some(t);
+                let epoch = me.epoch;
+                self.q.at(t, Ev::MeshWake { sup: s, epoch });
+            }
+        }
+    }
+
+    /// Supernode `s`'s link `link` to `from` has ended.
+    fn link_down(&mut self, s: u32, from: u32, link: u64) {
+        let instant = self.q.instant();
+        let id = self.sup_id(from);
+        let me = &mut self.supers[s as usize];
+        me.mesh.handle_link_down(instant, id, LinkId(link));
+        if !me.mesh.is_neighbour(&id) {
+            me.hop.remove_neighbour(&from);
+        }
+        self.drive_mesh(s);
     }
 
     fn at_super(&mut self, s: u32, msg: Msg) {
         let now = self.now();
+        let instant = self.q.instant();
         match msg {
             Msg::Register { leaf, gen } => {
                 let sup = &self.supers[s as usize];
@@ -1325,7 +1475,7 @@ impl World {
                     // Hand over once it has linked to us.
                     me.handover = Some(to);
                     let epoch = me.epoch;
-                    if me.neighbours.contains(&to) {
+                    if me.mesh.is_neighbour(&leaf_id(leaf)) {
                         self.handover(s, to);
                     } else {
                         self.q
@@ -1333,45 +1483,82 @@ impl World {
                     }
                 }
             }
-            Msg::Link { from, epoch } => {
-                let ok = {
-                    let me = &self.supers[s as usize];
-                    me.neighbours.contains(&from) || me.neighbours.len() < self.sc.max_neighbors
-                };
-                if ok && !self.supers[s as usize].neighbours.contains(&from) {
-                    self.supers[s as usize].neighbours.push(from);
-                    if self.supers[s as usize].handover == Some(from) {
-                        self.handover(s, from);
-                    }
+            Msg::Hello { from, dial, link } => {
+                let (id, addr) = (self.sup_id(from), self.sup_addr(from));
+                let (leaves, max_leaves) = self.load_of(from);
+                let rtt = Duration::from_micros(self.rtt(Node::Super(s), Node::Super(from)));
+                let me = &mut self.supers[s as usize].mesh;
+                let ok = me
+                    .handle_hello(
+                        instant,
+                        id,
+                        LinkId(link),
+                        addr.ip(),
+                        addr.port(),
+                        leaves,
+                        max_leaves,
+                    )
+                    .is_ok();
+                if ok {
+                    me.handle_rtt(id, rtt);
                 }
-                let my_epoch = self.supers[s as usize].epoch;
-                if self.up(from, epoch) {
+                self.send(
+                    Node::Super(s),
+                    Node::Super(from),
+                    Msg::Welcome {
+                        from: s,
+                        dial,
+                        link,
+                        ok,
+                    },
+                );
+                self.drive_mesh(s);
+            }
+            Msg::Welcome {
+                from,
+                dial,
+                link,
+                ok,
+            } => {
+                let id = self.sup_id(from);
+                let (leaves, max_leaves) = self.load_of(from);
+                let rtt = Duration::from_micros(self.rtt(Node::Super(s), Node::Super(from)));
+                let me = &mut self.supers[s as usize].mesh;
+                if !ok {
+                    me.handle_dial_failed(instant, DialId(dial));
+                } else if me
+                    .handle_dialled(instant, DialId(dial), id, LinkId(link), leaves, max_leaves)
+                    .is_ok()
+                {
+                    me.handle_rtt(id, rtt);
+                } else {
                     self.send(
                         Node::Super(s),
                         Node::Super(from),
-                        Msg::Linked {
-                            from: s,
-                            epoch: my_epoch,
-                            ok,
-                        },
+                        Msg::LinkDown { from: s, link },
                     );
                 }
+                self.drive_mesh(s);
             }
-            Msg::Linked { from, epoch, ok } => {
-                let me = &mut self.supers[s as usize];
-                me.dialing.remove(&from);
-                if ok
-                    && self.supers[from as usize].epoch == epoch
-                    && !self.supers[s as usize].neighbours.contains(&from)
-                {
-                    if self.supers[s as usize].neighbours.len() < self.sc.max_neighbors {
-                        self.supers[s as usize].neighbours.push(from);
-                    } else {
-                        self.send(Node::Super(s), Node::Super(from), Msg::Unlink { from: s });
-                    }
-                }
+            Msg::Status {
+                from,
+                link,
+                leaves,
+                max_leaves,
+                known,
+            } => {
+                let id = self.sup_id(from);
+                self.supers[s as usize].mesh.handle_status(
+                    instant,
+                    id,
+                    LinkId(link),
+                    leaves,
+                    max_leaves,
+                    known,
+                );
+                self.drive_mesh(s);
             }
-            Msg::Unlink { from } => self.unlink(s, from),
+            Msg::LinkDown { from, link } => self.link_down(s, from, link),
             Msg::MeshQuery(mq) => self.mesh_query(s, *mq),
             Msg::MeshHits { stream, from, hits } => self.stream_hits(stream, from, hits),
             Msg::MeshDone { stream, from } => self.stream_done(stream, from),
@@ -1446,50 +1633,6 @@ impl World {
         }
     }
 
-    fn unlink(&mut self, s: u32, gone: u32) {
-        let me = &mut self.supers[s as usize];
-        me.neighbours.retain(|&n| n != gone);
-        me.dialing.remove(&gone);
-        me.hop.remove_neighbour(&gone);
-    }
-
-    fn dial(&mut self, s: u32, to: u32) {
-        if s == to || !self.supers[to as usize].alive {
-            return;
-        }
-        let epoch = self.supers[s as usize].epoch;
-        self.supers[s as usize].dialing.insert(to);
-        self.send_after(
-            Node::Super(s),
-            Node::Super(to),
-            Msg::Link { from: s, epoch },
-            1.5,
-        );
-    }
-
-    /// Mesh upkeep (`supernode/src/mesh.rs` `maintain`): dial while below
-    /// the target. The known table is modelled as knowing every supernode
-    /// alive, which gossip approaches in a connected mesh.
-    fn maintain(&mut self, s: u32) {
-        let (linked, dialing) = {
-            let me = &self.supers[s as usize];
-            (me.neighbours.len(), me.dialing.len())
-        };
-        if linked + dialing >= self.sc.target_neighbors {
-            return;
-        }
-        // Dials that got no answer are given up after a round.
-        self.supers[s as usize].dialing.clear();
-        for _ in 0..8 {
-            let to = self.rng.random_range(0..self.supers.len()) as u32;
-            let me = &self.supers[s as usize];
-            if to != s && self.supers[to as usize].alive && !me.neighbours.contains(&to) {
-                self.dial(s, to);
-                break;
-            }
-        }
-    }
-
     fn kill_random(&mut self, n: usize) {
         let alive: Vec<u32> = (0..self.dedicated as u32)
             .filter(|&s| self.supers[s as usize].alive)
@@ -1518,8 +1661,17 @@ impl World {
             let sup = &mut self.supers[s as usize];
             sup.alive = false;
             let leaves: Vec<(u32, u32)> = sup.leaves.iter().map(|(&l, &(g, _))| (l, g)).collect();
-            (leaves, std::mem::take(&mut sup.neighbours))
+            let links: Vec<(NodeId, u64)> = sup
+                .mesh
+                .neighbours()
+                .map(|(id, n)| (*id, n.link.0))
+                .collect();
+            (leaves, links)
         };
+        let neighbours: Vec<(u32, u64)> = neighbours
+            .into_iter()
+            .filter_map(|(id, link)| Some((self.slot_by_id(&id)?, link)))
+            .collect();
         let detect = self.sc.loss_detect_ms * MS;
         for (l, gen) in leaves {
             if goodbye {
@@ -1544,7 +1696,7 @@ impl World {
                 );
             }
         }
-        for n in neighbours {
+        for (n, link) in neighbours {
             let epoch = self.supers[n as usize].epoch;
             let at = if goodbye {
                 self.rtt(Node::Super(s), Node::Super(n)) / 2
@@ -1557,6 +1709,7 @@ impl World {
                     sup: n,
                     epoch,
                     gone: s,
+                    link,
                 },
             );
         }
@@ -1613,13 +1766,10 @@ impl World {
     /// supernode knows: its neighbours.
     fn others_have_room(&self, s: u32) -> bool {
         let hw = u64::from(self.policy.high_water_permille);
-        let room: u64 = self.supers[s as usize]
-            .neighbours
+        let room: u64 = self
+            .for_leaves(s, true)
             .iter()
-            .map(|&n| {
-                let ns = &self.supers[n as usize];
-                (ns.max_leaves as u64 * hw / 1000).saturating_sub(ns.leaves.len() as u64)
-            })
+            .map(|i| (u64::from(i.max_leaves) * hw / 1000).saturating_sub(i.leaves.into()))
             .sum();
         room > self.supers[s as usize].leaves.len() as u64
     }
@@ -1708,10 +1858,12 @@ impl World {
             .collect();
         movers.sort_unstable();
         movers.truncate(me.leaves.len() / 2);
-        let info = Info {
-            sup: to,
+        let info = SupernodeInfo {
+            id: self.sup_id(to),
+            addr: self.sup_addr(to).to_string(),
             leaves: 0,
             max_leaves: self.supers[to as usize].max_leaves as u32,
+            age_secs: 0,
         };
         for l in movers {
             self.send(
@@ -1719,7 +1871,7 @@ impl World {
                 Node::Leaf(l),
                 Msg::Rehome {
                     sup: s,
-                    list: vec![info],
+                    list: vec![info.clone()],
                 },
             );
         }
@@ -1795,9 +1947,12 @@ impl World {
     }
 
     fn ranked(&self, s: u32) -> Vec<u32> {
-        let mut n = self.supers[s as usize].neighbours.clone();
-        n.sort_by_cached_key(|&x| (self.access(Node::Super(x)), x));
-        n
+        self.supers[s as usize]
+            .mesh
+            .ranked_neighbours()
+            .iter()
+            .filter_map(|id| self.slot_by_id(id))
+            .collect()
     }
 
     /// What `s`'s index holds for `lookup`: one hit per file, with every
@@ -2268,10 +2423,20 @@ fn leaf_id(l: u32) -> NodeId {
     node_id(2, l)
 }
 
-/// The supernode slot an address of [`World::sup_addr`] stands for.
+/// Where supernode slot `s` listens in its `epoch`-th life: a /24 of its
+/// own (the mesh caps neighbours per /24), a new port after each restart.
+fn addr_of(s: u32, epoch: u32) -> SocketAddr {
+    let ip = std::net::Ipv4Addr::new(11 + (s >> 16) as u8, (s >> 8) as u8, s as u8, 1);
+    SocketAddr::from((ip, 1024 + (epoch % 60_000) as u16))
+}
+
+/// The supernode slot an address of [`addr_of`] stands for.
 fn slot_of(addr: SocketAddr) -> u32 {
     match addr.ip() {
-        std::net::IpAddr::V4(v4) => u32::from(v4) & 0x00ff_ffff,
+        std::net::IpAddr::V4(v4) => {
+            let o = v4.octets();
+            (u32::from(o[0].wrapping_sub(11)) << 16) | (u32::from(o[1]) << 8) | u32::from(o[2])
+        }
         std::net::IpAddr::V6(_) => u32::MAX,
     }
 }
