@@ -19,7 +19,7 @@ use std::net::SocketAddr;
 use rand::rngs::StdRng;
 use rand::Rng;
 use servent_proto::attach::{Action, AttachConfig, AttachPlanner, CacheEntry, LinkOutcome};
-use servent_proto::elect::{self, Candidate, Decision, Elector, Policy};
+use servent_proto::elect::{Action as ElectAction, Election, Load, Policy, PromoteReply, Room};
 use servent_proto::hop::{
     Action as HopAction, Arrival, HopConfig, HopNode, HopQuery, LeafQuery, Local, Lookup,
 };
@@ -27,7 +27,7 @@ use servent_proto::limits::MAX_SOURCES_PER_HIT;
 use servent_proto::mesh::{
     Action as MeshAction, CloseReason, DialAddr, DialId, LinkId, Membership, MeshConfig,
 };
-use servent_proto::msg::SupernodeInfo;
+use servent_proto::msg::{Candidacy, SupernodeInfo};
 use servent_proto::msg::{Hit, MeshQuery, NameVariant, Query, QueryKind, Source};
 use servent_proto::ContentHash;
 use servent_proto::NodeId;
@@ -49,11 +49,10 @@ const MS: Micros = 1_000;
 /// `mesh_query_rate` and `mesh_query_burst`.
 const MESH_QUERY_RATE: f64 = 200.0;
 const MESH_QUERY_BURST: u32 = 400;
-/// `supernode/src/election.rs` TICK, PROBE_TIMEOUT, PROBE_RETRY, JOIN_TIMEOUT.
-const ELECT_TICK: Micros = 250 * MS;
-const PROBE_TIMEOUT: Micros = 5 * SEC;
-const PROBE_RETRY: Micros = 60 * SEC;
-const JOIN_TIMEOUT: Micros = 10 * SEC;
+/// A `Promote` that gets no answer counts as failed after this long.
+const PROMOTE_TIMEOUT: Micros = 10 * SEC;
+/// How long a supernode's view of others' room (for election) is reused.
+const ROOM_REFRESH: Micros = SEC;
 /// Unix time at the start of a run, for the leaf cache's stamps.
 const UNIX_START: u64 = 1_800_000_000;
 /// `leaf/src/search.rs` ASKED_AT_ONCE.
@@ -236,27 +235,22 @@ enum Ev {
         epoch: u32,
         dial: u64,
     },
-    ElectTick {
+    /// The election core's timer (`Election::poll_timeout`).
+    ElectWake {
         sup: u32,
         epoch: u32,
-    },
-    ProbeDue {
-        sup: u32,
-        epoch: u32,
-        leaf: u32,
-        gen: u32,
     },
     ProbeDone {
         sup: u32,
         epoch: u32,
         leaf: u32,
-        gen: u32,
+        addr: SocketAddr,
         ok: bool,
     },
-    HandoverTimeout {
+    PromoteTimeout {
         sup: u32,
         epoch: u32,
-        to: u32,
+        leaf: u32,
     },
     Kill,
     MassKill,
@@ -267,12 +261,6 @@ enum Ev {
     QueryStart,
     QueryEnd(u32),
     Sample,
-}
-
-struct Offer {
-    gen: u32,
-    since: Micros,
-    reachable: Option<bool>,
 }
 
 struct Super {
@@ -291,11 +279,13 @@ struct Super {
     index: Map<u32, Vec<(u32, u32)>>,
     /// Seen-set, neighbours' query buckets and fair forwarding (`proto::hop`).
     hop: HopNode<u32>,
-    elector: Elector,
-    offers: Map<u32, Offer>,
-    promoting: Option<u32>,
-    /// A promoted supernode to hand half our leaves to once it links.
-    handover: Option<u32>,
+    /// Election (`proto::elect::Election`); none when the scenario turns it off.
+    election: Option<Election<u32>>,
+    elect_wake: Option<Micros>,
+    /// The leaf a `Promote` was sent to, until it answers.
+    asked: Option<u32>,
+    /// Others' room as `for_leaves` last gave it, and when.
+    rooms: (Micros, Vec<Room>),
     msgs_sec: u64,
     msgs_in_sec: u64,
     /// Query messages received for the current query window.
@@ -309,6 +299,7 @@ impl Super {
         max_leaves: usize,
         mesh: Membership,
         peers: Vec<u32>,
+        election: Option<Election<u32>>,
     ) -> Self {
         Self {
             alive: true,
@@ -321,10 +312,10 @@ impl Super {
             peers,
             index: Map::default(),
             hop: HopNode::new(HopConfig::default(), MESH_QUERY_RATE, MESH_QUERY_BURST),
-            elector: Elector::default(),
-            offers: Map::default(),
-            promoting: None,
-            handover: None,
+            election,
+            elect_wake: None,
+            asked: None,
+            rooms: (0, Vec::new()),
             msgs_sec: 0,
             msgs_in_sec: 0,
             query_msgs: 0,
@@ -505,7 +496,15 @@ impl World {
             }
             let boot: Vec<String> = peers.iter().map(|&p| addr_of(p, 0).to_string()).collect();
             let mesh = Membership::new(node_id(1, s), mesh_config.clone(), &boot, base);
-            supers.push(Super::new(0, None, sc.max_leaves, mesh, peers));
+            let election = sc.election.then(|| {
+                Election::new(
+                    policy.clone(),
+                    false,
+                    u64::from(s) ^ sc.seed.rotate_left(32),
+                    base,
+                )
+            });
+            supers.push(Super::new(0, None, sc.max_leaves, mesh, peers, election));
         }
         let super_delay = (0..sc.supernodes as u64)
             .map(|s| latency.access_us(s))
@@ -599,14 +598,8 @@ impl World {
     }
 
     fn boot_super(&mut self, s: u32) {
-        let epoch = self.supers[s as usize].epoch;
         self.drive_mesh(s);
-        if self.sc.election {
-            self.q.after(
-                self.rng.random_range(0..ELECT_TICK),
-                Ev::ElectTick { sup: s, epoch },
-            );
-        }
+        self.drive_election(s);
     }
 
     fn schedule_kill(&mut self) {
@@ -767,58 +760,30 @@ impl World {
                     self.drive_mesh(sup);
                 }
             }
-            Ev::ElectTick { sup, epoch } => {
+            Ev::ElectWake { sup, epoch } => {
                 if self.up(sup, epoch) {
-                    self.elect_tick(sup);
-                    if self.up(sup, epoch) {
-                        self.q.after(ELECT_TICK, Ev::ElectTick { sup, epoch });
-                    }
-                }
-            }
-            Ev::ProbeDue {
-                sup,
-                epoch,
-                leaf,
-                gen,
-            } => {
-                if self.up(sup, epoch) {
-                    self.probe(sup, leaf, gen);
+                    self.supers[sup as usize].elect_wake = None;
+                    self.elect_timeout(sup);
                 }
             }
             Ev::ProbeDone {
                 sup,
                 epoch,
                 leaf,
-                gen,
+                addr,
                 ok,
             } => {
                 if self.up(sup, epoch) {
-                    let retry = {
-                        let s = &mut self.supers[sup as usize];
-                        match s.offers.get_mut(&leaf) {
-                            Some(o) if o.gen == gen => {
-                                o.reachable = Some(ok);
-                                !ok
-                            }
-                            _ => false,
-                        }
-                    };
-                    if retry {
-                        self.q.after(
-                            PROBE_RETRY,
-                            Ev::ProbeDue {
-                                sup,
-                                epoch,
-                                leaf,
-                                gen,
-                            },
-                        );
+                    let instant = self.q.instant();
+                    if let Some(e) = self.supers[sup as usize].election.as_mut() {
+                        e.handle_probe(instant, leaf, addr, ok);
                     }
+                    self.drive_election(sup);
                 }
             }
-            Ev::HandoverTimeout { sup, epoch, to } => {
-                if self.up(sup, epoch) && self.supers[sup as usize].handover == Some(to) {
-                    self.supers[sup as usize].handover = None;
+            Ev::PromoteTimeout { sup, epoch, leaf } => {
+                if self.up(sup, epoch) && self.supers[sup as usize].asked == Some(leaf) {
+                    self.promote_answered(sup, leaf, PromoteReply::Failed);
                 }
             }
             Ev::Kill => {
@@ -835,7 +800,9 @@ impl World {
                 self.supers[s as usize].epoch = epoch;
                 let peers = std::mem::take(&mut self.supers[s as usize].peers);
                 let mesh = self.membership(self.sup_id(s), &peers);
-                self.supers[s as usize] = Super::new(epoch, None, self.sc.max_leaves, mesh, peers);
+                let election = self.election(s, epoch, false);
+                self.supers[s as usize] =
+                    Super::new(epoch, None, self.sc.max_leaves, mesh, peers, election);
                 self.boot_super(s);
             }
             Ev::HopWake { stream } => self.hop_wake(stream),
@@ -1287,8 +1254,14 @@ impl World {
         if let Some(known) = promotion_known {
             mesh.seed(known, instant);
         }
-        self.supers
-            .push(Super::new(0, Some(l), max_leaves, mesh, Vec::new()));
+        self.supers.push(Super::new(
+            0,
+            Some(l),
+            max_leaves,
+            mesh,
+            Vec::new(),
+            self.election(s, 0, true),
+        ));
         self.boot_super(s);
         if let Some(p) = self.leaves[l as usize].planner.as_mut() {
             p.handle_role(instant, unix, Some(Vec::new()));
@@ -1405,10 +1378,20 @@ impl World {
                 }
             }
         }
-        // A promoted supernode has joined: hand half our leaves to it.
-        if let Some(to) = self.supers[s as usize].handover {
-            if self.supers[s as usize].mesh.is_neighbour(&self.sup_id(to)) {
-                self.handover(s, to);
+        // A promoted leaf has joined the mesh: the election hands over.
+        let joined = self.supers[s as usize]
+            .election
+            .as_ref()
+            .and_then(|e| e.awaiting_join())
+            .filter(|&l| self.supers[s as usize].mesh.is_neighbour(&leaf_id(l)));
+        if let Some(l) = joined {
+            if let Some(to) = self.leaves[l as usize].role {
+                let (instant, addr) = (self.q.instant(), self.sup_addr(to));
+                let leaves = self.supers[s as usize].leaves.len();
+                if let Some(e) = self.supers[s as usize].election.as_mut() {
+                    e.handle_joined(instant, l, addr, leaves);
+                }
+                self.drive_election(s);
             }
         }
         let me = &mut self.supers[s as usize];
@@ -1468,19 +1451,13 @@ impl World {
             }
             Msg::Query { q, leaf, gen } => self.origin_query(s, q, leaf, gen),
             Msg::Promoted { leaf, sup: to } => {
-                let me = &mut self.supers[s as usize];
-                me.promoting = None;
-                me.offers.remove(&leaf);
-                if let Some(to) = to {
-                    // Hand over once it has linked to us.
-                    me.handover = Some(to);
-                    let epoch = me.epoch;
-                    if me.mesh.is_neighbour(&leaf_id(leaf)) {
-                        self.handover(s, to);
-                    } else {
-                        self.q
-                            .after(JOIN_TIMEOUT, Ev::HandoverTimeout { sup: s, epoch, to });
-                    }
+                let reply = if to.is_some() {
+                    PromoteReply::Accepted
+                } else {
+                    PromoteReply::Declined
+                };
+                if self.supers[s as usize].asked == Some(leaf) {
+                    self.promote_answered(s, leaf, reply);
                 }
             }
             Msg::Hello { from, dial, link } => {
@@ -1577,6 +1554,9 @@ impl World {
             .map(|&f| (kw_of(f), f))
             .collect();
         let capable = self.leaves[leaf as usize].capable;
+        let upload_kbps = self.leaves[leaf as usize].upload_kbps;
+        let addr = self.leaf_sock(leaf);
+        let instant = self.q.instant();
         let sup = &mut self.supers[s as usize];
         if let Some((old, _)) = sup.leaves.insert(leaf, (gen, now)) {
             if old == gen {
@@ -1589,26 +1569,13 @@ impl World {
                 postings.push((f, leaf));
             }
         }
-        if capable && self.sc.election {
-            sup.offers.insert(
-                leaf,
-                Offer {
-                    gen,
-                    since: now,
-                    reachable: None,
-                },
-            );
-            let epoch = sup.epoch;
-            let at = now + micros(self.policy.min_uptime);
-            self.q.at(
-                at,
-                Ev::ProbeDue {
-                    sup: s,
-                    epoch,
-                    leaf,
-                    gen,
-                },
-            );
+        if let (true, Some(e)) = (capable, sup.election.as_mut()) {
+            let candidacy = Candidacy {
+                cpu_idle_permille: 800,
+                mem_available_mib: 4096,
+                upload_kbps,
+            };
+            e.offer(leaf, candidacy, instant, addr);
         }
     }
 
@@ -1621,7 +1588,9 @@ impl World {
             _ => return,
         }
         sup.leaves.remove(&leaf);
-        sup.offers.remove(&leaf);
+        if let Some(e) = sup.election.as_mut() {
+            e.withdraw(&leaf);
+        }
         for f in files {
             let kw = keyword(sc, f);
             if let Some(p) = sup.index.get_mut(&kw) {
@@ -1729,151 +1698,169 @@ impl World {
         let s_sup = &mut self.supers[s as usize];
         s_sup.leaves.clear();
         s_sup.index.clear();
-        s_sup.offers.clear();
     }
 
     // ---- election -----------------------------------------------------
 
-    fn probe(&mut self, s: u32, leaf: u32, gen: u32) {
-        let sup = &self.supers[s as usize];
-        let Some(o) = sup.offers.get(&leaf) else {
-            return;
-        };
-        if o.gen != gen || o.reachable == Some(true) {
-            return;
+    fn election(&self, s: u32, epoch: u32, elected: bool) -> Option<Election<u32>> {
+        let seed = dist::splitmix64(self.sc.seed ^ (u64::from(s) << 32) ^ u64::from(epoch));
+        self.sc
+            .election
+            .then(|| Election::new(self.policy.clone(), elected, seed, self.q.instant()))
+    }
+
+    /// The election's timer: the rules, given the load now and the room
+    /// of the supernodes this one would send its leaves to.
+    fn elect_timeout(&mut self, s: u32) {
+        let (now, instant) = (self.now(), self.q.instant());
+        if self.supers[s as usize].rooms.0 + ROOM_REFRESH <= now || now < ROOM_REFRESH {
+            let rooms = self
+                .for_leaves(s, true)
+                .iter()
+                .map(|i| Room {
+                    leaves: i.leaves,
+                    max_leaves: i.max_leaves,
+                })
+                .collect();
+            self.supers[s as usize].rooms = (now, rooms);
         }
-        let epoch = sup.epoch;
-        let l = &self.leaves[leaf as usize];
-        let ok = l.online && l.gen == gen && l.reachable;
-        let after = if ok {
-            self.rtt(Node::Super(s), Node::Leaf(leaf)) * 3 / 2
-        } else {
-            PROBE_TIMEOUT
-        };
-        self.q.after(
-            after,
-            Ev::ProbeDone {
-                sup: s,
-                epoch,
-                leaf,
-                gen,
-                ok,
-            },
-        );
-    }
-
-    /// `supernode/src/election.rs` `others_have_room`, over what this
-    /// supernode knows: its neighbours.
-    fn others_have_room(&self, s: u32) -> bool {
-        let hw = u64::from(self.policy.high_water_permille);
-        let room: u64 = self
-            .for_leaves(s, true)
-            .iter()
-            .map(|i| (u64::from(i.max_leaves) * hw / 1000).saturating_sub(i.leaves.into()))
-            .sum();
-        room > self.supers[s as usize].leaves.len() as u64
-    }
-
-    fn elect_tick(&mut self, s: u32) {
-        let now = self.now();
-        let instant = self.q.instant();
-        let others = self.others_have_room(s);
-        let random: f64 = self.rng.random();
         let sup = &mut self.supers[s as usize];
-        let decision = sup.elector.tick(
-            instant,
-            sup.leaves.len(),
-            sup.max_leaves,
-            sup.from_leaf.is_some(),
-            others,
-            random,
-            &self.policy,
-        );
-        match decision {
-            Decision::Nothing => {}
-            Decision::Elect => {
-                let candidates: Vec<Candidate<u32>> = sup
-                    .offers
-                    .iter()
-                    .map(|(&l, o)| {
-                        let leaf = &self.leaves[l as usize];
-                        Candidate {
-                            id: l,
-                            session_age: Duration::from_micros(now - o.since),
-                            reachable: o.reachable,
-                            cpu_idle_permille: if leaf.capable { 800 } else { 100 },
-                            mem_available_mib: if leaf.capable { 4096 } else { 256 },
-                            upload_kbps: leaf.upload_kbps,
-                        }
-                    })
-                    .collect();
-                let Some(best) = elect::best(&candidates, &self.policy).map(|c| c.id) else {
-                    return;
-                };
-                sup.elector.elected(instant);
-                if sup.promoting.is_none() {
-                    sup.promoting = Some(best);
-                    let max_leaves = sup.max_leaves;
+        let load = Load {
+            leaves: sup.leaves.len(),
+            max_leaves: sup.max_leaves,
+            others: &sup.rooms.1,
+        };
+        if let Some(e) = sup.election.as_mut() {
+            e.handle_timeout(instant, &load);
+        }
+        self.drive_election(s);
+    }
+
+    fn promote_answered(&mut self, s: u32, leaf: u32, reply: PromoteReply) {
+        let instant = self.q.instant();
+        let sup = &mut self.supers[s as usize];
+        sup.asked = None;
+        if let Some(e) = sup.election.as_mut() {
+            e.handle_promote_reply(instant, leaf, reply);
+        }
+        self.drive_election(s);
+        // It may have joined before its answer came.
+        self.drive_mesh(s);
+    }
+
+    /// Carries out what supernode `s`'s election core asks for, and sets
+    /// its timer.
+    fn drive_election(&mut self, s: u32) {
+        let (now, instant) = (self.now(), self.q.instant());
+        for _ in 0..10_000 {
+            if !self.supers[s as usize].alive {
+                return;
+            }
+            let Some(action) = self.supers[s as usize]
+                .election
+                .as_mut()
+                .and_then(|e| e.poll_action())
+            else {
+                break;
+            };
+            let epoch = self.supers[s as usize].epoch;
+            match action {
+                ElectAction::Probe { id, addr, timeout } => {
+                    let l = &self.leaves[id as usize];
+                    let ok = l.online && l.reachable && self.leaf_sock(id) == addr;
+                    let after = if ok {
+                        self.rtt(Node::Super(s), Node::Leaf(id)) * 3 / 2
+                    } else {
+                        micros(timeout)
+                    };
+                    let ev = Ev::ProbeDone {
+                        sup: s,
+                        epoch,
+                        leaf: id,
+                        addr,
+                        ok,
+                    };
+                    self.q.after(after, ev);
+                }
+                ElectAction::Promote { id } => {
+                    let max_leaves = self.supers[s as usize].max_leaves;
+                    self.supers[s as usize].asked = Some(id);
                     self.send(
                         Node::Super(s),
-                        Node::Leaf(best),
+                        Node::Leaf(id),
                         Msg::Promote { sup: s, max_leaves },
                     );
-                }
-            }
-            Decision::StepDown => {
-                self.step_downs += 1;
-                let list = self.for_leaves(s, true);
-                let leaves: Vec<u32> = {
-                    let mut v: Vec<u32> = self.supers[s as usize].leaves.keys().copied().collect();
-                    v.sort_unstable();
-                    v
-                };
-                for l in leaves {
-                    self.send(
-                        Node::Super(s),
-                        Node::Leaf(l),
-                        Msg::Rehome {
+                    self.q.after(
+                        PROMOTE_TIMEOUT,
+                        Ev::PromoteTimeout {
                             sup: s,
-                            list: list.clone(),
+                            epoch,
+                            leaf: id,
                         },
                     );
                 }
-                self.super_down(s, true);
+                ElectAction::HandOver { to, addr, count } => {
+                    self.handover(s, to, addr, count);
+                    if let Some(e) = self.supers[s as usize].election.as_mut() {
+                        e.handle_handover_done(instant, to);
+                    }
+                }
+                ElectAction::StepDown => {
+                    self.step_downs += 1;
+                    let list = self.for_leaves(s, true);
+                    let mut leaves: Vec<u32> =
+                        self.supers[s as usize].leaves.keys().copied().collect();
+                    leaves.sort_unstable();
+                    for l in leaves {
+                        let rehome = Msg::Rehome {
+                            sup: s,
+                            list: list.clone(),
+                        };
+                        self.send(Node::Super(s), Node::Leaf(l), rehome);
+                    }
+                    self.super_down(s, true);
+                    return;
+                }
+            }
+        }
+        let me = &mut self.supers[s as usize];
+        if let Some(t) = me.election.as_ref().and_then(|e| e.poll_timeout()) {
+            let t = self.q.from_instant(t).max(now + 1);
+            if me.elect_wake.is_none_or(|w| w > t || w < now) {
+                me.elect_wake = Some(t);
+                let epoch = me.epoch;
+                self.q.at(t, Ev::ElectWake { sup: s, epoch });
             }
         }
     }
 
-    /// Moves half our leaves (not the new supernode's own) to `to`.
-    fn handover(&mut self, s: u32, to: u32) {
-        let me = &mut self.supers[s as usize];
-        me.handover = None;
-        let own = self.supers[to as usize].from_leaf;
-        let me = &self.supers[s as usize];
-        let mut movers: Vec<u32> = me
+    /// Moves `count` of our leaves (not the new supernode's own) to the
+    /// promoted leaf `to`, at `addr`.
+    fn handover(&mut self, s: u32, to: u32, addr: SocketAddr, count: usize) {
+        let max_leaves = self.leaves[to as usize]
+            .role
+            .map_or(self.sc.max_leaves, |r| self.supers[r as usize].max_leaves);
+        let mut movers: Vec<u32> = self.supers[s as usize]
             .leaves
             .keys()
             .copied()
-            .filter(|&l| Some(l) != own)
+            .filter(|&l| l != to)
             .collect();
         movers.sort_unstable();
-        movers.truncate(me.leaves.len() / 2);
+        movers.truncate(count);
         let info = SupernodeInfo {
-            id: self.sup_id(to),
-            addr: self.sup_addr(to).to_string(),
+            id: leaf_id(to),
+            addr: addr.to_string(),
             leaves: 0,
-            max_leaves: self.supers[to as usize].max_leaves as u32,
+            max_leaves: max_leaves as u32,
             age_secs: 0,
         };
         for l in movers {
-            self.send(
-                Node::Super(s),
-                Node::Leaf(l),
-                Msg::Rehome {
-                    sup: s,
-                    list: vec![info.clone()],
-                },
-            );
+            let rehome = Msg::Rehome {
+                sup: s,
+                list: vec![info.clone()],
+            };
+            self.send(Node::Super(s), Node::Leaf(l), rehome);
         }
     }
 
@@ -1999,8 +1986,13 @@ impl World {
     }
 
     fn leaf_addr(&self, l: u32) -> String {
+        self.leaf_sock(l).to_string()
+    }
+
+    /// Where leaf `l` serves in its session now.
+    fn leaf_sock(&self, l: u32) -> SocketAddr {
         let ip = std::net::Ipv4Addr::from(self.leaves[l as usize].ip | 0x0100_0000);
-        format!("{ip}:7401")
+        SocketAddr::from((ip, 7401))
     }
 
     /// A leaf's query at its supernode (`routing::serve_leaf_query`).
