@@ -3,7 +3,9 @@
 //! latency on a virtual clock, and each node holds one file of its own.
 //! This is how a simulator drives the core, in miniature.
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+mod common;
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use proptest::prelude::*;
@@ -363,37 +365,9 @@ fn the_origin_stops_widening_once_it_has_enough() {
     assert_eq!(few.messages, 3);
 }
 
-/// A random connected graph: a random spanning tree plus extra edges.
+/// A random connected graph of up to 60 nodes.
 fn graph() -> impl Strategy<Value = Vec<Vec<usize>>> {
-    (2usize..60, 0usize..3, any::<u64>()).prop_map(|(n, extra_per_node, seed)| {
-        let mut rng = seed | 1;
-        let mut next = move |m: usize| {
-            rng ^= rng << 13;
-            rng ^= rng >> 7;
-            rng ^= rng << 17;
-            (rng % m as u64) as usize
-        };
-        let mut adj: Vec<HashSet<usize>> = vec![HashSet::new(); n];
-        for v in 1..n {
-            let u = next(v);
-            adj[u].insert(v);
-            adj[v].insert(u);
-        }
-        for _ in 0..n * extra_per_node {
-            let (a, b) = (next(n), next(n));
-            if a != b {
-                adj[a].insert(b);
-                adj[b].insert(a);
-            }
-        }
-        adj.into_iter()
-            .map(|s| {
-                let mut v: Vec<usize> = s.into_iter().collect();
-                v.sort();
-                v
-            })
-            .collect()
-    })
+    common::graph(60, 3)
 }
 
 proptest! {

@@ -2,43 +2,16 @@
 //! supernodes: each runs the real routing decisions of `servent_proto::route`,
 //! and messages are delivered in order, one hop at a time.
 
-use std::collections::{HashSet, VecDeque};
+mod common;
+
+use std::collections::VecDeque;
 use std::time::Instant;
 
 use proptest::prelude::*;
 use servent_proto::route::{on_query, QueryAction, Seen};
 
-/// A random connected graph: a random spanning tree plus extra edges.
 fn graph() -> impl Strategy<Value = Vec<Vec<usize>>> {
-    (2usize..300, 0usize..4, any::<u64>()).prop_map(|(n, extra_per_node, seed)| {
-        let mut rng = seed | 1;
-        let mut next = move |m: usize| {
-            rng ^= rng << 13;
-            rng ^= rng >> 7;
-            rng ^= rng << 17;
-            (rng % m as u64) as usize
-        };
-        let mut adj: Vec<HashSet<usize>> = vec![HashSet::new(); n];
-        for v in 1..n {
-            let u = next(v);
-            adj[u].insert(v);
-            adj[v].insert(u);
-        }
-        for _ in 0..n * extra_per_node {
-            let (a, b) = (next(n), next(n));
-            if a != b {
-                adj[a].insert(b);
-                adj[b].insert(a);
-            }
-        }
-        adj.into_iter()
-            .map(|s| {
-                let mut v: Vec<usize> = s.into_iter().collect();
-                v.sort();
-                v
-            })
-            .collect()
-    })
+    common::graph(300, 4)
 }
 
 fn distances(adj: &[Vec<usize>], from: usize) -> Vec<usize> {
