@@ -3,11 +3,13 @@
 use servent_tests::sim::{self, Scenario};
 
 /// A network small enough for CI: 10 supernodes, 600 leaves, 4 minutes,
-/// election timings shortened so that elections happen within it.
+/// supernodes that take 125 leaves each (so that 3 links a leaf fill
+/// them) and election timings shortened so that elections happen within it.
 fn small() -> Scenario {
     Scenario {
         leaves: 600,
         supernodes: 10,
+        max_leaves: 125,
         minutes: 4.0,
         warmup_minutes: 1.5,
         queries: 200,

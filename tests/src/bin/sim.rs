@@ -37,6 +37,9 @@ struct Args {
     /// Write the time series (one row per sample) to this CSV file
     #[arg(long)]
     csv: Option<PathBuf>,
+    /// Print each sample to stderr as the run goes
+    #[arg(long)]
+    progress: bool,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -61,7 +64,7 @@ fn main() -> anyhow::Result<()> {
     if let Some(v) = args.queries {
         sc.queries = v;
     }
-    let (report, samples) = sim::run(sc)?;
+    let (report, samples) = sim::run_with(sc, args.progress)?;
     if let Some(path) = &args.csv {
         let mut text = String::from(Sample::CSV_HEADER);
         text.push('\n');

@@ -21,6 +21,17 @@ pub use scenario::{Scenario, ScenarioError};
 
 /// Runs `scenario` to its end: the report and the time series.
 pub fn run(scenario: Scenario) -> Result<(Report, Vec<Sample>), ScenarioError> {
+    run_with(scenario, false)
+}
+
+/// [`run`], printing each sample of the time series to stderr as it is
+/// taken when `progress` is set.
+pub fn run_with(
+    scenario: Scenario,
+    progress: bool,
+) -> Result<(Report, Vec<Sample>), ScenarioError> {
     scenario.check()?;
-    Ok(world::World::new(scenario).run())
+    let mut world = world::World::new(scenario);
+    world.progress = progress;
+    Ok(world.run())
 }

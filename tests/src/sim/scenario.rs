@@ -21,9 +21,10 @@ pub struct Scenario {
     /// half of it. Default 5.
     pub warmup_minutes: f64,
 
-    /// Leaves a supernode takes (`max_leaves`). Default 125: with 1 000
-    /// supernodes at the 80 % high-water mark, 100 000 leaves need exactly
-    /// 1 000 supernodes.
+    /// Leaves a supernode takes (`max_leaves`; the supernode's default is
+    /// 1 000). Default 300: 1 000 supernodes then have room for 300 000
+    /// links, about what 90 000 leaves online with 3 links each take, so
+    /// that supernodes run near their high-water mark and election acts.
     pub max_leaves: usize,
     /// Supernodes a leaf links to (`DEFAULT_ATTACH`). Default 3.
     pub attach: usize,
@@ -108,7 +109,7 @@ impl Default for Scenario {
             supernodes: 1_000,
             minutes: 30.0,
             warmup_minutes: 5.0,
-            max_leaves: 125,
+            max_leaves: 300,
             attach: 3,
             leaf_table: 64,
             target_neighbors: 8,

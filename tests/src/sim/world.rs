@@ -413,6 +413,8 @@ pub struct World {
     max_msgs_per_sec: u64,
     max_query_msgs_sum: u64,
     unforwarded: u64,
+    /// Print each sample to stderr as the run goes.
+    pub progress: bool,
     samples: Vec<Sample>,
     msgs_since_sample: u64,
     orphaned: Vec<f64>,
@@ -540,6 +542,7 @@ impl World {
             max_msgs_per_sec: 0,
             max_query_msgs_sum: 0,
             unforwarded: 0,
+            progress: false,
             samples: Vec::new(),
             msgs_since_sample: 0,
             orphaned: Vec::new(),
@@ -2291,6 +2294,20 @@ impl World {
             msgs_per_sec: report::round(self.msgs_since_sample as f64 / self.sc.sample_secs, 1),
         };
         self.msgs_since_sample = 0;
+        if self.progress {
+            eprintln!(
+                "t={:>6.0}s supernodes={} elected={} needed={} online={} attached={} streams={} queued={} events={}",
+                sample.t_secs,
+                sample.supernodes,
+                sample.elected,
+                sample.needed,
+                sample.online_leaves,
+                sample.attached_leaves,
+                self.streams.len(),
+                self.q.len(),
+                self.q.processed()
+            );
+        }
         if self.measuring() {
             self.online_sum += online as f64;
         }
