@@ -5,7 +5,7 @@
 
 mod common;
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
 use proptest::prelude::*;
@@ -308,21 +308,6 @@ fn search(adj: &[Vec<usize>], seed: u64, ttl: u8, wanted: u32) -> Outcome {
     sim.out
 }
 
-fn distances(adj: &[Vec<usize>], from: usize) -> Vec<usize> {
-    let mut d = vec![usize::MAX; adj.len()];
-    d[from] = 0;
-    let mut q = VecDeque::from([from]);
-    while let Some(u) = q.pop_front() {
-        for &v in &adj[u] {
-            if d[v] == usize::MAX {
-                d[v] = d[u] + 1;
-                q.push_back(v);
-            }
-        }
-    }
-    d
-}
-
 fn line(n: usize) -> Vec<Vec<usize>> {
     (0..n)
         .map(|v| {
@@ -385,7 +370,7 @@ proptest! {
         ttl in 1u8..5,
     ) {
         let out = search(&adj, seed, ttl, 500);
-        let d = distances(&adj, 0);
+        let d = common::distances(&adj, 0);
         let within: Vec<usize> = (0..adj.len()).filter(|&v| d[v] <= ttl as usize).collect();
         prop_assert_eq!(out.found.keys().copied().collect::<Vec<_>>(), within.clone());
         for (v, &n) in out.answered.iter().enumerate() {

@@ -14,21 +14,6 @@ fn graph() -> impl Strategy<Value = Vec<Vec<usize>>> {
     common::graph(300, 4)
 }
 
-fn distances(adj: &[Vec<usize>], from: usize) -> Vec<usize> {
-    let mut d = vec![usize::MAX; adj.len()];
-    d[from] = 0;
-    let mut q = VecDeque::from([from]);
-    while let Some(u) = q.pop_front() {
-        for &v in &adj[u] {
-            if d[v] == usize::MAX {
-                d[v] = d[u] + 1;
-                q.push_back(v);
-            }
-        }
-    }
-    d
-}
-
 struct Outcome {
     processed: Vec<usize>,
     messages: usize,
@@ -94,7 +79,7 @@ proptest! {
     fn flooding_reaches_exactly_the_ttl_ball_once_each(adj in graph(), origin_seed in any::<usize>(), ttl in 1u8..7, id in any::<u64>()) {
         let origin = origin_seed % adj.len();
         let out = flood(&adj, origin, ttl, id, None);
-        let dist = distances(&adj, origin);
+        let dist = common::distances(&adj, origin);
         let links: usize = adj.iter().map(Vec::len).sum::<usize>() / 2;
         for (v, &times) in out.processed.iter().enumerate() {
             let msg = format!("supernode {v} at distance {} with ttl {ttl} processed it {times} times", dist[v]);
@@ -112,7 +97,7 @@ proptest! {
     ) {
         let origin = origin_seed % adj.len();
         let out = flood(&adj, origin, ttl, id, Some(order));
-        let dist = distances(&adj, origin);
+        let dist = common::distances(&adj, origin);
         let links: usize = adj.iter().map(Vec::len).sum::<usize>() / 2;
         for (v, &times) in out.processed.iter().enumerate() {
             let msg = format!("supernode {v} at distance {} with ttl {ttl} processed it {times} times", dist[v]);

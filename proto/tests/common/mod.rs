@@ -1,6 +1,6 @@
 //! What the property tests of routing share: random meshes.
 
-use std::collections::HashSet;
+use std::collections::{HashSet, VecDeque};
 
 use proptest::prelude::*;
 
@@ -36,4 +36,20 @@ pub fn graph(max_nodes: usize, max_extra: usize) -> impl Strategy<Value = Vec<Ve
             })
             .collect()
     })
+}
+
+/// Hops from `from` to every node of `adj` (`usize::MAX`: not reached).
+pub fn distances(adj: &[Vec<usize>], from: usize) -> Vec<usize> {
+    let mut d = vec![usize::MAX; adj.len()];
+    d[from] = 0;
+    let mut q = VecDeque::from([from]);
+    while let Some(u) = q.pop_front() {
+        for &v in &adj[u] {
+            if d[v] == usize::MAX {
+                d[v] = d[u] + 1;
+                q.push_back(v);
+            }
+        }
+    }
+    d
 }
