@@ -36,6 +36,8 @@
 
 use std::time::{Duration, Instant};
 
+use rand::rngs::StdRng;
+use rand::Rng;
 use servent_tests::sim::{self, Scenario};
 use servent_tests::*;
 
@@ -64,27 +66,14 @@ struct RealLeaf {
     _share: tempfile::TempDir,
 }
 
-/// A tiny deterministic generator for picking askers and targets.
-struct Lcg(u64);
-
-impl Lcg {
-    fn below(&mut self, n: usize) -> usize {
-        self.0 = self
-            .0
-            .wrapping_mul(6_364_136_223_846_793_005)
-            .wrapping_add(1_442_695_040_888_963_407);
-        ((self.0 >> 33) % n as u64) as usize
-    }
-}
-
 /// Runs `QUERIES` searches at once, each from a random leaf for another
 /// random leaf's unique file, through the asker's current supernode.
 /// Returns the share that found the file at its holder.
-async fn recall(leaves: &[RealLeaf], rng: &mut Lcg) -> f64 {
+async fn recall(leaves: &[RealLeaf], rng: &mut StdRng) -> f64 {
     let mut asks = tokio::task::JoinSet::new();
     for _ in 0..QUERIES {
-        let asker = rng.below(leaves.len());
-        let mut target = rng.below(leaves.len() - 1);
+        let asker = rng.random_range(0..leaves.len());
+        let mut target = rng.random_range(0..leaves.len() - 1);
         if target >= asker {
             target += 1;
         }
@@ -177,7 +166,8 @@ async fn real_side() -> Figures {
         .unwrap_or_else(|_| panic!("leaf {i} attached and indexed"));
     }
     let supernodes_before = sns.len();
-    let mut rng = Lcg(7);
+    // Askers and targets, the same in every run.
+    let mut rng = sim::dist::rng(7, 0);
     let recall_before = recall(&leaves, &mut rng).await;
 
     // Kill one supernode without goodbye.

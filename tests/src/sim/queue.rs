@@ -87,6 +87,19 @@ impl<E> Queue<E> {
         self.at(self.now.saturating_add(delay), event);
     }
 
+    /// Schedules `event` at the virtual time of `at` (at the earliest the
+    /// next microsecond) unless `pending` names an earlier wake still to
+    /// come, and records it in `pending`: the timer of a core's
+    /// `poll_timeout`, where a wake made stale by a newer one finds
+    /// nothing due.
+    pub fn arm(&mut self, pending: &mut Option<Micros>, at: Instant, event: E) {
+        let t = self.from_instant(at).max(self.now + 1);
+        if pending.is_none_or(|w| w > t || w < self.now) {
+            *pending = Some(t);
+            self.at(t, event);
+        }
+    }
+
     /// The next event, unless it is later than `until`.
     pub fn pop(&mut self, until: Micros) -> Option<E> {
         if self.heap.peek()?.at > until {

@@ -29,6 +29,9 @@ pub struct Report {
     pub messages_per_query: f64,
     /// Mesh query copies alone ÷ queries.
     pub mesh_queries_per_query: f64,
+    /// Copies not sent because the origin had spent its fair share of
+    /// the link (`proto::fair`), in all.
+    pub mesh_copies_unforwarded: u64,
     /// The most messages of any kind one supernode received in one second.
     pub max_supernode_msgs_per_sec: u64,
     /// The most query messages one supernode received for one query, on

@@ -102,7 +102,10 @@ pub struct Scenario {
 }
 
 impl Default for Scenario {
+    /// The nodes' own defaults where they have them, so that the simulator
+    /// runs what a default deployment runs.
     fn default() -> Self {
+        let node = supernode::Config::default();
         Self {
             seed: 1,
             leaves: 100_000,
@@ -110,15 +113,15 @@ impl Default for Scenario {
             minutes: 30.0,
             warmup_minutes: 5.0,
             max_leaves: 300,
-            attach: 3,
+            attach: servent_proto::attach::DEFAULT_ATTACH,
             leaf_table: 64,
-            target_neighbors: 8,
-            max_neighbors: 16,
-            query_ttl: servent_proto::route::DEFAULT_TTL,
-            search_time_ms: 3_000,
+            target_neighbors: node.target_neighbors,
+            max_neighbors: node.max_neighbors,
+            query_ttl: node.query_ttl,
+            search_time_ms: node.search_time_ms.into(),
             leaf_timeout_ms: 5_000,
             max_results: 100,
-            loss_detect_ms: 6_000,
+            loss_detect_ms: supernode::net::IDLE_TIMEOUT.as_millis() as u64,
             election: true,
             election_time_scale: 1.0,
             rtt_median_ms: 60.0,

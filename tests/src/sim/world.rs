@@ -1,14 +1,13 @@
 //! The simulated network: every node's state, the messages between them,
 //! and what each node does with a message or a timer.
 //!
-//! The rules that `proto` holds run here as they run in the nodes: the
-//! duplicate memory and forward set of a hop (`route::Seen`,
-//! `route::on_query`), the origin's widening (`route::DynamicQuery`), the
-//! per-neighbour query limit (`rate::TokenBucket`) and its cost
-//! (`cost::query_cost`), and election (`elect::Elector`, `elect::best`,
-//! `elect::Policy`). Mesh membership and the leaf's attach choices are
-//! modelled here after `supernode/src/mesh.rs` and `leaf/src/attach.rs`
-//! until their cores move into `proto` (see docs/BENCHMARKS.md).
+//! The rules are `proto`'s cores, run as the nodes run them: each leaf's
+//! `attach::AttachPlanner`, and each supernode's `mesh::Membership`,
+//! `elect::Election` and, for every query it handles, `hop::HopQuery`
+//! with its `hop::HopNode`. This module is their driver: it carries their
+//! actions as messages with a modelled delay, feeds them the answers and
+//! the timers they ask for, and keeps what the world holds beside them
+//! (who is online, which files each leaf has, each supernode's index).
 
 use std::collections::{HashMap, HashSet};
 use std::hash::BuildHasherDefault;
@@ -21,7 +20,7 @@ use rand::Rng;
 use servent_proto::attach::{Action, AttachConfig, AttachPlanner, CacheEntry, LinkOutcome};
 use servent_proto::elect::{Action as ElectAction, Election, Load, Policy, PromoteReply, Room};
 use servent_proto::hop::{
-    Action as HopAction, Arrival, HopConfig, HopNode, HopQuery, LeafQuery, Local, Lookup,
+    Action as HopAction, Arrival, HopNode, HopQuery, LeafQuery, Local, Lookup,
 };
 use servent_proto::limits::MAX_SOURCES_PER_HIT;
 use servent_proto::mesh::{
@@ -45,10 +44,6 @@ type Set<K> = HashSet<K, BuildHasherDefault<dist::MixHasher>>;
 const SEC: Micros = 1_000_000;
 const MS: Micros = 1_000;
 
-// The node's own settings, as today's defaults have them.
-/// `mesh_query_rate` and `mesh_query_burst`.
-const MESH_QUERY_RATE: f64 = 200.0;
-const MESH_QUERY_BURST: u32 = 400;
 /// A `Promote` that gets no answer counts as failed after this long.
 const PROMOTE_TIMEOUT: Micros = 10 * SEC;
 /// How long a supernode's view of others' room (for election) is reused.
@@ -84,7 +79,6 @@ enum Msg {
     Query {
         q: u32,
         leaf: u32,
-        gen: u32,
     },
     Promoted {
         leaf: u32,
@@ -161,6 +155,22 @@ enum Msg {
     MeshCancel {
         stream: u64,
     },
+}
+
+impl Msg {
+    /// Whether the message is part of a query's traffic.
+    fn is_query(&self) -> bool {
+        matches!(
+            self,
+            Msg::Query { .. }
+                | Msg::Hits { .. }
+                | Msg::Done { .. }
+                | Msg::MeshQuery(_)
+                | Msg::MeshHits { .. }
+                | Msg::MeshDone { .. }
+                | Msg::MeshCancel { .. }
+        )
+    }
 }
 
 /// A copy of a query on its way to a neighbour, on a stream of its own.
@@ -269,7 +279,7 @@ struct Super {
     from_leaf: Option<u32>,
     max_leaves: usize,
     /// Registered leaves and their session generation.
-    leaves: Map<u32, (u32, Micros)>,
+    leaves: Map<u32, u32>,
     /// Mesh membership (`proto::mesh`): known table, dials, links, gossip.
     mesh: Membership,
     mesh_wake: Option<Micros>,
@@ -311,7 +321,11 @@ impl Super {
             mesh_wake: None,
             peers,
             index: Map::default(),
-            hop: HopNode::new(HopConfig::default(), MESH_QUERY_RATE, MESH_QUERY_BURST),
+            hop: {
+                // What every supernode accepts from each neighbour by default.
+                let node = supernode::Config::default();
+                HopNode::new(node.hop, node.mesh_query_rate, node.mesh_query_burst)
+            },
             election,
             elect_wake: None,
             asked: None,
@@ -346,12 +360,17 @@ struct Leaf {
     /// Its supernode cache between sessions.
     cache: Vec<CacheEntry<SocketAddr>>,
     sessions: Vec<Sess>,
-    /// Supernodes it is registered with.
-    links: Vec<u32>,
     role: Option<u32>,
     orphan_since: Option<Micros>,
     wake_at: Option<Micros>,
     promoted_at: Vec<Micros>,
+}
+
+impl Leaf {
+    /// The supernodes it is registered with.
+    fn links(&self) -> impl Iterator<Item = u32> + '_ {
+        self.sessions.iter().filter(|x| x.registered).map(|x| x.sup)
+    }
 }
 
 #[derive(Clone, Copy)]
@@ -411,7 +430,7 @@ pub struct World {
     query_traffic: u64,
     mesh_copies: u64,
     max_msgs_per_sec: u64,
-    max_query_msgs_sum: u64,
+    /// Copies the origin's fair share of a link did not allow.
     unforwarded: u64,
     /// Print each sample to stderr as the run goes.
     pub progress: bool,
@@ -472,7 +491,6 @@ impl World {
                 planner: None,
                 cache: Vec::new(),
                 sessions: Vec::new(),
-                links: Vec::new(),
                 role: None,
                 orphan_since: None,
                 wake_at: None,
@@ -514,8 +532,8 @@ impl World {
         let leaf_delay = (0..sc.leaves as u64)
             .map(|l| latency.access_us((1 << 40) | l))
             .collect();
-        let measure_from = (sc.warmup_minutes * 60.0 * SEC as f64) as Micros;
-        let end = (sc.minutes * 60.0 * SEC as f64) as Micros;
+        let measure_from = mins(sc.warmup_minutes);
+        let end = mins(sc.minutes);
         Self {
             holders: vec![0; sc.catalog_files],
             online_pos: vec![NOT_ONLINE; sc.leaves],
@@ -540,7 +558,6 @@ impl World {
             query_traffic: 0,
             mesh_copies: 0,
             max_msgs_per_sec: 0,
-            max_query_msgs_sum: 0,
             unforwarded: 0,
             progress: false,
             samples: Vec::new(),
@@ -582,7 +599,7 @@ impl World {
             self.schedule_kill();
         }
         if let Some(m) = self.sc.mass_kill_at_min {
-            self.q.at((m * 60.0 * SEC as f64) as Micros, Ev::MassKill);
+            self.q.at(mins(m), Ev::MassKill);
         }
         let n = self.sc.queries.max(1) as f64;
         let window = (self.end - self.measure_from) as f64;
@@ -636,19 +653,10 @@ impl World {
         self.now() >= self.measure_from
     }
 
-    /// Sends `msg` from `from` to `to`, arriving half an RTT later (or
-    /// `extra_rtts` more, for a handshake first), unless lost.
+    /// Sends `msg` from `from` to `to`, arriving `rtts` round trips later
+    /// (half of one for a message, 1.5 for a handshake first), unless lost.
     fn send_after(&mut self, from: Node, to: Node, msg: Msg, rtts: f64) {
-        let query = matches!(
-            msg,
-            Msg::Query { .. }
-                | Msg::Hits { .. }
-                | Msg::Done { .. }
-                | Msg::MeshQuery(_)
-                | Msg::MeshHits { .. }
-                | Msg::MeshDone { .. }
-                | Msg::MeshCancel { .. }
-        );
+        let query = msg.is_query();
         if query {
             self.query_traffic += 1;
             if matches!(msg, Msg::MeshQuery(_)) {
@@ -853,15 +861,7 @@ impl World {
                 if !self.up(s, epoch) {
                     return;
                 }
-                let query = matches!(
-                    msg,
-                    Msg::Query { .. }
-                        | Msg::MeshQuery(_)
-                        | Msg::MeshHits { .. }
-                        | Msg::MeshDone { .. }
-                        | Msg::MeshCancel { .. }
-                );
-                self.count_msg(s, query);
+                self.count_msg(s, msg.is_query());
                 self.at_super(s, msg);
             }
             Node::Leaf(l) => {
@@ -904,7 +904,6 @@ impl World {
         leaf.online = true;
         leaf.gen += 1;
         leaf.ip = self.rng.random();
-        leaf.links.clear();
         leaf.sessions.clear();
         leaf.orphan_since = None;
         leaf.wake_at = None;
@@ -932,7 +931,7 @@ impl World {
             self.sc.session_median_min,
             self.sc.session_sigma,
         );
-        let length = (minutes * 60.0 * SEC as f64).max(SEC as f64) as Micros;
+        let length = mins(minutes).max(SEC);
         self.q.at(now + length, Ev::LeafLeave { leaf: l, gen });
         self.drive_leaf(l);
     }
@@ -947,8 +946,9 @@ impl World {
             if let Some(p) = leaf.planner.take() {
                 leaf.cache = p.cache_entries(unix);
             }
+            let links = leaf.links().collect::<Vec<u32>>();
             leaf.sessions.clear();
-            (leaf.gen, std::mem::take(&mut leaf.links), leaf.role.take())
+            (leaf.gen, links, leaf.role.take())
         };
         // Out of the online list (swap-remove keeps it dense).
         let pos = self.online_pos[l as usize] as usize;
@@ -984,7 +984,7 @@ impl World {
             self.super_down(s, !vanish);
         }
         let minutes = dist::lognormal(&mut self.rng, self.sc.offline_median_min, 1.0);
-        let gap = (minutes * 60.0 * SEC as f64).max(SEC as f64) as Micros;
+        let gap = mins(minutes).max(SEC);
         self.q.after(gap, Ev::LeafJoin(l));
     }
 
@@ -996,6 +996,15 @@ impl World {
     /// Supernode `s`'s address now: a restarted one is somewhere new.
     fn sup_addr(&self, s: u32) -> SocketAddr {
         addr_of(s, self.supers[s as usize].epoch)
+    }
+
+    /// The supernode that answers at `addr` now (and has the id
+    /// `expect`, if given): a dial there reaches it.
+    fn listening(&self, addr: SocketAddr, expect: Option<NodeId>) -> Option<u32> {
+        let s = slot_of(addr);
+        let sup = self.supers.get(s as usize)?;
+        (sup.alive && self.sup_addr(s) == addr && expect.is_none_or(|id| id == self.sup_id(s)))
+            .then_some(s)
     }
 
     fn sup_id(&self, s: u32) -> NodeId {
@@ -1029,11 +1038,7 @@ impl World {
                     });
                     self.q
                         .after(REGISTER_TIMEOUT, Ev::RegisterTimeout { leaf: l, gen, addr });
-                    let reachable = (s as usize) < self.supers.len()
-                        && self.supers[s as usize].alive
-                        && self.sup_addr(s) == addr
-                        && expected.is_none_or(|id| id == self.sup_id(s));
-                    if reachable {
+                    if self.listening(addr, expected) == Some(s) {
                         // A QUIC handshake, then the registration.
                         self.send_after(
                             Node::Leaf(l),
@@ -1049,7 +1054,6 @@ impl World {
                     if let Some(i) = leaf.sessions.iter().position(|x| x.addr == addr) {
                         let sess = leaf.sessions.remove(i);
                         if sess.registered {
-                            leaf.links.retain(|&x| x != sess.sup);
                             self.send(
                                 Node::Leaf(l),
                                 Node::Super(sess.sup),
@@ -1065,16 +1069,10 @@ impl World {
             }
         }
         let leaf = &mut self.leaves[l as usize];
-        let Some(p) = leaf.planner.as_ref() else {
-            return;
-        };
-        if let Some(t) = p.poll_timeout() {
-            let t = self.q.from_instant(t).max(self.q.now() + 1);
-            if leaf.wake_at.is_none_or(|w| w > t || w < self.q.now()) {
-                leaf.wake_at = Some(t);
-                let gen = leaf.gen;
-                self.q.at(t, Ev::LeafWake { leaf: l, gen });
-            }
+        if let Some(t) = leaf.planner.as_ref().and_then(|p| p.poll_timeout()) {
+            let gen = leaf.gen;
+            self.q
+                .arm(&mut leaf.wake_at, t, Ev::LeafWake { leaf: l, gen });
         }
     }
 
@@ -1099,11 +1097,9 @@ impl World {
             return;
         };
         let sess = leaf.sessions.remove(i);
-        if sess.registered {
-            leaf.links.retain(|&x| x != sess.sup);
-            if died && leaf.links.is_empty() && leaf.orphan_since.is_none() && measuring {
-                leaf.orphan_since = Some(now);
-            }
+        let orphaned = sess.registered && leaf.links().next().is_none();
+        if died && orphaned && leaf.orphan_since.is_none() && measuring {
+            leaf.orphan_since = Some(now);
         }
         if let Some(p) = leaf.planner.as_mut() {
             p.handle_link_ended(instant, unix, &addr, outcome);
@@ -1141,7 +1137,6 @@ impl World {
                 if let Some(x) = leaf.sessions.iter_mut().find(|x| x.addr == addr) {
                     x.registered = true;
                 }
-                leaf.links.push(sup);
                 if let Some(since) = leaf.orphan_since.take() {
                     self.orphaned.push((now - since) as f64 / SEC as f64);
                 }
@@ -1193,7 +1188,8 @@ impl World {
             }
             Msg::Promote { sup, max_leaves } => {
                 let leaf = &self.leaves[l as usize];
-                let accept = leaf.role.is_none() && leaf.links.contains(&sup) && self.sc.election;
+                let accept =
+                    leaf.role.is_none() && leaf.links().any(|x| x == sup) && self.sc.election;
                 let answer = if accept {
                     Some(self.promote_leaf(l, sup, max_leaves))
                 } else {
@@ -1308,7 +1304,6 @@ impl World {
     /// Carries out what supernode `s`'s mesh core asks for, and sets its
     /// timer.
     fn drive_mesh(&mut self, s: u32) {
-        let now = self.now();
         for _ in 0..10_000 {
             let Some(action) = self.supers[s as usize].mesh.poll_action() else {
                 break;
@@ -1319,13 +1314,9 @@ impl World {
                         DialAddr::Socket(a) => Some(a),
                         DialAddr::Name(_) => None,
                     };
-                    let t = target.map(slot_of).filter(|&t| {
-                        (t as usize) < self.supers.len()
-                            && t != s
-                            && self.supers[t as usize].alive
-                            && Some(self.sup_addr(t)) == target
-                            && expect.is_none_or(|id| id == self.sup_id(t))
-                    });
+                    let t = target
+                        .and_then(|a| self.listening(a, expect))
+                        .filter(|&t| t != s);
                     match t {
                         Some(t) => {
                             self.next_link += 1;
@@ -1399,12 +1390,9 @@ impl World {
         }
         let me = &mut self.supers[s as usize];
         if let Some(t) = me.mesh.poll_timeout() {
-            let t = self.q.from_instant(t).max(now + 1);
-            if me.mesh_wake.is_none_or(|w| w > t || w < now) {
-                me.mesh_wake = Some(t);
-                let epoch = me.epoch;
-                self.q.at(t, Ev::MeshWake { sup: s, epoch });
-            }
+            let epoch = me.epoch;
+            self.q
+                .arm(&mut me.mesh_wake, t, Ev::MeshWake { sup: s, epoch });
         }
     }
 
@@ -1421,7 +1409,6 @@ impl World {
     }
 
     fn at_super(&mut self, s: u32, msg: Msg) {
-        let now = self.now();
         let instant = self.q.instant();
         match msg {
             Msg::Register { leaf, gen } => {
@@ -1447,12 +1434,12 @@ impl World {
                 if self.supers[s as usize]
                     .leaves
                     .get(&leaf)
-                    .is_some_and(|&(g, _)| g == gen) =>
+                    .is_some_and(|&g| g == gen) =>
             {
                 let list = self.for_leaves(s, true);
                 self.send(Node::Super(s), Node::Leaf(leaf), Msg::List { sup: s, list });
             }
-            Msg::Query { q, leaf, gen } => self.origin_query(s, q, leaf, gen),
+            Msg::Query { q, leaf } => self.origin_query(s, q, leaf),
             Msg::Promoted { leaf, sup: to } => {
                 let reply = if to.is_some() {
                     PromoteReply::Accepted
@@ -1545,28 +1532,20 @@ impl World {
             Msg::MeshCancel { stream } => self.stream_cancelled(stream),
             _ => {}
         }
-        let _ = now;
     }
 
     fn add_leaf(&mut self, s: u32, leaf: u32, gen: u32) {
-        let now = self.now();
-        let kw_of = |f: u32| -> u32 { keyword(&self.sc, f) };
-        let kws: Vec<(u32, u32)> = self.leaves[leaf as usize]
-            .files
-            .iter()
-            .map(|&f| (kw_of(f), f))
-            .collect();
-        let capable = self.leaves[leaf as usize].capable;
-        let upload_kbps = self.leaves[leaf as usize].upload_kbps;
         let addr = self.leaf_sock(leaf);
         let instant = self.q.instant();
-        let sup = &mut self.supers[s as usize];
-        if let Some((old, _)) = sup.leaves.insert(leaf, (gen, now)) {
+        let (l, sup) = (&self.leaves[leaf as usize], &mut self.supers[s as usize]);
+        let (capable, upload_kbps) = (l.capable, l.upload_kbps);
+        if let Some(old) = sup.leaves.insert(leaf, gen) {
             if old == gen {
                 return;
             }
         }
-        for (kw, f) in kws {
+        for &f in &l.files {
+            let kw = keyword(&self.sc, f);
             let postings = sup.index.entry(kw).or_default();
             if !postings.contains(&(f, leaf)) {
                 postings.push((f, leaf));
@@ -1583,19 +1562,18 @@ impl World {
     }
 
     fn drop_leaf(&mut self, s: u32, leaf: u32, gen: u32) {
-        let files: Vec<u32> = self.leaves[leaf as usize].files.clone();
-        let sc = &self.sc;
+        let files = &self.leaves[leaf as usize].files;
         let sup = &mut self.supers[s as usize];
         match sup.leaves.get(&leaf) {
-            Some((g, _)) if *g == gen => {}
+            Some(&g) if g == gen => {}
             _ => return,
         }
         sup.leaves.remove(&leaf);
         if let Some(e) = sup.election.as_mut() {
             e.withdraw(&leaf);
         }
-        for f in files {
-            let kw = keyword(sc, f);
+        for &f in files {
+            let kw = keyword(&self.sc, f);
             if let Some(p) = sup.index.get_mut(&kw) {
                 p.retain(|&(_, l)| l != leaf);
                 if p.is_empty() {
@@ -1621,7 +1599,7 @@ impl World {
         for s in picked {
             self.kills += 1;
             self.super_down(s, false);
-            let restart = (self.sc.supernode_restart_min * 60.0 * SEC as f64) as Micros;
+            let restart = mins(self.sc.supernode_restart_min);
             self.q.after(restart.max(SEC), Ev::Restart(s));
         }
     }
@@ -1632,7 +1610,7 @@ impl World {
         let (leaves, neighbours) = {
             let sup = &mut self.supers[s as usize];
             sup.alive = false;
-            let leaves: Vec<(u32, u32)> = sup.leaves.iter().map(|(&l, &(g, _))| (l, g)).collect();
+            let leaves: Vec<(u32, u32)> = sup.leaves.iter().map(|(&l, &g)| (l, g)).collect();
             let links: Vec<(NodeId, u64)> = sup
                 .mesh
                 .neighbours()
@@ -1754,7 +1732,7 @@ impl World {
     /// Carries out what supernode `s`'s election core asks for, and sets
     /// its timer.
     fn drive_election(&mut self, s: u32) {
-        let (now, instant) = (self.now(), self.q.instant());
+        let instant = self.q.instant();
         for _ in 0..10_000 {
             if !self.supers[s as usize].alive {
                 return;
@@ -1828,12 +1806,9 @@ impl World {
         }
         let me = &mut self.supers[s as usize];
         if let Some(t) = me.election.as_ref().and_then(|e| e.poll_timeout()) {
-            let t = self.q.from_instant(t).max(now + 1);
-            if me.elect_wake.is_none_or(|w| w > t || w < now) {
-                me.elect_wake = Some(t);
-                let epoch = me.epoch;
-                self.q.at(t, Ev::ElectWake { sup: s, epoch });
-            }
+            let epoch = me.epoch;
+            self.q
+                .arm(&mut me.elect_wake, t, Ev::ElectWake { sup: s, epoch });
         }
     }
 
@@ -1903,12 +1878,9 @@ impl World {
         let rare = rare && self.sc.rare_per_leaf > 0;
         let q = self.queries.len() as u32;
         let links: Vec<u32> = self.leaves[leaf as usize]
-            .links
-            .iter()
-            .copied()
+            .links()
             .take(ASKED_AT_ONCE)
             .collect();
-        let gen = self.leaves[leaf as usize].gen;
         self.queries.push(QueryRec {
             start: self.now(),
             kw,
@@ -1921,11 +1893,7 @@ impl World {
             unattached: links.is_empty(),
         });
         for s in &links {
-            self.send(
-                Node::Leaf(leaf),
-                Node::Super(*s),
-                Msg::Query { q, leaf, gen },
-            );
+            self.send(Node::Leaf(leaf), Node::Super(*s), Msg::Query { q, leaf });
         }
         if !links.is_empty() {
             self.q.after(self.sc.leaf_timeout_ms * MS, Ev::QueryEnd(q));
@@ -1960,14 +1928,14 @@ impl World {
         let mut hits: Vec<Hit> = Vec::new();
         for &(f, l) in p {
             let hash = file_hash(f);
-            let source = Source {
+            let source = || Source {
                 id: leaf_id(l),
                 addr: self.leaf_addr(l),
                 variant: 0,
             };
             let room = hits.len() < wanted;
             match hits.iter_mut().find(|h| h.hash == hash) {
-                Some(h) if h.sources.len() < MAX_SOURCES_PER_HIT => h.sources.push(source),
+                Some(h) if h.sources.len() < MAX_SOURCES_PER_HIT => h.sources.push(source()),
                 Some(_) => {}
                 None if room => hits.push(Hit {
                     hash,
@@ -1975,7 +1943,7 @@ impl World {
                         name: format!("file {f}"),
                         size: 1 << 20,
                     }],
-                    sources: vec![source],
+                    sources: vec![source()],
                 }),
                 None => {}
             }
@@ -1999,7 +1967,7 @@ impl World {
     }
 
     /// A leaf's query at its supernode (`routing::serve_leaf_query`).
-    fn origin_query(&mut self, s: u32, q: u32, leaf: u32, gen: u32) {
+    fn origin_query(&mut self, s: u32, q: u32, leaf: u32) {
         let query = Query {
             kind: QueryKind::Keywords(vec![format!("k{}", self.queries[q as usize].kw)]),
             max_results: self.sc.max_results as u32,
@@ -2021,7 +1989,6 @@ impl World {
             self.send(Node::Super(s), Node::Leaf(leaf), Msg::Done { q });
             return;
         };
-        let _ = gen;
         self.start_hop(s, *hq, Up::Leaf { q, leaf }, query);
     }
 
@@ -2091,7 +2058,6 @@ impl World {
     /// Carries out what query `id`'s hop core asks for, and sets its timer.
     fn drive_hop(&mut self, id: u64) {
         let instant = self.q.instant();
-        let now = self.now();
         for _ in 0..10_000 {
             let Some(st) = self.streams.get_mut(&id) else {
                 return;
@@ -2194,11 +2160,7 @@ impl World {
             return;
         };
         if let Some(t) = st.query.poll_timeout() {
-            let t = self.q.from_instant(t).max(now + 1);
-            if st.wake_at.is_none_or(|w| w > t || w < now) {
-                st.wake_at = Some(t);
-                self.q.at(t, Ev::HopWake { stream: id });
-            }
+            self.q.arm(&mut st.wake_at, t, Ev::HopWake { stream: id });
         }
     }
 
@@ -2243,10 +2205,10 @@ impl World {
             return;
         };
         st.wake_at = None;
-        let s = st.node as usize;
-        let mut st = self.streams.remove(&id).expect("stream");
-        self.supers[s].hop.handle_timeout(instant, &mut st.query);
-        self.streams.insert(id, st);
+        let st = self.streams.get_mut(&id).expect("stream");
+        self.supers[st.node as usize]
+            .hop
+            .handle_timeout(instant, &mut st.query);
         self.drive_hop(id);
     }
 
@@ -2273,7 +2235,7 @@ impl World {
         let attached = self
             .online
             .iter()
-            .filter(|&&l| !self.leaves[l as usize].links.is_empty())
+            .filter(|&&l| self.leaves[l as usize].links().next().is_some())
             .count();
         let per = (self.sc.max_leaves as f64 * f64::from(self.policy.high_water_permille) / 1000.0)
             .max(1.0);
@@ -2345,7 +2307,6 @@ impl World {
         }
         let n = self.queries.len().max(1) as f64;
         let max_q = self.supers.iter().map(|s| s.query_msgs).max().unwrap_or(0);
-        self.max_query_msgs_sum = max_q;
         // Leaves still orphaned at the end count with their time so far.
         let end = self.now();
         let mut orphaned = self.orphaned.clone();
@@ -2377,6 +2338,7 @@ impl World {
             first_hit_ms_p99: report::round(report::percentile(&mut first, 99.0), 1),
             messages_per_query: report::round(self.query_traffic as f64 / n, 1),
             mesh_queries_per_query: report::round(self.mesh_copies as f64 / n, 1),
+            mesh_copies_unforwarded: self.unforwarded,
             max_supernode_msgs_per_sec: self.max_msgs_per_sec,
             max_supernode_msgs_per_query: report::round(max_q as f64 / n, 2),
             supernodes_over_needed_max: report::round(over_max, 3),
@@ -2406,6 +2368,11 @@ impl World {
             peak_rss_mib: report::round(report::peak_rss_mib(), 1),
         }
     }
+}
+
+/// `m` minutes of virtual time.
+fn mins(m: f64) -> Micros {
+    (m * 60.0 * SEC as f64) as Micros
 }
 
 /// The one keyword of file `f`: popular files share theirs with
