@@ -29,12 +29,20 @@ use crate::msg::{Hit, NameVariant, Source};
 /// The host part of `IP:PORT` (brackets of IPv6 removed); the whole string
 /// if it is not one. Sources with the same host are not independent.
 pub fn host_of(addr: &str) -> &str {
+    &addr[host_span(addr)]
+}
+
+/// Where [`host_of`] is in `addr`.
+fn host_span(addr: &str) -> std::ops::Range<usize> {
     match addr.rsplit_once(':') {
-        Some((host, port)) if port.parse::<u16>().is_ok() && !host.is_empty() => host
-            .strip_prefix('[')
-            .and_then(|h| h.strip_suffix(']'))
-            .unwrap_or(host),
-        _ => addr,
+        Some((host, port)) if port.parse::<u16>().is_ok() && !host.is_empty() => {
+            if host.len() >= 2 && host.starts_with('[') && host.ends_with(']') {
+                1..host.len() - 1
+            } else {
+                0..host.len()
+            }
+        }
+        _ => 0..addr.len(),
     }
 }
 
@@ -92,17 +100,50 @@ pub fn rank(hits: &mut [Hit]) {
 /// [`MAX_SOURCES_PER_IP`] per IP, names no longer than [`MAX_NAME_BYTES`];
 /// and, in [`HitBuilder::finish`], at most [`MAX_SOURCES_PER_HIT`] sources
 /// (one per IP first) and [`MAX_NAMES_PER_HIT`] names.
+///
+/// Every hop of every query builds hits, so this keeps to one hash lookup
+/// per source: an address is a duplicate only of another at its host
+/// (at most [`MAX_SOURCES_PER_IP`] to compare), and a source's turn in
+/// the round-robin over hosts is known when it is added.
 #[derive(Debug, Clone)]
 pub struct HitBuilder {
     hash: ContentHash,
     names: Vec<NameVariant>,
+    /// Index into `names`, filled once there are more than a few to scan.
     variant_at: HashMap<NameVariant, usize>,
-    /// Sources with their index into `names`.
-    sources: Vec<(NodeId, String, usize)>,
+    sources: Vec<Added>,
+    /// Each host's first source (whose address names it) and its sources.
+    hosts: Vec<Host>,
+    /// Indexes of ids and hosts, filled once there are more sources than
+    /// [`SCANNED`]: below that a scan is cheaper than hashing.
     ids: HashSet<NodeId>,
-    addrs: HashSet<String>,
-    per_host: HashMap<String, usize>,
+    host_at: HashMap<String, usize>,
 }
+
+#[derive(Debug, Clone)]
+struct Added {
+    id: NodeId,
+    addr: String,
+    /// Index into `names`.
+    variant: usize,
+    /// Index into `hosts`.
+    host: usize,
+    /// 1 for its host's first source, 2 for the second…
+    turn: usize,
+}
+
+#[derive(Debug, Clone)]
+struct Host {
+    /// The source whose address names the host, and where in it.
+    first: usize,
+    name: std::ops::Range<usize>,
+    sources: Vec<usize>,
+}
+
+/// Names a builder finds by scanning before it keeps an index of them.
+const NAMES_SCANNED: usize = 4;
+/// Sources a builder checks by scanning before it indexes ids and hosts.
+const SCANNED: usize = MAX_SOURCES_PER_HIT;
 
 impl HitBuilder {
     pub fn new(hash: ContentHash) -> Self {
@@ -111,9 +152,9 @@ impl HitBuilder {
             names: Vec::new(),
             variant_at: HashMap::new(),
             sources: Vec::new(),
+            hosts: Vec::new(),
             ids: HashSet::new(),
-            addrs: HashSet::new(),
-            per_host: HashMap::new(),
+            host_at: HashMap::new(),
         }
     }
 
@@ -121,34 +162,105 @@ impl HitBuilder {
         self.hash
     }
 
+    fn indexed(&self) -> bool {
+        self.sources.len() > SCANNED
+    }
+
+    fn has_id(&self, id: &NodeId) -> bool {
+        if self.indexed() {
+            self.ids.contains(id)
+        } else {
+            self.sources.iter().any(|s| s.id == *id)
+        }
+    }
+
+    fn host_named(&self, host: &str) -> Option<usize> {
+        if self.indexed() {
+            self.host_at.get(host).copied()
+        } else {
+            self.hosts.iter().position(|h| self.host_name(h) == host)
+        }
+    }
+
+    fn host_name(&self, h: &Host) -> &str {
+        &self.sources[h.first].addr[h.name.clone()]
+    }
+
     /// Adds one source and what it announced; false if it is refused (a
     /// known id or address, an IP at its cap, a name too long).
     pub fn add(&mut self, id: NodeId, addr: String, variant: &NameVariant) -> bool {
-        if variant.name.len() > MAX_NAME_BYTES || self.ids.contains(&id) {
+        if variant.name.len() > MAX_NAME_BYTES || self.has_id(&id) {
             return false;
         }
-        if self.addrs.contains(&addr) {
-            return false;
-        }
-        let host = host_of(&addr).to_string();
-        let n = self.per_host.entry(host).or_insert(0);
-        if *n >= MAX_SOURCES_PER_IP {
-            return false;
-        }
-        *n += 1;
-        let v = match self.variant_at.get(variant) {
-            Some(&v) => v,
-            None => {
-                self.names.push(variant.clone());
-                self.variant_at
-                    .insert(variant.clone(), self.names.len() - 1);
-                self.names.len() - 1
+        let name = host_span(&addr);
+        let found = self.host_named(&addr[name.clone()]);
+        if let Some(h) = found {
+            let at_host = &self.hosts[h].sources;
+            if at_host.len() >= MAX_SOURCES_PER_IP
+                || at_host.iter().any(|&i| self.sources[i].addr == addr)
+            {
+                return false;
             }
-        };
-        self.ids.insert(id);
-        self.addrs.insert(addr.clone());
-        self.sources.push((id, addr, v));
+        }
+        let v = self.variant(variant);
+        let index = self.sources.len();
+        let host = found.unwrap_or_else(|| {
+            self.hosts.push(Host {
+                first: index,
+                name,
+                sources: Vec::new(),
+            });
+            self.hosts.len() - 1
+        });
+        self.hosts[host].sources.push(index);
+        let turn = self.hosts[host].sources.len();
+        if self.indexed() {
+            self.ids.insert(id);
+            if turn == 1 {
+                self.host_at
+                    .insert(addr[self.hosts[host].name.clone()].to_string(), host);
+            }
+        }
+        self.sources.push(Added {
+            id,
+            addr,
+            variant: v,
+            host,
+            turn,
+        });
+        if self.sources.len() == SCANNED + 1 {
+            // From now on, look up instead of scanning.
+            self.ids = self.sources.iter().map(|s| s.id).collect();
+            self.host_at = self
+                .hosts
+                .iter()
+                .enumerate()
+                .map(|(i, h)| (self.host_name(h).to_string(), i))
+                .collect();
+        }
         true
+    }
+
+    /// The index of `variant` in `names`, added if new.
+    fn variant(&mut self, variant: &NameVariant) -> usize {
+        let found = if self.names.len() <= NAMES_SCANNED {
+            self.names.iter().position(|n| n == variant)
+        } else {
+            self.variant_at.get(variant).copied()
+        };
+        if let Some(v) = found {
+            return v;
+        }
+        self.names.push(variant.clone());
+        if self.names.len() == NAMES_SCANNED + 1 {
+            for (i, n) in self.names.iter().enumerate() {
+                self.variant_at.insert(n.clone(), i);
+            }
+        } else if self.names.len() > NAMES_SCANNED {
+            self.variant_at
+                .insert(variant.clone(), self.names.len() - 1);
+        }
+        self.names.len() - 1
     }
 
     /// Adds every source of another hit of the same hash (a hit of another
@@ -181,33 +293,24 @@ impl HitBuilder {
     pub fn finish(self) -> Option<Hit> {
         // Round-robin over IPs: a listed cap never goes to the many ids of
         // one machine while other machines wait.
-        let mut turn: HashMap<&str, usize> = HashMap::new();
-        let mut order: Vec<(usize, usize)> = self
-            .sources
-            .iter()
-            .enumerate()
-            .map(|(i, (_, addr, _))| {
-                let t = turn.entry(host_of(addr)).or_insert(0);
-                *t += 1;
-                (*t, i)
-            })
-            .collect();
-        order.sort();
-        order.truncate(MAX_SOURCES_PER_HIT);
-        order.sort_by_key(|&(_, i)| i);
-        let listed: Vec<&(NodeId, String, usize)> =
-            order.iter().map(|&(_, i)| &self.sources[i]).collect();
+        let mut listed: Vec<usize> = (0..self.sources.len()).collect();
+        if listed.len() > MAX_SOURCES_PER_HIT {
+            listed.sort_by_key(|&i| (self.sources[i].turn, i));
+            listed.truncate(MAX_SOURCES_PER_HIT);
+            listed.sort_unstable();
+        }
 
-        // Rank the names on what is listed.
+        // Rank the names on what is listed: sources, and distinct hosts.
         let mut sup = vec![Support::default(); self.names.len()];
-        {
-            let mut hosts: Vec<HashSet<&str>> = vec![HashSet::new(); self.names.len()];
-            for (_, addr, v) in &listed {
-                sup[*v].ids += 1;
-                hosts[*v].insert(host_of(addr));
-            }
-            for (s, h) in sup.iter_mut().zip(hosts) {
-                s.ips = h.len();
+        let mut seen: Vec<(usize, usize)> = listed
+            .iter()
+            .map(|&i| (self.sources[i].variant, self.sources[i].host))
+            .collect();
+        seen.sort_unstable();
+        for (k, &(v, host)) in seen.iter().enumerate() {
+            sup[v].ids += 1;
+            if k == 0 || seen[k - 1] != (v, host) {
+                sup[v].ips += 1;
             }
         }
         let mut ranked: Vec<usize> = (0..self.names.len()).filter(|&v| sup[v].ids > 0).collect();
@@ -223,12 +326,14 @@ impl HitBuilder {
         for (new, &old) in ranked.iter().enumerate() {
             new_index[old] = Some(new as u8);
         }
+        let mut sources_in = self.sources;
         let sources: Vec<Source> = listed
             .iter()
-            .filter_map(|(id, addr, v)| {
-                new_index[*v].map(|variant| Source {
-                    id: *id,
-                    addr: addr.clone(),
+            .filter_map(|&i| {
+                let s = &mut sources_in[i];
+                new_index[s.variant].map(|variant| Source {
+                    id: s.id,
+                    addr: std::mem::take(&mut s.addr),
                     variant,
                 })
             })
@@ -236,7 +341,19 @@ impl HitBuilder {
         if sources.is_empty() {
             return None;
         }
-        let names = ranked.iter().map(|&v| self.names[v].clone()).collect();
+        let mut names_in = self.names;
+        let names = ranked
+            .iter()
+            .map(|&v| {
+                std::mem::replace(
+                    &mut names_in[v],
+                    NameVariant {
+                        name: String::new(),
+                        size: 0,
+                    },
+                )
+            })
+            .collect();
         Some(Hit {
             hash: self.hash,
             names,
@@ -265,12 +382,12 @@ pub fn merge(hits: impl IntoIterator<Item = Hit>) -> Vec<Hit> {
 
 /// Keeps the sources of `hit` that `keep` accepts, rebuilt; `None` if
 /// none is left.
-pub fn retain_sources(hit: &Hit, mut keep: impl FnMut(&Source) -> bool) -> Option<Hit> {
+pub fn retain_sources(hit: Hit, mut keep: impl FnMut(&Source) -> bool) -> Option<Hit> {
     let mut b = HitBuilder::new(hit.hash);
-    for s in &hit.sources {
+    for s in hit.sources {
         if let Some(v) = hit.names.get(s.variant as usize) {
-            if keep(s) {
-                b.add(s.id, s.addr.clone(), v);
+            if keep(&s) {
+                b.add(s.id, s.addr, v);
             }
         }
     }
@@ -438,10 +555,10 @@ mod tests {
         b.add(id(3), "10.0.0.3:1".into(), &v("b", 1));
         let hit = b.finish().unwrap();
         assert_eq!(hit.name(), "b");
-        let only_a = retain_sources(&hit, |s| s.id == id(1)).unwrap();
+        let only_a = retain_sources(hit.clone(), |s| s.id == id(1)).unwrap();
         assert_eq!(only_a.names, vec![v("a", 1)]);
         assert_eq!(only_a.sources[0].variant, 0);
-        assert!(retain_sources(&hit, |_| false).is_none());
+        assert!(retain_sources(hit, |_| false).is_none());
     }
 
     #[test]

@@ -33,7 +33,7 @@
 //! state of its own (a simulator; `proto/tests/hop.rs` is one in
 //! miniature).
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::hash::Hash;
 use std::time::{Duration, Instant};
 
@@ -43,7 +43,7 @@ use crate::hits;
 use crate::id::{ContentHash, NodeId};
 use crate::keywords;
 use crate::limits::{MAX_QUERY_WORDS, MAX_RESULTS, MAX_SOURCES_PER_HIT};
-use crate::msg::{ErrorCode, ErrorReply, Hit, MeshQuery, Query, QueryKind};
+use crate::msg::{ErrorCode, ErrorReply, Hit, MeshQuery, Query, QueryKind, Source};
 use crate::rate::TokenBucket;
 use crate::route::{on_query, DynamicQuery, QueryAction, Seen};
 
@@ -658,11 +658,19 @@ struct Sent {
     sources: HashMap<ContentHash, Known>,
 }
 
-/// The sources of one hash sent so far, by id and by address.
+/// The sources of one hash sent so far, by id and by address: at most
+/// `MAX_SOURCES_PER_HIT`, few enough to scan.
 #[derive(Debug, Default)]
 struct Known {
-    ids: HashSet<NodeId>,
-    addrs: HashSet<String>,
+    sources: Vec<(NodeId, String)>,
+}
+
+impl Known {
+    fn has(&self, s: &Source) -> bool {
+        self.sources
+            .iter()
+            .any(|(id, addr)| *id == s.id || *addr == s.addr)
+    }
 }
 
 impl Sent {
@@ -675,22 +683,20 @@ impl Sent {
         let mut out = Vec::new();
         for hit in hits {
             let known = self.sources.entry(hit.hash).or_default();
-            if known.ids.len() >= MAX_SOURCES_PER_HIT {
+            if known.sources.len() >= MAX_SOURCES_PER_HIT {
                 continue;
             }
-            let room = MAX_SOURCES_PER_HIT - known.ids.len();
+            let room = MAX_SOURCES_PER_HIT - known.sources.len();
             let mut taken = 0;
-            let news = hits::retain_sources(&hit, |s| {
-                let new =
-                    taken < room && !known.ids.contains(&s.id) && !known.addrs.contains(&s.addr);
+            let news = hits::retain_sources(hit, |s| {
+                let new = taken < room && !known.has(s);
                 taken += new as usize;
                 new
             });
             if let Some(news) = news {
-                for s in &news.sources {
-                    known.ids.insert(s.id);
-                    known.addrs.insert(s.addr.clone());
-                }
+                known
+                    .sources
+                    .extend(news.sources.iter().map(|s| (s.id, s.addr.clone())));
                 out.push(news);
             }
         }
@@ -708,6 +714,7 @@ mod tests {
     use super::*;
     use crate::hits::HitBuilder;
     use crate::msg::NameVariant;
+    use std::collections::HashSet;
 
     const MS: Duration = Duration::from_millis(1);
 

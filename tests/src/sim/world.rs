@@ -349,6 +349,8 @@ struct Leaf {
     gen: u32,
     /// A new address at each session: nothing keys a leaf by it.
     ip: u32,
+    /// Where it serves in this session, as hits name it.
+    addr: String,
     reachable: bool,
     capable: bool,
     upload_kbps: u32,
@@ -446,6 +448,11 @@ pub struct World {
 
 const NOT_ONLINE: u32 = u32::MAX;
 
+/// Where a leaf serves in the session that drew address `ip`.
+fn leaf_sock(ip: u32) -> SocketAddr {
+    SocketAddr::from((std::net::Ipv4Addr::from(ip | 0x0100_0000), 7401))
+}
+
 impl World {
     pub fn new(sc: Scenario) -> Self {
         let mut rng = dist::rng(sc.seed, 0);
@@ -483,6 +490,7 @@ impl World {
                 online: false,
                 gen: 0,
                 ip: 0,
+                addr: String::new(),
                 reachable: !rng.random_bool(sc.unreachable_share),
                 capable,
                 upload_kbps: rng.random_range(1_000..100_000),
@@ -904,6 +912,7 @@ impl World {
         leaf.online = true;
         leaf.gen += 1;
         leaf.ip = self.rng.random();
+        leaf.addr = leaf_sock(leaf.ip).to_string();
         leaf.sessions.clear();
         leaf.orphan_since = None;
         leaf.wake_at = None;
@@ -1957,13 +1966,12 @@ impl World {
     }
 
     fn leaf_addr(&self, l: u32) -> String {
-        self.leaf_sock(l).to_string()
+        self.leaves[l as usize].addr.clone()
     }
 
     /// Where leaf `l` serves in its session now.
     fn leaf_sock(&self, l: u32) -> SocketAddr {
-        let ip = std::net::Ipv4Addr::from(self.leaves[l as usize].ip | 0x0100_0000);
-        SocketAddr::from((ip, 7401))
+        leaf_sock(self.leaves[l as usize].ip)
     }
 
     /// A leaf's query at its supernode (`routing::serve_leaf_query`).
