@@ -24,7 +24,8 @@
 //! - **Failures.** A request's ranges that did not verify are free again
 //!   the moment it ends. A source that answers `Unavailable` is asked again
 //!   after `have_poll` (a partial one is asked `Have` first); a whole one
-//!   that does so [`MAX_BUSY`] times in a row on one slot, and any source
+//!   that does so more than [`MAX_BUSY`] times in a row on one slot, and
+//!   any source
 //!   that fails otherwise (an error, a range that does not verify, no
 //!   progress within [`ScheduleConfig::range_timeout`]), is dropped, and
 //!   every range it had in flight goes back to the others.
@@ -295,7 +296,9 @@ impl<S: Copy + Eq + Hash> Schedule<S> {
     }
 
     /// What slot `slot` of `source` does next: the ranges it claims, or
-    /// why it has none.
+    /// why it has none. Every slot of a source claims alike; the slot
+    /// matters only to [`Schedule::on_run_ended`], which counts its
+    /// `Unavailable` answers.
     pub fn next(&mut self, now: Instant, source: S, slot: usize) -> Action {
         let _ = slot;
         if self.left == 0 {
