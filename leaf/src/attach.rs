@@ -79,6 +79,9 @@ pub struct Attach {
     pub attach: usize,
     /// The planner's timings and limits.
     pub rules: AttachConfig,
+    /// The timings of each session (share batches, candidacy, asking for
+    /// supernodes).
+    pub link_timings: link::LinkTimings,
     /// One entry per live link, for status.
     pub links: Arc<Mutex<Vec<Arc<Mutex<LinkStatus>>>>>,
     /// The supernode role this leaf may be asked to take.
@@ -249,6 +252,7 @@ fn start(
     );
     let (addr, task_status) = (addr.to_string(), status.clone());
     let listen_port = cfg.listen_port;
+    let timings = cfg.link_timings.clone();
     let promotable = !cfg.role.no_promote;
     let span = info_span!("link", supernode = %addr);
     tasks.spawn(
@@ -296,6 +300,7 @@ fn start(
                     &share,
                     &status,
                     hooks,
+                    &timings,
                     stop,
                 )
                 .await

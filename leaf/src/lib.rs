@@ -65,6 +65,41 @@ pub struct Config {
     /// (`max_leaves` and `peers` come from the election). Default: the
     /// supernode defaults.
     pub role: supernode::Config,
+    /// How long the leaf waits for what, and how often it does what; not
+    /// options of the command line. Default [`Timings::default`].
+    pub timings: Timings,
+}
+
+/// Every timing of a leaf, in one place, so that tests and the simulator
+/// can shrink them. The defaults are the reference leaf's.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Timings {
+    /// Sessions with supernodes ([`link::LinkTimings`]).
+    pub link: link::LinkTimings,
+    /// Downloads, the scheduler's included ([`transfer::TransferTimings`]).
+    pub transfer: transfer::TransferTimings,
+    /// Serving ([`upload::UploadTimings`]).
+    pub upload: upload::UploadTimings,
+    /// Watching the share ([`share::ShareTimings`]).
+    pub share: share::ShareTimings,
+    /// Searches ([`search::SearchTimings`]).
+    pub search: search::SearchTimings,
+    /// How often a running download asks the supernodes again for
+    /// sources. Default [`REQUERY_INTERVAL`].
+    pub requery: Duration,
+}
+
+impl Default for Timings {
+    fn default() -> Self {
+        Self {
+            link: Default::default(),
+            transfer: Default::default(),
+            upload: Default::default(),
+            share: Default::default(),
+            search: Default::default(),
+            requery: REQUERY_INTERVAL,
+        }
+    }
 }
 
 impl Config {
@@ -81,6 +116,7 @@ impl Config {
             http: None,
             max_upload_rate: None,
             role: supernode::Config::localhost(),
+            timings: Timings::default(),
         }
     }
 }
@@ -150,13 +186,16 @@ impl Leaf {
         let (stop, stop_rx) = watch::channel(false);
         let span = info_span!("leaf", id = %id.short());
         let links: status::Links = Arc::new(Mutex::new(Vec::new()));
-        let uploads = Arc::new(upload::Uploads::new(
-            config.max_upload_rate,
-            servent_proto::upload::UploadLimits {
-                exempt: config.role.exempt_ips.clone(),
-                ..Default::default()
-            },
-        ));
+        let uploads = Arc::new(
+            upload::Uploads::new(
+                config.max_upload_rate,
+                servent_proto::upload::UploadLimits {
+                    exempt: config.role.exempt_ips.clone(),
+                    ..Default::default()
+                },
+            )
+            .with_timings(config.timings.upload.clone()),
+        );
         // Before any task starts, so that a bad address leaves nothing running.
         let http = match config.http {
             Some(at) => {
@@ -184,7 +223,8 @@ impl Leaf {
         let mut tasks = Vec::new();
 
         tasks.push(tokio::spawn(
-            share::watch(share.clone(), stop_rx.clone()).instrument(span.clone()),
+            share::watch(share.clone(), config.timings.share.clone(), stop_rx.clone())
+                .instrument(span.clone()),
         ));
         tasks.push(tokio::spawn(
             accept(
@@ -205,6 +245,7 @@ impl Leaf {
             share: share.clone(),
             attach: config.attach.max(1),
             rules: config.attach_rules.clone(),
+            link_timings: config.timings.link.clone(),
             links: links.clone(),
             role: role.clone(),
         };
@@ -373,10 +414,11 @@ pub struct Client {
     endpoint: Endpoint,
     data_dir: PathBuf,
     supernodes: Vec<String>,
-    requery: Duration,
+    timings: Timings,
 }
 
-/// How often a running download asks the supernodes again for sources.
+/// How often a running download asks the supernodes again for sources, by
+/// default ([`Timings::requery`]).
 pub const REQUERY_INTERVAL: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
@@ -402,7 +444,7 @@ impl Client {
             endpoint,
             data_dir: data_dir.to_path_buf(),
             supernodes,
-            requery: REQUERY_INTERVAL,
+            timings: Timings::default(),
         })
     }
 
@@ -413,7 +455,13 @@ impl Client {
     /// How often a running download looks for new sources. Default
     /// [`REQUERY_INTERVAL`].
     pub fn set_requery_interval(&mut self, every: Duration) {
-        self.requery = every;
+        self.timings.requery = every;
+    }
+
+    /// The timings of searches and downloads (its `search`, `transfer` and
+    /// `requery`). Default [`Timings::default`].
+    pub fn set_timings(&mut self, timings: Timings) {
+        self.timings = timings;
     }
 
     pub async fn search(
@@ -428,6 +476,7 @@ impl Client {
             QueryKind::Keywords(words.to_vec()),
             max,
             timeout,
+            &self.timings.search,
         )
         .await?)
     }
@@ -444,6 +493,7 @@ impl Client {
             QueryKind::Hash(hash),
             1,
             timeout,
+            &self.timings.search,
         )
         .await?;
         Ok(hits.into_iter().find(|h| h.hash == hash))
@@ -480,13 +530,19 @@ impl Client {
         };
         // Sources that appear during a long download join in.
         let (tx, rx) = tokio::sync::mpsc::channel(1);
-        let (endpoint, supernodes, every) =
-            (self.endpoint.clone(), self.supernodes.clone(), self.requery);
+        let (endpoint, supernodes, every) = (
+            self.endpoint.clone(),
+            self.supernodes.clone(),
+            self.timings.requery,
+        );
+        let search = self.timings.search.clone();
         let requery = tokio::spawn(async move {
             loop {
                 tokio::time::sleep(every).await;
                 let query = QueryKind::Hash(hash);
-                let Ok(hits) = search::query(&endpoint, &supernodes, query, 1, every).await else {
+                let Ok(hits) =
+                    search::query(&endpoint, &supernodes, query, 1, every, &search).await
+                else {
                     continue;
                 };
                 let sources = hits
@@ -512,6 +568,7 @@ impl Client {
             progress,
             more: Some(rx),
             share_as: Some((self.data_dir.clone(), name)),
+            timings: self.timings.transfer.clone(),
         }
         .run()
         .await;

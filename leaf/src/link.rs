@@ -23,8 +23,43 @@ use tracing::{debug, info, warn};
 
 use crate::share::Share;
 
-/// Changes to the share are sent at most this often.
-const BATCH_DELAY: Duration = Duration::from_millis(200);
+/// The timings of a session with a supernode.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LinkTimings {
+    /// Changes to the share are sent at most this often. Default 200 ms.
+    pub batch_delay: Duration,
+    /// How often a promotable leaf restates its candidacy. Default 30 s.
+    pub candidacy_interval: Duration,
+    /// A new session asks its supernode which supernodes it knows at once,
+    /// again after this long, then twice as long each time up to
+    /// `learn_interval`: a leaf that joined a small network learns the
+    /// supernodes elected soon after, before it may need them. Default 2 s
+    /// (so 2, 4, 8, 16 s).
+    pub learn_first: Duration,
+    /// How often a linked supernode is asked which supernodes it knows,
+    /// once the session is old. Default 30 s.
+    pub learn_interval: Duration,
+    /// Longest the rest of the leaf may take to decide on a request the
+    /// supernode made (promotion, handover) before the answer is
+    /// `Declined("busy")`: the supernode waits 10 s. Default 10 s.
+    pub request_answer: Duration,
+    /// After accepting a `Rehome`, how long the answer may take to reach
+    /// the supernode before the connection is closed. Default 1 s.
+    pub rehome_close: Duration,
+}
+
+impl Default for LinkTimings {
+    fn default() -> Self {
+        Self {
+            batch_delay: Duration::from_millis(200),
+            candidacy_interval: Duration::from_secs(30),
+            learn_first: Duration::from_secs(2),
+            learn_interval: Duration::from_secs(30),
+            request_answer: Duration::from_secs(10),
+            rehome_close: Duration::from_secs(1),
+        }
+    }
+}
 
 /// What a link knows of its supernode, for status and tests.
 #[derive(Debug, Clone, Default)]
@@ -71,16 +106,6 @@ pub struct Hooks {
     pub registered: oneshot::Sender<NodeId>,
 }
 
-/// How often a promotable leaf restates its candidacy.
-pub const CANDIDACY_INTERVAL: Duration = Duration::from_secs(30);
-
-/// How often a linked supernode is asked which supernodes it knows, once
-/// the session is old; a new session asks after [`LEARN_FIRST`], then
-/// twice as long each time: a leaf that joined a small network learns the
-/// supernodes elected soon after, before it may need them.
-pub const LEARN_INTERVAL: Duration = Duration::from_secs(30);
-const LEARN_FIRST: Duration = Duration::from_secs(2);
-
 /// Resolves `HOST:PORT` (a name or an address).
 pub async fn resolve(addr: &str) -> Option<SocketAddr> {
     tokio::net::lookup_host(addr).await.ok()?.next()
@@ -97,6 +122,7 @@ pub async fn session(
     share: &Share,
     status: &Mutex<LinkStatus>,
     hooks: Hooks,
+    timings: &LinkTimings,
     stop: watch::Receiver<bool>,
 ) -> Result<(), LinkError> {
     let Hooks {
@@ -135,8 +161,9 @@ pub async fn session(
     // Ask, now and then, which other supernodes it knows.
     let asker = {
         let conn = peer.conn.clone();
+        let (first, most) = (timings.learn_first, timings.learn_interval);
         tokio::spawn(async move {
-            let mut every = LEARN_FIRST;
+            let mut every = first;
             loop {
                 match ask_supernodes(&conn).await {
                     Ok(list) => {
@@ -147,7 +174,7 @@ pub async fn session(
                     Err(e) => debug!(error = %e, "supernode list not available"),
                 }
                 tokio::time::sleep(every).await;
-                every = (every * 2).min(LEARN_INTERVAL);
+                every = (every * 2).min(most);
             }
         })
     };
@@ -215,7 +242,7 @@ pub async fn session(
         if promotable && tokio::time::Instant::now() >= next_candidacy {
             let candidacy = SessionUpdate::Candidacy(crate::role::measure());
             update(&mut send, &mut recv, candidacy).await?;
-            next_candidacy = tokio::time::Instant::now() + CANDIDACY_INTERVAL;
+            next_candidacy = tokio::time::Instant::now() + timings.candidacy_interval;
         }
         tokio::select! {
             r = changes.changed() => if r.is_err() { return Ok(()) },
@@ -225,7 +252,7 @@ pub async fn session(
                 let (reply_tx, reply_rx) = oneshot::channel();
                 let request = Request { from: peer.id, from_addr: sock, req, reply: reply_tx };
                 let reply = match requests.send(request).await {
-                    Ok(()) => tokio::time::timeout(Duration::from_secs(10), reply_rx)
+                    Ok(()) => tokio::time::timeout(timings.request_answer, reply_rx)
                         .await
                         .ok()
                         .and_then(Result::ok)
@@ -236,7 +263,7 @@ pub async fn session(
                 let _ = net::write_frame(&mut stream, &reply, MAX_REPLY_FRAME).await;
                 let _ = stream.finish();
                 if rehome && accepted {
-                    let _ = tokio::time::timeout(Duration::from_secs(1), stream.stopped()).await;
+                    let _ = tokio::time::timeout(timings.rehome_close, stream.stopped()).await;
                     peer.conn.close(0u32.into(), b"moved to another supernode");
                     return Err(LinkError::Rehomed);
                 }
@@ -245,7 +272,7 @@ pub async fn session(
             e = peer.conn.closed() => return Err(LinkError::Lost(e.to_string())),
             _ = stop.changed() => return Ok(()),
         }
-        tokio::time::sleep(BATCH_DELAY).await;
+        tokio::time::sleep(timings.batch_delay).await;
     }
 }
 

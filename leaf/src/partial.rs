@@ -61,66 +61,9 @@ pub struct SavedState {
 }
 
 /// A have-bitmap: one bit a range, range i at bit `i % 8` (least
-/// significant first) of byte `i / 8`, as on the wire.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Bitmap {
-    bytes: Vec<u8>,
-    len: usize,
-}
-
-impl Bitmap {
-    pub fn new(len: usize) -> Self {
-        Self {
-            bytes: vec![0; len.div_ceil(8)],
-            len,
-        }
-    }
-
-    /// `None` unless `bytes` is exactly the size of a `len`-range bitmap
-    /// with no bit set past the end.
-    pub fn from_bytes(bytes: Vec<u8>, len: usize) -> Option<Self> {
-        if bytes.len() != len.div_ceil(8) {
-            return None;
-        }
-        let spare = len % 8;
-        if spare != 0 && bytes.last().is_some_and(|b| b >> spare != 0) {
-            return None;
-        }
-        Some(Self { bytes, len })
-    }
-
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
-    pub fn get(&self, i: usize) -> bool {
-        i < self.len && self.bytes[i / 8] & (1 << (i % 8)) != 0
-    }
-
-    pub fn set(&mut self, i: usize) {
-        if i < self.len {
-            self.bytes[i / 8] |= 1 << (i % 8);
-        }
-    }
-
-    pub fn clear(&mut self, i: usize) {
-        if i < self.len {
-            self.bytes[i / 8] &= !(1 << (i % 8));
-        }
-    }
-
-    pub fn count(&self) -> usize {
-        self.bytes.iter().map(|b| b.count_ones() as usize).sum()
-    }
-
-    pub fn as_bytes(&self) -> &[u8] {
-        &self.bytes
-    }
-}
+/// significant first) of byte `i / 8`, as on the wire. The scheduler's
+/// (it limits what a partial source is asked for).
+pub use servent_proto::schedule::Bitmap;
 
 /// Reads the state beside `target`: the verified ranges, if the state is
 /// for this very content.

@@ -28,10 +28,24 @@ pub enum SearchError {
 
 /// Supernodes asked at the same time.
 const ASKED_AT_ONCE: usize = 3;
-/// How long a supernode may take to complete the handshake when there are
-/// others left to ask: a dead one (a stale cache entry) must not use up
-/// the whole search. The last few asked get until the deadline.
-const ASK_CONNECT_TIMEOUT: Duration = Duration::from_millis(1500);
+
+/// The timings of a search.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SearchTimings {
+    /// How long a supernode may take to complete the handshake when there
+    /// are others left to ask: a dead one (a stale cache entry) must not
+    /// use up the whole search. The last few asked get until the deadline.
+    /// Default 1.5 s.
+    pub ask_connect_timeout: Duration,
+}
+
+impl Default for SearchTimings {
+    fn default() -> Self {
+        Self {
+            ask_connect_timeout: Duration::from_millis(1500),
+        }
+    }
+}
 
 /// Asks the supernodes in `supernodes` (a few at a time, in order, until
 /// one answers), merges their hits by hash and ranks them by independent
@@ -42,6 +56,7 @@ pub async fn query(
     kind: QueryKind,
     max_results: u32,
     timeout: Duration,
+    timings: &SearchTimings,
 ) -> Result<Vec<Hit>, SearchError> {
     if supernodes.is_empty() {
         return Err(SearchError::NoSupernodes);
@@ -60,7 +75,7 @@ pub async fn query(
     for (g, group) in supernodes.chunks(ASKED_AT_ONCE).enumerate() {
         // Only where others are left to ask is a slow handshake cut short.
         let connect_by = match g + 1 < groups {
-            true => deadline.min(tokio::time::Instant::now() + ASK_CONNECT_TIMEOUT),
+            true => deadline.min(tokio::time::Instant::now() + timings.ask_connect_timeout),
             false => deadline,
         };
         if reached > 0 || tokio::time::Instant::now() >= deadline {

@@ -27,12 +27,30 @@ use crate::partial::{self, Partial};
 
 /// Suffix of partial downloads, which are never shared.
 pub const PART_SUFFIX: &str = ".servent-part";
-/// The share is rescanned this often even if no change was reported.
-pub const RESCAN_INTERVAL: Duration = Duration::from_secs(30);
-/// The register of downloads in progress is read this often.
-const PARTIALS_POLL: Duration = Duration::from_secs(1);
-/// Changes reported by the watcher are batched for this long.
-const DEBOUNCE: Duration = Duration::from_millis(300);
+
+/// The timings of watching the share.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShareTimings {
+    /// The share is rescanned this often even if no change was reported.
+    /// Default 30 s.
+    pub rescan_interval: Duration,
+    /// The register of downloads in progress is read this often. Default 1 s.
+    pub partials_poll: Duration,
+    /// Changes reported by the watcher are batched for this long. Default
+    /// 300 ms.
+    pub debounce: Duration,
+}
+
+impl Default for ShareTimings {
+    fn default() -> Self {
+        Self {
+            rescan_interval: Duration::from_secs(30),
+            partials_poll: Duration::from_secs(1),
+            debounce: Duration::from_millis(300),
+        }
+    }
+}
+
 const CACHE_FILE: &str = "hash-cache.json";
 /// Folder of the data dir that holds the range layer of each shared
 /// content (see [`crate::layer`]).
@@ -561,8 +579,8 @@ pub fn hash_file(path: &Path, stamp: Stamp, layer_dir: &Path) -> std::io::Result
 }
 
 /// Rescans on every change the OS reports (batched) and every
-/// `RESCAN_INTERVAL`, until `stop` fires.
-pub async fn watch(share: Arc<Share>, mut stop: watch::Receiver<bool>) {
+/// [`ShareTimings::rescan_interval`], until `stop` fires.
+pub async fn watch(share: Arc<Share>, timings: ShareTimings, mut stop: watch::Receiver<bool>) {
     let (tx, mut rx) = tokio::sync::mpsc::channel::<()>(1);
     let watcher = {
         use notify::Watcher;
@@ -581,7 +599,7 @@ pub async fn watch(share: Arc<Share>, mut stop: watch::Receiver<bool>) {
     let _watcher = match watcher {
         Ok(w) => Some(w),
         Err(e) => {
-            warn!(error = %e, "cannot watch the share; rescanning every {} s", RESCAN_INTERVAL.as_secs());
+            warn!(error = %e, "cannot watch the share; rescanning every {} s", timings.rescan_interval.as_secs());
             None
         }
     };
@@ -589,7 +607,7 @@ pub async fn watch(share: Arc<Share>, mut stop: watch::Receiver<bool>) {
         let _ = tokio::task::spawn_blocking(move || share.scan()).await;
     };
     rescan(share.clone()).await;
-    let mut partials = tokio::time::interval(PARTIALS_POLL);
+    let mut partials = tokio::time::interval(timings.partials_poll);
     let mut last_scan = Instant::now();
     loop {
         tokio::select! {
@@ -597,12 +615,12 @@ pub async fn watch(share: Arc<Share>, mut stop: watch::Receiver<bool>) {
             _ = partials.tick() => {
                 let share = share.clone();
                 let _ = tokio::task::spawn_blocking(move || share.refresh_partials()).await;
-                if last_scan.elapsed() < RESCAN_INTERVAL {
+                if last_scan.elapsed() < timings.rescan_interval {
                     continue;
                 }
             }
             Some(()) = rx.recv() => {
-                tokio::time::sleep(DEBOUNCE).await;
+                tokio::time::sleep(timings.debounce).await;
                 while rx.try_recv().is_ok() {}
             }
         }

@@ -17,8 +17,12 @@
 //! a download killed at any point resumes from what it had verified, and a
 //! running `leaf serve` shares them meanwhile (see [`crate::partial`]).
 //! The partial file is renamed into place once every range is verified.
+//!
+//! Which range each source fetches, and what becomes of a source that
+//! fails, is decided by the scheduler [`servent_proto::schedule`]; this
+//! module only carries its choices to the sources and their results back.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -27,12 +31,13 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use servent_proto::hits;
-use servent_proto::limits::MAX_SOURCES_PER_IP;
 use servent_proto::limits::MAX_TRANSFER_FRAME;
 use servent_proto::msg::{
     ErrorCode, ErrorReply, GetReply, GetRequest, RangeRequest, Source, ALPN_TRANSFER,
 };
 use servent_proto::pin::{self, SizeClaims};
+use servent_proto::schedule::{Action, Outcome, Schedule, ScheduleConfig, SourcePool, Then};
+pub use servent_proto::schedule::{MAX_DIALS_PER_HOST, MAX_SOURCES_AT_ONCE, PER_SOURCE};
 use servent_proto::{ContentHash, NodeId};
 use supernode::net::{self, Endpoint, Peer};
 use tokio::sync::{mpsc, watch};
@@ -46,42 +51,43 @@ pub use crate::partial::{layer_path, part_path, state_path};
 /// Content bytes a downloader asks one source for at a time: the unit of
 /// scheduling, verification and resume (the layer's range).
 pub const CHUNK_SIZE: u64 = RANGE_SIZE;
-/// Requests each source has in flight at once, so that the round trip
-/// between two requests does not idle the link.
-pub const PER_SOURCE: usize = 3;
-/// Most ranges asked for in one request (4 MiB).
-const MAX_RUN: usize = 16;
-/// A run is at most this fraction of the ranges left, so that the work
-/// spreads over the sources and the endgame is made of single ranges.
-const RUN_DIVISOR: usize = 16;
 /// Largest file downloaded (its layer is then 128 MiB): a hit claiming
 /// more is refused before anything is allocated.
 pub const MAX_DOWNLOAD_SIZE: u64 = 1 << 40;
-/// A range that takes longer than this drops its source.
-const RANGE_TIMEOUT: Duration = Duration::from_secs(30);
-/// The state file is rewritten at most this often (and when a download
-/// stops): a crash or `kill -9` loses at most this much work, and a 1 GiB
-/// download rewrites it a few dozen times instead of once a range.
-const SAVE_EVERY: Duration = Duration::from_millis(100);
-/// How many `Unavailable` answers in a row a whole source may give (its
-/// upload slots are busy) before it is given up.
-const MAX_BUSY: u32 = 8;
-/// How often a partial source with nothing we need is asked again.
-const HAVE_POLL: Duration = Duration::from_secs(1);
-/// Sources a download has connected or connecting at once; more wait
-/// their turn.
-pub const MAX_SOURCES_AT_ONCE: usize = 8;
-/// Sources a download dials at one IP address in all: a hit naming many
-/// sources at one machine (a third party's, say) gets it dialled no more
-/// often than a hit may list it.
-pub const MAX_DIALS_PER_HOST: usize = MAX_SOURCES_PER_IP;
-/// How long a download waits, once one source has said how big the file
-/// is, for the others it dialled before it picks the size to prove: the
-/// best supported one is proven first.
-const PROBE_GRACE: Duration = Duration::from_millis(500);
-/// A source that connects but does not say what it has within this long
-/// is dropped.
-const PROBE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The timings of a download.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TransferTimings {
+    /// The scheduler's: how long a range may take before its source is
+    /// dropped (default 30 s, also the bound on the layer and last range
+    /// that prove the size), and how often a partial source with nothing
+    /// wanted, or a busy one, is asked again (default 1 s).
+    pub schedule: ScheduleConfig,
+    /// The state file is rewritten at most this often (and when a download
+    /// stops): a crash or `kill -9` loses at most this much work, and a 1 GiB
+    /// download rewrites it a few dozen times instead of once a range.
+    /// Default 100 ms.
+    pub save_every: Duration,
+    /// How long a download waits, once one source has said how big the file
+    /// is, for the others it dialled before it picks the size to prove: the
+    /// best supported one is proven first. Default 500 ms.
+    pub probe_grace: Duration,
+    /// A source that connects but does not say what it has within this long
+    /// is dropped. Default 10 s.
+    pub probe_timeout: Duration,
+}
+
+impl Default for TransferTimings {
+    fn default() -> Self {
+        Self {
+            schedule: ScheduleConfig::default(),
+            save_every: Duration::from_millis(100),
+            probe_grace: Duration::from_millis(500),
+            probe_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum GetError {
     #[error("no source for {0}")]
@@ -136,113 +142,25 @@ pub struct Progress {
     pub sources: usize,
 }
 
-/// The scheduler: which range goes to which source next.
+/// The scheduler of a download, and what it has verified so far.
 #[derive(Debug)]
 struct Ranges {
-    done: Bitmap,
-    /// Sources fetching each range in flight (more than one only in the
-    /// endgame).
-    in_flight: HashMap<usize, Vec<usize>>,
-    /// Every range below this one is done or in flight.
-    cursor: usize,
-    /// Ranges nobody has verified yet.
-    left: usize,
+    /// Sources are named by their index in the download.
+    sched: Schedule<usize>,
     progress: Progress,
 }
 
-/// What a worker does next.
-enum Next {
-    /// Consecutive ranges, asked for in one request.
-    Fetch(std::ops::Range<usize>),
-    /// Nothing for this source now: every range it has is done or being
-    /// fetched by it already.
-    Wait,
-    Finished,
-}
-
-impl Ranges {
-    fn new(done: Bitmap, progress: Progress) -> Self {
-        Self {
-            left: done.len() - done.count(),
-            done,
-            in_flight: HashMap::new(),
-            cursor: 0,
-            progress,
-        }
-    }
-
-    /// The range `source` (which has the ranges in `has`, or all) should
-    /// fetch next: the first nobody has; once every range is taken (the
-    /// endgame), one in flight elsewhere with the fewest fetchers, so that
-    /// a slow or vanished source holds nothing up.
-    fn claim(&mut self, source: usize, has: Option<&Bitmap>) -> Next {
-        if self.left == 0 {
-            return Next::Finished;
-        }
-        let n = self.done.len();
-        let free = |r: &Self, i: usize| !r.done.get(i) && !r.in_flight.contains_key(&i);
-        while self.cursor < n && !free(self, self.cursor) {
-            self.cursor += 1;
-        }
-        let pick = match has {
-            None => (self.cursor < n).then_some(self.cursor),
-            Some(has) => (self.cursor..n).find(|&i| has.get(i) && free(self, i)),
-        }
-        .or_else(|| {
-            self.in_flight
-                .iter()
-                .filter(|(i, by)| {
-                    !self.done.get(**i) && !by.contains(&source) && has.is_none_or(|h| h.get(**i))
-                })
-                .min_by_key(|(i, by)| (by.len(), **i))
-                .map(|(i, _)| *i)
-        });
-        let Some(first) = pick else {
-            return Next::Wait;
-        };
-        // A free range starts a run of free ranges: fewer, longer requests
-        // while much is left, single ranges towards the end.
-        let mut end = first + 1;
-        if !self.in_flight.contains_key(&first) {
-            let longest = (self.left / RUN_DIVISOR).clamp(1, MAX_RUN);
-            while end < n
-                && end - first < longest
-                && has.is_none_or(|h| h.get(end))
-                && free(self, end)
-            {
-                end += 1;
-            }
-        }
-        for i in first..end {
-            self.in_flight.entry(i).or_default().push(source);
-        }
-        Next::Fetch(first..end)
-    }
-
-    fn release(&mut self, index: usize, source: usize) {
-        if let Some(by) = self.in_flight.get_mut(&index) {
-            by.retain(|&s| s != source);
-            if by.is_empty() {
-                self.in_flight.remove(&index);
-                // Not verified: free for the next claim again.
-                self.cursor = self.cursor.min(index);
-            }
-        }
-    }
-}
-
-/// A range claimed by one source; released on drop unless completed, so
-/// that a source that fails, or a request that is cancelled, costs only
-/// the ranges it had in flight.
-struct Claim<'a> {
+/// Takes a source out of the scheduler when its fetching ends, however it
+/// ends (an error, or the task cancelled), so that a source that fails
+/// costs only the ranges it had in flight.
+struct Fetching<'a> {
     job: &'a Job,
-    index: usize,
     source: usize,
 }
 
-impl Drop for Claim<'_> {
+impl Drop for Fetching<'_> {
     fn drop(&mut self) {
-        self.job.ranges().release(self.index, self.source);
+        self.job.ranges().sched.remove_source(self.source);
     }
 }
 
@@ -261,6 +179,8 @@ struct Job {
     progress: Option<watch::Sender<Progress>>,
     /// Serialises state saves; when the last one was.
     saved: Mutex<Instant>,
+    /// How often the state is saved at most.
+    save_every: Duration,
     /// Set once the file is complete: no more state saves.
     finished: AtomicBool,
     /// Verified ranges not recorded yet.
@@ -334,7 +254,7 @@ impl Job {
         if layer::range_cv(data, index, self.count) != layer[index] {
             return Ok(false);
         }
-        if self.ranges().done.get(index) {
+        if self.ranges().sched.is_done(index) {
             // Another source won this range in the endgame.
             return Ok(true);
         }
@@ -342,11 +262,9 @@ impl Job {
         self.file.write_all_at(data, offset)?;
         {
             let mut r = self.ranges();
-            if r.done.get(index) {
+            if !r.sched.on_verified(index) {
                 return Ok(true);
             }
-            r.done.set(index);
-            r.left -= 1;
             r.progress.verified += data.len() as u64;
             r.progress.fetched += data.len() as u64;
             self.publish(&r);
@@ -365,16 +283,16 @@ impl Job {
     }
 
     /// Records the verified ranges beside the target, at most every
-    /// [`SAVE_EVERY`] unless `now`; a save put off is made by the next
+    /// [`TransferTimings::save_every`] unless `now`; a save put off is made by the next
     /// call after that (the download's ticker makes one).
     fn save_state(&self, now: bool) -> std::io::Result<()> {
         let mut saved = self.saved.lock().expect("save lock");
-        if (!now && saved.elapsed() < SAVE_EVERY) || self.finished.load(Ordering::Acquire) {
+        if (!now && saved.elapsed() < self.save_every) || self.finished.load(Ordering::Acquire) {
             self.dirty.store(true, Ordering::Release);
             return Ok(());
         }
         self.dirty.store(false, Ordering::Release);
-        let done = self.ranges().done.clone();
+        let done = self.ranges().sched.done().clone();
         partial::save_state(&self.target, &self.hash, self.size, &done)?;
         *saved = Instant::now();
         Ok(())
@@ -484,6 +402,8 @@ pub struct Download<'a> {
     /// runs, through the register that a `leaf serve` of that data dir
     /// reads. `None`: not shared.
     pub share_as: Option<(PathBuf, String)>,
+    /// Timeouts and polls. Default [`TransferTimings::default`].
+    pub timings: TransferTimings,
 }
 
 /// Downloads `hash` from all `sources` at once into `target`. Resumes
@@ -505,49 +425,10 @@ pub async fn download(
         progress,
         more: None,
         share_as: None,
+        timings: TransferTimings::default(),
     }
     .run()
     .await
-}
-
-/// The sources a download may dial: each once by node id and once by
-/// address, at most [`MAX_DIALS_PER_HOST`] at one IP address, however
-/// many a hit or a repeated query names. What keeps a hit from turning a
-/// downloader against a third party.
-#[derive(Debug, Default)]
-struct Pool {
-    queue: std::collections::VecDeque<Source>,
-    ids: HashSet<NodeId>,
-    addrs: HashSet<String>,
-    hosts: HashMap<String, usize>,
-}
-
-impl Pool {
-    /// Queues `source` unless its id or address was offered before or its
-    /// IP has had its share of dials.
-    fn offer(&mut self, source: Source) -> bool {
-        if self.ids.contains(&source.id) || self.addrs.contains(&source.addr) {
-            return false;
-        }
-        let host = hits::host_of(&source.addr).to_string();
-        let dials = self.hosts.entry(host).or_insert(0);
-        if *dials >= MAX_DIALS_PER_HOST {
-            return false;
-        }
-        *dials += 1;
-        self.ids.insert(source.id);
-        self.addrs.insert(source.addr.clone());
-        self.queue.push_back(source);
-        true
-    }
-
-    fn next(&mut self) -> Option<Source> {
-        self.queue.pop_front()
-    }
-
-    fn is_empty(&self) -> bool {
-        self.queue.is_empty()
-    }
 }
 
 /// What a source task ended with.
@@ -573,25 +454,25 @@ enum PinResult {
 struct Dialer<'a> {
     endpoint: &'a Endpoint,
     hash: ContentHash,
-    pool: Pool,
+    pool: SourcePool,
     tasks: Tasks,
     /// Scheduler index of the next source.
     spawned: usize,
+    /// How long a source may take to say what it has.
+    probe_timeout: Duration,
 }
 
 impl Dialer<'_> {
-    /// Starts probing queued sources while fewer than
-    /// [`MAX_SOURCES_AT_ONCE`] are busy.
+    /// Starts probing queued sources while the pool lets more be busy
+    /// (fewer than [`MAX_SOURCES_AT_ONCE`]).
     fn fill(&mut self) {
-        while self.tasks.len() < MAX_SOURCES_AT_ONCE {
-            let Some(source) = self.pool.next() else {
-                break;
-            };
+        while let Some(source) = self.pool.next(self.tasks.len()) {
             let span = tracing::info_span!("get", source = %source.id.short(), addr = %source.addr);
             let (endpoint, hash, index) = (self.endpoint.clone(), self.hash, self.spawned);
+            let patience = self.probe_timeout;
             self.spawned += 1;
             let task = async move {
-                let result = probe(&endpoint, hash, source.clone(), index).await;
+                let result = probe(&endpoint, hash, source.clone(), index, patience).await;
                 (source, Task::Probed(result))
             };
             self.tasks.spawn(task.instrument(span));
@@ -674,13 +555,20 @@ impl SizeProbe {
 
     /// Tries the claims the best supported first until one is pinned or
     /// none can be tried now; the pinned size, if any.
-    async fn try_pin(&mut self, hash: ContentHash) -> Option<u64> {
+    async fn try_pin(&mut self, hash: ContentHash, patience: Duration) -> Option<u64> {
         while let Some((id, claimed)) = self.claims.next_pin() {
             let Some(remote) = self.probes.get(&id) else {
                 self.claims.forget(&id);
                 continue;
             };
-            let tried = pin_from(remote, hash, claimed, &mut self.layer, &mut self.claims);
+            let tried = pin_from(
+                remote,
+                hash,
+                claimed,
+                patience,
+                &mut self.layer,
+                &mut self.claims,
+            );
             match tried.await {
                 Ok(PinResult::Pinned(bytes)) => {
                     debug!(size = claimed, source = %id.short(), "size proven");
@@ -760,13 +648,15 @@ impl SizeProbe {
 }
 
 /// Probes sources until a size is pinned: once one has answered, after
-/// the others dialled have too or [`PROBE_GRACE`] has passed, the best
+/// the others dialled have too or [`TransferTimings::probe_grace`] has
+/// passed, the best
 /// supported claim is proven (layer, then last range) or refuted, and the
 /// next tried. With no source left to ask and none with the last range,
 /// the best supported claim is taken unproven.
 async fn learn_size(
     dialer: &mut Dialer<'_>,
     more: &mut Option<mpsc::Receiver<Vec<Source>>>,
+    timings: &TransferTimings,
 ) -> Result<Learnt, GetError> {
     let mut probe = SizeProbe::default();
     let mut grace: Option<tokio::time::Instant> = None;
@@ -775,7 +665,8 @@ async fn learn_size(
         dialer.fill();
         let probing = dialer.tasks.len();
         if !probe.probes.is_empty() && (probing == 0 || grace_over) {
-            if let Some(size) = probe.try_pin(dialer.hash).await {
+            let patience = timings.schedule.range_timeout;
+            if let Some(size) = probe.try_pin(dialer.hash, patience).await {
                 return Ok(probe.finish(size));
             }
             if dialer.idle() {
@@ -795,7 +686,7 @@ async fn learn_size(
             joined = dialer.tasks.join_next(), if !dialer.tasks.is_empty() => {
                 if let Some(Ok((source, Task::Probed(result)))) = joined {
                     probe.on_probe(source, result);
-                    grace.get_or_insert_with(|| tokio::time::Instant::now() + PROBE_GRACE);
+                    grace.get_or_insert_with(|| tokio::time::Instant::now() + timings.probe_grace);
                 }
             }
             _ = tokio::time::sleep_until(wake), if grace.is_some() && !grace_over => {
@@ -819,13 +710,15 @@ impl Download<'_> {
             progress,
             mut more,
             share_as,
+            timings,
         } = self;
         let mut dialer = Dialer {
             endpoint,
             hash,
-            pool: Pool::default(),
+            pool: SourcePool::default(),
             tasks: JoinSet::new(),
             spawned: 0,
+            probe_timeout: timings.probe_timeout,
         };
         for s in sources {
             dialer.pool.offer(s.clone());
@@ -842,7 +735,7 @@ impl Download<'_> {
             agreeing,
             mut dropped,
             last_err,
-        } = learn_size(&mut dialer, &mut more).await?;
+        } = learn_size(&mut dialer, &mut more, &timings).await?;
         if size > MAX_DOWNLOAD_SIZE {
             return Err(GetError::TooLarge { size });
         }
@@ -873,21 +766,22 @@ impl Download<'_> {
             target: target.to_path_buf(),
             layer: OnceLock::new(),
             file,
-            ranges: Mutex::new(Ranges::new(
-                done,
-                Progress {
+            ranges: Mutex::new(Ranges {
+                sched: Schedule::new(done, timings.schedule.clone()),
+                progress: Progress {
                     size,
                     verified,
                     fetched: 0,
                     sources: 0,
                 },
-            )),
+            }),
             progress,
             saved: Mutex::new(
                 Instant::now()
-                    .checked_sub(SAVE_EVERY)
+                    .checked_sub(timings.save_every)
                     .unwrap_or_else(Instant::now),
             ),
+            save_every: timings.save_every,
             finished: AtomicBool::new(false),
             dirty: AtomicBool::new(false),
             register: share_as,
@@ -916,8 +810,8 @@ impl Download<'_> {
         }
         let mut last = last_err;
         let mut bad = None;
-        let mut saves = tokio::time::interval(SAVE_EVERY);
-        while job.ranges().left > 0 {
+        let mut saves = tokio::time::interval(timings.save_every);
+        while !job.ranges().sched.is_finished() {
             dialer.fill();
             let joined = tokio::select! {
                 joined = dialer.tasks.join_next() => joined,
@@ -985,7 +879,7 @@ impl Download<'_> {
         // Every range is verified: whatever is still in flight is a duplicate.
         dialer.tasks.abort_all();
         while dialer.tasks.join_next().await.is_some() {}
-        if job.ranges().left > 0 {
+        if !job.ranges().sched.is_finished() {
             // Ranges verified are kept to resume from; a file with none is not.
             if job.ranges().progress.verified == 0 {
                 job.finish();
@@ -1042,6 +936,7 @@ async fn probe(
     hash: ContentHash,
     source: Source,
     index: usize,
+    patience: Duration,
 ) -> Result<(Remote, u64), SourceError> {
     let addr: SocketAddr = source
         .addr
@@ -1055,13 +950,13 @@ async fn probe(
         source,
         index,
         claimed: 0,
-        has: Mutex::new(None),
+        has: None,
     };
     let req = GetRequest::Have(hash);
-    let asked = tokio::time::timeout(PROBE_TIMEOUT, remote.ask(&req));
+    let asked = tokio::time::timeout(patience, remote.ask(&req));
     let (reply, mut recv) = asked
         .await
-        .map_err(|_| remote.gone(format!("no answer within {PROBE_TIMEOUT:?}")))??;
+        .map_err(|_| remote.gone(format!("no answer within {patience:?}")))??;
     let (size, partial) = match reply {
         GetReply::Ranges { size, partial } if size <= MAX_DOWNLOAD_SIZE => (size, partial),
         GetReply::Ranges { size, .. } => {
@@ -1080,7 +975,7 @@ async fn probe(
         let bytes = remote.read_exact(&mut recv, count.div_ceil(8)).await?;
         let bitmap = Bitmap::from_bytes(bytes, count)
             .ok_or_else(|| remote.protocol("a have-bitmap with bits past the end".into()))?;
-        *remote.has.lock().expect("has lock") = Some(bitmap);
+        remote.has = Some(bitmap);
     } else {
         remote.read_exact(&mut recv, 0).await?;
     }
@@ -1097,6 +992,7 @@ async fn pin_from(
     remote: &Remote,
     hash: ContentHash,
     size: u64,
+    patience: Duration,
     layer: &mut Option<Vec<Cv>>,
     claims: &mut SizeClaims<NodeId>,
 ) -> Result<PinResult, SourceError> {
@@ -1104,10 +1000,10 @@ async fn pin_from(
     let count = layer::range_count(size);
     if layer.as_ref().is_none_or(|l| l.len() != count) {
         let req = GetRequest::Layer(hash);
-        let asked = tokio::time::timeout(RANGE_TIMEOUT, remote.ask(&req));
+        let asked = tokio::time::timeout(patience, remote.ask(&req));
         let (reply, mut recv) = asked
             .await
-            .map_err(|_| remote.gone(format!("no answer within {RANGE_TIMEOUT:?}")))??;
+            .map_err(|_| remote.gone(format!("no answer within {patience:?}")))??;
         let partial = match reply {
             GetReply::Ranges { size: s, partial } if s == size => partial,
             other => {
@@ -1118,9 +1014,9 @@ async fn pin_from(
         };
         let bitmap_len = if partial { count.div_ceil(8) } else { 0 };
         let read = remote.read_exact(&mut recv, count * CV_LEN + bitmap_len);
-        let mut tail = tokio::time::timeout(RANGE_TIMEOUT, read)
+        let mut tail = tokio::time::timeout(patience, read)
             .await
-            .map_err(|_| remote.gone(format!("no layer within {RANGE_TIMEOUT:?}")))??;
+            .map_err(|_| remote.gone(format!("no layer within {patience:?}")))??;
         tail.truncate(count * CV_LEN);
         let cvs = layer::from_bytes(&tail).expect("a whole number of CVs");
         let (good, cvs) =
@@ -1144,9 +1040,9 @@ async fn pin_from(
         offset,
         length: Some(length),
     });
-    let (reply, mut recv) = tokio::time::timeout(RANGE_TIMEOUT, remote.ask(&req))
+    let (reply, mut recv) = tokio::time::timeout(patience, remote.ask(&req))
         .await
-        .map_err(|_| remote.gone(format!("no answer within {RANGE_TIMEOUT:?}")))??;
+        .map_err(|_| remote.gone(format!("no answer within {patience:?}")))??;
     match reply {
         GetReply::Ok { size: s, length: l } if s == size && l == length => {}
         other => {
@@ -1155,16 +1051,15 @@ async fn pin_from(
             )))
         }
     }
-    let data =
-        match tokio::time::timeout(RANGE_TIMEOUT, read_part(&mut recv, length as usize)).await {
-            Ok(Ok(data)) if data.len() as u64 == length => data,
-            Ok(Ok(data)) => {
-                let n = data.len();
-                return Err(remote.gone(format!("the last range cut short after {n} bytes")));
-            }
-            Ok(Err(e)) => return Err(remote.gone(e.to_string())),
-            Err(_) => return Err(remote.gone(format!("no range within {RANGE_TIMEOUT:?}"))),
-        };
+    let data = match tokio::time::timeout(patience, read_part(&mut recv, length as usize)).await {
+        Ok(Ok(data)) if data.len() as u64 == length => data,
+        Ok(Ok(data)) => {
+            let n = data.len();
+            return Err(remote.gone(format!("the last range cut short after {n} bytes")));
+        }
+        Ok(Err(e)) => return Err(remote.gone(e.to_string())),
+        Err(_) => return Err(remote.gone(format!("no range within {patience:?}"))),
+    };
     remote.read_exact(&mut recv, 0).await?;
     if layer::range_cv(&data, last, count) != cvs[last] {
         claims.refute(&id);
@@ -1200,7 +1095,9 @@ struct Remote {
     source: Source,
     index: usize,
     claimed: u64,
-    has: Mutex<Option<Bitmap>>,
+    /// What it said it has when probed; once it fetches, the scheduler
+    /// keeps what it says.
+    has: Option<Bitmap>,
 }
 
 impl Remote {
@@ -1210,11 +1107,7 @@ impl Remote {
     }
 
     fn has_range(&self, index: usize) -> bool {
-        self.has
-            .lock()
-            .expect("has lock")
-            .as_ref()
-            .is_none_or(|h| h.get(index))
+        self.has.as_ref().is_none_or(|h| h.get(index))
     }
 
     fn gone(&self, reason: String) -> SourceError {
@@ -1290,9 +1183,9 @@ impl Remote {
         Ok(data)
     }
 
-    /// Asks for the layer (if `job` has none yet) or the have-bitmap, and
-    /// records which ranges the source has.
-    async fn learn(&self, job: &Arc<Job>) -> Result<(), SourceError> {
+    /// Asks for the layer (if `job` has none yet) or the have-bitmap: which
+    /// ranges the source has (`None`: all).
+    async fn learn(&self, job: &Arc<Job>) -> Result<Option<Bitmap>, SourceError> {
         let want_layer = job.layer.get().is_none();
         let req = if want_layer {
             GetRequest::Layer(job.hash)
@@ -1323,25 +1216,27 @@ impl Remote {
             )
             .await?;
         }
-        let has = match partial {
-            false => None,
-            true => Some(
-                Bitmap::from_bytes(bitmap, job.count)
-                    .ok_or_else(|| self.protocol("a have-bitmap with bits past the end".into()))?,
-            ),
-        };
-        *self.has.lock().expect("has lock") = has;
-        Ok(())
+        match partial {
+            false => Ok(None),
+            true => Bitmap::from_bytes(bitmap, job.count)
+                .map(Some)
+                .ok_or_else(|| self.protocol("a have-bitmap with bits past the end".into())),
+        }
     }
 }
 
 /// Fetches ranges from one probed source until none is left for it, or
 /// it fails.
 async fn fetch_from(job: &Arc<Job>, remote: Remote) -> Result<(), SourceError> {
-    remote.learn(job).await?;
+    let has = remote.learn(job).await?;
+    job.ranges().sched.add_source(remote.index, has);
+    let _fetching = Fetching {
+        job,
+        source: remote.index,
+    };
     job.sources_changed(1);
     // PER_SOURCE requests in flight; the first failure ends them all.
-    let workers = (0..PER_SOURCE).map(|_| worker(&remote, job));
+    let workers = (0..PER_SOURCE).map(|slot| worker(&remote, job, slot));
     let result = futures_util::future::try_join_all(workers).await.map(drop);
     job.sources_changed(-1);
     if result.is_ok() {
@@ -1350,62 +1245,52 @@ async fn fetch_from(job: &Arc<Job>, remote: Remote) -> Result<(), SourceError> {
     result
 }
 
-async fn worker(remote: &Remote, job: &Arc<Job>) -> Result<(), SourceError> {
-    // Consecutive `Unavailable` answers from a busy whole source.
-    let mut busy = 0;
+/// One request slot of a source: does what the scheduler says, and tells
+/// it how each request went.
+async fn worker(remote: &Remote, job: &Arc<Job>, slot: usize) -> Result<(), SourceError> {
+    let source = remote.index;
+    let mut next = job.ranges().sched.next(Instant::now(), source, slot);
     loop {
-        let next = {
-            let has = remote.has.lock().expect("has lock");
-            job.ranges().claim(remote.index, has.as_ref())
-        };
-        let run = match next {
-            Next::Fetch(run) => run,
-            Next::Finished => return Ok(()),
-            // A whole source with nothing to do is done; a partial one may
-            // have more later.
-            Next::Wait if remote.has.lock().expect("has lock").is_none() => return Ok(()),
-            Next::Wait => {
-                tokio::time::sleep(HAVE_POLL).await;
-                remote.learn(job).await?;
-                continue;
+        match next {
+            Action::Fetch { run, patience } => {
+                let result = fetch_run(remote, job, run.clone(), patience).await;
+                let outcome = match &result {
+                    Ok(()) => Outcome::Delivered,
+                    Err(SourceError::Refused { reply, .. })
+                        if reply.code == ErrorCode::Unavailable =>
+                    {
+                        Outcome::Unavailable
+                    }
+                    Err(_) => Outcome::Failed,
+                };
+                // What was not verified goes back to the others at once.
+                next = job
+                    .ranges()
+                    .sched
+                    .on_run_ended(Instant::now(), source, slot, run, outcome);
+                match (result, &next) {
+                    (Err(e), Action::Drop) => return Err(e),
+                    (Err(SourceError::Refused { reply, .. }), Action::Wait { then, .. }) => {
+                        match then {
+                            Then::AskHave => {
+                                debug!(%reply, "partial source lacks a range; asking what it has")
+                            }
+                            Then::Claim => debug!(%reply, "source busy; asking again later"),
+                        }
+                    }
+                    _ => {}
+                }
             }
-        };
-        let claims: Vec<Claim<'_>> = run
-            .clone()
-            .map(|index| Claim {
-                job,
-                index,
-                source: remote.index,
-            })
-            .collect();
-        let result = fetch_run(remote, job, run).await;
-        // What was not verified goes back to the others at once.
-        drop(claims);
-        match result {
-            Ok(()) => busy = 0,
-            // A partial source that lacks a range after all (its state
-            // file lags what it told us, or its own download restarted):
-            // ask what it has now instead of dropping it.
-            Err(SourceError::Refused { reply, .. })
-                if reply.code == ErrorCode::Unavailable
-                    && remote.has.lock().expect("has lock").is_some() =>
-            {
-                debug!(%reply, "partial source lacks a range; asking what it has");
-                tokio::time::sleep(HAVE_POLL).await;
-                remote.learn(job).await?;
+            Action::Wait { until, then } => {
+                tokio::time::sleep_until(until.into()).await;
+                if then == Then::AskHave {
+                    let has = remote.learn(job).await?;
+                    job.ranges().sched.on_have(source, has);
+                }
+                next = job.ranges().sched.next(Instant::now(), source, slot);
             }
-            // A whole source whose upload slots are all taken: its ranges
-            // went back to the others; ask again a little later, a few
-            // times, before giving up on it.
-            Err(SourceError::Refused { reply, .. })
-                if reply.code == ErrorCode::Unavailable && busy < MAX_BUSY =>
-            {
-                busy += 1;
-                debug!(%reply, busy, "source busy; asking again later");
-                tokio::time::sleep(HAVE_POLL).await;
-                continue;
-            }
-            Err(e) => return Err(e),
+            Action::Idle | Action::Finished => return Ok(()),
+            Action::Drop => return Err(remote.gone("given up by the scheduler".into())),
         }
     }
 }
@@ -1428,6 +1313,7 @@ async fn fetch_run(
     remote: &Remote,
     job: &Arc<Job>,
     run: std::ops::Range<usize>,
+    patience: Duration,
 ) -> Result<(), SourceError> {
     let (offset, _) = job.range(run.start);
     let length: u64 = run.clone().map(|i| job.range(i).1).sum();
@@ -1436,9 +1322,9 @@ async fn fetch_run(
         offset,
         length: Some(length),
     });
-    let (reply, mut recv) = tokio::time::timeout(RANGE_TIMEOUT, remote.ask(&req))
+    let (reply, mut recv) = tokio::time::timeout(patience, remote.ask(&req))
         .await
-        .map_err(|_| remote.gone(format!("no answer within {RANGE_TIMEOUT:?}")))??;
+        .map_err(|_| remote.gone(format!("no answer within {patience:?}")))??;
     match reply {
         GetReply::Ok { size, length: l } if size == job.size && l == length => {}
         other => {
@@ -1453,14 +1339,14 @@ async fn fetch_run(
     let mut stores = Vec::with_capacity(run.len());
     for index in run {
         let want = job.range(index).1 as usize;
-        let data = match tokio::time::timeout(RANGE_TIMEOUT, read_part(&mut recv, want)).await {
+        let data = match tokio::time::timeout(patience, read_part(&mut recv, want)).await {
             Ok(Ok(data)) if data.len() == want => data,
             Ok(Ok(data)) => {
                 let n = data.len();
                 return Err(remote.gone(format!("range {index} cut short after {n} bytes")));
             }
             Ok(Err(e)) => return Err(remote.gone(e.to_string())),
-            Err(_) => return Err(remote.gone(format!("no range within {RANGE_TIMEOUT:?}"))),
+            Err(_) => return Err(remote.gone(format!("no range within {patience:?}"))),
         };
         let job = job.clone();
         stores.push(tokio::task::spawn_blocking(move || job.store(index, &data)));
@@ -1470,103 +1356,4 @@ async fn fetch_run(
         remote.check(store, "a range").await?;
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn fetch(next: Next) -> usize {
-        match next {
-            Next::Fetch(run) if run.len() == 1 => run.start,
-            Next::Fetch(run) => panic!("run {run:?}"),
-            Next::Wait => panic!("wait"),
-            Next::Finished => panic!("finished"),
-        }
-    }
-
-    #[test]
-    fn ranges_go_in_order_then_to_the_endgame_and_back_when_released() {
-        let mut done = Bitmap::new(5);
-        done.set(1);
-        let mut r = Ranges::new(done, Progress::default());
-        assert_eq!(r.left, 4);
-        // Sources 0 and 1 take the free ranges in order, skipping the done one.
-        assert_eq!(fetch(r.claim(0, None)), 0);
-        assert_eq!(fetch(r.claim(1, None)), 2);
-        assert_eq!(fetch(r.claim(0, None)), 3);
-        assert_eq!(fetch(r.claim(1, None)), 4);
-        // Endgame: source 1 doubles up on the first range only source 0 has.
-        assert_eq!(fetch(r.claim(1, None)), 0);
-        // Source 0 doubles up on source 1's, fewest fetchers first.
-        assert_eq!(fetch(r.claim(0, None)), 2);
-        assert_eq!(fetch(r.claim(0, None)), 4);
-        assert_eq!(fetch(r.claim(1, None)), 3);
-        // Both fetch every range left.
-        assert!(matches!(r.claim(0, None), Next::Wait));
-        assert!(matches!(r.claim(1, None), Next::Wait));
-        // Both give up range 2: it is free again, first in line.
-        r.release(2, 1);
-        r.release(2, 0);
-        assert_eq!(fetch(r.claim(3, None)), 2);
-    }
-
-    #[test]
-    fn requests_take_runs_of_free_ranges_while_much_is_left() {
-        let mut done = Bitmap::new(400);
-        done.set(20);
-        let mut r = Ranges::new(done, Progress::default());
-        let run = |next| match next {
-            Next::Fetch(run) => run,
-            _ => panic!("no run"),
-        };
-        // 399 left: runs of at most 16, stopping at a done range.
-        assert_eq!(run(r.claim(0, None)), 0..16);
-        assert_eq!(run(r.claim(1, None)), 16..20);
-        assert_eq!(run(r.claim(0, None)), 21..37);
-        // A partial source's run stops where its ranges do.
-        let mut has = Bitmap::new(400);
-        (37..40).for_each(|i| has.set(i));
-        assert_eq!(run(r.claim(2, Some(&has))), 37..40);
-    }
-
-    #[test]
-    fn the_pool_dials_each_address_once_and_few_per_host() {
-        let source = |i: u8, addr: &str| Source {
-            id: NodeId([i; 32]),
-            addr: addr.into(),
-            variant: 0,
-        };
-        let mut pool = Pool::default();
-        assert!(pool.offer(source(0, "10.0.0.1:1")));
-        // Another id at the same address, the same id elsewhere: no.
-        assert!(!pool.offer(source(1, "10.0.0.1:1")));
-        assert!(!pool.offer(source(0, "10.0.0.2:1")));
-        // Many ports of one machine: a few only.
-        let taken = (2..100u8)
-            .filter(|&i| pool.offer(source(i, &format!("10.0.0.1:{i}"))))
-            .count();
-        assert_eq!(taken, MAX_DIALS_PER_HOST - 1);
-        assert!(pool.offer(source(200, "[2001:db8::1]:7")));
-        let mut n = 0;
-        while pool.next().is_some() {
-            n += 1;
-        }
-        assert_eq!(n, MAX_DIALS_PER_HOST + 1);
-        // Once dialled, never again in this download.
-        assert!(!pool.offer(source(0, "10.0.0.1:1")));
-        assert!(pool.is_empty());
-    }
-
-    #[test]
-    fn a_partial_source_gets_only_ranges_it_has() {
-        let mut r = Ranges::new(Bitmap::new(6), Progress::default());
-        let mut has = Bitmap::new(6);
-        has.set(4);
-        assert_eq!(fetch(r.claim(7, Some(&has))), 4);
-        assert!(matches!(r.claim(7, Some(&has)), Next::Wait));
-        assert_eq!(fetch(r.claim(8, None)), 0);
-        r.left = 0;
-        assert!(matches!(r.claim(8, None), Next::Finished));
-    }
 }

@@ -5,12 +5,13 @@
 //! only ever get what this leaf announced. The request is read and checked
 //! before anything is held for it: a bad or unknown request is answered at
 //! once, `Layer` and `Have` need no upload slot, and only `Range` waits for
-//! one of the [`MAX_CONCURRENT_UPLOADS`] slots, for at most [`QUEUE_WAIT`]
+//! one of the [`MAX_CONCURRENT_UPLOADS`] slots, for at most
+//! [`UploadTimings::queue_wait`]
 //! (less than a downloader waits for an answer, so it hears `Unavailable`
 //! instead of timing out). Each downloader may have only so many requests
 //! open (per node id and per address, [`servent_proto::upload`]), and an
 //! upload whose downloader stops reading gives its slot back after
-//! [`WRITE_STALL`]: so one peer that opens streams and never reads them
+//! [`UploadTimings::write_stall`]: so one peer that opens streams and never reads them
 //! cannot stop others downloading.
 
 use std::net::IpAddr;
@@ -42,18 +43,34 @@ const READ: usize = 256 * 1024;
 const CHUNK: usize = 64 * 1024;
 /// Reads in flight between the disk thread and the network task.
 const PIPELINE: usize = 4;
-/// An upload whose downloader accepts nothing for this long is dropped and
-/// its slot given to the next: an honest downloader reads as fast as it
-/// verifies, far within this.
-pub const WRITE_STALL: Duration = Duration::from_secs(4);
 /// Uploads served at once; more wait their turn.
 pub const MAX_CONCURRENT_UPLOADS: usize = 16;
-/// Longest a `Range` waits for a slot before it is answered `Unavailable`:
-/// well within the 10 s a downloader waits for the answer.
-pub const QUEUE_WAIT: Duration = Duration::from_secs(4);
-/// Longest an upload waits, after its last byte, for the downloader to
-/// acknowledge it (it holds no slot meanwhile).
-const FINISH_WAIT: Duration = Duration::from_secs(10);
+
+/// The timings of serving.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UploadTimings {
+    /// An upload whose downloader accepts nothing for this long is dropped
+    /// and its slot given to the next: an honest downloader reads as fast
+    /// as it verifies, far within this. Default 4 s.
+    pub write_stall: Duration,
+    /// Longest a `Range` waits for a slot before it is answered
+    /// `Unavailable`: well within the 10 s a downloader waits for the
+    /// answer. Default 4 s.
+    pub queue_wait: Duration,
+    /// Longest an upload waits, after its last byte, for the downloader to
+    /// acknowledge it (it holds no slot meanwhile). Default 10 s.
+    pub finish_wait: Duration,
+}
+
+impl Default for UploadTimings {
+    fn default() -> Self {
+        Self {
+            write_stall: Duration::from_secs(4),
+            queue_wait: Duration::from_secs(4),
+            finish_wait: Duration::from_secs(10),
+        }
+    }
+}
 /// The upload rate cap's burst, as a share of a second's worth.
 const BURST_SECS: f64 = 0.1;
 
@@ -75,6 +92,7 @@ pub struct Uploads {
     /// Requests answered `Unavailable` because their downloader had its
     /// share open already or no slot came free in time.
     pub refused: Counter,
+    timings: UploadTimings,
 }
 
 impl Default for Uploads {
@@ -99,7 +117,14 @@ impl Uploads {
             served: Counter::default(),
             bytes: Counter::default(),
             refused: Counter::default(),
+            timings: UploadTimings::default(),
         }
+    }
+
+    /// These uploads with `timings` instead of the defaults.
+    pub fn with_timings(mut self, timings: UploadTimings) -> Self {
+        self.timings = timings;
+        self
     }
 
     /// Waits until `bytes` more may be sent under the rate cap.
@@ -298,15 +323,18 @@ async fn serve_stream(
         }
         GetRequest::Range(r) => {
             // Only content bytes take a slot, and only for so long.
-            let permit = match tokio::time::timeout(QUEUE_WAIT, uploads.slots.acquire()).await {
-                Ok(Ok(permit)) => permit,
-                Ok(Err(_)) => return Ok(()),
-                Err(_) => {
-                    uploads.refused.inc();
-                    let msg = "every upload slot is busy: try again later".to_string();
-                    return refuse(&mut send, ErrorCode::Unavailable, msg).await;
-                }
-            };
+            let permit =
+                match tokio::time::timeout(uploads.timings.queue_wait, uploads.slots.acquire())
+                    .await
+                {
+                    Ok(Ok(permit)) => permit,
+                    Ok(Err(_)) => return Ok(()),
+                    Err(_) => {
+                        uploads.refused.inc();
+                        let msg = "every upload slot is busy: try again later".to_string();
+                        return refuse(&mut send, ErrorCode::Unavailable, msg).await;
+                    }
+                };
             serve_range(&uploads, permit, content, r, send).await
         }
     }
@@ -401,7 +429,7 @@ async fn serve_range(
             uploads.pace(piece.len()).await;
             // A downloader that stops reading must not hold an upload slot
             // forever.
-            match tokio::time::timeout(WRITE_STALL, send.write_chunk(piece)).await {
+            match tokio::time::timeout(uploads.timings.write_stall, send.write_chunk(piece)).await {
                 Ok(r) => r?,
                 Err(_) => {
                     let _ = send.reset(2u32.into());
@@ -420,7 +448,7 @@ async fn serve_range(
     uploads.bytes.inc_by(length);
     // The bytes are sent; waiting for their acknowledgement needs no slot.
     drop(permit);
-    let _ = tokio::time::timeout(FINISH_WAIT, send.stopped()).await;
+    let _ = tokio::time::timeout(uploads.timings.finish_wait, send.stopped()).await;
     Ok(())
 }
 

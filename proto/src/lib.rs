@@ -31,4 +31,5 @@ pub mod mesh;
 pub mod pin;
 pub mod rate;
 pub mod route;
+pub mod schedule;
 pub mod upload;

@@ -197,6 +197,7 @@ fn run(args: Args) -> anyhow::Result<()> {
                     max_upload_rate,
                     // Should this leaf be elected: the supernode defaults.
                     role: supernode::Config::default(),
+                    timings: Default::default(),
                 };
                 let node = Leaf::spawn(config).await?;
                 let signal = supernode::ShutdownSignal::register();
