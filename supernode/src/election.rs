@@ -229,18 +229,13 @@ pub(crate) fn spawn_hand_over(
     state: &Arc<State>,
     to: NodeId,
     addr: SocketAddr,
-    movers: Vec<(NodeId, quinn::Connection)>,
+    movers: Vec<quinn::Connection>,
 ) {
     let state = state.clone();
     tokio::spawn(async move { hand_over(&state, to, addr, movers).await }.in_current_span());
 }
 
-async fn hand_over(
-    state: &State,
-    to: NodeId,
-    addr: SocketAddr,
-    movers: Vec<(NodeId, quinn::Connection)>,
-) {
+async fn hand_over(state: &State, to: NodeId, addr: SocketAddr, movers: Vec<quinn::Connection>) {
     let info = SupernodeInfo {
         id: to,
         addr: addr.to_string(),
@@ -249,7 +244,7 @@ async fn hand_over(
         age_secs: 0,
     };
     let mut moved = 0;
-    for (_, conn) in &movers {
+    for conn in &movers {
         let rehome = SupernodeRequest::Rehome(vec![info.clone()]);
         if let Ok(LeafReply::Accepted) = ask_leaf(Some(conn), &rehome).await {
             moved += 1;
@@ -264,13 +259,13 @@ async fn hand_over(
 pub(crate) fn spawn_step_down(
     state: &Arc<State>,
     elsewhere: Vec<SupernodeInfo>,
-    leaves: Vec<(NodeId, quinn::Connection)>,
+    leaves: Vec<quinn::Connection>,
 ) {
     let state = state.clone();
     tokio::spawn(
         async move {
             info!(leaves = leaves.len(), "drained: stepping down to leaf");
-            for (_, conn) in &leaves {
+            for conn in &leaves {
                 let rehome = SupernodeRequest::Rehome(elsewhere.clone());
                 let _ = ask_leaf(Some(conn), &rehome).await;
             }

@@ -4,8 +4,10 @@
 //! it observed itself. Transfers never pass through it.
 //!
 //! Module map: [`net`] identity and QUIC transport (shared with the leaf),
-//! [`index`] the concurrent file index, [`session`] one leaf's connection,
-//! [`mesh`] links to other supernodes, [`routing`] answering and forwarding
+//! [`owner`] the one task that owns the leases, the mesh membership and the
+//! election, [`index`] the concurrent file index, [`session`] one leaf's
+//! connection, [`mesh`] links to other supernodes, [`election`] carrying
+//! out the election's actions, [`routing`] answering and forwarding
 //! queries, [`metrics`] counters, [`status`] and [`http`] what `--http`
 //! serves, [`probe`] the health check of the container images, [`config`]
 //! configuration.

@@ -397,7 +397,7 @@ impl Owner {
                         .map(|(id, _)| *id)
                         .filter(|l| *l != to)
                         .take(count)
-                        .filter_map(|l| Some((l, self.leaf_conn(&l)?)))
+                        .filter_map(|l| self.leaf_conn(&l))
                         .collect();
                     election::spawn_hand_over(io.state, to, addr, movers);
                 }
@@ -407,7 +407,7 @@ impl Owner {
                     let leaves: Vec<_> = self
                         .leases
                         .iter()
-                        .filter_map(|(id, _)| Some((*id, self.leaf_conn(id)?)))
+                        .filter_map(|(id, _)| self.leaf_conn(id))
                         .collect();
                     election::spawn_step_down(io.state, elsewhere, leaves);
                 }
