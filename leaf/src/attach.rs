@@ -134,10 +134,10 @@ pub async fn run(cfg: Attach, mut stop: watch::Receiver<bool>) {
     loop {
         // The role comes and goes without an event: look at it each time
         // round. An elected leaf knows the mesh first-hand.
-        let mesh = cfg
-            .role
-            .state()
-            .map(|s| s.mesh.for_leaves(true, Instant::now()));
+        let mesh = match cfg.role.state() {
+            Some(s) => Some(s.for_leaves(true).await),
+            None => None,
+        };
         planner.handle_role(Instant::now(), now_secs(), mesh);
         while let Some(action) = planner.poll_action() {
             match action {

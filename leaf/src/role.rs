@@ -100,8 +100,8 @@ impl Role {
         match Supernode::embedded(config, self.endpoint.clone()) {
             Ok(sn) => {
                 let state = sn.state();
-                state.mesh.seed(known, std::time::Instant::now());
-                let mut stepped = sn.state().election.stepped_down.subscribe();
+                state.seed(known);
+                let mut stepped = state.stepped_down();
                 *current = Some(sn);
                 self.promotions
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);

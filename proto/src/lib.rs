@@ -27,6 +27,7 @@ pub mod elect;
 pub mod fair;
 pub mod hits;
 pub mod hop;
+pub mod lease;
 pub mod mesh;
 pub mod pin;
 pub mod rate;

@@ -2,10 +2,11 @@
 //! leaves over to them, and stepping down when no longer needed.
 //!
 //! The decisions are `servent_proto::elect::Election`'s, a state machine
-//! with no I/O; this module is its driver: it gathers the facts the core
-//! needs (the load, the room of the other supernodes, whether a promoted
-//! leaf has joined the mesh), carries out its actions, and reports their
-//! results back. Facts a leaf claims
+//! with no I/O, held by the node's owner (`crate::owner`), which gives it
+//! the facts it needs (the load, the room of the other supernodes, the
+//! moment a promoted leaf joins the mesh). This module carries its actions
+//! out in tasks of their own and reports their results back to the owner.
+//! Facts a leaf claims
 //! (spare CPU, memory, bandwidth) come from its `Candidacy`; the facts that
 //! matter most are measured here: how long its session has lasted, and
 //! whether it can be reached from outside, checked by dialling its announced
@@ -14,25 +15,22 @@
 //! any NAT mapping and prove nothing).
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
 
 use serde::Deserialize;
-use servent_proto::elect::{self, Action, Load, Policy, PromoteReply, Room};
+use servent_proto::elect::{Policy, PromoteReply};
 use servent_proto::limits::{MAX_ERROR_MESSAGE, MAX_REPLY_FRAME};
 use servent_proto::msg::{
-    truncate_utf8, Candidacy, LeafReply, SupernodeInfo, SupernodeRequest, ALPN_TRANSFER,
+    truncate_utf8, LeafReply, SupernodeInfo, SupernodeRequest, ALPN_TRANSFER,
 };
 use servent_proto::NodeId;
-use tokio::sync::{watch, Notify};
-use tracing::{debug, info, warn, Instrument};
+use tracing::{debug, info, Instrument};
 
 use crate::net::{self, Endpoint};
+use crate::owner::Command;
 use crate::State;
-
-/// How often the driver looks for a promoted leaf among its neighbours.
-const JOIN_POLL: Duration = Duration::from_millis(100);
 
 /// Election settings (the `[election]` table of the config file).
 #[derive(Debug, Clone, Deserialize)]
@@ -136,147 +134,8 @@ impl ElectionConfig {
     }
 }
 
-/// Election state of one supernode: the core, and what its driver needs.
-pub struct Election {
-    core: Mutex<elect::Election<NodeId>>,
-    /// Wakes the driver when a task it started has reported to the core.
-    wake: Notify,
-    /// This supernode was a leaf once, and may step down.
-    pub elected: bool,
-    /// Set when it has stepped down: its owner stops the role.
-    pub stepped_down: watch::Sender<bool>,
-    pub promotions: AtomicU64,
-}
-
-impl Election {
-    pub fn new(config: &ElectionConfig, elected: bool) -> Self {
-        Self {
-            core: Mutex::new(elect::Election::new(
-                config.policy(),
-                elected,
-                rand::random(),
-                Instant::now(),
-            )),
-            wake: Notify::new(),
-            elected,
-            stepped_down: watch::channel(false).0,
-            promotions: Default::default(),
-        }
-    }
-
-    fn core(&self) -> MutexGuard<'_, elect::Election<NodeId>> {
-        self.core.lock().expect("election lock")
-    }
-
-    /// Records a leaf's candidacy; `since` is when its session began.
-    pub fn offer(&self, id: NodeId, candidacy: Candidacy, since: Instant, addr: SocketAddr) {
-        self.core().offer(id, candidacy, since, addr);
-    }
-
-    /// Whether a leaf's dial-back succeeded: `None` if it has not offered
-    /// itself, `Some(None)` if not checked yet.
-    pub fn reachable(&self, id: &NodeId) -> Option<Option<bool>> {
-        self.core().reachable(id)
-    }
-
-    /// Forgets a leaf whose session ended.
-    pub fn withdraw(&self, id: &NodeId) {
-        self.core().withdraw(id);
-    }
-}
-
-/// Carries the election core's actions out until `stop` fires or it steps
-/// down: dial-backs, `Promote`, hand-overs and the step-down are made here,
-/// and their results reported back to it.
-pub async fn run(state: Arc<State>, mut stop: watch::Receiver<bool>) {
-    if !state.config.election.enabled {
-        return;
-    }
-    // Dial-backs go out from a socket of their own.
-    let probe = match state.endpoint().map(|e| e.sibling_client()) {
-        Some(Ok(p)) => p,
-        Some(Err(e)) => {
-            warn!(error = %e, "no socket for dial-backs; not electing");
-            return;
-        }
-        None => return,
-    };
-    let election = &state.election;
-    loop {
-        let (due, joining) = {
-            let core = election.core();
-            (core.poll_timeout(), core.awaiting_join())
-        };
-        let Some(mut due) = due else { return };
-        if joining.is_some() {
-            // The mesh tells no one when a neighbour arrives: look.
-            due = due.min(Instant::now() + JOIN_POLL);
-        }
-        tokio::select! {
-            _ = stop.changed() => return,
-            _ = tokio::time::sleep_until(due.into()) => {}
-            _ = election.wake.notified() => {}
-        }
-        let now = Instant::now();
-        let joining = election.core().awaiting_join();
-        if let Some(id) = joining {
-            let addr = state.mesh.neighbour_addr(&id);
-            if let Some(addr) = addr {
-                election
-                    .core()
-                    .handle_joined(now, id, addr, state.leaves.len());
-            }
-        }
-        let others: Vec<Room> = state
-            .mesh
-            .for_leaves(true, now)
-            .iter()
-            .map(|i| Room {
-                leaves: i.leaves,
-                max_leaves: i.max_leaves,
-            })
-            .collect();
-        let load = Load {
-            leaves: state.leaves.len(),
-            max_leaves: state.config.max_leaves,
-            others: &others,
-        };
-        let actions: Vec<Action<NodeId>> = {
-            let mut core = election.core();
-            core.handle_timeout(now, &load);
-            if let Some(id) =
-                joining.filter(|_| core.awaiting_join().is_none() && !core.promoting())
-            {
-                debug!(leaf = %id.short(), "promoted leaf did not join the mesh in time");
-            }
-            std::iter::from_fn(|| core.poll_action()).collect()
-        };
-        for action in actions {
-            match action {
-                Action::Probe { id, addr, timeout } => {
-                    spawn_probe(&state, &probe, id, addr, timeout)
-                }
-                Action::Promote { id } => {
-                    let state = state.clone();
-                    tokio::spawn(async move { promote(&state, id).await }.in_current_span());
-                }
-                Action::HandOver { to, addr, count } => {
-                    let state = state.clone();
-                    tokio::spawn(
-                        async move { hand_over(&state, to, addr, count).await }.in_current_span(),
-                    );
-                }
-                Action::StepDown => {
-                    step_down(&state).await;
-                    return;
-                }
-            }
-        }
-    }
-}
-
 /// Dials `id` back at `addr` and reports to the core.
-fn spawn_probe(
+pub(crate) fn spawn_probe(
     state: &Arc<State>,
     probe: &Endpoint,
     id: NodeId,
@@ -299,10 +158,12 @@ fn spawn_probe(
                             false
                         }
                     });
-            state
-                .election
-                .core()
-                .handle_probe(Instant::now(), id, addr, reachable);
+            let probed = Command::Probed {
+                id,
+                addr,
+                reachable,
+            };
+            state.send(probed).await;
             debug!(leaf = %id.short(), %addr, reachable, "dial-back");
         }
         .in_current_span(),
@@ -310,12 +171,11 @@ fn spawn_probe(
 }
 
 /// Sends `req` to a leaf of ours over its connection and waits for its answer.
-async fn ask_leaf(state: &State, id: NodeId, req: &SupernodeRequest) -> Result<LeafReply, String> {
-    let conn = state
-        .leaves
-        .get(&id)
-        .map(|e| e.conn.clone())
-        .ok_or("leaf is gone")?;
+async fn ask_leaf(
+    conn: Option<&quinn::Connection>,
+    req: &SupernodeRequest,
+) -> Result<LeafReply, String> {
+    let conn = conn.ok_or("leaf is gone")?;
     let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
     net::write_frame(&mut send, req, MAX_REPLY_FRAME)
         .await
@@ -332,12 +192,19 @@ fn role_max_leaves(state: &State) -> u32 {
     state.config.max_leaves.min(u32::MAX as usize) as u32
 }
 
-/// Asks `id` to become a supernode and reports its answer to the core.
-async fn promote(state: &Arc<State>, id: NodeId) {
+/// Asks `id` (on `conn`, if it is still registered) to become a supernode
+/// and reports its answer to the core.
+pub(crate) fn spawn_promote(state: &Arc<State>, id: NodeId, conn: Option<quinn::Connection>) {
+    let state = state.clone();
+    tokio::spawn(async move { promote(&state, id, conn).await }.in_current_span());
+}
+
+async fn promote(state: &State, id: NodeId, conn: Option<quinn::Connection>) {
     let max_leaves = role_max_leaves(state);
-    let reply = match ask_leaf(state, id, &SupernodeRequest::Promote { max_leaves }).await {
+    let promote = SupernodeRequest::Promote { max_leaves };
+    let reply = match ask_leaf(conn.as_ref(), &promote).await {
         Ok(LeafReply::Accepted) => {
-            state.election.promotions.fetch_add(1, Ordering::Relaxed);
+            state.promotions.fetch_add(1, Ordering::Relaxed);
             info!(leaf = %id.short(), "leaf promoted to supernode");
             PromoteReply::Accepted
         }
@@ -352,17 +219,23 @@ async fn promote(state: &Arc<State>, id: NodeId) {
             PromoteReply::Failed
         }
     };
-    state
-        .election
-        .core()
-        .handle_promote_reply(Instant::now(), id, reply);
-    // It dials us as its first peer: the driver watches for it.
-    state.election.wake.notify_one();
+    // It dials us as its first peer: the owner sees it join the mesh.
+    state.send(Command::PromoteReply { id, reply }).await;
 }
 
-/// Moves `count` of our leaves (not the new supernode itself) to `to`,
-/// which has joined the mesh from `addr`.
-async fn hand_over(state: &Arc<State>, to: NodeId, addr: SocketAddr, count: usize) {
+/// Moves `movers` (some of our leaves, not the new supernode itself) to
+/// `to`, which has joined the mesh from `addr`, one after the other.
+pub(crate) fn spawn_hand_over(
+    state: &Arc<State>,
+    to: NodeId,
+    addr: SocketAddr,
+    movers: Vec<quinn::Connection>,
+) {
+    let state = state.clone();
+    tokio::spawn(async move { hand_over(&state, to, addr, movers).await }.in_current_span());
+}
+
+async fn hand_over(state: &State, to: NodeId, addr: SocketAddr, movers: Vec<quinn::Connection>) {
     let info = SupernodeInfo {
         id: to,
         addr: addr.to_string(),
@@ -370,39 +243,34 @@ async fn hand_over(state: &Arc<State>, to: NodeId, addr: SocketAddr, count: usiz
         max_leaves: role_max_leaves(state),
         age_secs: 0,
     };
-    let movers: Vec<NodeId> = state
-        .leaves
-        .iter()
-        .map(|e| *e.key())
-        .filter(|l| *l != to)
-        .take(count)
-        .collect();
     let mut moved = 0;
-    for leaf in movers {
-        if let Ok(LeafReply::Accepted) =
-            ask_leaf(state, leaf, &SupernodeRequest::Rehome(vec![info.clone()])).await
-        {
+    for conn in &movers {
+        let rehome = SupernodeRequest::Rehome(vec![info.clone()]);
+        if let Ok(LeafReply::Accepted) = ask_leaf(Some(conn), &rehome).await {
             moved += 1;
         }
     }
     info!(to = %to.short(), moved, "leaves handed over");
-    state
-        .election
-        .core()
-        .handle_handover_done(Instant::now(), to);
-    state.election.wake.notify_one();
+    state.send(Command::HandedOver { to }).await;
 }
 
-/// Sends every leaf elsewhere, then tells the owner to stop the role.
-async fn step_down(state: &Arc<State>) {
-    let elsewhere = state.mesh.for_leaves(true, Instant::now());
-    info!(
-        leaves = state.leaves.len(),
-        "drained: stepping down to leaf"
+/// Sends every leaf (`leaves`) to `elsewhere`, then tells the owner of the
+/// role to stop it.
+pub(crate) fn spawn_step_down(
+    state: &Arc<State>,
+    elsewhere: Vec<SupernodeInfo>,
+    leaves: Vec<quinn::Connection>,
+) {
+    let state = state.clone();
+    tokio::spawn(
+        async move {
+            info!(leaves = leaves.len(), "drained: stepping down to leaf");
+            for conn in &leaves {
+                let rehome = SupernodeRequest::Rehome(elsewhere.clone());
+                let _ = ask_leaf(Some(conn), &rehome).await;
+            }
+            let _ = state.stepped_down.send(true);
+        }
+        .in_current_span(),
     );
-    let leaves: Vec<NodeId> = state.leaves.iter().map(|e| *e.key()).collect();
-    for leaf in leaves {
-        let _ = ask_leaf(state, leaf, &SupernodeRequest::Rehome(elsewhere.clone())).await;
-    }
-    let _ = state.election.stepped_down.send(true);
 }

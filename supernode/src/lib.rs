@@ -4,8 +4,10 @@
 //! it observed itself. Transfers never pass through it.
 //!
 //! Module map: [`net`] identity and QUIC transport (shared with the leaf),
-//! [`index`] the concurrent file index, [`session`] one leaf's connection,
-//! [`mesh`] links to other supernodes, [`routing`] answering and forwarding
+//! [`owner`] the one task that owns the leases, the mesh membership and the
+//! election, [`index`] the concurrent file index, [`session`] one leaf's
+//! connection, [`mesh`] links to other supernodes, [`election`] carrying
+//! out the election's actions, [`routing`] answering and forwarding
 //! queries, [`metrics`] counters, [`status`] and [`http`] what `--http`
 //! serves, [`probe`] the health check of the container images, [`config`]
 //! configuration.
@@ -18,6 +20,7 @@ pub mod index;
 pub mod mesh;
 pub mod metrics;
 pub mod net;
+pub mod owner;
 pub mod probe;
 pub mod routing;
 pub mod session;
@@ -25,9 +28,9 @@ pub mod status;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
-use dashmap::DashMap;
+use servent_proto::hop::HopNode;
 use servent_proto::msg::{ALPN_LEAF, ALPN_MESH};
 use servent_proto::NodeId;
 use tokio::sync::watch;
@@ -36,7 +39,6 @@ use tracing::{info, info_span, warn, Instrument};
 
 pub use config::Config;
 use index::Index;
-use mesh::Mesh;
 use metrics::Metrics;
 use net::{Endpoint, EndpointError, Identity, IdentityError};
 
@@ -52,28 +54,33 @@ pub enum StartError {
     Http(#[from] http::HttpError),
 }
 
-/// A registered leaf as the supernode sees it.
-#[derive(Debug, Clone)]
-pub struct LeafEntry {
-    /// Session generation: a newer connection of the same leaf replaces this.
-    pub generation: u64,
-    /// Where other leaves download from it: observed IP, announced port.
-    pub addr: SocketAddr,
-    pub conn: quinn::Connection,
-}
-
 /// State shared by every connection of one supernode.
+///
+/// The long-lived decision state (leases, mesh membership, election) is
+/// not here but in the task [`owner::run`], which these methods talk to;
+/// what is here is either fixed (id, config), counters, or read by every
+/// query and guarded by a short lock of its own (the index, the per-query
+/// routing state, the leaves' query limits).
 pub struct State {
     pub id: NodeId,
     pub config: Config,
-    pub index: Index,
-    pub leaves: DashMap<NodeId, LeafEntry>,
-    pub mesh: Mesh,
+    index: Index,
     pub metrics: Metrics,
-    pub election: election::Election,
-    pub query_limits: session::QueryLimits,
+    query_limits: session::QueryLimits,
+    /// What every query at this node shares: the seen-set, each
+    /// neighbour's query bucket and the fair forwarder.
+    hop: Mutex<HopNode<NodeId>>,
+    /// The owner's command queue and snapshot.
+    owner: owner::Client,
+    /// The owner's state, until [`owner::run`] takes it.
+    core: Mutex<Option<owner::Owner>>,
+    /// This supernode was a leaf once, and may step down.
+    elected: bool,
+    /// Set when it has stepped down: its owner stops the role.
+    stepped_down: watch::Sender<bool>,
+    /// Leaves that accepted a promotion from this supernode.
+    promotions: AtomicU64,
     endpoint: OnceLock<Endpoint>,
-    generations: AtomicU64,
     /// Admits connections of every kind, registered or not, and bounds
     /// what they may hold.
     pub gate: Arc<gate::Gate>,
@@ -88,24 +95,26 @@ impl State {
             entries_per_ip: config.max_index_entries_per_ip,
             exempt: config.exempt_ips.clone(),
         };
-        let mesh = Mesh::new(id, &config);
         let query_limits = session::QueryLimits::new(
             config.query_rate,
             config.query_burst,
             config.exempt_ips.clone(),
         );
-        let election = election::Election::new(&config.election, elected);
+        let hop = HopNode::new(config.hop, config.mesh_query_rate, config.mesh_query_burst);
+        let (core, client) = owner::new(id, &config, elected, owner::node_rng());
         Self {
             id,
             config,
             index: Index::new(index_limits),
-            leaves: DashMap::new(),
-            mesh,
             metrics: Metrics::default(),
-            election,
             query_limits,
+            hop: Mutex::new(hop),
+            owner: client,
+            core: Mutex::new(Some(core)),
+            elected,
+            stepped_down: watch::channel(false).0,
+            promotions: AtomicU64::new(0),
             endpoint: OnceLock::new(),
-            generations: AtomicU64::new(1),
             gate,
         }
     }
@@ -115,8 +124,34 @@ impl State {
         self.endpoint.get()
     }
 
-    fn next_generation(&self) -> u64 {
-        self.generations.fetch_add(1, Ordering::Relaxed)
+    /// The file index of this supernode's leaves.
+    pub fn index(&self) -> &Index {
+        &self.index
+    }
+
+    /// The per-query routing state, locked: hold it only for a call.
+    pub(crate) fn hop(&self) -> MutexGuard<'_, HopNode<NodeId>> {
+        self.hop.lock().expect("hop lock")
+    }
+
+    fn take_owner(&self) -> Option<owner::Owner> {
+        self.core.lock().expect("owner lock").take()
+    }
+
+    /// Whether this supernode was a leaf once, and may step down.
+    pub fn is_elected(&self) -> bool {
+        self.elected
+    }
+
+    /// Becomes true when the election core has stepped down: whoever holds
+    /// the role then stops it.
+    pub fn stepped_down(&self) -> watch::Receiver<bool> {
+        self.stepped_down.subscribe()
+    }
+
+    /// Leaves that accepted a promotion from this supernode.
+    pub fn promotions(&self) -> u64 {
+        self.promotions.load(Ordering::Relaxed)
     }
 
     /// Handles one incoming connection to the end, whatever its ALPN.
@@ -225,9 +260,8 @@ impl Supernode {
             async move {
                 info!(%addr, "listening");
                 tokio::spawn(
-                    mesh::maintain(state.clone(), addr.port(), stop.clone()).in_current_span(),
+                    owner::run(state.clone(), addr.port(), stop.clone()).in_current_span(),
                 );
-                tokio::spawn(election::run(state.clone(), stop.clone()).in_current_span());
                 loop {
                     tokio::select! {
                         _ = stop.changed() => break,
@@ -263,10 +297,7 @@ impl Supernode {
         let (shutdown, stop) = watch::channel(false);
         let span = info_span!("supernode", id = %endpoint.id().short());
         info!(parent: &span, %addr, "supernode role started");
-        tokio::spawn(
-            mesh::maintain(state.clone(), addr.port(), stop.clone()).instrument(span.clone()),
-        );
-        tokio::spawn(election::run(state.clone(), stop).instrument(span));
+        tokio::spawn(owner::run(state.clone(), addr.port(), stop).instrument(span));
         Ok(Self {
             state,
             endpoint,
@@ -278,14 +309,10 @@ impl Supernode {
         })
     }
 
-    /// Ends the role: stops its tasks and closes its leaf and mesh
-    /// connections, leaving the endpoint to its owner.
+    /// Ends the role: stops its tasks, whose owner closes its leaf and
+    /// mesh connections, leaving the endpoint to its owner.
     pub fn stop_role(&self) {
         let _ = self.shutdown.send(true);
-        for e in self.state.leaves.iter() {
-            e.conn.close(0u32.into(), b"supernode stepped down");
-        }
-        self.state.mesh.close_all(b"supernode stepped down");
     }
 
     pub fn id(&self) -> NodeId {
@@ -308,18 +335,17 @@ impl Supernode {
 
     /// Leaves registered now.
     pub fn leaf_count(&self) -> usize {
-        self.state.leaves.len()
+        self.state.leaf_count()
     }
 
     /// Distinct files indexed now.
     pub fn file_count(&self) -> usize {
-        self.state.index.file_count()
+        self.state.index().file_count()
     }
 
     /// Ids of the mesh neighbours linked now.
     pub fn neighbours(&self) -> Vec<NodeId> {
         self.state
-            .mesh
             .neighbours()
             .into_iter()
             .map(|(id, _)| id)

@@ -1,258 +1,90 @@
 //! The supernode mesh (ALPN `servent-mesh/2`) over QUIC: the driver of
 //! [`servent_proto::mesh::Membership`], which decides who our neighbours
 //! are, what we know of other supernodes, whom to dial, what to gossip and
-//! when a neighbour is gone. This module only carries its decisions out:
-//! it dials, runs each link's control stream, feeds the core what happens
-//! (dial outcomes, `Hello`s, `Status` frames, links that end, RTT samples,
-//! timer expiries) and keeps the connections, keyed by link, beside it.
+//! when a neighbour is gone. The core and the links' connections, keyed by
+//! link, are held by the node's owner (`crate::owner`); this module only
+//! carries the core's decisions out: it dials, runs each link's control
+//! stream, and sends the owner what happens (dial outcomes, `Hello`s,
+//! `Status` frames, links that end; the owner adds RTT samples and timer
+//! expiries).
 //!
 //! A neighbour's own address is the one its connection comes from (with the
 //! port its `Hello` gave); gossiped addresses are only claims, dialled with
 //! the gossiped id as the expected node id. Query routing over these links
 //! is in [`crate::routing`]; the per-neighbour query state (seen ids, rate
-//! limits, fair forwarding) lives here beside the links it belongs to.
+//! limits, fair forwarding) is `servent_proto::hop::HopNode`, kept in the
+//! node's `State` and told here when a link goes down.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU16, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
-use dashmap::DashMap;
-use servent_proto::fair::{FairForwarder, Origin};
 use servent_proto::limits::MAX_MESH_FRAME;
 use servent_proto::mesh::{Action, CloseReason, DialAddr, DialId, LinkId, Membership, Refusal};
 use servent_proto::msg::{
     ErrorCode, ErrorReply, MeshControl, MeshRequest, SupernodeInfo, ALPN_MESH,
 };
-use servent_proto::rate::TokenBucket;
-use servent_proto::route::Seen;
 use servent_proto::NodeId;
-use tokio::sync::{mpsc, watch, Notify};
+use tokio::sync::mpsc;
 use tracing::{debug, info, info_span, warn, Instrument};
 
 use crate::gate::Inbound;
 use crate::net::{self, Peer, StreamError};
+use crate::owner::{Command, Io, NewLink};
 use crate::{routing, State};
 
 /// `Status` frames waiting for a link's writer. The core queues one a
 /// gossip interval; a writer this far behind has a link that is dying.
 const GOSSIP_QUEUE: usize = 4;
 
-/// A link the core has admitted: the connection it runs on.
-struct Link {
-    peer: NodeId,
-    conn: quinn::Connection,
+/// A link the core has admitted: the connection it runs on. The owner
+/// keeps exactly the links of the core's neighbours.
+pub(crate) struct Link {
+    pub peer: NodeId,
+    pub conn: quinn::Connection,
     /// The `known` lists of the `Status` frames to send on it.
-    gossip: mpsc::Sender<Vec<SupernodeInfo>>,
+    pub gossip: mpsc::Sender<Vec<SupernodeInfo>>,
 }
 
-struct Inner {
-    core: Membership,
-    /// Exactly the links of the core's neighbours.
-    links: HashMap<LinkId, Link>,
-}
-
-/// The mesh state of one supernode.
-pub struct Mesh {
-    inner: Mutex<Inner>,
-    /// Wakes the maintenance loop when a new link may move the core's
-    /// next deadline earlier.
-    wake: Notify,
-    /// The UDP port our `Hello`s announce.
-    listen_port: AtomicU16,
-    pub seen: Mutex<Seen>,
-    /// Per-neighbour mesh query rate limits.
-    pub rates: DashMap<NodeId, TokenBucket>,
-    /// What we forward on each link, shared fairly among the origins of
-    /// the queries (`servent_proto::fair`).
-    pub fair: Mutex<FairForwarder<NodeId, Origin<NodeId>>>,
-}
-
-fn link_id(conn: &quinn::Connection) -> LinkId {
+pub(crate) fn link_id(conn: &quinn::Connection) -> LinkId {
     LinkId(conn.stable_id() as u64)
 }
 
-impl Mesh {
-    /// The membership core of supernode `me`, configured from `config`
-    /// (its `mesh` timings, neighbour counts, address caps and `peers`).
-    /// `mesh_query_rate` and `mesh_query_burst` are what a neighbour
-    /// accepts from us (assumed to be what we accept from each of them).
-    pub fn new(me: NodeId, config: &crate::Config) -> Self {
-        let core = Membership::new(me, config.mesh_config(), &config.peers, Instant::now());
-        Self {
-            inner: Mutex::new(Inner {
-                core,
-                links: HashMap::new(),
-            }),
-            wake: Notify::new(),
-            listen_port: AtomicU16::new(0),
-            seen: Mutex::new(Seen::default()),
-            rates: DashMap::new(),
-            fair: Mutex::new(FairForwarder::new(
-                config.mesh_query_rate,
-                config.mesh_query_burst,
-            )),
-        }
-    }
-
-    fn lock(&self) -> MutexGuard<'_, Inner> {
-        self.inner.lock().expect("mesh lock")
-    }
-
-    /// Neighbour ids, least loaded and fastest first: the order a search
-    /// asks them in. Each link's current RTT is fed to the core first.
-    pub fn ranked_neighbours(&self) -> Vec<NodeId> {
-        let mut inner = self.lock();
-        let Inner { core, links } = &mut *inner;
-        for l in links.values() {
-            core.handle_rtt(l.peer, l.conn.rtt());
-        }
-        core.ranked_neighbours()
-    }
-
-    /// The connection of neighbour `id`, if linked.
-    pub fn conn(&self, id: &NodeId) -> Option<quinn::Connection> {
-        let inner = self.lock();
-        let link = inner.core.neighbour_info(id)?.link;
-        inner.links.get(&link).map(|l| l.conn.clone())
-    }
-
-    /// Where neighbour `id` listens, if linked.
-    pub fn neighbour_addr(&self, id: &NodeId) -> Option<SocketAddr> {
-        self.lock().core.neighbour_info(id).map(|n| n.addr)
-    }
-
-    pub fn is_neighbour(&self, id: &NodeId) -> bool {
-        self.lock().core.is_neighbour(id)
-    }
-
-    pub fn neighbour_count(&self) -> usize {
-        self.lock().core.neighbour_count()
-    }
-
-    /// The neighbours linked now and where they listen.
-    pub fn neighbours(&self) -> Vec<(NodeId, SocketAddr)> {
-        self.lock()
-            .core
-            .neighbours()
-            .map(|(id, n)| (*id, n.addr))
-            .collect()
-    }
-
-    /// Other supernodes known now: neighbours, and those remembered but
-    /// not linked (gossiped ones included, checked or not).
-    pub fn known_count(&self) -> usize {
-        self.lock().core.known_count()
-    }
-
-    /// Supernodes for a leaf, least loaded first; with `with_room`, only
-    /// those that can take another leaf (see [`Membership::for_leaves`]).
-    pub fn for_leaves(&self, with_room: bool, now: Instant) -> Vec<SupernodeInfo> {
-        self.lock().core.for_leaves(with_room, now)
-    }
-
-    /// Adds supernodes known from elsewhere (an elected leaf's own list),
-    /// unverified, as candidates to dial.
-    pub fn seed(&self, infos: Vec<SupernodeInfo>, now: Instant) {
-        self.lock().core.seed(infos, now);
-    }
-
-    /// Closes every link with `reason` (the role is ending).
-    pub fn close_all(&self, reason: &[u8]) {
-        for l in self.lock().links.values() {
-            l.conn.close(0u32.into(), reason);
-        }
-    }
-}
-
-/// Tells the core of any link whose connection has closed, so that a new
-/// link to the same node is not measured against a dead one.
-fn reap(inner: &mut Inner, now: Instant) {
-    let dead: Vec<(NodeId, LinkId)> = inner
-        .links
-        .iter()
-        .filter(|(_, l)| l.conn.close_reason().is_some())
-        .map(|(id, l)| (l.peer, *id))
-        .collect();
-    for (peer, link) in dead {
-        inner.core.handle_link_down(now, peer, link);
-    }
-}
-
-/// Carries out what the core asked for: queues gossip under the lock, then
-/// closes connections and starts dials once it is released.
-fn run_actions(state: &Arc<State>, mut inner: MutexGuard<'_, Inner>) {
-    let mut dials = Vec::new();
-    let mut closes = Vec::new();
-    while let Some(action) = inner.core.poll_action() {
+/// Carries out what the mesh core asked for: queues gossip, closes links
+/// and starts dials (the owner calls this; nothing here waits).
+pub(crate) fn carry_out(io: &Io<'_>, core: &mut Membership, links: &mut HashMap<LinkId, Link>) {
+    while let Some(action) = core.poll_action() {
         match action {
-            Action::Dial { dial, expect, addr } => dials.push((dial, expect, addr)),
+            Action::Dial { dial, expect, addr } => {
+                let state = io.state.clone();
+                tokio::spawn(run_dial(state, dial, expect, addr, io.listen_port).in_current_span());
+            }
             Action::SendGossip { link, known, .. } => {
-                if let Some(l) = inner.links.get(&link) {
+                if let Some(l) = links.get(&link) {
                     // A full queue: that link's writer is stuck, and the
                     // next frame will carry fresher news anyway.
                     let _ = l.gossip.try_send(known);
                 }
             }
             Action::Close { id, link, reason } => {
-                if let Some(l) = inner.links.remove(&link) {
-                    closes.push((id, l, reason));
+                let Some(link) = links.remove(&link) else {
+                    continue;
+                };
+                link.conn.close(0u32.into(), reason.as_str().as_bytes());
+                match reason {
+                    CloseReason::Replaced => {
+                        debug!(peer = %id.short(), "duplicate link closed");
+                        continue;
+                    }
+                    CloseReason::Silent => {
+                        warn!(peer = %id.short(), "neighbour stopped sending status")
+                    }
+                    CloseReason::Ended => {}
                 }
+                io.state.hop().remove_neighbour(&id);
+                info!(peer = %id.short(), "link down");
             }
-        }
-    }
-    drop(inner);
-    for (id, link, reason) in closes {
-        link.conn.close(0u32.into(), reason.as_str().as_bytes());
-        match reason {
-            CloseReason::Replaced => {
-                debug!(peer = %id.short(), "duplicate link closed");
-                continue;
-            }
-            CloseReason::Silent => warn!(peer = %id.short(), "neighbour stopped sending status"),
-            CloseReason::Ended => {}
-        }
-        state.mesh.rates.remove(&id);
-        state.mesh.fair.lock().expect("fair lock").remove_link(&id);
-        info!(peer = %id.short(), "link down");
-    }
-    let listen_port = state.mesh.listen_port.load(Ordering::Relaxed);
-    for (dial, expect, addr) in dials {
-        tokio::spawn(run_dial(state.clone(), dial, expect, addr, listen_port).in_current_span());
-    }
-}
-
-fn my_load(state: &State) -> (u32, u32) {
-    (
-        state.leaves.len() as u32,
-        state.config.max_leaves.min(u32::MAX as usize) as u32,
-    )
-}
-
-/// Runs the core's timers until `stop` fires: maintenance (bootstrap
-/// peers, dialling up to the target), each link's `Status`, and dropping
-/// silent neighbours.
-pub async fn maintain(state: Arc<State>, listen_port: u16, mut stop: watch::Receiver<bool>) {
-    state.mesh.listen_port.store(listen_port, Ordering::Relaxed);
-    loop {
-        let next = {
-            let now = Instant::now();
-            let mut inner = state.mesh.lock();
-            reap(&mut inner, now);
-            inner.core.handle_timeout(now);
-            let next = inner.core.poll_timeout();
-            run_actions(&state, inner);
-            next
-        };
-        let sleep = match next {
-            Some(at) => tokio::time::sleep_until(at.into()),
-            None => tokio::time::sleep(Duration::from_secs(3600)),
-        };
-        tokio::select! {
-            _ = stop.changed() => return,
-            _ = sleep => {}
-            _ = state.mesh.wake.notified() => {}
         }
     }
 }
@@ -290,16 +122,14 @@ async fn run_dial(
     let sock = match addr {
         DialAddr::Socket(a) => Some(a),
         DialAddr::Name(name) => match resolve(&name).await {
-            Some(a) => {
-                if !state
-                    .mesh
-                    .lock()
-                    .core
-                    .handle_resolved(Instant::now(), dial, a)
-                {
+            Some(addr) => {
+                let go_on = state
+                    .ask(|reply| Command::Resolved { dial, addr, reply })
+                    .await;
+                if go_on != Some(true) {
                     return;
                 }
-                Some(a)
+                Some(addr)
             }
             None => None,
         },
@@ -312,9 +142,7 @@ async fn run_dial(
         debug!(addr = ?sock, error = %e, "mesh dial failed");
         // Once the core has refused the link it has counted the failure
         // itself; reporting it again is harmless.
-        let mut inner = state.mesh.lock();
-        inner.core.handle_dial_failed(Instant::now(), dial);
-        run_actions(&state, inner);
+        state.send(Command::DialFailed { dial }).await;
     }
 }
 
@@ -333,14 +161,9 @@ async fn dial_inner(
         peer.conn.close(0u32.into(), b"that is me");
         return Err(DialError::Myself);
     }
-    let linked = {
-        let mut inner = state.mesh.lock();
-        reap(&mut inner, Instant::now());
-        let linked = inner.core.is_neighbour(&peer.id);
-        run_actions(state, inner);
-        linked
-    };
-    if linked {
+    let id = peer.id;
+    let linked = state.ask(|reply| Command::IsLinked { id, reply }).await;
+    if linked != Some(false) {
         peer.conn.close(0u32.into(), b"already linked");
         return Err(DialError::Duplicate);
     }
@@ -349,7 +172,7 @@ async fn dial_inner(
         .open_bi()
         .await
         .map_err(|e| DialError::Refused(e.to_string()))?;
-    let (leaves, max_leaves) = my_load(state);
+    let (leaves, max_leaves) = state.load();
     net::write_frame(
         &mut send,
         &MeshRequest::Hello {
@@ -367,29 +190,29 @@ async fn dial_inner(
             other => return Err(DialError::Refused(format!("unexpected answer {other:?}"))),
         };
     let (tx, rx) = mpsc::channel(GOSSIP_QUEUE);
-    let link = link_id(&peer.conn);
-    let admitted = {
-        let mut inner = state.mesh.lock();
-        reap(&mut inner, Instant::now());
-        let r =
-            inner
-                .core
-                .handle_dialled(Instant::now(), dial, peer.id, link, their_leaves, their_max);
-        if r.is_ok() {
-            inner.links.insert(link, new_link(&peer, tx));
-        }
-        run_actions(state, inner);
-        r
-    };
+    let link = new_link(&peer, tx);
+    let admitted = state
+        .ask(|reply| Command::Dialled {
+            dial,
+            link,
+            leaves: their_leaves,
+            max_leaves: their_max,
+            reply,
+        })
+        .await;
     match admitted {
-        Ok(()) => state.mesh.wake.notify_one(),
-        Err(Refusal::NoRoom(_)) => {
+        Some(Ok(())) => {}
+        None => {
+            peer.conn.close(0u32.into(), b"shutting down");
+            return Err(DialError::Busy);
+        }
+        Some(Err(Refusal::NoRoom(_))) => {
             peer.conn.close(0u32.into(), b"no room");
             return Err(DialError::Refused(
                 "neighbour table filled meanwhile".into(),
             ));
         }
-        Err(_) => {
+        Some(Err(_)) => {
             peer.conn.close(0u32.into(), b"duplicate link");
             return Err(DialError::Duplicate);
         }
@@ -409,8 +232,8 @@ async fn dial_inner(
     Ok(())
 }
 
-fn new_link(peer: &Peer, gossip: mpsc::Sender<Vec<SupernodeInfo>>) -> Link {
-    Link {
+fn new_link(peer: &Peer, gossip: mpsc::Sender<Vec<SupernodeInfo>>) -> NewLink {
+    NewLink {
         peer: peer.id,
         conn: peer.conn.clone(),
         gossip,
@@ -479,7 +302,8 @@ async fn serve_stream(
             max_leaves,
         })) if !hello_seen.swap(true, Ordering::SeqCst) => {
             let (tx, rx) = mpsc::channel(GOSSIP_QUEUE);
-            if let Err(refusal) = welcome(&state, &peer, listen_port, leaves, max_leaves, tx) {
+            let welcomed = welcome(&state, &peer, listen_port, leaves, max_leaves, tx).await;
+            if let Err(refusal) = welcomed {
                 let reason = refusal.to_string();
                 debug!(%reason, "link refused");
                 let refusal =
@@ -490,19 +314,19 @@ async fn serve_stream(
                 peer.conn.close(0u32.into(), reason.as_bytes());
                 return;
             }
-            let (leaves, max_leaves) = my_load(&state);
+            let (leaves, max_leaves) = state.load();
             let welcome = MeshControl::Welcome { leaves, max_leaves };
             if net::write_frame(&mut send, &welcome, MAX_MESH_FRAME)
                 .await
                 .is_err()
             {
-                link_down(&state, &peer);
+                link_down(&state, &peer).await;
                 return;
             }
             info!("linked (accepted)");
             run_link(state, peer, false, send, recv, rx).await;
         }
-        Ok(Some(MeshRequest::Query(q))) if state.mesh.is_neighbour(&peer.id) => {
+        Ok(Some(MeshRequest::Query(q))) if state.is_neighbour(&peer.id) => {
             routing::serve_mesh_query(state, peer.id, q, send).await;
         }
         Ok(Some(_)) => {
@@ -520,7 +344,7 @@ async fn serve_stream(
 
 /// Whether to take an accepted link; on success it is a neighbour and its
 /// `Status` frames go to `gossip`.
-fn welcome(
+async fn welcome(
     state: &Arc<State>,
     peer: &Peer,
     listen_port: u16,
@@ -529,30 +353,25 @@ fn welcome(
     gossip: mpsc::Sender<Vec<SupernodeInfo>>,
 ) -> Result<(), Refusal> {
     let ip = peer.conn.remote_address().ip().to_canonical();
-    let link = link_id(&peer.conn);
-    let now = Instant::now();
-    let mut inner = state.mesh.lock();
-    reap(&mut inner, now);
-    let r = inner
-        .core
-        .handle_hello(now, peer.id, link, ip, listen_port, leaves, max_leaves);
-    if r.is_ok() {
-        inner.links.insert(link, new_link(peer, gossip));
-    }
-    run_actions(state, inner);
-    if r.is_ok() {
-        state.mesh.wake.notify_one();
-    }
-    r
+    let link = new_link(peer, gossip);
+    state
+        .ask(|reply| Command::Hello {
+            link,
+            ip,
+            listen_port,
+            leaves,
+            max_leaves,
+            reply,
+        })
+        .await
+        // The owner is gone: the node is going too.
+        .unwrap_or(Err(Refusal::NoRoom(0)))
 }
 
 /// Tells the core that this connection's link has ended.
-fn link_down(state: &Arc<State>, peer: &Peer) {
-    let mut inner = state.mesh.lock();
-    inner
-        .core
-        .handle_link_down(Instant::now(), peer.id, link_id(&peer.conn));
-    run_actions(state, inner);
+async fn link_down(state: &State, peer: &Peer) {
+    let (id, link) = (peer.id, link_id(&peer.conn));
+    state.send(Command::LinkDown { id, link }).await;
 }
 
 /// Runs one link's control stream and, on the dialling side (`dialled`),
@@ -587,16 +406,14 @@ async fn run_link(
                         max_leaves,
                         known,
                     })) => {
-                        let mut inner = state.mesh.lock();
-                        inner.core.handle_status(
-                            Instant::now(),
+                        let status = Command::Status {
                             id,
                             link,
                             leaves,
                             max_leaves,
                             known,
-                        );
-                        run_actions(&state, inner);
+                        };
+                        state.send(status).await;
                     }
                     Ok(Some(other)) => {
                         warn!(message = ?other, "unexpected control frame");
@@ -614,7 +431,7 @@ async fn run_link(
     let writer = async {
         // Ends when the core drops the link (the sender goes with it).
         while let Some(known) = gossip.recv().await {
-            let (leaves, max_leaves) = my_load(&state);
+            let (leaves, max_leaves) = state.load();
             let status = MeshControl::Status {
                 leaves,
                 max_leaves,
@@ -636,6 +453,6 @@ async fn run_link(
     if let Some(t) = streams {
         t.abort();
     }
-    link_down(&state, &peer);
+    link_down(&state, &peer).await;
     conn.close(0u32.into(), b"link closed");
 }

@@ -22,25 +22,38 @@ use servent_proto::limits::{MAX_HITS_PER_FRAME, MAX_MESH_FRAME, MAX_REPLY_FRAME}
 use servent_proto::msg::{
     ErrorCode, ErrorReply, Hit, MeshQuery, MeshRequest, Query, SupernodeReply,
 };
-use servent_proto::rate::TokenBucket;
 use servent_proto::NodeId;
 use tokio::sync::mpsc;
 use tokio::task::{AbortHandle, JoinSet};
 use tracing::{debug, Instrument};
 
 use crate::net::{self, StreamError};
+use crate::owner::Command;
 use crate::State;
 
-/// Searches the local index for what a query's checks said to look up.
-fn search(state: &State, lookup: &Lookup, max: usize) -> Local {
+/// Searches the local index for what a query's checks said to look up;
+/// the sources of each hit are where the owner has their leaves now.
+async fn search(state: &State, lookup: &Lookup, max: usize) -> Local {
     let (found, examined) = match lookup {
         Lookup::Words(words) => {
-            let searched = state.index.search(words, max);
+            let searched = state.index().search(words, max);
             (searched.found, searched.examined)
         }
-        Lookup::Hash(h) => (state.index.get(h).into_iter().collect(), 1),
+        Lookup::Hash(h) => (state.index().get(h).into_iter().collect(), 1),
     };
     let files = found.len();
+    let owners: Vec<NodeId> = found
+        .iter()
+        .flat_map(|f| f.owners.iter().map(|(owner, _)| *owner))
+        .collect();
+    let addrs = match owners.is_empty() {
+        true => Vec::new(),
+        false => state
+            .ask(|reply| Command::Addrs { ids: owners, reply })
+            .await
+            .unwrap_or_default(),
+    };
+    let mut addrs = addrs.into_iter();
     let hits = found
         .into_iter()
         .filter_map(|f| {
@@ -48,8 +61,8 @@ fn search(state: &State, lookup: &Lookup, max: usize) -> Local {
             // sources: no one owner names the file for the others.
             let mut hit = HitBuilder::new(f.hash);
             for (owner, variant) in &f.owners {
-                if let Some(e) = state.leaves.get(owner) {
-                    hit.add(*owner, e.addr.to_string(), variant);
+                if let Some(addr) = addrs.next().flatten() {
+                    hit.add(*owner, addr.to_string(), variant);
                 }
             }
             hit.finish()
@@ -63,13 +76,21 @@ fn search(state: &State, lookup: &Lookup, max: usize) -> Local {
 }
 
 /// Answers the local index for `hq` if it is to be answered, and starts it.
-fn start(state: &State, hq: &mut HopQuery<NodeId>) {
-    let local = hq
-        .lookup()
-        .map(|l| search(state, l, hq.wanted()))
-        .unwrap_or_default();
-    let mut fair = state.mesh.fair.lock().expect("fair lock");
-    hq.handle_local(Instant::now(), local, &mut fair);
+async fn start(state: &State, hq: &mut HopQuery<NodeId>) {
+    let local = match hq.lookup() {
+        Some(l) => search(state, l, hq.wanted()).await,
+        None => Local::default(),
+    };
+    state.hop().handle_local(Instant::now(), hq, local);
+}
+
+/// Our neighbours, ranked for a query, and a fresh query id from the
+/// node's RNG if `query_id`.
+async fn ranked(state: &State, query_id: bool) -> (u64, Vec<NodeId>) {
+    state
+        .ask(|reply| Command::Ranked { query_id, reply })
+        .await
+        .unwrap_or_default()
 }
 
 async fn write_hits(
@@ -105,25 +126,21 @@ pub async fn serve_leaf_query(
     charge: impl FnOnce(f64),
 ) -> Result<(), ErrorReply> {
     state.metrics.leaf_queries.inc();
+    let (id, neighbours) = ranked(state, true).await;
     let ask = LeafQuery {
         leaf,
-        id: rand::random(),
+        id,
         query: &q,
         ttl: state.config.query_ttl,
         search_time: Duration::from_millis(state.config.search_time_ms.into()),
     };
-    let arrival = {
-        let mut seen = state.mesh.seen.lock().expect("seen lock");
-        HopQuery::from_leaf(&state.config.hop, Instant::now(), &mut seen, ask, || {
-            state.mesh.ranked_neighbours()
-        })
-    };
+    let arrival = state.hop().from_leaf(Instant::now(), ask, || neighbours);
     let mut hq = match arrival {
         Arrival::Accepted(hq) => *hq,
         Arrival::Invalid(e) => return Err(e),
         Arrival::RateLimited | Arrival::Duplicate => return Ok(()),
     };
-    start(state, &mut hq);
+    start(state, &mut hq).await;
     state.metrics.queries_processed.inc();
     let mut charge = Some(charge);
     drive(state, &mut hq, &q, send, |tokens| {
@@ -146,26 +163,10 @@ pub async fn serve_mesh_query(
     mut send: quinn::SendStream,
 ) {
     state.metrics.mesh_queries.inc();
-    let now = Instant::now();
-    let arrival = {
-        let mut bucket = state.mesh.rates.entry(from).or_insert_with(|| {
-            TokenBucket::new(
-                state.config.mesh_query_rate,
-                state.config.mesh_query_burst,
-                now,
-            )
-        });
-        let mut seen = state.mesh.seen.lock().expect("seen lock");
-        HopQuery::from_neighbour(
-            &state.config.hop,
-            now,
-            &mut bucket,
-            &mut seen,
-            from,
-            &mq,
-            || state.mesh.ranked_neighbours(),
-        )
-    };
+    let (_, neighbours) = ranked(&state, false).await;
+    let arrival = state
+        .hop()
+        .from_neighbour(Instant::now(), from, &mq, || neighbours);
     let mut hq = match arrival {
         Arrival::Accepted(hq) => *hq,
         Arrival::RateLimited => {
@@ -189,13 +190,9 @@ pub async fn serve_mesh_query(
     } else {
         state.metrics.queries_extended.inc();
     }
-    start(&state, &mut hq);
+    start(&state, &mut hq).await;
     // The neighbour pays for the work, not just the query.
-    let charge = |tokens: f64| {
-        if let Some(mut bucket) = state.mesh.rates.get_mut(&from) {
-            bucket.take_many(tokens, Instant::now());
-        }
-    };
+    let charge = |tokens: f64| state.hop().charge(Instant::now(), &from, tokens);
     if let Err(e) = drive(&state, &mut hq, &mq.query, &mut send, charge).await {
         debug!(error = %e, "mesh query ended early");
     }
@@ -256,8 +253,7 @@ async fn drive(
                 None => return Ok(()),
             },
             _ = tokio::time::sleep_until(wake.into()) => {
-                let mut fair = state.mesh.fair.lock().expect("fair lock");
-                hq.handle_timeout(Instant::now(), &mut fair);
+                state.hop().handle_timeout(Instant::now(), hq);
             }
         }
     }
@@ -271,8 +267,11 @@ fn ask(
     mq: MeshQuery,
     tx: mpsc::Sender<Event>,
 ) -> impl std::future::Future<Output = ()> {
-    let conn = state.mesh.conn(&to);
     async move {
+        let conn = state
+            .ask(|reply| Command::LinkConn { id: to, reply })
+            .await
+            .flatten();
         if let Some(conn) = conn {
             state.metrics.queries_forwarded.inc();
             let _ = relay(conn, to, mq, &tx).await;

@@ -7,11 +7,12 @@
 //! one this connection comes from, with the port the leaf announced.
 
 use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+use servent_proto::lease::{self, Generation};
 use servent_proto::limits::{
     MAX_FILES_PER_UPDATE, MAX_REPLY_FRAME, MAX_REQUEST_FRAME, MAX_UPDATE_FRAME,
 };
@@ -24,7 +25,8 @@ use tracing::{debug, info, Instrument};
 
 use crate::gate::Inbound;
 use crate::net::{self, canonical, Peer, StreamError};
-use crate::{routing, LeafEntry, State};
+use crate::owner::{Command, Registration};
+use crate::{routing, State};
 
 /// Per-connection facts shared by its streams.
 struct Conn {
@@ -230,6 +232,9 @@ impl From<StreamError> for Refusal {
 }
 
 /// The registration stream: the leaf's session lives as long as it does.
+///
+/// Whether it may register at all is the owner's decision
+/// (`servent_proto::lease`), made in one step against the caps.
 async fn register(
     state: &Arc<State>,
     conn: &Arc<Conn>,
@@ -237,51 +242,49 @@ async fn register(
     send: &mut quinn::SendStream,
     mut recv: quinn::RecvStream,
 ) -> Result<(), Refusal> {
-    if listen_port == 0 {
-        return Err(Refusal::bad("listen_port 0 is not dialable"));
-    }
+    // Checked before the connection counts as registered, so that a
+    // refused Register may be sent again with a port that is dialable.
+    lease::dialable(listen_port).map_err(|e| Refusal::bad(e.to_string()))?;
     if conn.registered.swap(true, Ordering::SeqCst) {
         return Err(Refusal::bad("this connection is already registered"));
     }
     let id = conn.peer.id;
-    if state.leaves.len() >= state.config.max_leaves && !state.leaves.contains_key(&id) {
-        // Full: point the leaf at supernodes with room, then let it go.
-        // If none we know has room, at all of them, least loaded first:
-        // they know others again, so the leaf walks on through the mesh
-        // instead of asking us over and over.
-        let mut elsewhere = state.mesh.for_leaves(true, Instant::now());
-        if elsewhere.is_empty() {
-            elsewhere = state.mesh.for_leaves(false, Instant::now());
-        }
-        info!(suggested = elsewhere.len(), "full: leaf redirected");
-        net::write_frame(send, &SupernodeReply::Full(elsewhere), MAX_REPLY_FRAME).await?;
-        let _ = send.finish();
-        let _ = tokio::time::timeout(std::time::Duration::from_secs(1), send.stopped()).await;
-        conn.peer.conn.close(0u32.into(), b"supernode is full");
-        return Ok(());
-    }
     // On a dual-stack socket an IPv4 leaf shows as ::ffff:a.b.c.d: name it
     // by its IPv4 address, which IPv4-only nodes can dial.
     let observed = canonical(conn.peer.conn.remote_address());
-    let addr = SocketAddr::new(observed.ip(), listen_port);
-    let generation = state.next_generation();
-    let entry = LeafEntry {
-        generation,
-        addr,
-        conn: conn.peer.conn.clone(),
+    let leaf_conn = conn.peer.conn.clone();
+    let registration = state
+        .ask(|reply| Command::Register {
+            id,
+            observed,
+            listen_port,
+            conn: leaf_conn,
+            reply,
+        })
+        .await
+        .unwrap_or(Registration::Gone);
+    let (generation, addr) = match registration {
+        Registration::Admitted { generation, addr } => (generation, addr),
+        Registration::Full(elsewhere) => {
+            // Full: point the leaf elsewhere, then let it go.
+            info!(suggested = elsewhere.len(), "full: leaf redirected");
+            net::write_frame(send, &SupernodeReply::Full(elsewhere), MAX_REPLY_FRAME).await?;
+            let _ = send.finish();
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(1), send.stopped()).await;
+            conn.peer.conn.close(0u32.into(), b"supernode is full");
+            return Ok(());
+        }
+        Registration::Refused(e) => {
+            return Err(Refusal::fatal(ErrorCode::LimitExceeded, e.to_string()))
+        }
+        Registration::Gone => {
+            return Err(Refusal::fatal(
+                ErrorCode::Unavailable,
+                "supernode is shutting down",
+            ))
+        }
     };
-    // The same leaf from a new connection (perhaps a new address) replaces
-    // its old session: it is one node, known by its key.
-    if let Some(old) = state.leaves.insert(id, entry) {
-        old.conn
-            .close(0u32.into(), b"replaced by a newer connection");
-        state.index.remove_owner(id);
-        // Its candidacy described the old session (its address, its
-        // uptime): the new one offers its own.
-        state.election.withdraw(&id);
-    }
     info!(%addr, "leaf registered");
-    let since = Instant::now();
     let _guard = SessionGuard {
         state: state.clone(),
         id,
@@ -306,15 +309,24 @@ async fn register(
             }
             Err(e) => return Err(e.into()),
         };
-        if !is_current(state, id, generation) {
+        // A candidacy is the owner's to record, with the session it
+        // describes (its address, its uptime).
+        let (candidacy, update) = match update {
+            SessionUpdate::Candidacy(c) => (Some(c), None),
+            update => (None, Some(update)),
+        };
+        let heard = state.ask(|reply| Command::Heard {
+            id,
+            generation,
+            candidacy,
+            reply,
+        });
+        if heard.await != Some(true) {
             return Ok(());
         }
         let files = match update {
-            SessionUpdate::Candidacy(c) => {
-                state.election.offer(id, c, since, addr);
-                state.index.owner_file_count(&id)
-            }
-            update => apply(state, id, addr.ip(), update)?,
+            Some(update) => apply(state, id, addr.ip(), update)?,
+            None => state.index().owner_file_count(&id),
         };
         net::write_frame(
             send,
@@ -327,34 +339,20 @@ async fn register(
     }
 }
 
-fn is_current(state: &State, id: NodeId, generation: u64) -> bool {
-    state
-        .leaves
-        .get(&id)
-        .is_some_and(|e| e.generation == generation)
-}
-
-/// Drops a leaf's entries when its session ends, unless a newer session of
-/// the same leaf has taken over.
+/// Releases a leaf's lease when its session ends (the owner drops its
+/// entries then, unless a newer session of the same leaf has taken over).
 struct SessionGuard {
     state: Arc<State>,
     id: NodeId,
-    generation: u64,
+    generation: Generation,
 }
 
 impl Drop for SessionGuard {
     fn drop(&mut self) {
-        let gen = self.generation;
-        if self
-            .state
-            .leaves
-            .remove_if(&self.id, |_, e| e.generation == gen)
-            .is_some()
-        {
-            self.state.index.remove_owner(self.id);
-            self.state.election.withdraw(&self.id);
-            info!("leaf gone, entries dropped");
-        }
+        self.state.tell(Command::Release {
+            id: self.id,
+            generation: self.generation,
+        });
     }
 }
 
@@ -374,11 +372,11 @@ fn apply(state: &State, id: NodeId, ip: IpAddr, update: SessionUpdate) -> Result
                 return Err(Refusal::fatal(ErrorCode::BadRequest, bad));
             }
             state
-                .index
+                .index()
                 .add(id, ip, &entries)
                 .map_err(|e| Refusal::fatal(ErrorCode::LimitExceeded, e.to_string()))
         }
-        SessionUpdate::Candidacy(_) => Ok(state.index.owner_file_count(&id)),
+        SessionUpdate::Candidacy(_) => Ok(state.index().owner_file_count(&id)),
         SessionUpdate::Remove(hashes) => {
             if hashes.len() > MAX_FILES_PER_UPDATE {
                 return Err(Refusal::fatal(
@@ -389,7 +387,7 @@ fn apply(state: &State, id: NodeId, ip: IpAddr, update: SessionUpdate) -> Result
                     ),
                 ));
             }
-            Ok(state.index.remove(id, &hashes))
+            Ok(state.index().remove(id, &hashes))
         }
     }
 }
@@ -434,7 +432,7 @@ async fn query(
 
 /// The supernodes a leaf may attach to besides this one.
 async fn supernodes(state: &State, send: &mut quinn::SendStream) -> Result<(), Refusal> {
-    let list = state.mesh.for_leaves(false, Instant::now());
+    let list = state.for_leaves(false).await;
     net::write_frame(send, &SupernodeReply::Supernodes(list), MAX_REPLY_FRAME).await?;
     Ok(())
 }

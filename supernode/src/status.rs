@@ -47,20 +47,19 @@ pub struct SupernodeFields {
 }
 
 impl SupernodeFields {
+    /// Read from the snapshot the node's owner published last.
     pub fn of(state: &State) -> Self {
-        let mut neighbors: Vec<NodeAddr> = state
-            .mesh
-            .neighbours()
-            .into_iter()
-            .map(|(id, addr)| NodeAddr::new(id, addr))
-            .collect();
-        neighbors.sort_by(|a, b| a.id.cmp(&b.id));
+        let snapshot = state.snapshot();
         Self {
-            leaves: state.leaves.len(),
-            max_leaves: state.config.max_leaves,
-            files: state.index.file_count(),
-            neighbors,
-            known_supernodes: state.mesh.known_count(),
+            leaves: snapshot.leaves,
+            max_leaves: snapshot.max_leaves,
+            files: state.index().file_count(),
+            neighbors: snapshot
+                .neighbours
+                .into_iter()
+                .map(|(id, addr)| NodeAddr::new(id, addr))
+                .collect(),
+            known_supernodes: snapshot.known,
         }
     }
 }
@@ -104,7 +103,7 @@ pub fn register(registry: &mut Registry, source: Source) {
     type Read = fn(&State) -> u64;
     let gauges: [(&str, &str, Read); 6] = [
         ("servent_leaves", "Leaves registered now", |s| {
-            s.leaves.len() as u64
+            s.leaf_count() as u64
         }),
         (
             "servent_max_leaves",
@@ -112,15 +111,15 @@ pub fn register(registry: &mut Registry, source: Source) {
             |s| s.config.max_leaves as u64,
         ),
         ("servent_files", "Distinct files indexed now", |s| {
-            s.index.file_count() as u64
+            s.index().file_count() as u64
         }),
         ("servent_neighbors", "Mesh neighbours linked now", |s| {
-            s.mesh.neighbour_count() as u64
+            s.neighbour_count() as u64
         }),
         (
             "servent_known_supernodes",
             "Other supernodes known now, neighbours included",
-            |s| s.mesh.known_count() as u64,
+            |s| s.known_count() as u64,
         ),
         (
             "servent_connections",

@@ -1123,7 +1123,7 @@ impl Net {
 }
 
 fn check_cap(state: &supernode::State, caps: &mut Caps) {
-    let leaves = state.leaves.len();
+    let leaves = state.leaf_count();
     caps.checked += 1;
     if leaves > state.config.max_leaves {
         caps.over += 1;
@@ -1248,8 +1248,7 @@ fn mesh_report(net: &Shared) -> String {
     let adj: Vec<Vec<usize>> = states
         .iter()
         .map(|s| {
-            s.mesh
-                .neighbours()
+            s.neighbours()
                 .iter()
                 .filter_map(|(id, _)| index.get(id).copied())
                 .collect()
@@ -1319,8 +1318,8 @@ fn mesh_report(net: &Shared) -> String {
     let alone: Vec<usize> = states
         .iter()
         .zip(&adj)
-        .filter(|(s, ws)| ws.is_empty() && s.mesh.neighbour_count() == 0)
-        .map(|(s, _)| s.leaves.len())
+        .filter(|(s, ws)| ws.is_empty() && s.neighbour_count() == 0)
+        .map(|(s, _)| s.leaf_count())
         .collect();
     format!(
         "{n} supernodes, neighbours min/median/max {}/{}/{}, {one_sided} one-sided links, \
@@ -1347,12 +1346,12 @@ fn links_report(net: &Shared) -> String {
         per_leaf[links] += 1;
     }
     let states = n.supernode_states();
-    let registered: usize = states.iter().map(|s| s.leaves.len()).sum();
+    let registered: usize = states.iter().map(|s| s.leaf_count()).sum();
     let capacity: usize = states.iter().map(|s| s.config.max_leaves).sum();
     let high = states
         .iter()
         .filter(|s| {
-            s.leaves.len() * 1000
+            s.leaf_count() * 1000
                 >= s.config.max_leaves * s.config.election.high_water_permille as usize
         })
         .count();

@@ -109,7 +109,7 @@ async fn a_small_seed_grows_supernodes_and_the_network_survives_losing_it() {
     assert!(sn.leaf_count() <= 5);
     for l in &leaves {
         if let Some(state) = l.leaf().role().state() {
-            assert!(state.leaves.len() <= state.config.max_leaves);
+            assert!(state.leaf_count() <= state.config.max_leaves);
         }
     }
     // Every leaf's file is found from every leaf.
@@ -175,23 +175,17 @@ async fn unreachable_and_opted_out_leaves_are_never_promoted() {
         .expect("both attach; the seed is overloaded");
 
     wait_for(Duration::from_secs(15), || async {
-        sn.state().election.reachable(&natted_id) == Some(Some(false))
+        sn.state().reachable(&natted_id).await == Some(Some(false))
     })
     .await
     .expect("the dial-back to the NATed leaf fails");
     assert_eq!(
-        sn.state().election.reachable(&opted_out.leaf().id()),
+        sn.state().reachable(&opted_out.leaf().id()).await,
         None,
         "an opted-out leaf never offers itself"
     );
     assert!(!natted.role().is_supernode() && !opted_out.leaf().role().is_supernode());
-    assert_eq!(
-        sn.state()
-            .election
-            .promotions
-            .load(std::sync::atomic::Ordering::Relaxed),
-        0
-    );
+    assert_eq!(sn.state().promotions(), 0);
 
     // A reachable, willing leaf is promoted under the same conditions, so
     // the two above were refused for what they are.
@@ -294,7 +288,7 @@ async fn an_elected_leaf_refused_by_its_promoter_meshes_with_supernodes_it_knows
             .leaf()
             .role()
             .state()
-            .is_some_and(|s| s.mesh.is_neighbour(&other.id()))
+            .is_some_and(|s| s.is_neighbour(&other.id()))
     })
     .await
     .expect("the elected leaf is not left without a neighbour");

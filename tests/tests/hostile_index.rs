@@ -231,7 +231,7 @@ async fn one_address_cannot_fill_the_index_by_making_ids() {
         kept.push(session);
     }
     let refusal = refusal.expect("the address's cap was never reached");
-    let entries = sn.state().index.entry_count();
+    let entries = sn.state().index().entry_count();
     // An honest leaf elsewhere still gets its files indexed.
     let leaf = TestLeaf::start(&[&sn], &[("bluemoon.mp3", b"blue moon")]).await;
     leaf.wait_indexed(1).await;

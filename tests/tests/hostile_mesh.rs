@@ -306,7 +306,7 @@ async fn a_neighbour_flooding_mesh_queries_spends_only_its_own_share() {
     stop.store(true, Ordering::Relaxed);
     let report = hostile.join().expect("attacker thread");
     let b_refused = b.metrics().queries_rate_limited.get() - b_refused_before;
-    let (a_known, b_known) = (a.state().mesh.known_count(), b.state().mesh.known_count());
+    let (a_known, b_known) = (a.state().known_count(), b.state().known_count());
     println!(
         "{{\"test\":\"mesh_query_flood\",\"flood_sent\":{},\"a_rate_limited\":{},\"a_unforwarded\":{},\"b_refused_from_a\":{b_refused},\"honest_ok_before\":{},\"honest_of_before\":{},\"p50_before_ms\":{:.2},\"p95_before_ms\":{:.2},\"honest_ok\":{},\"honest_of\":{},\"p50_ms\":{:.2},\"p95_ms\":{:.2},\"a_known\":{a_known},\"b_known\":{b_known}}}",
         report.queries_sent,

@@ -302,14 +302,9 @@ async fn a_full_supernode_sends_leaves_elsewhere() {
         .await
         .expect("first leaf on a");
     // Wait until A knows B's load, so that it can point there.
-    wait_for(T, || async {
-        !a.state()
-            .mesh
-            .for_leaves(true, std::time::Instant::now())
-            .is_empty()
-    })
-    .await
-    .expect("a knows b has room");
+    wait_for(T, || async { !a.state().for_leaves(true).await.is_empty() })
+        .await
+        .expect("a knows b has room");
 
     let second = TestLeaf::start_attached(&[&a], &[("moved.txt", b"moved")], 1).await;
     wait_for(T, || async {
