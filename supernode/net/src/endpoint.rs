@@ -140,14 +140,16 @@ impl Endpoint {
     /// An endpoint that only dials out, on an ephemeral port of the family
     /// of `peer`.
     pub fn client(identity: Arc<Identity>, peer: SocketAddr) -> Result<Self, EndpointError> {
-        Self::client_with(identity, peer, Arc::default())
+        Self::client_with(identity, peer, TransportConfig::default())
     }
 
-    fn client_with(
+    /// Like [`Endpoint::client`], with the given timings and limits.
+    pub fn client_with(
         identity: Arc<Identity>,
         peer: SocketAddr,
-        transport: Arc<TransportConfig>,
+        transport: impl Into<Arc<TransportConfig>>,
     ) -> Result<Self, EndpointError> {
+        let transport = transport.into();
         let addr: SocketAddr = match peer {
             SocketAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
             SocketAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, 0).into(),
@@ -356,4 +358,67 @@ pub async fn accept_within(incoming: quinn::Incoming, limit: Duration) -> Result
         .map_err(|e| e.to_string())?;
     let id = peer_id(&conn).ok_or("peer presented no certificate")?;
     Ok(Peer { conn, id })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shrunk() -> TransportConfig {
+        TransportConfig {
+            keep_alive: Duration::from_secs(60),
+            idle_timeout: Duration::from_millis(300),
+            connect_timeout: Duration::from_millis(300),
+            ..TransportConfig::default()
+        }
+    }
+
+    #[test]
+    fn the_default_transport_is_the_documented_one() {
+        let t = TransportConfig::default();
+        assert_eq!(t.keep_alive, Duration::from_secs(2));
+        assert_eq!(t.idle_timeout, Duration::from_secs(6));
+        assert_eq!(t.max_streams, 256);
+        assert_eq!(t.connect_timeout, Duration::from_secs(5));
+        assert_eq!(t.request_timeout, Duration::from_secs(10));
+        assert_eq!(t.frame_timeout, Duration::from_secs(10));
+    }
+
+    #[tokio::test]
+    async fn a_shrunk_transport_is_the_one_connections_run_with() {
+        let id = || Arc::new(Identity::generate().unwrap());
+        let local = SocketAddr::from(([127, 0, 0, 1], 0));
+        let server = Endpoint::bind_with(id(), local, &[b"t/1"], shrunk()).unwrap();
+        let addr = server.local_addr().unwrap();
+        let client = Endpoint::client_with(id(), addr, shrunk()).unwrap();
+        assert_eq!(client.transport(), &shrunk());
+        let accepted = tokio::spawn({
+            let server = server.clone();
+            async move { accept(server.quinn().accept().await.unwrap()).await }
+        });
+        let peer = client
+            .connect(addr, b"t/1", Some(server.id()))
+            .await
+            .unwrap();
+        let _held = accepted.await.unwrap().unwrap();
+        // No keep-alive within the idle timeout: the connection dies of it.
+        let closed = tokio::time::timeout(Duration::from_secs(5), peer.conn.closed()).await;
+        assert!(
+            matches!(closed, Ok(quinn::ConnectionError::TimedOut)),
+            "{closed:?}"
+        );
+
+        // Nobody answers on a socket that never reads: the dial gives up
+        // after the shrunk connect timeout, and says how long it waited.
+        let silent = std::net::UdpSocket::bind(local).unwrap();
+        let err = client
+            .connect(silent.local_addr().unwrap(), b"t/1", None)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, ConnectError::Timeout { after, .. } if after == Duration::from_millis(300)),
+            "{err}"
+        );
+        server.close();
+    }
 }

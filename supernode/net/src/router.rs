@@ -47,10 +47,15 @@ pub const UNSUPPORTED_PROTOCOL: &[u8] = b"unsupported protocol";
 ///
 /// Implement it with `async fn`:
 ///
-/// ```ignore
-/// impl ProtocolHandler for Echo {
+/// ```
+/// use servent_net::{Peer, ProtocolHandler};
+///
+/// struct Hold;
+///
+/// impl ProtocolHandler for Hold {
 ///     async fn accept(&self, peer: Peer) {
-///         // serve `peer.conn` until it ends
+///         // Serve `peer.conn` here, until it ends.
+///         peer.conn.closed().await;
 ///     }
 /// }
 /// ```
