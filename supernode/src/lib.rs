@@ -198,8 +198,7 @@ impl Role {
         let state = Arc::new(state);
         let _ = state.endpoint.set(endpoint);
         let (stop, stopped) = watch::channel(false);
-        tokio::spawn(mesh::maintain(state.clone(), addr.port(), stopped.clone()).in_current_span());
-        tokio::spawn(election::run(state.clone(), stopped).in_current_span());
+        spawn_tasks(&state, addr.port(), stopped);
         router.accept(ALPN_LEAF, SessionHandler(state.clone()));
         router.accept(ALPN_MESH, MeshHandler(state.clone()));
         Ok(Self {
@@ -223,10 +222,7 @@ impl Role {
         self.router.remove(ALPN_LEAF);
         self.router.remove(ALPN_MESH);
         let _ = self.stop.send(true);
-        for e in self.state.leaves.iter() {
-            e.conn.close(0u32.into(), b"supernode stepped down");
-        }
-        self.state.mesh.close_all(b"supernode stepped down");
+        close_connections(&self.state, b"supernode stepped down");
     }
 
     /// Stops the role's tasks only, for a node that is closing its
@@ -253,6 +249,20 @@ impl Drop for Role {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// The role's long-running tasks, in the current span, until `stop`.
+fn spawn_tasks(state: &Arc<State>, port: u16, stop: watch::Receiver<bool>) {
+    tokio::spawn(mesh::maintain(state.clone(), port, stop.clone()).in_current_span());
+    tokio::spawn(election::run(state.clone(), stop).in_current_span());
+}
+
+/// Closes the role's leaf and mesh connections, with `reason`.
+fn close_connections(state: &State, reason: &[u8]) {
+    for e in state.leaves.iter() {
+        e.conn.close(0u32.into(), reason);
+    }
+    state.mesh.close_all(reason);
 }
 
 /// A standalone supernode: its own endpoint, router and HTTP server, and
