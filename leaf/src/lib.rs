@@ -71,8 +71,9 @@ pub struct Config {
     /// Default none.
     pub max_upload_rate: Option<u64>,
     /// Settings of the supernode role, should this leaf be elected
-    /// (`max_leaves` and `peers` come from the election). Default: the
-    /// supernode defaults.
+    /// (`max_leaves` and `peers` come from the election). Its admission
+    /// limits and its `transport` apply to the leaf's endpoint, elected or
+    /// not. Default: the supernode defaults.
     pub role: supernode::Config,
 }
 
@@ -151,9 +152,11 @@ impl Leaf {
         let share = Share::open(&config.share, &config.data_dir)?;
         // The supernode ALPNs are accepted too, for when this leaf is elected.
         let alpns: &[&[u8]] = &[ALPN_TRANSFER, ALPN_LEAF, ALPN_MESH];
+        // The role's timings: the endpoint carries the role's connections.
+        let transport = config.role.transport.clone();
         let endpoint = match socket {
-            Some(socket) => Endpoint::bind_socket(identity, socket, alpns)?,
-            None => Endpoint::bind(identity, config.listen, alpns)?,
+            Some(socket) => Endpoint::bind_socket_with(identity, socket, alpns, transport)?,
+            None => Endpoint::bind_with(identity, config.listen, alpns, transport)?,
         };
         let addr = endpoint.local_addr().map_err(StartError::LocalAddr)?;
         let (stop, stop_rx) = watch::channel(false);

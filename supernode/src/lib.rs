@@ -144,7 +144,7 @@ pub fn gate_config(config: &Config) -> gate::GateConfig {
         idle_close: std::time::Duration::from_millis(config.idle_close_ms),
         max_buffered_per_connection: config.max_buffered_per_connection,
         max_buffered: config.max_buffered,
-        streams: Default::default(),
+        streams: config.transport.streams(),
     }
 }
 
@@ -301,9 +301,10 @@ impl Supernode {
         };
         let identity = Arc::new(identity);
         let alpns: &[&[u8]] = &[ALPN_LEAF, ALPN_MESH];
+        let transport = config.transport.clone();
         let endpoint = match socket {
-            Some(socket) => Endpoint::bind_socket(identity.clone(), socket, alpns)?,
-            None => Endpoint::bind(identity.clone(), config.listen, alpns)?,
+            Some(socket) => Endpoint::bind_socket_with(identity.clone(), socket, alpns, transport)?,
+            None => Endpoint::bind_with(identity.clone(), config.listen, alpns, transport)?,
         };
         let addr = endpoint.local_addr().map_err(StartError::LocalAddr)?;
         let span = info_span!("supernode", id = %identity.id().short());

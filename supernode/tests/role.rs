@@ -81,3 +81,24 @@ async fn stopping_the_role_removes_its_handlers_and_nothing_else() {
     router.shutdown().await;
     endpoint.close();
 }
+
+#[tokio::test]
+async fn a_supernode_binds_with_the_transport_of_its_config() {
+    let transport = servent_net::TransportConfig {
+        keep_alive: Duration::from_millis(500),
+        idle_timeout: Duration::from_millis(1500),
+        ..Default::default()
+    };
+    let sn = supernode::Supernode::spawn(supernode::Config {
+        transport: transport.clone(),
+        ..supernode::Config::localhost()
+    })
+    .await
+    .unwrap();
+    assert_eq!(sn.router().endpoint().transport(), &transport);
+    assert_eq!(
+        sn.state().gate.inbound_unwatched().timeouts,
+        transport.streams()
+    );
+    sn.shutdown().await;
+}
