@@ -185,7 +185,8 @@ impl Leaf {
                 .spawn()
         });
         let role = Role::new(router.clone(), config.role.clone(), config.no_promote);
-        // Before any task starts, so that a bad address leaves nothing running.
+        // Before the other tasks start, so that a bad address leaves nothing
+        // running (the router's loop ends with the endpoint, closed below).
         let http = match config.http {
             Some(at) => {
                 let report = status::LeafReport::new(
