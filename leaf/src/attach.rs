@@ -14,10 +14,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
+use servent_net::Endpoint;
 use servent_proto::attach::{Action, AttachConfig, AttachPlanner, CacheEntry, LinkOutcome};
 use servent_proto::msg::{LeafReply, SupernodeInfo, SupernodeRequest};
 use servent_proto::NodeId;
-use supernode::net::Endpoint;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinSet;
 use tracing::{debug, info, info_span, warn, Instrument};

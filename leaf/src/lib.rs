@@ -3,8 +3,14 @@
 //! and downloads itself.
 //!
 //! Module map: [`share`] the folder, its hashes and its changes; [`attach`]
-//! which supernodes to be attached to; [`link`] the session with one supernode; [`search`] queries; [`transfer`] serving
-//! and fetching files.
+//! which supernodes to be attached to; [`link`] the session with one
+//! supernode; [`search`] queries; [`transfer`] fetching files and
+//! [`upload`] serving them; [`role`] the supernode role when elected;
+//! [`status`] what `--http` serves.
+//!
+//! Incoming connections go through the endpoint's [`Router`]: it serves
+//! `ALPN_TRANSFER` (uploads) always, and `ALPN_LEAF` and `ALPN_MESH` while
+//! this leaf holds the supernode role. The plumbing is `servent_net`.
 
 pub mod attach;
 pub mod layer;
@@ -22,10 +28,13 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use servent_net::gate::Gate;
+use servent_net::http::{HttpError, HttpServer};
+use servent_net::{
+    Endpoint, EndpointError, Identity, IdentityError, Peer, ProtocolHandler, Router,
+};
 use servent_proto::msg::{Hit, QueryKind, ALPN_LEAF, ALPN_MESH, ALPN_TRANSFER};
 use servent_proto::{ContentHash, NodeId};
-use supernode::http::{HttpError, HttpServer};
-use supernode::net::{self, Endpoint, EndpointError, Identity, IdentityError};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::{info, info_span, Instrument};
@@ -62,8 +71,9 @@ pub struct Config {
     /// Default none.
     pub max_upload_rate: Option<u64>,
     /// Settings of the supernode role, should this leaf be elected
-    /// (`max_leaves` and `peers` come from the election). Default: the
-    /// supernode defaults.
+    /// (`max_leaves` and `peers` come from the election). Its admission
+    /// limits and its `transport` apply to the leaf's endpoint, elected or
+    /// not. Default: the supernode defaults.
     pub role: supernode::Config,
     /// How long the leaf waits for what, and how often it does what; not
     /// options of the command line. Default [`Timings::default`].
@@ -148,6 +158,7 @@ pub struct Leaf {
     tasks: Vec<JoinHandle<()>>,
     role: Arc<Role>,
     uploads: Arc<upload::Uploads>,
+    router: Router,
     http: Option<HttpServer>,
 }
 
@@ -177,11 +188,12 @@ impl Leaf {
         let share = Share::open(&config.share, &config.data_dir)?;
         // The supernode ALPNs are accepted too, for when this leaf is elected.
         let alpns: &[&[u8]] = &[ALPN_TRANSFER, ALPN_LEAF, ALPN_MESH];
+        // The role's timings: the endpoint carries the role's connections.
+        let transport = config.role.transport.clone();
         let endpoint = match socket {
-            Some(socket) => Endpoint::bind_socket(identity, socket, alpns)?,
-            None => Endpoint::bind(identity, config.listen, alpns)?,
+            Some(socket) => Endpoint::bind_socket_with(identity, socket, alpns, transport)?,
+            None => Endpoint::bind_with(identity, config.listen, alpns, transport)?,
         };
-        let role = Role::new(endpoint.clone(), config.role.clone(), config.no_promote);
         let addr = endpoint.local_addr().map_err(StartError::LocalAddr)?;
         let (stop, stop_rx) = watch::channel(false);
         let span = info_span!("leaf", id = %id.short());
@@ -196,7 +208,24 @@ impl Leaf {
             )
             .with_timings(config.timings.upload.clone()),
         );
-        // Before any task starts, so that a bad address leaves nothing running.
+        // Downloaders and, while elected, leaves and supernodes: all
+        // admitted by one gate, with the supernode role's settings.
+        let gate = Gate::new(supernode::gate_config(&config.role));
+        let uploader = Uploader {
+            share: share.clone(),
+            uploads: uploads.clone(),
+            gate: gate.clone(),
+        };
+        let router = span.in_scope(|| {
+            Router::builder(endpoint.clone(), gate)
+                .accept(ALPN_TRANSFER, uploader)
+                // Leaf and mesh connections while not elected (section 4).
+                .unserved_reason(b"not a supernode")
+                .spawn()
+        });
+        let role = Role::new(router.clone(), config.role.clone(), config.no_promote);
+        // Before the other tasks start, so that a bad address leaves nothing
+        // running (the router's loop ends with the endpoint, closed below).
         let http = match config.http {
             Some(at) => {
                 let report = status::LeafReport::new(
@@ -226,17 +255,6 @@ impl Leaf {
             share::watch(share.clone(), config.timings.share.clone(), stop_rx.clone())
                 .instrument(span.clone()),
         ));
-        tasks.push(tokio::spawn(
-            accept(
-                endpoint.clone(),
-                share.clone(),
-                uploads.clone(),
-                role.clone(),
-                supernode::gate::Gate::new(&config.role),
-                stop_rx.clone(),
-            )
-            .instrument(span.clone()),
-        ));
         let manager = attach::Attach {
             endpoint: endpoint.clone(),
             bootstrap: config.supernodes.clone(),
@@ -261,6 +279,7 @@ impl Leaf {
             links,
             role,
             uploads,
+            router,
             stop,
             tasks,
             http,
@@ -319,13 +338,14 @@ impl Leaf {
             http.shutdown().await;
         }
         self.endpoint.close();
+        self.router.shutdown().await;
         for t in self.tasks.drain(..) {
             let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
         }
         self.endpoint.quinn().wait_idle().await;
     }
 
-    pub async fn run_until(self, signal: supernode::ShutdownSignal) {
+    pub async fn run_until(self, signal: servent_net::ShutdownSignal) {
         signal.wait().await;
         self.shutdown().await;
     }
@@ -342,48 +362,21 @@ impl Drop for Leaf {
     }
 }
 
-async fn accept(
-    endpoint: Endpoint,
+/// Serves `ALPN_TRANSFER`: another leaf downloading from this one.
+struct Uploader {
     share: Arc<Share>,
     uploads: Arc<upload::Uploads>,
-    role: Arc<Role>,
-    gate: Arc<supernode::gate::Gate>,
-    mut stop: watch::Receiver<bool>,
-) {
-    loop {
-        let incoming = tokio::select! {
-            _ = stop.changed() => return,
-            i = endpoint.quinn().accept() => match i { Some(i) => i, None => return },
-        };
-        // Downloaders and, while elected, leaves and supernodes: all
-        // admitted by one gate, with the supernode role's settings.
-        let Some((incoming, ticket)) = gate.admit(incoming) else {
-            continue;
-        };
-        let (share, uploads, role, gate) =
-            (share.clone(), uploads.clone(), role.clone(), gate.clone());
-        tokio::spawn(
-            async move {
-                let _ticket = ticket;
-                let remote = incoming.remote_address();
-                match net::accept(incoming).await {
-                    Ok(peer) if net::alpn(&peer.conn).as_deref() == Some(ALPN_TRANSFER) => {
-                        let span = info_span!("upload", peer = %peer.id.short(), %remote);
-                        let inbound = gate.inbound(&peer.conn);
-                        upload::serve(share, uploads, peer, inbound)
-                            .instrument(span)
-                            .await;
-                    }
-                    // Leaf and mesh connections are the supernode role's, if we hold it.
-                    Ok(peer) => match role.state() {
-                        Some(state) => state.serve_peer(peer).await,
-                        None => peer.conn.close(0u32.into(), b"not a supernode"),
-                    },
-                    Err(e) => tracing::debug!(%remote, error = %e, "handshake failed"),
-                }
-            }
-            .in_current_span(),
-        );
+    gate: Arc<Gate>,
+}
+
+impl ProtocolHandler for Uploader {
+    async fn accept(&self, peer: Peer) {
+        let remote = peer.conn.remote_address();
+        let span = info_span!("upload", peer = %peer.id.short(), %remote);
+        let inbound = self.gate.inbound(&peer.conn);
+        upload::serve(self.share.clone(), self.uploads.clone(), peer, inbound)
+            .instrument(span)
+            .await;
     }
 }
 

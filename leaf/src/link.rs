@@ -8,6 +8,7 @@ use std::net::SocketAddr;
 use std::sync::Mutex;
 use std::time::Duration;
 
+use servent_net::{self as net, Endpoint};
 use servent_proto::limits::{
     DEFAULT_MAX_FILES_PER_LEAF, MAX_FILES_PER_UPDATE, MAX_REPLY_FRAME, MAX_REQUEST_FRAME,
     MAX_UPDATE_FRAME,
@@ -17,7 +18,6 @@ use servent_proto::msg::{
     SupernodeRequest, ALPN_LEAF,
 };
 use servent_proto::{ContentHash, NodeId};
-use supernode::net::{self, Endpoint};
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{debug, info, warn};
 

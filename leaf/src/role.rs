@@ -2,19 +2,22 @@
 //! supernode role in this process, on this endpoint, and steps back down
 //! when the role's election rules say it is no longer needed.
 //!
-//! There is one implementation of the supernode: the `supernode` library,
-//! embedded. The leaf keeps sharing and keeps its own supernode links.
+//! There is one implementation of the supernode: the `supernode` library's
+//! [`supernode::Role`], started on this leaf's endpoint and router, as a
+//! standalone supernode starts it on its own. Promotion adds its handlers
+//! (`ALPN_LEAF`, `ALPN_MESH`) to the leaf's router; step-down removes them
+//! and closes the role's connections, and the leaf's uploads and its own
+//! supernode links go on untouched.
 //! Whether to take the role is `servent_proto::elect::answer_promote`'s
 //! decision; when to leave it is the role's own election core's.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
+use servent_net::Router;
 use servent_proto::elect;
 use servent_proto::msg::{LeafReply, SupernodeInfo};
-use supernode::net::Endpoint;
-use supernode::Supernode;
-use tracing::{info, Instrument};
+use tracing::{info, info_span, Instrument};
 
 /// What a leaf measures of its own spare capacity (Linux: /proc; elsewhere
 /// nothing is claimed, so such a leaf does not qualify by default).
@@ -41,17 +44,18 @@ pub fn measure() -> servent_proto::msg::Candidacy {
 
 /// The supernode role, when this leaf holds it.
 pub struct Role {
-    endpoint: Endpoint,
+    /// The leaf's router, which the role's handlers join while it is held.
+    router: Router,
     template: supernode::Config,
     pub no_promote: bool,
-    current: Mutex<Option<Supernode>>,
+    current: Mutex<Option<supernode::Role>>,
     promotions: std::sync::atomic::AtomicU64,
 }
 
 impl Role {
-    pub fn new(endpoint: Endpoint, template: supernode::Config, no_promote: bool) -> Arc<Self> {
+    pub fn new(router: Router, template: supernode::Config, no_promote: bool) -> Arc<Self> {
         Arc::new(Self {
-            endpoint,
+            router,
             template,
             no_promote,
             current: Mutex::new(None),
@@ -94,11 +98,18 @@ impl Role {
             max_leaves: elect::role_max_leaves(max_leaves),
             peers: peers.iter().map(ToString::to_string).collect(),
             data_dir: None,
-            listen: self.endpoint.local_addr().unwrap_or(self.template.listen),
+            listen: self
+                .router
+                .endpoint()
+                .local_addr()
+                .unwrap_or(self.template.listen),
             ..self.template.clone()
         };
-        match Supernode::embedded(config, self.endpoint.clone()) {
+        let endpoint = self.router.endpoint();
+        let span = info_span!("supernode", id = %endpoint.id().short());
+        match span.in_scope(|| supernode::Role::start(config, &self.router, true)) {
             Ok(sn) => {
+                info!(parent: &span, addr = %sn.addr(), "supernode role started");
                 let state = sn.state();
                 state.seed(known);
                 let mut stepped = state.stepped_down();
@@ -128,7 +139,7 @@ impl Role {
     /// Leaves the role (its leaves and links are closed); sharing goes on.
     pub fn step_down(&self) {
         if let Some(sn) = self.current.lock().expect("role lock").take() {
-            sn.stop_role();
+            sn.stop();
             info!("stepped down: a leaf again");
         }
     }

@@ -6,10 +6,10 @@
 
 use std::time::Duration;
 
+use servent_net::{self as net, Endpoint};
 use servent_proto::hits;
 use servent_proto::limits::{MAX_REPLY_FRAME, MAX_REQUEST_FRAME, MAX_RESULTS};
 use servent_proto::msg::{Hit, LeafRequest, Query, QueryKind, SupernodeReply, ALPN_LEAF};
-use supernode::net::{self, Endpoint};
 use tracing::{debug, warn};
 
 use crate::link::resolve;

@@ -1,5 +1,5 @@
 //! What a leaf tells its operator over `--http` (served by
-//! `supernode::http`): the `/status` document and the `/metrics` registry.
+//! `servent_net::http`): the `/status` document and the `/metrics` registry.
 //!
 //! While the leaf holds the supernode role it says `"role": "supernode"`
 //! and adds the supernode's fields, and its supernode metrics count; they
@@ -11,8 +11,8 @@ use std::time::Instant;
 
 use prometheus_client::registry::Registry;
 use serde::Serialize;
+use servent_net::http::{Report, Sampled};
 use servent_proto::NodeId;
-use supernode::http::{Report, Sampled};
 use supernode::status::{NodeAddr, SupernodeFields};
 
 use crate::link::LinkStatus;

@@ -30,6 +30,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
+use servent_net::{self as net, Endpoint, Peer};
 use servent_proto::hits;
 use servent_proto::limits::MAX_TRANSFER_FRAME;
 use servent_proto::msg::{
@@ -39,7 +40,6 @@ use servent_proto::pin::{self, SizeClaims};
 use servent_proto::schedule::{Action, Outcome, Schedule, ScheduleConfig, SourcePool, Then};
 pub use servent_proto::schedule::{MAX_DIALS_PER_HOST, MAX_SOURCES_AT_ONCE, PER_SOURCE};
 use servent_proto::{ContentHash, NodeId};
-use supernode::net::{self, Endpoint, Peer};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use tracing::{debug, info, warn, Instrument};

@@ -22,13 +22,13 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use prometheus_client::metrics::counter::Counter;
+use servent_net::gate::Inbound;
+use servent_net::{self as net, Peer};
 use servent_proto::limits::MAX_TRANSFER_FRAME;
 use servent_proto::msg::{ErrorCode, ErrorReply, GetReply, GetRequest, RangeRequest};
 use servent_proto::rate::TokenBucket;
 use servent_proto::upload::{UploadLimits, UploadLoad};
 use servent_proto::{ContentHash, NodeId};
-use supernode::gate::Inbound;
-use supernode::net::{self, Peer};
 use tokio::sync::{mpsc, Semaphore};
 use tracing::{debug, warn, Instrument};
 

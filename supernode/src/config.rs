@@ -106,6 +106,12 @@ pub struct Config {
     /// `exempt_ips` above.
     #[serde(skip)]
     pub mesh: MeshConfig,
+    /// QUIC timings and limits of the endpoint (keep-alive, idle timeout,
+    /// stream count, handshake and frame waits); not in the TOML file, so
+    /// that tests and the simulator shrink them in code. A leaf's endpoint
+    /// takes its role's. Default [`servent_net::TransportConfig::default`].
+    #[serde(skip)]
+    pub transport: servent_net::TransportConfig,
 }
 
 impl Default for Config {
@@ -143,6 +149,7 @@ impl Default for Config {
             election: Default::default(),
             hop: HopConfig::default(),
             mesh: MeshConfig::default(),
+            transport: Default::default(),
         }
     }
 }

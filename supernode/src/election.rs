@@ -28,9 +28,9 @@ use servent_proto::msg::{
 use servent_proto::NodeId;
 use tracing::{debug, info, Instrument};
 
-use crate::net::{self, Endpoint};
 use crate::owner::Command;
 use crate::State;
+use servent_net::{self as net, Endpoint};
 
 /// Election settings (the `[election]` table of the config file).
 #[derive(Debug, Clone, Deserialize)]

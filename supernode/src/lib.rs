@@ -3,23 +3,25 @@
 //! keyword and hash queries with hits whose sources are dialable addresses
 //! it observed itself. Transfers never pass through it.
 //!
-//! Module map: [`net`] identity and QUIC transport (shared with the leaf),
-//! [`owner`] the one task that owns the leases, the mesh membership and the
-//! election, [`index`] the concurrent file index, [`session`] one leaf's
-//! connection, [`mesh`] links to other supernodes, [`election`] carrying
-//! out the election's actions, [`routing`] answering and forwarding
-//! queries, [`metrics`] counters, [`status`] and [`http`] what `--http`
-//! serves, [`probe`] the health check of the container images, [`config`]
-//! configuration.
+//! Module map: [`owner`] the one task that owns the leases, the mesh
+//! membership and the election, [`index`] the concurrent file index, [`session`] one leaf's
+//! connection, [`mesh`] links to other supernodes, [`routing`] answering
+//! and forwarding queries, [`election`] carrying out the election's actions,
+//! [`metrics`] counters, [`status`] what `--http` serves, [`probe`] the
+//! health check of the container images, [`config`] configuration;
+//! [`Role`] the supernode on an endpoint (its protocol handlers and
+//! tasks), [`Supernode`] a standalone one (its own endpoint, router and
+//! HTTP server).
+//!
+//! The plumbing shared with the leaf (identity, QUIC endpoints, framed
+//! streams, the gate, the ALPN router, the HTTP server, shutdown, logging)
+//! is the `servent-net` crate (`supernode/net`).
 
 pub mod config;
 pub mod election;
-pub mod gate;
-pub mod http;
 pub mod index;
 pub mod mesh;
 pub mod metrics;
-pub mod net;
 pub mod owner;
 pub mod probe;
 pub mod routing;
@@ -34,13 +36,15 @@ use servent_proto::hop::HopNode;
 use servent_proto::msg::{ALPN_LEAF, ALPN_MESH};
 use servent_proto::NodeId;
 use tokio::sync::watch;
-use tokio::task::JoinHandle;
-use tracing::{info, info_span, warn, Instrument};
+use tracing::{info, info_span, Instrument};
 
 pub use config::Config;
 use index::Index;
 use metrics::Metrics;
-use net::{Endpoint, EndpointError, Identity, IdentityError};
+use servent_net::{
+    gate, http, Endpoint, EndpointError, Identity, IdentityError, Peer, ProtocolHandler, Router,
+    ShutdownSignal,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -88,7 +92,7 @@ pub struct State {
 
 impl State {
     pub fn new(id: NodeId, config: Config, elected: bool) -> Self {
-        let gate = gate::Gate::new(&config);
+        let gate = gate::Gate::new(gate_config(&config));
         let index_limits = index::IndexLimits {
             files_per_leaf: config.max_files_per_leaf,
             entries: config.max_index_entries,
@@ -153,55 +157,148 @@ impl State {
     pub fn promotions(&self) -> u64 {
         self.promotions.load(Ordering::Relaxed)
     }
+}
 
-    /// Handles one incoming connection to the end, whatever its ALPN.
-    pub async fn handle_incoming(self: Arc<Self>, incoming: quinn::Incoming) {
-        let Some((incoming, _ticket)) = self.gate.admit(incoming) else {
-            return;
-        };
-        let remote = incoming.remote_address();
-        let peer = match net::accept(incoming).await {
-            Ok(p) => p,
-            Err(e) => {
-                tracing::debug!(%remote, error = %e, "handshake failed");
-                return;
-            }
-        };
-        self.serve_peer(peer).await;
-    }
-
-    /// Serves an accepted connection by its ALPN (an embedding node that
-    /// accepts connections itself hands the supernode's ones over here).
-    pub async fn serve_peer(self: Arc<Self>, peer: net::Peer) {
-        let remote = peer.conn.remote_address();
-        let _traffic = self.metrics.traffic.track(&peer.conn);
-        let span = info_span!("conn", peer = %peer.id.short(), %remote);
-        match net::alpn(&peer.conn).as_deref() {
-            Some(ALPN_LEAF) => session::serve(self, peer).instrument(span).await,
-            Some(ALPN_MESH) => {
-                let span = info_span!("mesh", peer = %peer.id.short(), %remote);
-                mesh::serve(self, peer).instrument(span).await
-            }
-            other => {
-                warn!(parent: &span, alpn = ?other.map(String::from_utf8_lossy), "unexpected protocol");
-                peer.conn.close(0u32.into(), b"unsupported protocol");
-            }
-        }
+/// The gate settings of a supernode configuration: what a standalone
+/// supernode's endpoint admits, and a leaf's endpoint too (with its role's
+/// settings, whether or not it is elected).
+pub fn gate_config(config: &Config) -> gate::GateConfig {
+    gate::GateConfig {
+        admit: servent_proto::admit::AdmitConfig {
+            max_connections: config.max_connections,
+            per_address: config.max_connections_per_ip,
+            handshake_rate: config.handshake_rate,
+            handshake_burst: config.handshake_burst,
+            handshake_rate_per_address: config.handshake_rate_per_ip,
+            handshake_burst_per_address: config.handshake_burst_per_ip,
+            retry_above: config.retry_above,
+            exempt: config.exempt_ips.clone(),
+        },
+        idle_close: std::time::Duration::from_millis(config.idle_close_ms),
+        max_buffered_per_connection: config.max_buffered_per_connection,
+        max_buffered: config.max_buffered,
+        streams: config.transport.streams(),
     }
 }
 
-/// A running supernode. Dropping it shuts it down.
-pub struct Supernode {
+/// Serves `ALPN_LEAF`: the session of one leaf ([`session`]).
+struct SessionHandler(Arc<State>);
+
+impl ProtocolHandler for SessionHandler {
+    async fn accept(&self, peer: Peer) {
+        let remote = peer.conn.remote_address();
+        let _traffic = self.0.metrics.traffic.track(&peer.conn);
+        let span = info_span!("conn", peer = %peer.id.short(), %remote);
+        session::serve(self.0.clone(), peer).instrument(span).await
+    }
+}
+
+/// Serves `ALPN_MESH`: a link another supernode dialled ([`mesh`]).
+struct MeshHandler(Arc<State>);
+
+impl ProtocolHandler for MeshHandler {
+    async fn accept(&self, peer: Peer) {
+        let remote = peer.conn.remote_address();
+        let _traffic = self.0.metrics.traffic.track(&peer.conn);
+        let span = info_span!("mesh", peer = %peer.id.short(), %remote);
+        mesh::serve(self.0.clone(), peer).instrument(span).await
+    }
+}
+
+/// The supernode role on an endpoint it does not own: its state, its
+/// handlers of `ALPN_LEAF` and `ALPN_MESH` on the endpoint's [`Router`],
+/// and its mesh and election tasks. It is how every supernode runs: a
+/// standalone [`Supernode`] starts one on its own endpoint, an elected
+/// leaf on the leaf's. Dropping it stops it.
+pub struct Role {
     state: Arc<State>,
-    endpoint: Endpoint,
+    router: Router,
     addr: SocketAddr,
-    shutdown: watch::Sender<bool>,
-    task: Option<JoinHandle<()>>,
-    /// False when embedded in a leaf: the endpoint is the leaf's to close.
-    owns_endpoint: bool,
-    /// `/status` and `/metrics`, when `config.http` asks for them (an
-    /// embedded role has none: the leaf's endpoint shows it).
+    stop: watch::Sender<bool>,
+    stopped: std::sync::atomic::AtomicBool,
+}
+
+impl Role {
+    /// Starts the role on `router`'s endpoint: registers its handlers and
+    /// spawns its tasks (in the current span). `elected` is true for a leaf
+    /// that was promoted. The role's connections are admitted, and their
+    /// frames budgeted, by the router's gate: one door per endpoint.
+    pub fn start(config: Config, router: &Router, elected: bool) -> Result<Self, StartError> {
+        let endpoint = router.endpoint().clone();
+        let addr = endpoint.local_addr().map_err(StartError::LocalAddr)?;
+        let mut state = State::new(endpoint.id(), config, elected);
+        state.gate = router.gate().clone();
+        let state = Arc::new(state);
+        let _ = state.endpoint.set(endpoint);
+        let (stop, stopped) = watch::channel(false);
+        spawn_tasks(&state, addr.port(), stopped);
+        router.accept(ALPN_LEAF, SessionHandler(state.clone()));
+        router.accept(ALPN_MESH, MeshHandler(state.clone()));
+        Ok(Self {
+            state,
+            router: router.clone(),
+            addr,
+            stop,
+            stopped: Default::default(),
+        })
+    }
+
+    /// Ends the role: its handlers leave the router (new leaf and mesh
+    /// connections are refused with the router's reason), its tasks stop,
+    /// and its leaf and mesh connections are closed. The endpoint, and the
+    /// router's other handlers and their connections, are left alone.
+    /// Only the first call does anything.
+    pub fn stop(&self) {
+        if self.stopped.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            return;
+        }
+        self.router.remove(ALPN_LEAF);
+        self.router.remove(ALPN_MESH);
+        // The owner closes an elected role's leaf and mesh connections
+        // as it stops (`owner::run`).
+        let _ = self.stop.send(true);
+    }
+
+    /// Stops the role's tasks only, for a node that is closing its
+    /// endpoint anyway (and so every connection, with its own reason).
+    fn halt(&self) {
+        let _ = self.stop.send(true);
+    }
+
+    pub fn id(&self) -> NodeId {
+        self.state.id
+    }
+
+    /// The endpoint's UDP address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    pub fn state(&self) -> &Arc<State> {
+        &self.state
+    }
+}
+
+impl Drop for Role {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// The role's long-running tasks, in the current span, until `stop`.
+fn spawn_tasks(state: &Arc<State>, port: u16, stop: watch::Receiver<bool>) {
+    tokio::spawn(owner::run(state.clone(), port, stop).in_current_span());
+}
+
+/// A standalone supernode: its own endpoint, router and HTTP server, and
+/// the supernode [`Role`] on them. Dropping it shuts it down.
+pub struct Supernode {
+    role: Role,
+    router: Router,
+    endpoint: Endpoint,
+    /// `/status` and `/metrics`, when `config.http` asks for them.
     http: Option<http::HttpServer>,
+    span: tracing::Span,
 }
 
 impl Supernode {
@@ -229,24 +326,36 @@ impl Supernode {
         };
         let identity = Arc::new(identity);
         let alpns: &[&[u8]] = &[ALPN_LEAF, ALPN_MESH];
+        let transport = config.transport.clone();
         let endpoint = match socket {
-            Some(socket) => Endpoint::bind_socket(identity.clone(), socket, alpns)?,
-            None => Endpoint::bind(identity.clone(), config.listen, alpns)?,
+            Some(socket) => Endpoint::bind_socket_with(identity.clone(), socket, alpns, transport)?,
+            None => Endpoint::bind_with(identity.clone(), config.listen, alpns, transport)?,
         };
         let addr = endpoint.local_addr().map_err(StartError::LocalAddr)?;
-        let state = Arc::new(State::new(identity.id(), config, false));
-        let _ = state.endpoint.set(endpoint.clone());
-        let (shutdown, mut stop) = watch::channel(false);
         let span = info_span!("supernode", id = %identity.id().short());
-        let http = match state.config.http {
+        let http_at = config.http;
+        let gate = gate::Gate::new(gate_config(&config));
+        let started = span.in_scope(|| {
+            let router = Router::builder(endpoint.clone(), gate).spawn();
+            Role::start(config, &router, false).map(|role| (router, role))
+        });
+        let (router, role) = match started {
+            Ok(started) => started,
+            Err(e) => {
+                endpoint.close();
+                return Err(e);
+            }
+        };
+        let http = match http_at {
             Some(at) => {
-                let report = status::SupernodeReport::new(state.clone(), addr);
+                let report = status::SupernodeReport::new(role.state().clone(), addr);
                 match http::HttpServer::bind(at, Arc::new(report))
                     .instrument(span.clone())
                     .await
                 {
                     Ok(server) => Some(server),
                     Err(e) => {
+                        role.halt();
                         endpoint.close();
                         return Err(e.into());
                     }
@@ -254,74 +363,23 @@ impl Supernode {
             }
             None => None,
         };
-        let task = tokio::spawn({
-            let endpoint = endpoint.clone();
-            let state = state.clone();
-            async move {
-                info!(%addr, "listening");
-                tokio::spawn(
-                    owner::run(state.clone(), addr.port(), stop.clone()).in_current_span(),
-                );
-                loop {
-                    tokio::select! {
-                        _ = stop.changed() => break,
-                        incoming = endpoint.quinn().accept() => {
-                            let Some(incoming) = incoming else { break };
-                            tokio::spawn(state.clone().handle_incoming(incoming).in_current_span());
-                        }
-                    }
-                }
-                endpoint.close();
-                info!("stopped");
-            }
-            .instrument(span)
-        });
+        info!(parent: &span, %addr, "listening");
         Ok(Self {
-            state,
+            role,
+            router,
             endpoint,
-            addr,
-            shutdown,
-            task: Some(task),
-            owns_endpoint: true,
             http,
+            span,
         })
-    }
-
-    /// The supernode role of an elected leaf, on the leaf's own endpoint:
-    /// it meshes and elects, while the leaf keeps accepting connections and
-    /// hands the supernode's ones to [`State::serve_peer`].
-    pub fn embedded(config: Config, endpoint: Endpoint) -> Result<Self, StartError> {
-        let addr = endpoint.local_addr().map_err(StartError::LocalAddr)?;
-        let state = Arc::new(State::new(endpoint.id(), config, true));
-        let _ = state.endpoint.set(endpoint.clone());
-        let (shutdown, stop) = watch::channel(false);
-        let span = info_span!("supernode", id = %endpoint.id().short());
-        info!(parent: &span, %addr, "supernode role started");
-        tokio::spawn(owner::run(state.clone(), addr.port(), stop).instrument(span));
-        Ok(Self {
-            state,
-            endpoint,
-            addr,
-            shutdown,
-            task: None,
-            owns_endpoint: false,
-            http: None,
-        })
-    }
-
-    /// Ends the role: stops its tasks, whose owner closes its leaf and
-    /// mesh connections, leaving the endpoint to its owner.
-    pub fn stop_role(&self) {
-        let _ = self.shutdown.send(true);
     }
 
     pub fn id(&self) -> NodeId {
-        self.state.id
+        self.role.id()
     }
 
     /// The bound UDP address (the real port when 0 was asked for).
     pub fn addr(&self) -> SocketAddr {
-        self.addr
+        self.role.addr()
     }
 
     /// The bound HTTP address of `/status` and `/metrics`, if served.
@@ -330,22 +388,32 @@ impl Supernode {
     }
 
     pub fn state(&self) -> &Arc<State> {
-        &self.state
+        self.role.state()
+    }
+
+    /// The supernode role this node runs.
+    pub fn role(&self) -> &Role {
+        &self.role
+    }
+
+    /// The accept loop of this node's endpoint.
+    pub fn router(&self) -> &Router {
+        &self.router
     }
 
     /// Leaves registered now.
     pub fn leaf_count(&self) -> usize {
-        self.state.leaf_count()
+        self.state().leaf_count()
     }
 
     /// Distinct files indexed now.
     pub fn file_count(&self) -> usize {
-        self.state.index().file_count()
+        self.state().index().file_count()
     }
 
     /// Ids of the mesh neighbours linked now.
     pub fn neighbours(&self) -> Vec<NodeId> {
-        self.state
+        self.state()
             .neighbours()
             .into_iter()
             .map(|(id, _)| id)
@@ -353,19 +421,18 @@ impl Supernode {
     }
 
     pub fn metrics(&self) -> &metrics::Metrics {
-        &self.state.metrics
+        &self.state().metrics
     }
 
     /// Closes every connection and waits until the accept loop has ended.
     pub async fn shutdown(mut self) {
-        let _ = self.shutdown.send(true);
+        self.role.halt();
         if let Some(http) = self.http.take() {
             http.shutdown().await;
         }
         self.endpoint.close();
-        if let Some(task) = self.task.take() {
-            let _ = task.await;
-        }
+        self.router.shutdown().await;
+        info!(parent: &self.span, "stopped");
         self.endpoint.quinn().wait_idle().await;
     }
 
@@ -378,101 +445,9 @@ impl Supernode {
 
 impl Drop for Supernode {
     fn drop(&mut self) {
-        if self.owns_endpoint {
-            let _ = self.shutdown.send(true);
-            self.endpoint.close();
-        } else {
-            self.stop_role();
-        }
+        // The endpoint first, so that peers see it shut down (not the
+        // role's step-down) when the role is dropped after this.
+        self.role.halt();
+        self.endpoint.close();
     }
-}
-
-/// SIGINT and SIGTERM, caught from the moment this is created: create it
-/// before announcing that the node is up, so that a signal sent right after
-/// the announcement shuts the node down cleanly instead of killing it.
-pub struct ShutdownSignal {
-    #[cfg(unix)]
-    term: Option<tokio::signal::unix::Signal>,
-    #[cfg(unix)]
-    int: Option<tokio::signal::unix::Signal>,
-}
-
-impl ShutdownSignal {
-    pub fn register() -> Self {
-        #[cfg(unix)]
-        {
-            use tokio::signal::unix::{signal, SignalKind};
-            Self {
-                term: signal(SignalKind::terminate()).ok(),
-                int: signal(SignalKind::interrupt()).ok(),
-            }
-        }
-        #[cfg(not(unix))]
-        {
-            Self {}
-        }
-    }
-
-    /// Resolves on the first SIGINT or SIGTERM (ctrl-c elsewhere).
-    pub async fn wait(self) {
-        #[cfg(unix)]
-        {
-            let (mut term, mut int) = (self.term, self.int);
-            let term = async {
-                match term.as_mut() {
-                    Some(t) => {
-                        t.recv().await;
-                    }
-                    None => std::future::pending().await,
-                }
-            };
-            let int = async {
-                match int.as_mut() {
-                    Some(i) => {
-                        i.recv().await;
-                    }
-                    None => {
-                        let _ = tokio::signal::ctrl_c().await;
-                    }
-                }
-            };
-            tokio::select! {
-                _ = term => {}
-                _ = int => {}
-            }
-        }
-        #[cfg(not(unix))]
-        {
-            let _ = tokio::signal::ctrl_c().await;
-        }
-    }
-}
-
-/// Logs to stderr, filtered by `RUST_LOG` (else `default_filter`), in
-/// colour only on a terminal. For the binaries.
-pub fn init_logging(default_filter: &str) {
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| default_filter.into()),
-        )
-        .init();
-}
-
-/// The one-line `error: ...` text of an error and its causes, leaving out
-/// a cause whose text the line already holds (our messages often quote it).
-pub fn error_line(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut line = e.to_string();
-    let mut cause = e.source();
-    while let Some(c) = cause {
-        let text = c.to_string();
-        if !line.contains(&text) {
-            line.push_str(": ");
-            line.push_str(&text);
-        }
-        cause = c.source();
-    }
-    line.replace('\n', " ")
 }

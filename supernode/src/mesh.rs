@@ -29,10 +29,10 @@ use servent_proto::NodeId;
 use tokio::sync::mpsc;
 use tracing::{debug, info, info_span, warn, Instrument};
 
-use crate::gate::Inbound;
-use crate::net::{self, Peer, StreamError};
 use crate::owner::{Command, Io, NewLink};
 use crate::{routing, State};
+use servent_net::gate::Inbound;
+use servent_net::{self as net, Peer, StreamError};
 
 /// `Status` frames waiting for a link's writer. The core queues one a
 /// gossip interval; a writer this far behind has a link that is dying.

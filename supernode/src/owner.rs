@@ -40,8 +40,8 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{debug, info, warn};
 
 use crate::mesh::Link;
-use crate::net::Endpoint;
 use crate::{election, mesh, State};
+use servent_net::Endpoint;
 
 /// Commands waiting for the owner. Senders that need no answer and cannot
 /// wait (a session ending) fall back to a task when it is full.

@@ -27,9 +27,9 @@ use tokio::sync::mpsc;
 use tokio::task::{AbortHandle, JoinSet};
 use tracing::{debug, Instrument};
 
-use crate::net::{self, StreamError};
 use crate::owner::Command;
 use crate::State;
+use servent_net::{self as net, StreamError};
 
 /// Searches the local index for what a query's checks said to look up;
 /// the sources of each hit are where the owner has their leaves now.

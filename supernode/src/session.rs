@@ -23,10 +23,10 @@ use servent_proto::rate::TokenBucket;
 use servent_proto::NodeId;
 use tracing::{debug, info, Instrument};
 
-use crate::gate::Inbound;
-use crate::net::{self, canonical, Peer, StreamError};
 use crate::owner::{Command, Registration};
 use crate::{routing, State};
+use servent_net::gate::Inbound;
+use servent_net::{self as net, canonical, Peer, StreamError};
 
 /// Per-connection facts shared by its streams.
 struct Conn {

@@ -13,8 +13,8 @@ use prometheus_client::registry::Registry;
 use serde::Serialize;
 use servent_proto::NodeId;
 
-use crate::http::{Report, Sampled};
 use crate::State;
+use servent_net::http::{Report, Sampled};
 
 /// Another node: its id (64 hex digits) and where it listens.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]

@@ -18,10 +18,10 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use servent_net::{self as net, Endpoint, Identity};
 use servent_proto::limits::{MAX_REPLY_FRAME, MAX_REQUEST_FRAME};
 use servent_proto::msg::{LeafRequest, SupernodeReply, ALPN_LEAF};
 use servent_proto::NodeId;
-use supernode::net::{self, Endpoint, Identity};
 
 const BIN: &str = env!("CARGO_BIN_EXE_supernode");
 /// Starting is a key pair and a bind: well under a second, unless the

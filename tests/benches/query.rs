@@ -33,13 +33,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
+use servent_net::{self as net, Endpoint, Identity};
 use servent_proto::limits::{MAX_REPLY_FRAME, MAX_REQUEST_FRAME};
 use servent_proto::msg::{Hit, LeafRequest, Query, QueryKind, SupernodeReply, ALPN_LEAF};
 use servent_proto::route::MAX_TTL;
 use servent_proto::{ContentHash, NodeId};
 use servent_tests::bench::{self, median};
 use servent_tests::{hash_of, mesh_config, supernode_with, wait_for, Client, Supernode, TestLeaf};
-use supernode::net::{self, Endpoint, Identity};
 
 /// Supernodes in the line: s0 .. s10, so that 10 hops exist.
 const LINE: usize = 11;

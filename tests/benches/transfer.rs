@@ -4,7 +4,7 @@
 //! Ours: a source leaf shares one file of incompressible bytes, and a
 //! downloader `Client` runs `get` (locate through the supernode, connect,
 //! transfer, hash every byte, write the partial file, sync, rename).
-//! Baseline 1: two `supernode::net::Endpoint`s (the same rustls provider,
+//! Baseline 1: two `servent_net::Endpoint`s (the same rustls provider,
 //! TLS and transport settings as ours) and one bidirectional stream on which
 //! the server writes the same number of bytes from memory and the client
 //! reads and discards them.
@@ -34,10 +34,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use bytes::Bytes;
+use servent_net::{self as net, Endpoint, Identity};
 use servent_proto::ContentHash;
 use servent_tests::bench::{self, cpu_seconds, mbps, median};
 use servent_tests::{random_bytes, supernode, wait_for, Client, Supernode, TestLeaf};
-use supernode::net::{self, Endpoint, Identity};
 
 const FULL_BYTES: u64 = 1 << 30;
 const QUICK_BYTES: u64 = 4 << 20;

@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use supernode::net::{Endpoint, Identity};
+use servent_net::{Endpoint, Identity};
 
 /// These tests measure honest latency and rate under attack: hold this
 /// for a whole test, so that one test's attack is not another's noise.

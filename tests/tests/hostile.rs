@@ -7,12 +7,12 @@
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
+use servent_net::{self as net, Endpoint};
 use servent_proto::limits::MAX_TRANSFER_FRAME;
 use servent_proto::msg::{GetReply, GetRequest, RangeRequest, ALPN_LEAF, ALPN_TRANSFER};
 use servent_proto::ContentHash;
 use servent_tests::attack::{elsewhere, endpoint_on, p95, serial};
 use servent_tests::*;
-use supernode::net::{self, Endpoint};
 
 const T: Duration = Duration::from_secs(10);
 
@@ -158,7 +158,7 @@ async fn silent_connections_are_closed_and_give_their_slots_back() {
     );
     assert!(
         matches!(&reason, quinn::ConnectionError::ApplicationClosed(c)
-            if u64::from(c.error_code) == u64::from(supernode::gate::IDLE_CLOSE_CODE)),
+            if u64::from(c.error_code) == u64::from(servent_net::gate::IDLE_CLOSE_CODE)),
         "closed as idle, not {reason}"
     );
     assert!(

@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use servent_net::{self as net, Endpoint, Identity};
 use servent_proto::limits::{
     MAX_REPLY_FRAME, MAX_REQUEST_FRAME, MAX_TRANSFER_FRAME, MAX_UPDATE_FRAME,
 };
@@ -21,7 +22,6 @@ use servent_proto::msg::{
 };
 use servent_proto::{ContentHash, NodeId};
 use servent_tests::*;
-use supernode::net::{self, Endpoint, Identity};
 
 const T: Duration = Duration::from_secs(10);
 /// 300 001 bytes: two ranges, so that 300 000 has as many and only the

@@ -9,6 +9,7 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use servent_net::{self as net, Endpoint, Peer};
 use servent_proto::limits::{MAX_REPLY_FRAME, MAX_REQUEST_FRAME, MAX_UPDATE_FRAME};
 use servent_proto::msg::{
     ErrorCode, FileEntry, LeafRequest, Query, QueryKind, SessionUpdate, SupernodeReply, ALPN_LEAF,
@@ -16,7 +17,6 @@ use servent_proto::msg::{
 use servent_proto::ContentHash;
 use servent_tests::attack::{elsewhere, endpoint_on, p95, serial};
 use servent_tests::*;
-use supernode::net::{self, Endpoint, Peer};
 
 const T: Duration = Duration::from_secs(10);
 

@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use servent_net::{self as net, Endpoint, Identity};
 use servent_proto::limits::{MAX_MESH_FRAME, MAX_REPLY_FRAME, MAX_SUPERNODE_INFOS};
 use servent_proto::msg::{
     GetReply, Hit, MeshControl, MeshQuery, MeshRequest, NameVariant, Query, QueryKind, Source,
@@ -17,7 +18,6 @@ use servent_proto::msg::{
 use servent_proto::{ContentHash, NodeId};
 use servent_tests::attack::{elsewhere, percentile, serial};
 use servent_tests::*;
-use supernode::net::{self, Endpoint, Identity};
 
 const T: Duration = Duration::from_secs(10);
 

@@ -277,7 +277,7 @@ async fn no_hit_names_a_leaf_gone_longer_than_its_lease() {
         .expect("ghost's file is found");
 
     kill.kill();
-    let lease = supernode::net::IDLE_TIMEOUT;
+    let lease = servent_net::IDLE_TIMEOUT;
     wait_for(lease + Duration::from_secs(3), || async {
         found(&client, "ghost").await == 0
     })

@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use servent_net::{self as net, ConnectError, Endpoint, Identity};
 use servent_proto::limits::{MAX_REPLY_FRAME, MAX_TRANSFER_FRAME};
 use servent_proto::msg::{
     ErrorCode, GetReply, GetRequest, LeafRequest, QueryKind, RangeRequest, Source, SupernodeReply,
@@ -12,7 +13,6 @@ use servent_proto::msg::{
 use servent_proto::msg::{ALPN_LEAF, ALPN_TRANSFER};
 use servent_proto::ContentHash;
 use servent_tests::*;
-use supernode::net::{self, ConnectError, Endpoint, Identity};
 
 const T: Duration = Duration::from_secs(5);
 

@@ -151,12 +151,12 @@ fn json_line(value: &serde_json::Value) -> String {
 }
 
 fn main() -> ExitCode {
-    supernode::init_logging("warn,leaf=info");
+    servent_net::init_logging("warn,leaf=info");
     match run(Args::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             // An error may quote what a supernode or a peer said.
-            eprintln!("error: {}", Escaped(&supernode::error_line(e.as_ref())));
+            eprintln!("error: {}", Escaped(&servent_net::error_line(e.as_ref())));
             ExitCode::FAILURE
         }
     }
@@ -200,7 +200,7 @@ fn run(args: Args) -> anyhow::Result<()> {
                     timings: Default::default(),
                 };
                 let node = Leaf::spawn(config).await?;
-                let signal = supernode::ShutdownSignal::register();
+                let signal = servent_net::ShutdownSignal::register();
                 println!("leaf {} listening on {}", node.id(), node.addr());
                 node.run_until(signal).await;
             }

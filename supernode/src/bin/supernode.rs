@@ -50,11 +50,11 @@ fn host_port(s: &str) -> Result<String, String> {
 }
 
 fn main() -> ExitCode {
-    supernode::init_logging("info");
+    servent_net::init_logging("info");
     match run(Args::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {}", supernode::error_line(e.as_ref()));
+            eprintln!("error: {}", servent_net::error_line(e.as_ref()));
             ExitCode::FAILURE
         }
     }
@@ -97,7 +97,7 @@ fn run(args: Args) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Runtime::new()?;
     let result = runtime.block_on(async {
         let node = Supernode::spawn(config).await?;
-        let signal = supernode::ShutdownSignal::register();
+        let signal = servent_net::ShutdownSignal::register();
         println!("supernode {} listening on {}", node.id(), node.addr());
         node.run_until(signal).await;
         Ok(())

@@ -25,6 +25,8 @@ pub fn micros(d: Duration) -> Micros {
 const BUCKET: Micros = 1_000;
 /// Buckets ahead of the clock: 65.5 s, longer than most timers.
 const SLOTS: u64 = 1 << 16;
+/// Events a bucket keeps room for between turns.
+const KEPT_CAPACITY: usize = 64;
 
 struct Entry<E> {
     at: Micros,
@@ -152,8 +154,12 @@ impl<E> Queue<E> {
                 self.in_wheel -= slot.len();
                 let mut events = std::mem::take(slot);
                 self.current.extend(events.drain(..));
-                // Keep the bucket's allocation for its next turn.
-                *slot = events;
+                // Keep a bucket's allocation for its next turn, unless a
+                // burst made it large: 65 536 buckets each holding their
+                // busiest millisecond's room would be gigabytes.
+                if events.capacity() <= KEPT_CAPACITY {
+                    *slot = events;
+                }
             }
             while self
                 .far

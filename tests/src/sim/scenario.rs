@@ -121,7 +121,7 @@ impl Default for Scenario {
             search_time_ms: node.search_time_ms.into(),
             leaf_timeout_ms: 5_000,
             max_results: 100,
-            loss_detect_ms: supernode::net::IDLE_TIMEOUT.as_millis() as u64,
+            loss_detect_ms: servent_net::IDLE_TIMEOUT.as_millis() as u64,
             election: true,
             election_time_scale: 1.0,
             rtt_median_ms: 60.0,

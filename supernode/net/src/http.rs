@@ -1,13 +1,15 @@
 //! The operator's HTTP endpoint (`--http ADDR`): `GET /status`, a JSON
 //! document, and `GET /metrics`, the Prometheus text format (0.0.4). Both
 //! binaries serve it; what they show comes from a [`Report`] (the
-//! supernode's is in [`crate::status`], the leaf's in the leaf crate).
+//! supernode's is in `supernode::status`, the leaf's in `leaf::status`):
+//! this module is the server only, and knows nothing of either node.
 //!
 //! It is not an API: no other path, no method but GET (and HEAD), no
 //! request body is read, no TLS. It may still face a hostile network, so
 //! connections are bounded in number ([`MAX_CONNECTIONS`]; more wait in
 //! the kernel's backlog) and in lifetime ([`CONNECTION_LIFETIME`]), which
-//! also bounds how long a client may take to send its request.
+//! also bounds how long a client may take to send its request
+//! ([`HttpConfig`] holds both).
 
 use std::fmt;
 use std::future::Future;
@@ -40,7 +42,31 @@ pub const MAX_CONNECTIONS: usize = 32;
 /// its request holds a slot no longer than this.
 pub const CONNECTION_LIFETIME: Duration = Duration::from_secs(60);
 /// Longest wait for answers in progress when the server stops.
-const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
+
+/// The bounds of an [`HttpServer`]. Every field defaults to the constant
+/// of the same name in this module.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpConfig {
+    /// Connections served at once. Default [`MAX_CONNECTIONS`], 32.
+    pub max_connections: usize,
+    /// How long after it was accepted a connection is closed. Default
+    /// [`CONNECTION_LIFETIME`], 60 s.
+    pub connection_lifetime: Duration,
+    /// Longest wait for answers in progress on shutdown. Default
+    /// [`SHUTDOWN_GRACE`], 2 s.
+    pub shutdown_grace: Duration,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            max_connections: MAX_CONNECTIONS,
+            connection_lifetime: CONNECTION_LIFETIME,
+            shutdown_grace: SHUTDOWN_GRACE,
+        }
+    }
+}
 
 /// What a node shows on its HTTP endpoint.
 pub trait Report: Send + Sync + 'static {
@@ -69,17 +95,29 @@ pub struct HttpServer {
     addr: SocketAddr,
     stop: watch::Sender<bool>,
     task: Option<JoinHandle<()>>,
+    shutdown_grace: Duration,
 }
 
 impl HttpServer {
-    /// Binds `addr` and serves `report` until stopped.
+    /// Binds `addr` and serves `report` until stopped, with the default
+    /// [`HttpConfig`].
     pub async fn bind<R: Report>(addr: SocketAddr, report: Arc<R>) -> Result<Self, HttpError> {
+        Self::bind_with(addr, report, HttpConfig::default()).await
+    }
+
+    /// Like [`HttpServer::bind`], within the given bounds.
+    pub async fn bind_with<R: Report>(
+        addr: SocketAddr,
+        report: Arc<R>,
+        config: HttpConfig,
+    ) -> Result<Self, HttpError> {
         let bind_error = |source| HttpError::Bind { addr, source };
         let listener = TcpListener::bind(addr).await.map_err(bind_error)?;
         let bound = listener.local_addr().map_err(bind_error)?;
         let listener = Limited {
             inner: listener,
-            slots: Arc::new(Semaphore::new(MAX_CONNECTIONS)),
+            slots: Arc::new(Semaphore::new(config.max_connections)),
+            lifetime: config.connection_lifetime,
         };
         let (stop, mut stopped) = watch::channel(false);
         let app = Router::new()
@@ -101,6 +139,7 @@ impl HttpServer {
             addr: bound,
             stop,
             task: Some(task),
+            shutdown_grace: config.shutdown_grace,
         })
     }
 
@@ -114,7 +153,7 @@ impl HttpServer {
     pub async fn shutdown(mut self) {
         let _ = self.stop.send(true);
         if let Some(mut task) = self.task.take() {
-            if tokio::time::timeout(SHUTDOWN_GRACE, &mut task)
+            if tokio::time::timeout(self.shutdown_grace, &mut task)
                 .await
                 .is_err()
             {
@@ -196,11 +235,12 @@ impl EncodeMetric for Sampled {
     }
 }
 
-/// A TCP listener that serves at most [`MAX_CONNECTIONS`] at once, each
-/// for at most [`CONNECTION_LIFETIME`].
+/// A TCP listener that serves at most `max_connections` at once, each
+/// for at most `connection_lifetime`.
 struct Limited {
     inner: TcpListener,
     slots: Arc<Semaphore>,
+    lifetime: Duration,
 }
 
 impl axum::serve::Listener for Limited {
@@ -219,7 +259,7 @@ impl axum::serve::Listener for Limited {
             match self.inner.accept().await {
                 Ok((io, remote)) => {
                     let _ = io.set_nodelay(true);
-                    let deadline = Box::pin(tokio::time::sleep(CONNECTION_LIFETIME));
+                    let deadline = Box::pin(tokio::time::sleep(self.lifetime));
                     return (
                         Bounded {
                             io,

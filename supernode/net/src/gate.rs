@@ -1,7 +1,8 @@
 //! The door of an endpoint: which incoming connections are admitted, how
 //! long one may sit idle, and how many bytes of half-received frames its
 //! streams may hold. Shared by the supernode and the leaf (every endpoint
-//! that accepts connections has one).
+//! that accepts connections has one, and its [`Router`](crate::Router)
+//! applies it to each incoming connection before the handshake).
 //!
 //! The admission rules are the pure [`servent_proto::admit`]; this module
 //! applies them to quinn's `Incoming`, holds each admitted connection's slot
@@ -18,7 +19,7 @@ use prometheus_client::metrics::counter::Counter;
 use servent_proto::admit::{Admission, Admit, AdmitConfig};
 use tracing::debug;
 
-use crate::Config;
+use crate::transport::StreamTimeouts;
 
 /// QUIC application close code of a connection closed for carrying no
 /// request for the idle limit (docs/PROTOCOL.md section 14).
@@ -38,6 +39,26 @@ pub struct GateMetrics {
     pub over_budget: Counter,
 }
 
+/// What a [`Gate`] enforces. The node crates build it from their own
+/// configuration (the supernode's `Config`, which a leaf's elected role
+/// shares); there is no default, since the values are the node's.
+#[derive(Debug, Clone)]
+pub struct GateConfig {
+    /// The admission rules: connection slots, per-address caps, handshake
+    /// rates, when to ask for a Retry, exempt addresses.
+    pub admit: AdmitConfig,
+    /// An admitted connection with no stream open this long is closed
+    /// ([`IDLE_CLOSE_CODE`]).
+    pub idle_close: Duration,
+    /// Frame bytes one connection's streams may hold half-received.
+    pub max_buffered_per_connection: usize,
+    /// Frame bytes every connection of the endpoint may hold together.
+    pub max_buffered: usize,
+    /// How long the streams of an admitted connection wait for frames.
+    /// Default: [`StreamTimeouts::default`].
+    pub streams: StreamTimeouts,
+}
+
 /// One endpoint's door.
 pub struct Gate {
     admission: Mutex<Admission>,
@@ -45,26 +66,18 @@ pub struct Gate {
     per_connection: usize,
     /// Frame bytes buffered by every connection of this endpoint together.
     node: Arc<Budget>,
+    streams: StreamTimeouts,
     pub metrics: GateMetrics,
 }
 
 impl Gate {
-    pub fn new(config: &Config) -> Arc<Self> {
-        let admit = AdmitConfig {
-            max_connections: config.max_connections,
-            per_address: config.max_connections_per_ip,
-            handshake_rate: config.handshake_rate,
-            handshake_burst: config.handshake_burst,
-            handshake_rate_per_address: config.handshake_rate_per_ip,
-            handshake_burst_per_address: config.handshake_burst_per_ip,
-            retry_above: config.retry_above,
-            exempt: config.exempt_ips.clone(),
-        };
+    pub fn new(config: GateConfig) -> Arc<Self> {
         Arc::new(Self {
-            admission: Mutex::new(Admission::new(admit, Instant::now())),
-            idle_close: Duration::from_millis(config.idle_close_ms),
+            admission: Mutex::new(Admission::new(config.admit, Instant::now())),
+            idle_close: config.idle_close,
             per_connection: config.max_buffered_per_connection,
             node: Budget::new(config.max_buffered, None),
+            streams: config.streams,
             metrics: GateMetrics::default(),
         })
     }
@@ -140,6 +153,7 @@ impl Gate {
             }),
             budget: Budget::new(self.per_connection, Some(self.node.clone())),
             over_budget: self.metrics.over_budget.clone(),
+            timeouts: self.streams,
         }
     }
 }
@@ -165,6 +179,8 @@ pub struct Inbound {
     activity: Arc<Activity>,
     pub budget: Arc<Budget>,
     pub over_budget: Counter,
+    /// How long its streams wait for frames.
+    pub timeouts: StreamTimeouts,
 }
 
 impl Inbound {
