@@ -700,15 +700,21 @@ impl Membership {
             if info.id == self.me || info.id == from {
                 continue;
             }
+            let seen = now
+                .checked_sub(Duration::from_secs(info.age_secs.into()))
+                .unwrap_or(now);
+            // Nothing newer than what we have: skipped, whatever its
+            // address (checked only when it would be used: most entries
+            // of a settled mesh's gossip are news to no one).
+            if known.get(&info.id).is_some_and(|k| k.last_seen >= seen) {
+                continue;
+            }
             let Ok(addr) = info.addr.parse::<SocketAddr>() else {
                 continue;
             };
             if addr.port() == 0 || addr.ip().is_unspecified() {
                 continue;
             }
-            let seen = now
-                .checked_sub(Duration::from_secs(info.age_secs.into()))
-                .unwrap_or(now);
             match known.get(&info.id) {
                 Some(k) if k.last_seen >= seen => {}
                 Some(_) => known.update(&info.id, |k| {
