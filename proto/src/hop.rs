@@ -234,8 +234,7 @@ impl<N: Clone + Eq + Hash> HopQuery<N> {
             Ok(l) => l,
             Err(e) => return Arrival::Invalid(e),
         };
-        let ranked = neighbours();
-        let (forward, ttl) = match on_query(seen, now, ask.id, ask.ttl, None, &ranked) {
+        let (forward, ttl) = match on_query(seen, now, ask.id, ask.ttl, None, neighbours) {
             QueryAction::Process { forward, ttl } | QueryAction::Extend { forward, ttl } => {
                 (forward, ttl)
             }
@@ -274,9 +273,8 @@ impl<N: Clone + Eq + Hash> HopQuery<N> {
         if !bucket.try_take(now) {
             return Arrival::RateLimited;
         }
-        let ranked = neighbours();
         let (forward, ttl, answer) =
-            match on_query(seen, now, query.id, query.ttl, Some(&from), &ranked) {
+            match on_query(seen, now, query.id, query.ttl, Some(&from), neighbours) {
                 QueryAction::Process { forward, ttl } => (forward, ttl, true),
                 QueryAction::Extend { forward, ttl } => (forward, ttl, false),
                 QueryAction::Duplicate => return Arrival::Duplicate,

@@ -65,7 +65,8 @@
 //! - RTT samples ([`Membership::handle_rtt`]) whenever convenient; only
 //!   [`Membership::ranked_neighbours`] reads them.
 
-use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
+use std::cmp::Reverse;
+use std::collections::{BTreeSet, BinaryHeap, HashMap, HashSet, VecDeque};
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
@@ -241,6 +242,8 @@ pub struct Neighbour {
     pub link: LinkId,
     /// The latest round-trip time sample ([`Membership::handle_rtt`]).
     pub rtt: Option<Duration>,
+    /// `addr` as gossip writes it, formatted once.
+    addr_text: String,
     last_heard: Instant,
     next_gossip: Instant,
 }
@@ -249,7 +252,7 @@ impl Neighbour {
     fn info(&self, id: NodeId) -> SupernodeInfo {
         SupernodeInfo {
             id,
-            addr: self.addr.to_string(),
+            addr: self.addr_text.clone(),
             leaves: self.leaves,
             max_leaves: self.max_leaves,
             age_secs: 0,
@@ -260,6 +263,8 @@ impl Neighbour {
 #[derive(Debug, Clone)]
 struct Known {
     addr: SocketAddr,
+    /// `addr` as gossip writes it, formatted once.
+    addr_text: String,
     leaves: u32,
     max_leaves: u32,
     last_seen: Instant,
@@ -573,6 +578,7 @@ impl Membership {
     ) -> Neighbour {
         Neighbour {
             addr,
+            addr_text: addr.to_string(),
             leaves,
             max_leaves,
             dialer,
@@ -657,6 +663,7 @@ impl Membership {
             id,
             Known {
                 addr: n.addr,
+                addr_text: n.addr_text,
                 leaves: n.leaves,
                 max_leaves: n.max_leaves,
                 last_seen: now,
@@ -724,6 +731,7 @@ impl Membership {
                     if k.addr != addr {
                         // A new address for the same key: worth a fresh try.
                         k.addr = addr;
+                        k.addr_text = addr.to_string();
                         k.next_try = now;
                         k.failures = 0;
                     }
@@ -745,6 +753,7 @@ impl Membership {
                         info.id,
                         Known {
                             addr,
+                            addr_text: addr.to_string(),
                             leaves: info.leaves,
                             max_leaves: info.max_leaves,
                             last_seen: seen,
@@ -895,7 +904,7 @@ impl Membership {
         let k = &self.known.entries[&id];
         SupernodeInfo {
             id,
-            addr: k.addr.to_string(),
+            addr: k.addr_text.clone(),
             leaves: k.leaves,
             max_leaves: k.max_leaves,
             age_secs: age_secs(now, k.last_seen),
@@ -954,16 +963,55 @@ fn smallest<K: Ord>(mut v: Vec<K>, n: usize) -> Vec<K> {
 /// overall and by the neighbour that told of them, so that making room
 /// costs a lookup rather than a scan of the table: at a thousand entries,
 /// new names arrive in every `Status` of a churning mesh.
+///
+/// The age indexes are heaps with lazy deletion: an entry heard of again
+/// pushes its new age and leaves the old one behind, to be skipped (and
+/// swept once stale keys outnumber live ones), because every `Status`
+/// freshens dozens of entries and only a full table ever asks for the
+/// oldest.
 #[derive(Debug, Default)]
 struct KnownTable {
     entries: HashMap<NodeId, Known>,
-    /// Unverified entries, least recently heard of first.
-    unverified: BTreeSet<(Instant, NodeId)>,
+    /// Unverified entries, least recently heard of on top.
+    unverified: AgeHeap,
     /// The same, by the neighbour that told us of them.
-    by_sender: HashMap<NodeId, BTreeSet<(Instant, NodeId)>>,
+    by_sender: HashMap<NodeId, AgeHeap>,
     /// Verified entries (former neighbours): the only ones passed on, and
     /// few, so gossip need not look at the rest.
     verified: BTreeSet<NodeId>,
+}
+
+/// Keys `(last heard of, id)` of some entries, oldest on top, with stale
+/// keys left in until they reach the top or are swept.
+#[derive(Debug, Default)]
+struct AgeHeap {
+    heap: BinaryHeap<Reverse<(Instant, NodeId)>>,
+    /// Entries it indexes now (its live keys).
+    live: usize,
+}
+
+impl AgeHeap {
+    fn push(&mut self, key: (Instant, NodeId), is_live: impl Fn(&(Instant, NodeId)) -> bool) {
+        self.heap.push(Reverse(key));
+        if self.heap.len() > 2 * self.live + 32 {
+            let mut keys = std::mem::take(&mut self.heap).into_vec();
+            keys.retain(|Reverse(k)| is_live(k));
+            keys.sort_unstable();
+            keys.dedup();
+            self.heap = keys.into();
+        }
+    }
+
+    /// The oldest live key's id.
+    fn oldest(&mut self, is_live: impl Fn(&(Instant, NodeId)) -> bool) -> Option<NodeId> {
+        while let Some(Reverse(k)) = self.heap.peek() {
+            if is_live(k) {
+                return Some(k.1);
+            }
+            self.heap.pop();
+        }
+        None
+    }
 }
 
 impl KnownTable {
@@ -994,18 +1042,28 @@ impl KnownTable {
 
     fn insert(&mut self, id: NodeId, k: Known) {
         self.remove(&id);
-        if k.verified {
+        let (verified, told_by, key) = (k.verified, k.told_by, (k.last_seen, id));
+        self.entries.insert(id, k);
+        if verified {
             self.verified.insert(id);
         } else {
-            self.unverified.insert((k.last_seen, id));
-            if let Some(from) = k.told_by {
-                self.by_sender
-                    .entry(from)
-                    .or_default()
-                    .insert((k.last_seen, id));
+            self.unverified.live += 1;
+            if let Some(from) = told_by {
+                self.by_sender.entry(from).or_default().live += 1;
+            }
+            self.index(key, told_by);
+        }
+    }
+
+    /// Pushes an unverified entry's age key to the heaps that count it.
+    fn index(&mut self, key: (Instant, NodeId), told_by: Option<NodeId>) {
+        let entries = &self.entries;
+        self.unverified.push(key, |k| unverified_at(entries, k));
+        if let Some(from) = told_by {
+            if let Some(h) = self.by_sender.get_mut(&from) {
+                h.push(key, |k| told_at(entries, from, k));
             }
         }
-        self.entries.insert(id, k);
     }
 
     fn remove(&mut self, id: &NodeId) -> Option<Known> {
@@ -1013,11 +1071,11 @@ impl KnownTable {
         if k.verified {
             self.verified.remove(id);
         } else {
-            self.unverified.remove(&(k.last_seen, *id));
+            self.unverified.live -= 1;
             if let Some(from) = k.told_by {
-                if let Some(set) = self.by_sender.get_mut(&from) {
-                    set.remove(&(k.last_seen, *id));
-                    if set.is_empty() {
+                if let Some(h) = self.by_sender.get_mut(&from) {
+                    h.live -= 1;
+                    if h.live == 0 {
                         self.by_sender.remove(&from);
                     }
                 }
@@ -1039,12 +1097,7 @@ impl KnownTable {
         if verified || before == after {
             return;
         }
-        self.unverified.remove(&(before, *id));
-        self.unverified.insert((after, *id));
-        if let Some(set) = told_by.and_then(|from| self.by_sender.get_mut(&from)) {
-            set.remove(&(before, *id));
-            set.insert((after, *id));
-        }
+        self.index((after, *id), told_by);
     }
 
     fn retain(&mut self, keep: impl Fn(&Known) -> bool) {
@@ -1066,18 +1119,23 @@ impl KnownTable {
 
     /// Unverified entries `from` told us of.
     fn told_by(&self, from: &NodeId) -> usize {
-        self.by_sender.get(from).map_or(0, BTreeSet::len)
+        self.by_sender.get(from).map_or(0, |h| h.live)
     }
 
-    fn oldest_told_by(&self, from: &NodeId) -> Option<NodeId> {
-        Some(self.by_sender.get(from)?.first()?.1)
+    fn oldest_told_by(&mut self, from: &NodeId) -> Option<NodeId> {
+        let entries = &self.entries;
+        let from = *from;
+        self.by_sender
+            .get_mut(&from)?
+            .oldest(|k| told_at(entries, from, k))
     }
 
     /// The least recently heard of unverified entry, or of all if every
     /// entry is verified.
-    fn oldest_unverified(&self) -> Option<NodeId> {
-        match self.unverified.first() {
-            Some((_, id)) => Some(*id),
+    fn oldest_unverified(&mut self) -> Option<NodeId> {
+        let entries = &self.entries;
+        match self.unverified.oldest(|k| unverified_at(entries, k)) {
+            Some(id) => Some(id),
             None => self
                 .entries
                 .iter()
@@ -1088,27 +1146,61 @@ impl KnownTable {
 
     /// Whether the indexes agree with the entries (for tests).
     #[cfg(test)]
-    fn consistent(&self) -> bool {
-        let unverified: BTreeSet<(Instant, NodeId)> = self
-            .entries
-            .iter()
-            .filter(|(_, k)| !k.verified)
-            .map(|(id, k)| (k.last_seen, *id))
-            .collect();
-        let by_sender: usize = self.by_sender.values().map(BTreeSet::len).sum();
-        let told = self
-            .entries
-            .values()
-            .filter(|k| !k.verified && k.told_by.is_some())
-            .count();
+    fn consistent(&mut self) -> bool {
+        let unverified: Vec<(Instant, NodeId)> = {
+            let mut v: Vec<_> = self
+                .entries
+                .iter()
+                .filter(|(_, k)| !k.verified)
+                .map(|(id, k)| (k.last_seen, *id))
+                .collect();
+            v.sort();
+            v
+        };
+        let mut senders: HashMap<NodeId, usize> = HashMap::new();
+        for k in self.entries.values().filter(|k| !k.verified) {
+            if let Some(from) = k.told_by {
+                *senders.entry(from).or_default() += 1;
+            }
+        }
+        let counts_agree = senders.len() == self.by_sender.len()
+            && senders.iter().all(|(from, n)| self.told_by(from) == *n);
+        let oldest_agrees = unverified.is_empty() || {
+            self.oldest_unverified() == unverified.first().map(|k| k.1)
+        };
+        let oldest_per_sender_agrees = senders.keys().all(|from| {
+            let want = unverified
+                .iter()
+                .find(|(_, id)| self.entries[id].told_by == Some(*from))
+                .map(|k| k.1);
+            self.oldest_told_by(from) == want
+        });
         let verified: BTreeSet<NodeId> = self
             .entries
             .iter()
             .filter(|(_, k)| k.verified)
             .map(|(id, _)| *id)
             .collect();
-        unverified == self.unverified && by_sender == told && verified == self.verified
+        unverified.len() == self.unverified.live
+            && counts_agree
+            && oldest_agrees
+            && oldest_per_sender_agrees
+            && verified == self.verified
     }
+}
+
+/// Whether `key` is the age of an unverified entry now.
+fn unverified_at(entries: &HashMap<NodeId, Known>, key: &(Instant, NodeId)) -> bool {
+    entries
+        .get(&key.1)
+        .is_some_and(|k| !k.verified && k.last_seen == key.0)
+}
+
+/// Whether `key` is the age of an unverified entry `from` told us of.
+fn told_at(entries: &HashMap<NodeId, Known>, from: NodeId, key: &(Instant, NodeId)) -> bool {
+    entries
+        .get(&key.1)
+        .is_some_and(|k| !k.verified && k.last_seen == key.0 && k.told_by == Some(from))
 }
 
 /// Load as thousandths of capacity (full or unknown capacity ranks last).

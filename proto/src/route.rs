@@ -156,7 +156,7 @@ pub fn on_query<N: Clone + PartialEq>(
     id: u64,
     ttl: u8,
     from: Option<&N>,
-    neighbours: &[N],
+    neighbours: impl FnOnce() -> Vec<N>,
 ) -> QueryAction<N> {
     let ttl = ttl.min(MAX_TTL);
     // Our own query goes out with its full TTL; a received one with one less.
@@ -165,15 +165,14 @@ pub fn on_query<N: Clone + PartialEq>(
     } else {
         ttl.saturating_sub(1)
     };
+    // Asked for only when the query goes on: a duplicate costs no ranking.
     let forward = || -> Vec<N> {
         if out == 0 {
             Vec::new()
         } else {
-            neighbours
-                .iter()
-                .filter(|n| Some(*n) != from)
-                .cloned()
-                .collect()
+            let mut v = neighbours();
+            v.retain(|n| Some(n) != from);
+            v
         }
     };
     match seen.observe(id, ttl, now) {
@@ -380,7 +379,7 @@ mod tests {
         let mut s = Seen::default();
         let n = [1, 2, 3];
         assert_eq!(
-            on_query(&mut s, t, 7, 2, None, &n),
+            on_query(&mut s, t, 7, 2, None, || n.to_vec()),
             QueryAction::Process {
                 forward: vec![1, 2, 3],
                 ttl: 2
@@ -388,26 +387,26 @@ mod tests {
         );
         let mut s = Seen::default();
         assert_eq!(
-            on_query(&mut s, t, 7, 2, Some(&2), &n),
+            on_query(&mut s, t, 7, 2, Some(&2), || n.to_vec()),
             QueryAction::Process {
                 forward: vec![1, 3],
                 ttl: 1
             }
         );
         assert_eq!(
-            on_query(&mut s, t, 7, 2, Some(&1), &n),
+            on_query(&mut s, t, 7, 2, Some(&1), || n.to_vec()),
             QueryAction::Duplicate
         );
         let mut s = Seen::default();
         assert_eq!(
-            on_query(&mut s, t, 8, 1, Some(&2), &n),
+            on_query(&mut s, t, 8, 1, Some(&2), || n.to_vec()),
             QueryAction::Process {
                 forward: vec![],
                 ttl: 0
             }
         );
         let mut s = Seen::default();
-        match on_query(&mut s, t, 9, 200, Some(&2), &n) {
+        match on_query(&mut s, t, 9, 200, Some(&2), || n.to_vec()) {
             QueryAction::Process { ttl, .. } => assert_eq!(ttl, MAX_TTL - 1),
             other => panic!("{other:?}"),
         }
@@ -419,22 +418,22 @@ mod tests {
         let mut s = Seen::default();
         let n = [1, 2, 3];
         assert!(matches!(
-            on_query(&mut s, t, 5, 1, Some(&1), &n),
+            on_query(&mut s, t, 5, 1, Some(&1), || n.to_vec()),
             QueryAction::Process { ttl: 0, .. }
         ));
         assert_eq!(
-            on_query(&mut s, t, 5, 3, Some(&2), &n),
+            on_query(&mut s, t, 5, 3, Some(&2), || n.to_vec()),
             QueryAction::Extend {
                 forward: vec![1, 3],
                 ttl: 2
             }
         );
         assert_eq!(
-            on_query(&mut s, t, 5, 3, Some(&3), &n),
+            on_query(&mut s, t, 5, 3, Some(&3), || n.to_vec()),
             QueryAction::Duplicate
         );
         assert_eq!(
-            on_query(&mut s, t, 5, 2, Some(&3), &n),
+            on_query(&mut s, t, 5, 2, Some(&3), || n.to_vec()),
             QueryAction::Duplicate
         );
     }

@@ -29,7 +29,9 @@ fn flood(adj: &[Vec<usize>], origin: usize, ttl: u8, id: u64, shuffle: Option<u6
     let mut messages = 0;
     let mut queue = VecDeque::new();
     if let QueryAction::Process { forward, ttl } =
-        on_query(&mut seen[origin], now, id, ttl, None, &adj[origin])
+        on_query(&mut seen[origin], now, id, ttl, None, || {
+            adj[origin].clone()
+        })
     {
         processed[origin] += 1;
         for to in forward {
@@ -51,7 +53,7 @@ fn flood(adj: &[Vec<usize>], origin: usize, ttl: u8, id: u64, shuffle: Option<u6
         };
         let Some((from, at, ttl)) = next else { break };
         messages += 1;
-        match on_query(&mut seen[at], now, id, ttl, Some(&from), &adj[at]) {
+        match on_query(&mut seen[at], now, id, ttl, Some(&from), || adj[at].clone()) {
             QueryAction::Duplicate => {}
             QueryAction::Process { forward, ttl } => {
                 processed[at] += 1;
@@ -113,13 +115,13 @@ proptest! {
     fn a_second_copy_of_a_query_is_never_processed(adj in graph(), id in any::<u64>(), ttls in proptest::collection::vec(0u8..10, 1..20)) {
         let now = Instant::now();
         let mut seen = Seen::default();
-        let first = on_query(&mut seen, now, id, 3, Some(&adj[0].first().copied().unwrap_or(1)), &adj[0]);
+        let first = on_query(&mut seen, now, id, 3, Some(&adj[0].first().copied().unwrap_or(1)), || adj[0].clone());
         let processed = matches!(first, QueryAction::Process { .. });
         prop_assert!(processed);
         let mut best = 3;
         for (i, ttl) in ttls.into_iter().enumerate() {
             let from = adj[0][i % adj[0].len()];
-            let action = on_query(&mut seen, now, id, ttl, Some(&from), &adj[0]);
+            let action = on_query(&mut seen, now, id, ttl, Some(&from), || adj[0].clone());
             let again = matches!(action, QueryAction::Process { .. });
             prop_assert!(!again, "answered twice");
             let extended = matches!(action, QueryAction::Extend { .. });

@@ -1279,13 +1279,7 @@ impl World {
     }
 
     fn slot_by_id(&self, id: &NodeId) -> Option<u32> {
-        let b = id.as_bytes();
-        let n = u32::from_be_bytes([b[1], b[2], b[3], b[4]]);
-        match b[0] {
-            1 => Some(n),
-            2 => self.leaves.get(n as usize)?.role,
-            _ => None,
-        }
+        slot_by_id(&self.leaves, id)
     }
 
     // ---- supernodes ---------------------------------------------------
@@ -1914,12 +1908,7 @@ impl World {
     }
 
     fn ranked(&self, s: u32) -> Vec<u32> {
-        self.supers[s as usize]
-            .mesh
-            .ranked_neighbours()
-            .iter()
-            .filter_map(|id| self.slot_by_id(id))
-            .collect()
+        ranked(&self.supers[s as usize].mesh, &self.leaves)
     }
 
     /// What `s`'s index holds for `lookup`: one hit per file, with every
@@ -2003,11 +1992,9 @@ impl World {
     /// A neighbour's copy of a query (`routing::serve_mesh_query`).
     fn mesh_query(&mut self, s: u32, mq: MeshCopy) {
         let instant = self.q.instant();
-        let ranked = self.ranked(s);
-        let arrival =
-            self.supers[s as usize]
-                .hop
-                .from_neighbour(instant, mq.from, &mq.query, || ranked);
+        let Super { mesh, hop, .. } = &mut self.supers[s as usize];
+        let leaves = &self.leaves;
+        let arrival = hop.from_neighbour(instant, mq.from, &mq.query, || ranked(mesh, leaves));
         let Arrival::Accepted(hq) = arrival else {
             self.send(
                 Node::Super(s),
@@ -2379,6 +2366,25 @@ impl World {
 }
 
 /// `m` minutes of virtual time.
+/// The slot of the supernode `id` (dedicated, or an elected leaf's).
+fn slot_by_id(leaves: &[Leaf], id: &NodeId) -> Option<u32> {
+    let b = id.as_bytes();
+    let n = u32::from_be_bytes([b[1], b[2], b[3], b[4]]);
+    match b[0] {
+        1 => Some(n),
+        2 => leaves.get(n as usize)?.role,
+        _ => None,
+    }
+}
+
+/// A supernode's neighbours by slot, in the order a search asks them.
+fn ranked(mesh: &Membership, leaves: &[Leaf]) -> Vec<u32> {
+    mesh.ranked_neighbours()
+        .iter()
+        .filter_map(|id| slot_by_id(leaves, id))
+        .collect()
+}
+
 fn mins(m: f64) -> Micros {
     (m * 60.0 * SEC as f64) as Micros
 }
