@@ -137,7 +137,16 @@ struct Host {
     /// The source whose address names the host, and where in it.
     first: usize,
     name: std::ops::Range<usize>,
-    sources: Vec<usize>,
+    /// Its sources (indexes into `sources`): at most
+    /// [`MAX_SOURCES_PER_IP`], kept inline since every source has a host.
+    at: [u32; MAX_SOURCES_PER_IP],
+    len: usize,
+}
+
+impl Host {
+    fn sources(&self) -> &[u32] {
+        &self.at[..self.len]
+    }
 }
 
 /// Names a builder finds by scanning before it keeps an index of them.
@@ -195,9 +204,11 @@ impl HitBuilder {
         let name = host_span(&addr);
         let found = self.host_named(&addr[name.clone()]);
         if let Some(h) = found {
-            let at_host = &self.hosts[h].sources;
+            let at_host = self.hosts[h].sources();
             if at_host.len() >= MAX_SOURCES_PER_IP
-                || at_host.iter().any(|&i| self.sources[i].addr == addr)
+                || at_host
+                    .iter()
+                    .any(|&i| self.sources[i as usize].addr == addr)
             {
                 return false;
             }
@@ -208,12 +219,17 @@ impl HitBuilder {
             self.hosts.push(Host {
                 first: index,
                 name,
-                sources: Vec::new(),
+                at: [0; MAX_SOURCES_PER_IP],
+                len: 0,
             });
             self.hosts.len() - 1
         });
-        self.hosts[host].sources.push(index);
-        let turn = self.hosts[host].sources.len();
+        let h = &mut self.hosts[host];
+        // Below MAX_SOURCES_PER_IP (checked above); sources stay far below
+        // u32::MAX, since each needs its own id.
+        h.at[h.len] = index as u32;
+        h.len += 1;
+        let turn = h.len;
         if self.indexed() {
             self.ids.insert(id);
             if turn == 1 {
@@ -291,6 +307,9 @@ impl HitBuilder {
     /// [`MAX_NAMES_PER_HIT`] (the sources of names cut go too). `None`
     /// without sources.
     pub fn finish(self) -> Option<Hit> {
+        if self.names.len() == 1 && self.sources.len() <= MAX_SOURCES_PER_HIT {
+            return self.finish_one_name();
+        }
         // Round-robin over IPs: a listed cap never goes to the many ids of
         // one machine while other machines wait.
         let mut listed: Vec<usize> = (0..self.sources.len()).collect();
@@ -357,6 +376,30 @@ impl HitBuilder {
         Some(Hit {
             hash: self.hash,
             names,
+            sources,
+        })
+    }
+}
+
+impl HitBuilder {
+    /// [`HitBuilder::finish`] when every source announced the one name and
+    /// all are listed (most hits): nothing to rank or cut.
+    fn finish_one_name(self) -> Option<Hit> {
+        if self.sources.is_empty() {
+            return None;
+        }
+        let sources = self
+            .sources
+            .into_iter()
+            .map(|s| Source {
+                id: s.id,
+                addr: s.addr,
+                variant: 0,
+            })
+            .collect();
+        Some(Hit {
+            hash: self.hash,
+            names: self.names,
             sources,
         })
     }
@@ -574,5 +617,39 @@ mod tests {
         rank(&mut hits);
         let order: Vec<u8> = hits.iter().map(|h| h.hash.0[0]).collect();
         assert_eq!(order, vec![2, 1, 3]);
+    }
+
+    proptest::proptest! {
+        /// A built hit keeps every bound, and rebuilding it (as each hop
+        /// does with what it relays) changes nothing: one name or many,
+        /// few sources or more than are listed.
+        #[test]
+        fn a_built_hit_keeps_its_bounds_and_rebuilds_to_itself(
+            one_name in proptest::bool::ANY,
+            added in proptest::collection::vec((0u8..=255, 0u8..30, 0u16..12, 0u8..10), 0..200),
+        ) {
+            let mut b = HitBuilder::new(H);
+            for (n, host, port, name) in added {
+                let name = if one_name { 0 } else { name };
+                b.add(id(n), format!("192.0.2.{host}:{}", 7000 + port), &v(&format!("f{name}"), 1));
+            }
+            let Some(hit) = b.finish() else {
+                return Ok(());
+            };
+            proptest::prop_assert!(hit.sources.len() <= MAX_SOURCES_PER_HIT);
+            proptest::prop_assert!(hit.names.len() <= MAX_NAMES_PER_HIT);
+            proptest::prop_assert!(hit.sources.iter().all(|s| (s.variant as usize) < hit.names.len()));
+            let ids: HashSet<NodeId> = hit.sources.iter().map(|s| s.id).collect();
+            let addrs: HashSet<&str> = hit.sources.iter().map(|s| s.addr.as_str()).collect();
+            proptest::prop_assert_eq!(ids.len(), hit.sources.len());
+            proptest::prop_assert_eq!(addrs.len(), hit.sources.len());
+            let mut per_host: HashMap<&str, usize> = HashMap::new();
+            for s in &hit.sources {
+                *per_host.entry(host_of(&s.addr)).or_default() += 1;
+            }
+            proptest::prop_assert!(per_host.values().all(|&n| n <= MAX_SOURCES_PER_IP));
+            let again = retain_sources(hit.clone(), |_| true);
+            proptest::prop_assert_eq!(again, Some(hit));
+        }
     }
 }
