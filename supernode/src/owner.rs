@@ -2,7 +2,7 @@
 //! registration leases (`servent_proto::lease`), the mesh membership
 //! (`servent_proto::mesh`) and the election (`servent_proto::elect`), with
 //! the connections those decisions are about (leaf connections by
-//! registration, mesh links by link id) and the node's seeded RNG.
+//! registration, mesh links by link id).
 //!
 //! One task ([`run`]) holds them all and takes [`Command`]s over a channel,
 //! as rust-libp2p's `examples/file-sharing/src/network.rs` does: connection
@@ -19,6 +19,16 @@
 //! published as a [`Snapshot`] after each change, for status, metrics and
 //! the mesh's `Status` frames.
 //!
+//! Query routing never waits on the owner: a query from a flooding
+//! neighbour that its rate limit or the seen-set refuses must cost nothing
+//! but that check, and no one task may sit on every query's path. So the
+//! owner also publishes the neighbours ranked for a query with each one's
+//! link ([`Routes`]), after each change of the neighbours and on the mesh
+//! core's timers (so the RTT ranking is at most a maintenance interval
+//! old), which routing reads synchronously when the hop core asks; and the
+//! node's seeded RNG, from which mesh query ids are drawn, is shared
+//! behind a lock of its own ([`State::query_id`]).
+//!
 //! Not here: the file index, which is read by every query and keeps its
 //! own lock and caps (`crate::index`), the per-query state of routing
 //! (`servent_proto::hop::HopNode`, behind a short lock in [`State`]), and
@@ -26,7 +36,7 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rand::rngs::StdRng;
@@ -57,6 +67,35 @@ pub struct Snapshot {
     pub neighbours: Vec<(NodeId, SocketAddr)>,
     /// Other supernodes known now, neighbours included.
     pub known: usize,
+}
+
+/// The neighbours a query may be forwarded to, ranked, and the link to
+/// each: what routing reads on every query instead of asking the owner.
+///
+/// Apart from [`Snapshot`] because a connection is a handle, not a value:
+/// status and metrics compare snapshots, routing only reads this.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Routes {
+    /// Neighbour ids in the order `Membership::ranked_neighbours` gives
+    /// (least loaded first, then fastest by the links' latest RTTs).
+    ranked: Vec<NodeId>,
+    /// The connection of each neighbour's link.
+    links: HashMap<NodeId, quinn::Connection>,
+}
+
+impl Routes {
+    /// Whether `other` ranks the same neighbours the same way over the
+    /// same connections.
+    fn same(&self, other: &Routes) -> bool {
+        self.ranked == other.ranked
+            && self.links.len() == other.links.len()
+            && self.links.iter().all(|(id, c)| {
+                other
+                    .links
+                    .get(id)
+                    .is_some_and(|o| o.stable_id() == c.stable_id())
+            })
+    }
 }
 
 /// What became of a leaf's `Register`.
@@ -109,15 +148,6 @@ pub(crate) enum Command {
         reply: oneshot::Sender<Vec<Option<SocketAddr>>>,
     },
     // Mesh.
-    /// Neighbours ranked for a query, and a fresh query id if asked.
-    Ranked {
-        query_id: bool,
-        reply: oneshot::Sender<(u64, Vec<NodeId>)>,
-    },
-    LinkConn {
-        id: NodeId,
-        reply: oneshot::Sender<Option<quinn::Connection>>,
-    },
     ForLeaves {
         with_room: bool,
         reply: oneshot::Sender<Vec<SupernodeInfo>>,
@@ -187,6 +217,7 @@ pub(crate) enum Command {
 pub(crate) struct Owner {
     rx: mpsc::Receiver<Command>,
     snapshot: watch::Sender<Snapshot>,
+    routes: watch::Sender<Routes>,
     leases: Leases<NodeId>,
     /// The connection of each registration.
     leaf_conns: HashMap<Generation, quinn::Connection>,
@@ -197,8 +228,7 @@ pub(crate) struct Owner {
     /// Whether the election is run (enabled, with a socket for
     /// dial-backs, and not stepped down).
     electing: bool,
-    rng: StdRng,
-    /// Something the snapshot shows may have changed.
+    /// Something the snapshot or the routes show may have changed.
     dirty: bool,
 }
 
@@ -206,10 +236,15 @@ pub(crate) struct Owner {
 pub(crate) struct Client {
     pub commands: mpsc::Sender<Command>,
     pub snapshot: watch::Receiver<Snapshot>,
+    pub routes: watch::Receiver<Routes>,
+    /// The node's seeded RNG, once the owner has drawn its seeds: query
+    /// ids come from it. Held only to draw one.
+    pub query_ids: Mutex<StdRng>,
 }
 
 /// Makes the owner of supernode `id` and the client [`State`] talks to it
-/// with. `rng` is the node's; the election's waits are seeded from it.
+/// with. `rng` is the node's; the election's waits are seeded from it,
+/// then query ids are drawn from it.
 pub(crate) fn new(
     id: NodeId,
     config: &crate::Config,
@@ -222,9 +257,11 @@ pub(crate) fn new(
         max_leaves: config.max_leaves,
         ..Snapshot::default()
     });
+    let (routes_tx, routes_rx) = watch::channel(Routes::default());
     let owner = Owner {
         rx,
         snapshot: snapshot_tx,
+        routes: routes_tx,
         leases: Leases::new(LeaseConfig {
             max_leaves: config.max_leaves,
             // The supernode caps registrations in all only (its gate caps
@@ -236,12 +273,13 @@ pub(crate) fn new(
         links: HashMap::new(),
         election: elect::Election::new(config.election.policy(), elected, rng.random(), now),
         electing: false,
-        rng,
         dirty: true,
     };
     let client = Client {
         commands: tx,
         snapshot: snapshot_rx,
+        routes: routes_rx,
+        query_ids: Mutex::new(rng),
     };
     (owner, client)
 }
@@ -420,11 +458,14 @@ impl Owner {
         self.leaf_conns.get(&generation).cloned()
     }
 
-    /// Publishes the snapshot, if anything it shows may have changed.
+    /// Publishes the snapshot and the routes, if anything they show may
+    /// have changed. The mesh core's timers mark them changed, so the
+    /// ranking follows the links' RTTs at least that often.
     fn publish(&mut self) {
         if !std::mem::take(&mut self.dirty) {
             return;
         }
+        self.publish_routes();
         let mut neighbours: Vec<(NodeId, SocketAddr)> = self
             .mesh
             .neighbours()
@@ -440,6 +481,30 @@ impl Owner {
         self.snapshot.send_if_modified(|s| {
             let changed = *s != next;
             *s = next;
+            changed
+        });
+    }
+
+    /// Feeds the mesh core the links' current RTTs and publishes the
+    /// neighbours as it ranks them, with their links.
+    fn publish_routes(&mut self) {
+        for l in self.links.values() {
+            self.mesh.handle_rtt(l.peer, l.conn.rtt());
+        }
+        let ranked = self.mesh.ranked_neighbours();
+        let links = ranked
+            .iter()
+            .filter_map(|id| {
+                let n = self.mesh.neighbour_info(id)?;
+                Some((*id, self.links.get(&n.link)?.conn.clone()))
+            })
+            .collect();
+        let next = Routes { ranked, links };
+        self.routes.send_if_modified(|r| {
+            let changed = !r.same(&next);
+            if changed {
+                *r = next;
+            }
             changed
         });
     }
@@ -492,21 +557,6 @@ impl Owner {
             }
             Command::Addrs { ids, reply } => {
                 let _ = reply.send(ids.iter().map(|id| self.leases.addr(id)).collect());
-            }
-            Command::Ranked { query_id, reply } => {
-                for l in self.links.values() {
-                    self.mesh.handle_rtt(l.peer, l.conn.rtt());
-                }
-                let id = if query_id { self.rng.random() } else { 0 };
-                let _ = reply.send((id, self.mesh.ranked_neighbours()));
-            }
-            Command::LinkConn { id, reply } => {
-                let conn = self
-                    .mesh
-                    .neighbour_info(&id)
-                    .and_then(|n| self.links.get(&n.link))
-                    .map(|l| l.conn.clone());
-                let _ = reply.send(conn);
             }
             Command::ForLeaves { with_room, reply } => {
                 let _ = reply.send(self.mesh.for_leaves(with_room, now));
@@ -658,8 +708,9 @@ impl Owner {
 }
 
 /// The client side: what connection tasks, status and the embedding leaf
-/// call. Reads of counts and neighbours come from the snapshot; anything
-/// else is a command.
+/// call. Reads of counts and neighbours come from the snapshot, of the
+/// ranked neighbours and their links from the routes; anything else is a
+/// command.
 impl State {
     /// Sends `cmd` to the owner and waits for the answer; `None` once the
     /// owner has stopped.
@@ -729,6 +780,26 @@ impl State {
             .neighbours
             .iter()
             .any(|(n, _)| n == id)
+    }
+
+    /// The neighbours linked now, ranked for a query (least loaded first,
+    /// then fastest), as the owner last published them: after any change
+    /// of the neighbours, and at least every mesh maintenance interval.
+    /// Read without a round trip to the owner: routing asks for it on
+    /// every query that gets past the rate limit.
+    pub fn ranked_neighbours(&self) -> Vec<NodeId> {
+        self.owner.routes.borrow().ranked.clone()
+    }
+
+    /// The connection of neighbour `id`'s link, as last published with
+    /// the ranked neighbours.
+    pub(crate) fn link_conn(&self, id: &NodeId) -> Option<quinn::Connection> {
+        self.owner.routes.borrow().links.get(id).cloned()
+    }
+
+    /// A fresh query id, from the node's seeded RNG.
+    pub(crate) fn query_id(&self) -> u64 {
+        self.owner.query_ids.lock().expect("query id lock").random()
     }
 
     /// Other supernodes known now: neighbours, and those remembered but

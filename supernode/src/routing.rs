@@ -11,6 +11,13 @@
 //! queries' origins (our own leaves, and the neighbours we forward for) by
 //! `servent_proto::fair`, so that a flooding neighbour spends only its own
 //! share of what the next hop accepts from us.
+//!
+//! Nothing here waits on the owner task (`crate::owner`) before the hop
+//! core has let a query in: the ranked neighbours are read from what the
+//! owner publishes, inside the hop core's lazy closure, so a query refused
+//! for its rate limit costs no ranking, and each forwarded copy takes its
+//! link from the same published list. Only an index answer with hits asks
+//! the owner (for where their leaves are now).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -84,15 +91,6 @@ async fn start(state: &State, hq: &mut HopQuery<NodeId>) {
     state.hop().handle_local(Instant::now(), hq, local);
 }
 
-/// Our neighbours, ranked for a query, and a fresh query id from the
-/// node's RNG if `query_id`.
-async fn ranked(state: &State, query_id: bool) -> (u64, Vec<NodeId>) {
-    state
-        .ask(|reply| Command::Ranked { query_id, reply })
-        .await
-        .unwrap_or_default()
-}
-
 async fn write_hits(
     state: &State,
     send: &mut quinn::SendStream,
@@ -126,15 +124,16 @@ pub async fn serve_leaf_query(
     charge: impl FnOnce(f64),
 ) -> Result<(), ErrorReply> {
     state.metrics.leaf_queries.inc();
-    let (id, neighbours) = ranked(state, true).await;
     let ask = LeafQuery {
         leaf,
-        id,
+        id: state.query_id(),
         query: &q,
         ttl: state.config.query_ttl,
         search_time: Duration::from_millis(state.config.search_time_ms.into()),
     };
-    let arrival = state.hop().from_leaf(Instant::now(), ask, || neighbours);
+    let arrival = state
+        .hop()
+        .from_leaf(Instant::now(), ask, || state.ranked_neighbours());
     let mut hq = match arrival {
         Arrival::Accepted(hq) => *hq,
         Arrival::Invalid(e) => return Err(e),
@@ -163,10 +162,9 @@ pub async fn serve_mesh_query(
     mut send: quinn::SendStream,
 ) {
     state.metrics.mesh_queries.inc();
-    let (_, neighbours) = ranked(&state, false).await;
     let arrival = state
         .hop()
-        .from_neighbour(Instant::now(), from, &mq, || neighbours);
+        .from_neighbour(Instant::now(), from, &mq, || state.ranked_neighbours());
     let mut hq = match arrival {
         Arrival::Accepted(hq) => *hq,
         Arrival::RateLimited => {
@@ -268,11 +266,8 @@ fn ask(
     tx: mpsc::Sender<Event>,
 ) -> impl std::future::Future<Output = ()> {
     async move {
-        let conn = state
-            .ask(|reply| Command::LinkConn { id: to, reply })
-            .await
-            .flatten();
-        if let Some(conn) = conn {
+        // Gone since the query was ranked: the copy just ends.
+        if let Some(conn) = state.link_conn(&to) {
             state.metrics.queries_forwarded.inc();
             let _ = relay(conn, to, mq, &tx).await;
         }
@@ -304,4 +299,113 @@ async fn relay(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Config;
+    use servent_net::{Endpoint, Identity};
+    use servent_proto::msg::{QueryKind, ALPN_MESH};
+
+    const T: Duration = Duration::from_secs(5);
+
+    fn query(id: u64) -> MeshQuery {
+        MeshQuery {
+            id,
+            ttl: 3,
+            timeout_ms: 2000,
+            query: Query {
+                kind: QueryKind::Keywords(vec!["tune".into()]),
+                max_results: 10,
+            },
+        }
+    }
+
+    /// Sends `mq` from `client` on a stream of its own and serves it at
+    /// `state` as a query of neighbour `from`, within `T`; returns the
+    /// frames the asker got back before the stream was finished.
+    async fn serve_one(
+        state: &Arc<State>,
+        client: &quinn::Connection,
+        server: &quinn::Connection,
+        from: NodeId,
+        mq: MeshQuery,
+    ) -> usize {
+        let (mut send, mut recv) = client.open_bi().await.expect("open a stream");
+        net::write_frame(&mut send, &MeshRequest::Query(mq), MAX_MESH_FRAME)
+            .await
+            .expect("write the query");
+        let _ = send.finish();
+        let (their_send, mut their_recv) = server.accept_bi().await.expect("accept the stream");
+        let Ok(Some(MeshRequest::Query(mq))) =
+            net::read_first_frame::<MeshRequest>(&mut their_recv, MAX_MESH_FRAME).await
+        else {
+            panic!("the query did not arrive");
+        };
+        tokio::time::timeout(T, serve_mesh_query(state.clone(), from, mq, their_send))
+            .await
+            .expect("the query was served without the owner");
+        let mut frames = 0;
+        while let Ok(Ok(Some(_))) = tokio::time::timeout(
+            T,
+            net::read_frame::<SupernodeReply>(&mut recv, MAX_REPLY_FRAME),
+        )
+        .await
+        {
+            frames += 1;
+        }
+        frames
+    }
+
+    /// The owner is never started here: had routing asked it anything
+    /// (neighbours, a link, an id), the query would wait for ever and a
+    /// command would sit in its queue.
+    #[tokio::test]
+    async fn mesh_queries_are_decided_without_the_owner() {
+        let config = Config {
+            // One query and one duplicate pass the bucket, the next is
+            // over it (and the bucket does not refill meanwhile).
+            mesh_query_burst: 2,
+            mesh_query_rate: 0.001,
+            ..Config::localhost()
+        };
+        let at = "127.0.0.1:0".parse().unwrap();
+        let server_ep =
+            Endpoint::bind(Arc::new(Identity::generate().unwrap()), at, &[ALPN_MESH]).unwrap();
+        let client_ep =
+            Endpoint::bind(Arc::new(Identity::generate().unwrap()), at, &[ALPN_MESH]).unwrap();
+        let state = Arc::new(State::new(server_ep.id(), config, false));
+        let to = server_ep.local_addr().unwrap();
+        let (client, server) = tokio::join!(client_ep.connect(to, ALPN_MESH, None), async {
+            net::accept(server_ep.quinn().accept().await.expect("incoming")).await
+        });
+        let client = client.expect("connect").conn;
+        let server = server.expect("accept");
+        let from = server.id;
+
+        let queued = || state.owner.commands.max_capacity() - state.owner.commands.capacity();
+        let m = &state.metrics;
+        assert_eq!(
+            serve_one(&state, &client, &server.conn, from, query(7)).await,
+            0
+        );
+        assert_eq!(m.queries_processed.get(), 1, "the first copy is answered");
+        serve_one(&state, &client, &server.conn, from, query(7)).await;
+        assert_eq!(
+            m.queries_duplicate.get(),
+            1,
+            "the second copy is a duplicate"
+        );
+        serve_one(&state, &client, &server.conn, from, query(8)).await;
+        assert_eq!(
+            m.queries_rate_limited.get(),
+            1,
+            "the third is over the limit"
+        );
+        assert_eq!(queued(), 0, "routing sent the owner a command");
+        client.close(0u32.into(), b"done");
+        server_ep.close();
+        client_ep.close();
+    }
 }

@@ -199,6 +199,45 @@ async fn a_restarted_supernode_rejoins_the_mesh() {
     assert_eq!(found(&la.client(&[&a]), "back").await, 1);
 }
 
+#[tokio::test]
+async fn the_neighbours_routing_ranks_follow_links_and_load() {
+    // What routing reads on every query is published by the owner: it
+    // must follow links that come and go, and the load their Status
+    // frames tell, without anyone asking.
+    let a = supernode().await;
+    let b = supernode_with(mesh_config(&[&a])).await;
+    let c = supernode_with(mesh_config(&[&a])).await;
+    let ranked = || a.state().ranked_neighbours();
+    wait_for(Duration::from_secs(10), || async {
+        let r = ranked();
+        r.len() == 2 && r.contains(&b.id()) && r.contains(&c.id())
+    })
+    .await
+    .unwrap_or_else(|_| panic!("A ranks both new neighbours: {:?}", ranked()));
+
+    // Both empty, so ranked by RTT. A leaf on the first makes it the more
+    // loaded: the other goes first once its Status frame has told A.
+    let (first, second) = match ranked()[0] == b.id() {
+        true => (b, c),
+        false => (c, b),
+    };
+    let _leaf = TestLeaf::start_attached(&[&first], &[], 1).await;
+    wait_for(Duration::from_secs(10), || async {
+        ranked() == vec![second.id(), first.id()]
+    })
+    .await
+    .unwrap_or_else(|_| panic!("the less loaded ranks first: {:?}", ranked()));
+
+    let gone = second.id();
+    second.shutdown().await;
+    wait_for(Duration::from_secs(15), || async {
+        ranked() == vec![first.id()]
+    })
+    .await
+    .unwrap_or_else(|_| panic!("a neighbour gone stays ranked: {:?}", ranked()));
+    assert!(!a.neighbours().contains(&gone));
+}
+
 /// Three supernodes meshed around a seed, each leaf told only of the seed.
 async fn three_supernodes() -> (Supernode, KillSwitch, Supernode, Supernode) {
     let (a, kill_a) = killable_supernode(supernode::Config::localhost()).await;
