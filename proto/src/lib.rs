@@ -25,6 +25,7 @@ pub mod attach;
 pub mod cost;
 pub mod elect;
 pub mod fair;
+pub mod filter;
 pub mod hits;
 pub mod hop;
 pub mod lease;
