@@ -379,9 +379,7 @@ impl HitBuilder {
             sources,
         })
     }
-}
 
-impl HitBuilder {
     /// [`HitBuilder::finish`] when every source announced the one name and
     /// all are listed (most hits): nothing to rank or cut.
     fn finish_one_name(self) -> Option<Hit> {

@@ -722,8 +722,8 @@ impl Membership {
             if addr.port() == 0 || addr.ip().is_unspecified() {
                 continue;
             }
+            // Known and older than this news (newer ones were skipped above).
             match known.get(&info.id) {
-                Some(k) if k.last_seen >= seen => {}
                 Some(_) => known.update(&info.id, |k| {
                     k.last_seen = seen;
                     k.leaves = info.leaves;

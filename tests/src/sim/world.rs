@@ -2365,7 +2365,6 @@ impl World {
     }
 }
 
-/// `m` minutes of virtual time.
 /// The slot of the supernode `id` (dedicated, or an elected leaf's).
 fn slot_by_id(leaves: &[Leaf], id: &NodeId) -> Option<u32> {
     let b = id.as_bytes();
@@ -2385,6 +2384,7 @@ fn ranked(mesh: &Membership, leaves: &[Leaf]) -> Vec<u32> {
         .collect()
 }
 
+/// `m` minutes of virtual time.
 fn mins(m: f64) -> Micros {
     (m * 60.0 * SEC as f64) as Micros
 }
