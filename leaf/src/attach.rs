@@ -254,6 +254,10 @@ fn start(
     let listen_port = cfg.listen_port;
     let timings = cfg.link_timings.clone();
     let promotable = !cfg.role.no_promote;
+    let may_offer = {
+        let role = cfg.role.clone();
+        Arc::new(move || role.may_offer()) as Arc<dyn Fn() -> bool + Send + Sync>
+    };
     let span = info_span!("link", supernode = %addr);
     tasks.spawn(
         async move {
@@ -286,6 +290,7 @@ fn start(
                 learned: learned_tx,
                 requests: requests_tx,
                 promotable,
+                may_offer,
                 registered: registered_tx,
             };
             let session = async {

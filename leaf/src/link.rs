@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use servent_net::{self as net, Endpoint};
@@ -100,8 +100,11 @@ pub struct Hooks {
     pub learned: mpsc::Sender<Vec<SupernodeInfo>>,
     /// Requests this supernode makes.
     pub requests: mpsc::Sender<Request>,
-    /// Offer to become a supernode.
+    /// Offer to become a supernode (not with `--no-promote`).
     pub promotable: bool,
+    /// Whether it may take the role now (`Role::may_offer`: not within
+    /// the hour of its last promotion); asked before each `Candidacy`.
+    pub may_offer: Arc<dyn Fn() -> bool + Send + Sync>,
     /// Told the supernode's id once registered.
     pub registered: oneshot::Sender<NodeId>,
 }
@@ -129,6 +132,7 @@ pub async fn session(
         learned,
         requests,
         promotable,
+        may_offer,
         registered,
     } = hooks;
     let peer = endpoint.connect(sock, ALPN_LEAF, expected).await?;
@@ -240,8 +244,10 @@ pub async fn session(
             );
         }
         if promotable && tokio::time::Instant::now() >= next_candidacy {
-            let candidacy = SessionUpdate::Candidacy(crate::role::measure());
-            update(&mut send, &mut recv, candidacy).await?;
+            if may_offer() {
+                let candidacy = SessionUpdate::Candidacy(crate::role::measure());
+                update(&mut send, &mut recv, candidacy).await?;
+            }
             next_candidacy = tokio::time::Instant::now() + timings.candidacy_interval;
         }
         tokio::select! {

@@ -50,6 +50,9 @@ pub struct Role {
     pub no_promote: bool,
     current: Mutex<Option<supernode::Role>>,
     promotions: std::sync::atomic::AtomicU64,
+    /// When the role was last taken: a leaf takes it at most once per
+    /// `repromote_after` (`elect::may_take_role`).
+    promoted_at: Mutex<Option<std::time::Instant>>,
 }
 
 impl Role {
@@ -60,6 +63,7 @@ impl Role {
             no_promote,
             current: Mutex::new(None),
             promotions: Default::default(),
+            promoted_at: Mutex::new(None),
         })
     }
 
@@ -74,6 +78,18 @@ impl Role {
 
     pub fn is_supernode(&self) -> bool {
         self.current.lock().expect("role lock").is_some()
+    }
+
+    /// Whether this leaf offers itself (`Candidacy`): not with
+    /// `--no-promote`, and not within `repromote_after` of its last
+    /// promotion, when it would decline (`elect::may_take_role`).
+    pub fn may_offer(&self) -> bool {
+        let since = self
+            .promoted_at
+            .lock()
+            .expect("role lock")
+            .map(|t| t.elapsed());
+        !self.no_promote && elect::may_take_role(since, &self.template.election.policy())
     }
 
     /// How often this leaf has been promoted.
@@ -93,6 +109,11 @@ impl Role {
         let mut current = self.current.lock().expect("role lock");
         if let Err(refusal) = elect::answer_promote(self.no_promote, current.is_some()) {
             return LeafReply::Declined(refusal.reason().into());
+        }
+        let mut promoted_at = self.promoted_at.lock().expect("role lock");
+        let since = promoted_at.map(|t| t.elapsed());
+        if !elect::may_take_role(since, &self.template.election.policy()) {
+            return LeafReply::Declined(elect::RECENTLY_PROMOTED.into());
         }
         let config = supernode::Config {
             max_leaves: elect::role_max_leaves(max_leaves),
@@ -114,6 +135,7 @@ impl Role {
                 state.seed(known);
                 let mut stepped = state.stepped_down();
                 *current = Some(sn);
+                *promoted_at = Some(std::time::Instant::now());
                 self.promotions
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 info!(max_leaves, "promoted: now a supernode");

@@ -15,7 +15,9 @@
 //! - **Backoff.** Each try of a candidate doubles its next delay, from
 //!   `backoff_min` to `backoff_max`; a session that registered resets it.
 //! - **Orphan.** A leaf registered nowhere after a session ends makes every
-//!   candidate due within `full_retry`, whatever its backoff.
+//!   candidate due within `full_retry`, whatever its backoff, and while it
+//!   is registered nowhere it tries `orphan_extra_tries` more sessions at
+//!   once than it wants (the extra ones stop once one registers).
 //! - **`Full`.** The full supernode counts as fully loaded; its suggestions
 //!   are learned; with no other supernode the full one is asked again after
 //!   `full_retry` (room appears as the network elects more supernodes).
@@ -54,14 +56,23 @@ pub struct AttachConfig {
     pub backoff_min: Duration,
     /// Longest delay between two tries of one candidate. Default 30 s.
     pub backoff_max: Duration,
-    /// Load (thousandths) above which a supernode gets no extra links.
-    /// Below the election high-water mark (800 by default), so that extra
-    /// links alone never make a supernode ask for more supernodes.
-    /// Default 500.
+    /// Load (thousandths) above which a supernode gets no extra links:
+    /// the last 5 % of its room is kept for leaves with no supernode at
+    /// all. Above the election's shortage mark (`elect::Policy`: less than
+    /// 80 ‰ free), so that a network whose leaves lack their extra links
+    /// reads as short of room and elects (the supernodes needed are those
+    /// that give every leaf its `links`). Default 950 (500 before the
+    /// election tracked need).
     pub extra_link_max_load_permille: u64,
     /// A leaf registered nowhere retries a full supernode, and every
     /// candidate after losing its last session, within this. Default 1 s.
     pub full_retry: Duration,
+    /// A leaf registered nowhere tries this many more sessions at once
+    /// than it wants, so that a dead or full candidate (after a loss,
+    /// most of what it knows may be either) does not hold up the one
+    /// with room; once registered, the tries beyond its `links` stop.
+    /// Default 2.
+    pub orphan_extra_tries: usize,
     /// A supernode that moved the leaf elsewhere is not dialled for this
     /// long (unless the leaf is then registered nowhere). Default 60 s.
     pub rehome_avoid: Duration,
@@ -79,8 +90,9 @@ impl Default for AttachConfig {
         Self {
             backoff_min: Duration::from_millis(500),
             backoff_max: Duration::from_secs(30),
-            extra_link_max_load_permille: 500,
+            extra_link_max_load_permille: 950,
             full_retry: Duration::from_secs(1),
+            orphan_extra_tries: 2,
             rehome_avoid: Duration::from_secs(60),
             tick: Duration::from_millis(250),
             max_cached: 200,
@@ -223,6 +235,8 @@ pub struct AttachPlanner<A> {
     /// In the order they were started.
     links: Vec<Link<A>>,
     actions: VecDeque<Action<A>>,
+    /// It lost its last registered session and has not registered since.
+    orphaned: bool,
 }
 
 impl<A: PeerAddr> AttachPlanner<A> {
@@ -258,6 +272,7 @@ impl<A: PeerAddr> AttachPlanner<A> {
             candidates,
             links: Vec::new(),
             actions: VecDeque::new(),
+            orphaned: false,
         };
         planner.plan(now);
         planner.save(unix_secs);
@@ -332,6 +347,7 @@ impl<A: PeerAddr> AttachPlanner<A> {
             }
         } else {
             link.id = Some(id);
+            self.orphaned = false;
         }
         if let Some(c) = self.candidates.iter_mut().find(|c| c.addr == *addr) {
             c.id = Some(id);
@@ -354,6 +370,8 @@ impl<A: PeerAddr> AttachPlanner<A> {
         };
         let link = self.links.remove(at);
         let orphan = !self.registered_anywhere();
+        // It lost its last supernode (not merely a try that failed).
+        self.orphaned |= orphan && link.id.is_some();
         if orphan {
             // With no supernode left, every known one is worth a try now.
             let soon = now + self.cfg.full_retry;
@@ -530,7 +548,12 @@ impl<A: PeerAddr> AttachPlanner<A> {
     /// Stops sessions beyond those wanted and starts the due candidates
     /// while fewer are up or being tried.
     fn plan(&mut self, now: Instant) {
-        let wanted = self.wanted();
+        let wanted = if self.orphaned && !self.registered_anywhere() {
+            // Orphaned: more tries at once (at most the cap).
+            (self.wanted() + self.cfg.orphan_extra_tries).min(MAX_SUPERNODE_INFOS)
+        } else {
+            self.wanted()
+        };
         // Keep the registered sessions first, the oldest first.
         let mut live: Vec<usize> = (0..self.links.len())
             .filter(|&i| !self.links[i].stopping)
@@ -780,8 +803,9 @@ mod tests {
         p.handle_link_up(t0, UNIX, &addr(1), id(1));
         p.handle_rehome(t0, UNIX, id(1), vec![info(3, 400)]);
         p.handle_link_ended(t0 + MS, UNIX, &addr(1), LinkOutcome::Failed);
-        // 2 is less loaded by its own account, but 3 was offered.
-        assert_eq!(drain(&mut p).0, vec![addr(3)]);
+        // 2 is less loaded by its own account, but 3 was offered: first
+        // (with no supernode left, 2 is tried beside it).
+        assert_eq!(drain(&mut p).0.first(), Some(&addr(3)));
     }
 
     #[test]
@@ -1077,7 +1101,10 @@ mod tests {
                 for (i, r) in registered.iter().enumerate() {
                     proptest::prop_assert!(!registered[i + 1..].contains(r), "twice with {:?}", r);
                 }
-                let wanted = if supernode { 1 } else { attach };
+                let mut wanted = if supernode { 1 } else { attach };
+                if p.orphaned && p.registered().next().is_none() {
+                    wanted += p.cfg.orphan_extra_tries;
+                }
                 let live = p.links.iter().filter(|l| !l.stopping).count();
                 proptest::prop_assert!(live <= wanted, "{} sessions, {} wanted", live, wanted);
                 proptest::prop_assert!(connects.is_empty() || p.links().count() <= wanted);

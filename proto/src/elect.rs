@@ -3,10 +3,28 @@
 //! candidate back, how to hand leaves over, and when an elected supernode
 //! should step down. The caller passes the time and the facts.
 //!
-//! Damping: a supernode elects only after being over its high-water mark
-//! for a randomised wait, and at most once per cool-down, so that a burst of
-//! joins does not promote a crowd at once; an elected supernode steps down
-//! only after holding no more than `drained_leaves` leaves for `drain_for`.
+//! Two sets of rules ([`Rules`]), the default first:
+//! - **Need** ([`Rules::Need`]): a supernode elects only while it is over
+//!   its high-water mark *and* the network it knows of (its own load and
+//!   the loads its neighbours' `Status` gossip told it, [`Load::known`]) is
+//!   short of room: less than `elect_below_spare_permille` of the capacity
+//!   it knows is free. Even then it elects with a probability: the
+//!   deficit (the supernodes that would bring the known capacity back to
+//!   `target_spare_permille` free) ÷ the overloaded supernodes it knows,
+//!   drawn once per `round`, so that N overloaded supernodes facing a
+//!   deficit of D promote about D between them, not N. An elected supernode
+//!   steps down once the others would still have `step_down_spare_permille`
+//!   free after taking its leaves, for `drain_for`, again with a probability
+//!   (the surplus ÷ the supernodes known) once per round. The gap between
+//!   the two marks is the hysteresis that keeps it from flapping, and a
+//!   leaf takes the role at most once per `repromote_after`
+//!   ([`answer_promote`]).
+//! - **Overload** ([`Rules::Overload`], the rules before need was tracked):
+//!   a supernode elects after being over its high-water mark for a
+//!   randomised wait, at most once per cool-down, whatever room the others
+//!   have; an elected supernode steps down only after holding no more than
+//!   `drained_leaves` leaves for `drain_for`. Kept so that a simulator run
+//!   can put them beside the new rules with the same seed.
 //!
 //! [`Election`] is the whole of it as one state machine, in the manner of
 //! quinn-proto: the driver feeds it candidacies, dial-back results, the
@@ -29,9 +47,61 @@ use std::time::{Duration, Instant};
 
 use crate::msg::Candidacy;
 
+/// Which rules decide when to elect and when to step down (see the module doc).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Rules {
+    /// Elect only while the known network is short of room, about as many
+    /// as it lacks; step down when not needed. The default.
+    #[default]
+    Need,
+    /// Elect whenever this supernode is over its high-water mark; step
+    /// down only when drained (the rules before need was tracked).
+    Overload,
+}
+
+impl Rules {
+    /// The name a config file gives them: `need` or `overload`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Rules::Need => "need",
+            Rules::Overload => "overload",
+        }
+    }
+
+    /// The rules of a config file's name, if it is one.
+    pub fn from_name(name: &str) -> Option<Self> {
+        match name {
+            "need" => Some(Rules::Need),
+            "overload" => Some(Rules::Overload),
+            _ => None,
+        }
+    }
+}
+
 /// The rules, with their defaults (see docs/PROTOCOL.md).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Policy {
+    /// Which rules apply. Default [`Rules::Need`].
+    pub rules: Rules,
+    /// Need rules: the known network is short of room when less than this
+    /// share (thousandths) of its capacity is free. Default 80.
+    pub elect_below_spare_permille: u32,
+    /// Need rules: the share (thousandths) of capacity a round of
+    /// elections aims to leave free; the deficit is counted against it.
+    /// Default 120.
+    pub target_spare_permille: u32,
+    /// Need rules: an elected supernode is not needed when, without it,
+    /// at least this share (thousandths) of the known capacity would still
+    /// be free. Default 160.
+    pub step_down_spare_permille: u32,
+    /// Need rules: least time between two draws (to elect or to step
+    /// down) by one supernode, long enough for the last round's
+    /// promotions and step-downs to show in the gossip. Default 60 s.
+    pub round: Duration,
+    /// Least time between two promotions of one leaf ([`may_take_role`]).
+    /// Default 1 h.
+    pub repromote_after: Duration,
     /// Load (thousandths of `max_leaves`) at which more supernodes are needed. Default 800.
     pub high_water_permille: u32,
     /// Least time over the high-water mark before electing. Default 10 s.
@@ -66,6 +136,12 @@ pub struct Policy {
 impl Default for Policy {
     fn default() -> Self {
         Self {
+            rules: Rules::Need,
+            elect_below_spare_permille: 80,
+            target_spare_permille: 120,
+            step_down_spare_permille: 160,
+            round: Duration::from_secs(60),
+            repromote_after: Duration::from_secs(3600),
             high_water_permille: 800,
             overload_for: Duration::from_secs(10),
             jitter: Duration::from_secs(10),
@@ -130,7 +206,10 @@ pub struct Elector {
     /// The random extra wait for the current overload episode.
     wait: Duration,
     last_election: Option<Instant>,
+    /// Overload rules: drained since; need rules: not needed since.
     drained_since: Option<Instant>,
+    /// Need rules: the last draw, to elect or to step down.
+    last_draw: Option<Instant>,
 }
 
 impl Elector {
@@ -180,6 +259,64 @@ impl Elector {
         Decision::Nothing
     }
 
+    /// Decides by the need rules, given this supernode's load `me` and
+    /// what `need` makes of the network it knows. `others_take_mine`:
+    /// the supernodes it would send its leaves to have room for all of
+    /// them under their marks. `random` is uniform in [0, 1), a fresh draw
+    /// at each tick.
+    #[allow(clippy::too_many_arguments)]
+    pub fn tick_need(
+        &mut self,
+        now: Instant,
+        me: Room,
+        need: &Need,
+        elected: bool,
+        others_take_mine: bool,
+        random: f64,
+        p: &Policy,
+    ) -> Decision {
+        let random = random.clamp(0.0, 1.0);
+        let since = |t: Instant| now.saturating_duration_since(t);
+        let drawn = self.last_draw.is_some_and(|t| since(t) < p.round);
+        let overloaded = load_permille(me) >= u64::from(p.high_water_permille);
+        if overloaded && need.short(p) {
+            self.drained_since = None;
+            let start = *self.overloaded_since.get_or_insert_with(|| {
+                self.wait = p.overload_for + p.jitter.mul_f64(random);
+                now
+            });
+            let cooled = self
+                .last_election
+                .is_none_or(|t| since(t) >= p.cooldown.max(p.round));
+            if since(start) < self.wait || drawn || !cooled {
+                return Decision::Nothing;
+            }
+            self.last_draw = Some(now);
+            return if random < need.elect_chance(p) {
+                Decision::Elect
+            } else {
+                Decision::Nothing
+            };
+        }
+        self.overloaded_since = None;
+        if elected
+            && others_take_mine
+            && need.spare_without_permille(me) >= p.step_down_spare_permille.into()
+        {
+            let start = *self.drained_since.get_or_insert(now);
+            if since(start) < p.drain_for || drawn {
+                return Decision::Nothing;
+            }
+            self.last_draw = Some(now);
+            if random < need.step_down_chance(me, p) {
+                return Decision::StepDown;
+            }
+        } else {
+            self.drained_since = None;
+        }
+        Decision::Nothing
+    }
+
     /// Records that an election was made (whether or not a leaf accepted):
     /// the cool-down starts and a new overload episode must begin.
     pub fn elected(&mut self, now: Instant) {
@@ -187,6 +324,108 @@ impl Elector {
         self.overloaded_since = None;
     }
 }
+
+/// Load of `r`, thousandths of its `max_leaves` (no capacity counts as full).
+fn load_permille(r: Room) -> u64 {
+    (u64::from(r.leaves) * 1000)
+        .checked_div(r.max_leaves.into())
+        .unwrap_or(1000)
+}
+
+/// What the need rules make of the network a supernode knows: itself and
+/// the loads its neighbours' `Status` told it of.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Need {
+    /// Supernodes counted (this one included).
+    pub supernodes: u64,
+    /// Of them, at or over the high-water mark.
+    pub overloaded: u64,
+    /// Their `max_leaves`, summed.
+    pub capacity: u64,
+    /// Their leaves, each counted at most at its `max_leaves`.
+    pub leaves: u64,
+}
+
+impl Need {
+    /// Counts `me` and every entry of `known` (at most
+    /// [`MAX_NEED_SAMPLE`] of them: the estimate needs no more, and a
+    /// hostile list costs nothing beyond).
+    pub fn of(me: Room, known: &[Room], p: &Policy) -> Self {
+        let mut n = Need {
+            supernodes: 0,
+            overloaded: 0,
+            capacity: 0,
+            leaves: 0,
+        };
+        for r in std::iter::once(&me).chain(known.iter().take(MAX_NEED_SAMPLE)) {
+            n.supernodes += 1;
+            n.overloaded += u64::from(load_permille(*r) >= u64::from(p.high_water_permille));
+            n.capacity += u64::from(r.max_leaves);
+            n.leaves += u64::from(r.leaves.min(r.max_leaves));
+        }
+        n
+    }
+
+    /// Free share of the capacity, thousandths (0 with no capacity).
+    pub fn spare_permille(&self) -> u64 {
+        (self.capacity.saturating_sub(self.leaves) * 1000)
+            .checked_div(self.capacity)
+            .unwrap_or(0)
+    }
+
+    /// Whether less than `elect_below_spare_permille` is free.
+    pub fn short(&self, p: &Policy) -> bool {
+        self.spare_permille() < u64::from(p.elect_below_spare_permille)
+    }
+
+    /// Free share if `me` stepped down: its capacity goes, its leaves
+    /// stay (they re-home to the others). 0 when nothing would be left.
+    pub fn spare_without_permille(&self, me: Room) -> u64 {
+        let capacity = self.capacity.saturating_sub(me.max_leaves.into());
+        (capacity.saturating_sub(self.leaves) * 1000)
+            .checked_div(capacity)
+            .unwrap_or(0)
+    }
+
+    /// The mean `max_leaves` of the supernodes counted (at least 1).
+    fn mean_capacity(&self) -> f64 {
+        (self.capacity as f64 / self.supernodes.max(1) as f64).max(1.0)
+    }
+
+    /// Supernodes (of the mean capacity) lacking for `target_spare_permille`
+    /// of the capacity to be free; negative: that many to spare.
+    pub fn deficit(&self, p: &Policy) -> f64 {
+        let free = 1.0 - f64::from(p.target_spare_permille.min(999)) / 1000.0;
+        (self.leaves as f64 / free - self.capacity as f64) / self.mean_capacity()
+    }
+
+    /// The chance that one overloaded supernode elects in this round: the
+    /// deficit (at least one supernode, since the network is short) shared
+    /// among the overloaded supernodes known, so that between them they
+    /// promote about the deficit. A full network hides how much more its
+    /// leaves want; the rounds that follow elect again while it stays short.
+    pub fn elect_chance(&self, p: &Policy) -> f64 {
+        if !self.short(p) {
+            return 0.0;
+        }
+        (self.deficit(p).max(1.0) / self.overloaded.max(1) as f64).clamp(0.0, 1.0)
+    }
+
+    /// The chance that `me`, an elected supernode not needed, steps down
+    /// in this round: the surplus (back to `target_spare_permille` free)
+    /// shared among every supernode known (which of them were elected,
+    /// and so may step down, is not known: fewer step down than the
+    /// surplus, never more).
+    pub fn step_down_chance(&self, me: Room, p: &Policy) -> f64 {
+        if self.spare_without_permille(me) < u64::from(p.step_down_spare_permille) {
+            return 0.0;
+        }
+        (-self.deficit(p) / self.supernodes.max(1) as f64).clamp(0.0, 1.0)
+    }
+}
+
+/// The most loads the need rules count, besides a supernode's own.
+pub const MAX_NEED_SAMPLE: usize = 4096;
 
 /// The shortest tick: a tick of zero would have the driver spin.
 const MIN_TICK: Duration = Duration::from_millis(1);
@@ -223,6 +462,10 @@ pub struct Load<'a> {
     /// an elected supernode step down, or its leaves would push another over
     /// the mark and a new election would follow.
     pub others: &'a [Room],
+    /// Need rules: the load of every other supernode it knows of
+    /// (neighbours, and the entries of their gossip heard of recently),
+    /// full ones included: the sample the network's need is judged by.
+    pub known: &'a [Room],
 }
 
 /// How a promoted leaf answered `Promote`.
@@ -487,15 +730,30 @@ impl<N: Copy + Ord> Election<N> {
         self.probe_due(now);
         let others = room(load.others, &self.policy) > load.leaves as u64;
         let random = self.rng.next_f64();
-        let decision = self.elector.tick(
-            now,
-            load.leaves,
-            load.max_leaves,
-            self.elected,
-            others,
-            random,
-            &self.policy,
-        );
+        let decision = match self.policy.rules {
+            Rules::Overload => self.elector.tick(
+                now,
+                load.leaves,
+                load.max_leaves,
+                self.elected,
+                others,
+                random,
+                &self.policy,
+            ),
+            Rules::Need => {
+                let clamp = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
+                let me = Room {
+                    leaves: clamp(load.leaves),
+                    max_leaves: clamp(load.max_leaves),
+                };
+                let need = Need::of(me, load.known, &self.policy);
+                // Stepping down while a promotion is under way would
+                // strand the leaf being promoted.
+                let elected = self.elected && self.promotion.is_none();
+                self.elector
+                    .tick_need(now, me, &need, elected, others, random, &self.policy)
+            }
+        };
         match decision {
             Decision::Nothing => {}
             Decision::Elect => {
@@ -617,6 +875,19 @@ pub fn answer_promote(no_promote: bool, holds_role: bool) -> Result<(), Refusal>
     } else {
         Ok(())
     }
+}
+
+/// The text of the `Declined` of a leaf promoted less than
+/// `repromote_after` ago.
+pub const RECENTLY_PROMOTED: &str =
+    "promoted too recently to take the role again (repromote_after)";
+
+/// Whether a leaf last promoted `since` ago (None: never) may take the
+/// role again, and so offer itself: at most one promotion a leaf per
+/// `repromote_after`, so that a leaf that stepped down is not elected
+/// straight back (no flapping).
+pub fn may_take_role(since: Option<Duration>, p: &Policy) -> bool {
+    since.is_none_or(|d| d >= p.repromote_after)
 }
 
 /// The most leaves a promoted leaf's role takes when asked for
@@ -761,6 +1032,7 @@ mod tests {
 
     fn quick() -> Policy {
         Policy {
+            rules: Rules::Overload,
             overload_for: Duration::from_secs(1),
             jitter: Duration::ZERO,
             cooldown: Duration::from_secs(3),
@@ -791,6 +1063,7 @@ mod tests {
         leaves: usize,
         max_leaves: usize,
         others: Vec<Room>,
+        known: Vec<Room>,
         /// Every action, with the time it came out.
         log: Vec<(Duration, Action<u8>)>,
         t0: Instant,
@@ -807,6 +1080,7 @@ mod tests {
                 leaves: 10,
                 max_leaves: 10,
                 others: Vec::new(),
+                known: Vec::new(),
                 log: Vec::new(),
                 t0,
                 reachable: Vec::new(),
@@ -826,6 +1100,7 @@ mod tests {
                     leaves: self.leaves,
                     max_leaves: self.max_leaves,
                     others: &self.others,
+                    known: &self.known,
                 };
                 self.e.handle_timeout(self.now, &load);
                 self.drain();
@@ -1169,5 +1444,246 @@ mod tests {
             },
         ];
         assert_eq!(room(&others, &p), 700);
+    }
+
+    // The need rules.
+
+    fn need_policy() -> Policy {
+        Policy {
+            rules: Rules::Need,
+            round: Duration::from_secs(10),
+            ..quick()
+        }
+    }
+
+    fn full(n: usize) -> Vec<Room> {
+        vec![
+            Room {
+                leaves: 100,
+                max_leaves: 100,
+            };
+            n
+        ]
+    }
+
+    /// `n` overloaded supernodes, each seeing the others as `known` and
+    /// holding one reachable candidate, run for one round: the leaves promoted.
+    fn one_round(n: usize, known: &[Room], seed: u64) -> usize {
+        let mut promoted = 0;
+        for i in 0..n {
+            let mut r = Rig::new(need_policy(), false);
+            r.e = Election::new(need_policy(), false, seed * 1000 + i as u64, r.t0);
+            r.leaves = 100;
+            r.max_leaves = 100;
+            r.known = known.to_vec();
+            r.reachable.push(1);
+            r.e.offer(1, candidacy(0), r.t0, addr(1));
+            r.run_until(Duration::from_secs(9));
+            promoted += r.promotes().len();
+        }
+        promoted
+    }
+
+    #[test]
+    fn overloaded_supernodes_facing_a_deficit_promote_about_the_deficit_not_all() {
+        let p = need_policy();
+        // 100 supernodes, all full: 12 % spare needs 13.6 more.
+        let known = full(99);
+        let need = Need::of(known[0], &known, &p);
+        assert_eq!(
+            (need.supernodes, need.overloaded, need.spare_permille()),
+            (100, 100, 0)
+        );
+        assert!(
+            (need.deficit(&p) - 13.64).abs() < 0.01,
+            "{}",
+            need.deficit(&p)
+        );
+        let mut total = 0;
+        for seed in 1..=5 {
+            let promoted = one_round(100, &known, seed);
+            assert!(
+                (4..=28).contains(&promoted),
+                "seed {seed}: {promoted} of 100"
+            );
+            total += promoted;
+        }
+        // About 14 a round over five rounds, never 100.
+        assert!((45..=100).contains(&total), "{total} in 5 rounds");
+
+        // Half of them big and full, half under their marks (79 of 100):
+        // 1.9 % spare, short by 11.4; only the 50 overloaded ones draw.
+        let mut known = vec![
+            Room {
+                leaves: 1000,
+                max_leaves: 1000
+            };
+            49
+        ];
+        known.extend(vec![
+            Room {
+                leaves: 79,
+                max_leaves: 100
+            };
+            50
+        ]);
+        let need = Need::of(full(1)[0], &known, &p);
+        assert_eq!((need.overloaded, need.spare_permille()), (50, 19));
+        assert!((need.elect_chance(&p) - 0.2286).abs() < 0.001);
+        let total: usize = (1..=5).map(|seed| one_round(50, &known, seed)).sum();
+        assert!(
+            (35..=85).contains(&total),
+            "{total} in 5 rounds, deficit 11.4 a round"
+        );
+        // A few full supernodes: short by less than one, yet one of them,
+        // about, elects each round.
+        let known = full(4);
+        assert!(Need::of(known[0], &known, &p).deficit(&p) < 1.0);
+        let total: usize = (1..=20).map(|seed| one_round(5, &known, seed)).sum();
+        assert!((8..=35).contains(&total), "{total} in 20 rounds of 5 full");
+    }
+
+    #[test]
+    fn an_overloaded_supernode_does_not_elect_while_the_network_has_room() {
+        // Full itself, but the others it knows are half empty.
+        let mut r = Rig::new(need_policy(), false);
+        r.leaves = 100;
+        r.max_leaves = 100;
+        r.known = vec![
+            Room {
+                leaves: 50,
+                max_leaves: 100
+            };
+            9
+        ];
+        r.reachable.push(1);
+        r.e.offer(1, candidacy(0), r.t0, addr(1));
+        r.run_until(Duration::from_secs(600));
+        assert!(r.promotes().is_empty());
+        // Alone and full: short by one at least, its own (chance 1).
+        r.known.clear();
+        r.run_until(Duration::from_secs(700));
+        assert_eq!(r.promotes().len(), 1);
+        // Not loaded itself: whatever the network lacks, another elects.
+        let mut r = Rig::new(need_policy(), false);
+        r.leaves = 50;
+        r.max_leaves = 100;
+        r.known = full(9);
+        r.reachable.push(1);
+        r.e.offer(1, candidacy(0), r.t0, addr(1));
+        r.run_until(Duration::from_secs(600));
+        assert!(r.promotes().is_empty());
+    }
+
+    #[test]
+    fn an_elected_supernode_not_needed_steps_down_once_and_a_needed_one_stays() {
+        let p = need_policy();
+        // Ten supernodes at 10 %: 9 could go. It steps down within a few
+        // rounds after `drain_for`, and nothing comes after.
+        let mut r = Rig::new(p.clone(), true);
+        r.leaves = 10;
+        r.max_leaves = 100;
+        r.others = vec![
+            Room {
+                leaves: 10,
+                max_leaves: 100
+            };
+            9
+        ];
+        r.known = r.others.clone();
+        r.run_until(Duration::from_secs(300));
+        assert!(r.e.stepped_down());
+        let downs = r.log.iter().filter(|(_, a)| *a == Action::StepDown).count();
+        assert_eq!(downs, 1);
+        let at = r.log.last().unwrap().0;
+        assert!(at >= p.drain_for, "{at:?}");
+        assert_eq!(r.e.poll_timeout(), None);
+
+        // Just elected into a short network: without it, 3 % would be
+        // free, under the step-down mark; it stays however long.
+        let mut r = Rig::new(p.clone(), true);
+        r.leaves = 0;
+        r.max_leaves = 100;
+        r.others = vec![Room {
+            leaves: 70,
+            max_leaves: 100,
+        }];
+        let mut known = full(8);
+        known.push(Room {
+            leaves: 70,
+            max_leaves: 100,
+        });
+        r.known = known;
+        r.run_until(Duration::from_secs(3600));
+        assert!(!r.e.stepped_down());
+        assert!(r.log.is_empty());
+    }
+
+    #[test]
+    fn the_marks_leave_a_gap_so_a_newcomer_never_meets_the_step_down_mark() {
+        // Whatever the network, if electing is due, a just-elected empty
+        // supernode would not step down: short means under 5 % free, and
+        // without the newcomer that is what is free, under 15 %.
+        let p = Policy::default();
+        for n in [1usize, 2, 5, 10, 50, 1000] {
+            for fill in [950u32, 970, 990, 1000] {
+                let known = vec![
+                    Room {
+                        leaves: fill,
+                        max_leaves: 1000
+                    };
+                    n
+                ];
+                let before = Need::of(known[0], &known[1..], &p);
+                assert!(before.short(&p));
+                let newcomer = Room {
+                    leaves: 0,
+                    max_leaves: 1000,
+                };
+                let after = Need::of(newcomer, &known, &p);
+                assert!(after.spare_without_permille(newcomer) < p.step_down_spare_permille.into());
+                assert_eq!(after.step_down_chance(newcomer, &p), 0.0);
+            }
+        }
+    }
+
+    #[test]
+    fn a_leaf_takes_the_role_at_most_once_an_hour() {
+        let p = Policy::default();
+        let m = Duration::from_secs(60);
+        assert!(may_take_role(None, &p));
+        assert!(!may_take_role(Some(Duration::ZERO), &p));
+        assert!(!may_take_role(Some(59 * m), &p));
+        assert!(may_take_role(Some(60 * m), &p));
+    }
+
+    #[test]
+    fn a_hostile_or_huge_known_list_is_counted_only_up_to_its_cap() {
+        let p = Policy::default();
+        let known = vec![
+            Room {
+                leaves: u32::MAX,
+                max_leaves: u32::MAX,
+            };
+            MAX_NEED_SAMPLE * 3
+        ];
+        let me = Room {
+            leaves: 0,
+            max_leaves: 0,
+        };
+        let need = Need::of(me, &known, &p);
+        assert_eq!(need.supernodes, MAX_NEED_SAMPLE as u64 + 1);
+        assert!(need.elect_chance(&p) <= 1.0);
+        assert_eq!(Need::of(me, &[], &p).spare_permille(), 0);
+        assert_eq!(Need::of(me, &[], &p).spare_without_permille(me), 0);
+    }
+
+    #[test]
+    fn rules_have_names() {
+        for r in [Rules::Need, Rules::Overload] {
+            assert_eq!(Rules::from_name(r.name()), Some(r));
+        }
+        assert_eq!(Rules::from_name("flood"), None);
+        assert_eq!(Policy::default().rules, Rules::Need);
     }
 }

@@ -845,6 +845,24 @@ impl Membership {
         self.neighbours.len() + remembered
     }
 
+    /// The load (`leaves`, `max_leaves`) of every other supernode known:
+    /// each neighbour as its last `Status` gave it, and each entry of the
+    /// known table heard of within [`MeshConfig::gossip_max_age`], checked
+    /// or not (at most `max_known`, of which `max_known_per_sender` from
+    /// any one neighbour). The sample election judges need by
+    /// (`elect::Load::known`).
+    pub fn loads(&self, now: Instant) -> Vec<(u32, u32)> {
+        let remembered = self.known.iter().filter(|(id, k)| {
+            !self.neighbours.contains_key(*id)
+                && now.saturating_duration_since(k.last_seen) < self.config.gossip_max_age
+        });
+        self.neighbours
+            .values()
+            .map(|n| (n.leaves, n.max_leaves))
+            .chain(remembered.map(|(_, k)| (k.leaves, k.max_leaves)))
+            .collect()
+    }
+
     /// Supernodes to tell others about: neighbours first (by id), then
     /// recently seen ones (by age), never `except`, at most
     /// `MAX_SUPERNODE_INFOS`.

@@ -2,12 +2,14 @@
 //! leaves (some behind a NAT, so that no dial-back reaches them) offer and
 //! withdraw themselves and change address, dial-backs are answered late or
 //! never, promoted leaves accept, decline, fail or never join, and the load
-//! and the room of the other supernodes swing. Whatever happens:
+//! and the room of the other supernodes swing, under either set of rules
+//! (`Rules::Need`, `Rules::Overload`). Whatever happens:
 //!
 //! - only a leaf that a dial-back reached at its current address is promoted;
 //! - a promotion starts only when none is under way;
 //! - two promotions are at least a cool-down apart;
-//! - only an elected supernode steps down, and then does nothing more;
+//! - only an elected supernode steps down, and then does nothing more,
+//!   and never while a promotion of its own is under way (need rules);
 //! - no candidacy is dialled back twice within `probe_spacing`.
 
 use std::collections::HashMap;
@@ -15,7 +17,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use proptest::prelude::*;
-use servent_proto::elect::{Action, Election, Load, Policy, PromoteReply, Room};
+use servent_proto::elect::{Action, Election, Load, Policy, PromoteReply, Room, Rules};
 use servent_proto::msg::Candidacy;
 
 #[derive(Debug, Clone)]
@@ -59,8 +61,10 @@ fn step() -> impl Strategy<Value = Step> {
     ]
 }
 
-fn policy() -> Policy {
+fn policy(rules: Rules) -> Policy {
     Policy {
+        rules,
+        round: Duration::from_secs(2),
         overload_for: Duration::from_secs(1),
         jitter: Duration::from_secs(1),
         cooldown: Duration::from_secs(3),
@@ -99,6 +103,10 @@ struct World {
     last_probe: HashMap<u8, Instant>,
     last_promote: Option<Instant>,
     stepped_down: bool,
+    /// The loads of every supernode known (the need rules' sample).
+    known: Vec<Room>,
+    /// A promotion was under way when the core was last run.
+    busy: bool,
 }
 
 impl World {
@@ -124,6 +132,9 @@ impl World {
                 Action::HandOver { count, .. } => prop_assert!(count <= self.leaves / 2),
                 Action::StepDown => {
                     prop_assert!(self.elected, "a dedicated supernode stepped down");
+                    if self.p.rules == Rules::Need {
+                        prop_assert!(!self.busy, "stepped down in the middle of a promotion");
+                    }
                     self.stepped_down = true;
                 }
             }
@@ -133,10 +144,12 @@ impl World {
 
     fn run(&mut self, now: Instant) -> Result<(), TestCaseError> {
         let busy = self.e.promoting();
+        self.busy = busy;
         let load = Load {
             leaves: self.leaves,
             max_leaves: 10,
             others: &self.room,
+            known: &self.known,
         };
         self.e.handle_timeout(now, &load);
         // A new promotion only when none was under way.
@@ -154,11 +167,12 @@ proptest! {
     #[test]
     fn random_histories_keep_the_rules(
         elected in any::<bool>(),
+        need in any::<bool>(),
         seed in any::<u64>(),
         steps in prop::collection::vec(step(), 0..200),
     ) {
         let t0 = Instant::now();
-        let p = policy();
+        let p = policy(if need { Rules::Need } else { Rules::Overload });
         let mut w = World {
             e: Election::new(p.clone(), elected, seed, t0),
             p,
@@ -172,6 +186,8 @@ proptest! {
             last_probe: HashMap::new(),
             last_promote: None,
             stepped_down: false,
+            known: Vec::new(),
+            busy: false,
         };
         let candidacy = Candidacy { cpu_idle_permille: 900, mem_available_mib: 900, upload_kbps: 0 };
         for s in steps {
@@ -223,6 +239,8 @@ proptest! {
                 Step::Load { leaves, room } => {
                     w.leaves = leaves.into();
                     w.room = vec![Room { leaves: room.into(), max_leaves: 10 }];
+                    // The rest of the network as full as the room says.
+                    w.known = vec![Room { leaves: room.into(), max_leaves: 10 }; usize::from(room) + 1];
                 }
                 Step::Wait(ms) => {
                     let end = w.now + Duration::from_millis(ms.into());

@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Deserialize;
-use servent_proto::elect::{Policy, PromoteReply};
+use servent_proto::elect::{Policy, PromoteReply, Rules};
 use servent_proto::limits::{MAX_ERROR_MESSAGE, MAX_REPLY_FRAME};
 use servent_proto::msg::{
     truncate_utf8, LeafReply, SupernodeInfo, SupernodeRequest, ALPN_TRANSFER,
@@ -38,6 +38,24 @@ use servent_net::{self as net, Endpoint};
 pub struct ElectionConfig {
     /// Elect at all. Default true.
     pub enabled: bool,
+    /// Which rules: `"need"` (elect only while the network this supernode
+    /// knows is short of room, about as many as it lacks; step down when
+    /// not needed) or `"overload"` (elect whenever over the high-water
+    /// mark; step down only when drained). Default `"need"`.
+    pub rules: Rules,
+    /// Need rules: thousandths of the known capacity free under which the
+    /// network is short of room. Default 80.
+    pub elect_below_spare_permille: u32,
+    /// Need rules: thousandths free a round of elections aims at. Default 120.
+    pub target_spare_permille: u32,
+    /// Need rules: an elected supernode steps down when, without it, this
+    /// many thousandths would still be free. Default 160.
+    pub step_down_spare_permille: u32,
+    /// Need rules: least seconds between two draws to elect or step down. Default 60.
+    pub round_secs: f64,
+    /// Least seconds between two promotions of this node when it is a
+    /// leaf (the `[role]` of a leaf reads it). Default 3600.
+    pub repromote_after_secs: f64,
     /// Load (thousandths of max_leaves) at which more supernodes are needed. Default 800.
     pub high_water_permille: u32,
     /// Seconds over the high-water mark before electing. Default 10.
@@ -73,6 +91,12 @@ impl Default for ElectionConfig {
         let p = Policy::default();
         Self {
             enabled: true,
+            rules: p.rules,
+            elect_below_spare_permille: p.elect_below_spare_permille,
+            target_spare_permille: p.target_spare_permille,
+            step_down_spare_permille: p.step_down_spare_permille,
+            round_secs: p.round.as_secs_f64(),
+            repromote_after_secs: p.repromote_after.as_secs_f64(),
             high_water_permille: p.high_water_permille,
             overload_secs: p.overload_for.as_secs_f64(),
             jitter_secs: p.jitter.as_secs_f64(),
@@ -102,6 +126,12 @@ impl ElectionConfig {
             })
         };
         Policy {
+            rules: self.rules,
+            elect_below_spare_permille: self.elect_below_spare_permille,
+            target_spare_permille: self.target_spare_permille,
+            step_down_spare_permille: self.step_down_spare_permille,
+            round: secs(self.round_secs),
+            repromote_after: secs(self.repromote_after_secs),
             high_water_permille: self.high_water_permille,
             overload_for: secs(self.overload_secs),
             jitter: secs(self.jitter_secs),
@@ -125,6 +155,7 @@ impl ElectionConfig {
             overload_secs: 1.0,
             jitter_secs: 1.0,
             cooldown_secs: 3.0,
+            round_secs: 3.0,
             min_uptime_secs: 0.5,
             min_cpu_idle_permille: 0,
             min_mem_mib: 0,

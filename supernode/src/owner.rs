@@ -386,10 +386,17 @@ impl Owner {
                     max_leaves: i.max_leaves,
                 })
                 .collect();
+            let known: Vec<Room> = self
+                .mesh
+                .loads(now)
+                .into_iter()
+                .map(|(leaves, max_leaves)| Room { leaves, max_leaves })
+                .collect();
             let load = Load {
                 leaves: self.leases.len(),
                 max_leaves: io.state.config.max_leaves,
                 others: &others,
+                known: &known,
             };
             let joining = self.election.awaiting_join();
             self.election.handle_timeout(now, &load);

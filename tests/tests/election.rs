@@ -258,7 +258,13 @@ async fn a_drained_elected_supernode_steps_down_and_its_leaves_rehome() {
 #[tokio::test]
 async fn an_elected_leaf_refused_by_its_promoter_meshes_with_supernodes_it_knows() {
     // The seed keeps to one neighbour, so it refuses the leaf it elects.
-    let other = supernode().await;
+    // That neighbour takes one leaf, so that the network is short of room
+    // and the full seed elects (the need rules).
+    let other = supernode_with(supernode::Config {
+        max_leaves: 1,
+        ..supernode::Config::localhost()
+    })
+    .await;
     let sn = supernode_with(supernode::Config {
         target_neighbors: 1,
         max_neighbors: 1,

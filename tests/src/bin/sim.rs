@@ -31,6 +31,10 @@ struct Args {
     /// Measured queries
     #[arg(long)]
     queries: Option<usize>,
+    /// Election rules: need (the default) or overload (the rules before
+    /// need was tracked), to put them side by side with one seed
+    #[arg(long)]
+    election_rules: Option<String>,
     /// Print the report as one JSON object
     #[arg(long)]
     json: bool,
@@ -63,6 +67,9 @@ fn main() -> anyhow::Result<()> {
     }
     if let Some(v) = args.queries {
         sc.queries = v;
+    }
+    if let Some(v) = args.election_rules {
+        sc.election_rules = v;
     }
     let (report, samples) = sim::run_with(sc, args.progress)?;
     if let Some(path) = &args.csv {

@@ -37,8 +37,21 @@ pub struct Report {
     /// The most query messages one supernode received for one query, on
     /// average over queries (how the per-node load grows with the query rate).
     pub max_supernode_msgs_per_query: f64,
+    /// The election rules of the run (`need` or `overload`).
+    pub election_rules: String,
+    /// Supernodes alive ÷ the fewest the leaves need, the most and the
+    /// mean over the samples after warm-up. Needed is ⌈online leaves ×
+    /// `attach` ÷ `max_leaves`⌉: every supernode full, every leaf with its
+    /// `attach` links. (Before the need rules it was online ÷ (max_leaves
+    /// × 0.8), one link a leaf at the high-water mark: the same runs'
+    /// ratios were 2.4 times as high.)
     pub supernodes_over_needed_max: f64,
     pub supernodes_over_needed_mean: f64,
+    /// The least of the same ratio (below 1: the leaves lack links).
+    pub supernodes_over_needed_min: f64,
+    /// Leaf registrations ÷ online leaves, the mean over the samples after
+    /// warm-up (at most `attach`).
+    pub links_per_leaf_mean: f64,
     pub supernodes_alive_min: usize,
     pub supernodes_alive_max: usize,
     pub elected_max: usize,
@@ -81,20 +94,24 @@ pub struct Sample {
     pub t_secs: f64,
     pub supernodes: usize,
     pub elected: usize,
+    /// The fewest supernodes the online leaves need: ⌈online × `attach` ÷
+    /// `max_leaves`⌉ (every supernode full).
     pub needed: usize,
     pub online_leaves: usize,
     pub attached_leaves: usize,
     pub max_leaves_over_cap: f64,
     pub msgs_per_sec: f64,
+    /// Leaf registrations held by the supernodes alive (at most `attach` a leaf).
+    pub links: usize,
 }
 
 impl Sample {
     pub const CSV_HEADER: &'static str =
-        "t_secs,supernodes,elected,needed,online_leaves,attached_leaves,max_leaves_over_cap,msgs_per_sec";
+        "t_secs,supernodes,elected,needed,online_leaves,attached_leaves,max_leaves_over_cap,msgs_per_sec,links";
 
     pub fn csv(&self) -> String {
         format!(
-            "{},{},{},{},{},{},{:.3},{:.1}",
+            "{},{},{},{},{},{},{:.3},{:.1},{}",
             self.t_secs,
             self.supernodes,
             self.elected,
@@ -102,7 +119,8 @@ impl Sample {
             self.online_leaves,
             self.attached_leaves,
             self.max_leaves_over_cap,
-            self.msgs_per_sec
+            self.msgs_per_sec,
+            self.links
         )
     }
 }

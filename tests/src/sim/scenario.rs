@@ -32,6 +32,11 @@ pub struct Scenario {
     /// (`AttachConfig::max_cached`, 200 in the leaf). Default 64, to keep
     /// 100 000 leaves in memory.
     pub leaf_table: usize,
+    /// Load (thousandths) above which a leaf opens no extra link to a
+    /// supernode (`AttachConfig::extra_link_max_load_permille`). Default:
+    /// the leaf's default with the need rules, 500 (the default before
+    /// them) with the overload rules.
+    pub extra_link_max_load_permille: Option<u64>,
     /// Mesh links a supernode dials up to (`target_neighbors`). Default 8.
     pub target_neighbors: usize,
     /// Mesh links a supernode accepts up to (`max_neighbors`). Default 16.
@@ -49,8 +54,16 @@ pub struct Scenario {
     pub loss_detect_ms: u64,
     /// Election as the supernodes run it; `false` turns it off. Default true.
     pub election: bool,
-    /// Election timings scaled by this (1 = the defaults). Default 1.
+    /// Election timings scaled by this (1 = the defaults; a leaf's one
+    /// promotion an hour, `repromote_after`, is not scaled). Default 1.
     pub election_time_scale: f64,
+    /// Election rules (`proto::elect::Rules`): `"need"` (elect only while
+    /// the known network is short of room, about the deficit; step down
+    /// when not needed) or `"overload"` (the rules before: elect whenever
+    /// over the high-water mark, step down only drained; the leaves then
+    /// plan their links as they did with them: extra links up to 500 ‰,
+    /// no extra tries when orphaned). Default `"need"`.
+    pub election_rules: String,
 
     /// Median link RTT, ms (log-normal). Default 60.
     pub rtt_median_ms: f64,
@@ -115,6 +128,7 @@ impl Default for Scenario {
             max_leaves: 300,
             attach: servent_proto::attach::DEFAULT_ATTACH,
             leaf_table: 64,
+            extra_link_max_load_permille: None,
             target_neighbors: node.target_neighbors,
             max_neighbors: node.max_neighbors,
             query_ttl: node.query_ttl,
@@ -124,6 +138,7 @@ impl Default for Scenario {
             loss_detect_ms: servent_net::IDLE_TIMEOUT.as_millis() as u64,
             election: true,
             election_time_scale: 1.0,
+            election_rules: servent_proto::elect::Rules::default().name().to_string(),
             rtt_median_ms: 60.0,
             rtt_sigma: 0.5,
             loss: 0.0,
@@ -201,6 +216,9 @@ impl Scenario {
         }
         if !(self.warmup_minutes >= 0.0 && self.warmup_minutes < self.minutes) {
             return bad("warmup_minutes must be at least 0 and less than minutes");
+        }
+        if servent_proto::elect::Rules::from_name(&self.election_rules).is_none() {
+            return bad("election_rules must be \"need\" or \"overload\"");
         }
         if self.max_leaves == 0 || self.attach == 0 || self.files_per_keyword == 0 {
             return bad("max_leaves, attach and files_per_keyword must be at least 1");

@@ -18,7 +18,9 @@ use std::net::SocketAddr;
 use rand::rngs::StdRng;
 use rand::Rng;
 use servent_proto::attach::{Action, AttachConfig, AttachPlanner, CacheEntry, LinkOutcome};
-use servent_proto::elect::{Action as ElectAction, Election, Load, Policy, PromoteReply, Room};
+use servent_proto::elect::{
+    self, Action as ElectAction, Election, Load, Policy, PromoteReply, Room, Rules,
+};
 use servent_proto::hop::{
     Action as HopAction, Arrival, HopNode, HopQuery, LeafQuery, Local, Lookup,
 };
@@ -294,8 +296,9 @@ struct Super {
     elect_wake: Option<Micros>,
     /// The leaf a `Promote` was sent to, until it answers.
     asked: Option<u32>,
-    /// Others' room as `for_leaves` last gave it, and when.
-    rooms: (Micros, Vec<Room>),
+    /// Others' room as `for_leaves` last gave it, the loads of every
+    /// supernode known (`Membership::loads`), and when.
+    rooms: (Micros, Vec<Room>, Vec<Room>),
     msgs_sec: u64,
     msgs_in_sec: u64,
     /// Query messages received for the current query window.
@@ -329,7 +332,7 @@ impl Super {
             election,
             elect_wake: None,
             asked: None,
-            rooms: (0, Vec::new()),
+            rooms: (0, Vec::new(), Vec::new()),
             msgs_sec: 0,
             msgs_in_sec: 0,
             query_msgs: 0,
@@ -465,12 +468,22 @@ impl World {
         let scale = |d: Duration| d.mul_f64(sc.election_time_scale.max(0.0));
         let p = Policy::default();
         let policy = Policy {
+            rules: Rules::from_name(&sc.election_rules).unwrap_or_default(),
+            round: scale(p.round),
             overload_for: scale(p.overload_for),
             jitter: scale(p.jitter),
             cooldown: scale(p.cooldown),
             min_uptime: scale(p.min_uptime),
             drain_for: scale(p.drain_for),
             ..p
+        };
+        // The rules before need was tracked had no hold on a leaf's promotions.
+        let policy = match policy.rules {
+            Rules::Overload => Policy {
+                repromote_after: Duration::ZERO,
+                ..policy
+            },
+            Rules::Need => policy,
         };
         let zipf = Zipf::new(sc.catalog_files, sc.zipf_exponent);
         let mut leaves = Vec::with_capacity(sc.leaves);
@@ -900,8 +913,19 @@ impl World {
             }
             self.leaves[l as usize].boot = boot;
         }
+        // With the overload rules, the leaf as it was before them: extra
+        // links up to 500 permille, no extra tries when orphaned.
+        let (extra, orphan_extra_tries) = match self.policy.rules {
+            Rules::Need => {
+                let d = AttachConfig::default();
+                (d.extra_link_max_load_permille, d.orphan_extra_tries)
+            }
+            Rules::Overload => (500, 0),
+        };
         let cfg = AttachConfig {
             max_cached: self.sc.leaf_table,
+            extra_link_max_load_permille: self.sc.extra_link_max_load_permille.unwrap_or(extra),
+            orphan_extra_tries,
             ..AttachConfig::default()
         };
         let id = leaf_id(l);
@@ -1197,8 +1221,10 @@ impl World {
             }
             Msg::Promote { sup, max_leaves } => {
                 let leaf = &self.leaves[l as usize];
-                let accept =
-                    leaf.role.is_none() && leaf.links().any(|x| x == sup) && self.sc.election;
+                let accept = leaf.role.is_none()
+                    && leaf.links().any(|x| x == sup)
+                    && self.sc.election
+                    && self.may_take_role(l);
                 let answer = if accept {
                     Some(self.promote_leaf(l, sup, max_leaves))
                 } else {
@@ -1231,6 +1257,17 @@ impl World {
             }
             _ => {}
         }
+    }
+
+    /// Whether leaf `l` may take the role (and so offers itself): at most
+    /// once per `repromote_after` (`elect::may_take_role`).
+    fn may_take_role(&self, l: u32) -> bool {
+        let now = self.now();
+        let since = self.leaves[l as usize]
+            .promoted_at
+            .last()
+            .map(|&t| Duration::from_micros(now - t));
+        elect::may_take_role(since, &self.policy)
     }
 
     /// The leaf takes the supernode role on its own endpoint.
@@ -1540,8 +1577,9 @@ impl World {
     fn add_leaf(&mut self, s: u32, leaf: u32, gen: u32) {
         let addr = self.leaf_sock(leaf);
         let instant = self.q.instant();
+        let may_take_role = self.may_take_role(leaf);
         let (l, sup) = (&self.leaves[leaf as usize], &mut self.supers[s as usize]);
-        let (capable, upload_kbps) = (l.capable, l.upload_kbps);
+        let (capable, upload_kbps) = (l.capable && may_take_role, l.upload_kbps);
         if let Some(old) = sup.leaves.insert(leaf, gen) {
             if old == gen {
                 return;
@@ -1706,13 +1744,20 @@ impl World {
                     max_leaves: i.max_leaves,
                 })
                 .collect();
-            self.supers[s as usize].rooms = (now, rooms);
+            let known = self.supers[s as usize]
+                .mesh
+                .loads(instant)
+                .into_iter()
+                .map(|(leaves, max_leaves)| Room { leaves, max_leaves })
+                .collect();
+            self.supers[s as usize].rooms = (now, rooms, known);
         }
         let sup = &mut self.supers[s as usize];
         let load = Load {
             leaves: sup.leaves.len(),
             max_leaves: sup.max_leaves,
             others: &sup.rooms.1,
+            known: &sup.rooms.2,
         };
         if let Some(e) = sup.election.as_mut() {
             e.handle_timeout(instant, &load);
@@ -2232,9 +2277,10 @@ impl World {
             .iter()
             .filter(|&&l| self.leaves[l as usize].links().next().is_some())
             .count();
-        let per = (self.sc.max_leaves as f64 * f64::from(self.policy.high_water_permille) / 1000.0)
-            .max(1.0);
-        let needed = (online as f64 / per).ceil().max(1.0) as usize;
+        // The fewest supernodes the leaves need: every one full, each leaf
+        // with its `attach` links.
+        let links = online as u64 * self.sc.attach as u64;
+        let needed = links.div_ceil(self.sc.max_leaves.max(1) as u64).max(1) as usize;
         let over_cap = alive
             .iter()
             .map(|s| s.leaves.len() as f64 / s.max_leaves.max(1) as f64)
@@ -2249,17 +2295,19 @@ impl World {
             attached_leaves: attached,
             max_leaves_over_cap: report::round(over_cap, 3),
             msgs_per_sec: report::round(self.msgs_since_sample as f64 / self.sc.sample_secs, 1),
+            links: alive.iter().map(|s| s.leaves.len()).sum(),
         };
         self.msgs_since_sample = 0;
         if self.progress {
             eprintln!(
-                "t={:>6.0}s supernodes={} elected={} needed={} online={} attached={} streams={} queued={} events={}",
+                "t={:>6.0}s supernodes={} elected={} needed={} online={} attached={} links={} streams={} queued={} events={}",
                 sample.t_secs,
                 sample.supernodes,
                 sample.elected,
                 sample.needed,
                 sample.online_leaves,
                 sample.attached_leaves,
+                sample.links,
                 self.streams.len(),
                 self.q.len(),
                 self.q.processed()
@@ -2281,6 +2329,16 @@ impl World {
         let over_max = measured.iter().map(|s| ratio(s)).fold(0.0, f64::max);
         let over_mean =
             measured.iter().map(|s| ratio(s)).sum::<f64>() / measured.len().max(1) as f64;
+        let over_min = measured
+            .iter()
+            .map(|s| ratio(s))
+            .reduce(f64::min)
+            .unwrap_or(0.0);
+        let links_per_leaf = measured
+            .iter()
+            .map(|s| s.links as f64 / s.online_leaves.max(1) as f64)
+            .sum::<f64>()
+            / measured.len().max(1) as f64;
         let (mut rare_n, mut rare_found, mut pop_n, mut pop_recall, mut unattached) =
             (0, 0, 0, 0.0, 0);
         let mut first: Vec<f64> = Vec::new();
@@ -2336,8 +2394,11 @@ impl World {
             mesh_copies_unforwarded: self.unforwarded,
             max_supernode_msgs_per_sec: self.max_msgs_per_sec,
             max_supernode_msgs_per_query: report::round(max_q as f64 / n, 2),
+            election_rules: self.policy.rules.name().to_string(),
             supernodes_over_needed_max: report::round(over_max, 3),
             supernodes_over_needed_mean: report::round(over_mean, 3),
+            supernodes_over_needed_min: report::round(over_min, 3),
+            links_per_leaf_mean: report::round(links_per_leaf, 3),
             supernodes_alive_min: measured.iter().map(|s| s.supernodes).min().unwrap_or(0),
             supernodes_alive_max: measured.iter().map(|s| s.supernodes).max().unwrap_or(0),
             elected_max: measured.iter().map(|s| s.elected).max().unwrap_or(0),
