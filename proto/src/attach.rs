@@ -14,6 +14,9 @@
 //!   with no supernode at all can still find one.
 //! - **Backoff.** Each try of a candidate doubles its next delay, from
 //!   `backoff_min` to `backoff_max`; a session that registered resets it.
+//! - **Lost.** A registered session that fails counts its supernode as
+//!   fully loaded until a list tells its load again: it is retried soon,
+//!   but after the others (it has most likely gone).
 //! - **Orphan.** A leaf registered nowhere after a session ends makes every
 //!   candidate due within `full_retry`, whatever its backoff, and while it
 //!   is registered nowhere it tries `orphan_extra_tries` more sessions at
@@ -388,6 +391,11 @@ impl<A: PeerAddr> AttachPlanner<A> {
                 // It worked for a while: retry it soon, not after a long backoff.
                 c.delay = self.cfg.backoff_min;
                 c.failures = 0;
+                if matches!(outcome, LinkOutcome::Failed) {
+                    // Lost: most likely gone (or it moved us away). Until a
+                    // list tells its load again, others come first.
+                    c.load_permille = FULL_LOAD;
+                }
             } else if !full {
                 c.failures = c.failures.saturating_add(1);
             }
@@ -793,6 +801,28 @@ mod tests {
         // Registered with 1: the full one gets no extra link, 3 is retried.
         let tried = run_until(&mut p, t0 + Duration::from_secs(120));
         assert!(tried.iter().all(|(_, a)| *a == addr(3)), "{tried:?}");
+    }
+
+    #[test]
+    fn a_lost_supernode_is_tried_after_the_others_and_an_orphan_tries_more_at_once() {
+        let t0 = Instant::now();
+        let infos: Vec<SupernodeInfo> = (1..=8).map(|n| info(n, 100 * u32::from(n))).collect();
+        let mut p = planner(1, &infos, t0);
+        assert_eq!(drain(&mut p).0, vec![addr(1)]);
+        p.handle_link_up(t0, UNIX, &addr(1), id(1));
+        // Lost: registered nowhere, it tries 1 + 2 at once, the lost one last.
+        p.handle_link_ended(t0 + MS, UNIX, &addr(1), LinkOutcome::Failed);
+        assert_eq!(drain(&mut p).0, vec![addr(2), addr(3), addr(4)]);
+        // One registers: the extra tries stop, one link is kept.
+        p.handle_link_up(t0 + 3 * MS, UNIX, &addr(3), id(3));
+        let stops: Vec<String> = std::iter::from_fn(|| p.poll_action())
+            .filter_map(|a| match a {
+                Action::Stop { addr } => Some(addr),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(stops.len(), 2, "{stops:?}");
+        assert_eq!(p.links.iter().filter(|l| !l.stopping).count(), 1);
     }
 
     #[test]

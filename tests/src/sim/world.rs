@@ -1069,9 +1069,17 @@ impl World {
                         sup: s,
                         registered: false,
                     });
+                    // Nobody there: the handshake gives up (`CONNECT_TIMEOUT`);
+                    // else the register waits for its answer.
+                    let up = self.listening(addr, expected) == Some(s);
+                    let timeout = if up {
+                        REGISTER_TIMEOUT
+                    } else {
+                        micros(servent_net::CONNECT_TIMEOUT)
+                    };
                     self.q
-                        .after(REGISTER_TIMEOUT, Ev::RegisterTimeout { leaf: l, gen, addr });
-                    if self.listening(addr, expected) == Some(s) {
+                        .after(timeout, Ev::RegisterTimeout { leaf: l, gen, addr });
+                    if up {
                         // A QUIC handshake, then the registration.
                         self.send_after(
                             Node::Leaf(l),
