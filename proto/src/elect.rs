@@ -412,15 +412,19 @@ impl Need {
     }
 
     /// The chance that `me`, an elected supernode not needed, steps down
-    /// in this round: the surplus (back to `target_spare_permille` free)
-    /// shared among every supernode known (which of them were elected,
-    /// and so may step down, is not known: fewer step down than the
-    /// surplus, never more).
+    /// in this round: the surplus (the supernodes that could go and leave
+    /// `step_down_spare_permille` free) shared among every supernode known
+    /// (which of them were elected, and so may step down, is not known:
+    /// fewer step down than the surplus, never more), so that a round of
+    /// step-downs, even one that the gossip shows late, lands well above
+    /// the mark that elects.
     pub fn step_down_chance(&self, me: Room, p: &Policy) -> f64 {
         if self.spare_without_permille(me) < u64::from(p.step_down_spare_permille) {
             return 0.0;
         }
-        (-self.deficit(p) / self.supernodes.max(1) as f64).clamp(0.0, 1.0)
+        let free = 1.0 - f64::from(p.step_down_spare_permille.min(999)) / 1000.0;
+        let surplus = (self.capacity as f64 - self.leaves as f64 / free) / self.mean_capacity();
+        (surplus / self.supernodes.max(1) as f64).clamp(0.0, 1.0)
     }
 }
 
