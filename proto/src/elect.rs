@@ -431,6 +431,11 @@ impl Need {
 /// The most loads the need rules count, besides a supernode's own.
 pub const MAX_NEED_SAMPLE: usize = 4096;
 
+/// The oldest news of another supernode's load that the need rules count
+/// (`mesh::Membership::loads`): in a network that grows or shrinks by
+/// the minute, older loads would keep showing a shortage already met.
+pub const NEED_SAMPLE_MAX_AGE: Duration = Duration::from_secs(30);
+
 /// The shortest tick: a tick of zero would have the driver spin.
 const MIN_TICK: Duration = Duration::from_millis(1);
 

@@ -847,14 +847,16 @@ impl Membership {
 
     /// The load (`leaves`, `max_leaves`) of every other supernode known:
     /// each neighbour as its last `Status` gave it, and each entry of the
-    /// known table heard of within [`MeshConfig::gossip_max_age`], checked
-    /// or not (at most `max_known`, of which `max_known_per_sender` from
-    /// any one neighbour). The sample election judges need by
-    /// (`elect::Load::known`).
-    pub fn loads(&self, now: Instant) -> Vec<(u32, u32)> {
-        let remembered = self.known.iter().filter(|(id, k)| {
+    /// known table heard of within `max_age` (at most
+    /// [`MeshConfig::gossip_max_age`]), checked or not (at most
+    /// `max_known`, of which `max_known_per_sender` from any one
+    /// neighbour). The sample election judges need by
+    /// (`elect::Load::known`, `elect::NEED_SAMPLE_MAX_AGE`).
+    pub fn loads(&self, now: Instant, max_age: Duration) -> Vec<(u32, u32)> {
+        let max_age = max_age.min(self.config.gossip_max_age);
+        let remembered = self.known.iter().filter(move |(id, k)| {
             !self.neighbours.contains_key(*id)
-                && now.saturating_duration_since(k.last_seen) < self.config.gossip_max_age
+                && now.saturating_duration_since(k.last_seen) < max_age
         });
         self.neighbours
             .values()

@@ -388,7 +388,7 @@ impl Owner {
                 .collect();
             let known: Vec<Room> = self
                 .mesh
-                .loads(now)
+                .loads(now, elect::NEED_SAMPLE_MAX_AGE)
                 .into_iter()
                 .map(|(leaves, max_leaves)| Room { leaves, max_leaves })
                 .collect();

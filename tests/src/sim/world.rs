@@ -1754,7 +1754,7 @@ impl World {
                 .collect();
             let known = self.supers[s as usize]
                 .mesh
-                .loads(instant)
+                .loads(instant, elect::NEED_SAMPLE_MAX_AGE)
                 .into_iter()
                 .map(|(leaves, max_leaves)| Room { leaves, max_leaves })
                 .collect();
