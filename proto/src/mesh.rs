@@ -1359,6 +1359,34 @@ mod tests {
     }
 
     #[test]
+    fn loads_count_known_entries_only_while_fresh() {
+        let t0 = Instant::now();
+        let mut m = Membership::new(node(0xee), MeshConfig::default(), &[], t0);
+        let old = SupernodeInfo {
+            leaves: 90,
+            age_secs: 40,
+            ..info(1)
+        };
+        let fresh = SupernodeInfo {
+            leaves: 10,
+            age_secs: 5,
+            ..info(2)
+        };
+        m.seed(vec![old, fresh], t0);
+        let mut all = m.loads(t0, Duration::from_secs(3600));
+        all.sort_unstable();
+        assert_eq!(
+            all,
+            [(10, 100), (90, 100)],
+            "capped at gossip_max_age, both in"
+        );
+        assert_eq!(m.loads(t0, Duration::from_secs(30)), [(10, 100)]);
+        assert!(m
+            .loads(t0 + Duration::from_secs(30), Duration::from_secs(30))
+            .is_empty());
+    }
+
+    #[test]
     fn failed_dials_back_off_and_a_link_resets_the_backoff() {
         let t0 = Instant::now();
         let mut m = Membership::new(node(0xee), MeshConfig::default(), &[], t0);
