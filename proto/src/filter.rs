@@ -65,6 +65,16 @@ impl WordKey {
         Self(a, c)
     }
 
+    /// The key of a file's content hash, so that a query by hash is
+    /// routed by the same filters: its first two little-endian `u64`s (the
+    /// hash is already uniform; no second hash is needed).
+    pub fn of_hash(hash: &crate::id::ContentHash) -> Self {
+        let b = &hash.0;
+        let a = u64::from_le_bytes(b[0..8].try_into().expect("8 bytes"));
+        let c = u64::from_le_bytes(b[8..16].try_into().expect("8 bytes"));
+        Self(a, c)
+    }
+
     /// The bits it sets in a filter of `2^log2` bits.
     fn bits(self, log2: u8) -> impl Iterator<Item = usize> {
         let mask = (1u64 << log2) - 1;

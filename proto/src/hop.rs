@@ -39,13 +39,28 @@ use std::time::{Duration, Instant};
 
 use crate::cost::query_cost;
 use crate::fair::{FairForwarder, Origin};
+use crate::filter::WordKey;
 use crate::hits;
 use crate::id::{ContentHash, NodeId};
 use crate::keywords;
 use crate::limits::{MAX_QUERY_WORDS, MAX_RESULTS, MAX_SOURCES_PER_HIT};
 use crate::msg::{ErrorCode, ErrorReply, Hit, MeshQuery, Query, QueryKind, Source};
 use crate::rate::TokenBucket;
+use crate::rng::SplitMix64;
 use crate::route::{on_query, DynamicQuery, QueryAction, Seen};
+use crate::walk::{self, CopyKind, View, Visit, WalkConfig};
+
+/// How a supernode sends its leaves' queries into the mesh.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Routing {
+    /// Every neighbour within the TTL, widened step by step
+    /// (`crate::route`). What `servent-mesh/2` does.
+    #[default]
+    Flood,
+    /// Random walkers that probe the neighbours whose keyword filters may
+    /// match (`crate::walk`).
+    Walk(WalkConfig),
+}
 
 /// The timings of query handling at a hop.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -158,11 +173,16 @@ pub enum Arrival<N> {
 /// What the driver must do for a query.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Action<N> {
-    /// Send the query on a new stream to neighbour `to`, with `ttl` hops
-    /// left and `budget` to spend (its `timeout_ms`), and pass whatever
+    /// Send the query on a new stream to neighbour `to`, as a copy of
+    /// kind `copy` (a flood copy's TTL, a walk's walkers and steps, or a
+    /// probe) with `budget` to spend (its `timeout_ms`), and pass whatever
     /// comes back to [`HopQuery::handle_hits`] and its end to
     /// [`HopQuery::handle_ended`].
-    Forward { to: N, ttl: u8, budget: Duration },
+    Forward {
+        to: N,
+        copy: CopyKind,
+        budget: Duration,
+    },
     /// Not sent to `to`: the origin's fair share of that link is spent
     /// (counted as unforwarded). Nothing to do but count it.
     NotForwarded { to: N },
@@ -182,10 +202,16 @@ pub enum Action<N> {
 enum Mode<N> {
     /// A query of our own leaf, widened step by step.
     Origin { plan: DynamicQuery<N> },
-    /// A query a neighbour forwarded: every neighbour of the forward set
-    /// at once, each with `budget` to spend (this hop's budget less the
-    /// margin).
-    Relay { forward: Vec<N>, budget: Duration },
+    /// Every copy at once, each with `budget` to spend (this hop's budget
+    /// less the margin): a flood copy a neighbour forwarded, or any hop of
+    /// a walk, the origin's included. A walk stops as soon as it has the
+    /// results it wants, at every hop; a flood relay does not (its origin
+    /// does).
+    AtOnce {
+        forward: Vec<(N, CopyKind)>,
+        budget: Duration,
+        stop_when_enough: bool,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -283,13 +309,15 @@ impl<N: Clone + Eq + Hash> HopQuery<N> {
             Ok(l) => l,
             Err(e) => return Arrival::Invalid(e),
         };
-        let budget = Duration::from_millis(query.timeout_ms.into()).min(config.max_hop_budget);
-        let child_budget = budget.saturating_sub(config.hop_margin);
+        let (budget, child_budget) = hop_budgets(config, query);
         // No time left to pass on: answer only.
         let forward = if child_budget.is_zero() {
             Vec::new()
         } else {
             forward
+                .into_iter()
+                .map(|n| (n, CopyKind::Flood { ttl }))
+                .collect()
         };
         Arrival::Accepted(Box::new(Self::new(
             config,
@@ -300,9 +328,132 @@ impl<N: Clone + Eq + Hash> HopQuery<N> {
             wanted(&query.query),
             ttl,
             now + budget,
-            Mode::Relay {
+            Mode::AtOnce {
                 forward,
                 budget: child_budget,
+                stop_when_enough: false,
+            },
+        )))
+    }
+
+    /// A query of one of our leaves, sent as `walk.walkers` walkers
+    /// (`crate::walk`): checked, recorded in the seen-set as a walker's
+    /// visit, answered from the local index, and sent to the neighbours
+    /// [`walk::plan`] picks from `view` (called with the keys the
+    /// neighbours' filters are checked against). `random` draws the order
+    /// among neighbours.
+    pub fn from_leaf_walked(
+        config: &HopConfig,
+        walk: &WalkConfig,
+        now: Instant,
+        seen: &mut Seen,
+        ask: LeafQuery<'_, N>,
+        view: impl FnOnce(&[WordKey]) -> View<N>,
+        random: &mut impl FnMut() -> u64,
+    ) -> Arrival<N> {
+        let lookup = match check(ask.query) {
+            Ok(l) => l,
+            Err(e) => return Arrival::Invalid(e),
+        };
+        let kind = CopyKind::Walk {
+            walkers: walk.walkers,
+            steps: walk.steps,
+        }
+        .capped();
+        let deadline = now + ask.search_time;
+        let budget = ask.search_time.saturating_sub(config.hop_margin);
+        let forward = match walk::observe(seen, now, ask.id, kind) {
+            // Only a random id colliding: answer, but route nothing.
+            Some(Visit::First) if !budget.is_zero() => {
+                // The origin's own visit is the walk's step 0: its copies
+                // have `steps - 1` left, so each walker visits `steps`
+                // supernodes after it.
+                walk::plan(
+                    walk.walkers.min(walk::MAX_WALKERS),
+                    walk.steps.min(walk::MAX_STEPS),
+                    walk.probes,
+                    Visit::First,
+                    None,
+                    view(&walk::keys(&lookup)),
+                    random,
+                )
+            }
+            _ => Vec::new(),
+        };
+        Arrival::Accepted(Box::new(Self::new(
+            config,
+            ask.id,
+            Origin::Leaf(ask.leaf),
+            Some(lookup),
+            wanted(ask.query),
+            0,
+            deadline,
+            Mode::AtOnce {
+                forward,
+                budget,
+                stop_when_enough: true,
+            },
+        )))
+    }
+
+    /// A walker or a probe (`kind`) of a query neighbour `from` sent, in
+    /// the order of [`HopQuery::from_neighbour`]: `from`'s bucket, the
+    /// seen-set ([`walk::observe`]), the query's checks. A first visit is
+    /// answered; the copies [`walk::plan`] picks from `view` (the probes
+    /// capped by this node's `walk.probes`) go on while there is budget.
+    #[allow(clippy::too_many_arguments)]
+    pub fn from_neighbour_walked(
+        config: &HopConfig,
+        walk: &WalkConfig,
+        now: Instant,
+        bucket: &mut TokenBucket,
+        seen: &mut Seen,
+        from: N,
+        query: &MeshQuery,
+        kind: CopyKind,
+        view: impl FnOnce(&[WordKey]) -> View<N>,
+        random: &mut impl FnMut() -> u64,
+    ) -> Arrival<N> {
+        if !bucket.try_take(now) {
+            return Arrival::RateLimited;
+        }
+        let kind = kind.capped();
+        let Some(visit) = walk::observe(seen, now, query.id, kind) else {
+            return Arrival::Duplicate;
+        };
+        let lookup = match check(&query.query) {
+            Ok(l) => l,
+            Err(e) => return Arrival::Invalid(e),
+        };
+        let (budget, child_budget) = hop_budgets(config, query);
+        let forward = match kind {
+            CopyKind::Walk { walkers, steps } if !child_budget.is_zero() => walk::plan(
+                walkers,
+                steps,
+                walk.probes,
+                visit,
+                Some(&from),
+                view(&walk::keys(&lookup)),
+                random,
+            ),
+            _ => Vec::new(),
+        };
+        if forward.is_empty() && visit != Visit::First {
+            // Nothing to answer and nobody to ask.
+            return Arrival::Duplicate;
+        }
+        Arrival::Accepted(Box::new(Self::new(
+            config,
+            query.id,
+            Origin::Neighbour(from),
+            (visit == Visit::First).then_some(lookup),
+            wanted(&query.query),
+            0,
+            now + budget,
+            Mode::AtOnce {
+                forward,
+                budget: child_budget,
+                stop_when_enough: true,
             },
         )))
     }
@@ -401,10 +552,12 @@ impl<N: Clone + Eq + Hash> HopQuery<N> {
                 plan.add_results(self.sent.hashes());
                 self.advance(now, fair);
             }
-            Mode::Relay { forward, budget } => {
+            Mode::AtOnce {
+                forward, budget, ..
+            } => {
                 let (forward, budget) = (std::mem::take(forward), *budget);
-                for to in forward {
-                    self.forward(now, to, budget, fair);
+                for (to, copy) in forward {
+                    self.forward(now, to, copy, budget, fair);
                 }
                 self.check_done(now);
             }
@@ -493,8 +646,9 @@ impl<N: Clone + Eq + Hash> HopQuery<N> {
                 .deadline
                 .saturating_duration_since(now)
                 .saturating_sub(self.config.hop_margin);
+            let copy = CopyKind::Flood { ttl: self.ttl };
             for to in group {
-                if !self.forward(now, to, budget, fair) {
+                if !self.forward(now, to, copy, budget, fair) {
                     // Not sent: as if that neighbour had found nothing.
                     if let Mode::Origin { plan } = &mut self.mode {
                         plan.on_answer(0);
@@ -513,6 +667,7 @@ impl<N: Clone + Eq + Hash> HopQuery<N> {
         &mut self,
         now: Instant,
         to: N,
+        copy: CopyKind,
         budget: Duration,
         fair: &mut FairForwarder<N, Origin<N>>,
     ) -> bool {
@@ -521,11 +676,7 @@ impl<N: Clone + Eq + Hash> HopQuery<N> {
             return false;
         }
         self.asked.insert(to.clone(), 0);
-        self.actions.push_back(Action::Forward {
-            to,
-            ttl: self.ttl,
-            budget,
-        });
+        self.actions.push_back(Action::Forward { to, copy, budget });
         true
     }
 
@@ -545,8 +696,13 @@ impl<N: Clone + Eq + Hash> HopQuery<N> {
         }
         let done = match &self.mode {
             Mode::Origin { plan } => plan.is_done(now),
-            // A relay does not stop on enough results: the origin does.
-            Mode::Relay { .. } => now >= self.deadline || self.asked.is_empty(),
+            Mode::AtOnce {
+                stop_when_enough, ..
+            } => {
+                now >= self.deadline
+                    || self.asked.is_empty()
+                    || (*stop_when_enough && self.sent.hashes() >= self.wanted)
+            }
         };
         if done {
             self.finish();
@@ -562,6 +718,13 @@ impl<N: Clone + Eq + Hash> HopQuery<N> {
     }
 }
 
+/// What a neighbour's copy may spend here (its `timeout_ms`, capped), and
+/// what the copies this hop sends may spend.
+fn hop_budgets(config: &HopConfig, query: &MeshQuery) -> (Duration, Duration) {
+    let budget = Duration::from_millis(query.timeout_ms.into()).min(config.max_hop_budget);
+    (budget, budget.saturating_sub(config.hop_margin))
+}
+
 /// What every query at one node shares: the seen-set, each neighbour's
 /// mesh query bucket and the fair forwarder, with the calls of
 /// [`HopQuery`] that need them. A simulator keeps one per node and owns
@@ -575,6 +738,8 @@ pub struct HopNode<N> {
     buckets: HashMap<N, TokenBucket>,
     mesh_query_rate: f64,
     mesh_query_burst: u32,
+    /// Draws the order walkers pick neighbours in.
+    rng: SplitMix64,
 }
 
 impl<N: Clone + Eq + Hash> HopNode<N> {
@@ -588,7 +753,66 @@ impl<N: Clone + Eq + Hash> HopNode<N> {
             buckets: HashMap::new(),
             mesh_query_rate,
             mesh_query_burst,
+            rng: SplitMix64::new(0),
         }
+    }
+
+    /// Seeds the order walkers pick neighbours in (a node seeds it at
+    /// random; a simulator from its run's seed).
+    pub fn seed(&mut self, seed: u64) {
+        self.rng = SplitMix64::new(seed);
+    }
+
+    /// [`HopQuery::from_leaf_walked`] with this node's seen-set and
+    /// random numbers.
+    pub fn from_leaf_walked(
+        &mut self,
+        walk: &WalkConfig,
+        now: Instant,
+        ask: LeafQuery<'_, N>,
+        view: impl FnOnce(&[WordKey]) -> View<N>,
+    ) -> Arrival<N> {
+        let rng = &mut self.rng;
+        HopQuery::from_leaf_walked(
+            &self.config,
+            walk,
+            now,
+            &mut self.seen,
+            ask,
+            view,
+            &mut || rng.next_u64(),
+        )
+    }
+
+    /// [`HopQuery::from_neighbour_walked`] with `from`'s bucket, this
+    /// node's seen-set and random numbers.
+    pub fn from_neighbour_walked(
+        &mut self,
+        walk: &WalkConfig,
+        now: Instant,
+        from: N,
+        query: &MeshQuery,
+        kind: CopyKind,
+        view: impl FnOnce(&[WordKey]) -> View<N>,
+    ) -> Arrival<N> {
+        let (rate, burst) = (self.mesh_query_rate, self.mesh_query_burst);
+        let bucket = self
+            .buckets
+            .entry(from.clone())
+            .or_insert_with(|| TokenBucket::new(rate, burst, now));
+        let rng = &mut self.rng;
+        HopQuery::from_neighbour_walked(
+            &self.config,
+            walk,
+            now,
+            bucket,
+            &mut self.seen,
+            from,
+            query,
+            kind,
+            view,
+            &mut || rng.next_u64(),
+        )
     }
 
     /// [`HopQuery::from_leaf`] with this node's seen-set.
@@ -751,7 +975,11 @@ mod tests {
         actions
             .iter()
             .filter_map(|a| match a {
-                Action::Forward { to, ttl, budget } => Some((*to, *ttl, *budget)),
+                Action::Forward {
+                    to,
+                    copy: CopyKind::Flood { ttl },
+                    budget,
+                } => Some((*to, *ttl, *budget)),
                 _ => None,
             })
             .collect()

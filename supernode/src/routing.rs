@@ -29,6 +29,7 @@ use servent_proto::limits::{MAX_HITS_PER_FRAME, MAX_MESH_FRAME, MAX_REPLY_FRAME}
 use servent_proto::msg::{
     ErrorCode, ErrorReply, Hit, MeshQuery, MeshRequest, Query, SupernodeReply,
 };
+use servent_proto::walk::CopyKind;
 use servent_proto::NodeId;
 use tokio::sync::mpsc;
 use tokio::task::{AbortHandle, JoinSet};
@@ -214,7 +215,16 @@ async fn drive(
     loop {
         while let Some(action) = hq.poll_action() {
             match action {
-                Action::Forward { to, ttl, budget } => {
+                Action::Forward { to, copy, budget } => {
+                    // `servent-mesh/2` carries a TTL only, and this node
+                    // floods (`Routing::Flood`): every copy is a flood copy.
+                    // Were one not, the nearest TTL stands in (a probe is a
+                    // TTL-1 copy: answered, passed on to nobody).
+                    let ttl = match copy {
+                        CopyKind::Flood { ttl } => ttl,
+                        CopyKind::Probe => 1,
+                        CopyKind::Walk { steps, .. } => steps.saturating_add(1),
+                    };
                     let mq = MeshQuery {
                         id: hq.id(),
                         ttl,

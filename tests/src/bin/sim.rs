@@ -31,6 +31,10 @@ struct Args {
     /// Measured queries
     #[arg(long)]
     queries: Option<usize>,
+    /// Query routing: flood (TTL flooding) or walk (walkers and keyword
+    /// filters)
+    #[arg(long, value_enum)]
+    routing: Option<sim::RoutingKind>,
     /// Print the report as one JSON object
     #[arg(long)]
     json: bool,
@@ -40,6 +44,11 @@ struct Args {
     /// Print each sample to stderr as the run goes
     #[arg(long)]
     progress: bool,
+    /// Also run the same scenario and seed with `flood` routing first, and
+    /// add that report (`baseline`) and the ratios of this run to it
+    /// (`vs_baseline`)
+    #[arg(long)]
+    baseline: bool,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -64,6 +73,19 @@ fn main() -> anyhow::Result<()> {
     if let Some(v) = args.queries {
         sc.queries = v;
     }
+    if let Some(v) = args.routing {
+        sc.routing = v;
+    }
+    let baseline = match args.baseline {
+        true => {
+            let flood = Scenario {
+                routing: sim::RoutingKind::Flood,
+                ..sc.clone()
+            };
+            Some(sim::run_with(flood, args.progress)?.0)
+        }
+        false => None,
+    };
     let (report, samples) = sim::run_with(sc, args.progress)?;
     if let Some(path) = &args.csv {
         let mut text = String::from(Sample::CSV_HEADER);
@@ -74,10 +96,14 @@ fn main() -> anyhow::Result<()> {
         }
         std::fs::write(path, text).with_context(|| format!("cannot write {}", path.display()))?;
     }
+    let mut v = serde_json::to_value(&report)?;
+    if let (Some(base), Some(o)) = (&baseline, v.as_object_mut()) {
+        o.insert("vs_baseline".into(), sim::report::ratios(&report, base));
+        o.insert("baseline".into(), serde_json::to_value(base)?);
+    }
     if args.json {
-        println!("{}", serde_json::to_string(&report)?);
+        println!("{v}");
     } else {
-        let v = serde_json::to_value(&report)?;
         for (k, v) in v.as_object().into_iter().flatten() {
             println!("{k:>30}  {v}");
         }

@@ -17,7 +17,7 @@ pub mod scenario;
 mod world;
 
 pub use report::{Report, Sample};
-pub use scenario::{Scenario, ScenarioError};
+pub use scenario::{RoutingKind, Scenario, ScenarioError};
 
 /// Runs `scenario` to its end: the report and the time series.
 pub fn run(scenario: Scenario) -> Result<(Report, Vec<Sample>), ScenarioError> {

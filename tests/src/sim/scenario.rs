@@ -5,6 +5,8 @@
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
+use servent_proto::hop::Routing;
+use servent_proto::walk::WalkConfig;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -36,7 +38,19 @@ pub struct Scenario {
     pub target_neighbors: usize,
     /// Mesh links a supernode accepts up to (`max_neighbors`). Default 16.
     pub max_neighbors: usize,
-    /// TTL of a new query. Default 4.
+    /// How supernodes send their leaves' queries into the mesh: `flood`
+    /// (TTL flooding with dynamic querying at the origin, what
+    /// `servent-mesh/2` does) or `walk` (random walkers that probe the
+    /// neighbours whose keyword filters may match, `docs/PROTOCOL.md`
+    /// section 11.7). Default `flood`.
+    pub routing: RoutingKind,
+    /// Walkers a supernode starts per query (`walk` only). Default 12.
+    pub walkers: u8,
+    /// Steps each walker takes (`walk` only). Default 10.
+    pub walk_steps: u8,
+    /// Most neighbours one visit probes (`walk` only). Default 4.
+    pub walk_probes: u8,
+    /// TTL of a new query (`flood` only). Default 4.
     pub query_ttl: u8,
     /// The origin supernode's search time (`search_time_ms`). Default 3 000.
     pub search_time_ms: u64,
@@ -101,6 +115,28 @@ pub struct Scenario {
     pub sample_secs: f64,
 }
 
+/// The query routing a scenario runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum RoutingKind {
+    Flood,
+    Walk,
+}
+
+impl Scenario {
+    /// The routing rules the supernodes run.
+    pub fn routing(&self) -> Routing {
+        match self.routing {
+            RoutingKind::Flood => Routing::Flood,
+            RoutingKind::Walk => Routing::Walk(WalkConfig {
+                walkers: self.walkers,
+                steps: self.walk_steps,
+                probes: self.walk_probes,
+            }),
+        }
+    }
+}
+
 impl Default for Scenario {
     /// The nodes' own defaults where they have them, so that the simulator
     /// runs what a default deployment runs.
@@ -117,6 +153,10 @@ impl Default for Scenario {
             leaf_table: 64,
             target_neighbors: node.target_neighbors,
             max_neighbors: node.max_neighbors,
+            routing: RoutingKind::Flood,
+            walkers: WalkConfig::default().walkers,
+            walk_steps: WalkConfig::default().steps,
+            walk_probes: WalkConfig::default().probes,
             query_ttl: node.query_ttl,
             search_time_ms: node.search_time_ms.into(),
             leaf_timeout_ms: 5_000,
@@ -201,6 +241,18 @@ impl Scenario {
         }
         if !(self.warmup_minutes >= 0.0 && self.warmup_minutes < self.minutes) {
             return bad("warmup_minutes must be at least 0 and less than minutes");
+        }
+        if self.walkers == 0 || self.walkers > servent_proto::walk::MAX_WALKERS {
+            return Err(ScenarioError::Invalid(format!(
+                "walkers must be in 1..={}",
+                servent_proto::walk::MAX_WALKERS
+            )));
+        }
+        if self.walk_steps > servent_proto::walk::MAX_STEPS {
+            return Err(ScenarioError::Invalid(format!(
+                "walk_steps must be at most {}",
+                servent_proto::walk::MAX_STEPS
+            )));
         }
         if self.max_leaves == 0 || self.attach == 0 || self.files_per_keyword == 0 {
             return bad("max_leaves, attach and files_per_keyword must be at least 1");
