@@ -41,7 +41,7 @@ use crate::cost::query_cost;
 use crate::fair::{FairForwarder, Origin};
 use crate::filter::WordKey;
 use crate::hits;
-use crate::id::{ContentHash, NodeId};
+use crate::id::ContentHash;
 use crate::keywords;
 use crate::limits::{MAX_QUERY_WORDS, MAX_RESULTS, MAX_SOURCES_PER_HIT};
 use crate::msg::{ErrorCode, ErrorReply, Hit, MeshQuery, Query, QueryKind, Source};
@@ -884,14 +884,38 @@ struct Sent {
 /// `MAX_SOURCES_PER_HIT`, few enough to scan.
 #[derive(Debug, Default)]
 struct Known {
-    sources: Vec<(NodeId, String)>,
+    sources: Vec<Fingerprint>,
+}
+
+/// A source's id and address as 64-bit fingerprints, so that remembering
+/// one costs no allocation: the id's first 8 bytes (an id is a hash of
+/// its key already) and the SipHash-1-3 of the address text. To pass off
+/// a source as one sent before, or hide one behind another, a peer would
+/// have to find a key or an address with the same 64 bits: about 2^64
+/// tries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Fingerprint {
+    id: u64,
+    addr: u64,
+}
+
+impl Fingerprint {
+    fn of(s: &Source) -> Self {
+        use std::hash::Hasher;
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        h.write(s.addr.as_bytes());
+        Self {
+            id: u64::from_le_bytes(s.id.0[..8].try_into().expect("8 bytes")),
+            addr: h.finish(),
+        }
+    }
 }
 
 impl Known {
-    fn has(&self, s: &Source) -> bool {
+    fn has(&self, f: Fingerprint) -> bool {
         self.sources
             .iter()
-            .any(|(id, addr)| *id == s.id || *addr == s.addr)
+            .any(|k| k.id == f.id || k.addr == f.addr)
     }
 }
 
@@ -911,14 +935,14 @@ impl Sent {
             let room = MAX_SOURCES_PER_HIT - known.sources.len();
             let mut taken = 0;
             let news = hits::retain_sources(hit, |s| {
-                let new = taken < room && !known.has(s);
+                let new = taken < room && !known.has(Fingerprint::of(s));
                 taken += new as usize;
                 new
             });
             if let Some(news) = news {
                 known
                     .sources
-                    .extend(news.sources.iter().map(|s| (s.id, s.addr.clone())));
+                    .extend(news.sources.iter().map(Fingerprint::of));
                 out.push(news);
             }
         }
@@ -935,6 +959,7 @@ impl Sent {
 mod tests {
     use super::*;
     use crate::hits::HitBuilder;
+    use crate::id::NodeId;
     use crate::msg::NameVariant;
     use std::collections::HashSet;
 

@@ -76,9 +76,19 @@ fn walkers_find_what_a_flood_finds_for_a_fraction_of_its_messages() {
         ..sc
     };
     let (walk, _) = sim::run(walk_sc.clone()).expect("scenario is valid");
-    println!("flood {}", serde_json::to_string(&flood).expect("serialises"));
-    println!("walk  {}", serde_json::to_string(&walk).expect("serialises"));
-    assert!(flood.recall_rare > 0.95, "flood recall {}", flood.recall_rare);
+    println!(
+        "flood {}",
+        serde_json::to_string(&flood).expect("serialises")
+    );
+    println!(
+        "walk  {}",
+        serde_json::to_string(&walk).expect("serialises")
+    );
+    assert!(
+        flood.recall_rare > 0.95,
+        "flood recall {}",
+        flood.recall_rare
+    );
     assert!(
         walk.recall_rare >= flood.recall_rare - 0.02,
         "walk recall {} against the flood's {}",
@@ -93,7 +103,10 @@ fn walkers_find_what_a_flood_finds_for_a_fraction_of_its_messages() {
         flood.messages_per_rare_query
     );
     assert!(walk.messages_per_query_max <= flood.messages_per_query_max);
-    assert!(walk.filter_bytes_per_supernode_sec > 0.0, "filters were sent");
+    assert!(
+        walk.filter_bytes_per_supernode_sec > 0.0,
+        "filters were sent"
+    );
     let (again, _) = sim::run(walk_sc).expect("scenario is valid");
     assert_eq!(again.deterministic_json(), walk.deterministic_json());
 }

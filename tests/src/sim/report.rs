@@ -38,6 +38,11 @@ pub struct Report {
     pub messages_per_popular_query: f64,
     /// The most messages one query caused.
     pub messages_per_query_max: u64,
+    /// Recall of single-holder queries started within 30 s of the
+    /// scenario's mass kill (`mass_kill_at_min`), and of those started
+    /// after; none without one.
+    pub recall_rare_30s_after_mass_kill: Option<f64>,
+    pub recall_rare_later_after_mass_kill: Option<f64>,
     /// Copies not sent because the origin had spent its fair share of
     /// the link (`proto::fair`), in all.
     pub mesh_copies_unforwarded: u64,

@@ -2446,6 +2446,9 @@ impl World {
             (0, 0, 0, 0.0, 0);
         let mut first: Vec<f64> = Vec::new();
         let (mut rare_msgs, mut pop_msgs, mut most_msgs) = (0u64, 0u64, 0u64);
+        // Rare queries started within 30 s of the mass kill, and after.
+        let kill = self.sc.mass_kill_at_min.map(mins);
+        let (mut soon, mut later) = ((0u32, 0u32), (0u32, 0u32));
         for r in &self.queries {
             if r.unattached {
                 unattached += 1;
@@ -2461,6 +2464,15 @@ impl World {
                 pop_msgs += r.msgs;
             }
             most_msgs = most_msgs.max(r.msgs);
+            if let (Some(k), true) = (kill, r.rare && r.start >= kill.unwrap_or(0)) {
+                let window = if r.start < k + 30 * SEC {
+                    &mut soon
+                } else {
+                    &mut later
+                };
+                window.0 += 1;
+                window.1 += u32::from(got > 0);
+            }
             if let Some(t) = r.first_hit {
                 first.push((t - r.start) as f64 / MS as f64);
             }
@@ -2510,6 +2522,10 @@ impl World {
             messages_per_rare_query: report::round(rare_msgs as f64 / rare_n.max(1) as f64, 1),
             messages_per_popular_query: report::round(pop_msgs as f64 / pop_n.max(1) as f64, 1),
             messages_per_query_max: most_msgs,
+            recall_rare_30s_after_mass_kill: kill
+                .map(|_| report::round(f64::from(soon.1) / f64::from(soon.0.max(1)), 4)),
+            recall_rare_later_after_mass_kill: kill
+                .map(|_| report::round(f64::from(later.1) / f64::from(later.0.max(1)), 4)),
             mesh_copies_unforwarded: self.unforwarded,
             routing: self.sc.routing,
             filter_bytes_per_supernode_sec: report::round(
