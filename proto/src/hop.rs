@@ -1065,6 +1065,128 @@ mod tests {
         )
     }
 
+    /// A walker or probe from neighbour 1, seen by a node with
+    /// neighbours 1 to 6 of which 2 and 3 may hold the words.
+    fn walked(
+        seen: &mut Seen,
+        bucket: &mut TokenBucket,
+        now: Instant,
+        mq: &MeshQuery,
+        kind: CopyKind,
+    ) -> Arrival<u32> {
+        let mut x = 1u64;
+        HopQuery::from_neighbour_walked(
+            &HopConfig::default(),
+            &WalkConfig::default(),
+            now,
+            bucket,
+            seen,
+            1,
+            mq,
+            kind,
+            |_| View {
+                neighbours: (1..7).collect(),
+                matching: vec![2, 3],
+            },
+            &mut || {
+                x = x.wrapping_mul(6364136223846793005).wrapping_add(1);
+                x >> 3
+            },
+        )
+    }
+
+    #[test]
+    fn a_walker_is_answered_once_walks_on_and_a_repeated_probe_is_a_duplicate() {
+        let t0 = Instant::now();
+        let (mut seen, mut bucket) = (Seen::default(), TokenBucket::new(200.0, 400, t0));
+        let mq = mesh_query(3, 2_000);
+        let walk = CopyKind::Walk {
+            walkers: 2,
+            steps: 3,
+        };
+        let Arrival::Accepted(mut q) = walked(&mut seen, &mut bucket, t0, &mq, walk) else {
+            panic!("a first walker is accepted");
+        };
+        assert!(q.answers());
+        q.handle_local(t0, Local::default(), &mut fair());
+        let copies: Vec<(u32, CopyKind)> = drain(&mut q)
+            .into_iter()
+            .filter_map(|a| match a {
+                Action::Forward { to, copy, budget } => {
+                    assert_eq!(budget, Duration::from_millis(1_750));
+                    Some((to, copy))
+                }
+                _ => None,
+            })
+            .collect();
+        let probes: Vec<u32> = copies
+            .iter()
+            .filter(|(_, k)| *k == CopyKind::Probe)
+            .map(|(n, _)| *n)
+            .collect();
+        assert!(probes.iter().all(|n| [2, 3].contains(n)));
+        let walkers: u8 = copies
+            .iter()
+            .map(|(_, k)| match k {
+                CopyKind::Walk { walkers, steps } => {
+                    assert_eq!(*steps, 2);
+                    *walkers
+                }
+                _ => 0,
+            })
+            .sum();
+        assert_eq!(walkers, 2);
+        assert!(copies.iter().all(|(n, _)| *n != 1), "never back");
+        // A second walker only walks on: nothing answered, nothing probed.
+        let Arrival::Accepted(again) = walked(&mut seen, &mut bucket, t0, &mq, walk) else {
+            panic!("a second walker still walks");
+        };
+        assert!(!again.answers());
+        // A probe of a query seen before is a duplicate.
+        assert!(matches!(
+            walked(&mut seen, &mut bucket, t0, &mq, CopyKind::Probe),
+            Arrival::Duplicate
+        ));
+        // A walker with no steps left on a second visit has nothing to do.
+        let spent = CopyKind::Walk {
+            walkers: 1,
+            steps: 0,
+        };
+        assert!(matches!(
+            walked(&mut seen, &mut bucket, t0, &mq, spent),
+            Arrival::Duplicate
+        ));
+    }
+
+    #[test]
+    fn walkers_pay_the_senders_bucket_and_a_bad_query_is_refused() {
+        let t0 = Instant::now();
+        let (mut seen, mut bucket) = (Seen::default(), TokenBucket::new(1.0, 1, t0));
+        let walk = CopyKind::Walk {
+            walkers: 1,
+            steps: 2,
+        };
+        let bad = MeshQuery {
+            query: Query {
+                kind: QueryKind::Keywords(vec!["  ".into()]),
+                max_results: 5,
+            },
+            ..mesh_query(3, 2_000)
+        };
+        assert!(matches!(
+            walked(&mut seen, &mut bucket, t0, &bad, walk),
+            Arrival::Invalid(_)
+        ));
+        let fresh = MeshQuery {
+            id: 8,
+            ..mesh_query(3, 2_000)
+        };
+        assert!(matches!(
+            walked(&mut seen, &mut bucket, t0, &fresh, walk),
+            Arrival::RateLimited
+        ));
+    }
+
     #[test]
     fn checks_refuse_empty_and_long_queries_without_searching() {
         assert_eq!(
