@@ -54,12 +54,42 @@ use crate::walk::{self, CopyKind, View, Visit, WalkConfig};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Routing {
     /// Every neighbour within the TTL, widened step by step
-    /// (`crate::route`). What `servent-mesh/2` does.
+    /// (`crate::route`): how every supernode routed before `servent-mesh/3`.
     #[default]
     Flood,
     /// Random walkers that probe the neighbours whose keyword filters may
     /// match (`crate::walk`).
     Walk(WalkConfig),
+}
+
+/// The name of a [`Routing`] in a config file or on a command line:
+/// `flood` or `walk`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RoutingKind {
+    Flood,
+    Walk,
+}
+
+impl RoutingKind {
+    /// The routing of this name, walking with `walk`.
+    pub fn with(self, walk: WalkConfig) -> Routing {
+        match self {
+            RoutingKind::Flood => Routing::Flood,
+            RoutingKind::Walk => Routing::Walk(walk),
+        }
+    }
+}
+
+impl std::str::FromStr for RoutingKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "flood" => Ok(RoutingKind::Flood),
+            "walk" => Ok(RoutingKind::Walk),
+            other => Err(format!("unknown routing {other:?}: flood or walk")),
+        }
+    }
 }
 
 /// The timings of query handling at a hop.

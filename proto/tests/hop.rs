@@ -501,6 +501,7 @@ const WALK: WalkConfig = WalkConfig {
     walkers: 4,
     steps: 6,
     probes: 4,
+    flood_below: 0,
 };
 
 #[test]

@@ -68,11 +68,14 @@ fn walkers_find_what_a_flood_finds_for_a_fraction_of_its_messages() {
         queries: 200,
         catalog_files: 1_000,
         election: false,
+        routing: RoutingKind::Flood,
         ..Scenario::small()
     };
     let (flood, _) = sim::run(sc.clone()).expect("scenario is valid");
     let walk_sc = Scenario {
         routing: RoutingKind::Walk,
+        // Walk even a mesh this small (by default it would be flooded).
+        walk_flood_below: 0,
         ..sc
     };
     let (walk, _) = sim::run(walk_sc.clone()).expect("scenario is valid");

@@ -31,9 +31,9 @@ struct Args {
     /// Measured queries
     #[arg(long)]
     queries: Option<usize>,
-    /// Query routing: flood (TTL flooding) or walk (walkers and keyword
-    /// filters)
-    #[arg(long, value_enum)]
+    /// Query routing: walk (walkers and keyword filters, the default) or
+    /// flood (TTL flooding, the baseline)
+    #[arg(long)]
     routing: Option<sim::RoutingKind>,
     /// Print the report as one JSON object
     #[arg(long)]

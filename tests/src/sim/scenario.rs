@@ -6,6 +6,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 use servent_proto::hop::Routing;
+pub use servent_proto::hop::RoutingKind;
 use servent_proto::walk::WalkConfig;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -40,9 +41,9 @@ pub struct Scenario {
     pub max_neighbors: usize,
     /// How supernodes send their leaves' queries into the mesh: `flood`
     /// (TTL flooding with dynamic querying at the origin, what
-    /// `servent-mesh/2` does) or `walk` (random walkers that probe the
+    /// every supernode did before `servent-mesh/3`) or `walk` (random walkers that probe the
     /// neighbours whose keyword filters may match, `docs/PROTOCOL.md`
-    /// section 11.7). Default `flood`.
+    /// section 11.7), as the supernode's `routing` setting. Default `walk`.
     pub routing: RoutingKind,
     /// Walkers a supernode starts per query (`walk` only). Default 12.
     pub walkers: u8,
@@ -50,6 +51,9 @@ pub struct Scenario {
     pub walk_steps: u8,
     /// Most neighbours one visit probes (`walk` only). Default 4.
     pub walk_probes: u8,
+    /// An origin that knows of fewer supernodes floods instead (`walk`
+    /// only). Default 48.
+    pub walk_flood_below: usize,
     /// TTL of a new query (`flood` only). Default 4.
     pub query_ttl: u8,
     /// The origin supernode's search time (`search_time_ms`). Default 3 000.
@@ -115,25 +119,15 @@ pub struct Scenario {
     pub sample_secs: f64,
 }
 
-/// The query routing a scenario runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
-pub enum RoutingKind {
-    Flood,
-    Walk,
-}
-
 impl Scenario {
     /// The routing rules the supernodes run.
     pub fn routing(&self) -> Routing {
-        match self.routing {
-            RoutingKind::Flood => Routing::Flood,
-            RoutingKind::Walk => Routing::Walk(WalkConfig {
-                walkers: self.walkers,
-                steps: self.walk_steps,
-                probes: self.walk_probes,
-            }),
-        }
+        self.routing.with(WalkConfig {
+            walkers: self.walkers,
+            steps: self.walk_steps,
+            probes: self.walk_probes,
+            flood_below: self.walk_flood_below,
+        })
     }
 }
 
@@ -153,10 +147,11 @@ impl Default for Scenario {
             leaf_table: 64,
             target_neighbors: node.target_neighbors,
             max_neighbors: node.max_neighbors,
-            routing: RoutingKind::Flood,
+            routing: RoutingKind::Walk,
             walkers: WalkConfig::default().walkers,
             walk_steps: WalkConfig::default().steps,
             walk_probes: WalkConfig::default().probes,
+            walk_flood_below: WalkConfig::default().flood_below,
             query_ttl: node.query_ttl,
             search_time_ms: node.search_time_ms.into(),
             leaf_timeout_ms: 5_000,

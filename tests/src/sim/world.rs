@@ -2091,7 +2091,10 @@ impl World {
             search_time: Duration::from_millis(self.sc.search_time_ms),
         };
         let instant = self.q.instant();
-        let arrival = match &self.walk {
+        let walks = self
+            .walk
+            .filter(|w| w.walks(self.supers[s as usize].mesh.known_count()));
+        let arrival = match &walks {
             Some(walk) => {
                 let Super {
                     mesh,
