@@ -11,6 +11,7 @@
 //! Run it with `cargo run --release -p servent-tests --bin sim -- --help`.
 
 pub mod dist;
+pub mod plot;
 pub mod queue;
 pub mod report;
 pub mod scenario;
