@@ -47,6 +47,15 @@ pub const MAX_FILTER_LOG2: u8 = 22;
 pub const MAX_FILTER_FILL_PERMILLE: u32 = 500;
 /// Bits one patch may flip; more changes are sent as a whole filter.
 pub const MAX_PATCH_BITS: usize = 8192;
+/// How often a link's sender looks for changes of its filter, at most: a
+/// file registered at a supernode is probed for by its neighbours within
+/// about this long.
+pub const FILTER_CHECK: std::time::Duration = std::time::Duration::from_millis(500);
+/// Filter frames a receiver takes from one link a second, sustained
+/// (twice what an honest sender sends, one per `FILTER_CHECK`), and at
+/// once; more drop the link, so that filters cost their sender's CPU.
+pub const FILTER_UPDATE_RATE: f64 = 4.0;
+pub const FILTER_UPDATE_BURST: u32 = 8;
 /// Bits per word a filter is sized to (the next power of two up): about a
 /// quarter of the bits set and 0.4 % false positives, at four hashes.
 const BITS_PER_WORD: usize = 12;
@@ -60,6 +69,16 @@ impl WordKey {
     pub fn of(word: &str) -> Self {
         let h = blake3::hash(word.as_bytes());
         let b = h.as_bytes();
+        let a = u64::from_le_bytes(b[0..8].try_into().expect("8 bytes"));
+        let c = u64::from_le_bytes(b[8..16].try_into().expect("8 bytes"));
+        Self(a, c)
+    }
+
+    /// The key of a file's content hash, so that a query by hash is
+    /// routed by the same filters: its first two little-endian `u64`s (the
+    /// hash is already uniform; no second hash is needed).
+    pub fn of_hash(hash: &crate::id::ContentHash) -> Self {
+        let b = &hash.0;
         let a = u64::from_le_bytes(b[0..8].try_into().expect("8 bytes"));
         let c = u64::from_le_bytes(b[8..16].try_into().expect("8 bytes"));
         Self(a, c)
@@ -263,8 +282,9 @@ pub struct LocalFilter {
     current: Filter,
     /// A word went: `current` may hold bits no word sets.
     stale: bool,
-    /// What the neighbours were last sent (each is sent the same).
-    sent: Option<Filter>,
+    /// What the neighbours were last sent, for a driver that sends each
+    /// the same ([`LocalFilter::poll_update`]).
+    sender: FilterSender,
 }
 
 impl Default for LocalFilter {
@@ -273,7 +293,7 @@ impl Default for LocalFilter {
             words: HashMap::new(),
             current: Filter::empty(MIN_FILTER_LOG2),
             stale: false,
-            sent: None,
+            sender: FilterSender::default(),
         }
     }
 }
@@ -296,6 +316,18 @@ impl LocalFilter {
                 self.words.remove(&key);
                 self.stale = true;
             }
+        }
+    }
+
+    /// Gives back memory once most words went: the word table shrinks, and
+    /// a filter four times too big is rebuilt at its size (not otherwise:
+    /// that waits for [`LocalFilter::filter`]).
+    pub fn shrink(&mut self) {
+        if self.words.len() * 4 < self.words.capacity() {
+            self.words.shrink_to(self.words.len() * 2);
+        }
+        if filter_log2_for(self.words.len()) + 2 <= self.current.log2 {
+            self.filter();
         }
     }
 
@@ -333,27 +365,80 @@ impl LocalFilter {
     /// joins later is sent [`LocalFilter::sent`] whole.
     pub fn poll_update(&mut self) -> Option<Update> {
         self.filter();
-        let update = match &self.sent {
-            Some(s) if s.log2 == self.current.log2 => {
-                let patch = self.current.diff(s);
-                if patch.is_empty() {
-                    return None;
-                }
-                if patch.len() > MAX_PATCH_BITS {
-                    Update::Full(self.current.clone())
-                } else {
-                    Update::Patch(patch)
-                }
-            }
-            _ => Update::Full(self.current.clone()),
-        };
-        self.sent = Some(self.current.clone());
-        Some(update)
+        self.sender.update(&self.current)
     }
 
     /// The filter as the neighbours were last sent it.
     pub fn sent(&self) -> Option<&Filter> {
+        self.sender.sent()
+    }
+}
+
+/// What one neighbour was last sent of a filter that changes, so that the
+/// next update is a patch of what changed since (a driver with a writer
+/// per link keeps one per link, and never needs the updates in between).
+#[derive(Debug, Clone, Default)]
+pub struct FilterSender {
+    sent: Option<Filter>,
+}
+
+impl FilterSender {
+    /// What to send for the neighbour's copy to equal `current`, if
+    /// anything; from then on it counts as sent.
+    pub fn update(&mut self, current: &Filter) -> Option<Update> {
+        let update = match &mut self.sent {
+            Some(s) if s.log2 == current.log2 => {
+                let patch = current.diff(s);
+                if patch.is_empty() {
+                    return None;
+                }
+                s.clone_from(current);
+                if patch.len() > MAX_PATCH_BITS {
+                    Update::Full(current.clone())
+                } else {
+                    Update::Patch(patch)
+                }
+            }
+            _ => {
+                self.sent = Some(current.clone());
+                Update::Full(current.clone())
+            }
+        };
+        Some(update)
+    }
+
+    /// The filter as the neighbour was last sent it.
+    pub fn sent(&self) -> Option<&Filter> {
         self.sent.as_ref()
+    }
+}
+
+/// A neighbour's filter as its updates built it; refused updates leave it
+/// as it was, and the driver drops the link they came on.
+#[derive(Debug, Clone, Default)]
+pub struct FilterCopy {
+    filter: Option<Filter>,
+}
+
+impl FilterCopy {
+    /// A whole filter (`log2`, its bytes), checked before it replaces the
+    /// copy.
+    pub fn handle_full(&mut self, log2: u8, bytes: &[u8]) -> Result<&Filter, FilterError> {
+        let f = Filter::from_wire(log2, bytes)?;
+        Ok(self.filter.insert(f))
+    }
+
+    /// A patch: the bits to flip in the copy (refused before any whole
+    /// filter came).
+    pub fn handle_patch(&mut self, bits: &[u32]) -> Result<&Filter, FilterError> {
+        let f = self.filter.as_mut().ok_or(FilterError::NoFilter)?;
+        f.apply(bits)?;
+        Ok(f)
+    }
+
+    /// The copy as it stands; `None` before the first whole filter.
+    pub fn filter(&self) -> Option<&Filter> {
+        self.filter.as_ref()
     }
 }
 
@@ -367,18 +452,32 @@ mod tests {
     }
 
     /// A neighbour's copy, kept up to date from the updates alone.
-    fn follow(copy: &mut Option<Filter>, update: Update) {
+    fn follow(copy: &mut FilterCopy, update: Update) {
         match update {
             Update::Full(f) => {
                 let (log2, bytes) = f.to_wire();
-                *copy = Some(Filter::from_wire(log2, &bytes).expect("valid filter"));
+                copy.handle_full(log2, &bytes).expect("valid filter");
             }
-            Update::Patch(p) => copy
-                .as_mut()
-                .expect("a patch follows a full filter")
-                .apply(&p)
-                .expect("valid patch"),
+            Update::Patch(p) => {
+                copy.handle_patch(&p).expect("valid patch");
+            }
         }
+    }
+
+    #[test]
+    fn a_copy_refuses_a_patch_before_a_filter_and_keeps_itself_on_a_bad_update() {
+        let mut copy = FilterCopy::default();
+        assert_eq!(copy.handle_patch(&[1]), Err(FilterError::NoFilter));
+        let mut f = Filter::empty(MIN_FILTER_LOG2);
+        f.insert(key(1));
+        let (log2, bytes) = f.to_wire();
+        copy.handle_full(log2, &bytes).expect("a valid filter");
+        assert!(copy.handle_full(log2, &bytes[1..]).is_err(), "short");
+        assert!(copy.handle_full(30, &bytes).is_err(), "no such size");
+        assert!(copy.handle_patch(&[1 << 10]).is_err(), "outside");
+        let all: Vec<u32> = (0..1 << 10).collect();
+        assert!(copy.handle_patch(&all).is_err(), "too full");
+        assert_eq!(copy.filter(), Some(&f), "unchanged by what it refused");
     }
 
     #[test]
@@ -501,7 +600,10 @@ mod tests {
             steps in proptest::collection::vec((any::<bool>(), 0u32..300, any::<bool>()), 1..400),
         ) {
             let mut local = LocalFilter::default();
-            let mut copy: Option<Filter> = None;
+            let mut copy = FilterCopy::default();
+            // A link whose writer only looks every third round.
+            let (mut late, mut late_copy, mut round) =
+                (FilterSender::default(), FilterCopy::default(), 0u32);
             let mut held: HashMap<u32, u32> = HashMap::new();
             for (add, n, poll) in steps {
                 if add {
@@ -518,13 +620,24 @@ mod tests {
                     if let Some(u) = local.poll_update() {
                         follow(&mut copy, u);
                     }
-                    prop_assert_eq!(copy.as_ref(), local.sent());
+                    prop_assert_eq!(copy.filter(), local.sent());
+                    round += 1;
+                    if round % 3 == 0 {
+                        if let Some(u) = late.update(local.filter()) {
+                            follow(&mut late_copy, u);
+                        }
+                        prop_assert_eq!(late_copy.filter(), late.sent());
+                    }
                 }
             }
             if let Some(u) = local.poll_update() {
                 follow(&mut copy, u);
             }
-            let copy = copy.expect("something was sent");
+            if let Some(u) = late.update(local.filter()) {
+                follow(&mut late_copy, u);
+            }
+            prop_assert_eq!(late_copy.filter(), Some(local.filter()));
+            let copy = copy.filter().expect("something was sent").clone();
             prop_assert_eq!(&copy, local.filter());
             for n in held.keys() {
                 prop_assert!(copy.may_hold(key(*n)));

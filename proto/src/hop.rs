@@ -39,13 +39,58 @@ use std::time::{Duration, Instant};
 
 use crate::cost::query_cost;
 use crate::fair::{FairForwarder, Origin};
+use crate::filter::WordKey;
 use crate::hits;
-use crate::id::{ContentHash, NodeId};
+use crate::id::ContentHash;
 use crate::keywords;
 use crate::limits::{MAX_QUERY_WORDS, MAX_RESULTS, MAX_SOURCES_PER_HIT};
 use crate::msg::{ErrorCode, ErrorReply, Hit, MeshQuery, Query, QueryKind, Source};
 use crate::rate::TokenBucket;
+use crate::rng::SplitMix64;
 use crate::route::{on_query, DynamicQuery, QueryAction, Seen};
+use crate::walk::{self, CopyKind, View, Visit, WalkConfig};
+
+/// How a supernode sends its leaves' queries into the mesh.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Routing {
+    /// Every neighbour within the TTL, widened step by step
+    /// (`crate::route`): how every supernode routed before `servent-mesh/3`.
+    #[default]
+    Flood,
+    /// Random walkers that probe the neighbours whose keyword filters may
+    /// match (`crate::walk`).
+    Walk(WalkConfig),
+}
+
+/// The name of a [`Routing`] in a config file or on a command line:
+/// `flood` or `walk`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RoutingKind {
+    Flood,
+    Walk,
+}
+
+impl RoutingKind {
+    /// The routing of this name, walking with `walk`.
+    pub fn with(self, walk: WalkConfig) -> Routing {
+        match self {
+            RoutingKind::Flood => Routing::Flood,
+            RoutingKind::Walk => Routing::Walk(walk),
+        }
+    }
+}
+
+impl std::str::FromStr for RoutingKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "flood" => Ok(RoutingKind::Flood),
+            "walk" => Ok(RoutingKind::Walk),
+            other => Err(format!("unknown routing {other:?}: flood or walk")),
+        }
+    }
+}
 
 /// The timings of query handling at a hop.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -158,11 +203,16 @@ pub enum Arrival<N> {
 /// What the driver must do for a query.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Action<N> {
-    /// Send the query on a new stream to neighbour `to`, with `ttl` hops
-    /// left and `budget` to spend (its `timeout_ms`), and pass whatever
+    /// Send the query on a new stream to neighbour `to`, as a copy of
+    /// kind `copy` (a flood copy's TTL, a walk's walkers and steps, or a
+    /// probe) with `budget` to spend (its `timeout_ms`), and pass whatever
     /// comes back to [`HopQuery::handle_hits`] and its end to
     /// [`HopQuery::handle_ended`].
-    Forward { to: N, ttl: u8, budget: Duration },
+    Forward {
+        to: N,
+        copy: CopyKind,
+        budget: Duration,
+    },
     /// Not sent to `to`: the origin's fair share of that link is spent
     /// (counted as unforwarded). Nothing to do but count it.
     NotForwarded { to: N },
@@ -182,10 +232,16 @@ pub enum Action<N> {
 enum Mode<N> {
     /// A query of our own leaf, widened step by step.
     Origin { plan: DynamicQuery<N> },
-    /// A query a neighbour forwarded: every neighbour of the forward set
-    /// at once, each with `budget` to spend (this hop's budget less the
-    /// margin).
-    Relay { forward: Vec<N>, budget: Duration },
+    /// Every copy at once, each with `budget` to spend (this hop's budget
+    /// less the margin): a flood copy a neighbour forwarded, or any hop of
+    /// a walk, the origin's included. A walk stops as soon as it has the
+    /// results it wants, at every hop; a flood relay does not (its origin
+    /// does).
+    AtOnce {
+        forward: Vec<(N, CopyKind)>,
+        budget: Duration,
+        stop_when_enough: bool,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -283,13 +339,15 @@ impl<N: Clone + Eq + Hash> HopQuery<N> {
             Ok(l) => l,
             Err(e) => return Arrival::Invalid(e),
         };
-        let budget = Duration::from_millis(query.timeout_ms.into()).min(config.max_hop_budget);
-        let child_budget = budget.saturating_sub(config.hop_margin);
+        let (budget, child_budget) = hop_budgets(config, query);
         // No time left to pass on: answer only.
         let forward = if child_budget.is_zero() {
             Vec::new()
         } else {
             forward
+                .into_iter()
+                .map(|n| (n, CopyKind::Flood { ttl }))
+                .collect()
         };
         Arrival::Accepted(Box::new(Self::new(
             config,
@@ -300,9 +358,132 @@ impl<N: Clone + Eq + Hash> HopQuery<N> {
             wanted(&query.query),
             ttl,
             now + budget,
-            Mode::Relay {
+            Mode::AtOnce {
                 forward,
                 budget: child_budget,
+                stop_when_enough: false,
+            },
+        )))
+    }
+
+    /// A query of one of our leaves, sent as `walk.walkers` walkers
+    /// (`crate::walk`): checked, recorded in the seen-set as a walker's
+    /// visit, answered from the local index, and sent to the neighbours
+    /// [`walk::plan`] picks from `view` (called with the keys the
+    /// neighbours' filters are checked against). `random` draws the order
+    /// among neighbours.
+    pub fn from_leaf_walked(
+        config: &HopConfig,
+        walk: &WalkConfig,
+        now: Instant,
+        seen: &mut Seen,
+        ask: LeafQuery<'_, N>,
+        view: impl FnOnce(&[WordKey]) -> View<N>,
+        random: &mut impl FnMut() -> u64,
+    ) -> Arrival<N> {
+        let lookup = match check(ask.query) {
+            Ok(l) => l,
+            Err(e) => return Arrival::Invalid(e),
+        };
+        let kind = CopyKind::Walk {
+            walkers: walk.walkers,
+            steps: walk.steps,
+        }
+        .capped();
+        let deadline = now + ask.search_time;
+        let budget = ask.search_time.saturating_sub(config.hop_margin);
+        let forward = match walk::observe(seen, now, ask.id, kind) {
+            // Only a random id colliding: answer, but route nothing.
+            Some(Visit::First) if !budget.is_zero() => {
+                // The origin's own visit is the walk's step 0: its copies
+                // have `steps - 1` left, so each walker visits `steps`
+                // supernodes after it.
+                walk::plan(
+                    walk.walkers.min(walk::MAX_WALKERS),
+                    walk.steps.min(walk::MAX_STEPS),
+                    walk.probes,
+                    Visit::First,
+                    None,
+                    view(&walk::keys(&lookup)),
+                    random,
+                )
+            }
+            _ => Vec::new(),
+        };
+        Arrival::Accepted(Box::new(Self::new(
+            config,
+            ask.id,
+            Origin::Leaf(ask.leaf),
+            Some(lookup),
+            wanted(ask.query),
+            0,
+            deadline,
+            Mode::AtOnce {
+                forward,
+                budget,
+                stop_when_enough: true,
+            },
+        )))
+    }
+
+    /// A walker or a probe (`kind`) of a query neighbour `from` sent, in
+    /// the order of [`HopQuery::from_neighbour`]: `from`'s bucket, the
+    /// seen-set ([`walk::observe`]), the query's checks. A first visit is
+    /// answered; the copies [`walk::plan`] picks from `view` (the probes
+    /// capped by this node's `walk.probes`) go on while there is budget.
+    #[allow(clippy::too_many_arguments)]
+    pub fn from_neighbour_walked(
+        config: &HopConfig,
+        walk: &WalkConfig,
+        now: Instant,
+        bucket: &mut TokenBucket,
+        seen: &mut Seen,
+        from: N,
+        query: &MeshQuery,
+        kind: CopyKind,
+        view: impl FnOnce(&[WordKey]) -> View<N>,
+        random: &mut impl FnMut() -> u64,
+    ) -> Arrival<N> {
+        if !bucket.try_take(now) {
+            return Arrival::RateLimited;
+        }
+        let kind = kind.capped();
+        let Some(visit) = walk::observe(seen, now, query.id, kind) else {
+            return Arrival::Duplicate;
+        };
+        let lookup = match check(&query.query) {
+            Ok(l) => l,
+            Err(e) => return Arrival::Invalid(e),
+        };
+        let (budget, child_budget) = hop_budgets(config, query);
+        let forward = match kind {
+            CopyKind::Walk { walkers, steps } if !child_budget.is_zero() => walk::plan(
+                walkers,
+                steps,
+                walk.probes,
+                visit,
+                Some(&from),
+                view(&walk::keys(&lookup)),
+                random,
+            ),
+            _ => Vec::new(),
+        };
+        if forward.is_empty() && visit != Visit::First {
+            // Nothing to answer and nobody to ask.
+            return Arrival::Duplicate;
+        }
+        Arrival::Accepted(Box::new(Self::new(
+            config,
+            query.id,
+            Origin::Neighbour(from),
+            (visit == Visit::First).then_some(lookup),
+            wanted(&query.query),
+            0,
+            now + budget,
+            Mode::AtOnce {
+                forward,
+                budget: child_budget,
+                stop_when_enough: true,
             },
         )))
     }
@@ -401,10 +582,12 @@ impl<N: Clone + Eq + Hash> HopQuery<N> {
                 plan.add_results(self.sent.hashes());
                 self.advance(now, fair);
             }
-            Mode::Relay { forward, budget } => {
+            Mode::AtOnce {
+                forward, budget, ..
+            } => {
                 let (forward, budget) = (std::mem::take(forward), *budget);
-                for to in forward {
-                    self.forward(now, to, budget, fair);
+                for (to, copy) in forward {
+                    self.forward(now, to, copy, budget, fair);
                 }
                 self.check_done(now);
             }
@@ -493,8 +676,9 @@ impl<N: Clone + Eq + Hash> HopQuery<N> {
                 .deadline
                 .saturating_duration_since(now)
                 .saturating_sub(self.config.hop_margin);
+            let copy = CopyKind::Flood { ttl: self.ttl };
             for to in group {
-                if !self.forward(now, to, budget, fair) {
+                if !self.forward(now, to, copy, budget, fair) {
                     // Not sent: as if that neighbour had found nothing.
                     if let Mode::Origin { plan } = &mut self.mode {
                         plan.on_answer(0);
@@ -513,6 +697,7 @@ impl<N: Clone + Eq + Hash> HopQuery<N> {
         &mut self,
         now: Instant,
         to: N,
+        copy: CopyKind,
         budget: Duration,
         fair: &mut FairForwarder<N, Origin<N>>,
     ) -> bool {
@@ -521,11 +706,7 @@ impl<N: Clone + Eq + Hash> HopQuery<N> {
             return false;
         }
         self.asked.insert(to.clone(), 0);
-        self.actions.push_back(Action::Forward {
-            to,
-            ttl: self.ttl,
-            budget,
-        });
+        self.actions.push_back(Action::Forward { to, copy, budget });
         true
     }
 
@@ -545,8 +726,13 @@ impl<N: Clone + Eq + Hash> HopQuery<N> {
         }
         let done = match &self.mode {
             Mode::Origin { plan } => plan.is_done(now),
-            // A relay does not stop on enough results: the origin does.
-            Mode::Relay { .. } => now >= self.deadline || self.asked.is_empty(),
+            Mode::AtOnce {
+                stop_when_enough, ..
+            } => {
+                now >= self.deadline
+                    || self.asked.is_empty()
+                    || (*stop_when_enough && self.sent.hashes() >= self.wanted)
+            }
         };
         if done {
             self.finish();
@@ -562,6 +748,13 @@ impl<N: Clone + Eq + Hash> HopQuery<N> {
     }
 }
 
+/// What a neighbour's copy may spend here (its `timeout_ms`, capped), and
+/// what the copies this hop sends may spend.
+fn hop_budgets(config: &HopConfig, query: &MeshQuery) -> (Duration, Duration) {
+    let budget = Duration::from_millis(query.timeout_ms.into()).min(config.max_hop_budget);
+    (budget, budget.saturating_sub(config.hop_margin))
+}
+
 /// What every query at one node shares: the seen-set, each neighbour's
 /// mesh query bucket and the fair forwarder, with the calls of
 /// [`HopQuery`] that need them. A simulator keeps one per node and owns
@@ -575,6 +768,8 @@ pub struct HopNode<N> {
     buckets: HashMap<N, TokenBucket>,
     mesh_query_rate: f64,
     mesh_query_burst: u32,
+    /// Draws the order walkers pick neighbours in.
+    rng: SplitMix64,
 }
 
 impl<N: Clone + Eq + Hash> HopNode<N> {
@@ -588,7 +783,66 @@ impl<N: Clone + Eq + Hash> HopNode<N> {
             buckets: HashMap::new(),
             mesh_query_rate,
             mesh_query_burst,
+            rng: SplitMix64::new(0),
         }
+    }
+
+    /// Seeds the order walkers pick neighbours in (a node seeds it at
+    /// random; a simulator from its run's seed).
+    pub fn seed(&mut self, seed: u64) {
+        self.rng = SplitMix64::new(seed);
+    }
+
+    /// [`HopQuery::from_leaf_walked`] with this node's seen-set and
+    /// random numbers.
+    pub fn from_leaf_walked(
+        &mut self,
+        walk: &WalkConfig,
+        now: Instant,
+        ask: LeafQuery<'_, N>,
+        view: impl FnOnce(&[WordKey]) -> View<N>,
+    ) -> Arrival<N> {
+        let rng = &mut self.rng;
+        HopQuery::from_leaf_walked(
+            &self.config,
+            walk,
+            now,
+            &mut self.seen,
+            ask,
+            view,
+            &mut || rng.next_u64(),
+        )
+    }
+
+    /// [`HopQuery::from_neighbour_walked`] with `from`'s bucket, this
+    /// node's seen-set and random numbers.
+    pub fn from_neighbour_walked(
+        &mut self,
+        walk: &WalkConfig,
+        now: Instant,
+        from: N,
+        query: &MeshQuery,
+        kind: CopyKind,
+        view: impl FnOnce(&[WordKey]) -> View<N>,
+    ) -> Arrival<N> {
+        let (rate, burst) = (self.mesh_query_rate, self.mesh_query_burst);
+        let bucket = self
+            .buckets
+            .entry(from.clone())
+            .or_insert_with(|| TokenBucket::new(rate, burst, now));
+        let rng = &mut self.rng;
+        HopQuery::from_neighbour_walked(
+            &self.config,
+            walk,
+            now,
+            bucket,
+            &mut self.seen,
+            from,
+            query,
+            kind,
+            view,
+            &mut || rng.next_u64(),
+        )
     }
 
     /// [`HopQuery::from_leaf`] with this node's seen-set.
@@ -660,14 +914,38 @@ struct Sent {
 /// `MAX_SOURCES_PER_HIT`, few enough to scan.
 #[derive(Debug, Default)]
 struct Known {
-    sources: Vec<(NodeId, String)>,
+    sources: Vec<Fingerprint>,
+}
+
+/// A source's id and address as 64-bit fingerprints, so that remembering
+/// one costs no allocation: the id's first 8 bytes (an id is a hash of
+/// its key already) and the SipHash-1-3 of the address text. To pass off
+/// a source as one sent before, or hide one behind another, a peer would
+/// have to find a key or an address with the same 64 bits: about 2^64
+/// tries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Fingerprint {
+    id: u64,
+    addr: u64,
+}
+
+impl Fingerprint {
+    fn of(s: &Source) -> Self {
+        use std::hash::Hasher;
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        h.write(s.addr.as_bytes());
+        Self {
+            id: u64::from_le_bytes(s.id.0[..8].try_into().expect("8 bytes")),
+            addr: h.finish(),
+        }
+    }
 }
 
 impl Known {
-    fn has(&self, s: &Source) -> bool {
+    fn has(&self, f: Fingerprint) -> bool {
         self.sources
             .iter()
-            .any(|(id, addr)| *id == s.id || *addr == s.addr)
+            .any(|k| k.id == f.id || k.addr == f.addr)
     }
 }
 
@@ -687,14 +965,14 @@ impl Sent {
             let room = MAX_SOURCES_PER_HIT - known.sources.len();
             let mut taken = 0;
             let news = hits::retain_sources(hit, |s| {
-                let new = taken < room && !known.has(s);
+                let new = taken < room && !known.has(Fingerprint::of(s));
                 taken += new as usize;
                 new
             });
             if let Some(news) = news {
                 known
                     .sources
-                    .extend(news.sources.iter().map(|s| (s.id, s.addr.clone())));
+                    .extend(news.sources.iter().map(Fingerprint::of));
                 out.push(news);
             }
         }
@@ -711,6 +989,7 @@ impl Sent {
 mod tests {
     use super::*;
     use crate::hits::HitBuilder;
+    use crate::id::NodeId;
     use crate::msg::NameVariant;
     use std::collections::HashSet;
 
@@ -751,7 +1030,11 @@ mod tests {
         actions
             .iter()
             .filter_map(|a| match a {
-                Action::Forward { to, ttl, budget } => Some((*to, *ttl, *budget)),
+                Action::Forward {
+                    to,
+                    copy: CopyKind::Flood { ttl },
+                    budget,
+                } => Some((*to, *ttl, *budget)),
                 _ => None,
             })
             .collect()
@@ -810,6 +1093,128 @@ mod tests {
             mq,
             || neighbours.to_vec(),
         )
+    }
+
+    /// A walker or probe from neighbour 1, seen by a node with
+    /// neighbours 1 to 6 of which 2 and 3 may hold the words.
+    fn walked(
+        seen: &mut Seen,
+        bucket: &mut TokenBucket,
+        now: Instant,
+        mq: &MeshQuery,
+        kind: CopyKind,
+    ) -> Arrival<u32> {
+        let mut x = 1u64;
+        HopQuery::from_neighbour_walked(
+            &HopConfig::default(),
+            &WalkConfig::default(),
+            now,
+            bucket,
+            seen,
+            1,
+            mq,
+            kind,
+            |_| View {
+                neighbours: (1..7).collect(),
+                matching: vec![2, 3],
+            },
+            &mut || {
+                x = x.wrapping_mul(6364136223846793005).wrapping_add(1);
+                x >> 3
+            },
+        )
+    }
+
+    #[test]
+    fn a_walker_is_answered_once_walks_on_and_a_repeated_probe_is_a_duplicate() {
+        let t0 = Instant::now();
+        let (mut seen, mut bucket) = (Seen::default(), TokenBucket::new(200.0, 400, t0));
+        let mq = mesh_query(3, 2_000);
+        let walk = CopyKind::Walk {
+            walkers: 2,
+            steps: 3,
+        };
+        let Arrival::Accepted(mut q) = walked(&mut seen, &mut bucket, t0, &mq, walk) else {
+            panic!("a first walker is accepted");
+        };
+        assert!(q.answers());
+        q.handle_local(t0, Local::default(), &mut fair());
+        let copies: Vec<(u32, CopyKind)> = drain(&mut q)
+            .into_iter()
+            .filter_map(|a| match a {
+                Action::Forward { to, copy, budget } => {
+                    assert_eq!(budget, Duration::from_millis(1_750));
+                    Some((to, copy))
+                }
+                _ => None,
+            })
+            .collect();
+        let probes: Vec<u32> = copies
+            .iter()
+            .filter(|(_, k)| *k == CopyKind::Probe)
+            .map(|(n, _)| *n)
+            .collect();
+        assert!(probes.iter().all(|n| [2, 3].contains(n)));
+        let walkers: u8 = copies
+            .iter()
+            .map(|(_, k)| match k {
+                CopyKind::Walk { walkers, steps } => {
+                    assert_eq!(*steps, 2);
+                    *walkers
+                }
+                _ => 0,
+            })
+            .sum();
+        assert_eq!(walkers, 2);
+        assert!(copies.iter().all(|(n, _)| *n != 1), "never back");
+        // A second walker only walks on: nothing answered, nothing probed.
+        let Arrival::Accepted(again) = walked(&mut seen, &mut bucket, t0, &mq, walk) else {
+            panic!("a second walker still walks");
+        };
+        assert!(!again.answers());
+        // A probe of a query seen before is a duplicate.
+        assert!(matches!(
+            walked(&mut seen, &mut bucket, t0, &mq, CopyKind::Probe),
+            Arrival::Duplicate
+        ));
+        // A walker with no steps left on a second visit has nothing to do.
+        let spent = CopyKind::Walk {
+            walkers: 1,
+            steps: 0,
+        };
+        assert!(matches!(
+            walked(&mut seen, &mut bucket, t0, &mq, spent),
+            Arrival::Duplicate
+        ));
+    }
+
+    #[test]
+    fn walkers_pay_the_senders_bucket_and_a_bad_query_is_refused() {
+        let t0 = Instant::now();
+        let (mut seen, mut bucket) = (Seen::default(), TokenBucket::new(1.0, 1, t0));
+        let walk = CopyKind::Walk {
+            walkers: 1,
+            steps: 2,
+        };
+        let bad = MeshQuery {
+            query: Query {
+                kind: QueryKind::Keywords(vec!["  ".into()]),
+                max_results: 5,
+            },
+            ..mesh_query(3, 2_000)
+        };
+        assert!(matches!(
+            walked(&mut seen, &mut bucket, t0, &bad, walk),
+            Arrival::Invalid(_)
+        ));
+        let fresh = MeshQuery {
+            id: 8,
+            ..mesh_query(3, 2_000)
+        };
+        assert!(matches!(
+            walked(&mut seen, &mut bucket, t0, &fresh, walk),
+            Arrival::RateLimited
+        ));
     }
 
     #[test]

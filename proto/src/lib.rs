@@ -32,6 +32,8 @@ pub mod lease;
 pub mod mesh;
 pub mod pin;
 pub mod rate;
+pub mod rng;
 pub mod route;
 pub mod schedule;
 pub mod upload;
+pub mod walk;

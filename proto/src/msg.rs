@@ -16,8 +16,9 @@ pub const ALPN_LEAF: &[u8] = b"servent-leaf/2";
 /// ranges, each checked against it (docs/PROTOCOL.md section 10).
 pub const ALPN_TRANSFER: &[u8] = b"servent-xfer/3";
 /// Supernode ↔ supernode: the mesh (membership gossip and query routing).
-/// Version 2: hits as in `servent-leaf/2`.
-pub const ALPN_MESH: &[u8] = b"servent-mesh/2";
+/// Version 3: keyword filters on the control stream, and queries that walk
+/// (`Walk`, `Probe`) beside those that flood (docs/PROTOCOL.md 11.7).
+pub const ALPN_MESH: &[u8] = b"servent-mesh/3";
 
 /// A file a leaf shares.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -216,6 +217,49 @@ pub enum MeshRequest {
     /// A query being routed; answered by `Hits` frames (`SupernodeReply`)
     /// and the end of the stream. A duplicate is answered by the end alone.
     Query(MeshQuery),
+    /// A copy of a walked query carrying `walkers` walkers (1 to
+    /// `walk::MAX_WALKERS`) with `query.ttl` steps left each (at most
+    /// `walk::MAX_STEPS`): answered like `Query`, and passed on as
+    /// docs/PROTOCOL.md section 11.7 says.
+    Walk { query: MeshQuery, walkers: u8 },
+    /// A probe of a walked query: answered from the index like `Query`,
+    /// never passed on (`ttl` is not read).
+    Probe(MeshQuery),
+}
+
+/// The bits of a keyword filter on the wire: a MessagePack `bin`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct FilterBits(pub Vec<u8>);
+
+impl std::fmt::Debug for FilterBits {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "FilterBits({} bytes)", self.0.len())
+    }
+}
+
+impl Serialize for FilterBits {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(&self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for FilterBits {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = FilterBits;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("filter bytes")
+            }
+            fn visit_bytes<E: serde::de::Error>(self, v: &[u8]) -> Result<FilterBits, E> {
+                Ok(FilterBits(v.to_vec()))
+            }
+            fn visit_byte_buf<E: serde::de::Error>(self, v: Vec<u8>) -> Result<FilterBits, E> {
+                Ok(FilterBits(v))
+            }
+        }
+        d.deserialize_bytes(V)
+    }
 }
 
 /// A query travelling through the mesh.
@@ -246,6 +290,13 @@ pub enum MeshControl {
         max_leaves: u32,
         known: Vec<SupernodeInfo>,
     },
+    /// The sender's whole keyword filter (`crate::filter`): `2^log2`
+    /// bits, `log2` from 10 to 22. Sent first on each link, and whenever a
+    /// patch would not do.
+    Filter { log2: u8, bits: FilterBits },
+    /// Bits to flip in the filter sent before on this link (at most
+    /// `filter::MAX_PATCH_BITS`).
+    FilterPatch(Vec<u32>),
 }
 
 /// The only frame a downloader sends on a transfer stream.

@@ -1,7 +1,8 @@
 //! Whole queries through a simulated mesh: every supernode runs the real
 //! hop state machine (`servent_proto::hop`), messages take a per-link
-//! latency on a virtual clock, and each node holds one file of its own.
-//! This is how a simulator drives the core, in miniature.
+//! latency on a virtual clock, and each node holds one file of its own
+//! (or, for walks, only the nodes named hold one, and their keyword
+//! filters say so). This is how a simulator drives the core, in miniature.
 
 mod common;
 
@@ -9,9 +10,11 @@ use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
 use proptest::prelude::*;
+use servent_proto::filter::{Filter, LocalFilter, WordKey};
 use servent_proto::hits::HitBuilder;
 use servent_proto::hop::{Action, Arrival, HopConfig, HopNode, HopQuery, LeafQuery, Local};
 use servent_proto::msg::{Hit, MeshQuery, NameVariant, Query, QueryKind};
+use servent_proto::walk::{CopyKind, View, WalkConfig};
 use servent_proto::{ContentHash, NodeId};
 
 const MS: Duration = Duration::from_millis(1);
@@ -34,6 +37,7 @@ enum Ev {
         to: usize,
         from: usize,
         mq: MeshQuery,
+        kind: CopyKind,
         parent: usize,
     },
     Hits {
@@ -71,10 +75,18 @@ struct Outcome {
     messages: usize,
     /// How often each node answered from its index.
     answered: Vec<usize>,
+    /// Walker copies and probes sent (walks only).
+    walker_copies: usize,
+    probes: usize,
 }
 
 struct Sim<'a> {
     adj: &'a [Vec<usize>],
+    /// Which nodes hold a file (all, for floods).
+    holds: Vec<bool>,
+    /// Each node's keyword filter (walks only).
+    filters: Vec<Filter>,
+    walk: Option<WalkConfig>,
     seed: u64,
     t0: Instant,
     nodes: Vec<HopNode<usize>>,
@@ -107,10 +119,27 @@ impl Sim<'_> {
             return Local::default();
         }
         self.out.answered[node] += 1;
+        if !self.holds[node] {
+            return Local::default();
+        }
         Local {
             hits: vec![file(node)],
             examined: 1,
             found: 1,
+        }
+    }
+
+    /// What a walker sees at `node`.
+    fn view(&self, node: usize, keys: &[WordKey]) -> View<usize> {
+        let neighbours = self.adj[node].clone();
+        let matching = neighbours
+            .iter()
+            .copied()
+            .filter(|&n| self.filters[n].may_match(keys))
+            .collect();
+        View {
+            neighbours,
+            matching,
         }
     }
 
@@ -134,8 +163,19 @@ impl Sim<'_> {
         let to_parent = parent.filter(|_| !self.insts[i].cancelled);
         while let Some(a) = self.insts[i].q.poll_action() {
             match a {
-                Action::Forward { to, ttl, budget } => {
+                Action::Forward { to, copy, budget } => {
                     self.out.messages += 1;
+                    let ttl = match copy {
+                        CopyKind::Flood { ttl } => ttl,
+                        CopyKind::Walk { steps, .. } => {
+                            self.out.walker_copies += 1;
+                            steps
+                        }
+                        CopyKind::Probe => {
+                            self.out.probes += 1;
+                            0
+                        }
+                    };
                     let mq = MeshQuery {
                         id: self.insts[i].q.id(),
                         ttl,
@@ -149,6 +189,7 @@ impl Sim<'_> {
                             to,
                             from: node,
                             mq,
+                            kind: copy,
                             parent: i,
                         },
                     );
@@ -216,10 +257,25 @@ impl Sim<'_> {
                     to,
                     from,
                     mq,
+                    kind,
                     parent,
                 } => {
                     let adj = self.adj;
-                    match self.nodes[to].from_neighbour(now, from, &mq, || adj[to].clone()) {
+                    let arrival = match (self.walk, kind) {
+                        (Some(walk), CopyKind::Walk { .. } | CopyKind::Probe) => {
+                            let view = self.view(to, &servent_proto::walk::keys(&lookup()));
+                            self.nodes[to].from_neighbour_walked(
+                                &walk,
+                                now,
+                                from,
+                                &mq,
+                                kind,
+                                |_| view,
+                            )
+                        }
+                        _ => self.nodes[to].from_neighbour(now, from, &mq, || adj[to].clone()),
+                    };
+                    match arrival {
                         Arrival::Accepted(q) => {
                             self.children.insert((parent, to), self.insts.len());
                             self.spawn(now, to, *q, Some(parent));
@@ -268,15 +324,62 @@ fn query() -> Query {
     }
 }
 
+fn lookup() -> servent_proto::hop::Lookup {
+    servent_proto::hop::check(&query()).expect("a valid query")
+}
+
 /// Runs one query of a leaf of node 0 with `ttl` and `wanted` results.
 fn search(adj: &[Vec<usize>], seed: u64, ttl: u8, wanted: u32) -> Outcome {
+    run_search(adj, seed, ttl, wanted, None, &vec![true; adj.len()])
+}
+
+/// Runs one query of a leaf of node 0, walked with `walk`, for the file
+/// that only the nodes in `holders` hold.
+fn walk_search(
+    adj: &[Vec<usize>],
+    seed: u64,
+    walk: WalkConfig,
+    wanted: u32,
+    holders: &[usize],
+) -> Outcome {
+    let holds: Vec<bool> = (0..adj.len()).map(|v| holders.contains(&v)).collect();
+    run_search(adj, seed, 0, wanted, Some(walk), &holds)
+}
+
+fn run_search(
+    adj: &[Vec<usize>],
+    seed: u64,
+    ttl: u8,
+    wanted: u32,
+    walk: Option<WalkConfig>,
+    holds: &[bool],
+) -> Outcome {
     let t0 = Instant::now();
+    let filters = holds
+        .iter()
+        .map(|&h| {
+            let mut f = LocalFilter::default();
+            if h {
+                for w in ["blue", "moon", "mp3"] {
+                    f.add(WordKey::of(w));
+                }
+            }
+            f.filter().clone()
+        })
+        .collect();
     let mut sim = Sim {
         adj,
+        holds: holds.to_vec(),
+        filters,
+        walk,
         seed,
         t0,
         nodes: (0..adj.len())
-            .map(|_| HopNode::new(HopConfig::default(), 200.0, 400))
+            .map(|v| {
+                let mut n = HopNode::new(HopConfig::default(), 200.0, 400);
+                n.seed(seed ^ v as u64);
+                n
+            })
             .collect(),
         insts: Vec::new(),
         children: HashMap::new(),
@@ -287,6 +390,8 @@ fn search(adj: &[Vec<usize>], seed: u64, ttl: u8, wanted: u32) -> Outcome {
             finished: None,
             messages: 0,
             answered: vec![0; adj.len()],
+            walker_copies: 0,
+            probes: 0,
         },
     };
     let q = Query {
@@ -300,7 +405,14 @@ fn search(adj: &[Vec<usize>], seed: u64, ttl: u8, wanted: u32) -> Outcome {
         ttl,
         search_time: SEARCH_TIME,
     };
-    let Arrival::Accepted(root) = sim.nodes[0].from_leaf(t0, ask, || adj[0].clone()) else {
+    let arrival = match walk {
+        Some(walk) => {
+            let view = sim.view(0, &servent_proto::walk::keys(&lookup()));
+            sim.nodes[0].from_leaf_walked(&walk, t0, ask, |_| view)
+        }
+        None => sim.nodes[0].from_leaf(t0, ask, || adj[0].clone()),
+    };
+    let Arrival::Accepted(root) = arrival else {
         panic!("a leaf's valid query is accepted");
     };
     sim.spawn(t0, 0, *root, None);
@@ -382,5 +494,72 @@ proptest! {
         // direction and TTL level.
         prop_assert!(out.messages <= 2 * links * ttl as usize, "{} messages, {} links", out.messages, links);
         prop_assert_eq!(search(&adj, seed, ttl, 500), out);
+    }
+}
+
+const WALK: WalkConfig = WalkConfig {
+    walkers: 4,
+    steps: 6,
+    probes: 4,
+    flood_below: 0,
+};
+
+#[test]
+fn a_walk_finds_a_holder_next_to_any_node_it_visits_on_a_line() {
+    // On a line a walker can only go on: with 6 steps it visits nodes 1
+    // to 6, and their probes reach node 7; node 8 is beyond.
+    let adj = line(12);
+    let near = walk_search(&adj, 1, WALK, 500, &[7]);
+    assert_eq!(near.found.keys().copied().collect::<Vec<_>>(), [7]);
+    let far = walk_search(&adj, 1, WALK, 500, &[8]);
+    assert!(far.found.is_empty());
+    // One walker copy a step; a probe only where the filter says maybe.
+    assert_eq!(near.walker_copies, 6);
+    assert_eq!(near.probes, 1);
+    assert!(near.finished.unwrap() < SEARCH_TIME);
+}
+
+#[test]
+fn a_walk_stops_as_soon_as_the_origin_has_enough() {
+    // A star of 30 holders: the origin probes 4, walks 4, and stops at 3
+    // files without waiting for the rest.
+    let mut adj = vec![(1..31).collect::<Vec<_>>()];
+    adj.extend((1..31).map(|_| vec![0]));
+    let holders: Vec<usize> = (1..31).collect();
+    let out = walk_search(&adj, 3, WALK, 3, &holders);
+    assert!(out.found.len() >= 3, "{out:?}");
+    assert!(out.messages <= 8, "{} messages", out.messages);
+    let finished = out.finished.expect("finished");
+    let mut times: Vec<Duration> = out.found.values().copied().collect();
+    times.sort();
+    let third = times[2];
+    assert_eq!(finished, third, "finished the moment the third came");
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(48))]
+
+    /// Whatever the mesh: a walk costs at most `walkers × steps` walker
+    /// copies and `probes` probes a visit, each node answers at most once,
+    /// a holder next to the origin is always found, every file found is a
+    /// holder's, and the same seed gives the same run.
+    #[test]
+    fn a_walk_is_bounded_and_finds_what_is_next_to_it(
+        adj in common::graph(60, 4),
+        seed in any::<u64>(),
+        holder in 1usize..60,
+    ) {
+        let holder = holder % adj.len();
+        let out = walk_search(&adj, seed, WALK, 500, &[holder]);
+        let visits = usize::from(WALK.walkers) * usize::from(WALK.steps);
+        prop_assert!(out.walker_copies <= visits, "{} walker copies", out.walker_copies);
+        prop_assert!(out.probes <= (visits + 1) * usize::from(WALK.probes));
+        prop_assert!(out.answered.iter().all(|&n| n <= 1), "{:?}", out.answered);
+        prop_assert!(out.found.keys().all(|&v| v == holder));
+        if holder != 0 && adj[0].contains(&holder) {
+            prop_assert!(out.found.contains_key(&holder), "a neighbour's file is probed for");
+        }
+        prop_assert!(out.finished.is_some_and(|t| t < SEARCH_TIME));
+        prop_assert_eq!(walk_search(&adj, seed, WALK, 500, &[holder]), out);
     }
 }

@@ -742,6 +742,44 @@ fn golden_mesh_requests() {
 }
 
 #[test]
+fn golden_walks_and_filters() {
+    // 81 { a4 "Walk": 92 [ 94 [ <the query above> ], 03 (walkers) ] }
+    golden(
+        &MeshRequest::Walk {
+            query: mesh_query(),
+            walkers: 3,
+        },
+        MAX_MESH_FRAME,
+        "0000002d81a457616c6b9294cf0123456789abcdef04cd0abe9281a84b6579776f72647392a4626c7565a46d6f6f6e3203",
+    );
+    // 81 { a5 "Probe": 94 [ <the query above> ] }
+    golden(
+        &MeshRequest::Probe(mesh_query()),
+        MAX_MESH_FRAME,
+        "0000002c81a550726f626594cf0123456789abcdef04cd0abe9281a84b6579776f72647392a4626c7565a46d6f6f6e32",
+    );
+    // 81 { a6 "Filter": 92 [ 0a (2^10 bits), c4 80 <128 bytes: bits 0, 9 and 1023 set> ] }
+    let mut bits = vec![0u8; 128];
+    bits[0] = 0x01;
+    bits[1] = 0x02;
+    bits[127] = 0x80;
+    golden(
+        &MeshControl::Filter {
+            log2: 10,
+            bits: FilterBits(bits),
+        },
+        MAX_MESH_FRAME,
+        "0000008c81a646696c746572920ac4800102000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000080",
+    );
+    // 81 { ab "FilterPatch": 93 [ 09, cd 012c (300), ce 00011170 (70000) ] }
+    golden(
+        &MeshControl::FilterPatch(vec![9, 300, 70_000]),
+        MAX_MESH_FRAME,
+        "0000001781ab46696c74657250617463689309cd012cce00011170",
+    );
+}
+
+#[test]
 fn golden_mesh_control() {
     // 81 { a7 "Welcome": 92 [ 03, cd 03e8 (1000) ] }
     golden(
@@ -1691,5 +1729,5 @@ fn mutated_election_frames_never_panic() {
 fn alpns_are_pinned() {
     assert_eq!(ALPN_LEAF, b"servent-leaf/2");
     assert_eq!(ALPN_TRANSFER, b"servent-xfer/3");
-    assert_eq!(ALPN_MESH, b"servent-mesh/2");
+    assert_eq!(ALPN_MESH, b"servent-mesh/3");
 }

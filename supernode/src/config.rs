@@ -4,10 +4,11 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
-use servent_proto::hop::HopConfig;
+use servent_proto::hop::{HopConfig, Routing, RoutingKind};
 use servent_proto::limits::DEFAULT_MAX_FILES_PER_LEAF;
 use servent_proto::mesh::MeshConfig;
 use servent_proto::route::IpCaps;
+use servent_proto::walk::WalkConfig;
 
 /// Default UDP port of a supernode.
 pub const DEFAULT_PORT: u16 = 7400;
@@ -83,7 +84,23 @@ pub struct Config {
     /// Most neighbours from one IPv4 /24 or IPv6 /48 (`exempt_ips` excepted,
     /// and not counted). Default 4.
     pub neighbors_per_subnet: usize,
-    /// Hops a query of our leaves may travel. Default 4, at most 7.
+    /// How this supernode sends its leaves' queries into the mesh: `walk`
+    /// (walkers that probe the neighbours whose keyword filters may match,
+    /// docs/PROTOCOL.md 11.7) or `flood` (every neighbour within
+    /// `query_ttl`). Default `walk`.
+    pub routing: RoutingKind,
+    /// Walkers started per query (`walk`). Default 12.
+    pub walkers: u8,
+    /// Steps each walker takes (`walk`). Default 10.
+    pub walk_steps: u8,
+    /// Most neighbours one visit probes, for our leaves' queries and for
+    /// the walkers that visit us. Default 4.
+    pub walk_probes: u8,
+    /// While this supernode knows of fewer supernodes than this, it floods
+    /// its leaves' queries even under `walk` (a small mesh floods cheaply,
+    /// and walkers wander in one that is still forming). Default 48.
+    pub walk_flood_below: usize,
+    /// Hops a query of our leaves may travel (`flood`). Default 4, at most 7.
     pub query_ttl: u8,
     /// How long a query of our leaves may search the mesh, in ms. Default 3000.
     pub search_time_ms: u32,
@@ -142,6 +159,11 @@ impl Default for Config {
             max_neighbors: 16,
             neighbors_per_ip: 2,
             neighbors_per_subnet: 4,
+            routing: RoutingKind::Walk,
+            walkers: WalkConfig::default().walkers,
+            walk_steps: WalkConfig::default().steps,
+            walk_probes: WalkConfig::default().probes,
+            walk_flood_below: WalkConfig::default().flood_below,
             query_ttl: servent_proto::route::DEFAULT_TTL,
             search_time_ms: 3000,
             mesh_query_rate: 200.0,
@@ -170,6 +192,21 @@ pub enum ConfigError {
 }
 
 impl Config {
+    /// The walkers' settings, within the limits a supernode accepts.
+    pub fn walk(&self) -> WalkConfig {
+        WalkConfig {
+            walkers: self.walkers.clamp(1, servent_proto::walk::MAX_WALKERS),
+            steps: self.walk_steps.min(servent_proto::walk::MAX_STEPS),
+            probes: self.walk_probes,
+            flood_below: self.walk_flood_below,
+        }
+    }
+
+    /// How this supernode routes its leaves' queries.
+    pub fn routing(&self) -> Routing {
+        self.routing.with(self.walk())
+    }
+
     /// A local configuration on `127.0.0.1:0`, with a fresh identity, for
     /// tests and local networks: those poll searches far faster than a
     /// person would and start hundreds of nodes at once, so the query

@@ -15,10 +15,11 @@
 
 use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
-use std::sync::RwLock;
+use std::sync::{Arc, RwLock};
 
 use servent_proto::admit::AddressKey;
 use servent_proto::cost::MAX_EXAMINED;
+use servent_proto::filter::{Filter, LocalFilter, WordKey};
 use servent_proto::keywords::words;
 use servent_proto::msg::{FileEntry, NameVariant};
 use servent_proto::{ContentHash, NodeId};
@@ -197,6 +198,12 @@ impl Posting {
 
 #[derive(Default)]
 struct Inner {
+    /// The keyword filter of every word and file hash here, for the mesh
+    /// neighbours (`servent_proto::filter`), and how often it changed.
+    filter: LocalFilter,
+    filter_changes: u64,
+    /// The filter as [`Index::filter`] last gave it, at that change count.
+    filter_snapshot: Option<(u64, Arc<Filter>)>,
     numbers: HashMap<ContentHash, FileNo>,
     files: Vec<FileSlot>,
     free: Vec<FileNo>,
@@ -357,6 +364,25 @@ impl Index {
         Some(ix.found(file))
     }
 
+    /// The keyword filter of every word and file hash indexed now, as the
+    /// mesh neighbours are to have it: rebuilt only when the index changed
+    /// since the last call.
+    pub fn filter(&self) -> Arc<Filter> {
+        {
+            let ix = self.read();
+            if let Some((at, f)) = &ix.filter_snapshot {
+                if *at == ix.filter_changes {
+                    return f.clone();
+                }
+            }
+        }
+        let mut ix = self.write();
+        let at = ix.filter_changes;
+        let f = Arc::new(ix.filter.filter().clone());
+        ix.filter_snapshot = Some((at, f.clone()));
+        f
+    }
+
     /// Distinct content hashes indexed.
     pub fn file_count(&self) -> usize {
         self.read().numbers.len()
@@ -395,6 +421,8 @@ impl Inner {
                     }
                 };
                 self.numbers.insert(e.hash, f);
+                self.filter.add(WordKey::of_hash(&e.hash));
+                self.filter_changes += 1;
                 f
             }
         };
@@ -426,6 +454,8 @@ impl Inner {
             match self.words.get_mut(w.as_str()) {
                 Some(p) => p.add(file),
                 None => {
+                    self.filter.add(WordKey::of(&w));
+                    self.filter_changes += 1;
                     self.words.insert(w.into_boxed_str(), Posting::One(file, 1));
                 }
             }
@@ -445,6 +475,8 @@ impl Inner {
             slot.owners = Vec::new();
             self.numbers.remove(&hash);
             self.free.push(file);
+            self.filter.remove(WordKey::of_hash(&hash));
+            self.filter_changes += 1;
         }
         if let Some(rec) = self.owners.get_mut(&owner) {
             rec.files.remove(&file);
@@ -460,6 +492,8 @@ impl Inner {
             if let Some(p) = self.words.get_mut(w.as_str()) {
                 if p.remove(file) {
                     self.words.remove(w.as_str());
+                    self.filter.remove(WordKey::of(&w));
+                    self.filter_changes += 1;
                 }
             }
         }
@@ -497,6 +531,11 @@ impl Inner {
         shrink_map(&mut self.owners);
         shrink_map(&mut self.words);
         shrink_map(&mut self.by_address);
+        self.filter.shrink();
+        if self.filter.is_empty() {
+            // Nothing is left to say: the last snapshot need not be kept.
+            self.filter_snapshot = None;
+        }
         // Free slots at the end can go (and out of the free list).
         let before = self.files.len();
         while self.files.last().is_some_and(|s| s.owners.is_empty()) {

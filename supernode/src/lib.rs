@@ -32,6 +32,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
+use rand::Rng;
 use servent_proto::hop::HopNode;
 use servent_proto::msg::{ALPN_LEAF, ALPN_MESH};
 use servent_proto::NodeId;
@@ -104,8 +105,10 @@ impl State {
             config.query_burst,
             config.exempt_ips.clone(),
         );
-        let hop = HopNode::new(config.hop, config.mesh_query_rate, config.mesh_query_burst);
+        let mut hop = HopNode::new(config.hop, config.mesh_query_rate, config.mesh_query_burst);
         let (core, client) = owner::new(id, &config, elected, owner::node_rng());
+        // Walkers pick neighbours in an order drawn from the node's RNG.
+        hop.seed(client.query_ids.lock().expect("query id lock").random());
         Self {
             id,
             config,

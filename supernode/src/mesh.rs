@@ -1,4 +1,4 @@
-//! The supernode mesh (ALPN `servent-mesh/2`) over QUIC: the driver of
+//! The supernode mesh (ALPN `servent-mesh/3`) over QUIC: the driver of
 //! [`servent_proto::mesh::Membership`], which decides who our neighbours
 //! are, what we know of other supernodes, whom to dial, what to gossip and
 //! when a neighbour is gone. The core and the links' connections, keyed by
@@ -18,13 +18,19 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use servent_proto::filter::{
+    FilterCopy, FilterError, FilterSender, Update, FILTER_CHECK, FILTER_UPDATE_BURST,
+    FILTER_UPDATE_RATE, MAX_FILTER_FILL_PERMILLE,
+};
 use servent_proto::limits::MAX_MESH_FRAME;
 use servent_proto::mesh::{Action, CloseReason, DialAddr, DialId, LinkId, Membership, Refusal};
 use servent_proto::msg::{
-    ErrorCode, ErrorReply, MeshControl, MeshRequest, SupernodeInfo, ALPN_MESH,
+    ErrorCode, ErrorReply, FilterBits, MeshControl, MeshRequest, SupernodeInfo, ALPN_MESH,
 };
+use servent_proto::rate::TokenBucket;
+use servent_proto::walk::CopyKind;
 use servent_proto::NodeId;
 use tokio::sync::mpsc;
 use tracing::{debug, info, info_span, warn, Instrument};
@@ -327,7 +333,18 @@ async fn serve_stream(
             run_link(state, peer, false, send, recv, rx).await;
         }
         Ok(Some(MeshRequest::Query(q))) if state.is_neighbour(&peer.id) => {
-            routing::serve_mesh_query(state, peer.id, q, send).await;
+            let kind = CopyKind::Flood { ttl: q.ttl };
+            routing::serve_mesh_query(state, peer.id, q, kind, send).await;
+        }
+        Ok(Some(MeshRequest::Walk { query, walkers })) if state.is_neighbour(&peer.id) => {
+            let kind = CopyKind::Walk {
+                walkers,
+                steps: query.ttl,
+            };
+            routing::serve_mesh_query(state, peer.id, query, kind, send).await;
+        }
+        Ok(Some(MeshRequest::Probe(q))) if state.is_neighbour(&peer.id) => {
+            routing::serve_mesh_query(state, peer.id, q, CopyKind::Probe, send).await;
         }
         Ok(Some(_)) => {
             let e = ErrorReply::new(ErrorCode::BadRequest, "not a neighbour, or a second Hello");
@@ -396,11 +413,43 @@ async fn run_link(
     });
     let reader = {
         let state = state.clone();
+        let conn = conn.clone();
         async move {
+            let mut filter = FilterCopy::default();
+            let mut filter_rate =
+                TokenBucket::new(FILTER_UPDATE_RATE, FILTER_UPDATE_BURST, Instant::now());
             loop {
                 // Silence is the core's to judge (its timers drop the
                 // neighbour and close the connection).
                 match net::read_frame::<MeshControl>(&mut recv, MAX_MESH_FRAME).await {
+                    Ok(Some(
+                        update @ (MeshControl::Filter { .. } | MeshControl::FilterPatch(_)),
+                    )) => {
+                        if !filter_rate.try_take(Instant::now()) {
+                            warn!("filter updates too fast: link dropped");
+                            conn.close(1u32.into(), b"filter updates too fast");
+                            return;
+                        }
+                        let copied = match &update {
+                            MeshControl::FilterPatch(bits) => filter.handle_patch(bits),
+                            MeshControl::Filter { log2, bits } => {
+                                filter.handle_full(*log2, &bits.0)
+                            }
+                            // Only the two kinds above come here.
+                            _ => Err(FilterError::NoFilter),
+                        };
+                        match copied {
+                            Ok(f) => {
+                                let filter = Arc::new(f.clone());
+                                state.send(Command::Filter { id, link, filter }).await;
+                            }
+                            Err(e) => {
+                                warn!(error = %e, "bad filter: link dropped");
+                                conn.close(1u32.into(), format!("bad filter: {e}").as_bytes());
+                                return;
+                            }
+                        }
+                    }
                     Ok(Some(MeshControl::Status {
                         leaves,
                         max_leaves,
@@ -429,15 +478,58 @@ async fn run_link(
         }
     };
     let writer = async {
-        // Ends when the core drops the link (the sender goes with it).
-        while let Some(known) = gossip.recv().await {
-            let (leaves, max_leaves) = state.load();
-            let status = MeshControl::Status {
-                leaves,
-                max_leaves,
-                known,
+        // What this neighbour was last sent of our keyword filter, and
+        // the snapshot that was.
+        let mut filter = FilterSender::default();
+        let mut last: Option<Arc<servent_proto::filter::Filter>> = None;
+        let mut tick = tokio::time::interval(FILTER_CHECK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                known = gossip.recv() => {
+                    // Ends when the core drops the link (the sender goes
+                    // with it).
+                    let Some(known) = known else { return };
+                    let (leaves, max_leaves) = state.load();
+                    let status = MeshControl::Status {
+                        leaves,
+                        max_leaves,
+                        known,
+                    };
+                    if net::write_frame(&mut send, &status, MAX_MESH_FRAME)
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                    continue;
+                }
+                _ = tick.tick() => {}
+            }
+            // What changed of our filter since this neighbour was last
+            // sent it: a patch, or the whole filter, at most once a
+            // `FILTER_CHECK`. One too full to be taken (more words than the
+            // largest filter holds) is not sent; the neighbour then never
+            // probes us, and walkers still visit.
+            let current = state.index().filter();
+            if last.as_ref().is_some_and(|l| Arc::ptr_eq(l, &current))
+                || current.fill_permille() > MAX_FILTER_FILL_PERMILLE
+            {
+                continue;
+            }
+            last = Some(current.clone());
+            let update = match filter.update(&current) {
+                None => continue,
+                Some(Update::Full(f)) => {
+                    let (log2, bits) = f.to_wire();
+                    MeshControl::Filter {
+                        log2,
+                        bits: FilterBits(bits),
+                    }
+                }
+                Some(Update::Patch(bits)) => MeshControl::FilterPatch(bits),
             };
-            if net::write_frame(&mut send, &status, MAX_MESH_FRAME)
+            if net::write_frame(&mut send, &update, MAX_MESH_FRAME)
                 .await
                 .is_err()
             {

@@ -42,9 +42,11 @@ use std::time::{Duration, Instant};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use servent_proto::elect::{self, Load, PromoteReply, Room};
+use servent_proto::filter::{Filter, WordKey};
 use servent_proto::lease::{self, Admission, Generation, LeaseConfig, Leases};
 use servent_proto::mesh::{DialId, LinkId, Membership, Refusal};
 use servent_proto::msg::{Candidacy, SupernodeInfo};
+use servent_proto::walk::View;
 use servent_proto::NodeId;
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{debug, info, warn};
@@ -81,13 +83,35 @@ pub(crate) struct Routes {
     ranked: Vec<NodeId>,
     /// The connection of each neighbour's link.
     links: HashMap<NodeId, quinn::Connection>,
+    /// Each neighbour's keyword filter, as its link last had it.
+    filters: HashMap<NodeId, Arc<Filter>>,
 }
 
 impl Routes {
+    /// What a walker sees here: every neighbour, and those whose filter
+    /// may match `keys` (a neighbour that sent none is never probed).
+    pub(crate) fn walk_view(&self, keys: &[WordKey]) -> View<NodeId> {
+        let matching = self
+            .ranked
+            .iter()
+            .filter(|id| self.filters.get(id).is_some_and(|f| f.may_match(keys)))
+            .copied()
+            .collect();
+        View {
+            neighbours: self.ranked.clone(),
+            matching,
+        }
+    }
+
     /// Whether `other` ranks the same neighbours the same way over the
     /// same connections.
     fn same(&self, other: &Routes) -> bool {
         self.ranked == other.ranked
+            && self.filters.len() == other.filters.len()
+            && self
+                .filters
+                .iter()
+                .all(|(id, f)| other.filters.get(id).is_some_and(|o| Arc::ptr_eq(f, o)))
             && self.links.len() == other.links.len()
             && self.links.iter().all(|(id, c)| {
                 other
@@ -193,6 +217,12 @@ pub(crate) enum Command {
         id: NodeId,
         link: LinkId,
     },
+    /// Link `link` to `id` brought its keyword filter up to date.
+    Filter {
+        id: NodeId,
+        link: LinkId,
+        filter: Arc<Filter>,
+    },
     // Election.
     Reachable {
         id: NodeId,
@@ -230,6 +260,8 @@ pub(crate) struct Owner {
     electing: bool,
     /// Something the snapshot or the routes show may have changed.
     dirty: bool,
+    /// Each neighbour's keyword filter, and the link it came on.
+    filters: HashMap<NodeId, (LinkId, Arc<Filter>)>,
 }
 
 /// The parts of [`State`] the owner's client side keeps.
@@ -274,6 +306,7 @@ pub(crate) fn new(
         election: elect::Election::new(config.election.policy(), elected, rng.random(), now),
         electing: false,
         dirty: true,
+        filters: HashMap::new(),
     };
     let client = Client {
         commands: tx,
@@ -506,7 +539,19 @@ impl Owner {
                 Some((*id, self.links.get(&n.link)?.conn.clone()))
             })
             .collect();
-        let next = Routes { ranked, links };
+        let filters = ranked
+            .iter()
+            .filter_map(|id| {
+                let n = self.mesh.neighbour_info(id)?;
+                let (link, f) = self.filters.get(id)?;
+                (*link == n.link).then(|| (*id, f.clone()))
+            })
+            .collect();
+        let next = Routes {
+            ranked,
+            links,
+            filters,
+        };
         self.routes.send_if_modified(|r| {
             let changed = !r.same(&next);
             if changed {
@@ -629,7 +674,16 @@ impl Owner {
             }
             Command::LinkDown { id, link } => {
                 self.mesh.handle_link_down(now, id, link);
+                if self.filters.get(&id).is_some_and(|(l, _)| *l == link) {
+                    self.filters.remove(&id);
+                }
                 self.dirty = true;
+            }
+            Command::Filter { id, link, filter } => {
+                if self.links.contains_key(&link) {
+                    self.filters.insert(id, (link, filter));
+                    self.dirty = true;
+                }
             }
             Command::Reachable { id, reply } => {
                 let _ = reply.send(self.election.reachable(&id));
@@ -802,6 +856,12 @@ impl State {
     /// the ranked neighbours.
     pub(crate) fn link_conn(&self, id: &NodeId) -> Option<quinn::Connection> {
         self.owner.routes.borrow().links.get(id).cloned()
+    }
+
+    /// What a walker sees at this supernode ([`Routes::walk_view`]), as
+    /// the owner last published the neighbours and their filters.
+    pub(crate) fn walk_view(&self, keys: &[WordKey]) -> View<NodeId> {
+        self.owner.routes.borrow().walk_view(keys)
     }
 
     /// A fresh query id, from the node's seeded RNG.

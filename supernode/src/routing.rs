@@ -24,11 +24,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use servent_proto::hits::HitBuilder;
-use servent_proto::hop::{Action, Arrival, HopQuery, LeafQuery, Local, Lookup};
+use servent_proto::hop::{Action, Arrival, HopQuery, LeafQuery, Local, Lookup, Routing};
 use servent_proto::limits::{MAX_HITS_PER_FRAME, MAX_MESH_FRAME, MAX_REPLY_FRAME};
 use servent_proto::msg::{
     ErrorCode, ErrorReply, Hit, MeshQuery, MeshRequest, Query, SupernodeReply,
 };
+use servent_proto::walk::CopyKind;
 use servent_proto::NodeId;
 use tokio::sync::mpsc;
 use tokio::task::{AbortHandle, JoinSet};
@@ -131,9 +132,17 @@ pub async fn serve_leaf_query(
         ttl: state.config.query_ttl,
         search_time: Duration::from_millis(state.config.search_time_ms.into()),
     };
-    let arrival = state
-        .hop()
-        .from_leaf(Instant::now(), ask, || state.ranked_neighbours());
+    let now = Instant::now();
+    let arrival = match state.config.routing() {
+        Routing::Walk(walk) if walk.walks(state.known_count()) => {
+            state
+                .hop()
+                .from_leaf_walked(&walk, now, ask, |keys| state.walk_view(keys))
+        }
+        _ => state
+            .hop()
+            .from_leaf(now, ask, || state.ranked_neighbours()),
+    };
     let mut hq = match arrival {
         Arrival::Accepted(hq) => *hq,
         Arrival::Invalid(e) => return Err(e),
@@ -151,20 +160,33 @@ pub async fn serve_leaf_query(
     .map_err(|e| ErrorReply::new(ErrorCode::Internal, e.to_string()))
 }
 
-/// Answers a query a neighbour forwarded: drop it if over the neighbour's
-/// limit or seen, else answer from the index (unless it only extends a
-/// query answered before) and forward it with one hop less, relaying what
-/// comes back until the budget the query allows is spent.
+/// Answers a copy of a query a neighbour sent, of kind `kind` (a flood
+/// copy, a walker or a probe): drop it if over the neighbour's limit or
+/// seen, else answer from the index (unless it was answered here before)
+/// and pass it on as the hop core decides (a flood copy with one hop less,
+/// walkers one step on, probes to nobody), relaying what comes back until
+/// the budget the query allows is spent.
 pub async fn serve_mesh_query(
     state: Arc<State>,
     from: NodeId,
     mq: MeshQuery,
+    kind: CopyKind,
     mut send: quinn::SendStream,
 ) {
     state.metrics.mesh_queries.inc();
-    let arrival = state
-        .hop()
-        .from_neighbour(Instant::now(), from, &mq, || state.ranked_neighbours());
+    let now = Instant::now();
+    let arrival = match kind {
+        CopyKind::Flood { .. } => state
+            .hop()
+            .from_neighbour(now, from, &mq, || state.ranked_neighbours()),
+        kind => {
+            state
+                .hop()
+                .from_neighbour_walked(&state.config.walk(), now, from, &mq, kind, |keys| {
+                    state.walk_view(keys)
+                })
+        }
+    };
     let mut hq = match arrival {
         Arrival::Accepted(hq) => *hq,
         Arrival::RateLimited => {
@@ -214,14 +236,22 @@ async fn drive(
     loop {
         while let Some(action) = hq.poll_action() {
             match action {
-                Action::Forward { to, ttl, budget } => {
-                    let mq = MeshQuery {
+                Action::Forward { to, copy, budget } => {
+                    let mq = |ttl| MeshQuery {
                         id: hq.id(),
                         ttl,
                         timeout_ms: u32::try_from(budget.as_millis()).unwrap_or(u32::MAX),
                         query: query.clone(),
                     };
-                    let handle = asks.spawn(ask(state.clone(), to, mq, tx.clone()));
+                    let request = match copy {
+                        CopyKind::Flood { ttl } => MeshRequest::Query(mq(ttl)),
+                        CopyKind::Walk { walkers, steps } => MeshRequest::Walk {
+                            query: mq(steps),
+                            walkers,
+                        },
+                        CopyKind::Probe => MeshRequest::Probe(mq(0)),
+                    };
+                    let handle = asks.spawn(ask(state.clone(), to, request, tx.clone()));
                     running.insert(to, handle);
                 }
                 Action::NotForwarded { .. } => {
@@ -262,14 +292,14 @@ async fn drive(
 fn ask(
     state: Arc<State>,
     to: NodeId,
-    mq: MeshQuery,
+    request: MeshRequest,
     tx: mpsc::Sender<Event>,
 ) -> impl std::future::Future<Output = ()> {
     async move {
         // Gone since the query was ranked: the copy just ends.
         if let Some(conn) = state.link_conn(&to) {
             state.metrics.queries_forwarded.inc();
-            let _ = relay(conn, to, mq, &tx).await;
+            let _ = relay(conn, to, request, &tx).await;
         }
         let _ = tx.send(Event::Ended(to)).await;
     }
@@ -279,14 +309,14 @@ fn ask(
 async fn relay(
     conn: quinn::Connection,
     to: NodeId,
-    mq: MeshQuery,
+    request: MeshRequest,
     tx: &mpsc::Sender<Event>,
 ) -> Result<(), StreamError> {
     let (mut send, mut recv) = conn
         .open_bi()
         .await
         .map_err(|e| StreamError::Write(e.into()))?;
-    net::write_frame(&mut send, &MeshRequest::Query(mq), MAX_MESH_FRAME).await?;
+    net::write_frame(&mut send, &request, MAX_MESH_FRAME).await?;
     let _ = send.finish();
     while let Some(reply) = net::read_frame::<SupernodeReply>(&mut recv, MAX_REPLY_FRAME).await? {
         match reply {
@@ -343,9 +373,13 @@ mod tests {
         else {
             panic!("the query did not arrive");
         };
-        tokio::time::timeout(T, serve_mesh_query(state.clone(), from, mq, their_send))
-            .await
-            .expect("the query was served without the owner");
+        let kind = CopyKind::Flood { ttl: mq.ttl };
+        tokio::time::timeout(
+            T,
+            serve_mesh_query(state.clone(), from, mq, kind, their_send),
+        )
+        .await
+        .expect("the query was served without the owner");
         let mut frames = 0;
         while let Ok(Ok(Some(_))) = tokio::time::timeout(
             T,

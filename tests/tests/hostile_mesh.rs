@@ -1,5 +1,5 @@
 //! A hostile supernode against real ones: it speaks the mesh protocol by
-//! hand (`servent-mesh/2`) from its own loopback address (127.0.0.2 and
+//! hand (`servent-mesh/3`) from its own loopback address (127.0.0.2 and
 //! up, capped like any address, while the honest nodes live on the exempt
 //! 127.0.0.1), and each test asserts that honest leaves are still served.
 //! Each prints its figures as one JSON line.
@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 use servent_net::{self as net, Endpoint, Identity};
 use servent_proto::limits::{MAX_MESH_FRAME, MAX_REPLY_FRAME, MAX_SUPERNODE_INFOS};
 use servent_proto::msg::{
-    GetReply, Hit, MeshControl, MeshQuery, MeshRequest, NameVariant, Query, QueryKind, Source,
-    SupernodeInfo, SupernodeReply, SupernodeRequest, ALPN_LEAF, ALPN_MESH, ALPN_TRANSFER,
+    FilterBits, GetReply, Hit, MeshControl, MeshQuery, MeshRequest, NameVariant, Query, QueryKind,
+    Source, SupernodeInfo, SupernodeReply, SupernodeRequest, ALPN_LEAF, ALPN_MESH, ALPN_TRANSFER,
 };
 use servent_proto::{ContentHash, NodeId};
 use servent_tests::attack::{elsewhere, percentile, serial};
@@ -445,4 +445,176 @@ async fn a_leaf_takes_promote_and_rehome_only_from_its_own_supernode() {
         .await
         .expect("search");
     assert!(!found.is_empty(), "the leaf is still served by A");
+}
+
+/// What became of one bad filter a hostile neighbour sent.
+#[derive(Debug)]
+struct FilterAttack {
+    linked: bool,
+    /// The target closed the connection after it, with this reason.
+    closed_with: Option<String>,
+}
+
+/// Links to `target` from `ip` as a supernode, sends `frames` on the
+/// control stream (after a valid `Status`), and waits for the target to
+/// close the connection.
+fn send_filters(ip: &str, target: SocketAddr, frames: Vec<MeshControl>) -> FilterAttack {
+    let at: SocketAddr = format!("{ip}:0").parse().unwrap();
+    elsewhere(async move {
+        let mut out = FilterAttack {
+            linked: false,
+            closed_with: None,
+        };
+        let identity = Arc::new(Identity::generate().expect("identity"));
+        let ep = Endpoint::bind(identity, at, &[ALPN_MESH]).expect("bind the attacker's address");
+        let port = ep.local_addr().expect("local addr").port();
+        let Ok(peer) = ep.connect(target, ALPN_MESH, None).await else {
+            return out;
+        };
+        let conn = peer.conn.clone();
+        let Ok((mut ctl, mut ctl_recv)) = conn.open_bi().await else {
+            return out;
+        };
+        let hello = MeshRequest::Hello {
+            listen_port: port,
+            leaves: 0,
+            max_leaves: 1000,
+        };
+        if net::write_frame(&mut ctl, &hello, MAX_MESH_FRAME)
+            .await
+            .is_err()
+        {
+            return out;
+        }
+        match net::read_first_frame::<MeshControl>(&mut ctl_recv, MAX_MESH_FRAME).await {
+            Ok(Some(MeshControl::Welcome { .. })) => out.linked = true,
+            _ => return out,
+        }
+        tokio::spawn(async move {
+            while let Ok(Some(_)) =
+                net::read_frame::<MeshControl>(&mut ctl_recv, MAX_MESH_FRAME).await
+            {}
+        });
+        for f in frames {
+            if net::write_frame(&mut ctl, &f, MAX_MESH_FRAME)
+                .await
+                .is_err()
+            {
+                break;
+            }
+        }
+        if let Ok(quinn::ConnectionError::ApplicationClosed(c)) =
+            tokio::time::timeout(T, conn.closed()).await
+        {
+            out.closed_with = Some(String::from_utf8_lossy(&c.reason).into_owned());
+        }
+        out
+    })
+    .join()
+    .expect("attacker thread")
+}
+
+fn filter_frame(log2: u8, fill_every: usize) -> MeshControl {
+    let mut bits = vec![0u8; (1usize << log2.min(22)) / 8];
+    for (i, b) in bits.iter_mut().enumerate() {
+        if fill_every > 0 && i % fill_every == 0 {
+            *b = 0xff;
+        }
+    }
+    MeshControl::Filter {
+        log2,
+        bits: FilterBits(bits),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_and_oversized_filters_drop_only_the_link_they_came_on() {
+    let _serial = serial().await;
+    let (a, b, la, lb) = honest_pair().await;
+    let (ca, cb) = (la.client(&[&a]), lb.client(&[&b]));
+    let status = MeshControl::Status {
+        leaves: 0,
+        max_leaves: 1000,
+        known: Vec::new(),
+    };
+    let attacks: Vec<(&str, Vec<MeshControl>)> = vec![
+        // A size no filter may have: 2^23 bits.
+        ("size", vec![status.clone(), filter_frame(23, 0)]),
+        // A length that does not match its size.
+        (
+            "length",
+            vec![
+                status.clone(),
+                MeshControl::Filter {
+                    log2: 12,
+                    bits: FilterBits(vec![0; 100]),
+                },
+            ],
+        ),
+        // Every bit set: "maybe" to every word, to draw every query.
+        ("full", vec![status.clone(), filter_frame(16, 1)]),
+        // A patch before any filter, then one of more bits than allowed.
+        (
+            "no filter",
+            vec![status.clone(), MeshControl::FilterPatch(vec![1])],
+        ),
+        (
+            "patch",
+            vec![
+                status.clone(),
+                filter_frame(12, 0),
+                MeshControl::FilterPatch((0..9000).collect()),
+            ],
+        ),
+        // Updates far faster than an honest neighbour sends them.
+        (
+            "too fast",
+            std::iter::once(status.clone())
+                .chain((0..64).map(|_| filter_frame(10, 0)))
+                .collect(),
+        ),
+    ];
+    for (last_octet, (what, frames)) in (2u8..).zip(attacks) {
+        let ip = format!("127.0.0.{last_octet}");
+        let target = a.addr();
+        let attack = tokio::task::spawn_blocking(move || send_filters(&ip, target, frames))
+            .await
+            .expect("attack ran");
+        println!(
+            "{{\"test\":\"hostile_filter\",\"attack\":\"{what}\",\"linked\":{},\"closed\":{:?}}}",
+            attack.linked, attack.closed_with
+        );
+        assert!(attack.linked, "{what}: the attacker linked first");
+        let reason = attack.closed_with.unwrap_or_default();
+        assert!(
+            reason.contains("filter"),
+            "{what}: the link was dropped for its filter, not {reason:?}"
+        );
+    }
+    // The honest link and its searches are untouched.
+    assert!(a.neighbours().contains(&b.id()), "A still links to B");
+    let after = search_both_ways(&ca, &cb, Duration::from_secs(2)).await;
+    assert_eq!(
+        after.ok,
+        after.times.len(),
+        "searches work after the attacks"
+    );
+}
+
+#[tokio::test]
+async fn a_supernode_of_the_old_mesh_version_is_refused_at_the_handshake() {
+    let a = supernode().await;
+    let identity = Arc::new(Identity::generate().expect("identity"));
+    let old: &[u8] = b"servent-mesh/2";
+    let ep = Endpoint::bind(identity, "127.0.0.1:0".parse().unwrap(), &[old]).expect("bind");
+    let refused = ep.connect(a.addr(), old, None).await;
+    let err = match refused {
+        Ok(_) => panic!("servent-mesh/2 was let in"),
+        Err(e) => e.to_string(),
+    };
+    println!("{{\"test\":\"old_mesh_version\",\"error\":{err:?}}}");
+    assert!(
+        err.contains("incompatible protocol or version"),
+        "a clear refusal, not {err:?}"
+    );
 }

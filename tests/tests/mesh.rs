@@ -4,6 +4,7 @@
 
 use std::time::Duration;
 
+use servent_proto::hop::RoutingKind;
 use servent_tests::*;
 
 const T: Duration = Duration::from_secs(5);
@@ -34,11 +35,21 @@ async fn a_query_crosses_a_mesh_of_twenty_supernodes() {
     let last = TestLeaf::start(&[&sns[19]], &[("far edge.txt", b"far")]).await;
     last.wait_indexed(1).await;
     let client = first.client(&[&sns[0]]);
+    // Found once the mesh has grown its shortcuts (a mesh this small is
+    // flooded, walkers or not); then every search finds it.
     wait_for(Duration::from_secs(20), || async {
         found(&client, "far edge").await == 1
     })
     .await
     .expect("a leaf at one edge finds a file at the far edge");
+    wait_for(Duration::from_secs(10), || async {
+        found(&client, "far").await == 1
+    })
+    .await
+    .expect("found by one word");
+    for _ in 0..5 {
+        assert_eq!(found(&client, "far").await, 1, "found by every search");
+    }
     let hit = &client.search(&words("far"), 5, T).await.unwrap()[0];
     assert_eq!(hit.sources[0].id, last.leaf().id());
     assert_eq!(hit.sources[0].addr, last.leaf().addr().to_string());
@@ -46,14 +57,21 @@ async fn a_query_crosses_a_mesh_of_twenty_supernodes() {
 }
 
 /// A line a - b - c - d ...: each dials only its predecessor and wants one
-/// neighbour, so no shortcut ever forms.
+/// neighbour, so no shortcut ever forms. Its supernodes flood with `ttl`.
 async fn line(n: usize, ttl: u8) -> Vec<Supernode> {
+    line_routed(n, ttl, RoutingKind::Flood).await
+}
+
+/// [`line`], routing by `routing`; a walking line walks however short.
+async fn line_routed(n: usize, ttl: u8, routing: RoutingKind) -> Vec<Supernode> {
     let mut sns: Vec<Supernode> = Vec::new();
     for _ in 0..n {
         let peers: Vec<&Supernode> = sns.last().into_iter().collect();
         let config = supernode::Config {
             target_neighbors: 1,
             max_neighbors: 2,
+            routing,
+            walk_flood_below: 0,
             query_ttl: ttl,
             ..mesh_config(&peers)
         };
@@ -101,6 +119,38 @@ async fn a_query_does_not_travel_past_its_ttl() {
                 "not even received by {i}"
             );
         }
+    }
+}
+
+#[tokio::test]
+async fn walkers_go_past_any_ttl_and_the_filters_stop_them_asking_in_vain() {
+    // A line of 7 that walks (`servent-mesh/3`), its TTL 1: a flood would
+    // reach supernode 1 only. A walker can only go on along a line, 10
+    // steps at the defaults, and each visit probes a neighbour only if its
+    // keyword filter may hold the words.
+    let sns = line_routed(7, 1, RoutingKind::Walk).await;
+    let asker = TestLeaf::start_attached(&[&sns[0]], &[], 1).await;
+    let far = TestLeaf::start_attached(&[&sns[6]], &[("far away.txt", b"far")], 1).await;
+    far.wait_indexed(1).await;
+    let client = asker.client(&[&sns[0]]);
+    // Found at once by the walker that reaches the end; then by every
+    // search, once supernode 5 has the far end's filter.
+    wait_for(T, || async { found(&client, "far away").await == 1 })
+        .await
+        .expect("a walker crosses six hops with TTL 1");
+    for _ in 0..5 {
+        assert_eq!(found(&client, "far").await, 1, "found by every search");
+    }
+    // Nothing on the line holds "nowhere": no probe is sent for it, only
+    // the walker goes on (a flood of TTL 1 would ask one neighbour).
+    let before: Vec<u64> = sns.iter().map(|s| s.metrics().mesh_queries.get()).collect();
+    assert_eq!(found(&client, "nowhere").await, 0);
+    for (i, s) in sns.iter().enumerate().skip(1) {
+        assert_eq!(
+            s.metrics().mesh_queries.get() - before[i],
+            1,
+            "supernode {i} got exactly the walker"
+        );
     }
 }
 

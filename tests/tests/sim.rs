@@ -1,6 +1,6 @@
 //! The network simulator: deterministic, and sane on a small network.
 
-use servent_tests::sim::{self, Scenario};
+use servent_tests::sim::{self, RoutingKind, Scenario};
 
 /// A network small enough for CI: 10 supernodes, 600 leaves, 4 minutes,
 /// supernodes that take 125 leaves each (so that 3 links a leaf fill
@@ -53,6 +53,65 @@ fn a_small_network_finds_files_and_elects() {
     );
     assert!(!series.is_empty());
     assert!(r.events > 10_000 && r.events_per_sec > 0.0);
+}
+
+#[test]
+fn walkers_find_what_a_flood_finds_for_a_fraction_of_its_messages() {
+    // 40 supernodes: more than a walk visits, fewer than a TTL-4 flood
+    // reaches, so the flood is the whole mesh and the walk is not.
+    let sc = Scenario {
+        leaves: 2_000,
+        supernodes: 40,
+        max_leaves: 300,
+        minutes: 3.0,
+        warmup_minutes: 1.5,
+        queries: 200,
+        catalog_files: 1_000,
+        election: false,
+        routing: RoutingKind::Flood,
+        ..Scenario::small()
+    };
+    let (flood, _) = sim::run(sc.clone()).expect("scenario is valid");
+    let walk_sc = Scenario {
+        routing: RoutingKind::Walk,
+        // Walk even a mesh this small (by default it would be flooded).
+        walk_flood_below: 0,
+        ..sc
+    };
+    let (walk, _) = sim::run(walk_sc.clone()).expect("scenario is valid");
+    println!(
+        "flood {}",
+        serde_json::to_string(&flood).expect("serialises")
+    );
+    println!(
+        "walk  {}",
+        serde_json::to_string(&walk).expect("serialises")
+    );
+    assert!(
+        flood.recall_rare > 0.95,
+        "flood recall {}",
+        flood.recall_rare
+    );
+    assert!(
+        walk.recall_rare >= flood.recall_rare - 0.02,
+        "walk recall {} against the flood's {}",
+        walk.recall_rare,
+        flood.recall_rare
+    );
+    assert!(walk.recall_popular >= flood.recall_popular - 0.05);
+    assert!(
+        walk.messages_per_rare_query < 0.5 * flood.messages_per_rare_query,
+        "walk {} messages a rare query, flood {}",
+        walk.messages_per_rare_query,
+        flood.messages_per_rare_query
+    );
+    assert!(walk.messages_per_query_max <= flood.messages_per_query_max);
+    assert!(
+        walk.filter_bytes_per_supernode_sec > 0.0,
+        "filters were sent"
+    );
+    let (again, _) = sim::run(walk_sc).expect("scenario is valid");
+    assert_eq!(again.deterministic_json(), walk.deterministic_json());
 }
 
 #[test]

@@ -35,6 +35,10 @@ struct Args {
     /// need was tracked), to put them side by side with one seed
     #[arg(long)]
     election_rules: Option<String>,
+    /// Query routing: walk (walkers and keyword filters, the default) or
+    /// flood (TTL flooding, the baseline)
+    #[arg(long)]
+    routing: Option<sim::RoutingKind>,
     /// Print the report as one JSON object
     #[arg(long)]
     json: bool,
@@ -44,6 +48,11 @@ struct Args {
     /// Print each sample to stderr as the run goes
     #[arg(long)]
     progress: bool,
+    /// Also run the same scenario and seed with `flood` routing first, and
+    /// add that report (`baseline`) and the ratios of this run to it
+    /// (`vs_baseline`)
+    #[arg(long)]
+    baseline: bool,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -71,6 +80,19 @@ fn main() -> anyhow::Result<()> {
     if let Some(v) = args.election_rules {
         sc.election_rules = v;
     }
+    if let Some(v) = args.routing {
+        sc.routing = v;
+    }
+    let baseline = match args.baseline {
+        true => {
+            let flood = Scenario {
+                routing: sim::RoutingKind::Flood,
+                ..sc.clone()
+            };
+            Some(sim::run_with(flood, args.progress)?.0)
+        }
+        false => None,
+    };
     let (report, samples) = sim::run_with(sc, args.progress)?;
     if let Some(path) = &args.csv {
         let mut text = String::from(Sample::CSV_HEADER);
@@ -81,10 +103,14 @@ fn main() -> anyhow::Result<()> {
         }
         std::fs::write(path, text).with_context(|| format!("cannot write {}", path.display()))?;
     }
+    let mut v = serde_json::to_value(&report)?;
+    if let (Some(base), Some(o)) = (&baseline, v.as_object_mut()) {
+        o.insert("vs_baseline".into(), sim::report::ratios(&report, base));
+        o.insert("baseline".into(), serde_json::to_value(base)?);
+    }
     if args.json {
-        println!("{}", serde_json::to_string(&report)?);
+        println!("{v}");
     } else {
-        let v = serde_json::to_value(&report)?;
         for (k, v) in v.as_object().into_iter().flatten() {
             println!("{k:>30}  {v}");
         }

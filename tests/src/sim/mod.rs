@@ -11,13 +11,14 @@
 //! Run it with `cargo run --release -p servent-tests --bin sim -- --help`.
 
 pub mod dist;
+pub mod plot;
 pub mod queue;
 pub mod report;
 pub mod scenario;
 mod world;
 
 pub use report::{Report, Sample};
-pub use scenario::{Scenario, ScenarioError};
+pub use scenario::{RoutingKind, Scenario, ScenarioError};
 
 /// Runs `scenario` to its end: the report and the time series.
 pub fn run(scenario: Scenario) -> Result<(Report, Vec<Sample>), ScenarioError> {

@@ -2,6 +2,8 @@
 
 use serde::Serialize;
 
+use super::scenario::RoutingKind;
+
 /// The figures of one run. The first group depends only on the scenario
 /// and its seed (the same ones give the same figures, byte for byte); the
 /// last three measure the simulator itself on this machine.
@@ -29,9 +31,29 @@ pub struct Report {
     pub messages_per_query: f64,
     /// Mesh query copies alone ÷ queries.
     pub mesh_queries_per_query: f64,
+    /// Messages per query, of single-holder queries and of popular ones
+    /// (counted per query; a message sent after its query's supernode
+    /// forgot the stream is in `messages_per_query` only).
+    pub messages_per_rare_query: f64,
+    pub messages_per_popular_query: f64,
+    /// The most messages one query caused.
+    pub messages_per_query_max: u64,
+    /// Recall of single-holder queries started within 30 s of the
+    /// scenario's mass kill (`mass_kill_at_min`), and of those started
+    /// after; none without one.
+    pub recall_rare_30s_after_mass_kill: Option<f64>,
+    pub recall_rare_later_after_mass_kill: Option<f64>,
     /// Copies not sent because the origin had spent its fair share of
     /// the link (`proto::fair`), in all.
     pub mesh_copies_unforwarded: u64,
+    /// The routing the supernodes ran (`flood` or `walk`).
+    pub routing: RoutingKind,
+    /// Bytes of keyword-filter updates a supernode sent its neighbours, a
+    /// second, on average after warm-up (`walk` only).
+    pub filter_bytes_per_supernode_sec: f64,
+    /// Query messages the busiest supernode received ÷ the mean over the
+    /// supernodes alive at the end.
+    pub busiest_supernode_over_mean: f64,
     /// The most messages of any kind one supernode received in one second.
     pub max_supernode_msgs_per_sec: u64,
     /// The most query messages one supernode received for one query, on
@@ -86,6 +108,44 @@ impl Report {
         }
         v.to_string()
     }
+}
+
+/// This run's figures ÷ the baseline's (the same scenario and seed run
+/// with `flood`), for the figures a routing is judged by.
+pub fn ratios(run: &Report, baseline: &Report) -> serde_json::Value {
+    let ratio = |a: f64, b: f64| {
+        if b == 0.0 {
+            serde_json::Value::Null
+        } else {
+            serde_json::json!(round(a / b, 4))
+        }
+    };
+    serde_json::json!({
+        "recall_rare": ratio(run.recall_rare, baseline.recall_rare),
+        "recall_popular": ratio(run.recall_popular, baseline.recall_popular),
+        "first_hit_ms_p50": ratio(run.first_hit_ms_p50, baseline.first_hit_ms_p50),
+        "first_hit_ms_p99": ratio(run.first_hit_ms_p99, baseline.first_hit_ms_p99),
+        "messages_per_query": ratio(run.messages_per_query, baseline.messages_per_query),
+        "mesh_queries_per_query": ratio(run.mesh_queries_per_query, baseline.mesh_queries_per_query),
+        "messages_per_rare_query": ratio(run.messages_per_rare_query, baseline.messages_per_rare_query),
+        "messages_per_popular_query": ratio(
+            run.messages_per_popular_query,
+            baseline.messages_per_popular_query,
+        ),
+        "messages_per_query_max": ratio(
+            run.messages_per_query_max as f64,
+            baseline.messages_per_query_max as f64,
+        ),
+        "max_supernode_msgs_per_sec": ratio(
+            run.max_supernode_msgs_per_sec as f64,
+            baseline.max_supernode_msgs_per_sec as f64,
+        ),
+        "supernodes_over_needed_max": ratio(
+            run.supernodes_over_needed_max,
+            baseline.supernodes_over_needed_max,
+        ),
+        "events": ratio(run.events as f64, baseline.events as f64),
+    })
 }
 
 /// One row of the time series.

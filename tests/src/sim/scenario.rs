@@ -5,6 +5,9 @@
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
+use servent_proto::hop::Routing;
+pub use servent_proto::hop::RoutingKind;
+use servent_proto::walk::WalkConfig;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -41,7 +44,22 @@ pub struct Scenario {
     pub target_neighbors: usize,
     /// Mesh links a supernode accepts up to (`max_neighbors`). Default 16.
     pub max_neighbors: usize,
-    /// TTL of a new query. Default 4.
+    /// How supernodes send their leaves' queries into the mesh: `flood`
+    /// (TTL flooding with dynamic querying at the origin, what
+    /// every supernode did before `servent-mesh/3`) or `walk` (random walkers that probe the
+    /// neighbours whose keyword filters may match, `docs/PROTOCOL.md`
+    /// section 11.7), as the supernode's `routing` setting. Default `walk`.
+    pub routing: RoutingKind,
+    /// Walkers a supernode starts per query (`walk` only). Default 12.
+    pub walkers: u8,
+    /// Steps each walker takes (`walk` only). Default 10.
+    pub walk_steps: u8,
+    /// Most neighbours one visit probes (`walk` only). Default 4.
+    pub walk_probes: u8,
+    /// An origin that knows of fewer supernodes floods instead (`walk`
+    /// only). Default 48.
+    pub walk_flood_below: usize,
+    /// TTL of a new query (`flood` only). Default 4.
     pub query_ttl: u8,
     /// The origin supernode's search time (`search_time_ms`). Default 3 000.
     pub search_time_ms: u64,
@@ -114,6 +132,18 @@ pub struct Scenario {
     pub sample_secs: f64,
 }
 
+impl Scenario {
+    /// The routing rules the supernodes run.
+    pub fn routing(&self) -> Routing {
+        self.routing.with(WalkConfig {
+            walkers: self.walkers,
+            steps: self.walk_steps,
+            probes: self.walk_probes,
+            flood_below: self.walk_flood_below,
+        })
+    }
+}
+
 impl Default for Scenario {
     /// The nodes' own defaults where they have them, so that the simulator
     /// runs what a default deployment runs.
@@ -131,6 +161,11 @@ impl Default for Scenario {
             extra_link_max_load_permille: None,
             target_neighbors: node.target_neighbors,
             max_neighbors: node.max_neighbors,
+            routing: RoutingKind::Walk,
+            walkers: WalkConfig::default().walkers,
+            walk_steps: WalkConfig::default().steps,
+            walk_probes: WalkConfig::default().probes,
+            walk_flood_below: WalkConfig::default().flood_below,
             query_ttl: node.query_ttl,
             search_time_ms: node.search_time_ms.into(),
             leaf_timeout_ms: 5_000,
@@ -219,6 +254,18 @@ impl Scenario {
         }
         if servent_proto::elect::Rules::from_name(&self.election_rules).is_none() {
             return bad("election_rules must be \"need\" or \"overload\"");
+        }
+        if self.walkers == 0 || self.walkers > servent_proto::walk::MAX_WALKERS {
+            return Err(ScenarioError::Invalid(format!(
+                "walkers must be in 1..={}",
+                servent_proto::walk::MAX_WALKERS
+            )));
+        }
+        if self.walk_steps > servent_proto::walk::MAX_STEPS {
+            return Err(ScenarioError::Invalid(format!(
+                "walk_steps must be at most {}",
+                servent_proto::walk::MAX_STEPS
+            )));
         }
         if self.max_leaves == 0 || self.attach == 0 || self.files_per_keyword == 0 {
             return bad("max_leaves, attach and files_per_keyword must be at least 1");

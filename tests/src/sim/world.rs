@@ -11,6 +11,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::hash::BuildHasherDefault;
+use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use std::net::SocketAddr;
@@ -21,8 +22,9 @@ use servent_proto::attach::{Action, AttachConfig, AttachPlanner, CacheEntry, Lin
 use servent_proto::elect::{
     self, Action as ElectAction, Election, Load, Policy, PromoteReply, Room, Rules,
 };
+use servent_proto::filter::{Filter, LocalFilter, Update, WordKey};
 use servent_proto::hop::{
-    Action as HopAction, Arrival, HopNode, HopQuery, LeafQuery, Local, Lookup,
+    Action as HopAction, Arrival, HopNode, HopQuery, LeafQuery, Local, Lookup, Routing,
 };
 use servent_proto::limits::MAX_SOURCES_PER_HIT;
 use servent_proto::mesh::{
@@ -30,6 +32,7 @@ use servent_proto::mesh::{
 };
 use servent_proto::msg::{Candidacy, SupernodeInfo};
 use servent_proto::msg::{Hit, MeshQuery, NameVariant, Query, QueryKind, Source};
+use servent_proto::walk::{CopyKind, View, WalkConfig};
 use servent_proto::ContentHash;
 use servent_proto::NodeId;
 
@@ -138,6 +141,10 @@ enum Msg {
         leaves: u32,
         max_leaves: u32,
         known: Vec<SupernodeInfo>,
+        /// The sender's keyword filter as its neighbours last had it
+        /// (`walk` routing only; the bytes of its updates are counted
+        /// when they are made).
+        filter: Option<Rc<Filter>>,
     },
     /// The link's connection was closed.
     LinkDown {
@@ -184,6 +191,9 @@ struct MeshCopy {
     parent: u64,
     from: u32,
     query: MeshQuery,
+    kind: CopyKind,
+    /// The measured query it belongs to (for the tallies only).
+    q: u32,
 }
 
 #[derive(Debug)]
@@ -289,6 +299,13 @@ struct Super {
     peers: Vec<u32>,
     /// keyword → (file, leaf).
     index: Map<u32, Vec<(u32, u32)>>,
+    /// The keyword filter of `index` (`proto::filter`), kept for `walk`
+    /// routing only.
+    filter: LocalFilter,
+    /// The filter as the neighbours were last sent it.
+    filter_sent: Option<Rc<Filter>>,
+    /// Each neighbour's filter, as its last `Status` carried it.
+    neighbour_filters: Map<u32, Rc<Filter>>,
     /// Seen-set, neighbours' query buckets and fair forwarding (`proto::hop`).
     hop: HopNode<u32>,
     /// Election (`proto::elect::Election`); none when the scenario turns it off.
@@ -313,6 +330,7 @@ impl Super {
         mesh: Membership,
         peers: Vec<u32>,
         election: Option<Election<u32>>,
+        hop_seed: u64,
     ) -> Self {
         Self {
             alive: true,
@@ -324,10 +342,15 @@ impl Super {
             mesh_wake: None,
             peers,
             index: Map::default(),
+            filter: LocalFilter::default(),
+            filter_sent: None,
+            neighbour_filters: Map::default(),
             hop: {
                 // What every supernode accepts from each neighbour by default.
                 let node = supernode::Config::default();
-                HopNode::new(node.hop, node.mesh_query_rate, node.mesh_query_burst)
+                let mut hop = HopNode::new(node.hop, node.mesh_query_rate, node.mesh_query_burst);
+                hop.seed(hop_seed);
+                hop
             },
             election,
             elect_wake: None,
@@ -387,6 +410,8 @@ enum Up {
 /// One query at one supernode: its hop core, where its answers go, and
 /// the copies it forwarded (neighbour, stream there).
 struct Stream {
+    /// The measured query it belongs to (for the tallies only).
+    q: u32,
     node: u32,
     epoch: u32,
     query: HopQuery<u32>,
@@ -406,6 +431,9 @@ struct QueryRec {
     outstanding: usize,
     done: bool,
     unattached: bool,
+    /// Messages of its traffic (the leaf's, the mesh copies', their hits
+    /// and ends).
+    msgs: u64,
 }
 
 pub struct World {
@@ -437,6 +465,13 @@ pub struct World {
     max_msgs_per_sec: u64,
     /// Copies the origin's fair share of a link did not allow.
     unforwarded: u64,
+    /// The walkers' settings, when the scenario routes by `walk`.
+    walk: Option<WalkConfig>,
+    /// Each keyword's filter key (`WordKey::of("k<n>")`), made once.
+    kw_keys: Vec<WordKey>,
+    /// Bytes of filter updates sent to neighbours after warm-up (a whole
+    /// filter or a patch of 4 bytes a bit, times the neighbours).
+    filter_bytes: u64,
     /// Print each sample to stderr as the run goes.
     pub progress: bool,
     samples: Vec<Sample>,
@@ -458,6 +493,16 @@ fn leaf_sock(ip: u32) -> SocketAddr {
 
 impl World {
     pub fn new(sc: Scenario) -> Self {
+        let walk = match sc.routing() {
+            Routing::Walk(w) => Some(w),
+            Routing::Flood => None,
+        };
+        let kw_keys = match walk {
+            Some(_) => (0..keywords(&sc))
+                .map(|k| WordKey::of(&format!("k{k}")))
+                .collect(),
+            None => Vec::new(),
+        };
         let mut rng = dist::rng(sc.seed, 0);
         let latency = Latency {
             seed: sc.seed,
@@ -545,7 +590,16 @@ impl World {
                     base,
                 )
             });
-            supers.push(Super::new(0, None, sc.max_leaves, mesh, peers, election));
+            let hop_seed = hop_seed(sc.seed, s, 0);
+            supers.push(Super::new(
+                0,
+                None,
+                sc.max_leaves,
+                mesh,
+                peers,
+                election,
+                hop_seed,
+            ));
         }
         let super_delay = (0..sc.supernodes as u64)
             .map(|s| latency.access_us(s))
@@ -578,6 +632,9 @@ impl World {
             end,
             query_traffic: 0,
             mesh_copies: 0,
+            walk,
+            kw_keys,
+            filter_bytes: 0,
             max_msgs_per_sec: 0,
             unforwarded: 0,
             progress: false,
@@ -680,6 +737,17 @@ impl World {
         let query = msg.is_query();
         if query {
             self.query_traffic += 1;
+            let q = match &msg {
+                Msg::Query { q, .. } | Msg::Hits { q, .. } | Msg::Done { q } => Some(*q),
+                Msg::MeshQuery(mq) => Some(mq.q),
+                Msg::MeshHits { stream, .. }
+                | Msg::MeshDone { stream, .. }
+                | Msg::MeshCancel { stream } => self.streams.get(stream).map(|st| st.q),
+                _ => None,
+            };
+            if let Some(r) = q.and_then(|q| self.queries.get_mut(q as usize)) {
+                r.msgs += 1;
+            }
             if matches!(msg, Msg::MeshQuery(_)) {
                 self.mesh_copies += 1;
             }
@@ -833,8 +901,16 @@ impl World {
                 let peers = std::mem::take(&mut self.supers[s as usize].peers);
                 let mesh = self.membership(self.sup_id(s), &peers);
                 let election = self.election(s, epoch, false);
-                self.supers[s as usize] =
-                    Super::new(epoch, None, self.sc.max_leaves, mesh, peers, election);
+                let hop_seed = hop_seed(self.sc.seed, s, epoch);
+                self.supers[s as usize] = Super::new(
+                    epoch,
+                    None,
+                    self.sc.max_leaves,
+                    mesh,
+                    peers,
+                    election,
+                    hop_seed,
+                );
                 self.boot_super(s);
             }
             Ev::HopWake { stream } => self.hop_wake(stream),
@@ -1314,6 +1390,7 @@ impl World {
             mesh,
             Vec::new(),
             self.election(s, 0, true),
+            hop_seed(self.sc.seed, s, 0),
         ));
         self.boot_super(s);
         if let Some(p) = self.leaves[l as usize].planner.as_mut() {
@@ -1393,12 +1470,14 @@ impl World {
                 MeshAction::SendGossip { to, link, known } => {
                     if let Some(t) = self.slot_by_id(&to) {
                         let (leaves, max_leaves) = self.load_of(s);
+                        let filter = self.filter_update(s);
                         let status = Msg::Status {
                             from: s,
                             link: link.0,
                             leaves,
                             max_leaves,
                             known,
+                            filter,
                         };
                         self.send(Node::Super(s), Node::Super(t), status);
                     }
@@ -1414,7 +1493,9 @@ impl World {
                             },
                         );
                         if reason != CloseReason::Replaced {
-                            self.supers[s as usize].hop.remove_neighbour(&t);
+                            let me = &mut self.supers[s as usize];
+                            me.hop.remove_neighbour(&t);
+                            me.neighbour_filters.remove(&t);
                         }
                     }
                 }
@@ -1452,6 +1533,7 @@ impl World {
         me.mesh.handle_link_down(instant, id, LinkId(link));
         if !me.mesh.is_neighbour(&id) {
             me.hop.remove_neighbour(&from);
+            me.neighbour_filters.remove(&from);
         }
         self.drive_mesh(s);
     }
@@ -1561,7 +1643,11 @@ impl World {
                 leaves,
                 max_leaves,
                 known,
+                filter,
             } => {
+                if let Some(f) = filter {
+                    self.supers[s as usize].neighbour_filters.insert(from, f);
+                }
                 let id = self.sup_id(from);
                 self.supers[s as usize].mesh.handle_status(
                     instant,
@@ -1596,6 +1682,9 @@ impl World {
         for &f in &l.files {
             let kw = keyword(&self.sc, f);
             let postings = sup.index.entry(kw).or_default();
+            if postings.is_empty() && self.walk.is_some() {
+                sup.filter.add(self.kw_keys[kw as usize]);
+            }
             if !postings.contains(&(f, leaf)) {
                 postings.push((f, leaf));
             }
@@ -1627,6 +1716,9 @@ impl World {
                 p.retain(|&(_, l)| l != leaf);
                 if p.is_empty() {
                     sup.index.remove(&kw);
+                    if self.walk.is_some() {
+                        sup.filter.remove(self.kw_keys[kw as usize]);
+                    }
                 }
             }
         }
@@ -1728,6 +1820,7 @@ impl World {
         let s_sup = &mut self.supers[s as usize];
         s_sup.leaves.clear();
         s_sup.index.clear();
+        s_sup.filter = LocalFilter::default();
     }
 
     // ---- election -----------------------------------------------------
@@ -1947,6 +2040,7 @@ impl World {
             outstanding: links.len(),
             done: links.is_empty(),
             unattached: links.is_empty(),
+            msgs: 0,
         });
         for s in &links {
             self.send(Node::Leaf(leaf), Node::Super(*s), Msg::Query { q, leaf });
@@ -1962,6 +2056,25 @@ impl World {
 
     fn ranked(&self, s: u32) -> Vec<u32> {
         ranked(&self.supers[s as usize].mesh, &self.leaves)
+    }
+
+    /// `s`'s filter as its neighbours are to have it, brought up to date
+    /// first (and the update's bytes counted); `None` under `flood`.
+    fn filter_update(&mut self, s: u32) -> Option<Rc<Filter>> {
+        self.walk?;
+        let measuring = self.measuring();
+        let sup = &mut self.supers[s as usize];
+        if let Some(update) = sup.filter.poll_update() {
+            let bytes = match &update {
+                Update::Full(f) => f.to_wire().1.len() as u64,
+                Update::Patch(bits) => 4 * bits.len() as u64,
+            };
+            if measuring {
+                self.filter_bytes += bytes * sup.mesh.neighbour_count() as u64;
+            }
+            sup.filter_sent = sup.filter.sent().cloned().map(Rc::new);
+        }
+        sup.filter_sent.clone()
     }
 
     /// What `s`'s index holds for `lookup`: one hit per file, with every
@@ -2031,23 +2144,58 @@ impl World {
             search_time: Duration::from_millis(self.sc.search_time_ms),
         };
         let instant = self.q.instant();
-        let ranked = self.ranked(s);
-        let arrival = self.supers[s as usize]
-            .hop
-            .from_leaf(instant, ask, || ranked);
+        let walks = self
+            .walk
+            .filter(|w| w.walks(self.supers[s as usize].mesh.known_count()));
+        let arrival = match &walks {
+            Some(walk) => {
+                let Super {
+                    mesh,
+                    hop,
+                    neighbour_filters,
+                    ..
+                } = &mut self.supers[s as usize];
+                let leaves = &self.leaves;
+                hop.from_leaf_walked(walk, instant, ask, |keys| {
+                    walk_view(mesh, leaves, neighbour_filters, keys)
+                })
+            }
+            None => {
+                let ranked = self.ranked(s);
+                self.supers[s as usize]
+                    .hop
+                    .from_leaf(instant, ask, || ranked)
+            }
+        };
         let Arrival::Accepted(hq) = arrival else {
             self.send(Node::Super(s), Node::Leaf(leaf), Msg::Done { q });
             return;
         };
-        self.start_hop(s, *hq, Up::Leaf { q, leaf }, query);
+        self.start_hop(s, *hq, Up::Leaf { q, leaf }, query, q);
     }
 
     /// A neighbour's copy of a query (`routing::serve_mesh_query`).
     fn mesh_query(&mut self, s: u32, mq: MeshCopy) {
         let instant = self.q.instant();
-        let Super { mesh, hop, .. } = &mut self.supers[s as usize];
+        let Super {
+            mesh,
+            hop,
+            neighbour_filters,
+            ..
+        } = &mut self.supers[s as usize];
         let leaves = &self.leaves;
-        let arrival = hop.from_neighbour(instant, mq.from, &mq.query, || ranked(mesh, leaves));
+        let arrival = match (&self.walk, mq.kind) {
+            (_, CopyKind::Flood { .. }) => {
+                hop.from_neighbour(instant, mq.from, &mq.query, || ranked(mesh, leaves))
+            }
+            (Some(walk), kind) => {
+                hop.from_neighbour_walked(walk, instant, mq.from, &mq.query, kind, |keys| {
+                    walk_view(mesh, leaves, neighbour_filters, keys)
+                })
+            }
+            // Only walking supernodes send walkers.
+            (None, _) => Arrival::Duplicate,
+        };
         let Arrival::Accepted(hq) = arrival else {
             self.send(
                 Node::Super(s),
@@ -2065,15 +2213,23 @@ impl World {
             epoch,
             parent: mq.parent,
         };
-        self.start_hop_as(s, *hq, up, mq.query.query, mq.stream);
+        self.start_hop_as(s, *hq, up, mq.query.query, mq.stream, mq.q);
     }
 
-    fn start_hop(&mut self, s: u32, hq: HopQuery<u32>, up: Up, query: Query) {
+    fn start_hop(&mut self, s: u32, hq: HopQuery<u32>, up: Up, query: Query, q: u32) {
         let id = self.new_stream();
-        self.start_hop_as(s, hq, up, query, id);
+        self.start_hop_as(s, hq, up, query, id, q);
     }
 
-    fn start_hop_as(&mut self, s: u32, mut hq: HopQuery<u32>, up: Up, query: Query, id: u64) {
+    fn start_hop_as(
+        &mut self,
+        s: u32,
+        mut hq: HopQuery<u32>,
+        up: Up,
+        query: Query,
+        id: u64,
+        q: u32,
+    ) {
         let instant = self.q.instant();
         let local = match hq.lookup() {
             Some(l) => self.local(s, l, hq.wanted()),
@@ -2086,6 +2242,7 @@ impl World {
         self.streams.insert(
             id,
             Stream {
+                q,
                 node: s,
                 epoch,
                 query: hq,
@@ -2115,10 +2272,15 @@ impl World {
             };
             let (s, up) = (st.node, st.up);
             match action {
-                HopAction::Forward { to, ttl, budget } => {
+                HopAction::Forward { to, copy, budget } => {
                     let child = self.new_stream();
                     let st = self.streams.get_mut(&id).expect("stream");
                     st.children.push((to, child));
+                    let ttl = match copy {
+                        CopyKind::Flood { ttl } => ttl,
+                        CopyKind::Walk { steps, .. } => steps,
+                        CopyKind::Probe => 0,
+                    };
                     let mq = MeshCopy {
                         stream: child,
                         parent: id,
@@ -2129,6 +2291,8 @@ impl World {
                             timeout_ms: budget.as_millis().min(u32::MAX as u128) as u32,
                             query: st.mesh.clone(),
                         },
+                        kind: copy,
+                        q: st.q,
                     };
                     self.send(
                         Node::Super(s),
@@ -2350,6 +2514,10 @@ impl World {
         let (mut rare_n, mut rare_found, mut pop_n, mut pop_recall, mut unattached) =
             (0, 0, 0, 0.0, 0);
         let mut first: Vec<f64> = Vec::new();
+        let (mut rare_msgs, mut pop_msgs, mut most_msgs) = (0u64, 0u64, 0u64);
+        // Rare queries started within 30 s of the mass kill, and after.
+        let kill = self.sc.mass_kill_at_min.map(mins);
+        let (mut soon, mut later) = ((0u32, 0u32), (0u32, 0u32));
         for r in &self.queries {
             if r.unattached {
                 unattached += 1;
@@ -2358,9 +2526,21 @@ impl World {
             if r.rare {
                 rare_n += 1;
                 rare_found += usize::from(got > 0);
+                rare_msgs += r.msgs;
             } else {
                 pop_n += 1;
                 pop_recall += got as f64 / r.expected.max(1) as f64;
+                pop_msgs += r.msgs;
+            }
+            most_msgs = most_msgs.max(r.msgs);
+            if let (Some(k), true) = (kill, r.rare && r.start >= kill.unwrap_or(0)) {
+                let window = if r.start < k + 30 * SEC {
+                    &mut soon
+                } else {
+                    &mut later
+                };
+                window.0 += 1;
+                window.1 += u32::from(got > 0);
             }
             if let Some(t) = r.first_hit {
                 first.push((t - r.start) as f64 / MS as f64);
@@ -2368,6 +2548,15 @@ impl World {
         }
         let n = self.queries.len().max(1) as f64;
         let max_q = self.supers.iter().map(|s| s.query_msgs).max().unwrap_or(0);
+        let alive_q: Vec<u64> = self
+            .supers
+            .iter()
+            .filter(|s| s.alive)
+            .map(|s| s.query_msgs)
+            .collect();
+        let mean_q = alive_q.iter().sum::<u64>() as f64 / alive_q.len().max(1) as f64;
+        let measured_secs =
+            (self.now().saturating_sub(self.measure_from) as f64 / SEC as f64).max(1.0);
         // Leaves still orphaned at the end count with their time so far.
         let end = self.now();
         let mut orphaned = self.orphaned.clone();
@@ -2399,7 +2588,23 @@ impl World {
             first_hit_ms_p99: report::round(report::percentile(&mut first, 99.0), 1),
             messages_per_query: report::round(self.query_traffic as f64 / n, 1),
             mesh_queries_per_query: report::round(self.mesh_copies as f64 / n, 1),
+            messages_per_rare_query: report::round(rare_msgs as f64 / rare_n.max(1) as f64, 1),
+            messages_per_popular_query: report::round(pop_msgs as f64 / pop_n.max(1) as f64, 1),
+            messages_per_query_max: most_msgs,
+            recall_rare_30s_after_mass_kill: kill
+                .map(|_| report::round(f64::from(soon.1) / f64::from(soon.0.max(1)), 4)),
+            recall_rare_later_after_mass_kill: kill
+                .map(|_| report::round(f64::from(later.1) / f64::from(later.0.max(1)), 4)),
             mesh_copies_unforwarded: self.unforwarded,
+            routing: self.sc.routing,
+            filter_bytes_per_supernode_sec: report::round(
+                self.filter_bytes as f64 / measured_secs / alive_q.len().max(1) as f64,
+                1,
+            ),
+            busiest_supernode_over_mean: report::round(
+                alive_q.iter().copied().max().unwrap_or(0) as f64 / mean_q.max(1.0),
+                2,
+            ),
             max_supernode_msgs_per_sec: self.max_msgs_per_sec,
             max_supernode_msgs_per_query: report::round(max_q as f64 / n, 2),
             election_rules: self.policy.rules.name().to_string(),
@@ -2453,9 +2658,34 @@ fn ranked(mesh: &Membership, leaves: &[Leaf]) -> Vec<u32> {
         .collect()
 }
 
+/// What a walker sees at a supernode: its neighbours, and those whose
+/// filter may match `keys`.
+fn walk_view(
+    mesh: &Membership,
+    leaves: &[Leaf],
+    filters: &Map<u32, Rc<Filter>>,
+    keys: &[WordKey],
+) -> View<u32> {
+    let neighbours = ranked(mesh, leaves);
+    let matching = neighbours
+        .iter()
+        .copied()
+        .filter(|n| filters.get(n).is_some_and(|f| f.may_match(keys)))
+        .collect();
+    View {
+        neighbours,
+        matching,
+    }
+}
+
 /// `m` minutes of virtual time.
 fn mins(m: f64) -> Micros {
     (m * 60.0 * SEC as f64) as Micros
+}
+
+/// Keywords in all: one per group of popular files, one per rare file.
+fn keywords(sc: &Scenario) -> u32 {
+    (sc.catalog_files.div_ceil(sc.files_per_keyword) + sc.leaves * sc.rare_per_leaf) as u32
 }
 
 /// The one keyword of file `f`: popular files share theirs with
@@ -2467,6 +2697,11 @@ fn keyword(sc: &Scenario, f: u32) -> u32 {
     } else {
         (sc.catalog_files.div_ceil(sc.files_per_keyword) + (f - sc.catalog_files)) as u32
     }
+}
+
+/// The seed of supernode `s`'s walkers in incarnation `epoch`.
+fn hop_seed(seed: u64, s: u32, epoch: u32) -> u64 {
+    dist::splitmix64(seed ^ 0x7761_6c6b ^ (u64::from(s) << 32) ^ (u64::from(epoch) << 16))
 }
 
 /// A made-up node id: `kind` 1 for a dedicated supernode, 2 for a leaf
