@@ -825,11 +825,12 @@ impl<N: Clone + Eq + Hash> HopNode<N> {
         kind: CopyKind,
         view: impl FnOnce(&[WordKey]) -> View<N>,
     ) -> Arrival<N> {
-        let (rate, burst) = (self.mesh_query_rate, self.mesh_query_burst);
-        let bucket = self
-            .buckets
-            .entry(from.clone())
-            .or_insert_with(|| TokenBucket::new(rate, burst, now));
+        let bucket = bucket_of(
+            &mut self.buckets,
+            (self.mesh_query_rate, self.mesh_query_burst),
+            &from,
+            now,
+        );
         let rng = &mut self.rng;
         HopQuery::from_neighbour_walked(
             &self.config,
@@ -864,11 +865,12 @@ impl<N: Clone + Eq + Hash> HopNode<N> {
         query: &MeshQuery,
         neighbours: impl FnOnce() -> Vec<N>,
     ) -> Arrival<N> {
-        let (rate, burst) = (self.mesh_query_rate, self.mesh_query_burst);
-        let bucket = self
-            .buckets
-            .entry(from.clone())
-            .or_insert_with(|| TokenBucket::new(rate, burst, now));
+        let bucket = bucket_of(
+            &mut self.buckets,
+            (self.mesh_query_rate, self.mesh_query_burst),
+            &from,
+            now,
+        );
         HopQuery::from_neighbour(
             &self.config,
             now,
@@ -902,6 +904,19 @@ impl<N: Clone + Eq + Hash> HopNode<N> {
         self.buckets.remove(neighbour);
         self.fair.remove_link(neighbour);
     }
+}
+
+/// `from`'s mesh query bucket in `buckets`, made full (`rate`, `burst`)
+/// on first use.
+fn bucket_of<'a, N: Clone + Eq + Hash>(
+    buckets: &'a mut HashMap<N, TokenBucket>,
+    (rate, burst): (f64, u32),
+    from: &N,
+    now: Instant,
+) -> &'a mut TokenBucket {
+    buckets
+        .entry(from.clone())
+        .or_insert_with(|| TokenBucket::new(rate, burst, now))
 }
 
 /// Hits already sent on one stream, so that only news is sent again.

@@ -46,6 +46,44 @@ const FAKE: u8 = 0xfa;
 /// The hash of the made-up hit.
 const FAKE_HASH: ContentHash = ContentHash([0xab; 32]);
 
+/// A mesh link the attacker opened: its endpoint (kept open), the port it
+/// claims to listen on, the connection and the control stream.
+struct Linked {
+    ep: Endpoint,
+    port: u16,
+    conn: quinn::Connection,
+    ctl: quinn::SendStream,
+    ctl_recv: quinn::RecvStream,
+}
+
+/// Dials `target` from `at` as a supernode and sends `Hello`; the link,
+/// if the target welcomed it.
+async fn link_as_supernode(at: SocketAddr, target: SocketAddr) -> Option<Linked> {
+    let identity = Arc::new(Identity::generate().expect("identity"));
+    let ep = Endpoint::bind(identity, at, &[ALPN_MESH]).expect("bind the attacker's address");
+    let port = ep.local_addr().expect("local addr").port();
+    let conn = ep.connect(target, ALPN_MESH, None).await.ok()?.conn.clone();
+    let (mut ctl, mut ctl_recv) = conn.open_bi().await.ok()?;
+    let hello = MeshRequest::Hello {
+        listen_port: port,
+        leaves: 0,
+        max_leaves: 1000,
+    };
+    net::write_frame(&mut ctl, &hello, MAX_MESH_FRAME)
+        .await
+        .ok()?;
+    match net::read_first_frame::<MeshControl>(&mut ctl_recv, MAX_MESH_FRAME).await {
+        Ok(Some(MeshControl::Welcome { .. })) => Some(Linked {
+            ep,
+            port,
+            conn,
+            ctl,
+            ctl_recv,
+        }),
+        _ => None,
+    }
+}
+
 /// Links to `target` as a supernode on `ip` and carries out `plan` until
 /// `stop` is set.
 fn hostile_neighbour(
@@ -57,31 +95,17 @@ fn hostile_neighbour(
     let at: SocketAddr = format!("{ip}:0").parse().unwrap();
     elsewhere(async move {
         let mut report = Report::default();
-        let identity = Arc::new(Identity::generate().expect("identity"));
-        let ep = Endpoint::bind(identity, at, &[ALPN_MESH]).expect("bind the attacker's address");
-        let port = ep.local_addr().expect("local addr").port();
-        let Ok(peer) = ep.connect(target, ALPN_MESH, None).await else {
+        let Some(Linked {
+            ep: _ep,
+            port,
+            conn,
+            mut ctl,
+            mut ctl_recv,
+        }) = link_as_supernode(at, target).await
+        else {
             return report;
         };
-        let conn = peer.conn.clone();
-        let Ok((mut ctl, mut ctl_recv)) = conn.open_bi().await else {
-            return report;
-        };
-        let hello = MeshRequest::Hello {
-            listen_port: port,
-            leaves: 0,
-            max_leaves: 1000,
-        };
-        if net::write_frame(&mut ctl, &hello, MAX_MESH_FRAME)
-            .await
-            .is_err()
-        {
-            return report;
-        }
-        match net::read_first_frame::<MeshControl>(&mut ctl_recv, MAX_MESH_FRAME).await {
-            Ok(Some(MeshControl::Welcome { .. })) => report.linked = true,
-            _ => return report,
-        }
+        report.linked = true;
         let mut tasks = tokio::task::JoinSet::new();
         // Its status: made-up tables (8 000 entries a frame, all fresh),
         // often enough that the link stays up.
@@ -465,31 +489,17 @@ fn send_filters(ip: &str, target: SocketAddr, frames: Vec<MeshControl>) -> Filte
             linked: false,
             closed_with: None,
         };
-        let identity = Arc::new(Identity::generate().expect("identity"));
-        let ep = Endpoint::bind(identity, at, &[ALPN_MESH]).expect("bind the attacker's address");
-        let port = ep.local_addr().expect("local addr").port();
-        let Ok(peer) = ep.connect(target, ALPN_MESH, None).await else {
+        let Some(Linked {
+            ep: _ep,
+            conn,
+            mut ctl,
+            mut ctl_recv,
+            ..
+        }) = link_as_supernode(at, target).await
+        else {
             return out;
         };
-        let conn = peer.conn.clone();
-        let Ok((mut ctl, mut ctl_recv)) = conn.open_bi().await else {
-            return out;
-        };
-        let hello = MeshRequest::Hello {
-            listen_port: port,
-            leaves: 0,
-            max_leaves: 1000,
-        };
-        if net::write_frame(&mut ctl, &hello, MAX_MESH_FRAME)
-            .await
-            .is_err()
-        {
-            return out;
-        }
-        match net::read_first_frame::<MeshControl>(&mut ctl_recv, MAX_MESH_FRAME).await {
-            Ok(Some(MeshControl::Welcome { .. })) => out.linked = true,
-            _ => return out,
-        }
+        out.linked = true;
         tokio::spawn(async move {
             while let Ok(Some(_)) =
                 net::read_frame::<MeshControl>(&mut ctl_recv, MAX_MESH_FRAME).await

@@ -2054,10 +2054,6 @@ impl World {
         self.queries[q as usize].done = true;
     }
 
-    fn ranked(&self, s: u32) -> Vec<u32> {
-        ranked(&self.supers[s as usize].mesh, &self.leaves)
-    }
-
     /// `s`'s filter as its neighbours are to have it, brought up to date
     /// first (and the update's bytes counted); `None` under `flood`.
     fn filter_update(&mut self, s: u32) -> Option<Rc<Filter>> {
@@ -2144,28 +2140,18 @@ impl World {
             search_time: Duration::from_millis(self.sc.search_time_ms),
         };
         let instant = self.q.instant();
-        let walks = self
-            .walk
-            .filter(|w| w.walks(self.supers[s as usize].mesh.known_count()));
-        let arrival = match &walks {
-            Some(walk) => {
-                let Super {
-                    mesh,
-                    hop,
-                    neighbour_filters,
-                    ..
-                } = &mut self.supers[s as usize];
-                let leaves = &self.leaves;
-                hop.from_leaf_walked(walk, instant, ask, |keys| {
-                    walk_view(mesh, leaves, neighbour_filters, keys)
-                })
-            }
-            None => {
-                let ranked = self.ranked(s);
-                self.supers[s as usize]
-                    .hop
-                    .from_leaf(instant, ask, || ranked)
-            }
+        let Super {
+            mesh,
+            hop,
+            neighbour_filters,
+            ..
+        } = &mut self.supers[s as usize];
+        let leaves = &self.leaves;
+        let arrival = match self.walk.filter(|w| w.walks(mesh.known_count())) {
+            Some(walk) => hop.from_leaf_walked(&walk, instant, ask, |keys| {
+                walk_view(mesh, leaves, neighbour_filters, keys)
+            }),
+            None => hop.from_leaf(instant, ask, || ranked(mesh, leaves)),
         };
         let Arrival::Accepted(hq) = arrival else {
             self.send(Node::Super(s), Node::Leaf(leaf), Msg::Done { q });
