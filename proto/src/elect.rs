@@ -46,6 +46,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use crate::msg::Candidacy;
+use crate::rng::SplitMix64;
 
 /// Which rules decide when to elect and when to step down (see the module doc).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
@@ -571,7 +572,7 @@ impl<N: Copy + Ord> Election<N> {
             elected,
             offers: BTreeMap::new(),
             elector: Elector::default(),
-            rng: SplitMix64(seed),
+            rng: SplitMix64::new(seed),
             promotion: None,
             actions: VecDeque::new(),
             promotions: 0,
@@ -832,26 +833,6 @@ impl<N: Copy + Ord> Election<N> {
     /// Whether this supernode has decided to step down.
     pub fn stepped_down(&self) -> bool {
         self.stepped_down
-    }
-}
-
-/// A small seeded generator (SplitMix64): the random waits need no more,
-/// and it keeps this crate free of a global or thread RNG.
-#[derive(Debug, Clone)]
-struct SplitMix64(u64);
-
-impl SplitMix64 {
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in [0, 1).
-    fn next_f64(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
     }
 }
 
