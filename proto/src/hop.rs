@@ -385,11 +385,11 @@ impl<N: Clone + Eq + Hash> HopQuery<N> {
             Ok(l) => l,
             Err(e) => return Arrival::Invalid(e),
         };
-        let kind = CopyKind::Walk {
-            walkers: walk.walkers,
-            steps: walk.steps,
-        }
-        .capped();
+        let (walkers, steps) = (
+            walk.walkers.clamp(1, walk::MAX_WALKERS),
+            walk.steps.min(walk::MAX_STEPS),
+        );
+        let kind = CopyKind::Walk { walkers, steps };
         let deadline = now + ask.search_time;
         let budget = ask.search_time.saturating_sub(config.hop_margin);
         let forward = match walk::observe(seen, now, ask.id, kind) {
@@ -399,8 +399,8 @@ impl<N: Clone + Eq + Hash> HopQuery<N> {
                 // have `steps - 1` left, so each walker visits `steps`
                 // supernodes after it.
                 walk::plan(
-                    walk.walkers.min(walk::MAX_WALKERS),
-                    walk.steps.min(walk::MAX_STEPS),
+                    walkers,
+                    steps,
                     walk.probes,
                     Visit::First,
                     None,

@@ -30,6 +30,7 @@ use std::time::Instant;
 
 use crate::filter::WordKey;
 use crate::hop::Lookup;
+use crate::msg::{MeshQuery, MeshRequest};
 use crate::route::{Observed, Seen};
 
 /// How a query travels from the origin, and its limits.
@@ -86,6 +87,30 @@ pub enum CopyKind {
 }
 
 impl CopyKind {
+    /// The `ttl` a `MeshQuery` of this kind carries on the wire: a flood
+    /// copy's TTL, a walker's steps left, 0 for a probe (not read).
+    pub fn wire_ttl(self) -> u8 {
+        match self {
+            CopyKind::Flood { ttl } => ttl,
+            CopyKind::Walk { steps, .. } => steps,
+            CopyKind::Probe => 0,
+        }
+    }
+
+    /// The request that sends `query` as a copy of this kind (its `ttl`
+    /// set to [`CopyKind::wire_ttl`]).
+    pub fn request(self, query: MeshQuery) -> MeshRequest {
+        let query = MeshQuery {
+            ttl: self.wire_ttl(),
+            ..query
+        };
+        match self {
+            CopyKind::Flood { .. } => MeshRequest::Query(query),
+            CopyKind::Walk { walkers, .. } => MeshRequest::Walk { query, walkers },
+            CopyKind::Probe => MeshRequest::Probe(query),
+        }
+    }
+
     /// The kind within the limits a supernode accepts.
     pub fn capped(self) -> Self {
         match self {
@@ -370,6 +395,40 @@ mod tests {
         assert_eq!(observe(&mut seen, t0, 1, CopyKind::Probe), None);
         assert_eq!(observe(&mut seen, t0, 2, walk), Some(Visit::First));
         assert_eq!(observe(&mut seen, t0, 3, CopyKind::Flood { ttl: 4 }), None);
+    }
+
+    #[test]
+    fn each_kind_goes_on_the_wire_as_its_own_request_with_its_ttl() {
+        use crate::msg::{Query, QueryKind};
+        let q = MeshQuery {
+            id: 9,
+            ttl: 99,
+            timeout_ms: 100,
+            query: Query {
+                kind: QueryKind::Keywords(vec!["moon".into()]),
+                max_results: 5,
+            },
+        };
+        let with_ttl = |ttl| MeshQuery { ttl, ..q.clone() };
+        assert_eq!(
+            CopyKind::Flood { ttl: 3 }.request(q.clone()),
+            MeshRequest::Query(with_ttl(3))
+        );
+        assert_eq!(
+            CopyKind::Walk {
+                walkers: 2,
+                steps: 7
+            }
+            .request(q.clone()),
+            MeshRequest::Walk {
+                query: with_ttl(7),
+                walkers: 2
+            }
+        );
+        assert_eq!(
+            CopyKind::Probe.request(q.clone()),
+            MeshRequest::Probe(with_ttl(0))
+        );
     }
 
     #[test]

@@ -192,11 +192,12 @@ pub enum ConfigError {
 }
 
 impl Config {
-    /// The walkers' settings, within the limits a supernode accepts.
+    /// The walkers' settings (the hop core caps them, `walk::MAX_WALKERS`
+    /// and `walk::MAX_STEPS`).
     pub fn walk(&self) -> WalkConfig {
         WalkConfig {
-            walkers: self.walkers.clamp(1, servent_proto::walk::MAX_WALKERS),
-            steps: self.walk_steps.min(servent_proto::walk::MAX_STEPS),
+            walkers: self.walkers,
+            steps: self.walk_steps,
             probes: self.walk_probes,
             flood_below: self.walk_flood_below,
         }

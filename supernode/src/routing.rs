@@ -237,20 +237,12 @@ async fn drive(
         while let Some(action) = hq.poll_action() {
             match action {
                 Action::Forward { to, copy, budget } => {
-                    let mq = |ttl| MeshQuery {
+                    let request = copy.request(MeshQuery {
                         id: hq.id(),
-                        ttl,
+                        ttl: 0,
                         timeout_ms: u32::try_from(budget.as_millis()).unwrap_or(u32::MAX),
                         query: query.clone(),
-                    };
-                    let request = match copy {
-                        CopyKind::Flood { ttl } => MeshRequest::Query(mq(ttl)),
-                        CopyKind::Walk { walkers, steps } => MeshRequest::Walk {
-                            query: mq(steps),
-                            walkers,
-                        },
-                        CopyKind::Probe => MeshRequest::Probe(mq(0)),
-                    };
+                    });
                     let handle = asks.spawn(ask(state.clone(), to, request, tx.clone()));
                     running.insert(to, handle);
                 }

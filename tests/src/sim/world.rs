@@ -2262,11 +2262,7 @@ impl World {
                     let child = self.new_stream();
                     let st = self.streams.get_mut(&id).expect("stream");
                     st.children.push((to, child));
-                    let ttl = match copy {
-                        CopyKind::Flood { ttl } => ttl,
-                        CopyKind::Walk { steps, .. } => steps,
-                        CopyKind::Probe => 0,
-                    };
+                    let ttl = copy.wire_ttl();
                     let mq = MeshCopy {
                         stream: child,
                         parent: id,
