@@ -81,6 +81,22 @@ impl RoutingKind {
     }
 }
 
+impl RoutingKind {
+    /// The name a config file or command line gives it.
+    pub fn name(self) -> &'static str {
+        match self {
+            RoutingKind::Flood => "flood",
+            RoutingKind::Walk => "walk",
+        }
+    }
+}
+
+impl std::fmt::Display for RoutingKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 impl std::str::FromStr for RoutingKind {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {

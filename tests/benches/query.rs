@@ -2,6 +2,10 @@
 //! hops on loopback; the 0-hop (direct, single-supernode) query is the
 //! baseline of the same run.
 //!
+//! Both routings run in the same process, each on its own line: the flood
+//! (the baseline) and the walk (`walk_flood_below` 0, walkers taking as many
+//! steps as the TTL), interleaved query by query.
+//!
 //! Topology: a line of 11 supernodes s0 - s1 - ... - s10, each dialling only
 //! its predecessor, wanting one neighbour and allowing at most two, so that
 //! no shortcut forms and s_h is exactly h hops from s0 (checked before and
@@ -34,6 +38,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use servent_net::{self as net, Endpoint, Identity};
+use servent_proto::hop::RoutingKind;
 use servent_proto::limits::{MAX_REPLY_FRAME, MAX_REQUEST_FRAME};
 use servent_proto::msg::{Hit, LeafRequest, Query, QueryKind, SupernodeReply, ALPN_LEAF};
 use servent_proto::route::MAX_TTL;
@@ -55,6 +60,8 @@ const FULL_ROUNDS: usize = 3;
 const WARMUP: usize = 5;
 const QUERY_TIMEOUT: Duration = Duration::from_secs(10);
 const SETUP_TIMEOUT: Duration = Duration::from_secs(30);
+/// Both routings in the same run: today's flood is the baseline of the walk.
+const ROUTINGS: [RoutingKind; 2] = [RoutingKind::Flood, RoutingKind::Walk];
 
 fn main() -> Result<()> {
     bench::init_logging();
@@ -117,26 +124,31 @@ impl Target {
     }
 }
 
-impl Bench {
-    async fn run(self) -> Result<()> {
-        let ttl = self.ttl;
-        let max_hops = usize::from(ttl).min(LINE - 1);
-        let mut hops: Vec<usize> = WANTED_HOPS.iter().map(|&h| h.min(max_hops)).collect();
-        hops.dedup();
-        // Just past the TTL, and the 10 hops the issue asks about.
-        let mut beyond: Vec<usize> = vec![max_hops + 1, LINE - 1];
-        beyond.retain(|&h| h > max_hops && h < LINE);
-        beyond.dedup();
-        println!(
-            "query: line of {LINE} supernodes on loopback, hops {hops:?} (query TTL {ttl}, capped at {MAX_TTL}), \
-             {} queries per hop count, {} in flight for throughput",
-            self.queries, self.concurrency
-        );
-        println!("machine: {}", bench::machine());
+/// One line of supernodes under one routing, its targets and its asker.
+struct Line {
+    routing: RoutingKind,
+    sns: Vec<Supernode>,
+    targets: Vec<Target>,
+    /// How many of `targets` (the first ones) are within reach.
+    reachable: usize,
+    client: Client,
+    _asker_dir: tempfile::TempDir,
+    endpoint: Endpoint,
+    conn: quinn::Connection,
+}
 
-        let sns = line(LINE, ttl).await?;
+impl Line {
+    /// Builds the line, its target leaves and its asker, and checks that
+    /// the reachable targets answer and the others do not.
+    async fn start(
+        routing: RoutingKind,
+        ttl: u8,
+        hops: &[usize],
+        beyond: &[usize],
+    ) -> Result<Self> {
+        let sns = line(LINE, ttl, routing).await?;
         let mut targets = Vec::new();
-        for &h in hops.iter().chain(beyond.iter()) {
+        for &h in hops.iter().chain(beyond) {
             let word = format!("benchtarget{h}hops");
             let content = format!("the file {h} hops from the asker");
             let name = format!("{word}.txt");
@@ -167,49 +179,124 @@ impl Bench {
             .connect(sns[0].addr(), ALPN_LEAF, Some(sns[0].id()))
             .await?
             .conn;
+        let line = Line {
+            routing,
+            sns,
+            targets,
+            reachable: hops.len(),
+            client,
+            _asker_dir: asker_dir,
+            endpoint,
+            conn,
+        };
+        line.check_reach(ttl).await?;
+        Ok(line)
+    }
 
-        let (reachable, unreachable) = targets.split_at(hops.len());
+    /// Every reachable target answers (once the neighbours' keyword
+    /// filters, sent at most every 500 ms, have arrived), and the others
+    /// never do.
+    async fn check_reach(&self, ttl: u8) -> Result<()> {
+        let (reachable, unreachable) = self.targets.split_at(self.reachable);
         for t in reachable {
-            let got = ask(&conn, &t.query()).await?;
+            let answered = wait_for(SETUP_TIMEOUT, || async {
+                ask(&self.conn, &t.query())
+                    .await
+                    .is_ok_and(|got| t.is_answer(&got.hits))
+            })
+            .await;
             ensure!(
-                t.is_answer(&got.hits),
-                "{} hops: expected the one file, got {:?}",
-                t.hops,
-                got.hits
+                answered.is_ok(),
+                "{}, {} hops: the one file was never found",
+                self.routing,
+                t.hops
             );
         }
         for t in unreachable {
-            let got = ask(&conn, &t.query()).await?;
+            let got = ask(&self.conn, &t.query()).await?;
             ensure!(
                 got.hits.is_empty(),
-                "{} hops is beyond TTL {ttl} yet answered: {:?}",
+                "{}, {} hops is beyond reach {ttl} yet answered: {:?}",
+                self.routing,
                 t.hops,
                 got.hits
             );
             println!(
-                "{} hops: no hit, as TTL {ttl} intends (stream ended after {:.2} ms)",
+                "{}: {} hops, no hit, as reach {ttl} intends (stream ended after {:.2} ms)",
+                self.routing,
                 t.hops,
                 ms(got.end)
             );
         }
+        Ok(())
+    }
+
+    fn reachable(&self) -> &[Target] {
+        &self.targets[..self.reachable]
+    }
+}
+
+impl Drop for Line {
+    fn drop(&mut self) {
+        self.conn.close(0u32.into(), b"done");
+        self.endpoint.close();
+    }
+}
+
+impl Bench {
+    async fn run(self) -> Result<()> {
+        let ttl = self.ttl;
+        let max_hops = usize::from(ttl).min(LINE - 1);
+        let mut hops: Vec<usize> = WANTED_HOPS.iter().map(|&h| h.min(max_hops)).collect();
+        hops.dedup();
+        // Just past the TTL, and the 10 hops the issue asks about.
+        let mut beyond: Vec<usize> = vec![max_hops + 1, LINE - 1];
+        beyond.retain(|&h| h > max_hops && h < LINE);
+        beyond.dedup();
+        println!(
+            "query: a line of {LINE} supernodes on loopback per routing ({}), hops {hops:?} \
+             (query TTL and walk steps {ttl}, TTL capped at {MAX_TTL}), \
+             {} queries per hop count, {} in flight for throughput",
+            ROUTINGS.map(|r| r.to_string()).join(", "),
+            self.queries,
+            self.concurrency
+        );
+        println!("machine: {}", bench::machine());
+
+        let mut lines = Vec::new();
+        for routing in ROUTINGS {
+            lines.push(Line::start(routing, ttl, &hops, &beyond).await?);
+        }
 
         for _ in 0..self.warmup {
-            for t in reachable {
-                search(&client, t).await?;
-                ask(&conn, &t.query()).await?;
+            for l in &lines {
+                for t in l.reachable() {
+                    search(&l.client, t).await?;
+                    ask(&l.conn, &t.query()).await?;
+                }
             }
         }
 
-        // Latency: one query at a time, hop counts interleaved.
-        let n = reachable.len();
+        // Every (routing, hop count), interleaved query by query so that
+        // machine noise falls on all of them alike.
+        let cases: Vec<(&Line, &Target)> = lines
+            .iter()
+            .flat_map(|l| l.reachable().iter().map(move |t| (l, t)))
+            .collect();
+        let n = cases.len();
         let mut searched = vec![Vec::with_capacity(self.queries); n];
         let mut first = vec![Vec::with_capacity(self.queries); n];
         let mut ended = vec![Vec::with_capacity(self.queries); n];
         for _ in 0..self.queries {
-            for (i, t) in reachable.iter().enumerate() {
-                searched[i].push(search(&client, t).await?);
-                let got = ask(&conn, &t.query()).await?;
-                ensure!(t.is_answer(&got.hits), "{} hops: wrong answer", t.hops);
+            for (i, (l, t)) in cases.iter().enumerate() {
+                searched[i].push(search(&l.client, t).await?);
+                let got = ask(&l.conn, &t.query()).await?;
+                ensure!(
+                    t.is_answer(&got.hits),
+                    "{}, {} hops: wrong answer",
+                    l.routing,
+                    t.hops
+                );
                 first[i].push(got.first.context("a hit came")?);
                 ended[i].push(got.end);
             }
@@ -219,62 +306,91 @@ impl Bench {
         let mut rates = vec![Vec::with_capacity(self.rounds); n];
         let batch = (2 * self.queries).max(self.concurrency);
         for _ in 0..self.rounds {
-            for (i, t) in reachable.iter().enumerate() {
-                rates[i].push(throughput(&conn, t, batch, self.concurrency).await?);
+            for (i, (l, t)) in cases.iter().enumerate() {
+                rates[i].push(throughput(&l.conn, t, batch, self.concurrency).await?);
             }
         }
 
-        check_layout(&sns, &targets)?;
+        for l in &lines {
+            check_layout(&l.sns, &l.targets)?;
+        }
 
         let searched: Vec<Stats> = searched.iter_mut().map(|v| Stats::of(v)).collect();
         let first: Vec<Stats> = first.iter_mut().map(|v| Stats::of(v)).collect();
         let ended: Vec<Stats> = ended.iter_mut().map(|v| Stats::of(v)).collect();
         let rates: Vec<f64> = rates.iter_mut().map(|v| median(v)).collect();
+        let rows: Vec<(String, usize)> = cases
+            .iter()
+            .map(|(l, t)| (l.routing.to_string(), t.hops))
+            .collect();
+        // The direct query (0 hops) of the first routing is the baseline;
+        // each routing's own 0-hop row is there to show it is the same.
+        let direct = |v: &[f64]| v[0];
 
         println!();
         println!("leaf search (Client::search: new QUIC connection per query), ms:");
-        latency_table(&hops, &searched);
+        latency_table(&rows, &searched);
         println!();
         println!("one open connection, new stream per query: time to first hit, ms:");
-        latency_table(&hops, &first);
+        latency_table(&rows, &first);
         println!();
         println!("one open connection: time to end of stream, ms:");
-        latency_table(&hops, &ended);
+        latency_table(&rows, &ended);
         println!();
         println!(
             "throughput, {} in flight on one connection ({batch} queries a batch, median of {}):",
             self.concurrency, self.rounds
         );
-        println!("{:>4}  {:>10}  {:>9}", "hops", "queries/s", "vs direct");
-        for (h, r) in hops.iter().zip(&rates) {
-            println!("{h:>4}  {r:>10.0}  {:>9.2}", r / rates[0]);
+        println!(
+            "{:>7}  {:>4}  {:>10}  {:>9}  {:>13}",
+            "routing", "hops", "queries/s", "vs direct", "vs same flood"
+        );
+        for ((routing, h), r) in rows.iter().zip(&rates) {
+            let flood = rows
+                .iter()
+                .position(|(ro, ho)| ro == "flood" && ho == h)
+                .map(|j| format!("{:.2}", r / rates[j]))
+                .unwrap_or_default();
+            println!(
+                "{routing:>7}  {h:>4}  {r:>10.0}  {:>9.2}  {flood:>13}",
+                r / direct(&rates)
+            );
         }
-        if let (Some(&far), Some(f), Some(s)) = (hops.last(), first.last(), searched.last()) {
-            if far > 0 {
-                println!();
+        let far = *hops.last().unwrap_or(&0);
+        if far > 0 {
+            println!();
+            for (routing, rows_of) in ROUTINGS.iter().map(|r| {
+                let name = r.to_string();
+                let idx: Vec<usize> = (0..rows.len()).filter(|&i| rows[i].0 == name).collect();
+                (name, idx)
+            }) {
+                let (Some(&near), Some(&farthest)) = (rows_of.first(), rows_of.last()) else {
+                    continue;
+                };
                 println!(
-                    "per hop (p50, {far} hops minus direct, / {far}): open connection {:.3} ms, leaf search {:.3} ms",
-                    (f.p50 - first[0].p50) / far as f64,
-                    (s.p50 - searched[0].p50) / far as f64
+                    "{routing}, per hop (p50, {far} hops minus direct, / {far}): open connection {:.3} ms, leaf search {:.3} ms",
+                    (first[farthest].p50 - first[near].p50) / far as f64,
+                    (searched[farthest].p50 - searched[near].p50) / far as f64
                 );
             }
         }
-
-        conn.close(0u32.into(), b"done");
-        endpoint.close();
-        drop(targets);
-        drop(sns);
+        drop(cases);
+        drop(lines);
         Ok(())
     }
 }
 
-/// Supernode settings for the line: no shortcuts, the longest TTL, and
-/// rate limits far above what the benchmark sends.
-fn line_config(peers: &[&Supernode], ttl: u8) -> supernode::Config {
+/// Supernode settings for the line: no shortcuts, the longest TTL (walkers
+/// take as many steps), walking even in so small a mesh, and rate limits far
+/// above what the benchmark sends.
+fn line_config(peers: &[&Supernode], ttl: u8, routing: RoutingKind) -> supernode::Config {
     supernode::Config {
         target_neighbors: 1,
         max_neighbors: 2,
         query_ttl: ttl,
+        routing,
+        walk_steps: ttl,
+        walk_flood_below: 0,
         query_rate: 1e9,
         query_burst: 1_000_000,
         mesh_query_rate: 1e9,
@@ -284,15 +400,15 @@ fn line_config(peers: &[&Supernode], ttl: u8) -> supernode::Config {
 }
 
 /// s0 - s1 - ... : each dials only its predecessor.
-async fn line(n: usize, ttl: u8) -> Result<Vec<Supernode>> {
+async fn line(n: usize, ttl: u8, routing: RoutingKind) -> Result<Vec<Supernode>> {
     let mut sns: Vec<Supernode> = Vec::new();
     for _ in 0..n {
         let peers: Vec<&Supernode> = sns.last().into_iter().collect();
-        sns.push(supernode_with(line_config(&peers, ttl)).await);
+        sns.push(supernode_with(line_config(&peers, ttl, routing)).await);
     }
     let formed = wait_for(SETUP_TIMEOUT, || async { line_neighbours_ok(&sns) }).await;
     if formed.is_err() {
-        bail!("the line of {n} supernodes did not form");
+        bail!("the line of {n} supernodes ({routing}) did not form");
     }
     Ok(sns)
 }
@@ -448,14 +564,14 @@ impl Stats {
     }
 }
 
-fn latency_table(hops: &[usize], stats: &[Stats]) {
+fn latency_table(rows: &[(String, usize)], stats: &[Stats]) {
     println!(
-        "{:>4}  {:>8}  {:>8}  {:>8}  {:>13}",
-        "hops", "p50", "p99", "mean", "p50 vs direct"
+        "{:>7}  {:>4}  {:>8}  {:>8}  {:>8}  {:>13}",
+        "routing", "hops", "p50", "p99", "mean", "p50 vs direct"
     );
-    for (h, s) in hops.iter().zip(stats) {
+    for ((routing, h), s) in rows.iter().zip(stats) {
         println!(
-            "{h:>4}  {:>8.3}  {:>8.3}  {:>8.3}  {:>13.2}",
+            "{routing:>7}  {h:>4}  {:>8.3}  {:>8.3}  {:>8.3}  {:>13.2}",
             s.p50,
             s.p99,
             s.mean,
