@@ -14,8 +14,10 @@
 //!   drawn once per `round`, so that N overloaded supernodes facing a
 //!   deficit of D promote about D between them, not N. An elected supernode
 //!   steps down once the others would still have `step_down_spare_permille`
-//!   free after taking its leaves, for `drain_for`, again with a probability
-//!   (the surplus ÷ the supernodes known) once per round. The gap between
+//!   free after taking its leaves, for `drain_for` (at once when they would
+//!   have `step_down_now_spare_permille`), again with a probability (the
+//!   surplus ÷ the elected supernodes known, judged from the neighbours'
+//!   `Status`) once per round. The gap between
 //!   the two marks is the hysteresis that keeps it from flapping, and a
 //!   leaf takes the role at most once per `repromote_after`
 //!   ([`answer_promote`]).
@@ -96,6 +98,14 @@ pub struct Policy {
     /// at least this share (thousandths) of the known capacity would still
     /// be free. Default 160.
     pub step_down_spare_permille: u32,
+    /// Need rules: when, without it, at least this share (thousandths)
+    /// would be free, an elected supernode steps down without waiting out
+    /// `drain_for` (still once per `round`). Default 200: the others alone
+    /// would still be 1.25 times the fewest supernodes the leaves need.
+    pub step_down_now_spare_permille: u32,
+    /// Need rules: the highest chance (thousandths) that one elected
+    /// supernode steps down in a round. Default 500.
+    pub step_down_chance_max_permille: u32,
     /// Need rules: least time between two draws (to elect or to step
     /// down) by one supernode, long enough for the last round's
     /// promotions and step-downs to show in the gossip. Default 60 s.
@@ -141,6 +151,8 @@ impl Default for Policy {
             elect_below_spare_permille: 80,
             target_spare_permille: 120,
             step_down_spare_permille: 160,
+            step_down_now_spare_permille: 200,
+            step_down_chance_max_permille: 500,
             round: Duration::from_secs(60),
             repromote_after: Duration::from_secs(3600),
             high_water_permille: 800,
@@ -305,7 +317,8 @@ impl Elector {
             && need.spare_without_permille(me) >= p.step_down_spare_permille.into()
         {
             let start = *self.drained_since.get_or_insert(now);
-            if since(start) < p.drain_for || drawn {
+            let waited = since(start) >= p.drain_for || need.plainly_surplus(me, p);
+            if !waited || drawn {
                 return Decision::Nothing;
             }
             self.last_draw = Some(now);
@@ -335,7 +348,7 @@ fn load_permille(r: Room) -> u64 {
 
 /// What the need rules make of the network a supernode knows: itself and
 /// the loads its neighbours' `Status` told it of.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Need {
     /// Supernodes counted (this one included).
     pub supernodes: u64,
@@ -345,18 +358,24 @@ pub struct Need {
     pub capacity: u64,
     /// Their leaves, each counted at most at its `max_leaves`.
     pub leaves: u64,
+    /// Of them, about how many were elected (and so may step down):
+    /// `supernodes` × the elected share of this supernode's neighbours,
+    /// itself counted as elected ([`Load::neighbours_elected`]).
+    pub elected: f64,
 }
 
 impl Need {
     /// Counts `me` and every entry of `known` (at most
     /// [`MAX_NEED_SAMPLE`] of them: the estimate needs no more, and a
-    /// hostile list costs nothing beyond).
-    pub fn of(me: Room, known: &[Room], p: &Policy) -> Self {
+    /// hostile list costs nothing beyond); `neighbours_elected` is
+    /// [`Load::neighbours_elected`].
+    pub fn of(me: Room, known: &[Room], neighbours_elected: (usize, usize), p: &Policy) -> Self {
         let mut n = Need {
             supernodes: 0,
             overloaded: 0,
             capacity: 0,
             leaves: 0,
+            elected: 0.0,
         };
         for r in std::iter::once(&me).chain(known.iter().take(MAX_NEED_SAMPLE)) {
             n.supernodes += 1;
@@ -364,6 +383,9 @@ impl Need {
             n.capacity += u64::from(r.max_leaves);
             n.leaves += u64::from(r.leaves.min(r.max_leaves));
         }
+        let (elected, of) = neighbours_elected;
+        let share = (elected.min(of) + 1) as f64 / (of + 1) as f64;
+        n.elected = n.supernodes as f64 * share;
         n
     }
 
@@ -414,18 +436,29 @@ impl Need {
 
     /// The chance that `me`, an elected supernode not needed, steps down
     /// in this round: the surplus (the supernodes that could go and leave
-    /// `step_down_spare_permille` free) shared among every supernode known
-    /// (which of them were elected, and so may step down, is not known:
-    /// fewer step down than the surplus, never more), so that a round of
-    /// step-downs, even one that the gossip shows late, lands well above
-    /// the mark that elects.
+    /// `step_down_spare_permille` free) shared among the elected
+    /// supernodes known ([`Need::elected`]), so that between them about the
+    /// surplus steps down in one round, but at most
+    /// `step_down_chance_max_permille` (an elected share misjudged low,
+    /// from a few neighbours, must not take them all at once). The
+    /// hysteresis gap below the mark that elects absorbs a round that
+    /// overshoots by a few.
     pub fn step_down_chance(&self, me: Room, p: &Policy) -> f64 {
         if self.spare_without_permille(me) < u64::from(p.step_down_spare_permille) {
             return 0.0;
         }
         let free = 1.0 - f64::from(p.step_down_spare_permille.min(999)) / 1000.0;
         let surplus = (self.capacity as f64 - self.leaves as f64 / free) / self.mean_capacity();
-        (surplus / self.supernodes.max(1) as f64).clamp(0.0, 1.0)
+        let most = f64::from(p.step_down_chance_max_permille.min(1000)) / 1000.0;
+        (surplus / self.elected.max(1.0)).clamp(0.0, most)
+    }
+
+    /// Whether, without `me`, so much would be free
+    /// (`step_down_now_spare_permille`) that the surplus is no passing dip
+    /// of load: an elected supernode then steps down without waiting out
+    /// `drain_for`.
+    pub fn plainly_surplus(&self, me: Room, p: &Policy) -> bool {
+        self.spare_without_permille(me) >= u64::from(p.step_down_now_spare_permille)
     }
 }
 
@@ -476,6 +509,10 @@ pub struct Load<'a> {
     /// (neighbours, and the entries of their gossip heard of recently),
     /// full ones included: the sample the network's need is judged by.
     pub known: &'a [Room],
+    /// Need rules: how many of this supernode's neighbours said (in their
+    /// `Status`) that they were elected, and of how many: the share of the
+    /// supernodes known that may step down.
+    pub neighbours_elected: (usize, usize),
 }
 
 /// How a promoted leaf answered `Promote`.
@@ -756,7 +793,7 @@ impl<N: Copy + Ord> Election<N> {
                     leaves: clamp(load.leaves),
                     max_leaves: clamp(load.max_leaves),
                 };
-                let need = Need::of(me, load.known, &self.policy);
+                let need = Need::of(me, load.known, load.neighbours_elected, &self.policy);
                 // Stepping down while a promotion is under way would
                 // strand the leaf being promoted.
                 let elected = self.elected && self.promotion.is_none();
@@ -1091,6 +1128,7 @@ mod tests {
                     max_leaves: self.max_leaves,
                     others: &self.others,
                     known: &self.known,
+                    neighbours_elected: (0, 0),
                 };
                 self.e.handle_timeout(self.now, &load);
                 self.drain();
@@ -1479,7 +1517,7 @@ mod tests {
         let p = need_policy();
         // 100 supernodes, all full: 12 % spare needs 13.6 more.
         let known = full(99);
-        let need = Need::of(known[0], &known, &p);
+        let need = Need::of(known[0], &known, (0, 0), &p);
         assert_eq!(
             (need.supernodes, need.overloaded, need.spare_permille()),
             (100, 100, 0)
@@ -1517,7 +1555,7 @@ mod tests {
             };
             50
         ]);
-        let need = Need::of(full(1)[0], &known, &p);
+        let need = Need::of(full(1)[0], &known, (0, 0), &p);
         assert_eq!((need.overloaded, need.spare_permille()), (50, 19));
         assert!((need.elect_chance(&p) - 0.2286).abs() < 0.001);
         let total: usize = (1..=5).map(|seed| one_round(50, &known, seed)).sum();
@@ -1528,7 +1566,7 @@ mod tests {
         // A few full supernodes: short by less than one, yet one of them,
         // about, elects each round.
         let known = full(4);
-        assert!(Need::of(known[0], &known, &p).deficit(&p) < 1.0);
+        assert!(Need::of(known[0], &known, (0, 0), &p).deficit(&p) < 1.0);
         let total: usize = (1..=20).map(|seed| one_round(5, &known, seed)).sum();
         assert!((8..=35).contains(&total), "{total} in 20 rounds of 5 full");
     }
@@ -1568,8 +1606,35 @@ mod tests {
     #[test]
     fn an_elected_supernode_not_needed_steps_down_once_and_a_needed_one_stays() {
         let p = need_policy();
-        // Ten supernodes at 10 %: 9 could go. It steps down within a few
-        // rounds after `drain_for`, and nothing comes after.
+        // Without it, 19.6 % of the room known would be free: over the
+        // step-down mark (16 %), under the plain-surplus one (20 %). It
+        // steps down within a few rounds after `drain_for`, and nothing
+        // comes after.
+        let mut r = Rig::new(p.clone(), true);
+        r.leaves = 10;
+        r.max_leaves = 100;
+        r.others = vec![Room {
+            leaves: 10,
+            max_leaves: 100,
+        }];
+        r.known = r.others.clone();
+        r.known.extend(vec![
+            Room {
+                leaves: 88,
+                max_leaves: 100
+            };
+            8
+        ]);
+        r.run_until(Duration::from_secs(600));
+        assert!(r.e.stepped_down());
+        let downs = r.log.iter().filter(|(_, a)| *a == Action::StepDown).count();
+        assert_eq!(downs, 1);
+        let at = r.log.last().unwrap().0;
+        assert!(at >= p.drain_for, "{at:?}");
+        assert_eq!(r.e.poll_timeout(), None);
+
+        // Ten supernodes at 10 %: plainly too many. It steps down in its
+        // first rounds, without waiting out `drain_for`.
         let mut r = Rig::new(p.clone(), true);
         r.leaves = 10;
         r.max_leaves = 100;
@@ -1581,13 +1646,9 @@ mod tests {
             9
         ];
         r.known = r.others.clone();
-        r.run_until(Duration::from_secs(300));
+        r.run_until(p.drain_for - Duration::from_millis(1));
         assert!(r.e.stepped_down());
-        let downs = r.log.iter().filter(|(_, a)| *a == Action::StepDown).count();
-        assert_eq!(downs, 1);
-        let at = r.log.last().unwrap().0;
-        assert!(at >= p.drain_for, "{at:?}");
-        assert_eq!(r.e.poll_timeout(), None);
+        assert_eq!(r.log, [(r.log[0].0, Action::StepDown)]);
 
         // Just elected into a short network: without it, 3 % would be
         // free, under the step-down mark; it stays however long.
@@ -1624,17 +1685,53 @@ mod tests {
                     };
                     n
                 ];
-                let before = Need::of(known[0], &known[1..], &p);
+                let before = Need::of(known[0], &known[1..], (0, 0), &p);
                 assert!(before.short(&p));
                 let newcomer = Room {
                     leaves: 0,
                     max_leaves: 1000,
                 };
-                let after = Need::of(newcomer, &known, &p);
+                let after = Need::of(newcomer, &known, (0, 0), &p);
                 assert!(after.spare_without_permille(newcomer) < p.step_down_spare_permille.into());
                 assert_eq!(after.step_down_chance(newcomer, &p), 0.0);
             }
         }
+    }
+
+    #[test]
+    fn the_surplus_is_shared_among_the_elected_the_neighbours_show() {
+        let p = Policy::default();
+        // 60 supernodes of 100 with 4 200 leaves between them: 10 could go.
+        let me = Room {
+            leaves: 70,
+            max_leaves: 100,
+        };
+        let known = vec![me; 59];
+        let surplus = 60.0 - 4200.0 / 0.84 / 100.0;
+        // No neighbour elected: only this one may go, at the cap.
+        let alone = Need::of(me, &known, (0, 8), &p);
+        assert_eq!(alone.step_down_chance(me, &p), 0.5);
+        // 3 of 11 neighbours elected: a third of 60, 20, share the 10.
+        let third = Need::of(me, &known, (3, 11), &p);
+        let chance = third.step_down_chance(me, &p);
+        assert!((chance - surplus / 20.0).abs() < 1e-9, "{chance}");
+        // All elected: each goes with the surplus over all.
+        let all = Need::of(me, &known, (8, 8), &p);
+        assert!((all.step_down_chance(me, &p) - surplus / 60.0).abs() < 1e-9);
+        // A neighbour count claiming more elected than neighbours is read
+        // as all of them.
+        let lie = Need::of(me, &known, (1000, 8), &p);
+        assert_eq!(lie.elected, 60.0);
+        assert!(third.plainly_surplus(me, &p));
+        // At 81 % each, 18.6 % would be free without it: not plainly.
+        let fuller = vec![
+            Room {
+                leaves: 81,
+                max_leaves: 100
+            };
+            59
+        ];
+        assert!(!Need::of(me, &fuller, (3, 11), &p).plainly_surplus(me, &p));
     }
 
     #[test]
@@ -1661,11 +1758,11 @@ mod tests {
             leaves: 0,
             max_leaves: 0,
         };
-        let need = Need::of(me, &known, &p);
+        let need = Need::of(me, &known, (0, 0), &p);
         assert_eq!(need.supernodes, MAX_NEED_SAMPLE as u64 + 1);
         assert!(need.elect_chance(&p) <= 1.0);
-        assert_eq!(Need::of(me, &[], &p).spare_permille(), 0);
-        assert_eq!(Need::of(me, &[], &p).spare_without_permille(me), 0);
+        assert_eq!(Need::of(me, &[], (0, 0), &p).spare_permille(), 0);
+        assert_eq!(Need::of(me, &[], (0, 0), &p).spare_without_permille(me), 0);
     }
 
     #[test]

@@ -235,6 +235,8 @@ pub struct Neighbour {
     pub addr: SocketAddr,
     pub leaves: u32,
     pub max_leaves: u32,
+    /// Its last `Status` said it was elected (and may step down).
+    pub elected: bool,
     /// Which end dialled this link (for settling duplicate links).
     pub dialer: NodeId,
     pub since: Instant,
@@ -581,6 +583,7 @@ impl Membership {
             addr_text: addr.to_string(),
             leaves,
             max_leaves,
+            elected: false,
             dialer,
             since: now,
             link,
@@ -621,10 +624,12 @@ impl Membership {
         leaves: u32,
         max_leaves: u32,
         known: Vec<SupernodeInfo>,
+        elected: bool,
     ) {
         if let Some(n) = self.neighbours.get_mut(&id) {
             n.leaves = leaves;
             n.max_leaves = max_leaves;
+            n.elected = elected;
             if n.link == link {
                 n.last_heard = now;
             }
@@ -843,6 +848,13 @@ impl Membership {
             .filter(|id| !self.neighbours.contains_key(*id))
             .count();
         self.neighbours.len() + remembered
+    }
+
+    /// How many neighbours said in their last `Status` that they were
+    /// elected, and of how many (`elect::Load::neighbours_elected`).
+    pub fn neighbours_elected(&self) -> (usize, usize) {
+        let elected = self.neighbours.values().filter(|n| n.elected).count();
+        (elected, self.neighbours.len())
     }
 
     /// The load (`leaves`, `max_leaves`) of every other supernode known:
@@ -1323,7 +1335,7 @@ mod tests {
         for round in 0..10u32 {
             let at = t0 + Duration::from_secs(round.into());
             let batch = (0..10).map(|i| info(100 + round * 10 + i)).collect();
-            m.handle_status(at, node(3), LinkId(3), 0, 100, batch);
+            m.handle_status(at, node(3), LinkId(3), 0, 100, batch, false);
         }
         assert_eq!(m.known.len(), 20);
         assert!(m.known.contains_key(&node(1)) && m.known.contains_key(&node(2)));
@@ -1336,7 +1348,7 @@ mod tests {
         bad[1].id = node(4);
         bad[2].addr = "0.0.0.0:7000".into();
         bad[3].addr = "192.0.2.1:0".into();
-        m.handle_status(t0, node(4), LinkId(4), 0, 100, bad);
+        m.handle_status(t0, node(4), LinkId(4), 0, 100, bad, false);
         assert!(!m.known.contains_key(&node(0xee)) && !m.known.contains_key(&node(4)));
         assert!(!m.known.contains_key(&info(502).id) && !m.known.contains_key(&info(503).id));
         // Former neighbours make room too, and the indexes follow.
@@ -1488,7 +1500,7 @@ mod tests {
         m.handle_dialled(now, dial, node(9), LinkId(9), 0, 100)
             .unwrap();
         now += Duration::from_secs(5);
-        m.handle_status(now, node(9), LinkId(9), 0, 100, Vec::new());
+        m.handle_status(now, node(9), LinkId(9), 0, 100, Vec::new(), false);
         m.handle_timeout(now);
         assert!(!dials(&drain(&mut m))
             .iter()
@@ -1613,10 +1625,10 @@ mod tests {
         let s = Duration::from_secs;
         // Node 1 keeps gossiping, node 2 is silent.
         for t in [2, 4, 6] {
-            m.handle_status(t0 + s(t), node(1), LinkId(1), 0, 100, Vec::new());
+            m.handle_status(t0 + s(t), node(1), LinkId(1), 0, 100, Vec::new(), false);
         }
         // Status on a link that is not the neighbour's does not count.
-        m.handle_status(t0 + s(7), node(2), LinkId(99), 0, 100, Vec::new());
+        m.handle_status(t0 + s(7), node(2), LinkId(99), 0, 100, Vec::new(), false);
         assert!(m.poll_timeout().unwrap() <= t0 + s(8));
         m.handle_timeout(t0 + s(8) - Duration::from_millis(1));
         assert!(m.is_neighbour(&node(2)));
@@ -1645,7 +1657,7 @@ mod tests {
         // Node 3 leaves: a former neighbour, passed on while heard of lately.
         m.handle_link_down(t0, node(3), LinkId(3));
         // Node 1 tells of an unchecked node: not passed on.
-        m.handle_status(t0, node(1), LinkId(1), 0, 100, vec![info(50)]);
+        m.handle_status(t0, node(1), LinkId(1), 0, 100, vec![info(50)], false);
         drain(&mut m);
         let s = Duration::from_secs;
         let now = t0 + s(2);
@@ -1662,7 +1674,7 @@ mod tests {
         // The former neighbour is stale after 5 minutes.
         let later = t0 + s(300);
         for n in [1, 2] {
-            m.handle_status(later, node(n), LinkId(n.into()), 0, 100, Vec::new());
+            m.handle_status(later, node(n), LinkId(n.into()), 0, 100, Vec::new(), false);
         }
         m.handle_timeout(later);
         let to1 = gossip_to(&drain(&mut m), node(1)).expect("status to node 1");
@@ -1678,13 +1690,13 @@ mod tests {
         for n in [1, 2, 3] {
             accept(&mut m, t0, n);
         }
-        m.handle_status(t0, node(1), LinkId(1), 90, 100, Vec::new());
-        m.handle_status(t0, node(2), LinkId(2), 10, 100, Vec::new());
-        m.handle_status(t0, node(3), LinkId(3), 10, 100, Vec::new());
+        m.handle_status(t0, node(1), LinkId(1), 90, 100, Vec::new(), false);
+        m.handle_status(t0, node(2), LinkId(2), 10, 100, Vec::new(), false);
+        m.handle_status(t0, node(3), LinkId(3), 10, 100, Vec::new(), false);
         m.handle_rtt(node(2), Duration::from_millis(40));
         m.handle_rtt(node(3), Duration::from_millis(5));
         assert_eq!(m.ranked_neighbours(), [node(3), node(2), node(1)]);
-        m.handle_status(t0, node(1), LinkId(1), 100, 100, Vec::new());
+        m.handle_status(t0, node(1), LinkId(1), 100, 100, Vec::new(), false);
         let room: Vec<NodeId> = m.for_leaves(true, t0).iter().map(|i| i.id).collect();
         assert_eq!(room, [node(2), node(3)]);
     }

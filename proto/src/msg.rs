@@ -289,6 +289,12 @@ pub enum MeshControl {
         leaves: u32,
         max_leaves: u32,
         known: Vec<SupernodeInfo>,
+        /// The sender was a leaf once, elected to the role, and may step
+        /// down (`elect`). A claim: it only shapes how readily the
+        /// receiver's own election steps down. Absent (a `Status` of
+        /// three elements) means `false`.
+        #[serde(default)]
+        elected: bool,
     },
     /// The sender's whole keyword filter (`crate::filter`): `2^log2`
     /// bits, `log2` from 10 to 22. Sent first on each link, and whenever a

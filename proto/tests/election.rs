@@ -150,6 +150,7 @@ impl World {
             max_leaves: 10,
             others: &self.room,
             known: &self.known,
+            neighbours_elected: (0, 0),
         };
         self.e.handle_timeout(now, &load);
         // A new promotion only when none was under way.

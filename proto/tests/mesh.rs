@@ -131,7 +131,7 @@ impl Net {
                 assert!(known.len() <= MAX_SUPERNODE_INFOS);
                 assert!(known.iter().all(|k| k.id != to && k.id != id(from)));
                 self.node(t)
-                    .handle_status(now, id(from), link, 0, 100, known);
+                    .handle_status(now, id(from), link, 0, 100, known, false);
                 self.drain(t);
             }
             Action::Close {
@@ -285,7 +285,7 @@ proptest! {
                         max_leaves: 100,
                         age_secs: age,
                     }).collect();
-                    m.handle_status(now, id(from), link, 0, 100, known);
+                    m.handle_status(now, id(from), link, 0, 100, known, false);
                 }
                 Event::Down { from } => {
                     if let Some(link) = m.neighbour_info(&id(from)).map(|n| n.link) {

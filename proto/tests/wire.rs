@@ -445,7 +445,17 @@ fn every_mesh_message_round_trips() {
             &MeshControl::Status {
                 leaves: 17,
                 max_leaves: 1000,
+                known: known.clone(),
+                elected: false,
+            },
+            MAX_MESH_FRAME,
+        );
+        round_trip(
+            &MeshControl::Status {
+                leaves: 17,
+                max_leaves: 1000,
                 known,
+                elected: true,
             },
             MAX_MESH_FRAME,
         );
@@ -500,6 +510,7 @@ fn the_largest_supernode_lists_fit_their_frames() {
         leaves: u32::MAX,
         max_leaves: u32::MAX,
         known: most.clone(),
+        elected: true,
     };
     let bytes = frame::encode(&status, MAX_MESH_FRAME).unwrap();
     assert_eq!(
@@ -508,7 +519,7 @@ fn the_largest_supernode_lists_fit_their_frames() {
     );
     // 64 entries of 99 bytes: a few KiB (docs/PROTOCOL.md, 7.7), far below
     // the limit. Even the same list 64 times over would fit.
-    assert_eq!(bytes.len(), 6362);
+    assert_eq!(bytes.len(), 6363);
     assert!(bytes.len() * 64 < MAX_MESH_FRAME);
     for reply in [
         SupernodeReply::Supernodes(most.clone()),
@@ -800,18 +811,39 @@ fn golden_mesh_control() {
         "0000002b81a75265667573656492\
          ab556e617661696c61626c65b46e65696768626f7572207461626c652066756c6c",
     );
-    // 81 { a6 "Status": 93 [ 03, cd 03e8 (1000), 91 [ 95 [ <info> ] ] ] }
+    // 81 { a6 "Status": 94 [ 03, cd 03e8 (1000), 91 [ 95 [ <info> ] ],
+    //      c3 (elected) ] }
     golden(
         &MeshControl::Status {
             leaves: 3,
             max_leaves: 1000,
             known: vec![info()],
+            elected: true,
         },
         MAX_MESH_FRAME,
+        "0000004a81a6537461747573\
+         9403cd03e8\
+         9195c420000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f\
+         b13139382e35312e3130302e343a37343030ccfacd03e81e\
+         c3",
+    );
+    // A `Status` of three elements (mesh/3 before `elected` was added)
+    // reads as not elected.
+    let three = hex::decode(
         "0000004981a6537461747573\
          9303cd03e8\
          9195c420000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f\
          b13139382e35312e3130302e343a37343030ccfacd03e81e",
+    )
+    .unwrap();
+    assert_eq!(
+        frame::parse_exact::<MeshControl>(&three, MAX_MESH_FRAME).unwrap(),
+        MeshControl::Status {
+            leaves: 3,
+            max_leaves: 1000,
+            known: vec![info()],
+            elected: false,
+        }
     );
 }
 
@@ -1523,6 +1555,7 @@ fn mutated_frames_never_panic() {
                 leaves: 3,
                 max_leaves: 1000,
                 known: vec![info(), info_v6()],
+                elected: false,
             },
             MAX_MESH_FRAME,
         )

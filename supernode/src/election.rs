@@ -51,6 +51,13 @@ pub struct ElectionConfig {
     /// Need rules: an elected supernode steps down when, without it, this
     /// many thousandths would still be free. Default 160.
     pub step_down_spare_permille: u32,
+    /// Need rules: an elected supernode steps down without waiting out
+    /// `drain_secs` when, without it, this many thousandths would still be
+    /// free. Default 200.
+    pub step_down_now_spare_permille: u32,
+    /// Need rules: the highest chance, thousandths, that an elected
+    /// supernode steps down in one round. Default 500.
+    pub step_down_chance_max_permille: u32,
     /// Need rules: least seconds between two draws to elect or step down. Default 60.
     pub round_secs: f64,
     /// Least seconds between two promotions of this node when it is a
@@ -95,6 +102,8 @@ impl Default for ElectionConfig {
             elect_below_spare_permille: p.elect_below_spare_permille,
             target_spare_permille: p.target_spare_permille,
             step_down_spare_permille: p.step_down_spare_permille,
+            step_down_now_spare_permille: p.step_down_now_spare_permille,
+            step_down_chance_max_permille: p.step_down_chance_max_permille,
             round_secs: p.round.as_secs_f64(),
             repromote_after_secs: p.repromote_after.as_secs_f64(),
             high_water_permille: p.high_water_permille,
@@ -130,6 +139,8 @@ impl ElectionConfig {
             elect_below_spare_permille: self.elect_below_spare_permille,
             target_spare_permille: self.target_spare_permille,
             step_down_spare_permille: self.step_down_spare_permille,
+            step_down_now_spare_permille: self.step_down_now_spare_permille,
+            step_down_chance_max_permille: self.step_down_chance_max_permille,
             round: secs(self.round_secs),
             repromote_after: secs(self.repromote_after_secs),
             high_water_permille: self.high_water_permille,

@@ -454,6 +454,7 @@ async fn run_link(
                         leaves,
                         max_leaves,
                         known,
+                        elected,
                     })) => {
                         let status = Command::Status {
                             id,
@@ -461,6 +462,7 @@ async fn run_link(
                             leaves,
                             max_leaves,
                             known,
+                            elected,
                         };
                         state.send(status).await;
                     }
@@ -495,6 +497,7 @@ async fn run_link(
                         leaves,
                         max_leaves,
                         known,
+                        elected: state.elected,
                     };
                     if net::write_frame(&mut send, &status, MAX_MESH_FRAME)
                         .await

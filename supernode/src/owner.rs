@@ -212,6 +212,7 @@ pub(crate) enum Command {
         leaves: u32,
         max_leaves: u32,
         known: Vec<SupernodeInfo>,
+        elected: bool,
     },
     LinkDown {
         id: NodeId,
@@ -430,6 +431,7 @@ impl Owner {
                 max_leaves: io.state.config.max_leaves,
                 others: &others,
                 known: &known,
+                neighbours_elected: self.mesh.neighbours_elected(),
             };
             let joining = self.election.awaiting_join();
             self.election.handle_timeout(now, &load);
@@ -667,9 +669,10 @@ impl Owner {
                 leaves,
                 max_leaves,
                 known,
+                elected,
             } => {
                 self.mesh
-                    .handle_status(now, id, link, leaves, max_leaves, known);
+                    .handle_status(now, id, link, leaves, max_leaves, known, elected);
                 self.dirty = true;
             }
             Command::LinkDown { id, link } => {

@@ -122,6 +122,7 @@ fn hostile_neighbour(
                     leaves: 0,
                     max_leaves: 1000,
                     known,
+                    elected: false,
                 };
                 if net::write_frame(&mut ctl, &status, MAX_MESH_FRAME)
                     .await
@@ -546,6 +547,7 @@ async fn forged_and_oversized_filters_drop_only_the_link_they_came_on() {
         leaves: 0,
         max_leaves: 1000,
         known: Vec::new(),
+        elected: false,
     };
     let attacks: Vec<(&str, Vec<MeshControl>)> = vec![
         // A size no filter may have: 2^23 bits.

@@ -141,6 +141,8 @@ enum Msg {
         leaves: u32,
         max_leaves: u32,
         known: Vec<SupernodeInfo>,
+        /// The sender was elected and may step down.
+        elected: bool,
         /// The sender's keyword filter as its neighbours last had it
         /// (`walk` routing only; the bytes of its updates are counted
         /// when they are made).
@@ -1477,6 +1479,7 @@ impl World {
                             leaves,
                             max_leaves,
                             known,
+                            elected: self.supers[s as usize].from_leaf.is_some(),
                             filter,
                         };
                         self.send(Node::Super(s), Node::Super(t), status);
@@ -1643,6 +1646,7 @@ impl World {
                 leaves,
                 max_leaves,
                 known,
+                elected,
                 filter,
             } => {
                 if let Some(f) = filter {
@@ -1656,6 +1660,7 @@ impl World {
                     leaves,
                     max_leaves,
                     known,
+                    elected,
                 );
                 self.drive_mesh(s);
             }
@@ -1859,6 +1864,7 @@ impl World {
             max_leaves: sup.max_leaves,
             others: &sup.rooms.1,
             known: &sup.rooms.2,
+            neighbours_elected: sup.mesh.neighbours_elected(),
         };
         if let Some(e) = sup.election.as_mut() {
             e.handle_timeout(instant, &load);
