@@ -66,6 +66,8 @@ impl Default for LinkTimings {
 pub struct LinkStatus {
     /// Set while registered.
     pub supernode: Option<(NodeId, SocketAddr)>,
+    /// Where that supernode sees this leaf's socket (its `Registered`).
+    pub observed: Option<SocketAddr>,
     /// Files the supernode says it holds for us.
     pub indexed: u32,
     pub last_error: Option<String>,
@@ -155,6 +157,8 @@ pub async fn session(
     {
         Some(SupernodeReply::Registered { observed_addr }) => {
             info!(id = %peer.id.short(), observed = %observed_addr, "registered");
+            // A supernode's claim: `nat::classify` weighs it against the others'.
+            status.lock().expect("link status").observed = observed_addr.parse().ok();
         }
         Some(SupernodeReply::Full(elsewhere)) => return Err(LinkError::Full(elsewhere)),
         Some(SupernodeReply::Error(e)) => return Err(LinkError::Refused(e.to_string())),

@@ -5,13 +5,14 @@
 //! and adds the supernode's fields, and its supernode metrics count; they
 //! read zero otherwise.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use prometheus_client::registry::Registry;
 use serde::Serialize;
 use servent_net::http::{Report, Sampled};
+use servent_proto::nat::{self, Mapping, NatView, Observation};
 use servent_proto::NodeId;
 use supernode::status::{NodeAddr, SupernodeFields};
 
@@ -32,6 +33,85 @@ pub(crate) fn attached(links: &Links) -> Vec<(NodeId, SocketAddr)> {
         .collect()
 }
 
+/// What the supernodes registered with now saw of this leaf's socket.
+pub(crate) fn observations(links: &Links) -> Vec<Observation> {
+    let links = links.lock().expect("links");
+    links
+        .iter()
+        .filter_map(|l| {
+            let l = l.lock().expect("link status");
+            Some(Observation {
+                supernode: l.supernode?.1,
+                observed: l.observed?,
+            })
+        })
+        .collect()
+}
+
+/// The leaf's own IP addresses towards each of `observations`'
+/// supernodes (the source address its routes pick: a UDP socket connected
+/// there, which sends nothing), and `listen`'s if it is bound to one.
+fn local_ips(listen: SocketAddr, observations: &[Observation]) -> Vec<IpAddr> {
+    let mut ips: Vec<IpAddr> = observations
+        .iter()
+        .filter_map(|o| {
+            let any: SocketAddr = match o.supernode {
+                SocketAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
+                SocketAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, 0).into(),
+            };
+            let probe = std::net::UdpSocket::bind(any).ok()?;
+            probe.connect(o.supernode).ok()?;
+            Some(probe.local_addr().ok()?.ip().to_canonical())
+        })
+        .collect();
+    if !listen.ip().is_unspecified() {
+        ips.push(listen.ip().to_canonical());
+    }
+    ips.sort();
+    ips.dedup();
+    ips
+}
+
+/// What this leaf can tell of its NAT now (`nat::classify`).
+pub(crate) fn nat_view(listen: SocketAddr, links: &Links) -> NatView {
+    let observations = observations(links);
+    nat::classify(listen, &local_ips(listen, &observations), &observations)
+}
+
+/// The `nat` object of `/status`.
+#[derive(Debug, Clone, Serialize)]
+pub struct NatStatus {
+    /// Where the supernodes registered with see this leaf's socket, most
+    /// reported first.
+    pub reflexive: Vec<String>,
+    /// `"none"`, `"endpoint-independent"`, `"endpoint-dependent"` or
+    /// `"unknown"`.
+    pub mapping: &'static str,
+    /// The port mapping made on the gateway (UPnP IGD, NAT-PMP, PCP), if any.
+    pub port_mapped: Option<String>,
+}
+
+impl From<&NatView> for NatStatus {
+    fn from(v: &NatView) -> Self {
+        Self {
+            reflexive: v.reflexive.iter().map(|a| a.to_string()).collect(),
+            mapping: v.mapping.name(),
+            port_mapped: None,
+        }
+    }
+}
+
+/// `servent_nat_mapping`: 0 unknown, 1 none, 2 endpoint-independent, 3
+/// endpoint-dependent.
+fn mapping_code(m: Mapping) -> u64 {
+    match m {
+        Mapping::Unknown => 0,
+        Mapping::None => 1,
+        Mapping::EndpointIndependent => 2,
+        Mapping::EndpointDependent => 3,
+    }
+}
+
 /// A leaf's `/status`.
 #[derive(Debug, Clone, Serialize)]
 pub struct LeafStatus {
@@ -48,6 +128,8 @@ pub struct LeafStatus {
     /// Downloads in progress shared now (their verified ranges).
     pub partial_files: usize,
     pub hashing: Hashing,
+    /// What the leaf can tell of the NAT in front of it.
+    pub nat: NatStatus,
     /// The supernode role's fields, while elected.
     #[serde(flatten)]
     pub supernode: Option<SupernodeFields>,
@@ -140,6 +222,22 @@ impl LeafReport {
                 progress(|p| p.bytes_hashed),
             ),
             (
+                "servent_nat_mapping",
+                "The NAT mapping the supernodes show: 0 unknown, 1 none, 2 endpoint-independent, 3 endpoint-dependent",
+                {
+                    let links = links.clone();
+                    Sampled::gauge(move || mapping_code(nat_view(listen, &links).mapping))
+                },
+            ),
+            (
+                "servent_nat_reflexive_addresses",
+                "Distinct addresses the supernodes registered with see this leaf at",
+                {
+                    let links = links.clone();
+                    Sampled::gauge(move || nat_view(listen, &links).reflexive.len() as u64)
+                },
+            ),
+            (
                 "servent_supernode_role",
                 "1 while this leaf is elected supernode, else 0",
                 {
@@ -199,6 +297,7 @@ impl Report for LeafReport {
             shared_files: self.share.len(),
             partial_files: self.share.partials(),
             hashing: self.share.progress().into(),
+            nat: NatStatus::from(&nat_view(self.listen, &self.links)),
             supernode,
         }
     }

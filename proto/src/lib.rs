@@ -30,6 +30,7 @@ pub mod hits;
 pub mod hop;
 pub mod lease;
 pub mod mesh;
+pub mod nat;
 pub mod pin;
 pub mod rate;
 pub mod rng;

@@ -94,6 +94,22 @@ fn namespaces() -> Vec<String> {
         .collect()
 }
 
+/// Turns IPv4 forwarding on in namespace `ns`: written directly rather
+/// than with `sysctl`, which a slim machine may lack; inside the
+/// namespace, it is the namespace's own switch.
+fn forward(ns: &str) -> Result<(), String> {
+    let forwarding = Command::new("ip")
+        .args(["netns", "exec", ns, "sh", "-c"])
+        .arg("echo 1 > /proc/sys/net/ipv4/ip_forward")
+        .stdin(Stdio::null())
+        .status()
+        .map_err(|e| format!("cannot run ip netns exec: {e}"))?;
+    match forwarding.success() {
+        true => Ok(()),
+        false => Err(format!("cannot turn forwarding on in {ns}")),
+    }
+}
+
 /// Kills what runs in namespace `ns` (processes a test started there)
 /// and deletes it; errors are ignored, as this is cleanup.
 fn remove_namespace(ns: &str) {
@@ -120,11 +136,52 @@ pub struct Host {
     router_port: String,
 }
 
+/// How a NAT router of the lab maps and filters (RFC 4787), made with
+/// iptables in its namespace.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NatKind {
+    /// Endpoint-independent mapping and filtering (full cone): plain
+    /// `MASQUERADE`, which keeps the source port, and a DNAT of that
+    /// mapped port, UDP `port`, back to the host behind.
+    FullCone { port: u16 },
+    /// Endpoint-independent mapping, address-and-port-dependent filtering
+    /// (port-restricted cone): plain `MASQUERADE`; only replies pass in.
+    PortRestricted,
+    /// Endpoint-dependent mapping (symmetric): `MASQUERADE --random-fully`
+    /// gives every destination a random port; only replies pass in.
+    Symmetric,
+}
+
+impl NatKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            NatKind::FullCone { .. } => "full-cone",
+            NatKind::PortRestricted => "port-restricted",
+            NatKind::Symmetric => "symmetric",
+        }
+    }
+}
+
+/// A NAT router of the lab: a host of the lab's router on its WAN side
+/// (`wan`), and the gateway of a LAN of its own (`10.210.<k>.0/24`).
+#[derive(Debug, Clone)]
+pub struct Nat {
+    pub netns: String,
+    /// Its address on the lab's network: where hosts behind it are seen.
+    pub wan: Ipv4Addr,
+    pub kind: NatKind,
+    /// Its LAN's third octet.
+    lan: u8,
+    /// Hosts behind it so far.
+    behind: u8,
+}
+
 /// A running lab; deleting its namespaces on drop.
 pub struct Lab {
     prefix: String,
     router: String,
     hosts: Vec<Host>,
+    nats: usize,
     made: Vec<String>,
 }
 
@@ -138,22 +195,90 @@ impl Lab {
             router: format!("{prefix}router"),
             prefix,
             hosts: Vec::new(),
+            nats: 0,
             made: Vec::new(),
         };
         let router = lab.router.clone();
         lab.add_namespace(&router)?;
-        // Written directly rather than with `sysctl`, which a slim machine
-        // may lack; inside the namespace, it is the namespace's own switch.
-        let forwarding = Command::new("ip")
-            .args(["netns", "exec", &router, "sh", "-c"])
-            .arg("echo 1 > /proc/sys/net/ipv4/ip_forward")
-            .stdin(Stdio::null())
-            .status()
-            .map_err(|e| format!("cannot run ip netns exec: {e}"))?;
-        if !forwarding.success() {
-            return Err(format!("cannot turn forwarding on in {router}"));
-        }
+        forward(&router)?;
         Ok(lab)
+    }
+
+    /// Adds a NAT router of `kind` called `name` on the lab's network.
+    /// Hosts go behind it with [`Lab::add_host_behind`].
+    pub fn add_nat(&mut self, name: &str, kind: NatKind) -> Result<Nat, String> {
+        if self.nats >= 250 {
+            return Err("a lab has at most 250 NAT routers".into());
+        }
+        let wan = self.add_host(&format!("nat-{name}"))?;
+        self.nats += 1;
+        let lan = self.nats as u8;
+        let ns = wan.netns.clone();
+        forward(&ns)?;
+        let ipt = format!("ip netns exec {ns} iptables");
+        let mut rules = vec![
+            // Replies, and what a DNAT let in, pass to the LAN; nothing
+            // else the WAN sends does.
+            format!("{ipt} -A FORWARD -i eth0 -m conntrack --ctstate ESTABLISHED,RELATED,DNAT -j ACCEPT"),
+            format!("{ipt} -A FORWARD -i eth0 -j DROP"),
+        ];
+        match kind {
+            NatKind::Symmetric => rules.push(format!(
+                "{ipt} -t nat -A POSTROUTING -o eth0 -j MASQUERADE --random-fully"
+            )),
+            NatKind::PortRestricted => {
+                rules.push(format!("{ipt} -t nat -A POSTROUTING -o eth0 -j MASQUERADE"))
+            }
+            NatKind::FullCone { port } => {
+                rules.push(format!("{ipt} -t nat -A POSTROUTING -o eth0 -j MASQUERADE"));
+                rules.push(format!(
+                    "{ipt} -t nat -A PREROUTING -i eth0 -p udp --dport {port} -j DNAT --to-destination 10.210.{lan}.2:{port}"
+                ));
+            }
+        }
+        for r in &rules {
+            sh(r)?;
+        }
+        Ok(Nat {
+            netns: ns,
+            wan: wan.ip,
+            kind,
+            lan,
+            behind: 0,
+        })
+    }
+
+    /// Adds a host called `name` behind `nat`, on its LAN
+    /// (`10.210.<k>.<2..>`), and returns it.
+    pub fn add_host_behind(&mut self, nat: &mut Nat, name: &str) -> Result<Host, String> {
+        if nat.behind >= 200 {
+            return Err("a NAT of the lab has at most 200 hosts".into());
+        }
+        nat.behind += 1;
+        let ns = format!("{}{name}", self.prefix);
+        self.add_namespace(&ns)?;
+        let (router, k, n) = (&nat.netns, nat.lan, nat.behind);
+        let port = format!("lan{n}");
+        sh(&format!(
+            "ip -n {router} link add {port} type veth peer name eth0 netns {ns}"
+        ))?;
+        let gateway = format!("10.210.{k}.1");
+        let ip = Ipv4Addr::new(10, 210, k, 1 + n);
+        if n == 1 {
+            sh(&format!("ip -n {router} link add lan type bridge"))?;
+            sh(&format!("ip -n {router} addr add {gateway}/24 dev lan"))?;
+            sh(&format!("ip -n {router} link set lan up"))?;
+        }
+        sh(&format!("ip -n {router} link set {port} master lan"))?;
+        sh(&format!("ip -n {router} link set {port} up"))?;
+        sh(&format!("ip -n {ns} addr add {ip}/24 dev eth0"))?;
+        sh(&format!("ip -n {ns} link set eth0 up"))?;
+        sh(&format!("ip -n {ns} route add default via {gateway}"))?;
+        Ok(Host {
+            netns: ns,
+            ip,
+            router_port: port,
+        })
     }
 
     /// Namespaces of earlier runs whose test process is gone.

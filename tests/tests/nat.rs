@@ -1,0 +1,211 @@
+//! Leaves behind NATs, in a lab of network namespaces (`servent_tests::lab`):
+//! two supernodes on the lab's "public" network, and leaves of every kind
+//! the lab makes: public, behind a full-cone NAT, behind a port-restricted
+//! one (plain `MASQUERADE`) and behind a symmetric one (`MASQUERADE
+//! --random-fully`). The real binaries run through the CLI contract.
+//!
+//! Needs root, `ip netns`, `iptables`, `tc` and `curl` (to read a leaf's
+//! `/status` inside its namespace); without them it says why and passes
+//! without running. CI runs as root and installs them.
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use servent_tests::bins::{self, Process};
+use servent_tests::lab::{self, Host, Lab, NatKind};
+
+const SUPERNODE_PORT: u16 = 7400;
+const LEAF_PORT: u16 = 7401;
+const HTTP: &str = "127.0.0.1:7480";
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+/// Until each leaf is registered with both supernodes and has judged its NAT.
+const KNOWN_TIMEOUT: Duration = Duration::from_secs(30);
+
+fn path_arg(p: &Path) -> String {
+    p.to_str().expect("utf-8 temp path").to_string()
+}
+
+/// Why the lab cannot run here, if it cannot.
+fn unavailable() -> Option<String> {
+    if let Some(why) = lab::unavailable() {
+        return Some(why);
+    }
+    match Command::new("curl")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .status()
+    {
+        Ok(s) if s.success() => None,
+        _ => Some("no `curl` to read /status inside a namespace".into()),
+    }
+}
+
+/// `GET /status` of the leaf in `host`'s namespace, parsed.
+fn status(host: &Host) -> Option<serde_json::Value> {
+    let out = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &host.netns,
+            "curl",
+            "-sf",
+            "--max-time",
+            "2",
+        ])
+        .arg(format!("http://{HTTP}/status"))
+        .stdin(Stdio::null())
+        .output()
+        .ok()?;
+    serde_json::from_slice(&out.stdout).ok()
+}
+
+/// One leaf of the lab: where it runs, behind what, and where others
+/// should see it.
+struct Leaf {
+    kind: &'static str,
+    host: Host,
+    /// The address its NAT (or its own interface) gives it on the lab's
+    /// network.
+    outside: std::net::Ipv4Addr,
+    _proc: Process,
+}
+
+#[test]
+fn each_leaf_knows_its_reflexive_address_and_its_nats_mapping() {
+    if let Some(why) = unavailable() {
+        eprintln!("SKIPPED each_leaf_knows_its_reflexive_address_and_its_nats_mapping: {why}");
+        return;
+    }
+    let bins = bins::binaries().expect("the binaries build");
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = |name: &str| {
+        let p = tmp.path().join(name);
+        std::fs::create_dir_all(&p).expect("mkdir");
+        p
+    };
+    // Processes are declared after the lab, so they are killed before its
+    // namespaces go (the lab would kill them anyway).
+    let mut lab = Lab::new().expect("lab router");
+    let sn_hosts: Vec<Host> = (1..=2)
+        .map(|i| lab.add_host(&format!("sn{i}")).expect("supernode host"))
+        .collect();
+    let sn_addrs: Vec<String> = sn_hosts
+        .iter()
+        .map(|h| format!("{}:{SUPERNODE_PORT}", h.ip))
+        .collect();
+    let mut supernodes = Vec::new();
+    for (i, host) in sn_hosts.iter().enumerate() {
+        let mut args = vec![
+            "--listen".to_string(),
+            sn_addrs[i].clone(),
+            "--data-dir".to_string(),
+            path_arg(&dir(&format!("sn{i}"))),
+        ];
+        for (j, peer) in sn_addrs.iter().enumerate() {
+            if j != i {
+                args.extend(["--peer".to_string(), peer.clone()]);
+            }
+        }
+        let cmd = bins::command(Some(&host.netns), &bins.supernode, &args);
+        supernodes.push(Process::start(cmd, "supernode", START_TIMEOUT).expect("supernode starts"));
+    }
+
+    let mut placed: Vec<(&'static str, Host, std::net::Ipv4Addr)> = Vec::new();
+    let public = lab.add_host("leaf-public").expect("public leaf host");
+    placed.push(("public", public.clone(), public.ip));
+    for kind in [
+        NatKind::FullCone { port: LEAF_PORT },
+        NatKind::PortRestricted,
+        NatKind::Symmetric,
+    ] {
+        let mut nat = lab.add_nat(kind.name(), kind).expect("NAT router");
+        let host = lab
+            .add_host_behind(&mut nat, &format!("leaf-{}", kind.name()))
+            .expect("host behind the NAT");
+        placed.push((kind.name(), host, nat.wan));
+    }
+
+    let mut leaves = Vec::new();
+    for (kind, host, outside) in placed {
+        let share = dir(&format!("share-{kind}"));
+        std::fs::write(share.join(format!("nat-{kind}.txt")), kind).expect("file");
+        let mut args = Vec::new();
+        for sn in &sn_addrs {
+            args.extend(["--supernode".to_string(), sn.clone()]);
+        }
+        args.extend(
+            [
+                "--data-dir",
+                &path_arg(&dir(&format!("leaf-{kind}"))),
+                "serve",
+                "--share",
+                &path_arg(&share),
+                "--listen",
+                &format!("0.0.0.0:{LEAF_PORT}"),
+                "--http",
+                HTTP,
+                "--no-promote",
+            ]
+            .map(String::from),
+        );
+        let cmd = bins::command(Some(&host.netns), &bins.leaf, &args);
+        let proc = Process::start(cmd, "leaf", START_TIMEOUT).expect("leaf serve starts");
+        leaves.push(Leaf {
+            kind,
+            host,
+            outside,
+            _proc: proc,
+        });
+    }
+
+    println!("{:<16} {:<22} reflexive", "leaf", "mapping");
+    for leaf in &leaves {
+        let started = Instant::now();
+        let nat = loop {
+            let s = status(&leaf.host);
+            let nat = s.as_ref().map(|s| s["nat"].clone());
+            let attached = s
+                .as_ref()
+                .and_then(|s| s["supernodes"].as_array().map(Vec::len));
+            if let Some(nat) = nat.filter(|n| n["mapping"] != "unknown" && attached == Some(2)) {
+                break nat;
+            }
+            assert!(
+                started.elapsed() < KNOWN_TIMEOUT,
+                "the {} leaf did not judge its NAT within {KNOWN_TIMEOUT:?}: {s:?}",
+                leaf.kind
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        };
+        let reflexive: Vec<String> = nat["reflexive"]
+            .as_array()
+            .expect("reflexive is a list")
+            .iter()
+            .map(|a| a.as_str().expect("an address").to_string())
+            .collect();
+        println!("{:<16} {:<22} {reflexive:?}", leaf.kind, nat["mapping"]);
+        let at_outside = format!("{}:{LEAF_PORT}", leaf.outside);
+        match leaf.kind {
+            "public" => {
+                assert_eq!(nat["mapping"], "none", "{nat}");
+                assert_eq!(reflexive, [at_outside], "{nat}");
+            }
+            "full-cone" | "port-restricted" => {
+                // MASQUERADE keeps the port when it is free.
+                assert_eq!(nat["mapping"], "endpoint-independent", "{nat}");
+                assert_eq!(reflexive, [at_outside], "{nat}");
+            }
+            "symmetric" => {
+                assert_eq!(nat["mapping"], "endpoint-dependent", "{nat}");
+                assert_eq!(reflexive.len(), 2, "a port per supernode: {nat}");
+                let wan = format!("{}:", leaf.outside);
+                assert!(reflexive.iter().all(|a| a.starts_with(&wan)), "{nat}");
+            }
+            other => unreachable!("no leaf kind {other}"),
+        }
+        assert!(nat["port_mapped"].is_null(), "{nat}");
+    }
+    drop(leaves);
+    drop(supernodes);
+}
