@@ -16,6 +16,7 @@ pub mod attach;
 pub mod layer;
 pub mod link;
 pub mod partial;
+mod portmap;
 pub mod role;
 pub mod search;
 pub mod share;
@@ -37,7 +38,7 @@ use servent_proto::msg::{Hit, QueryKind, ALPN_LEAF, ALPN_MESH, ALPN_TRANSFER};
 use servent_proto::{ContentHash, NodeId};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tracing::{info, info_span, Instrument};
+use tracing::{debug, info, info_span, Instrument};
 
 use role::Role;
 use search::SearchError;
@@ -67,6 +68,10 @@ pub struct Config {
     pub attach_rules: servent_proto::attach::AttachConfig,
     /// HTTP address for `/status` and `/metrics`. Default none.
     pub http: Option<SocketAddr>,
+    /// Ask the default gateway (NAT-PMP) to map the listening port, when
+    /// the socket is reachable beyond this host. Default true for `leaf
+    /// serve`, false in [`Config::localhost`].
+    pub port_mapping: bool,
     /// Cap on the upload rate of all uploads together, bytes a second.
     /// Default none.
     pub max_upload_rate: Option<u64>,
@@ -124,6 +129,7 @@ impl Config {
             attach: attach::DEFAULT_ATTACH,
             attach_rules: Default::default(),
             http: None,
+            port_mapping: false,
             max_upload_rate: None,
             role: supernode::Config::localhost(),
             timings: Timings::default(),
@@ -198,6 +204,7 @@ impl Leaf {
         let (stop, stop_rx) = watch::channel(false);
         let span = info_span!("leaf", id = %id.short());
         let links: status::Links = Arc::new(Mutex::new(Vec::new()));
+        let mapped: portmap::Published = Arc::new(Mutex::new(None));
         let uploads = Arc::new(
             upload::Uploads::new(
                 config.max_upload_rate,
@@ -233,6 +240,7 @@ impl Leaf {
                     addr,
                     share.clone(),
                     links.clone(),
+                    mapped.clone(),
                     &uploads,
                     role.clone(),
                 );
@@ -270,6 +278,15 @@ impl Leaf {
         tasks.push(tokio::spawn(
             attach::run(manager, stop_rx.clone()).instrument(span.clone()),
         ));
+        if config.port_mapping && portmap::wanted(addr) {
+            match portmap::default_gateway() {
+                Some(gateway) => tasks.push(tokio::spawn(
+                    portmap::run(gateway, addr.port(), mapped.clone(), stop_rx.clone())
+                        .instrument(span.clone()),
+                )),
+                None => debug!(parent: &span, "no default IPv4 gateway: no port mapping"),
+            }
+        }
         info!(parent: &span, %addr, share = %share.root().display(), "serving");
         Ok(Self {
             id,

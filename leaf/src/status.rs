@@ -13,10 +13,12 @@ use prometheus_client::registry::Registry;
 use serde::Serialize;
 use servent_net::http::{Report, Sampled};
 use servent_proto::nat::{self, Mapping, NatView, Observation};
+use servent_proto::portmap::Mapped;
 use servent_proto::NodeId;
 use supernode::status::{NodeAddr, SupernodeFields};
 
 use crate::link::LinkStatus;
+use crate::portmap::Published;
 use crate::role::Role;
 use crate::share::{ScanProgress, Share};
 use crate::upload::Uploads;
@@ -91,12 +93,12 @@ pub struct NatStatus {
     pub port_mapped: Option<String>,
 }
 
-impl From<&NatView> for NatStatus {
-    fn from(v: &NatView) -> Self {
+impl NatStatus {
+    fn of(v: &NatView, mapped: Option<Mapped>) -> Self {
         Self {
             reflexive: v.reflexive.iter().map(|a| a.to_string()).collect(),
             mapping: v.mapping.name(),
-            port_mapped: None,
+            port_mapped: mapped.map(|m| SocketAddr::from((m.external, m.port)).to_string()),
         }
     }
 }
@@ -162,6 +164,7 @@ pub(crate) struct LeafReport {
     started: Instant,
     share: Arc<Share>,
     links: Links,
+    mapped: Published,
     role: Arc<Role>,
     registry: Registry,
 }
@@ -172,6 +175,7 @@ impl LeafReport {
         listen: SocketAddr,
         share: Arc<Share>,
         links: Links,
+        mapped: Published,
         uploads: &Uploads,
         role: Arc<Role>,
     ) -> Self {
@@ -267,6 +271,7 @@ impl LeafReport {
             started: Instant::now(),
             share,
             links,
+            mapped,
             role,
             registry,
         }
@@ -297,7 +302,10 @@ impl Report for LeafReport {
             shared_files: self.share.len(),
             partial_files: self.share.partials(),
             hashing: self.share.progress().into(),
-            nat: NatStatus::from(&nat_view(self.listen, &self.links)),
+            nat: NatStatus::of(
+                &nat_view(self.listen, &self.links),
+                *self.mapped.lock().expect("port mapping"),
+            ),
             supernode,
         }
     }

@@ -32,6 +32,7 @@ pub mod lease;
 pub mod mesh;
 pub mod nat;
 pub mod pin;
+pub mod portmap;
 pub mod rate;
 pub mod rng;
 pub mod route;

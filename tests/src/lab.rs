@@ -22,6 +22,25 @@
 use std::net::Ipv4Addr;
 use std::process::{Command, Stdio};
 
+/// Where Debian's miniupnpd is.
+const MINIUPNPD: &str = "/usr/sbin/miniupnpd";
+
+/// Why this machine cannot run a NAT-PMP router ([`NatKind::PortMapping`]),
+/// if it cannot: no miniupnpd or no nft.
+pub fn port_mapping_unavailable() -> Option<String> {
+    if !std::path::Path::new(MINIUPNPD).exists() {
+        return Some(format!("no {MINIUPNPD} (Debian's miniupnpd)"));
+    }
+    match Command::new("nft")
+        .arg("--version")
+        .stdin(Stdio::null())
+        .output()
+    {
+        Ok(out) if out.status.success() => None,
+        _ => Some("cannot run `nft`".into()),
+    }
+}
+
 /// The prefix of every namespace a lab makes: `svlab-<pid>-<name>`.
 const PREFIX: &str = "svlab-";
 
@@ -150,6 +169,11 @@ pub enum NatKind {
     /// Endpoint-dependent mapping (symmetric): `MASQUERADE --random-fully`
     /// gives every destination a random port; only replies pass in.
     Symmetric,
+    /// A port-restricted router (plain `MASQUERADE`) that runs a real
+    /// NAT-PMP/PCP daemon, `miniupnpd`, for the hosts behind it. Its WAN
+    /// address is outside the private and reserved ranges (miniupnpd
+    /// refuses to map behind those), and exists only inside the lab.
+    PortMapping,
 }
 
 impl NatKind {
@@ -158,6 +182,7 @@ impl NatKind {
             NatKind::FullCone { .. } => "full-cone",
             NatKind::PortRestricted => "port-restricted",
             NatKind::Symmetric => "symmetric",
+            NatKind::PortMapping => "nat-pmp",
         }
     }
 }
@@ -183,6 +208,10 @@ pub struct Lab {
     hosts: Vec<Host>,
     nats: usize,
     made: Vec<String>,
+    /// Daemons the lab runs in its routers (miniupnpd), killed on drop.
+    daemons: Vec<std::process::Child>,
+    /// Their configuration files.
+    files: tempfile::TempDir,
 }
 
 impl Lab {
@@ -197,6 +226,8 @@ impl Lab {
             hosts: Vec::new(),
             nats: 0,
             made: Vec::new(),
+            daemons: Vec::new(),
+            files: tempfile::tempdir().map_err(|e| format!("no temporary dir: {e}"))?,
         };
         let router = lab.router.clone();
         lab.add_namespace(&router)?;
@@ -210,11 +241,23 @@ impl Lab {
         if self.nats >= 250 {
             return Err("a lab has at most 250 NAT routers".into());
         }
-        let wan = self.add_host(&format!("nat-{name}"))?;
+        let wan = match kind {
+            // 5.5.<n>.0/24: public-looking, and only inside the lab.
+            NatKind::PortMapping => {
+                let n = self.hosts.len() + 1;
+                self.link_host(&format!("nat-{name}"), [5, 5, n as u8])?
+            }
+            _ => self.add_host(&format!("nat-{name}"))?,
+        };
         self.nats += 1;
         let lan = self.nats as u8;
         let ns = wan.netns.clone();
         forward(&ns)?;
+        // The LAN: a bridge the hosts behind are plugged into, there
+        // before any daemon binds to it.
+        sh(&format!("ip -n {ns} link add lan type bridge"))?;
+        sh(&format!("ip -n {ns} addr add 10.210.{lan}.1/24 dev lan"))?;
+        sh(&format!("ip -n {ns} link set lan up"))?;
         let ipt = format!("ip netns exec {ns} iptables");
         let mut rules = vec![
             // Replies, and what a DNAT let in, pass to the LAN; nothing
@@ -226,7 +269,7 @@ impl Lab {
             NatKind::Symmetric => rules.push(format!(
                 "{ipt} -t nat -A POSTROUTING -o eth0 -j MASQUERADE --random-fully"
             )),
-            NatKind::PortRestricted => {
+            NatKind::PortRestricted | NatKind::PortMapping => {
                 rules.push(format!("{ipt} -t nat -A POSTROUTING -o eth0 -j MASQUERADE"))
             }
             NatKind::FullCone { port } => {
@@ -239,6 +282,9 @@ impl Lab {
         for r in &rules {
             sh(r)?;
         }
+        if kind == NatKind::PortMapping {
+            self.start_miniupnpd(&ns, lan)?;
+        }
         Ok(Nat {
             netns: ns,
             wan: wan.ip,
@@ -246,6 +292,82 @@ impl Lab {
             lan,
             behind: 0,
         })
+    }
+
+    /// Runs miniupnpd in router `ns` for its LAN `10.210.<lan>.0/24`:
+    /// NAT-PMP and PCP only (no UPnP IGD), mappings of ports 1024 and up
+    /// for the LAN's hosts, into a nftables table of its own.
+    fn start_miniupnpd(&mut self, ns: &str, lan: u8) -> Result<(), String> {
+        let dir = self.files.path();
+        let nft = dir.join(format!("miniupnpd-{lan}.nft"));
+        let conf = dir.join(format!("miniupnpd-{lan}.conf"));
+        let pid = dir.join(format!("miniupnpd-{lan}.pid"));
+        let write = |path: &std::path::Path, text: String| {
+            std::fs::write(path, text).map_err(|e| format!("cannot write {}: {e}", path.display()))
+        };
+        write(
+            &nft,
+            "table inet miniupnpd {\n\
+             chain forward { type filter hook forward priority 0; policy accept; jump forward_miniupnpd; }\n\
+             chain forward_miniupnpd { }\n\
+             chain prerouting { type nat hook prerouting priority dstnat; policy accept; jump prerouting_miniupnpd; }\n\
+             chain postrouting { type nat hook postrouting priority srcnat; policy accept; jump postrouting_miniupnpd; }\n\
+             chain prerouting_miniupnpd { }\n\
+             chain postrouting_miniupnpd { }\n\
+             }\n"
+                .to_string(),
+        )?;
+        write(
+            &conf,
+            format!(
+                "ext_ifname=eth0\nlistening_ip=lan\nenable_natpmp=yes\nenable_upnp=no\n\
+                 secure_mode=yes\nsystem_uptime=yes\n\
+                 upnp_table_name=miniupnpd\nupnp_nat_table_name=miniupnpd\n\
+                 upnp_forward_chain=forward_miniupnpd\nupnp_nat_chain=prerouting_miniupnpd\n\
+                 upnp_nat_postrouting_chain=postrouting_miniupnpd\n\
+                 allow 1024-65535 10.210.{lan}.0/24 1024-65535\n\
+                 deny 0-65535 0.0.0.0/0 0-65535\n"
+            ),
+        )?;
+        let path = |p: &std::path::Path| {
+            p.to_str()
+                .map(str::to_string)
+                .ok_or("a non-UTF-8 temp path")
+        };
+        sh(&format!("ip netns exec {ns} nft -f {}", path(&nft)?))?;
+        let log = std::fs::File::create(dir.join(format!("miniupnpd-{lan}.log")))
+            .map_err(|e| format!("cannot create miniupnpd's log: {e}"))?;
+        let child = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                ns,
+                MINIUPNPD,
+                "-d",
+                "-f",
+                &path(&conf)?,
+                "-P",
+                &path(&pid)?,
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .map_err(|e| format!("cannot start miniupnpd: {e}"))?;
+        self.daemons.push(child);
+        Ok(())
+    }
+
+    /// What the daemons of the lab's routers logged (for a failure's message).
+    pub fn daemon_logs(&self) -> String {
+        let mut all = String::new();
+        for n in 1..=self.nats {
+            let path = self.files.path().join(format!("miniupnpd-{n}.log"));
+            if let Ok(text) = std::fs::read_to_string(&path) {
+                all.push_str(&format!("--- {}\n{text}", path.display()));
+            }
+        }
+        all
     }
 
     /// Adds a host called `name` behind `nat`, on its LAN
@@ -264,11 +386,6 @@ impl Lab {
         ))?;
         let gateway = format!("10.210.{k}.1");
         let ip = Ipv4Addr::new(10, 210, k, 1 + n);
-        if n == 1 {
-            sh(&format!("ip -n {router} link add lan type bridge"))?;
-            sh(&format!("ip -n {router} addr add {gateway}/24 dev lan"))?;
-            sh(&format!("ip -n {router} link set lan up"))?;
-        }
         sh(&format!("ip -n {router} link set {port} master lan"))?;
         sh(&format!("ip -n {router} link set {port} up"))?;
         sh(&format!("ip -n {ns} addr add {ip}/24 dev eth0"))?;
@@ -309,6 +426,13 @@ impl Lab {
         if n > 250 {
             return Err("a lab has at most 250 hosts".into());
         }
+        self.link_host(name, [10, 201, n as u8])
+    }
+
+    /// Adds a host called `name` on a /24 of its own, `net.2`, the router
+    /// being `net.1`.
+    fn link_host(&mut self, name: &str, net: [u8; 3]) -> Result<Host, String> {
+        let n = self.hosts.len() + 1;
         let ns = format!("{}{name}", self.prefix);
         self.add_namespace(&ns)?;
         let port = format!("p{n}");
@@ -318,8 +442,9 @@ impl Lab {
         sh(&format!(
             "ip -n {router} link add {port} type veth peer name eth0 netns {ns}"
         ))?;
-        let gateway = format!("10.201.{n}.1");
-        let ip = Ipv4Addr::new(10, 201, n as u8, 2);
+        let [a, b, c] = net;
+        let gateway = format!("{a}.{b}.{c}.1");
+        let ip = Ipv4Addr::new(a, b, c, 2);
         sh(&format!("ip -n {router} addr add {gateway}/24 dev {port}"))?;
         sh(&format!("ip -n {router} link set {port} up"))?;
         sh(&format!("ip -n {ns} addr add {ip}/24 dev eth0"))?;
@@ -388,6 +513,10 @@ impl Lab {
 
 impl Drop for Lab {
     fn drop(&mut self) {
+        for d in &mut self.daemons {
+            let _ = d.kill();
+            let _ = d.wait();
+        }
         // Hosts first, the router last: by then nothing is linked to it.
         for ns in self.made.iter().rev() {
             remove_namespace(ns);

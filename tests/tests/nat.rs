@@ -1,19 +1,23 @@
 //! Leaves behind NATs, in a lab of network namespaces (`servent_tests::lab`):
 //! two supernodes on the lab's "public" network, and leaves of every kind
 //! the lab makes: public, behind a full-cone NAT, behind a port-restricted
-//! one (plain `MASQUERADE`) and behind a symmetric one (`MASQUERADE
-//! --random-fully`). The real binaries run through the CLI contract.
+//! one (plain `MASQUERADE`), behind a symmetric one (`MASQUERADE
+//! --random-fully`) and behind a port-restricted one that runs a real
+//! NAT-PMP daemon (`miniupnpd`). The real binaries run through the CLI
+//! contract.
 //!
 //! Each leaf first judges its NAT from what its supernodes saw (`/status`
 //! `nat`); then every leaf downloads every other leaf's file with `leaf
 //! get`, and the matrix of outcomes is printed. The pairs whose source a
-//! direct dial reaches (public and full cone) must complete and verify;
+//! direct dial reaches (public, full cone, and the port the NAT-PMP
+//! leaf had mapped) must complete and verify;
 //! the others need reverse connects, hole punching or a relay (issue 13,
 //! not built yet): their outcome is printed, not asserted.
 //!
-//! Needs root, `ip netns`, `iptables`, `tc` and `curl` (to read a leaf's
-//! `/status` inside its namespace); without them it says why and passes
-//! without running. CI runs as root and installs them.
+//! Needs root, `ip netns`, `iptables`, `tc`, `nft`, Debian's `miniupnpd`
+//! and `curl` (to read a leaf's `/status` inside its namespace); without
+//! them it says why and passes without running. CI runs as root and
+//! installs them.
 
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -42,7 +46,7 @@ fn path_arg(p: &Path) -> String {
 
 /// Why the lab cannot run here, if it cannot.
 fn unavailable() -> Option<String> {
-    if let Some(why) = lab::unavailable() {
+    if let Some(why) = lab::unavailable().or_else(lab::port_mapping_unavailable) {
         return Some(why);
     }
     match Command::new("curl")
@@ -136,6 +140,7 @@ fn leaves_behind_every_nat_kind_know_their_address_and_download_where_a_path_exi
         NatKind::FullCone { port: LEAF_PORT },
         NatKind::PortRestricted,
         NatKind::Symmetric,
+        NatKind::PortMapping,
     ] {
         let mut nat = lab.add_nat(kind.name(), kind).expect("NAT router");
         let host = lab
@@ -189,13 +194,20 @@ fn leaves_behind_every_nat_kind_know_their_address_and_download_where_a_path_exi
             let attached = s
                 .as_ref()
                 .and_then(|s| s["supernodes"].as_array().map(Vec::len));
-            if let Some(nat) = nat.filter(|n| n["mapping"] != "unknown" && attached == Some(2)) {
+            // The NAT-PMP leaf is done once its gateway has mapped its port.
+            let done = |n: &serde_json::Value| {
+                n["mapping"] != "unknown"
+                    && attached == Some(2)
+                    && (leaf.kind != "nat-pmp" || !n["port_mapped"].is_null())
+            };
+            if let Some(nat) = nat.filter(done) {
                 break nat;
             }
             assert!(
                 started.elapsed() < KNOWN_TIMEOUT,
-                "the {} leaf did not judge its NAT within {KNOWN_TIMEOUT:?}: {s:?}",
-                leaf.kind
+                "the {} leaf did not judge its NAT within {KNOWN_TIMEOUT:?}: {s:?}\n{}",
+                leaf.kind,
+                lab.daemon_logs()
             );
             std::thread::sleep(Duration::from_millis(200));
         };
@@ -210,12 +222,12 @@ fn leaves_behind_every_nat_kind_know_their_address_and_download_where_a_path_exi
         match leaf.kind {
             "public" => {
                 assert_eq!(nat["mapping"], "none", "{nat}");
-                assert_eq!(reflexive, [at_outside], "{nat}");
+                assert_eq!(reflexive, std::slice::from_ref(&at_outside), "{nat}");
             }
-            "full-cone" | "port-restricted" => {
+            "full-cone" | "port-restricted" | "nat-pmp" => {
                 // MASQUERADE keeps the port when it is free.
                 assert_eq!(nat["mapping"], "endpoint-independent", "{nat}");
-                assert_eq!(reflexive, [at_outside], "{nat}");
+                assert_eq!(reflexive, std::slice::from_ref(&at_outside), "{nat}");
             }
             "symmetric" => {
                 assert_eq!(nat["mapping"], "endpoint-dependent", "{nat}");
@@ -225,7 +237,10 @@ fn leaves_behind_every_nat_kind_know_their_address_and_download_where_a_path_exi
             }
             other => unreachable!("no leaf kind {other}"),
         }
-        assert!(nat["port_mapped"].is_null(), "{nat}");
+        match leaf.kind {
+            "nat-pmp" => assert_eq!(nat["port_mapped"], at_outside.as_str(), "{nat}"),
+            _ => assert!(nat["port_mapped"].is_null(), "{nat}"),
+        }
     }
 
     // Every leaf downloads every other's file, from a data dir of its own
@@ -300,9 +315,10 @@ fn leaves_behind_every_nat_kind_know_their_address_and_download_where_a_path_exi
                 if verified { "done" } else { "failed" },
                 got.took.as_secs_f64()
             );
-            // A direct dial reaches a public source, and a full-cone one
-            // through the DNAT of its mapped port.
-            if matches!(s.kind, "public" | "full-cone") && !verified {
+            // A direct dial reaches a public source, a full-cone one
+            // through the DNAT of its mapped port, and one behind the
+            // NAT-PMP router through the mapping it asked for.
+            if matches!(s.kind, "public" | "full-cone" | "nat-pmp") && !verified {
                 failures.push(format!("{} from {}: {detail}", d.kind, s.kind));
             }
         }

@@ -48,6 +48,9 @@ enum Command {
         /// Never become a supernode
         #[arg(long)]
         no_promote: bool,
+        /// Do not ask the gateway (NAT-PMP) to map the listening port
+        #[arg(long)]
+        no_port_mapping: bool,
         /// Supernodes to be attached to at once
         #[arg(long, default_value_t = leaf::attach::DEFAULT_ATTACH)]
         attach: usize,
@@ -182,6 +185,7 @@ fn run(args: Args) -> anyhow::Result<()> {
                 listen,
                 http,
                 no_promote,
+                no_port_mapping,
                 attach,
                 max_upload_rate,
             } => {
@@ -194,6 +198,7 @@ fn run(args: Args) -> anyhow::Result<()> {
                     attach,
                     attach_rules: Default::default(),
                     http,
+                    port_mapping: !no_port_mapping,
                     max_upload_rate,
                     // Should this leaf be elected: the supernode defaults.
                     role: supernode::Config::default(),
