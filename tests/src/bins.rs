@@ -162,6 +162,28 @@ pub fn command<S: AsRef<OsStr>>(netns: Option<&str>, program: &Path, args: &[S])
     cmd
 }
 
+/// A temporary path as a command-line argument (temp paths are UTF-8 here).
+pub fn path_arg(p: &Path) -> String {
+    p.to_str().expect("utf-8 temp path").to_string()
+}
+
+/// `leaf --supernode SN... --data-dir DATA ARGS...` in namespace `netns`.
+pub fn leaf_command(
+    bins: &Binaries,
+    netns: &str,
+    supernodes: &[String],
+    data: &Path,
+    args: &[&str],
+) -> Command {
+    let mut all = Vec::new();
+    for sn in supernodes {
+        all.extend(["--supernode".to_string(), sn.clone()]);
+    }
+    all.extend(["--data-dir".to_string(), path_arg(data)]);
+    all.extend(args.iter().map(|a| a.to_string()));
+    command(Some(netns), &bins.leaf, &all)
+}
+
 /// Reads a pipe to its end on a thread, keeping the last [`STDERR_KEEP`]
 /// bytes or so.
 fn drain(mut pipe: impl Read + Send + 'static) -> Arc<Mutex<String>> {

@@ -20,7 +20,11 @@
 //! drop) are removed by the next.
 
 use std::net::Ipv4Addr;
+use std::path::Path;
 use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use crate::bins::{self, Binaries, Process};
 
 /// Where Debian's miniupnpd is.
 const MINIUPNPD: &str = "/usr/sbin/miniupnpd";
@@ -457,6 +461,43 @@ impl Lab {
         };
         self.hosts.push(host.clone());
         Ok(host)
+    }
+
+    /// Starts `n` supernodes, each on a host of its own (`sn1`, `sn2`, ...)
+    /// listening on `port`, every one given the others as peers, their
+    /// data dirs under `data`. Returns their addresses and processes
+    /// (killed on drop, before the lab's namespaces go).
+    pub fn start_supernodes(
+        &mut self,
+        bins: &Binaries,
+        n: usize,
+        port: u16,
+        data: &Path,
+        timeout: Duration,
+    ) -> Result<(Vec<String>, Vec<Process>), String> {
+        let hosts = (1..=n)
+            .map(|i| self.add_host(&format!("sn{i}")))
+            .collect::<Result<Vec<Host>, String>>()?;
+        let addrs: Vec<String> = hosts.iter().map(|h| format!("{}:{port}", h.ip)).collect();
+        let mut procs = Vec::new();
+        for (i, host) in hosts.iter().enumerate() {
+            let dir = data.join(format!("sn{i}"));
+            std::fs::create_dir_all(&dir).map_err(|e| format!("mkdir {}: {e}", dir.display()))?;
+            let mut args = vec![
+                "--listen".to_string(),
+                addrs[i].clone(),
+                "--data-dir".to_string(),
+                bins::path_arg(&dir),
+            ];
+            for (j, peer) in addrs.iter().enumerate() {
+                if j != i {
+                    args.extend(["--peer".to_string(), peer.clone()]);
+                }
+            }
+            let cmd = bins::command(Some(&host.netns), &bins.supernode, &args);
+            procs.push(Process::start(cmd, "supernode", timeout)?);
+        }
+        Ok((addrs, procs))
     }
 
     /// From now on the router drops each forwarded packet with probability

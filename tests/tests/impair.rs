@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use servent_tests::bins::{self, Process};
+use servent_tests::bins::{self, path_arg, Process};
 use servent_tests::lab::{self, Host, Lab};
 
 /// Share of packets dropped, each way.
@@ -38,27 +38,6 @@ const SEARCH_LIMIT: Duration = Duration::from_secs(20);
 /// 64 MiB at 20 Mbit/s takes 27 s; loss slows QUIC's congestion control.
 const DOWNLOAD_LIMIT: Duration = Duration::from_secs(240);
 
-fn path_arg(p: &Path) -> String {
-    p.to_str().expect("utf-8 temp path").to_string()
-}
-
-/// `leaf --supernode SN1 --supernode SN2 --data-dir DATA ARGS...` in `host`'s namespace.
-fn leaf_cmd(
-    bins: &bins::Binaries,
-    host: &Host,
-    supernodes: &[String],
-    data: &Path,
-    args: &[&str],
-) -> std::process::Command {
-    let mut all = Vec::new();
-    for sn in supernodes {
-        all.extend(["--supernode".to_string(), sn.clone()]);
-    }
-    all.extend(["--data-dir".to_string(), path_arg(data)]);
-    all.extend(args.iter().map(|a| a.to_string()));
-    bins::command(Some(&host.netns), &bins.leaf, &all)
-}
-
 #[test]
 fn searches_and_a_download_survive_loss_and_a_rate_cap() {
     if let Some(why) = lab::unavailable() {
@@ -75,34 +54,13 @@ fn searches_and_a_download_survive_loss_and_a_rate_cap() {
     // Processes are declared after the lab, so they are killed before its
     // namespaces go (the lab would kill them anyway).
     let mut lab = Lab::new().expect("lab router");
-    let sn_hosts: Vec<Host> = (1..=2)
-        .map(|i| lab.add_host(&format!("sn{i}")).expect("supernode host"))
-        .collect();
+    let (sn_addrs, mut procs) = lab
+        .start_supernodes(&bins, 2, SUPERNODE_PORT, tmp.path(), START_TIMEOUT)
+        .expect("supernodes start");
     let leaf_hosts: Vec<Host> = ["a", "b", "c"]
         .iter()
         .map(|n| lab.add_host(&format!("leaf{n}")).expect("leaf host"))
         .collect();
-    let sn_addrs: Vec<String> = sn_hosts
-        .iter()
-        .map(|h| format!("{}:{SUPERNODE_PORT}", h.ip))
-        .collect();
-
-    let mut procs: Vec<Process> = Vec::new();
-    for (i, host) in sn_hosts.iter().enumerate() {
-        let mut args = vec![
-            "--listen".to_string(),
-            sn_addrs[i].clone(),
-            "--data-dir".to_string(),
-            path_arg(&dir(&format!("sn{i}"))),
-        ];
-        for (j, peer) in sn_addrs.iter().enumerate() {
-            if j != i {
-                args.extend(["--peer".to_string(), peer.clone()]);
-            }
-        }
-        let cmd = bins::command(Some(&host.netns), &bins.supernode, &args);
-        procs.push(Process::start(cmd, "supernode", START_TIMEOUT).expect("supernode starts"));
-    }
 
     // Leaf a and b share the big file (two sources); each leaf has a small one.
     let big_share = dir("share-a");
@@ -126,9 +84,9 @@ fn searches_and_a_download_survive_loss_and_a_rate_cap() {
         ));
         let data = dir(&format!("leaf-{k}"));
         let listen = format!("0.0.0.0:{LEAF_PORT}");
-        let cmd = leaf_cmd(
+        let cmd = bins::leaf_command(
             &bins,
-            &leaf_hosts[k],
+            &leaf_hosts[k].netns,
             &sn_addrs,
             &data,
             &[
@@ -147,9 +105,9 @@ fn searches_and_a_download_survive_loss_and_a_rate_cap() {
     // their own.
     let searcher = &leaf_hosts[2];
     let search = |data: &Path, word: &str| {
-        let cmd = leaf_cmd(
+        let cmd = bins::leaf_command(
             &bins,
-            searcher,
+            &searcher.netns,
             &sn_addrs,
             data,
             &["search", "--json", "--timeout", SEARCH_SECS, word],
@@ -248,9 +206,9 @@ fn searches_and_a_download_survive_loss_and_a_rate_cap() {
 
     // The big file, from leaves a and b to c's host.
     let out_file = tmp.path().join("downloaded.bin");
-    let get = leaf_cmd(
+    let get = bins::leaf_command(
         &bins,
-        searcher,
+        &searcher.netns,
         &sn_addrs,
         &dir("client-get"),
         &[

@@ -19,11 +19,10 @@
 //! them it says why and passes without running. CI runs as root and
 //! installs them.
 
-use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use servent_tests::bins::{self, Process};
+use servent_tests::bins::{self, path_arg, Process};
 use servent_tests::lab::{self, Host, Lab, NatKind};
 
 const SUPERNODE_PORT: u16 = 7400;
@@ -39,10 +38,6 @@ const GET_SECS: &str = "10";
 const GET_LIMIT: Duration = Duration::from_secs(40);
 /// Each leaf's file: big enough to take a few round trips.
 const FILE_LEN: u64 = 1 << 20;
-
-fn path_arg(p: &Path) -> String {
-    p.to_str().expect("utf-8 temp path").to_string()
-}
 
 /// Why the lab cannot run here, if it cannot.
 fn unavailable() -> Option<String> {
@@ -109,29 +104,9 @@ fn leaves_behind_every_nat_kind_know_their_address_and_download_where_a_path_exi
     // Processes are declared after the lab, so they are killed before its
     // namespaces go (the lab would kill them anyway).
     let mut lab = Lab::new().expect("lab router");
-    let sn_hosts: Vec<Host> = (1..=2)
-        .map(|i| lab.add_host(&format!("sn{i}")).expect("supernode host"))
-        .collect();
-    let sn_addrs: Vec<String> = sn_hosts
-        .iter()
-        .map(|h| format!("{}:{SUPERNODE_PORT}", h.ip))
-        .collect();
-    let mut supernodes = Vec::new();
-    for (i, host) in sn_hosts.iter().enumerate() {
-        let mut args = vec![
-            "--listen".to_string(),
-            sn_addrs[i].clone(),
-            "--data-dir".to_string(),
-            path_arg(&dir(&format!("sn{i}"))),
-        ];
-        for (j, peer) in sn_addrs.iter().enumerate() {
-            if j != i {
-                args.extend(["--peer".to_string(), peer.clone()]);
-            }
-        }
-        let cmd = bins::command(Some(&host.netns), &bins.supernode, &args);
-        supernodes.push(Process::start(cmd, "supernode", START_TIMEOUT).expect("supernode starts"));
-    }
+    let (sn_addrs, supernodes) = lab
+        .start_supernodes(&bins, 2, SUPERNODE_PORT, tmp.path(), START_TIMEOUT)
+        .expect("supernodes start");
 
     let mut placed: Vec<(&'static str, Host, std::net::Ipv4Addr)> = Vec::new();
     let public = lab.add_host("leaf-public").expect("public leaf host");
@@ -250,9 +225,9 @@ fn leaves_behind_every_nat_kind_know_their_address_and_download_where_a_path_exi
         for s in leaves.iter().filter(|s| s.kind != d.kind) {
             loop {
                 let data = dir(&format!("search-{}-{}", d.kind, s.kind));
-                let cmd = leaf_get_cmd(
+                let cmd = bins::leaf_command(
                     &bins,
-                    d,
+                    &d.host.netns,
                     &sn_addrs,
                     &data,
                     &[
@@ -286,9 +261,9 @@ fn leaves_behind_every_nat_kind_know_their_address_and_download_where_a_path_exi
         for s in leaves.iter().filter(|s| s.kind != d.kind) {
             let data = dir(&format!("get-{}-{}", d.kind, s.kind));
             let out = data.join("got.bin");
-            let cmd = leaf_get_cmd(
+            let cmd = bins::leaf_command(
                 &bins,
-                d,
+                &d.host.netns,
                 &sn_addrs,
                 &data,
                 &[
@@ -334,21 +309,4 @@ fn leaves_behind_every_nat_kind_know_their_address_and_download_where_a_path_exi
 /// A seed per leaf kind, so every leaf's file differs.
 fn placed_seed(kind: &str) -> u64 {
     kind.bytes().map(u64::from).sum()
-}
-
-/// `leaf --supernode SN... --data-dir DATA ARGS...` in `leaf`'s namespace.
-fn leaf_get_cmd(
-    bins: &bins::Binaries,
-    leaf: &Leaf,
-    supernodes: &[String],
-    data: &Path,
-    args: &[&str],
-) -> Command {
-    let mut all = Vec::new();
-    for sn in supernodes {
-        all.extend(["--supernode".to_string(), sn.clone()]);
-    }
-    all.extend(["--data-dir".to_string(), path_arg(data)]);
-    all.extend(args.iter().map(|a| a.to_string()));
-    bins::command(Some(&leaf.host.netns), &bins.leaf, &all)
 }
