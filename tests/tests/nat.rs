@@ -73,6 +73,30 @@ fn status(host: &Host) -> Option<serde_json::Value> {
     serde_json::from_slice(&out.stdout).ok()
 }
 
+/// Whether miniupnpd in router namespace `ns` forwards UDP `port` now
+/// (a DNAT rule in its table).
+fn forwards(ns: &str, port: u16) -> bool {
+    let out = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            ns,
+            "nft",
+            "list",
+            "chain",
+            "inet",
+            "miniupnpd",
+            "prerouting_miniupnpd",
+        ])
+        .stdin(Stdio::null())
+        .output()
+        .expect("nft runs");
+    let rules = String::from_utf8_lossy(&out.stdout);
+    rules
+        .lines()
+        .any(|l| l.contains(&format!("dport {port}")) && l.contains("dnat"))
+}
+
 /// One leaf of the lab: where it runs, behind what, and where others
 /// should see it.
 struct Leaf {
@@ -111,6 +135,8 @@ fn leaves_behind_every_nat_kind_know_their_address_and_download_where_a_path_exi
     let mut placed: Vec<(&'static str, Host, std::net::Ipv4Addr)> = Vec::new();
     let public = lab.add_host("leaf-public").expect("public leaf host");
     placed.push(("public", public.clone(), public.ip));
+    // The NAT-PMP router's namespace, to look at its mappings.
+    let mut pmp_router = None;
     for kind in [
         NatKind::FullCone { port: LEAF_PORT },
         NatKind::PortRestricted,
@@ -122,7 +148,11 @@ fn leaves_behind_every_nat_kind_know_their_address_and_download_where_a_path_exi
             .add_host_behind(&mut nat, &format!("leaf-{}", kind.name()))
             .expect("host behind the NAT");
         placed.push((kind.name(), host, nat.wan));
+        if kind == NatKind::PortMapping {
+            pmp_router = Some(nat.netns.clone());
+        }
     }
+    let pmp_router = pmp_router.expect("a NAT-PMP router");
 
     let mut leaves = Vec::new();
     for (kind, host, outside) in placed {
@@ -301,6 +331,26 @@ fn leaves_behind_every_nat_kind_know_their_address_and_download_where_a_path_exi
     assert!(
         failures.is_empty(),
         "direct downloads failed: {failures:#?}"
+    );
+
+    // The NAT-PMP leaf removes its mapping when it stops.
+    assert!(
+        forwards(&pmp_router, LEAF_PORT),
+        "no mapping on the router while the leaf runs"
+    );
+    let at = leaves
+        .iter()
+        .position(|l| l.kind == "nat-pmp")
+        .expect("the NAT-PMP leaf");
+    let leaf = leaves.remove(at);
+    assert!(
+        leaf._proc.terminate(Duration::from_secs(10)),
+        "leaf serve did not stop on SIGTERM"
+    );
+    assert!(
+        !forwards(&pmp_router, LEAF_PORT),
+        "the router still forwards port {LEAF_PORT} after the leaf stopped:\n{}",
+        lab.daemon_logs()
     );
     drop(leaves);
     drop(supernodes);
