@@ -89,7 +89,7 @@ pub struct NatStatus {
     /// `"none"`, `"endpoint-independent"`, `"endpoint-dependent"` or
     /// `"unknown"`.
     pub mapping: &'static str,
-    /// The port mapping made on the gateway (UPnP IGD, NAT-PMP, PCP), if any.
+    /// The port mapping the gateway made (NAT-PMP), if any.
     pub port_mapped: Option<String>,
 }
 
