@@ -204,6 +204,42 @@ impl<N: Copy + Eq + Hash> Leases<N> {
     }
 
     /// Where other leaves download from `id`, if it is registered.
+    /// The connection of `id`'s registration `generation` now comes from
+    /// `observed` (the leaf's address changed, and QUIC migrated the
+    /// connection): it is downloaded from that IP address from now on, at
+    /// the same port. Returns the old and new address if it changed;
+    /// `None` if nothing did, or the registration is not current. A move
+    /// to an IP address already at its per-address cap is refused: the
+    /// session should end (the leaf registers again elsewhere).
+    pub fn moved(
+        &mut self,
+        id: &N,
+        generation: Generation,
+        observed: SocketAddr,
+    ) -> Result<Option<(SocketAddr, SocketAddr)>, Refusal> {
+        let Some(lease) = self.leases.get(id).filter(|l| l.generation == generation) else {
+            return Ok(None);
+        };
+        let (old, ip) = (lease.addr, observed.ip());
+        if old.ip() == ip {
+            return Ok(None);
+        }
+        if let Some(cap) = self.config.per_address {
+            if self.per_ip.get(&ip).copied().unwrap_or(0) >= cap {
+                return Err(Refusal::PerAddress { cap });
+            }
+        }
+        let new = SocketAddr::new(ip, old.port());
+        if let Some(l) = self.leases.get_mut(id) {
+            l.addr = new;
+        }
+        if self.config.per_address.is_some() {
+            self.uncount(old.ip());
+            *self.per_ip.entry(ip).or_insert(0) += 1;
+        }
+        Ok(Some((old, new)))
+    }
+
     pub fn addr(&self, id: &N) -> Option<SocketAddr> {
         self.leases.get(id).map(|l| l.addr)
     }
@@ -445,5 +481,45 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn a_moved_session_is_given_out_at_its_new_address_and_counted_there() {
+        let t0 = Instant::now();
+        let mut l: Leases<u8> = Leases::new(LeaseConfig {
+            max_leaves: 10,
+            per_address: Some(1),
+        });
+        let a: SocketAddr = "192.0.2.1:5000".parse().unwrap();
+        let Admission::Admitted { generation, .. } = l.register(t0, 1, a, 7401) else {
+            panic!("admitted")
+        };
+        // Same IP, new port (a NAT rebinding): still the listening port.
+        assert_eq!(
+            l.moved(&1, generation, "192.0.2.1:6000".parse().unwrap()),
+            Ok(None)
+        );
+        let b: SocketAddr = "198.51.100.9:40000".parse().unwrap();
+        assert_eq!(
+            l.moved(&1, generation, b),
+            Ok(Some((
+                "192.0.2.1:7401".parse().unwrap(),
+                "198.51.100.9:7401".parse().unwrap()
+            )))
+        );
+        assert_eq!(l.addr(&1), Some("198.51.100.9:7401".parse().unwrap()));
+        // The old address is free again, the new one taken.
+        assert!(matches!(
+            l.register(t0, 2, a, 7401),
+            Admission::Admitted { .. }
+        ));
+        assert!(matches!(l.register(t0, 3, b, 7401), Admission::Refused(_)));
+        // Onto an address at its cap: refused.
+        assert_eq!(
+            l.moved(&1, generation, a),
+            Err(Refusal::PerAddress { cap: 1 })
+        );
+        // An old generation moves nothing.
+        assert_eq!(l.moved(&1, Generation(999), a), Ok(None));
     }
 }

@@ -166,6 +166,15 @@ pub(crate) enum Command {
         id: NodeId,
         generation: Generation,
     },
+    /// The connection of registration `generation` now comes from
+    /// `observed` (QUIC migrated it); false in `reply` if the session
+    /// must end (its new address is at its cap).
+    Moved {
+        id: NodeId,
+        generation: Generation,
+        observed: SocketAddr,
+        reply: oneshot::Sender<bool>,
+    },
     /// Where each leaf is downloaded from, if registered.
     Addrs {
         ids: Vec<NodeId>,
@@ -608,6 +617,26 @@ impl Owner {
                     self.dirty = true;
                     info!(leaf = %id.short(), "leaf gone, entries dropped");
                 }
+            }
+            Command::Moved {
+                id,
+                generation,
+                observed,
+                reply,
+            } => {
+                let keep = match self.leases.moved(&id, generation, observed) {
+                    Ok(Some((old, new))) => {
+                        info!(leaf = %id.short(), %old, %new, "leaf moved");
+                        self.dirty = true;
+                        true
+                    }
+                    Ok(None) => true,
+                    Err(e) => {
+                        info!(leaf = %id.short(), %observed, error = %e, "leaf moved onto a full address");
+                        false
+                    }
+                };
+                let _ = reply.send(keep);
             }
             Command::Addrs { ids, reply } => {
                 let _ = reply.send(ids.iter().map(|id| self.leases.addr(id)).collect());

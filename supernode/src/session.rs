@@ -298,46 +298,83 @@ async fn register(
         MAX_REPLY_FRAME,
     )
     .await?;
-    loop {
-        let next = net::read_frame_in::<SessionUpdate>(&mut recv, MAX_UPDATE_FRAME, &conn.inbound);
-        let update = match next.await {
-            Ok(Some(u)) => u,
-            Ok(None) => return Ok(()),
-            Err(StreamError::Read(e)) => {
-                debug!(reason = %e, "session stream ended");
+    let updates = async {
+        loop {
+            let next =
+                net::read_frame_in::<SessionUpdate>(&mut recv, MAX_UPDATE_FRAME, &conn.inbound);
+            let update = match next.await {
+                Ok(Some(u)) => u,
+                Ok(None) => return Ok(()),
+                Err(StreamError::Read(e)) => {
+                    debug!(reason = %e, "session stream ended");
+                    return Ok(());
+                }
+                Err(e) => return Err(e.into()),
+            };
+            // A candidacy is the owner's to record, with the session it
+            // describes (its address, its uptime).
+            let (candidacy, update) = match update {
+                SessionUpdate::Candidacy(c) => (Some(c), None),
+                update => (None, Some(update)),
+            };
+            let heard = state.ask(|reply| Command::Heard {
+                id,
+                generation,
+                candidacy,
+                reply,
+            });
+            if heard.await != Some(true) {
                 return Ok(());
             }
-            Err(e) => return Err(e.into()),
-        };
-        // A candidacy is the owner's to record, with the session it
-        // describes (its address, its uptime).
-        let (candidacy, update) = match update {
-            SessionUpdate::Candidacy(c) => (Some(c), None),
-            update => (None, Some(update)),
-        };
-        let heard = state.ask(|reply| Command::Heard {
-            id,
-            generation,
-            candidacy,
-            reply,
-        });
-        if heard.await != Some(true) {
-            return Ok(());
+            let files = match update {
+                Some(update) => apply(state, id, addr.ip(), update)?,
+                None => state.index().owner_file_count(&id),
+            };
+            net::write_frame(
+                send,
+                &SupernodeReply::Indexed {
+                    files: files as u32,
+                },
+                MAX_REPLY_FRAME,
+            )
+            .await?;
         }
-        let files = match update {
-            Some(update) => apply(state, id, addr.ip(), update)?,
-            None => state.index().owner_file_count(&id),
-        };
-        net::write_frame(
-            send,
-            &SupernodeReply::Indexed {
-                files: files as u32,
-            },
-            MAX_REPLY_FRAME,
-        )
-        .await?;
+    };
+    // Beside the updates, without cancelling a read: when QUIC has
+    // migrated the connection to a new address (the leaf's NAT rebound, or
+    // its network changed), the lease follows it within `MOVE_CHECK`.
+    let moves = async {
+        let mut at = observed;
+        let mut tick = tokio::time::interval(MOVE_CHECK);
+        loop {
+            tick.tick().await;
+            let now = canonical(conn.peer.conn.remote_address());
+            if now == at {
+                continue;
+            }
+            at = now;
+            let keep = state.ask(|reply| Command::Moved {
+                id,
+                generation,
+                observed: now,
+                reply,
+            });
+            if keep.await != Some(true) {
+                return Refusal::fatal(
+                    ErrorCode::LimitExceeded,
+                    "moved to an address with too many leaves",
+                );
+            }
+        }
+    };
+    tokio::select! {
+        r = updates => r,
+        e = moves => Err(e),
     }
 }
+
+/// How often a session checks whether its connection has moved.
+const MOVE_CHECK: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Releases a leaf's lease when its session ends (the owner drops its
 /// entries then, unless a newer session of the same leaf has taken over).

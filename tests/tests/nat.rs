@@ -36,6 +36,8 @@ const READY_TIMEOUT: Duration = Duration::from_secs(60);
 /// `leaf get --timeout`, and the longest one `get` process may run.
 const GET_SECS: &str = "10";
 const GET_LIMIT: Duration = Duration::from_secs(40);
+/// Until searches name a renumbered leaf at its new address.
+const MOVE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Each leaf's file: big enough to take a few round trips.
 const FILE_LEN: u64 = 1 << 20;
 
@@ -137,6 +139,8 @@ fn leaves_behind_every_nat_kind_know_their_address_and_download_where_a_path_exi
     placed.push(("public", public.clone(), public.ip));
     // The NAT-PMP router's namespace, to look at its mappings.
     let mut pmp_router = None;
+    // The port-restricted router's namespace and WAN address, to renumber it.
+    let mut pr_router = None;
     for kind in [
         NatKind::FullCone { port: LEAF_PORT },
         NatKind::PortRestricted,
@@ -151,8 +155,12 @@ fn leaves_behind_every_nat_kind_know_their_address_and_download_where_a_path_exi
         if kind == NatKind::PortMapping {
             pmp_router = Some(nat.netns.clone());
         }
+        if kind == NatKind::PortRestricted {
+            pr_router = Some((nat.netns.clone(), nat.wan));
+        }
     }
     let pmp_router = pmp_router.expect("a NAT-PMP router");
+    let (pr_router, pr_wan) = pr_router.expect("a port-restricted router");
 
     let mut leaves = Vec::new();
     for (kind, host, outside) in placed {
@@ -331,6 +339,69 @@ fn leaves_behind_every_nat_kind_know_their_address_and_download_where_a_path_exi
     assert!(
         failures.is_empty(),
         "direct downloads failed: {failures:#?}"
+    );
+
+    // The port-restricted router is renumbered and its mappings flushed:
+    // the leaf behind it is seen at the new address, its sessions carried
+    // over by QUIC's migration, and searches name that address within 5 s.
+    let [a, b, c, d] = pr_wan.octets();
+    let new_wan = std::net::Ipv4Addr::new(a, b, c, d + 1);
+    for line in [
+        format!("ip -n {pr_router} addr del {pr_wan}/24 dev eth0"),
+        format!("ip -n {pr_router} addr add {new_wan}/24 dev eth0"),
+        format!("ip -n {pr_router} route add default via {a}.{b}.{c}.1"),
+        format!("ip netns exec {pr_router} conntrack -F"),
+    ] {
+        let words: Vec<&str> = line.split(' ').collect();
+        let out = Command::new(words[0])
+            .args(&words[1..])
+            .stdin(Stdio::null())
+            .output()
+            .expect("runs");
+        assert!(
+            out.status.success(),
+            "`{line}`: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let moved_at = Instant::now();
+    let public = leaves
+        .iter()
+        .find(|l| l.kind == "public")
+        .expect("the public leaf");
+    let (old_addr, new_addr) = (
+        format!("{pr_wan}:{LEAF_PORT}"),
+        format!("{new_wan}:{LEAF_PORT}"),
+    );
+    let addrs = loop {
+        let data = dir("search-after-move");
+        let cmd = bins::leaf_command(
+            &bins,
+            &public.host.netns,
+            &sn_addrs,
+            &data,
+            &["search", "--json", "--timeout", "1", "nat-port-restricted"],
+        );
+        let out = bins::run(cmd, GET_LIMIT);
+        let addrs: Vec<String> = out
+            .stdout
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .flat_map(|v| v["addrs"].as_array().cloned().unwrap_or_default())
+            .filter_map(|a| a.as_str().map(str::to_string))
+            .collect();
+        if addrs.contains(&new_addr) && !addrs.contains(&old_addr) {
+            break addrs;
+        }
+        assert!(
+            moved_at.elapsed() < MOVE_TIMEOUT,
+            "{MOVE_TIMEOUT:?} after the renumbering, searches name {addrs:?}, not only {new_addr}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    println!(
+        "\nport-restricted router renumbered {pr_wan} -> {new_wan}: searches name {addrs:?} after {:.2} s",
+        moved_at.elapsed().as_secs_f64()
     );
 
     // The NAT-PMP leaf removes its mapping when it stops.
