@@ -27,15 +27,12 @@
 
 use std::net::{IpAddr, SocketAddr};
 
-use serde::{Deserialize, Serialize};
-
 /// Most observations [`classify`] looks at (a leaf has a few supernodes;
 /// anything beyond is ignored).
 pub const MAX_OBSERVATIONS: usize = 16;
 
 /// How a NAT maps the leaf's socket, as far as its supernodes can tell.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mapping {
     /// No NAT: the leaf is seen at its own address.
     None,

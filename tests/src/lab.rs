@@ -29,20 +29,24 @@ use crate::bins::{self, Binaries, Process};
 /// Where Debian's miniupnpd is.
 const MINIUPNPD: &str = "/usr/sbin/miniupnpd";
 
-/// Why this machine cannot run a NAT-PMP router ([`NatKind::PortMapping`]),
-/// if it cannot: no miniupnpd or no nft.
-pub fn port_mapping_unavailable() -> Option<String> {
+/// Why this machine cannot run the NAT routers' extras, if it cannot: a
+/// NAT-PMP router ([`NatKind::PortMapping`]: miniupnpd and nft) and
+/// [`Lab::renumber`] (conntrack).
+pub fn nat_tools_unavailable() -> Option<String> {
     if !std::path::Path::new(MINIUPNPD).exists() {
         return Some(format!("no {MINIUPNPD} (Debian's miniupnpd)"));
     }
-    match Command::new("nft")
-        .arg("--version")
-        .stdin(Stdio::null())
-        .output()
-    {
-        Ok(out) if out.status.success() => None,
-        _ => Some("cannot run `nft`".into()),
+    for tool in ["nft", "conntrack"] {
+        match Command::new(tool)
+            .arg("--version")
+            .stdin(Stdio::null())
+            .output()
+        {
+            Ok(out) if out.status.success() => {}
+            _ => return Some(format!("cannot run `{tool}`")),
+        }
     }
+    None
 }
 
 /// The prefix of every namespace a lab makes: `svlab-<pid>-<name>`.
@@ -296,6 +300,29 @@ impl Lab {
             lan,
             behind: 0,
         })
+    }
+
+    /// Gives NAT router `nat` the next WAN address of its /24 (the old one
+    /// deleted, its default route made again) and flushes its connection
+    /// tracking, so that every host behind it is seen at the new address
+    /// from its next packet on.
+    pub fn renumber(&self, nat: &mut Nat) -> Result<(), String> {
+        let (ns, old) = (&nat.netns, nat.wan);
+        let [a, b, c, d] = old.octets();
+        let new = Ipv4Addr::new(
+            a,
+            b,
+            c,
+            d.checked_add(1)
+                .filter(|n| *n < 255)
+                .ok_or("no next address")?,
+        );
+        sh(&format!("ip -n {ns} addr del {old}/24 dev eth0"))?;
+        sh(&format!("ip -n {ns} addr add {new}/24 dev eth0"))?;
+        sh(&format!("ip -n {ns} route add default via {a}.{b}.{c}.1"))?;
+        sh(&format!("ip netns exec {ns} conntrack -F"))?;
+        nat.wan = new;
+        Ok(())
     }
 
     /// Runs miniupnpd in router `ns` for its LAN `10.210.<lan>.0/24`:

@@ -14,8 +14,8 @@
 //! the others need reverse connects, hole punching or a relay (issue 13,
 //! not built yet): their outcome is printed, not asserted.
 //!
-//! Needs root, `ip netns`, `iptables`, `tc`, `nft`, Debian's `miniupnpd`
-//! and `curl` (to read a leaf's `/status` inside its namespace); without
+//! Needs root, `ip netns`, `iptables`, `tc`, `nft`, `conntrack`, Debian's
+//! `miniupnpd` and `curl` (to read a leaf's `/status` inside its namespace); without
 //! them it says why and passes without running. CI runs as root and
 //! installs them.
 
@@ -43,7 +43,7 @@ const FILE_LEN: u64 = 1 << 20;
 
 /// Why the lab cannot run here, if it cannot.
 fn unavailable() -> Option<String> {
-    if let Some(why) = lab::unavailable().or_else(lab::port_mapping_unavailable) {
+    if let Some(why) = lab::unavailable().or_else(lab::nat_tools_unavailable) {
         return Some(why);
     }
     match Command::new("curl")
@@ -156,11 +156,11 @@ fn leaves_behind_every_nat_kind_know_their_address_and_download_where_a_path_exi
             pmp_router = Some(nat.netns.clone());
         }
         if kind == NatKind::PortRestricted {
-            pr_router = Some((nat.netns.clone(), nat.wan));
+            pr_router = Some(nat.clone());
         }
     }
     let pmp_router = pmp_router.expect("a NAT-PMP router");
-    let (pr_router, pr_wan) = pr_router.expect("a port-restricted router");
+    let mut pr_router = pr_router.expect("a port-restricted router");
 
     let mut leaves = Vec::new();
     for (kind, host, outside) in placed {
@@ -344,26 +344,9 @@ fn leaves_behind_every_nat_kind_know_their_address_and_download_where_a_path_exi
     // The port-restricted router is renumbered and its mappings flushed:
     // the leaf behind it is seen at the new address, its sessions carried
     // over by QUIC's migration, and searches name that address within 5 s.
-    let [a, b, c, d] = pr_wan.octets();
-    let new_wan = std::net::Ipv4Addr::new(a, b, c, d + 1);
-    for line in [
-        format!("ip -n {pr_router} addr del {pr_wan}/24 dev eth0"),
-        format!("ip -n {pr_router} addr add {new_wan}/24 dev eth0"),
-        format!("ip -n {pr_router} route add default via {a}.{b}.{c}.1"),
-        format!("ip netns exec {pr_router} conntrack -F"),
-    ] {
-        let words: Vec<&str> = line.split(' ').collect();
-        let out = Command::new(words[0])
-            .args(&words[1..])
-            .stdin(Stdio::null())
-            .output()
-            .expect("runs");
-        assert!(
-            out.status.success(),
-            "`{line}`: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
+    let pr_wan = pr_router.wan;
+    lab.renumber(&mut pr_router).expect("renumber the router");
+    let new_wan = pr_router.wan;
     let moved_at = Instant::now();
     let public = leaves
         .iter()
