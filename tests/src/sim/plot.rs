@@ -226,6 +226,38 @@ pub fn draw_scale(series: &[ScaleSeries]) -> Result<String, PlotError> {
     Ok(svg)
 }
 
+/// A chart's frame on `area`: its caption, margin and label areas, the
+/// same on every panel.
+fn panel<'a, 'b, DB: DrawingBackend>(
+    area: &'a DrawingArea<DB, Shift>,
+    caption: &str,
+) -> ChartBuilder<'a, 'b, DB> {
+    let mut builder = ChartBuilder::on(area);
+    builder
+        .caption(caption, ("sans-serif", 16))
+        .margin(12)
+        .x_label_area_size(44)
+        .y_label_area_size(64);
+    builder
+}
+
+/// The series' legend at `position`, in a white box.
+fn legend<'a, DB: DrawingBackend + 'a, CT: CoordTranslate>(
+    chart: &mut ChartContext<'a, DB, CT>,
+    position: SeriesLabelPosition,
+) -> Result<(), PlotError>
+where
+    DB::ErrorType: 'static,
+{
+    chart
+        .configure_series_labels()
+        .position(position)
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .draw()
+        .map_err(draw_err)
+}
+
 fn draw_messages<DB: DrawingBackend>(
     area: &DrawingArea<DB, Shift>,
     series: &[ScaleSeries],
@@ -235,11 +267,7 @@ fn draw_messages<DB: DrawingBackend>(
 where
     DB::ErrorType: 'static,
 {
-    let mut chart = ChartBuilder::on(area)
-        .caption("messages per query (all kinds)", ("sans-serif", 16))
-        .margin(12)
-        .x_label_area_size(44)
-        .y_label_area_size(64)
+    let mut chart = panel(area, "messages per query (all kinds)")
         .build_cartesian_2d(x.log_scale(), y.log_scale())
         .map_err(draw_err)?;
     chart
@@ -273,13 +301,7 @@ where
             }))
             .map_err(draw_err)?;
     }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::UpperLeft)
-        .background_style(WHITE.mix(0.8))
-        .border_style(BLACK)
-        .draw()
-        .map_err(draw_err)?;
+    legend(&mut chart, SeriesLabelPosition::UpperLeft)?;
     Ok(())
 }
 
@@ -299,14 +321,7 @@ where
         .flat_map(|p| [p.recall_rare, p.recall_popular])
         .fold(1.0f64, f64::min);
     let y_lo = ((lowest - 0.05) * 10.0).floor().clamp(0.0, 9.0) / 10.0;
-    let mut chart = ChartBuilder::on(area)
-        .caption(
-            "recall (single-holder: solid, popular: dashed)",
-            ("sans-serif", 16),
-        )
-        .margin(12)
-        .x_label_area_size(44)
-        .y_label_area_size(64)
+    let mut chart = panel(area, "recall (single-holder: solid, popular: dashed)")
         .build_cartesian_2d(x.log_scale(), y_lo..1.01)
         .map_err(draw_err)?;
     chart
@@ -368,13 +383,7 @@ where
             )
             .map_err(draw_err)?;
     }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::LowerLeft)
-        .background_style(WHITE.mix(0.8))
-        .border_style(BLACK)
-        .draw()
-        .map_err(draw_err)?;
+    legend(&mut chart, SeriesLabelPosition::LowerLeft)?;
     Ok(())
 }
 
@@ -427,11 +436,7 @@ where
         .iter()
         .flat_map(|s| [s.supernodes, s.elected, s.needed])
         .fold(1.0, f64::max);
-    let mut chart = ChartBuilder::on(area)
-        .caption(t.label.as_str(), ("sans-serif", 16))
-        .margin(12)
-        .x_label_area_size(44)
-        .y_label_area_size(64)
+    let mut chart = panel(area, t.label.as_str())
         .build_cartesian_2d(0.0..minutes, 0.0..top * 1.1)
         .map_err(draw_err)?;
     chart
@@ -457,13 +462,7 @@ where
             .label(name)
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(2)));
     }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::UpperLeft)
-        .background_style(WHITE.mix(0.8))
-        .border_style(BLACK)
-        .draw()
-        .map_err(draw_err)?;
+    legend(&mut chart, SeriesLabelPosition::UpperLeft)?;
     Ok(())
 }
 
