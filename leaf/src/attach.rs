@@ -86,6 +86,8 @@ pub struct Attach {
     pub links: Arc<Mutex<Vec<Arc<Mutex<LinkStatus>>>>>,
     /// The supernode role this leaf may be asked to take.
     pub role: Arc<Role>,
+    /// Dials the downloaders our supernodes ask us to dial back.
+    pub pusher: Arc<crate::push::Pusher>,
 }
 
 /// What the link tasks tell the manager.
@@ -207,6 +209,7 @@ fn answer(
             planner.handle_rehome(Instant::now(), now_secs(), request.from, list);
             LeafReply::Accepted
         }
+        SupernodeRequest::Connect { peer, addr } => cfg.pusher.answer(peer, &addr),
     };
     let _ = request.reply.send(reply);
 }

@@ -17,6 +17,7 @@ pub mod layer;
 pub mod link;
 pub mod partial;
 mod portmap;
+pub mod push;
 pub mod role;
 pub mod search;
 pub mod share;
@@ -34,7 +35,7 @@ use servent_net::http::{HttpError, HttpServer};
 use servent_net::{
     Endpoint, EndpointError, Identity, IdentityError, Peer, ProtocolHandler, Router,
 };
-use servent_proto::msg::{Hit, QueryKind, ALPN_LEAF, ALPN_MESH, ALPN_TRANSFER};
+use servent_proto::msg::{Hit, QueryKind, ALPN_LEAF, ALPN_MESH, ALPN_PUSH, ALPN_TRANSFER};
 use servent_proto::{ContentHash, NodeId};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -223,6 +224,14 @@ impl Leaf {
             uploads: uploads.clone(),
             gate: gate.clone(),
         };
+        // A downloader we dial back is served as one that dialled us.
+        let pusher = {
+            let uploader = uploader.clone();
+            push::Pusher::new(endpoint.clone(), move |peer| {
+                let uploader = uploader.clone();
+                Box::pin(async move { uploader.accept(peer).await })
+            })
+        };
         let router = span.in_scope(|| {
             Router::builder(endpoint.clone(), gate)
                 .accept(ALPN_TRANSFER, uploader)
@@ -274,6 +283,7 @@ impl Leaf {
             link_timings: config.timings.link.clone(),
             links: links.clone(),
             role: role.clone(),
+            pusher,
         };
         tasks.push(tokio::spawn(
             attach::run(manager, stop_rx.clone()).instrument(span.clone()),
@@ -380,6 +390,7 @@ impl Drop for Leaf {
 }
 
 /// Serves `ALPN_TRANSFER`: another leaf downloading from this one.
+#[derive(Clone)]
 struct Uploader {
     share: Arc<Share>,
     uploads: Arc<upload::Uploads>,
@@ -422,6 +433,10 @@ fn known_supernodes(data_dir: &Path, given: Vec<String>) -> Vec<String> {
 /// data dir.
 pub struct Client {
     endpoint: Endpoint,
+    /// Downloads waiting for sources to dial back (`servent-push/1`).
+    awaiting: Arc<push::Awaiting>,
+    /// Serves those dial-backs; stopped with the client.
+    _router: Router,
     data_dir: PathBuf,
     supernodes: Vec<String>,
     timings: Timings,
@@ -449,9 +464,17 @@ impl Client {
     pub fn new(data_dir: &Path, supernodes: Vec<String>) -> Result<Self, ClientError> {
         let identity = Arc::new(Identity::load_or_create(data_dir)?);
         let supernodes = known_supernodes(data_dir, supernodes);
-        let endpoint = Endpoint::client_any(identity)?;
+        // Sources behind NATs dial back to this port (docs/PROTOCOL.md 10.5).
+        let endpoint = Endpoint::server_any(identity, &[ALPN_PUSH])?;
+        let awaiting = Arc::new(push::Awaiting::default());
+        let gate = Gate::new(supernode::gate_config(&supernode::Config::default()));
+        let router = Router::builder(endpoint.clone(), gate)
+            .accept(ALPN_PUSH, push::PushHandler(awaiting.clone()))
+            .spawn();
         Ok(Self {
             endpoint,
+            awaiting,
+            _router: router,
             data_dir: data_dir.to_path_buf(),
             supernodes,
             timings: Timings::default(),
@@ -579,6 +602,7 @@ impl Client {
             more: Some(rx),
             share_as: Some((self.data_dir.clone(), name)),
             timings: self.timings.transfer.clone(),
+            awaiting: Some(self.awaiting.clone()),
         }
         .run()
         .await;

@@ -163,7 +163,13 @@ async fn ask(
             break;
         };
         match frame {
-            Ok(Some(SupernodeReply::Hits(batch))) => {
+            Ok(Some(SupernodeReply::Hits(mut batch))) => {
+                // The sources this supernode holds have it as push proxy.
+                let at = peer.conn.remote_address();
+                let at = net::canonical(at);
+                for s in batch.iter_mut().flat_map(|h| h.sources.iter_mut()) {
+                    s.resolve_via(&at);
+                }
                 hits.extend(batch);
                 if hits.len() > MAX_RESULTS as usize {
                     break;

@@ -33,9 +33,7 @@ use std::time::{Duration, Instant};
 use servent_net::{self as net, Endpoint, Peer};
 use servent_proto::hits;
 use servent_proto::limits::MAX_TRANSFER_FRAME;
-use servent_proto::msg::{
-    ErrorCode, ErrorReply, GetReply, GetRequest, RangeRequest, Source, ALPN_TRANSFER,
-};
+use servent_proto::msg::{ErrorCode, ErrorReply, GetReply, GetRequest, RangeRequest, Source};
 use servent_proto::pin::{self, SizeClaims};
 use servent_proto::schedule::{Action, Outcome, Schedule, ScheduleConfig, SourcePool, Then};
 pub use servent_proto::schedule::{MAX_DIALS_PER_HOST, MAX_SOURCES_AT_ONCE, PER_SOURCE};
@@ -368,6 +366,9 @@ pub struct Downloaded {
     pub fetched: u64,
     /// Sources dropped because what they said or sent was proven wrong.
     pub dropped: Vec<Dropped>,
+    /// Every source connected to, and how (docs/PROTOCOL.md 10.5), in the
+    /// order they connected.
+    pub routes: Vec<(NodeId, crate::push::Route)>,
 }
 
 /// A source a download dropped for lying, and how it was caught.
@@ -404,6 +405,9 @@ pub struct Download<'a> {
     pub share_as: Option<(PathBuf, String)>,
     /// Timeouts and polls. Default [`TransferTimings::default`].
     pub timings: TransferTimings,
+    /// Where sources that cannot be dialled dial back to this download's
+    /// endpoint (docs/PROTOCOL.md 10.5). `None`: direct dials only.
+    pub awaiting: Option<Arc<crate::push::Awaiting>>,
 }
 
 /// Downloads `hash` from all `sources` at once into `target`. Resumes
@@ -426,6 +430,7 @@ pub async fn download(
         more: None,
         share_as: None,
         timings: TransferTimings::default(),
+        awaiting: None,
     }
     .run()
     .await
@@ -453,6 +458,9 @@ enum PinResult {
 /// connecting, being asked what they have, or fetching.
 struct Dialer<'a> {
     endpoint: &'a Endpoint,
+    /// How each source was reached, as probes connect.
+    routes: Arc<Mutex<Vec<(NodeId, crate::push::Route)>>>,
+    awaiting: Option<Arc<crate::push::Awaiting>>,
     hash: ContentHash,
     pool: SourcePool,
     tasks: Tasks,
@@ -469,10 +477,16 @@ impl Dialer<'_> {
         while let Some(source) = self.pool.next(self.tasks.len()) {
             let span = tracing::info_span!("get", source = %source.id.short(), addr = %source.addr);
             let (endpoint, hash, index) = (self.endpoint.clone(), self.hash, self.spawned);
-            let patience = self.probe_timeout;
+            let (patience, awaiting) = (self.probe_timeout, self.awaiting.clone());
+            let routes = self.routes.clone();
             self.spawned += 1;
             let task = async move {
-                let result = probe(&endpoint, hash, source.clone(), index, patience).await;
+                let at = awaiting.as_ref();
+                let result = probe(&endpoint, at, hash, source.clone(), index, patience).await;
+                if let Ok((remote, _)) = &result {
+                    let route = (remote.source.id, remote.route);
+                    routes.lock().expect("routes lock").push(route);
+                }
                 (source, Task::Probed(result))
             };
             self.tasks.spawn(task.instrument(span));
@@ -711,9 +725,12 @@ impl Download<'_> {
             mut more,
             share_as,
             timings,
+            awaiting,
         } = self;
         let mut dialer = Dialer {
             endpoint,
+            routes: Arc::default(),
+            awaiting,
             hash,
             pool: SourcePool::default(),
             tasks: JoinSet::new(),
@@ -908,10 +925,12 @@ impl Download<'_> {
         partial::remove_beside(target);
         let dropped_n = dropped.len();
         info!(%hash, size, fetched, dropped = dropped_n, target = %target.display(), "downloaded and verified");
+        let routes = std::mem::take(&mut *dialer.routes.lock().expect("routes lock"));
         Ok(Downloaded {
             size,
             fetched,
             dropped,
+            routes,
         })
     }
 }
@@ -933,6 +952,7 @@ fn failed(liars: &[Dropped], last: Option<String>) -> GetError {
 /// and, from a partial source, its have-bitmap.
 async fn probe(
     endpoint: &Endpoint,
+    awaiting: Option<&Arc<crate::push::Awaiting>>,
     hash: ContentHash,
     source: Source,
     index: usize,
@@ -942,15 +962,21 @@ async fn probe(
         .addr
         .parse()
         .map_err(|_| SourceError::Addr(source.addr.clone()))?;
-    let peer = endpoint
-        .connect(addr, ALPN_TRANSFER, Some(source.id))
-        .await?;
+    let attempts = servent_proto::connect::Attempts::default();
+    let (peer, route) = crate::push::reach(endpoint, awaiting, &source, addr, attempts).await?;
+    if route != crate::push::Route::Direct {
+        info!(
+            route = route.name(),
+            "reached a source that cannot be dialled"
+        );
+    }
     let mut remote = Remote {
         peer,
         source,
         index,
         claimed: 0,
         has: None,
+        route,
     };
     let req = GetRequest::Have(hash);
     let asked = tokio::time::timeout(patience, remote.ask(&req));
@@ -1098,6 +1124,8 @@ struct Remote {
     /// What it said it has when probed; once it fetches, the scheduler
     /// keeps what it says.
     has: Option<Bitmap>,
+    /// How it was reached.
+    route: crate::push::Route,
 }
 
 impl Remote {

@@ -23,7 +23,9 @@
 use std::collections::{HashMap, HashSet};
 
 use crate::id::{ContentHash, NodeId};
-use crate::limits::{MAX_NAMES_PER_HIT, MAX_NAME_BYTES, MAX_SOURCES_PER_HIT, MAX_SOURCES_PER_IP};
+use crate::limits::{
+    MAX_NAMES_PER_HIT, MAX_NAME_BYTES, MAX_SOURCES_PER_HIT, MAX_SOURCES_PER_IP, MAX_VIA_BYTES,
+};
 use crate::msg::{Hit, NameVariant, Source};
 
 /// The host part of `IP:PORT` (brackets of IPv6 removed); the whole string
@@ -124,6 +126,7 @@ pub struct HitBuilder {
 struct Added {
     id: NodeId,
     addr: String,
+    via: Option<String>,
     /// Index into `names`.
     variant: usize,
     /// Index into `hosts`.
@@ -198,6 +201,19 @@ impl HitBuilder {
     /// Adds one source and what it announced; false if it is refused (a
     /// known id or address, an IP at its cap, a name too long).
     pub fn add(&mut self, id: NodeId, addr: String, variant: &NameVariant) -> bool {
+        self.add_via(id, addr, None, variant)
+    }
+
+    /// [`HitBuilder::add`] with the source's push proxy ([`Source::via`];
+    /// one longer than [`MAX_VIA_BYTES`] is dropped, not the source).
+    pub fn add_via(
+        &mut self,
+        id: NodeId,
+        addr: String,
+        via: Option<String>,
+        variant: &NameVariant,
+    ) -> bool {
+        let via = via.filter(|v| v.len() <= MAX_VIA_BYTES);
         if variant.name.len() > MAX_NAME_BYTES || self.has_id(&id) {
             return false;
         }
@@ -240,6 +256,7 @@ impl HitBuilder {
         self.sources.push(Added {
             id,
             addr,
+            via,
             variant: v,
             host,
             turn,
@@ -287,7 +304,7 @@ impl HitBuilder {
         }
         for s in &hit.sources {
             if let Some(v) = hit.names.get(s.variant as usize) {
-                self.add(s.id, s.addr.clone(), v);
+                self.add_via(s.id, s.addr.clone(), s.via.clone(), v);
             }
         }
     }
@@ -354,6 +371,7 @@ impl HitBuilder {
                     id: s.id,
                     addr: std::mem::take(&mut s.addr),
                     variant,
+                    via: s.via.take(),
                 })
             })
             .collect();
@@ -393,6 +411,7 @@ impl HitBuilder {
                 id: s.id,
                 addr: s.addr,
                 variant: 0,
+                via: s.via,
             })
             .collect();
         Some(Hit {
@@ -428,7 +447,7 @@ pub fn retain_sources(hit: Hit, mut keep: impl FnMut(&Source) -> bool) -> Option
     for s in hit.sources {
         if let Some(v) = hit.names.get(s.variant as usize) {
             if keep(&s) {
-                b.add(s.id, s.addr, v);
+                b.add_via(s.id, s.addr, s.via, v);
             }
         }
     }
@@ -523,12 +542,14 @@ mod tests {
                     id: id(1),
                     addr: "10.0.0.1:1".into(),
                     variant: 0,
+                    via: None,
                 },
                 // Names a variant that is not there: dropped.
                 Source {
                     id: id(3),
                     addr: "10.0.0.3:1".into(),
                     variant: 4,
+                    via: None,
                 },
             ],
         };
@@ -540,16 +561,19 @@ mod tests {
                     id: id(1),
                     addr: "10.0.0.5:1".into(),
                     variant: 0,
+                    via: None,
                 },
                 Source {
                     id: id(2),
                     addr: "10.0.0.1:1".into(),
                     variant: 0,
+                    via: None,
                 },
                 Source {
                     id: id(4),
                     addr: "10.0.0.4:1".into(),
                     variant: 1,
+                    via: None,
                 },
             ],
         };

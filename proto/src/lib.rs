@@ -22,6 +22,7 @@ pub use frame::FrameError;
 pub use id::{ContentHash, NodeId, ParseIdError};
 pub mod admit;
 pub mod attach;
+pub mod connect;
 pub mod cost;
 pub mod elect;
 pub mod fair;

@@ -30,6 +30,14 @@ pub const MAX_SOURCES_PER_HIT: usize = 64;
 /// however many keys it makes, and a hit never sends a downloader to one
 /// address more than this many times.
 pub const MAX_SOURCES_PER_IP: usize = 8;
+/// Longest push-proxy address (`Source::via`) kept in a hit: a bracketed
+/// IPv6 address with a port fits.
+pub const MAX_VIA_BYTES: usize = 64;
+/// Hits a supernode writes in one `Hits` frame: with every source at its
+/// longest address and push proxy, and every name at its longest, this
+/// many stay under `MAX_REPLY_FRAME` (readers take up to
+/// `MAX_HITS_PER_FRAME`).
+pub const HITS_PER_WRITTEN_FRAME: usize = 50;
 /// Distinct names (name and size) listed in one hit.
 pub const MAX_NAMES_PER_HIT: usize = 8;
 /// Longest error message text.

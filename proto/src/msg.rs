@@ -19,6 +19,12 @@ pub const ALPN_TRANSFER: &[u8] = b"servent-xfer/3";
 /// Version 3: keyword filters on the control stream, and queries that walk
 /// (`Walk`, `Probe`) beside those that flood (docs/PROTOCOL.md 11.7).
 pub const ALPN_MESH: &[u8] = b"servent-mesh/3";
+/// Leaf ↔ leaf, dialled the other way: a source that cannot be reached
+/// dials the downloader that asked for it (through a supernode, with
+/// `LeafRequest::Connect`), and the downloader then speaks
+/// `servent-xfer/3` on that connection as if it had dialled it
+/// (docs/PROTOCOL.md 10.5).
+pub const ALPN_PUSH: &[u8] = b"servent-push/1";
 
 /// A file a leaf shares.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -41,6 +47,11 @@ pub enum LeafRequest {
     /// Which other supernodes this one knows; answered by one `Supernodes`
     /// frame and the end of the stream.
     Supernodes,
+    /// Have leaf `to`, whose session this supernode holds, dial the asker
+    /// (reverse connect and hole punching, docs/PROTOCOL.md 10.5): at the
+    /// address this supernode observes this connection come from, never
+    /// one the asker names. Answered by one `Connecting` frame, or `Error`.
+    Connect { to: NodeId },
 }
 
 /// What to search for.
@@ -91,6 +102,11 @@ pub enum SupernodeRequest {
     /// Move: attach to one of these supernodes instead of this one (the
     /// sender is about to drop this leaf). Answered by one `LeafReply`.
     Rehome(Vec<SupernodeInfo>),
+    /// Leaf `peer` wants to download from you and is at `addr` (`IP:PORT`,
+    /// as this supernode observes it): dial it with `servent-push/1`,
+    /// expecting `peer`, and serve it as you would a download. Answered by
+    /// one `LeafReply` before the dial starts.
+    Connect { peer: NodeId, addr: String },
 }
 
 /// A leaf's answer to a `SupernodeRequest`.
@@ -109,6 +125,24 @@ pub struct Source {
     pub addr: String,
     /// Which entry of the hit's `names` this source announced.
     pub variant: u8,
+    /// A push proxy: `IP:PORT` of a supernode holding the source's session,
+    /// to ask with `LeafRequest::Connect` when `addr` cannot be dialled.
+    /// The empty string means "the node that sent this frame" (the holder
+    /// writes it so; each hop that passes the hit on names the neighbour
+    /// it came from, and the leaf the supernode it asked). Absent from the
+    /// encoding when `None`, so a hit without proxies is encoded as before.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub via: Option<String>,
+}
+
+impl Source {
+    /// Names `sender` as the push proxy where the source's says "the node
+    /// that sent this frame" (an empty [`Source::via`]).
+    pub fn resolve_via(&mut self, sender: &std::net::SocketAddr) {
+        if self.via.as_deref() == Some("") {
+            self.via = Some(sender.to_string());
+        }
+    }
 }
 
 /// One name and size that sources announce for a content hash. Both are
@@ -185,6 +219,10 @@ pub enum SupernodeReply {
     /// Answer to `Register` when this supernode has no room: try these
     /// less loaded ones instead. The connection closes after this frame.
     Full(Vec<SupernodeInfo>),
+    /// Answer to `Connect`: the leaf was told, and is dialling the asker
+    /// now from `addr`, its session's address as this supernode observes
+    /// it; the asker dials `addr` at the same time (the hole punch).
+    Connecting { addr: String },
 }
 
 /// What one supernode tells others about a supernode it knows.

@@ -767,6 +767,7 @@ mod tests {
             id: NodeId([i; 32]),
             addr: addr.into(),
             variant: 0,
+            via: None,
         };
         let mut pool = SourcePool::default();
         assert!(pool.offer(source(0, "10.0.0.1:1")));

@@ -52,6 +52,7 @@ fn hit() -> Hit {
             id: node(),
             addr: "192.0.2.7:7401".into(),
             variant: 0,
+            via: None,
         }],
     }
 }
@@ -359,6 +360,7 @@ fn every_supernode_reply_round_trips() {
                 id: NodeId([i as u8; 32]),
                 addr: "[ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff]:65535".into(),
                 variant: (i % MAX_NAMES_PER_HIT) as u8,
+                via: None,
             })
             .collect(),
     };
@@ -367,6 +369,21 @@ fn every_supernode_reply_round_trips() {
     assert_eq!(
         frame::parse_exact::<SupernodeReply>(&bytes, MAX_REPLY_FRAME).unwrap(),
         reply
+    );
+    // With a push proxy at its longest on every source, the frames a
+    // supernode writes still fit.
+    let mut proxied = reply_hit_with_via();
+    proxied.sources.iter_mut().for_each(|s| {
+        s.via = Some(format!(
+            "{:<1$}",
+            "[ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff]:65535", MAX_VIA_BYTES
+        ))
+    });
+    let written = SupernodeReply::Hits(vec![proxied; HITS_PER_WRITTEN_FRAME]);
+    let proxied_bytes = frame::encode(&written, MAX_MESH_FRAME).unwrap();
+    assert_eq!(
+        frame::parse_exact::<SupernodeReply>(&proxied_bytes, MAX_MESH_FRAME).unwrap(),
+        written
     );
     // A supernode relays the `Hits` frames of the mesh to its leaf as they
     // are, so a mesh reply must fit a leaf reply frame.
@@ -640,6 +657,80 @@ fn golden_leaf_requests() {
         MAX_REQUEST_FRAME,
         "0000003381a551756572799281a448617368c420\
          af1349b9f5f9a1a6a0404dea36dcc9499bcb25c9adc112b7cc9a93cae41f3262cd01f4",
+    );
+}
+
+/// The largest hit: every name and source at its longest.
+fn reply_hit_with_via() -> Hit {
+    Hit {
+        hash: hash(),
+        names: (0..MAX_NAMES_PER_HIT)
+            .map(|i| NameVariant {
+                name: "n".repeat(MAX_NAME_BYTES),
+                size: u64::MAX - i as u64,
+            })
+            .collect(),
+        sources: (0..MAX_SOURCES_PER_HIT)
+            .map(|i| Source {
+                id: NodeId([i as u8; 32]),
+                addr: "[ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff]:65535".into(),
+                variant: (i % MAX_NAMES_PER_HIT) as u8,
+                via: None,
+            })
+            .collect(),
+    }
+}
+
+#[test]
+fn golden_connect_messages() {
+    // 81 { a7 "Connect": 91 [ c4 20 <id> ] }
+    golden(
+        &LeafRequest::Connect { to: node() },
+        MAX_REQUEST_FRAME,
+        "0000002c81a7436f6e6e65637491c420000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f",
+    );
+    golden(
+        &SupernodeReply::Connecting {
+            addr: "203.0.113.5:7401".into(),
+        },
+        MAX_REPLY_FRAME,
+        "0000001e81aa436f6e6e656374696e6791b03230332e302e3131332e353a37343031",
+    );
+    golden(
+        &SupernodeRequest::Connect {
+            peer: node(),
+            addr: "198.51.100.9:40001".into(),
+        },
+        MAX_REPLY_FRAME,
+        "0000003f81a7436f6e6e65637492c420000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1fb23139382e35312e3130302e393a3430303031",
+    );
+}
+
+#[test]
+fn a_source_with_a_push_proxy_has_a_fourth_field_and_one_without_has_three() {
+    let mut s = Source {
+        id: node(),
+        addr: "192.0.2.7:7401".into(),
+        variant: 0,
+        via: None,
+    };
+    let without = rmp_serde::to_vec(&s).unwrap();
+    assert_eq!(without[0], 0x93, "three fields, as before proxies");
+    s.via = Some("198.51.100.4:7400".into());
+    let with = rmp_serde::to_vec(&s).unwrap();
+    assert_eq!(with[0], 0x94);
+    assert_eq!(rmp_serde::from_slice::<Source>(&with).unwrap(), s);
+    let old: Source = rmp_serde::from_slice(&without).unwrap();
+    assert_eq!(old.via, None);
+    // The holder's "the sender" is named by whoever receives it.
+    s.via = Some(String::new());
+    s.resolve_via(&"198.51.100.4:7400".parse().unwrap());
+    assert_eq!(s.via.as_deref(), Some("198.51.100.4:7400"));
+    s.resolve_via(&"203.0.113.1:7400".parse().unwrap());
+    assert_eq!(
+        s.via.as_deref(),
+        Some("198.51.100.4:7400"),
+        "a named proxy stays"
     );
 }
 

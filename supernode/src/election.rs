@@ -213,7 +213,7 @@ pub(crate) fn spawn_probe(
 }
 
 /// Sends `req` to a leaf of ours over its connection and waits for its answer.
-async fn ask_leaf(
+pub(crate) async fn ask_leaf(
     conn: Option<&quinn::Connection>,
     req: &SupernodeRequest,
 ) -> Result<LeafReply, String> {

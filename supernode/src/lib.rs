@@ -18,6 +18,7 @@
 //! is the `servent-net` crate (`supernode/net`).
 
 pub mod config;
+pub mod connect;
 pub mod election;
 pub mod index;
 pub mod mesh;
@@ -72,6 +73,8 @@ pub struct State {
     index: Index,
     pub metrics: Metrics,
     query_limits: session::QueryLimits,
+    /// Which `Connect` requests are passed on to our leaves.
+    connects: Mutex<servent_proto::connect::Connects<NodeId>>,
     /// What every query at this node shares: the seen-set, each
     /// neighbour's query bucket and the fair forwarder.
     hop: Mutex<HopNode<NodeId>>,
@@ -115,6 +118,7 @@ impl State {
             index: Index::new(index_limits),
             metrics: Metrics::default(),
             query_limits,
+            connects: Mutex::new(servent_proto::connect::Connects::new(Default::default())),
             hop: Mutex::new(hop),
             owner: client,
             core: Mutex::new(Some(core)),

@@ -31,6 +31,11 @@ pub struct Metrics {
     pub queries_rate_limited: Counter,
     /// Hits sent back (to leaves and to neighbours).
     pub hits_returned: Counter,
+    /// `Connect` requests passed on to one of our leaves, which accepted.
+    pub connects_passed: Counter,
+    /// `Connect` requests refused: by a rate limit, for a leaf not ours,
+    /// or declined by the leaf.
+    pub connects_refused: Counter,
     /// Bytes on the wire, over every connection.
     pub traffic: Traffic,
 }
@@ -40,7 +45,7 @@ pub type Field = fn(&Metrics) -> &Counter;
 
 /// Every counter of [`Metrics`]: its `/metrics` name (`prometheus_client`
 /// appends `_total`), its help, and where it is.
-pub const COUNTERS: [(&str, &str, Field); 9] = [
+pub const COUNTERS: [(&str, &str, Field); 11] = [
     (
         "servent_leaf_queries",
         "Queries received from this supernode's own leaves",
@@ -85,6 +90,16 @@ pub const COUNTERS: [(&str, &str, Field); 9] = [
         "servent_hits_returned",
         "Hits sent back to leaves and neighbours",
         |m| &m.hits_returned,
+    ),
+    (
+        "servent_connects_passed",
+        "Connect requests (reverse connect, hole punch) passed on to a leaf of this supernode",
+        |m| &m.connects_passed,
+    ),
+    (
+        "servent_connects_refused",
+        "Connect requests refused: rate limited, for a leaf not here, or declined by it",
+        |m| &m.connects_refused,
     ),
 ];
 

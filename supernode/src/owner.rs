@@ -175,6 +175,11 @@ pub(crate) enum Command {
         observed: SocketAddr,
         reply: oneshot::Sender<bool>,
     },
+    /// A registered leaf's session connection.
+    Session {
+        id: NodeId,
+        reply: oneshot::Sender<Option<quinn::Connection>>,
+    },
     /// Where each leaf is downloaded from, if registered.
     Addrs {
         ids: Vec<NodeId>,
@@ -637,6 +642,9 @@ impl Owner {
                     }
                 };
                 let _ = reply.send(keep);
+            }
+            Command::Session { id, reply } => {
+                let _ = reply.send(self.leaf_conn(&id));
             }
             Command::Addrs { ids, reply } => {
                 let _ = reply.send(ids.iter().map(|id| self.leases.addr(id)).collect());

@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use servent_proto::hits::HitBuilder;
 use servent_proto::hop::{Action, Arrival, HopQuery, LeafQuery, Local, Lookup, Routing};
-use servent_proto::limits::{MAX_HITS_PER_FRAME, MAX_MESH_FRAME, MAX_REPLY_FRAME};
+use servent_proto::limits::{HITS_PER_WRITTEN_FRAME, MAX_MESH_FRAME, MAX_REPLY_FRAME};
 use servent_proto::msg::{
     ErrorCode, ErrorReply, Hit, MeshQuery, MeshRequest, Query, SupernodeReply,
 };
@@ -70,7 +70,9 @@ async fn search(state: &State, lookup: &Lookup, max: usize) -> Local {
             let mut hit = HitBuilder::new(f.hash);
             for (owner, variant) in &f.owners {
                 if let Some(addr) = addrs.next().flatten() {
-                    hit.add(*owner, addr.to_string(), variant);
+                    // We hold its session: we are its push proxy, named
+                    // by whoever receives this hit from us.
+                    hit.add_via(*owner, addr.to_string(), Some(String::new()), variant);
                 }
             }
             hit.finish()
@@ -97,7 +99,7 @@ async fn write_hits(
     send: &mut quinn::SendStream,
     hits: &[Hit],
 ) -> Result<(), StreamError> {
-    for batch in hits.chunks(MAX_HITS_PER_FRAME) {
+    for batch in hits.chunks(HITS_PER_WRITTEN_FRAME) {
         net::write_frame(send, &SupernodeReply::Hits(batch.to_vec()), MAX_REPLY_FRAME).await?;
     }
     state.metrics.hits_returned.inc_by(hits.len() as u64);
@@ -312,7 +314,12 @@ async fn relay(
     let _ = send.finish();
     while let Some(reply) = net::read_frame::<SupernodeReply>(&mut recv, MAX_REPLY_FRAME).await? {
         match reply {
-            SupernodeReply::Hits(hits) => {
+            SupernodeReply::Hits(mut hits) => {
+                // The sources this neighbour holds have it as push proxy.
+                let from = net::canonical(conn.remote_address());
+                for s in hits.iter_mut().flat_map(|h| h.sources.iter_mut()) {
+                    s.resolve_via(&from);
+                }
                 if tx.send(Event::Hits(to, hits)).await.is_err() {
                     break;
                 }

@@ -179,6 +179,17 @@ async fn handle_stream(
         }
         Ok(Some(LeafRequest::Query(q))) => query(&state, &conn, q, &mut send).await,
         Ok(Some(LeafRequest::Supernodes)) => supernodes(&state, &mut send).await,
+        Ok(Some(LeafRequest::Connect { to })) => {
+            match crate::connect::connect(&state, &conn.peer, to).await {
+                Ok(reply) => net::write_frame(&mut send, &reply, MAX_REPLY_FRAME)
+                    .await
+                    .map_err(Refusal::from),
+                Err(reply) => Err(Refusal {
+                    reply,
+                    close_connection: false,
+                }),
+            }
+        }
         Ok(None) => Ok(()),
         Err(e) => Err(Refusal::bad(format!("bad request: {e}"))),
     };

@@ -272,6 +272,14 @@ impl Lab {
             // else the WAN sends does.
             format!("{ipt} -A FORWARD -i eth0 -m conntrack --ctstate ESTABLISHED,RELATED,DNAT -j ACCEPT"),
             format!("{ipt} -A FORWARD -i eth0 -j DROP"),
+            // Like a home router's firewall, it drops what the WAN sends
+            // to the router itself unasked, rather than answering it: an
+            // answered packet would leave a connection-tracking entry that
+            // takes the mapping a host behind it is about to open towards
+            // that sender (the hole punch), so the NAT would pick another
+            // port for it.
+            format!("{ipt} -A INPUT -i eth0 -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT"),
+            format!("{ipt} -A INPUT -i eth0 -j DROP"),
         ];
         match kind {
             NatKind::Symmetric => rules.push(format!(

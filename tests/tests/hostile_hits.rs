@@ -362,6 +362,7 @@ async fn a_wrong_size_does_not_make_the_honest_sources_look_like_liars() {
         id: evil.id,
         addr: evil.addr.to_string(),
         variant: 0,
+        via: None,
     }];
     let out = dir.path().join("y.bin");
     let err = leaf::transfer::download(client.endpoint(), hash, &only, &out, None)
@@ -419,12 +420,14 @@ async fn one_address_named_many_times_is_dialled_once() {
         id: honest.leaf().id(),
         addr: honest.leaf().addr().to_string(),
         variant: 0,
+        via: None,
     }];
     for i in 0..64u8 {
         sources.push(Source {
             id: fake_id(1, i),
             addr: victim_addr.to_string(),
             variant: 0,
+            via: None,
         });
     }
     for (i, s) in silent.iter().enumerate() {
@@ -432,6 +435,7 @@ async fn one_address_named_many_times_is_dialled_once() {
             id: fake_id(2, i as u8),
             addr: s.local_addr().unwrap().to_string(),
             variant: 0,
+            via: None,
         });
     }
     let d = TestLeaf::start(&[&sn], &[]).await;

@@ -233,6 +233,7 @@ fn fake_hit() -> Hit {
             id: NodeId([7; 32]),
             addr: "127.0.0.9:9".into(),
             variant: 0,
+            via: None,
         }],
     }
 }

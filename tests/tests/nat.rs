@@ -8,11 +8,14 @@
 //!
 //! Each leaf first judges its NAT from what its supernodes saw (`/status`
 //! `nat`); then every leaf downloads every other leaf's file with `leaf
-//! get`, and the matrix of outcomes is printed. The pairs whose source a
-//! direct dial reaches (public, full cone, and the port the NAT-PMP
-//! leaf had mapped) must complete and verify;
-//! the others need reverse connects, hole punching or a relay (issue 13,
-//! not built yet): their outcome is printed, not asserted.
+//! get`, and the matrix of outcomes is printed. Every pair that the two
+//! NAT behaviours allow in theory must complete and verify: directly when
+//! a dial reaches the source (public, full cone, the port the NAT-PMP leaf
+//! had mapped), by the source dialling back when the downloader is public,
+//! and by a hole punch when both mappings are endpoint-independent. The
+//! rest (a symmetric NAT against anything but a public downloader, a
+//! port-restricted source against a symmetric downloader) need a relay,
+//! not built yet: their outcome is printed, not asserted.
 //!
 //! Needs root, `ip netns`, `iptables`, `tc`, `nft`, `conntrack`, Debian's
 //! `miniupnpd` and `curl` (to read a leaf's `/status` inside its namespace); without
@@ -291,8 +294,8 @@ fn leaves_behind_every_nat_kind_know_their_address_and_download_where_a_path_exi
     }
     println!();
     println!(
-        "{:<16} {:<16} {:<10} {:>8}  detail",
-        "downloader", "source", "outcome", "secs"
+        "{:<16} {:<16} {:<10} {:<9} {:>8}  detail",
+        "downloader", "source", "outcome", "route", "secs"
     );
     let mut failures = Vec::new();
     for d in &leaves {
@@ -321,24 +324,31 @@ fn leaves_behind_every_nat_kind_know_their_address_and_download_where_a_path_exi
                 true => String::new(),
                 false => got.stderr.lines().last().unwrap_or("").to_string(),
             };
+            let route = route_of(&got.stdout);
             println!(
-                "{:<16} {:<16} {:<10} {:>8.2}  {detail}",
+                "{:<16} {:<16} {:<10} {:<9} {:>8.2}  {detail}",
                 d.kind,
                 s.kind,
                 if verified { "done" } else { "failed" },
+                route.as_deref().unwrap_or("-"),
                 got.took.as_secs_f64()
             );
-            // A direct dial reaches a public source, a full-cone one
-            // through the DNAT of its mapped port, and one behind the
-            // NAT-PMP router through the mapping it asked for.
-            if matches!(s.kind, "public" | "full-cone" | "nat-pmp") && !verified {
+            let expected = connectable(d.kind, s.kind);
+            if expected.is_some() && !verified {
                 failures.push(format!("{} from {}: {detail}", d.kind, s.kind));
+            }
+            // A direct dial is used where it reaches; the others went by
+            // dial back or punch (which of the two wins is a race when
+            // both could).
+            let direct = route.as_deref() == Some("direct");
+            if verified && expected.is_some_and(|only_direct| only_direct != direct) {
+                failures.push(format!("{} from {}: route {route:?}", d.kind, s.kind));
             }
         }
     }
     assert!(
         failures.is_empty(),
-        "direct downloads failed: {failures:#?}"
+        "downloads that the NATs allow failed: {failures:#?}"
     );
 
     // The port-restricted router is renumbered and its mappings flushed:
@@ -413,4 +423,34 @@ fn leaves_behind_every_nat_kind_know_their_address_and_download_where_a_path_exi
 /// A seed per leaf kind, so every leaf's file differs.
 fn placed_seed(kind: &str) -> u64 {
     kind.bytes().map(u64::from).sum()
+}
+
+/// Whether a `leaf get` behind `downloader`'s NAT can reach a source
+/// behind `source`'s without a relay. `leaf get` dials from a socket of
+/// its own, which no DNAT or port mapping covers: behind the full cone and
+/// the NAT-PMP router it is port-restricted (an endpoint-independent
+/// mapping).
+/// `Some(true)`: by a direct dial; `Some(false)`: by the source dialling
+/// back or a hole punch; `None`: not at all.
+fn connectable(downloader: &str, source: &str) -> Option<bool> {
+    match source {
+        // A direct dial: the public address, the full cone's DNAT, the
+        // port the NAT-PMP leaf mapped.
+        "public" | "full-cone" | "nat-pmp" => Some(true),
+        // Dialled back by a public downloader, or punched from an
+        // endpoint-independent mapping.
+        "port-restricted" => (downloader != "symmetric").then_some(false),
+        // Its port towards the downloader is known to nobody in advance:
+        // only a downloader that takes any packet is reached.
+        "symmetric" => (downloader == "public").then_some(false),
+        other => unreachable!("no leaf kind {other}"),
+    }
+}
+
+/// How `leaf get --json` reached its (one) source, from its `done` line.
+fn route_of(stdout: &str) -> Option<String> {
+    stdout.lines().find_map(|line| {
+        let v: serde_json::Value = serde_json::from_str(line).ok()?;
+        (v["event"] == "done").then(|| v["routes"][0]["route"].as_str().map(String::from))?
+    })
 }

@@ -312,6 +312,7 @@ async fn a_peer_whose_key_does_not_match_the_expected_id_is_refused() {
         id: impostor_id,
         addr: a.leaf().addr().to_string(),
         variant: 0,
+        via: None,
     }];
     let err = leaf::transfer::download(client.endpoint(), hash_of(b"xx"), &sources, &out, None)
         .await

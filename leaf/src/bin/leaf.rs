@@ -282,6 +282,12 @@ fn run(args: Args) -> anyhow::Result<()> {
                         "path": path.display().to_string(),
                         "size": done.size,
                         "fetched": done.fetched,
+                        // How each source was reached: direct, reversed
+                        // (it dialled back) or punched.
+                        "routes": done.routes.iter().map(|(id, route)| serde_json::json!({
+                            "source": id.to_string(),
+                            "route": route.name(),
+                        })).collect::<Vec<_>>(),
                     });
                     writeln!(std::io::stdout().lock(), "{}", json_line(&line))?;
                 }

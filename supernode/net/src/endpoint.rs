@@ -181,6 +181,35 @@ impl Endpoint {
         }
     }
 
+    /// Like [`Endpoint::client_any`], and also accepting connections for
+    /// `alpns` on that ephemeral port: for a one-shot command that sources
+    /// dial back (docs/PROTOCOL.md 10.5).
+    pub fn server_any(identity: Arc<Identity>, alpns: &[&[u8]]) -> Result<Self, EndpointError> {
+        let transport = TransportConfig::default();
+        let config = server_config(&identity, alpns, &transport)?;
+        match dual_stack_socket() {
+            Ok(socket) => {
+                let inner = quinn::Endpoint::new(
+                    quinn::EndpointConfig::default(),
+                    Some(config),
+                    socket,
+                    Arc::new(quinn::TokioRuntime),
+                )
+                .map_err(|source| EndpointError::Bind {
+                    addr: (Ipv6Addr::UNSPECIFIED, 0).into(),
+                    source,
+                })?;
+                Ok(Self::wrap(inner, identity, Arc::new(transport)))
+            }
+            Err(_) => Self::bind_with(
+                identity,
+                (Ipv4Addr::UNSPECIFIED, 0).into(),
+                alpns,
+                transport,
+            ),
+        }
+    }
+
     fn wrap(
         inner: quinn::Endpoint,
         identity: Arc<Identity>,

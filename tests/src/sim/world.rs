@@ -2098,6 +2098,7 @@ impl World {
                 id: leaf_id(l),
                 addr: self.leaf_addr(l),
                 variant: 0,
+                via: None,
             };
             let room = hits.len() < wanted;
             match hits.iter_mut().find(|h| h.hash == hash) {

@@ -1,0 +1,340 @@
+//! Reverse connect and hole punching, at both ends (docs/PROTOCOL.md 10.5).
+//!
+//! - The downloader ([`reach`]): dials the source directly; if that has
+//!   not connected within a head start, it asks the source's push proxy
+//!   (a supernode holding the source's session, [`Source::via`]) to have
+//!   the source dial it, and dials the address the proxy says the source
+//!   dials from, at the same moment. The source's dial is reverse connect
+//!   when the downloader is reachable; the two dials together are a hole
+//!   punch when neither is. The first handshake wins.
+//! - The source ([`Pusher`]): dials the downloader its supernode names,
+//!   with `servent-push/1`, and serves it on that connection as it serves
+//!   downloads ([`crate::upload`]).
+//! - The downloader's endpoint ([`Awaiting`]): hands each connection a
+//!   source dialled to the download waiting for that source.
+//!
+//! The pacing and caps are `servent_proto::connect`'s.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use servent_net::{self as net, ConnectError, Endpoint, Peer, ProtocolHandler};
+use servent_proto::connect::{Attempts, Pushes};
+use servent_proto::limits::{MAX_REPLY_FRAME, MAX_REQUEST_FRAME};
+use servent_proto::msg::{
+    LeafReply, LeafRequest, Source, SupernodeReply, ALPN_LEAF, ALPN_PUSH, ALPN_TRANSFER,
+};
+use servent_proto::NodeId;
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tracing::{debug, info, Instrument};
+
+/// How a downloader reached a source.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route {
+    /// Its dial to the source's address.
+    Direct,
+    /// The source dialled it back.
+    Reversed,
+    /// Its dial to the address the source dials from, opened by the
+    /// source's dial the other way.
+    Punched,
+}
+
+impl Route {
+    pub fn name(self) -> &'static str {
+        match self {
+            Route::Direct => "direct",
+            Route::Reversed => "reversed",
+            Route::Punched => "punched",
+        }
+    }
+}
+
+/// Longest a source's dial back may take.
+const PUSH_DIAL_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest wait for a push proxy's answer.
+const PROXY_TIMEOUT: Duration = Duration::from_secs(5);
+/// Downloads one endpoint waits for dial-backs for at once, and
+/// connections of one source handed over that nobody took yet.
+const MAX_AWAITED: usize = 256;
+
+/// The source side: dials the downloaders its supernodes name.
+pub struct Pusher {
+    endpoint: Endpoint,
+    serve: Arc<dyn Fn(Peer) -> futures_util::future::BoxFuture<'static, ()> + Send + Sync>,
+    pushes: Mutex<Pushes<NodeId>>,
+}
+
+impl Pusher {
+    /// `serve` serves a downloader on a connection (as `servent-xfer/3`).
+    pub fn new(
+        endpoint: Endpoint,
+        serve: impl Fn(Peer) -> futures_util::future::BoxFuture<'static, ()> + Send + Sync + 'static,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            endpoint,
+            serve: Arc::new(serve),
+            pushes: Mutex::default(),
+        })
+    }
+
+    /// Answers a supernode's `Connect { peer, addr }`: accepted if the
+    /// dial is admitted, and then it runs in a task of its own.
+    pub fn answer(self: &Arc<Self>, peer: NodeId, addr: &str) -> LeafReply {
+        let Ok(addr) = addr.parse::<SocketAddr>() else {
+            return LeafReply::Declined(format!("not an IP:PORT: {addr:?}"));
+        };
+        if peer == self.endpoint.id() {
+            return LeafReply::Declined("that is this leaf".into());
+        }
+        if !self.lock().admit(Instant::now(), peer) {
+            return LeafReply::Declined("too many dials back at once".into());
+        }
+        let this = self.clone();
+        let span = tracing::info_span!("push", peer = %peer.short(), %addr);
+        tokio::spawn(
+            async move {
+                let dial = this.endpoint.connect(addr, ALPN_PUSH, Some(peer));
+                let dialled = tokio::time::timeout(PUSH_DIAL_TIMEOUT, dial).await;
+                this.lock().done();
+                match dialled {
+                    Ok(Ok(peer)) => {
+                        debug!("dialled back; serving");
+                        (this.serve)(peer).await;
+                    }
+                    Ok(Err(e)) => debug!(error = %e, "dial back failed"),
+                    Err(_) => debug!("dial back timed out"),
+                }
+            }
+            .instrument(span),
+        );
+        LeafReply::Accepted
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Pushes<NodeId>> {
+        self.pushes.lock().expect("push limits lock")
+    }
+}
+
+/// The downloader's side of `servent-push/1`: connections sources dialled,
+/// for the downloads waiting for them.
+#[derive(Default)]
+pub struct Awaiting {
+    waiting: Mutex<HashMap<NodeId, mpsc::Sender<Peer>>>,
+}
+
+/// A download's wait for one source to dial; ends the wait when dropped.
+struct Wait<'a> {
+    awaiting: &'a Awaiting,
+    id: NodeId,
+    rx: mpsc::Receiver<Peer>,
+}
+
+impl Drop for Wait<'_> {
+    fn drop(&mut self) {
+        self.awaiting.lock().remove(&self.id);
+    }
+}
+
+impl Awaiting {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<NodeId, mpsc::Sender<Peer>>> {
+        self.waiting.lock().expect("awaiting lock")
+    }
+
+    /// Waits for `id` to dial; `None` if too many waits are open, or one
+    /// for `id` already is.
+    fn expect(&self, id: NodeId) -> Option<Wait<'_>> {
+        let mut w = self.lock();
+        if w.len() >= MAX_AWAITED || w.contains_key(&id) {
+            return None;
+        }
+        let (tx, rx) = mpsc::channel(1);
+        w.insert(id, tx);
+        Some(Wait {
+            awaiting: self,
+            id,
+            rx,
+        })
+    }
+}
+
+/// Serves `servent-push/1` on the downloader's endpoint.
+pub struct PushHandler(pub Arc<Awaiting>);
+
+impl ProtocolHandler for PushHandler {
+    async fn accept(&self, peer: Peer) {
+        let tx = self.0.lock().get(&peer.id).cloned();
+        let conn = peer.conn.clone();
+        let Some(tx) = tx else {
+            debug!(peer = %peer.id.short(), "dialled by a source no download waits for");
+            conn.close(0u32.into(), b"not expected");
+            return;
+        };
+        if tx.try_send(peer).is_err() {
+            conn.close(0u32.into(), b"already connected");
+            return;
+        }
+        // The router holds the connection's slot while this runs.
+        conn.closed().await;
+    }
+}
+
+/// Connects to `source` at `addr` for a download: directly, else (with
+/// `awaiting`, and a push proxy in the hit) through its push proxy, by
+/// reverse connect or a hole punch.
+pub async fn reach(
+    endpoint: &Endpoint,
+    awaiting: Option<&Arc<Awaiting>>,
+    source: &Source,
+    addr: SocketAddr,
+    attempts: Attempts,
+) -> Result<(Peer, Route), ConnectError> {
+    let id = source.id;
+    let proxy = source
+        .via
+        .as_deref()
+        .and_then(|v| v.parse::<SocketAddr>().ok());
+    let (Some(awaiting), Some(proxy)) = (awaiting, proxy) else {
+        let direct = endpoint.connect(addr, ALPN_TRANSFER, Some(id)).await;
+        return direct.map(|p| (p, Route::Direct));
+    };
+    let mut dials: Dials = JoinSet::new();
+    let mut pending = vec![addr];
+    dial(&mut dials, endpoint, Route::Direct, addr, id);
+    let mut last: Option<ConnectError> = None;
+    // The head start: a reachable source costs its proxy nothing.
+    let head = tokio::time::sleep(attempts.direct_head_start);
+    tokio::pin!(head);
+    tokio::select! {
+        _ = &mut head => {}
+        Some(done) = dials.join_next() => match done {
+            Ok((route, _, Ok(peer))) => return Ok((peer, route)),
+            Ok((_, _, Err(e))) => { pending.clear(); last = Some(e) }
+            Err(_) => pending.clear(),
+        },
+    }
+    let Some(mut wait) = awaiting.expect(id) else {
+        return finish(dials, last, addr).await;
+    };
+    // Once the source dials us, a dial of ours that gets through went
+    // through the hole its dial opened.
+    let mut dialling_back = false;
+    for round in 0.. {
+        let Some(patience) = attempts.wait(round) else {
+            break;
+        };
+        match ask_proxy(endpoint, proxy, id).await {
+            Ok(from) => {
+                debug!(source = %id.short(), %proxy, %from, round, "source dials back");
+                dialling_back = true;
+                if !pending.contains(&from) {
+                    pending.push(from);
+                    dial(&mut dials, endpoint, Route::Punched, from, id);
+                }
+            }
+            Err(e) => {
+                debug!(source = %id.short(), %proxy, error = %e, "push proxy refused");
+                last = Some(e);
+            }
+        }
+        let until = tokio::time::sleep(patience);
+        tokio::pin!(until);
+        loop {
+            tokio::select! {
+                _ = &mut until => break,
+                Some(peer) = wait.rx.recv() => {
+                    info!(source = %id.short(), route = "reversed", "connected");
+                    return Ok((peer, Route::Reversed));
+                }
+                Some(done) = dials.join_next() => match done {
+                    Ok((route, _, Ok(peer))) => {
+                        let route = if dialling_back { Route::Punched } else { route };
+                        info!(source = %id.short(), route = route.name(), "connected");
+                        return Ok((peer, route));
+                    }
+                    Ok((route, at, Err(e))) => {
+                        debug!(route = route.name(), %at, error = %e, "dial failed");
+                        pending.retain(|a| *a != at);
+                        last = Some(e);
+                    }
+                    Err(_) => {}
+                },
+            }
+        }
+    }
+    drop(wait);
+    dials.abort_all();
+    Err(last.unwrap_or(ConnectError::Connect {
+        addr,
+        reason: "not reached directly, by dial back or by hole punch".into(),
+    }))
+}
+
+type Dials = JoinSet<(Route, SocketAddr, Result<Peer, ConnectError>)>;
+
+/// Dials `id` at `at` in a task of `dials`.
+fn dial(dials: &mut Dials, endpoint: &Endpoint, route: Route, at: SocketAddr, id: NodeId) {
+    let endpoint = endpoint.clone();
+    dials.spawn(async move {
+        let r = endpoint.connect(at, ALPN_TRANSFER, Some(id)).await;
+        (route, at, r)
+    });
+}
+
+/// Waits for the direct dial alone.
+async fn finish(
+    mut dials: Dials,
+    last: Option<ConnectError>,
+    addr: SocketAddr,
+) -> Result<(Peer, Route), ConnectError> {
+    while let Some(done) = dials.join_next().await {
+        if let Ok((route, _, r)) = done {
+            return r.map(|p| (p, route));
+        }
+    }
+    Err(last.unwrap_or(ConnectError::Connect {
+        addr,
+        reason: "no dial left".into(),
+    }))
+}
+
+/// Asks the supernode at `proxy` to have `to` dial us; where `to` dials
+/// from.
+async fn ask_proxy(
+    endpoint: &Endpoint,
+    proxy: SocketAddr,
+    to: NodeId,
+) -> Result<SocketAddr, ConnectError> {
+    let fail = |reason: String| ConnectError::Connect {
+        addr: proxy,
+        reason,
+    };
+    let asked = async {
+        let peer = endpoint.connect(proxy, ALPN_LEAF, None).await?;
+        let (mut send, mut recv) = peer.conn.open_bi().await.map_err(|e| fail(e.to_string()))?;
+        net::write_frame(&mut send, &LeafRequest::Connect { to }, MAX_REQUEST_FRAME)
+            .await
+            .map_err(|e| fail(e.to_string()))?;
+        let _ = send.finish();
+        let reply = net::read_first_frame::<SupernodeReply>(&mut recv, MAX_REPLY_FRAME)
+            .await
+            .map_err(|e| fail(e.to_string()))?;
+        peer.conn.close(0u32.into(), b"done");
+        match reply {
+            Some(SupernodeReply::Connecting { addr }) => addr
+                .parse::<SocketAddr>()
+                .map_err(|_| fail(format!("named a bad address {addr:?}"))),
+            Some(SupernodeReply::Error(e)) => Err(fail(e.to_string())),
+            other => Err(fail(format!("answered {other:?}"))),
+        }
+    };
+    tokio::time::timeout(PROXY_TIMEOUT, asked)
+        .await
+        .map_err(|_| ConnectError::Timeout {
+            addr: proxy,
+            after: PROXY_TIMEOUT,
+        })?
+}
