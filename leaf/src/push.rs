@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use servent_net::{self as net, ConnectError, Endpoint, Peer, ProtocolHandler};
-use servent_proto::connect::{Attempts, Pushes};
+use servent_proto::connect::{Attempts, Proxies, Pushes};
 use servent_proto::limits::{MAX_REPLY_FRAME, MAX_REQUEST_FRAME};
 use servent_proto::msg::{
     LeafReply, LeafRequest, Source, SupernodeReply, ALPN_LEAF, ALPN_PUSH, ALPN_TRANSFER,
@@ -124,6 +124,8 @@ impl Pusher {
 #[derive(Default)]
 pub struct Awaiting {
     waiting: Mutex<HashMap<NodeId, mpsc::Sender<Peer>>>,
+    /// The push proxies asked, by IP address.
+    proxies: Mutex<Proxies<std::net::IpAddr>>,
 }
 
 /// A download's wait for one source to dial; ends the wait when dropped.
@@ -226,8 +228,21 @@ pub async fn reach(
         let Some(patience) = attempts.wait(round) else {
             break;
         };
-        match ask_proxy(endpoint, proxy, id).await {
-            Ok(from) => {
+        let host = proxy.ip();
+        let may_ask = awaiting.proxies.lock().expect("proxies lock").may_ask(host);
+        if !may_ask {
+            debug!(%proxy, "push proxy asked enough, or unreachable");
+            if pending.is_empty() {
+                break;
+            }
+        }
+        let answer = match may_ask {
+            true => Some(ask_proxy(endpoint, proxy, id).await),
+            false => None,
+        };
+        match answer {
+            None => {}
+            Some(Ok(from)) => {
                 debug!(source = %id.short(), %proxy, %from, round, "source dials back");
                 dialling_back = true;
                 if !pending.contains(&from) {
@@ -235,7 +250,16 @@ pub async fn reach(
                     dial(&mut dials, endpoint, Route::Punched, from, id);
                 }
             }
-            Err(e) => {
+            Some(Err(Asked::Unreachable(e))) => {
+                debug!(source = %id.short(), %proxy, error = %e, "push proxy unreachable");
+                awaiting
+                    .proxies
+                    .lock()
+                    .expect("proxies lock")
+                    .unreachable(host);
+                last = Some(e);
+            }
+            Some(Err(Asked::Refused(e))) => {
                 debug!(source = %id.short(), %proxy, error = %e, "push proxy refused");
                 last = Some(e);
             }
@@ -301,19 +325,35 @@ async fn finish(
     }))
 }
 
+/// Why a push proxy gave no address.
+enum Asked {
+    /// No connection to it at all.
+    Unreachable(ConnectError),
+    /// It answered, but not with an address.
+    Refused(ConnectError),
+}
+
 /// Asks the supernode at `proxy` to have `to` dial us; where `to` dials
 /// from.
 async fn ask_proxy(
     endpoint: &Endpoint,
     proxy: SocketAddr,
     to: NodeId,
-) -> Result<SocketAddr, ConnectError> {
+) -> Result<SocketAddr, Asked> {
+    let Ok(peer) =
+        tokio::time::timeout(PROXY_TIMEOUT, endpoint.connect(proxy, ALPN_LEAF, None)).await
+    else {
+        return Err(Asked::Unreachable(ConnectError::Timeout {
+            addr: proxy,
+            after: PROXY_TIMEOUT,
+        }));
+    };
+    let peer = peer.map_err(Asked::Unreachable)?;
     let fail = |reason: String| ConnectError::Connect {
         addr: proxy,
         reason,
     };
     let asked = async {
-        let peer = endpoint.connect(proxy, ALPN_LEAF, None).await?;
         let (mut send, mut recv) = peer.conn.open_bi().await.map_err(|e| fail(e.to_string()))?;
         net::write_frame(&mut send, &LeafRequest::Connect { to }, MAX_REQUEST_FRAME)
             .await
@@ -331,10 +371,11 @@ async fn ask_proxy(
             other => Err(fail(format!("answered {other:?}"))),
         }
     };
-    tokio::time::timeout(PROXY_TIMEOUT, asked)
+    let answer = tokio::time::timeout(PROXY_TIMEOUT, asked)
         .await
         .map_err(|_| ConnectError::Timeout {
             addr: proxy,
             after: PROXY_TIMEOUT,
-        })?
+        });
+    answer.and_then(|r| r).map_err(Asked::Refused)
 }

@@ -10,9 +10,12 @@
 //!   must not become a way to make its leaves dial out without end);
 //! - [`Pushes`]: whether a leaf dials a downloader its supernode names,
 //!   by how many such dials it has under way and by the downloader;
-//! - [`Attempts`]: when a downloader asks, and how often it tries again.
+//! - [`Attempts`]: when a downloader asks, and how often it tries again;
+//! - [`Proxies`]: which push proxies a downloader still asks (a proxy is
+//!   a claim of a hit, so an address many sources name is not asked
+//!   without end).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::hash::Hash;
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
@@ -224,7 +227,7 @@ pub struct Attempts {
 impl Default for Attempts {
     fn default() -> Self {
         Self {
-            direct_head_start: Duration::from_millis(500),
+            direct_head_start: Duration::from_millis(250),
             rounds: 3,
             first_wait: Duration::from_secs(2),
         }
@@ -243,6 +246,56 @@ impl Attempts {
         (0..self.rounds)
             .filter_map(|r| self.wait(r))
             .fold(self.direct_head_start, |a, b| a.saturating_add(b))
+    }
+}
+
+/// Asks a downloader sends to the push proxies at one IP address, at most
+/// (3 rounds for each of 8 sources at once, and some to spare).
+pub const MAX_PROXY_ASKS_PER_HOST: u32 = 32;
+/// Proxy hosts a downloader keeps count of; beyond, it asks no new one.
+pub const MAX_PROXY_HOSTS: usize = 1024;
+
+/// A downloader's book of the push proxies it asked, by host: a host that
+/// did not answer at all is not asked again, and none more than
+/// [`MAX_PROXY_ASKS_PER_HOST`] times. A hit whose sources all name one
+/// victim as their proxy thus costs that victim a few handshakes.
+#[derive(Debug, Clone)]
+pub struct Proxies<H> {
+    asked: HashMap<H, u32>,
+    dead: HashSet<H>,
+}
+
+impl<H> Default for Proxies<H> {
+    fn default() -> Self {
+        Self {
+            asked: HashMap::new(),
+            dead: HashSet::new(),
+        }
+    }
+}
+
+impl<H: Hash + Eq + Copy> Proxies<H> {
+    /// Whether to ask the proxy at `host` now (counted if so).
+    pub fn may_ask(&mut self, host: H) -> bool {
+        if self.dead.contains(&host) {
+            return false;
+        }
+        if !self.asked.contains_key(&host) && self.asked.len() >= MAX_PROXY_HOSTS {
+            return false;
+        }
+        let n = self.asked.entry(host).or_insert(0);
+        if *n >= MAX_PROXY_ASKS_PER_HOST {
+            return false;
+        }
+        *n += 1;
+        true
+    }
+
+    /// The proxy at `host` could not be reached at all.
+    pub fn unreachable(&mut self, host: H) {
+        if self.dead.len() < MAX_PROXY_HOSTS {
+            self.dead.insert(host);
+        }
     }
 }
 
@@ -312,11 +365,24 @@ mod tests {
     }
 
     #[test]
+    fn a_proxy_is_asked_a_bounded_number_of_times_and_never_once_dead() {
+        let mut p = Proxies::default();
+        let asks = (0..100).filter(|_| p.may_ask(1u8)).count();
+        assert_eq!(asks, MAX_PROXY_ASKS_PER_HOST as usize);
+        assert!(p.may_ask(2));
+        p.unreachable(2);
+        assert!(!p.may_ask(2));
+        let mut q = Proxies::default();
+        let hosts = (0..5000u32).filter(|&h| q.may_ask(h)).count();
+        assert_eq!(hosts, MAX_PROXY_HOSTS);
+    }
+
+    #[test]
     fn attempts_back_off_and_end() {
         let a = Attempts::default();
         assert_eq!(a.wait(0), Some(Duration::from_secs(2)));
         assert_eq!(a.wait(2), Some(Duration::from_secs(8)));
         assert_eq!(a.wait(3), None);
-        assert_eq!(a.total(), Duration::from_millis(14_500));
+        assert_eq!(a.total(), Duration::from_millis(14_250));
     }
 }

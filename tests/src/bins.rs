@@ -392,6 +392,15 @@ pub fn has_hit(stdout: &str, hash: &str) -> bool {
     })
 }
 
+/// How `leaf get --json` reached its first source (`direct`, `reversed`
+/// or `punched`), from its `done` line.
+pub fn route_of(stdout: &str) -> Option<String> {
+    stdout.lines().find_map(|line| {
+        let v: serde_json::Value = serde_json::from_str(line).ok()?;
+        (v["event"] == "done").then(|| v["routes"][0]["route"].as_str().map(String::from))?
+    })
+}
+
 /// Resident memory of process `pid` in bytes (`VmRSS` of `/proc/PID/status`).
 pub fn rss_bytes(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;

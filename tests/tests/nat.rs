@@ -324,7 +324,7 @@ fn leaves_behind_every_nat_kind_know_their_address_and_download_where_a_path_exi
                 true => String::new(),
                 false => got.stderr.lines().last().unwrap_or("").to_string(),
             };
-            let route = route_of(&got.stdout);
+            let route = bins::route_of(&got.stdout);
             println!(
                 "{:<16} {:<16} {:<10} {:<9} {:>8.2}  {detail}",
                 d.kind,
@@ -445,12 +445,4 @@ fn connectable(downloader: &str, source: &str) -> Option<bool> {
         "symmetric" => (downloader == "public").then_some(false),
         other => unreachable!("no leaf kind {other}"),
     }
-}
-
-/// How `leaf get --json` reached its (one) source, from its `done` line.
-fn route_of(stdout: &str) -> Option<String> {
-    stdout.lines().find_map(|line| {
-        let v: serde_json::Value = serde_json::from_str(line).ok()?;
-        (v["event"] == "done").then(|| v["routes"][0]["route"].as_str().map(String::from))?
-    })
 }

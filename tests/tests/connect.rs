@@ -1,0 +1,152 @@
+//! `Connect` on loopback, with real nodes (docs/PROTOCOL.md 10.5): a push
+//! proxy has its leaf dial the asker back at the address it observes the
+//! asker at, and the leaf serves it there; a proxy refuses a leaf it does
+//! not hold and an asker over its rate; a downloader's endpoint closes
+//! dial-backs nobody waits for. The NAT lab (`tests/tests/nat.rs`) runs
+//! the same exchange across real NATs.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use servent_net::{self as net, Endpoint, Identity};
+use servent_proto::connect::ConnectLimits;
+use servent_proto::limits::{MAX_REPLY_FRAME, MAX_REQUEST_FRAME, MAX_TRANSFER_FRAME};
+use servent_proto::msg::{
+    ErrorCode, GetReply, GetRequest, LeafRequest, SupernodeReply, ALPN_LEAF, ALPN_PUSH,
+    ALPN_TRANSFER,
+};
+use servent_proto::NodeId;
+use servent_tests::*;
+
+const T: Duration = Duration::from_secs(10);
+
+/// Sends `Connect { to }` to the supernode at `at` from `endpoint`.
+async fn ask(endpoint: &Endpoint, at: SocketAddr, to: NodeId) -> SupernodeReply {
+    let peer = endpoint.connect(at, ALPN_LEAF, None).await.expect("dial");
+    let (mut send, mut recv) = peer.conn.open_bi().await.expect("stream");
+    net::write_frame(&mut send, &LeafRequest::Connect { to }, MAX_REQUEST_FRAME)
+        .await
+        .expect("send");
+    let _ = send.finish();
+    let reply = tokio::time::timeout(T, net::read_first_frame(&mut recv, MAX_REPLY_FRAME))
+        .await
+        .expect("an answer in time")
+        .expect("a frame")
+        .expect("not the end");
+    peer.conn.close(0u32.into(), b"done");
+    reply
+}
+
+fn error_code(reply: &SupernodeReply) -> Option<ErrorCode> {
+    match reply {
+        SupernodeReply::Error(e) => Some(e.code),
+        _ => None,
+    }
+}
+
+#[tokio::test]
+async fn a_push_proxy_has_its_leaf_dial_back_and_serve_the_asker() {
+    let sn = supernode().await;
+    let content = random_bytes(300_001, 7);
+    let source = TestLeaf::start(&[&sn], &[("pushed.bin", content.as_slice())]).await;
+    source.wait_indexed(1).await;
+
+    // The asker: an endpoint that accepts servent-push/1, as `leaf get`'s.
+    let me = Arc::new(Identity::generate().expect("identity"));
+    let endpoint = Endpoint::bind(me, "127.0.0.1:0".parse().unwrap(), &[ALPN_PUSH]).unwrap();
+    let reply = ask(&endpoint, sn.addr(), source.leaf().id()).await;
+    let SupernodeReply::Connecting { addr } = reply else {
+        panic!("expected Connecting, got {reply:?}");
+    };
+    // Where the source's session comes from: its one socket.
+    assert_eq!(addr, source.leaf().addr().to_string());
+
+    // It dials us, as itself, with servent-push/1 ...
+    let incoming = tokio::time::timeout(T, endpoint.quinn().accept())
+        .await
+        .expect("dialled back in time")
+        .expect("an incoming connection");
+    let peer = net::accept_within(incoming, T).await.expect("handshake");
+    assert_eq!(peer.id, source.leaf().id(), "the source dials as itself");
+    assert_eq!(net::alpn(&peer.conn).as_deref(), Some(ALPN_PUSH));
+    // ... and serves it as a download: we open the streams.
+    let (mut send, mut recv) = peer.conn.open_bi().await.expect("stream");
+    let hash = hash_of(&content);
+    net::write_frame(&mut send, &GetRequest::Have(hash), MAX_TRANSFER_FRAME)
+        .await
+        .expect("ask");
+    let have = net::read_first_frame::<GetReply>(&mut recv, MAX_TRANSFER_FRAME)
+        .await
+        .expect("a reply");
+    assert!(
+        matches!(
+            have,
+            Some(GetReply::Ranges {
+                size: 300_001,
+                partial: false
+            })
+        ),
+        "{have:?}"
+    );
+    assert_eq!(sn.metrics().connects_passed.get(), 1);
+}
+
+#[tokio::test]
+async fn a_push_proxy_refuses_a_leaf_it_does_not_hold_and_an_asker_over_its_rate() {
+    let sn = supernode().await;
+    let me = Arc::new(Identity::generate().expect("identity"));
+    let my_id = me.id();
+    let endpoint = Endpoint::bind(me, "127.0.0.1:0".parse().unwrap(), &[ALPN_PUSH]).unwrap();
+    let burst = ConnectLimits::default().per_asker_burst as usize;
+    // Unknown leaves: each refused, each counted against the asker.
+    for n in 0..burst {
+        let reply = ask(&endpoint, sn.addr(), NodeId([n as u8 + 1; 32])).await;
+        assert_eq!(error_code(&reply), Some(ErrorCode::NotFound), "{reply:?}");
+    }
+    let reply = ask(&endpoint, sn.addr(), NodeId([200; 32])).await;
+    assert_eq!(
+        error_code(&reply),
+        Some(ErrorCode::RateLimited),
+        "{reply:?}"
+    );
+    // Another asker is not held back by this one, and no one may ask for
+    // a dial to itself.
+    let other = Arc::new(Identity::generate().expect("identity"));
+    let other_id = other.id();
+    let other = Endpoint::bind(other, "127.0.0.1:0".parse().unwrap(), &[ALPN_PUSH]).unwrap();
+    let reply = ask(&other, sn.addr(), other_id).await;
+    assert_eq!(error_code(&reply), Some(ErrorCode::BadRequest), "{reply:?}");
+    let reply = ask(&other, sn.addr(), my_id).await;
+    assert_eq!(error_code(&reply), Some(ErrorCode::NotFound), "{reply:?}");
+    assert_eq!(sn.metrics().connects_passed.get(), 0);
+    assert_eq!(sn.metrics().connects_refused.get(), burst as u64 + 3);
+}
+
+#[tokio::test]
+async fn a_downloader_closes_a_dial_back_nobody_waits_for() {
+    let sn = supernode().await;
+    let downloader = Client::new(
+        tempfile::tempdir().unwrap().path(),
+        vec![sn.addr().to_string()],
+    )
+    .expect("client");
+    let at = downloader.endpoint().local_addr().expect("bound");
+    let at = SocketAddr::from(([127, 0, 0, 1], at.port()));
+    let stranger = Endpoint::client_any(Arc::new(Identity::generate().unwrap())).unwrap();
+    // The handshake completes (the ALPN is served) and the connection is
+    // closed at once, before any stream.
+    let peer = stranger
+        .connect(at, ALPN_PUSH, Some(downloader.id()))
+        .await
+        .expect("handshake");
+    let closed = tokio::time::timeout(T, peer.conn.closed())
+        .await
+        .expect("closed");
+    assert!(closed.to_string().contains("not expected"), "{closed}");
+    // Nor is it a source to download from.
+    let refused = stranger
+        .connect(at, ALPN_TRANSFER, Some(downloader.id()))
+        .await;
+    assert!(refused.is_err(), "servent-xfer/3 is not served there");
+}
