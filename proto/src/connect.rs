@@ -138,7 +138,7 @@ impl<N: Hash + Eq + Copy> Connects<N> {
     }
 }
 
-/// `key`'s bucket, made full if new; at the cap, the full ones go first.
+/// `key`'s bucket, made full if new, at most [`MAX_CONNECT_BUCKETS`] kept.
 fn bucket<K: Hash + Eq>(
     map: &mut HashMap<K, TokenBucket>,
     key: K,
@@ -146,16 +146,7 @@ fn bucket<K: Hash + Eq>(
     burst: u32,
     now: Instant,
 ) -> &mut TokenBucket {
-    if map.len() >= MAX_CONNECT_BUCKETS && !map.contains_key(&key) {
-        map.retain(|_, b| !b.is_full_at(now));
-        if map.len() >= MAX_CONNECT_BUCKETS {
-            // Every bucket busy: a hostile flood of ids. Forget them all
-            // rather than grow; the per-IP and per-target ones still hold.
-            map.clear();
-        }
-    }
-    map.entry(key)
-        .or_insert_with(|| TokenBucket::new(rate, burst, now))
+    crate::rate::bucket_in(map, key, rate, burst, now, MAX_CONNECT_BUCKETS)
 }
 
 /// Push dials (to downloaders its supernodes name) a leaf has under way

@@ -74,6 +74,28 @@ impl TokenBucket {
     }
 }
 
+/// `key`'s bucket in `map`, made full if new. At `max` buckets, a new
+/// key first makes the map forget the full ones (forgetting a full bucket
+/// changes nothing), and, if every one is busy (a flood of keys), all of
+/// them rather than grow.
+pub fn bucket_in<K: std::hash::Hash + Eq>(
+    map: &mut std::collections::HashMap<K, TokenBucket>,
+    key: K,
+    rate: f64,
+    burst: u32,
+    now: Instant,
+    max: usize,
+) -> &mut TokenBucket {
+    if map.len() >= max && !map.contains_key(&key) {
+        map.retain(|_, b| !b.is_full_at(now));
+        if map.len() >= max {
+            map.clear();
+        }
+    }
+    map.entry(key)
+        .or_insert_with(|| TokenBucket::new(rate, burst, now))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -347,23 +347,7 @@ fn every_supernode_reply_round_trips() {
     }
 
     // The largest reply the supernode builds fits its frame limit.
-    let big = Hit {
-        hash: hash(),
-        names: (0..MAX_NAMES_PER_HIT)
-            .map(|i| NameVariant {
-                name: "n".repeat(MAX_NAME_BYTES),
-                size: u64::MAX - i as u64,
-            })
-            .collect(),
-        sources: (0..MAX_SOURCES_PER_HIT)
-            .map(|i| Source {
-                id: NodeId([i as u8; 32]),
-                addr: "[ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff]:65535".into(),
-                variant: (i % MAX_NAMES_PER_HIT) as u8,
-                via: None,
-            })
-            .collect(),
-    };
+    let big = biggest_hit();
     let reply = SupernodeReply::Hits(vec![big; MAX_HITS_PER_FRAME]);
     let bytes = frame::encode(&reply, MAX_REPLY_FRAME).unwrap();
     assert_eq!(
@@ -372,7 +356,7 @@ fn every_supernode_reply_round_trips() {
     );
     // With a push proxy at its longest on every source, the frames a
     // supernode writes still fit.
-    let mut proxied = reply_hit_with_via();
+    let mut proxied = biggest_hit();
     proxied.sources.iter_mut().for_each(|s| {
         s.via = Some(format!(
             "{:<1$}",
@@ -661,7 +645,7 @@ fn golden_leaf_requests() {
 }
 
 /// The largest hit: every name and source at its longest.
-fn reply_hit_with_via() -> Hit {
+fn biggest_hit() -> Hit {
     Hit {
         hash: hash(),
         names: (0..MAX_NAMES_PER_HIT)

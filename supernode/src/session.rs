@@ -134,11 +134,7 @@ fn bucket<K: std::hash::Hash + Eq>(
     burst: u32,
     now: Instant,
 ) -> &mut TokenBucket {
-    if map.len() >= MAX_BUCKETS {
-        map.retain(|_, b| !b.is_full_at(now));
-    }
-    map.entry(key)
-        .or_insert_with(|| TokenBucket::new(rate, burst, now))
+    servent_proto::rate::bucket_in(map, key, rate, burst, now, MAX_BUCKETS)
 }
 
 /// Serves a leaf connection until it closes.

@@ -164,19 +164,7 @@ impl Endpoint {
     /// addresses), or an IPv4 one where the host has no IPv6.
     pub fn client_any(identity: Arc<Identity>) -> Result<Self, EndpointError> {
         match dual_stack_socket() {
-            Ok(socket) => {
-                let inner = quinn::Endpoint::new(
-                    quinn::EndpointConfig::default(),
-                    None,
-                    socket,
-                    Arc::new(quinn::TokioRuntime),
-                )
-                .map_err(|source| EndpointError::Bind {
-                    addr: (Ipv6Addr::UNSPECIFIED, 0).into(),
-                    source,
-                })?;
-                Ok(Self::wrap(inner, identity, Arc::default()))
-            }
+            Ok(socket) => Self::on_dual_stack(identity, socket, None, TransportConfig::default()),
             Err(_) => Self::client(identity, (Ipv4Addr::UNSPECIFIED, 0).into()),
         }
     }
@@ -188,19 +176,7 @@ impl Endpoint {
         let transport = TransportConfig::default();
         let config = server_config(&identity, alpns, &transport)?;
         match dual_stack_socket() {
-            Ok(socket) => {
-                let inner = quinn::Endpoint::new(
-                    quinn::EndpointConfig::default(),
-                    Some(config),
-                    socket,
-                    Arc::new(quinn::TokioRuntime),
-                )
-                .map_err(|source| EndpointError::Bind {
-                    addr: (Ipv6Addr::UNSPECIFIED, 0).into(),
-                    source,
-                })?;
-                Ok(Self::wrap(inner, identity, Arc::new(transport)))
-            }
+            Ok(socket) => Self::on_dual_stack(identity, socket, Some(config), transport),
             Err(_) => Self::bind_with(
                 identity,
                 (Ipv4Addr::UNSPECIFIED, 0).into(),
@@ -208,6 +184,26 @@ impl Endpoint {
                 transport,
             ),
         }
+    }
+
+    /// An endpoint on a dual-stack `socket`, accepting with `server` if given.
+    fn on_dual_stack(
+        identity: Arc<Identity>,
+        socket: std::net::UdpSocket,
+        server: Option<quinn::ServerConfig>,
+        transport: TransportConfig,
+    ) -> Result<Self, EndpointError> {
+        let inner = quinn::Endpoint::new(
+            quinn::EndpointConfig::default(),
+            server,
+            socket,
+            Arc::new(quinn::TokioRuntime),
+        )
+        .map_err(|source| EndpointError::Bind {
+            addr: (Ipv6Addr::UNSPECIFIED, 0).into(),
+            source,
+        })?;
+        Ok(Self::wrap(inner, identity, Arc::new(transport)))
     }
 
     fn wrap(
