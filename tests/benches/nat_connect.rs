@@ -68,24 +68,18 @@ fn main() -> Result<()> {
         let share = dir(&format!("share-{i}"))?;
         let hash =
             bins::write_random_file(&share.join(format!("file-{i}.bin")), FILE_LEN, 7 + i as u64)?;
-        let mut args = Vec::new();
-        for sn in &sns {
-            args.extend(["--supernode".to_string(), sn.clone()]);
-        }
-        args.extend(
-            [
-                "--data-dir",
-                &path_arg(&dir(&format!("src-{i}"))?),
-                "serve",
-                "--share",
-                &path_arg(&share),
-                "--listen",
-                &format!("0.0.0.0:{LEAF_PORT}"),
-                "--no-promote",
-            ]
-            .map(String::from),
-        );
-        let cmd = bins::command(Some(&host.netns), &bins.leaf, &args);
+        let data = dir(&format!("src-{i}"))?;
+        let listen = format!("0.0.0.0:{LEAF_PORT}");
+        let share = path_arg(&share);
+        let serve = [
+            "serve",
+            "--share",
+            &share,
+            "--listen",
+            &listen,
+            "--no-promote",
+        ];
+        let cmd = bins::leaf_command(&bins, &host.netns, &sns, &data, &serve);
         let proc = Process::start(cmd, "leaf", START_TIMEOUT).map_err(anyhow::Error::msg)?;
         sources.push((hash, proc));
     }

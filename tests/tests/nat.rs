@@ -171,26 +171,19 @@ fn leaves_behind_every_nat_kind_know_their_address_and_download_where_a_path_exi
         let seed = 1 + placed_seed(kind);
         let hash = bins::write_random_file(&share.join(format!("nat-{kind}.bin")), FILE_LEN, seed)
             .expect("file");
-        let mut args = Vec::new();
-        for sn in &sn_addrs {
-            args.extend(["--supernode".to_string(), sn.clone()]);
-        }
-        args.extend(
-            [
-                "--data-dir",
-                &path_arg(&dir(&format!("leaf-{kind}"))),
-                "serve",
-                "--share",
-                &path_arg(&share),
-                "--listen",
-                &format!("0.0.0.0:{LEAF_PORT}"),
-                "--http",
-                HTTP,
-                "--no-promote",
-            ]
-            .map(String::from),
-        );
-        let cmd = bins::command(Some(&host.netns), &bins.leaf, &args);
+        let data = dir(&format!("leaf-{kind}"));
+        let (share, listen) = (path_arg(&share), format!("0.0.0.0:{LEAF_PORT}"));
+        let serve = [
+            "serve",
+            "--share",
+            &share,
+            "--listen",
+            &listen,
+            "--http",
+            HTTP,
+            "--no-promote",
+        ];
+        let cmd = bins::leaf_command(&bins, &host.netns, &sn_addrs, &data, &serve);
         let proc = Process::start(cmd, "leaf", START_TIMEOUT).expect("leaf serve starts");
         leaves.push(Leaf {
             kind,
