@@ -43,9 +43,6 @@ pub struct LinkTimings {
     /// supernode made (promotion, handover) before the answer is
     /// `Declined("busy")`: the supernode waits 10 s. Default 10 s.
     pub request_answer: Duration,
-    /// After accepting a `Rehome`, how long the answer may take to reach
-    /// the supernode before the connection is closed. Default 1 s.
-    pub rehome_close: Duration,
 }
 
 impl Default for LinkTimings {
@@ -56,7 +53,6 @@ impl Default for LinkTimings {
             learn_first: Duration::from_secs(2),
             learn_interval: Duration::from_secs(30),
             request_answer: Duration::from_secs(10),
-            rehome_close: Duration::from_secs(1),
         }
     }
 }
@@ -83,8 +79,6 @@ pub enum LinkError {
     Lost(String),
     #[error("supernode is full")]
     Full(Vec<SupernodeInfo>),
-    #[error("moved to another supernode at this one's request")]
-    Rehomed,
 }
 
 /// A request a supernode made of this leaf, for the leaf to answer.
@@ -258,7 +252,8 @@ pub async fn session(
             r = changes.changed() => if r.is_err() { return Ok(()) },
             _ = tokio::time::sleep_until(next_candidacy), if promotable => continue,
             Some((req, mut stream)) = asked.recv() => {
-                let rehome = matches!(req, SupernodeRequest::Rehome(_));
+                // An accepted `Rehome` keeps the session: the planner stops
+                // it once another one is registered (make before break).
                 let (reply_tx, reply_rx) = oneshot::channel();
                 let request = Request { from: peer.id, from_addr: sock, req, reply: reply_tx };
                 let reply = match requests.send(request).await {
@@ -269,14 +264,8 @@ pub async fn session(
                         .unwrap_or_else(|| LeafReply::Declined("busy".into())),
                     Err(_) => LeafReply::Declined("shutting down".into()),
                 };
-                let accepted = reply == LeafReply::Accepted;
                 let _ = net::write_frame(&mut stream, &reply, MAX_REPLY_FRAME).await;
                 let _ = stream.finish();
-                if rehome && accepted {
-                    let _ = tokio::time::timeout(timings.rehome_close, stream.stopped()).await;
-                    peer.conn.close(0u32.into(), b"moved to another supernode");
-                    return Err(LinkError::Rehomed);
-                }
                 continue;
             }
             e = peer.conn.closed() => return Err(LinkError::Lost(e.to_string())),

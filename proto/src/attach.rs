@@ -26,6 +26,10 @@
 //!   `full_retry` (room appears as the network elects more supernodes).
 //! - **`Rehome`.** The sender counts as full and is not dialled for
 //!   `rehome_avoid`; the offered supernodes are due now, first of all.
+//!   Make before break: the session with the sender is kept, no longer
+//!   counted among those wanted, until another session is registered (or
+//!   `rehome_grace` has passed), so that the leaf's files stay searchable
+//!   throughout the move.
 //! - **Never itself, never twice.** No session to the leaf's own id, and
 //!   no two sessions (registered or being tried) to one id.
 //!
@@ -79,6 +83,10 @@ pub struct AttachConfig {
     /// A supernode that moved the leaf elsewhere is not dialled for this
     /// long (unless the leaf is then registered nowhere). Default 60 s.
     pub rehome_avoid: Duration,
+    /// Longest a session that a `Rehome` moved the leaf away from is kept
+    /// while no other session is registered. Default 10 s: a handshake's
+    /// timeout (5 s) and a registration's round trip, with room.
+    pub rehome_grace: Duration,
     /// How often the driver looks at what the planner cannot be told of as
     /// an event (whether the leaf holds the supernode role, and the mesh it
     /// then knows). The planner's own timeouts are exact. Default 250 ms.
@@ -97,6 +105,7 @@ impl Default for AttachConfig {
             full_retry: Duration::from_secs(1),
             orphan_extra_tries: 2,
             rehome_avoid: Duration::from_secs(60),
+            rehome_grace: Duration::from_secs(10),
             tick: Duration::from_millis(250),
             max_cached: 200,
         }
@@ -187,6 +196,9 @@ struct Link<A> {
     id: Option<NodeId>,
     /// Told to stop; still counts until it has ended.
     stopping: bool,
+    /// Moved away by a `Rehome`: kept until another session is registered
+    /// or this deadline passes, and not counted among the sessions wanted.
+    leaving: Option<Instant>,
 }
 
 /// What the driver must do.
@@ -210,7 +222,7 @@ pub enum LinkOutcome {
     Stopped,
     /// Registration was answered `Full`, with the supernodes it suggested.
     Full(Vec<SupernodeInfo>),
-    /// Not reached, refused, lost, or moved elsewhere by a `Rehome`.
+    /// Not reached, refused or lost.
     Failed,
 }
 
@@ -291,8 +303,14 @@ impl<A: PeerAddr> AttachPlanner<A> {
     /// a candidate it would start becomes due. `None`: only an event can
     /// change anything.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        if self.links.len() >= self.wanted() {
-            return None;
+        let leaving = self
+            .links
+            .iter()
+            .filter(|l| !l.stopping)
+            .filter_map(|l| l.leaving)
+            .min();
+        if self.staying() >= self.wanted() {
+            return leaving;
         }
         let busy = self.busy_ids();
         let spare = self.registered_anywhere();
@@ -300,6 +318,7 @@ impl<A: PeerAddr> AttachPlanner<A> {
             .iter()
             .filter(|c| self.may_try(c, &busy, spare))
             .map(|c| c.next_try)
+            .chain(leaving)
             .min()
     }
 
@@ -418,7 +437,8 @@ impl<A: PeerAddr> AttachPlanner<A> {
 
     /// The supernode `from` (one this leaf is registered with) asked it to
     /// move to those in `list`. The leaf accepts: the driver answers
-    /// `Accepted` and ends that session, reporting its end as usual.
+    /// `Accepted` and keeps the session until the planner stops it, once
+    /// another session is registered or `rehome_grace` has passed.
     pub fn handle_rehome(
         &mut self,
         now: Instant,
@@ -429,6 +449,12 @@ impl<A: PeerAddr> AttachPlanner<A> {
         // A hostile supernode could send thousands.
         list.truncate(MAX_SUPERNODE_INFOS);
         let offered: Vec<NodeId> = list.iter().map(|i| i.id).filter(|&id| id != from).collect();
+        let until = now + self.cfg.rehome_grace;
+        for link in &mut self.links {
+            if link.id == Some(from) && link.leaving.is_none() {
+                link.leaving = Some(until);
+            }
+        }
         self.merge(list, now, unix_secs);
         // Prefer what we were offered; keep away from the sender a while.
         for c in &mut self.candidates {
@@ -534,6 +560,12 @@ impl<A: PeerAddr> AttachPlanner<A> {
         self.links.iter().any(|l| l.id.is_some())
     }
 
+    /// Sessions held or tried that count among those wanted: all but the
+    /// ones a `Rehome` moved the leaf away from.
+    fn staying(&self) -> usize {
+        self.links.iter().filter(|l| l.leaving.is_none()).count()
+    }
+
     /// Ids of the supernodes a session is registered with or dialled for.
     fn busy_ids(&self) -> Vec<NodeId> {
         self.links
@@ -553,9 +585,27 @@ impl<A: PeerAddr> AttachPlanner<A> {
             && !self.links.iter().any(|l| l.addr == c.addr)
     }
 
-    /// Stops sessions beyond those wanted and starts the due candidates
-    /// while fewer are up or being tried.
+    /// Stops sessions beyond those wanted and the ones moved away from
+    /// once they are replaced, and starts the due candidates while fewer
+    /// are up or being tried.
     fn plan(&mut self, now: Instant) {
+        // Make before break: a session moved away from ends once another
+        // one is registered (the leaf stays searchable), or at its deadline.
+        let replaced = self
+            .links
+            .iter()
+            .any(|l| l.id.is_some() && l.leaving.is_none() && !l.stopping);
+        for link in &mut self.links {
+            if link.stopping {
+                continue;
+            }
+            if link.leaving.is_some_and(|until| replaced || until <= now) {
+                link.stopping = true;
+                self.actions.push_back(Action::Stop {
+                    addr: link.addr.clone(),
+                });
+            }
+        }
         let wanted = if self.orphaned && !self.registered_anywhere() {
             // Orphaned: more tries at once (at most the cap).
             (self.wanted() + self.cfg.orphan_extra_tries).min(MAX_SUPERNODE_INFOS)
@@ -564,7 +614,7 @@ impl<A: PeerAddr> AttachPlanner<A> {
         };
         // Keep the registered sessions first, the oldest first.
         let mut live: Vec<usize> = (0..self.links.len())
-            .filter(|&i| !self.links[i].stopping)
+            .filter(|&i| !self.links[i].stopping && self.links[i].leaving.is_none())
             .collect();
         live.sort_by_key(|&i| self.links[i].id.is_none());
         for &i in live.iter().skip(wanted) {
@@ -574,7 +624,8 @@ impl<A: PeerAddr> AttachPlanner<A> {
                 addr: link.addr.clone(),
             });
         }
-        if self.links.len() >= wanted {
+        let mut staying = self.staying();
+        if staying >= wanted {
             return;
         }
         let mut busy = self.busy_ids();
@@ -590,7 +641,7 @@ impl<A: PeerAddr> AttachPlanner<A> {
             (c.failures, c.load_permille, std::cmp::Reverse(c.last_seen))
         });
         for i in order {
-            if self.links.len() >= wanted {
+            if staying >= wanted {
                 break;
             }
             let c = &mut self.candidates[i];
@@ -607,7 +658,9 @@ impl<A: PeerAddr> AttachPlanner<A> {
                 expected: c.id,
                 id: None,
                 stopping: false,
+                leaving: None,
             });
+            staying += 1;
             self.actions.push_back(Action::Connect {
                 addr: c.addr.clone(),
                 expected: c.id,
@@ -826,16 +879,42 @@ mod tests {
     }
 
     #[test]
-    fn rehome_prefers_the_offered() {
+    fn rehome_prefers_the_offered_and_keeps_the_old_session_until_it_is_replaced() {
         let t0 = Instant::now();
         let mut p = planner(1, &[info(1, 0), info(2, 100), info(3, 400)], t0);
         assert_eq!(drain(&mut p).0, vec![addr(1)]);
         p.handle_link_up(t0, UNIX, &addr(1), id(1));
         p.handle_rehome(t0, UNIX, id(1), vec![info(3, 400)]);
-        p.handle_link_ended(t0 + MS, UNIX, &addr(1), LinkOutcome::Failed);
-        // 2 is less loaded by its own account, but 3 was offered: first
-        // (with no supernode left, 2 is tried beside it).
-        assert_eq!(drain(&mut p).0.first(), Some(&addr(3)));
+        // 2 is less loaded by its own account, but 3 was offered: dialled
+        // at once, while the session with 1 stays (still searchable).
+        assert_eq!(drain(&mut p), (vec![addr(3)], vec![]));
+        assert_eq!(p.registered().collect::<Vec<_>>(), vec![id(1)]);
+        // 3 registers: only now does the session with 1 end.
+        p.handle_link_up(t0 + MS, UNIX, &addr(3), id(3));
+        assert_eq!(drain(&mut p), (vec![], vec![addr(1)]));
+        p.handle_link_ended(t0 + 2 * MS, UNIX, &addr(1), LinkOutcome::Stopped);
+        assert_eq!(p.registered().collect::<Vec<_>>(), vec![id(3)]);
+        assert_eq!(drain(&mut p).0, Vec::<String>::new());
+    }
+
+    #[test]
+    fn a_session_moved_away_from_ends_at_the_grace_if_nothing_replaces_it() {
+        let t0 = Instant::now();
+        let grace = AttachConfig::default().rehome_grace;
+        let mut p = planner(1, &[info(1, 0), info(3, 0)], t0);
+        assert_eq!(drain(&mut p).0, vec![addr(1)]);
+        p.handle_link_up(t0, UNIX, &addr(1), id(1));
+        p.handle_rehome(t0, UNIX, id(1), vec![info(3, 0)]);
+        assert_eq!(drain(&mut p), (vec![addr(3)], vec![]));
+        // 3 cannot be reached; 1 is kept meanwhile (and never dialled twice).
+        p.handle_link_ended(t0 + MS, UNIX, &addr(3), LinkOutcome::Failed);
+        let retries = run_until(&mut p, t0 + grace - MS);
+        assert!(retries.iter().all(|(_, a)| *a == addr(3)), "{retries:?}");
+        assert_eq!(p.registered().collect::<Vec<_>>(), vec![id(1)]);
+        // At the grace it ends, whether or not a replacement registered.
+        assert_eq!(p.poll_timeout().map(|t| t <= t0 + grace), Some(true));
+        p.handle_timeout(t0 + grace);
+        assert!(drain(&mut p).1.contains(&addr(1)));
     }
 
     #[test]
@@ -1070,6 +1149,8 @@ mod tests {
             proptest::prop_assert_eq!(first.len(), attach.min(2));
             for s in steps {
                 let links: Vec<String> = p.links().cloned().collect();
+                let was_registered = p.registered().next().is_some();
+                let rehomed = matches!(s, Step::Rehome(..));
                 match s {
                     Step::Wait(ms) => {
                         now += MS * u32::from(ms);
@@ -1135,9 +1216,22 @@ mod tests {
                 if p.orphaned && p.registered().next().is_none() {
                     wanted += p.cfg.orphan_extra_tries;
                 }
-                let live = p.links.iter().filter(|l| !l.stopping).count();
+                let live = p.links.iter().filter(|l| !l.stopping && l.leaving.is_none()).count();
                 proptest::prop_assert!(live <= wanted, "{} sessions, {} wanted", live, wanted);
-                proptest::prop_assert!(connects.is_empty() || p.links().count() <= wanted);
+                proptest::prop_assert!(connects.is_empty() || p.staying() <= wanted);
+                // Make before break: a session moved away from is kept only
+                // while no other is registered, and never past its grace.
+                let replaced = p.links.iter().any(|l| {
+                    l.id.is_some() && l.leaving.is_none() && !l.stopping
+                });
+                for l in p.links.iter().filter(|l| !l.stopping) {
+                    if let Some(until) = l.leaving {
+                        proptest::prop_assert!(!replaced && until > now, "{:?} kept", l.addr);
+                    }
+                }
+                if was_registered && rehomed {
+                    proptest::prop_assert!(p.registered().next().is_some(), "a rehome unregistered it");
+                }
             }
         }
     }

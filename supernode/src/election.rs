@@ -296,8 +296,14 @@ async fn hand_over(state: &State, to: NodeId, addr: SocketAddr, movers: Vec<quin
     state.send(Command::HandedOver { to }).await;
 }
 
-/// Sends every leaf (`leaves`) to `elsewhere`, then tells the owner of the
-/// role to stop it.
+/// Longest a stepping-down supernode waits for the leaves it sent elsewhere
+/// to leave (each keeps its session until it is registered elsewhere, at
+/// most the leaf's `rehome_grace`, 10 s), before it stops the role anyway.
+const STEP_DOWN_WAIT: Duration = Duration::from_secs(12);
+
+/// Sends every leaf (`leaves`) to `elsewhere`, waits until they have left
+/// (at most [`STEP_DOWN_WAIT`]; meanwhile their files stay searchable
+/// here), then tells the owner of the role to stop it.
 pub(crate) fn spawn_step_down(
     state: &Arc<State>,
     elsewhere: Vec<SupernodeInfo>,
@@ -310,6 +316,15 @@ pub(crate) fn spawn_step_down(
             for conn in &leaves {
                 let rehome = SupernodeRequest::Rehome(elsewhere.clone());
                 let _ = ask_leaf(Some(conn), &rehome).await;
+            }
+            let gone = async {
+                for conn in &leaves {
+                    conn.closed().await;
+                }
+            };
+            if tokio::time::timeout(STEP_DOWN_WAIT, gone).await.is_err() {
+                let left = leaves.iter().filter(|c| c.close_reason().is_none()).count();
+                info!(left, "stepping down with leaves still attached");
             }
             let _ = state.stepped_down.send(true);
         }

@@ -273,6 +273,9 @@ pub(crate) struct Owner {
     /// Whether the election is run (enabled, with a socket for
     /// dial-backs, and not stepped down).
     electing: bool,
+    /// Stepping down: its leaves are moving elsewhere, and a registration
+    /// is answered `Full` (docs/PROTOCOL.md 12.4).
+    stepping_down: bool,
     /// Something the snapshot or the routes show may have changed.
     dirty: bool,
     /// Each neighbour's keyword filter, and the link it came on.
@@ -320,6 +323,7 @@ pub(crate) fn new(
         links: HashMap::new(),
         election: elect::Election::new(config.election.policy(), elected, rng.random(), now),
         electing: false,
+        stepping_down: false,
         dirty: true,
         filters: HashMap::new(),
     };
@@ -497,6 +501,7 @@ impl Owner {
                 }
                 elect::Action::StepDown => {
                     self.electing = false;
+                    self.stepping_down = true;
                     let elsewhere = self.mesh.for_leaves(true, Instant::now());
                     let leaves: Vec<_> = self
                         .leases
@@ -751,6 +756,9 @@ impl Owner {
         listen_port: u16,
         conn: quinn::Connection,
     ) -> Registration {
+        if self.stepping_down {
+            return Registration::Full(self.elsewhere(now));
+        }
         match self.leases.register(now, id, observed, listen_port) {
             Admission::Admitted {
                 generation,
@@ -773,19 +781,21 @@ impl Owner {
                 self.dirty = true;
                 Registration::Admitted { generation, addr }
             }
-            Admission::Full => {
-                // Point the leaf at supernodes with room. If none we know
-                // has room, at all of them, least loaded first: they know
-                // others again, so the leaf walks on through the mesh
-                // instead of asking us over and over.
-                let mut elsewhere = self.mesh.for_leaves(true, now);
-                if elsewhere.is_empty() {
-                    elsewhere = self.mesh.for_leaves(false, now);
-                }
-                Registration::Full(elsewhere)
-            }
+            Admission::Full => Registration::Full(self.elsewhere(now)),
             Admission::Refused(r) => Registration::Refused(r),
         }
+    }
+
+    /// Where a leaf we have no room for should go: the supernodes with
+    /// room. If none we know has room, all of them, least loaded first:
+    /// they know others again, so the leaf walks on through the mesh
+    /// instead of asking us over and over.
+    fn elsewhere(&self, now: Instant) -> Vec<SupernodeInfo> {
+        let elsewhere = self.mesh.for_leaves(true, now);
+        if elsewhere.is_empty() {
+            return self.mesh.for_leaves(false, now);
+        }
+        elsewhere
     }
 
     /// Keeps the connection of a link the mesh core has admitted.

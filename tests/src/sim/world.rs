@@ -59,6 +59,9 @@ const UNIX_START: u64 = 1_800_000_000;
 const ASKED_AT_ONCE: usize = 3;
 /// A register that gets no answer counts as failed after this long.
 const REGISTER_TIMEOUT: Micros = 10 * SEC;
+/// Longest a stepping-down supernode waits for its leaves to move
+/// (`supernode/src/election.rs` STEP_DOWN_WAIT).
+const STEP_DOWN_WAIT: Micros = 12 * SEC;
 /// Bootstrap supernodes a new leaf is given (its `--supernode` flags).
 const BOOTSTRAP: usize = 5;
 /// `--peer` flags of a dedicated supernode.
@@ -259,6 +262,11 @@ enum Ev {
         epoch: u32,
         dial: u64,
     },
+    /// A stepping-down supernode stops waiting for its leaves to move.
+    StepDownEnd {
+        sup: u32,
+        epoch: u32,
+    },
     /// The election core's timer (`Election::poll_timeout`).
     ElectWake {
         sup: u32,
@@ -315,6 +323,9 @@ struct Super {
     elect_wake: Option<Micros>,
     /// The leaf a `Promote` was sent to, until it answers.
     asked: Option<u32>,
+    /// Stepping down: its leaves are moving (each leaves once registered
+    /// elsewhere); it goes once they have, or at `STEP_DOWN_WAIT`.
+    stepping: bool,
     /// Others' room as `for_leaves` last gave it, the loads of every
     /// supernode known (`Membership::loads`), and when.
     rooms: (Micros, Vec<Room>, Vec<Room>),
@@ -357,6 +368,7 @@ impl Super {
             election,
             elect_wake: None,
             asked: None,
+            stepping: false,
             rooms: (0, Vec::new(), Vec::new()),
             msgs_sec: 0,
             msgs_in_sec: 0,
@@ -862,8 +874,13 @@ impl World {
                     self.drive_mesh(sup);
                 }
             }
-            Ev::ElectWake { sup, epoch } => {
+            Ev::StepDownEnd { sup, epoch } => {
                 if self.up(sup, epoch) {
+                    self.super_down(sup, true);
+                }
+            }
+            Ev::ElectWake { sup, epoch } => {
+                if self.up(sup, epoch) && !self.supers[sup as usize].stepping {
                     self.supers[sup as usize].elect_wake = None;
                     self.elect_timeout(sup);
                 }
@@ -1326,20 +1343,16 @@ impl World {
                 );
             }
             Msg::Rehome { sup, list } => {
-                let Some(addr) = self.registered_addr(l, sup) else {
+                if self.registered_addr(l, sup).is_none() {
                     return;
-                };
+                }
                 let (from, infos) = (self.sup_id(sup), list);
                 if let Some(p) = self.leaves[l as usize].planner.as_mut() {
                     p.handle_rehome(instant, unix, from, infos);
                 }
-                let gen = self.leaves[l as usize].gen;
-                self.send(
-                    Node::Leaf(l),
-                    Node::Super(sup),
-                    Msg::Goodbye { leaf: l, gen },
-                );
-                self.session_ended(l, addr, LinkOutcome::Failed, false);
+                // The session stays until the planner stops it, once another
+                // is registered (make before break).
+                self.drive_leaf(l);
             }
             _ => {}
         }
@@ -1546,7 +1559,8 @@ impl World {
         match msg {
             Msg::Register { leaf, gen } => {
                 let sup = &self.supers[s as usize];
-                if sup.leaves.len() >= sup.max_leaves && !sup.leaves.contains_key(&leaf) {
+                let full = sup.leaves.len() >= sup.max_leaves && !sup.leaves.contains_key(&leaf);
+                if full || sup.stepping {
                     let mut list = self.for_leaves(s, true);
                     if list.is_empty() {
                         list = self.for_leaves(s, false);
@@ -1562,7 +1576,13 @@ impl World {
                     Msg::Registered { sup: s, list },
                 );
             }
-            Msg::Goodbye { leaf, gen } => self.drop_leaf(s, leaf, gen),
+            Msg::Goodbye { leaf, gen } => {
+                self.drop_leaf(s, leaf, gen);
+                let sup = &self.supers[s as usize];
+                if sup.stepping && sup.leaves.is_empty() {
+                    self.super_down(s, true);
+                }
+            }
             Msg::ListReq { leaf, gen }
                 if self.supers[s as usize]
                     .leaves
@@ -1954,7 +1974,16 @@ impl World {
                         };
                         self.send(Node::Super(s), Node::Leaf(l), rehome);
                     }
-                    self.super_down(s, true);
+                    // Make before break: it stays until they have moved.
+                    let me = &mut self.supers[s as usize];
+                    if me.leaves.is_empty() {
+                        self.super_down(s, true);
+                    } else {
+                        me.stepping = true;
+                        let epoch = me.epoch;
+                        self.q
+                            .after(STEP_DOWN_WAIT, Ev::StepDownEnd { sup: s, epoch });
+                    }
                     return;
                 }
             }
