@@ -210,6 +210,8 @@ fn answer(
             LeafReply::Accepted
         }
         SupernodeRequest::Connect { peer, addr } => cfg.pusher.answer(peer, &addr),
+        // The session hands a relay's stream to the pusher itself.
+        SupernodeRequest::Relay { .. } => LeafReply::Declined("not here".into()),
     };
     let _ = request.reply.send(reply);
 }
@@ -261,6 +263,10 @@ fn start(
         let role = cfg.role.clone();
         Arc::new(move || role.may_offer()) as Arc<dyn Fn() -> bool + Send + Sync>
     };
+    let relayed: link::Relayed = {
+        let pusher = cfg.pusher.clone();
+        Arc::new(move |peer, via, send, recv| pusher.relayed(peer, via, send, recv))
+    };
     let span = info_span!("link", supernode = %addr);
     tasks.spawn(
         async move {
@@ -295,6 +301,7 @@ fn start(
                 promotable,
                 may_offer,
                 registered: registered_tx,
+                relayed,
             };
             let session = async {
                 let Some(sock) = link::resolve(&addr).await else {

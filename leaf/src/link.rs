@@ -103,7 +103,15 @@ pub struct Hooks {
     pub may_offer: Arc<dyn Fn() -> bool + Send + Sync>,
     /// Told the supernode's id once registered.
     pub registered: oneshot::Sender<NodeId>,
+    /// Takes a `Relay { peer }` request's stream, with the supernode's
+    /// address: it answers on it and serves `peer` through it.
+    pub relayed: Relayed,
 }
+
+/// What a session hands a `Relay` request to: the downloader, the relay's
+/// address, and the stream.
+pub type Relayed =
+    Arc<dyn Fn(NodeId, SocketAddr, quinn::SendStream, quinn::RecvStream) + Send + Sync>;
 
 /// Resolves `HOST:PORT` (a name or an address).
 pub async fn resolve(addr: &str) -> Option<SocketAddr> {
@@ -130,6 +138,7 @@ pub async fn session(
         promotable,
         may_offer,
         registered,
+        relayed,
     } = hooks;
     let peer = endpoint.connect(sock, ALPN_LEAF, expected).await?;
     let lost = |e: net::StreamError| LinkError::Lost(e.to_string());
@@ -181,13 +190,16 @@ pub async fn session(
         })
     };
     let _asker = AbortOnDrop(asker);
-    // Requests the supernode opens streams for (promotion, handover).
+    // Requests the supernode opens streams for (promotion, handover, dial
+    // back); a relay's stream goes on being the tunnel, so it is handed on
+    // whole.
     let (asked_tx, mut asked) = mpsc::channel::<(SupernodeRequest, quinn::SendStream)>(4);
     let acceptor = {
         let conn = peer.conn.clone();
         tokio::spawn(async move {
             while let Ok((send, mut recv)) = conn.accept_bi().await {
                 match net::read_first_frame::<SupernodeRequest>(&mut recv, MAX_REPLY_FRAME).await {
+                    Ok(Some(SupernodeRequest::Relay { peer })) => relayed(peer, sock, send, recv),
                     Ok(Some(req)) => {
                         if asked_tx.send((req, send)).await.is_err() {
                             return;

@@ -20,7 +20,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use servent_net::{self as net, ConnectError, Endpoint, Peer, ProtocolHandler};
+use servent_net::{self as net, ConnectError, Endpoint, Peer, ProtocolHandler, TunnelSocket};
 use servent_proto::connect::{Attempts, Proxies, Pushes};
 use servent_proto::limits::{MAX_REPLY_FRAME, MAX_REQUEST_FRAME};
 use servent_proto::msg::{
@@ -41,6 +41,8 @@ pub enum Route {
     /// Its dial to the address the source dials from, opened by the
     /// source's dial the other way.
     Punched,
+    /// Its dial through a tunnel the source's push proxy relays.
+    Relayed,
 }
 
 impl Route {
@@ -49,6 +51,7 @@ impl Route {
             Route::Direct => "direct",
             Route::Reversed => "reversed",
             Route::Punched => "punched",
+            Route::Relayed => "relayed",
         }
     }
 }
@@ -112,6 +115,65 @@ impl Pusher {
             .instrument(span),
         );
         LeafReply::Accepted
+    }
+
+    /// Answers a supernode's `Relay { peer }` on its stream (`send`/`recv`,
+    /// from the relay at `via`): accepted if admitted as a dial back is,
+    /// and then, in a task of its own, takes `peer`'s connection through
+    /// the tunnel the stream becomes and serves it (docs/PROTOCOL.md 10.6).
+    pub fn relayed(
+        self: &Arc<Self>,
+        peer: NodeId,
+        via: SocketAddr,
+        mut send: quinn::SendStream,
+        recv: quinn::RecvStream,
+    ) {
+        let this = self.clone();
+        let span = tracing::info_span!("relayed", peer = %peer.short(), %via);
+        tokio::spawn(
+            async move {
+                let admitted =
+                    peer != this.endpoint.id() && this.lock().admit(Instant::now(), peer);
+                let reply = match admitted {
+                    true => LeafReply::Accepted,
+                    false => LeafReply::Declined("too many dials back at once".into()),
+                };
+                let written = net::write_frame(&mut send, &reply, MAX_REPLY_FRAME).await;
+                if !admitted || written.is_err() {
+                    if admitted {
+                        this.lock().done();
+                    }
+                    let _ = send.finish();
+                    return;
+                }
+                let accepted = async {
+                    let local = this.endpoint.local_addr().map_err(|e| e.to_string())?;
+                    let tunnel = TunnelSocket::open(send, recv, local, via);
+                    let inner = this
+                        .endpoint
+                        .on_socket(tunnel.socket, &[ALPN_TRANSFER])
+                        .map_err(|e| e.to_string())?;
+                    let incoming = inner.quinn().accept().await.ok_or("tunnel closed")?;
+                    let dialled = net::accept_within(incoming, PUSH_DIAL_TIMEOUT).await?;
+                    if dialled.id != peer {
+                        dialled.conn.close(0u32.into(), b"unexpected node id");
+                        return Err(format!("dialled by {}", dialled.id.short()));
+                    }
+                    Ok(dialled)
+                };
+                let accepted = tokio::time::timeout(PUSH_DIAL_TIMEOUT, accepted).await;
+                this.lock().done();
+                match accepted {
+                    Ok(Ok(peer)) => {
+                        debug!("dialled through the relay; serving");
+                        (this.serve)(peer).await;
+                    }
+                    Ok(Err(e)) => debug!(error = %e, "relayed dial failed"),
+                    Err(_) => debug!("relayed dial timed out"),
+                }
+            }
+            .instrument(span),
+        );
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Pushes<NodeId>> {
@@ -224,15 +286,26 @@ pub async fn reach(
     // Once the source dials us, a dial of ours that gets through went
     // through the hole its dial opened.
     let mut dialling_back = false;
+    // A relay asked for and not yet failed.
+    let mut relaying = false;
     for round in 0.. {
         let Some(patience) = attempts.wait(round) else {
             break;
         };
         let host = proxy.ip();
+        if attempts.relays_at(round) {
+            relaying = true;
+            debug!(source = %id.short(), %proxy, round, "asking for a relay too");
+            let endpoint = endpoint.clone();
+            dials.spawn(async move {
+                let r = relay(&endpoint, proxy, id).await;
+                (Route::Relayed, proxy, r)
+            });
+        }
         let may_ask = awaiting.proxies.lock().expect("proxies lock").may_ask(host);
         if !may_ask {
             debug!(%proxy, "push proxy asked enough, or unreachable");
-            if pending.is_empty() {
+            if pending.is_empty() && !relaying {
                 break;
             }
         }
@@ -275,12 +348,16 @@ pub async fn reach(
                 }
                 Some(done) = dials.join_next() => match done {
                     Ok((route, _, Ok(peer))) => {
-                        let route = if dialling_back { Route::Punched } else { route };
+                        let route = match route {
+                            Route::Direct if dialling_back => Route::Punched,
+                            r => r,
+                        };
                         info!(source = %id.short(), route = route.name(), "connected");
                         return Ok((peer, route));
                     }
                     Ok((route, at, Err(e))) => {
                         debug!(route = route.name(), %at, error = %e, "dial failed");
+                        relaying &= route != Route::Relayed;
                         pending.retain(|a| *a != at);
                         last = Some(e);
                     }
@@ -323,6 +400,54 @@ async fn finish(
         addr,
         reason: "no dial left".into(),
     }))
+}
+
+/// Reaches `to` through a tunnel its push proxy at `proxy` relays
+/// (docs/PROTOCOL.md 10.6): asks for the circuit, then dials `to` through
+/// it, expecting its node id, as it would dial it directly. The tunnel
+/// and its connection to the proxy last as long as the connection to `to`.
+async fn relay(endpoint: &Endpoint, proxy: SocketAddr, to: NodeId) -> Result<Peer, ConnectError> {
+    let fail = |reason: String| ConnectError::Connect {
+        addr: proxy,
+        reason: format!("relay: {reason}"),
+    };
+    let timed_out = |_| ConnectError::Timeout {
+        addr: proxy,
+        after: PROXY_TIMEOUT,
+    };
+    let peer = tokio::time::timeout(PROXY_TIMEOUT, endpoint.connect(proxy, ALPN_LEAF, None))
+        .await
+        .map_err(timed_out)??;
+    let asked = async {
+        let (mut send, mut recv) = peer.conn.open_bi().await.map_err(|e| fail(e.to_string()))?;
+        net::write_frame(&mut send, &LeafRequest::Relay { to }, MAX_REQUEST_FRAME)
+            .await
+            .map_err(|e| fail(e.to_string()))?;
+        match net::read_frame::<SupernodeReply>(&mut recv, MAX_REPLY_FRAME).await {
+            Ok(Some(SupernodeReply::Relaying)) => Ok((send, recv)),
+            Ok(Some(SupernodeReply::Error(e))) => Err(fail(e.to_string())),
+            Ok(other) => Err(fail(format!("answered {other:?}"))),
+            Err(e) => Err(fail(e.to_string())),
+        }
+    };
+    let (send, recv) = tokio::time::timeout(PROXY_TIMEOUT, asked)
+        .await
+        .map_err(timed_out)??;
+    let local = endpoint.local_addr().map_err(|e| fail(e.to_string()))?;
+    let tunnel = TunnelSocket::open(send, recv, local, proxy);
+    let inner = endpoint
+        .on_socket(tunnel.socket, &[])
+        .map_err(|e| fail(e.to_string()))?;
+    hold_until_carried(peer.conn, tunnel.carrier);
+    inner.connect(proxy, ALPN_TRANSFER, Some(to)).await
+}
+
+/// Keeps the connection a tunnel runs on until the tunnel ends.
+fn hold_until_carried(conn: quinn::Connection, carrier: tokio::task::JoinHandle<()>) {
+    tokio::spawn(async move {
+        let _ = carrier.await;
+        conn.close(0u32.into(), b"relay ended");
+    });
 }
 
 /// Why a push proxy gave no address.

@@ -213,6 +213,10 @@ pub struct Attempts {
     /// How long the first round waits for a handshake; each next one
     /// waits twice as long as the last.
     pub first_wait: Duration,
+    /// From the start of this round (from 0), the source is also reached
+    /// through a tunnel its push proxy relays (docs/PROTOCOL.md 10.6), in
+    /// case no punch ever gets through; the rounds go on beside it.
+    pub relay_from_round: u32,
 }
 
 impl Default for Attempts {
@@ -221,6 +225,7 @@ impl Default for Attempts {
             direct_head_start: Duration::from_millis(250),
             rounds: 3,
             first_wait: Duration::from_secs(2),
+            relay_from_round: 1,
         }
     }
 }
@@ -230,6 +235,11 @@ impl Attempts {
     /// rounds are used up.
     pub fn wait(&self, round: u32) -> Option<Duration> {
         (round < self.rounds).then(|| self.first_wait.saturating_mul(1 << round.min(16)))
+    }
+
+    /// Whether a relay is asked for as round `n` starts.
+    pub fn relays_at(&self, round: u32) -> bool {
+        round == self.relay_from_round
     }
 
     /// The longest a source can take to reach through every round.

@@ -35,6 +35,7 @@ pub mod nat;
 pub mod pin;
 pub mod portmap;
 pub mod rate;
+pub mod relay;
 pub mod rng;
 pub mod route;
 pub mod schedule;

@@ -52,6 +52,11 @@ pub enum LeafRequest {
     /// address this supernode observes this connection come from, never
     /// one the asker names. Answered by one `Connecting` frame, or `Error`.
     Connect { to: NodeId },
+    /// Relay a connection to leaf `to`, whose session this supernode holds
+    /// (docs/PROTOCOL.md 10.6): answered by one `Relaying` frame, after
+    /// which the rest of this stream, both ways, is the tunnel to `to`; or
+    /// by `Error`.
+    Relay { to: NodeId },
 }
 
 /// What to search for.
@@ -107,6 +112,11 @@ pub enum SupernodeRequest {
     /// expecting `peer`, and serve it as you would a download. Answered by
     /// one `LeafReply` before the dial starts.
     Connect { peer: NodeId, addr: String },
+    /// Leaf `peer` wants to download from you through this supernode
+    /// (docs/PROTOCOL.md 10.6): answered by one `LeafReply`; after
+    /// `Accepted`, the rest of this stream, both ways, is the tunnel to
+    /// `peer`, who dials you through it expecting your node id.
+    Relay { peer: NodeId },
 }
 
 /// A leaf's answer to a `SupernodeRequest`.
@@ -223,6 +233,9 @@ pub enum SupernodeReply {
     /// now from `addr`, its session's address as this supernode observes
     /// it; the asker dials `addr` at the same time (the hole punch).
     Connecting { addr: String },
+    /// Answer to `Relay`: the leaf accepted; the rest of the stream is the
+    /// tunnel to it.
+    Relaying,
 }
 
 /// What one supernode tells others about a supernode it knows.

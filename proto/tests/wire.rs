@@ -691,6 +691,27 @@ fn golden_connect_messages() {
 }
 
 #[test]
+fn golden_relay_messages() {
+    // 81 { a5 "Relay": 91 [ c4 20 <id> ] }
+    golden(
+        &LeafRequest::Relay { to: node() },
+        MAX_REQUEST_FRAME,
+        "0000002a81a552656c617991c420000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f",
+    );
+    // A unit variant is its name: a8 "Relaying".
+    golden(
+        &SupernodeReply::Relaying,
+        MAX_REPLY_FRAME,
+        "00000009a852656c6179696e67",
+    );
+    golden(
+        &SupernodeRequest::Relay { peer: node() },
+        MAX_REPLY_FRAME,
+        "0000002a81a552656c617991c420000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f",
+    );
+}
+
+#[test]
 fn a_source_with_a_push_proxy_has_a_fourth_field_and_one_without_has_three() {
     let mut s = Source {
         id: node(),

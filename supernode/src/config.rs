@@ -110,6 +110,9 @@ pub struct Config {
     pub mesh_query_burst: u32,
     /// Supernode election (the `[election]` table).
     pub election: crate::election::ElectionConfig,
+    /// Relaying between leaves that reach each other no other way (the
+    /// `[relay]` table: `enabled`, the circuit counts and budgets).
+    pub relay: crate::relay::RelayConfig,
     /// Timings of query handling at a hop (`servent_proto::hop`); not in
     /// the TOML file. Default [`HopConfig::default`].
     #[serde(skip)]
@@ -169,6 +172,7 @@ impl Default for Config {
             mesh_query_rate: 200.0,
             mesh_query_burst: 400,
             election: Default::default(),
+            relay: Default::default(),
             hop: HopConfig::default(),
             mesh: MeshConfig::default(),
             transport: Default::default(),
@@ -288,5 +292,20 @@ mod tests {
         assert_eq!(c.max_leaves, 5);
         assert_eq!(c.max_files_per_leaf, DEFAULT_MAX_FILES_PER_LEAF);
         assert!(toml::from_str::<Config>("max_leafs = 5").is_err());
+    }
+
+    #[test]
+    fn relaying_is_on_by_default_and_the_file_turns_it_off_or_caps_it() {
+        let d = Config::default().relay.limits();
+        assert_eq!(d, servent_proto::relay::RelayLimits::default());
+        assert!(d.enabled);
+        let c: Config =
+            toml::from_str("[relay]\nenabled = false\nmax_circuits = 2\ncircuit_secs = 60\n")
+                .unwrap();
+        let l = c.relay.limits();
+        assert!(!l.enabled);
+        assert_eq!(l.max_circuits, 2);
+        assert_eq!(l.circuit_duration, std::time::Duration::from_secs(60));
+        assert!(toml::from_str::<Config>("[relay]\nrelays = 1\n").is_err());
     }
 }

@@ -25,6 +25,7 @@ pub mod mesh;
 pub mod metrics;
 pub mod owner;
 pub mod probe;
+pub mod relay;
 pub mod routing;
 pub mod session;
 pub mod status;
@@ -75,6 +76,8 @@ pub struct State {
     query_limits: session::QueryLimits,
     /// Which `Connect` requests are passed on to our leaves.
     connects: Mutex<servent_proto::connect::Connects<NodeId>>,
+    /// The circuits this supernode relays, and their budgets.
+    relays: Mutex<servent_proto::relay::Relays>,
     /// What every query at this node shares: the seen-set, each
     /// neighbour's query bucket and the fair forwarder.
     hop: Mutex<HopNode<NodeId>>,
@@ -110,6 +113,7 @@ impl State {
         );
         let mut hop = HopNode::new(config.hop, config.mesh_query_rate, config.mesh_query_burst);
         let (core, client) = owner::new(id, &config, elected, owner::node_rng());
+        let relay_limits = config.relay.limits();
         // Walkers pick neighbours in an order drawn from the node's RNG.
         hop.seed(client.query_ids.lock().expect("query id lock").random());
         Self {
@@ -119,6 +123,10 @@ impl State {
             metrics: Metrics::default(),
             query_limits,
             connects: Mutex::new(servent_proto::connect::Connects::new(Default::default())),
+            relays: Mutex::new(servent_proto::relay::Relays::new(
+                relay_limits,
+                std::time::Instant::now(),
+            )),
             hop: Mutex::new(hop),
             owner: client,
             core: Mutex::new(Some(core)),

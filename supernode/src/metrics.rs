@@ -36,6 +36,13 @@ pub struct Metrics {
     /// `Connect` requests refused: by a rate limit, for a leaf not ours,
     /// or declined by the leaf.
     pub connects_refused: Counter,
+    /// Relay circuits opened (both leaves accepted).
+    pub relays_opened: Counter,
+    /// `Relay` requests refused: over a budget, for a leaf not ours, or
+    /// declined by the leaf.
+    pub relays_refused: Counter,
+    /// Bytes relayed, both ways, over every circuit.
+    pub relayed_bytes: Counter,
     /// Bytes on the wire, over every connection.
     pub traffic: Traffic,
 }
@@ -45,7 +52,7 @@ pub type Field = fn(&Metrics) -> &Counter;
 
 /// Every counter of [`Metrics`]: its `/metrics` name (`prometheus_client`
 /// appends `_total`), its help, and where it is.
-pub const COUNTERS: [(&str, &str, Field); 11] = [
+pub const COUNTERS: [(&str, &str, Field); 14] = [
     (
         "servent_leaf_queries",
         "Queries received from this supernode's own leaves",
@@ -100,6 +107,21 @@ pub const COUNTERS: [(&str, &str, Field); 11] = [
         "servent_connects_refused",
         "Connect requests refused: rate limited, for a leaf not here, or declined by it",
         |m| &m.connects_refused,
+    ),
+    (
+        "servent_relays_opened",
+        "Relay circuits opened between two leaves",
+        |m| &m.relays_opened,
+    ),
+    (
+        "servent_relays_refused",
+        "Relay requests refused: over a budget, for a leaf not here, or declined by it",
+        |m| &m.relays_refused,
+    ),
+    (
+        "servent_relayed_bytes",
+        "Bytes relayed between leaves, both ways",
+        |m| &m.relayed_bytes,
     ),
 ];
 

@@ -186,6 +186,14 @@ async fn handle_stream(
                 }),
             }
         }
+        Ok(Some(LeafRequest::Relay { to })) => {
+            crate::relay::relay(&state, &conn.peer, to, &mut send, recv)
+                .await
+                .map_err(|reply| Refusal {
+                    reply,
+                    close_connection: false,
+                })
+        }
         Ok(None) => Ok(()),
         Err(e) => Err(Refusal::bad(format!("bad request: {e}"))),
     };

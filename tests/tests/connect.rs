@@ -150,3 +150,108 @@ async fn a_downloader_closes_a_dial_back_nobody_waits_for() {
         .await;
     assert!(refused.is_err(), "servent-xfer/3 is not served there");
 }
+
+/// Asks the supernode at `at` to relay to `to`: its answer, and the
+/// connection and stream the tunnel would run on.
+async fn ask_relay(
+    endpoint: &Endpoint,
+    at: SocketAddr,
+    to: NodeId,
+) -> (
+    SupernodeReply,
+    net::Peer,
+    quinn::SendStream,
+    quinn::RecvStream,
+) {
+    let peer = endpoint.connect(at, ALPN_LEAF, None).await.expect("dial");
+    let (mut send, mut recv) = peer.conn.open_bi().await.expect("stream");
+    net::write_frame(&mut send, &LeafRequest::Relay { to }, MAX_REQUEST_FRAME)
+        .await
+        .expect("send");
+    let reply = tokio::time::timeout(T, net::read_frame(&mut recv, MAX_REPLY_FRAME))
+        .await
+        .expect("an answer in time")
+        .expect("a frame")
+        .expect("not the end");
+    (reply, peer, send, recv)
+}
+
+#[tokio::test]
+async fn a_relay_carries_an_end_to_end_connection_to_its_leaf_who_serves_it() {
+    init_tracing();
+    let sn = supernode().await;
+    let content = random_bytes(1_000_003, 9);
+    let source = TestLeaf::start(&[&sn], &[("relayed.bin", content.as_slice())]).await;
+    source.wait_indexed(1).await;
+
+    let me = Arc::new(Identity::generate().expect("identity"));
+    let endpoint = Endpoint::client_any(me).unwrap();
+    let (reply, _outer, send, recv) = ask_relay(&endpoint, sn.addr(), source.leaf().id()).await;
+    assert_eq!(reply, SupernodeReply::Relaying);
+    // Our own QUIC connection through the tunnel: the far end proves it
+    // is the source (the relay cannot be it), and serves the file.
+    let local = endpoint.local_addr().unwrap();
+    let tunnel = net::TunnelSocket::open(send, recv, local, sn.addr());
+    let inner = endpoint.on_socket(tunnel.socket, &[]).unwrap();
+    let peer = inner
+        .connect(sn.addr(), ALPN_TRANSFER, Some(source.leaf().id()))
+        .await
+        .expect("a handshake through the relay, with the source");
+    let (mut send, mut recv) = peer.conn.open_bi().await.expect("stream");
+    let hash = hash_of(&content);
+    net::write_frame(&mut send, &GetRequest::Have(hash), MAX_TRANSFER_FRAME)
+        .await
+        .expect("ask");
+    let have = net::read_first_frame::<GetReply>(&mut recv, MAX_TRANSFER_FRAME)
+        .await
+        .expect("a reply");
+    assert!(
+        matches!(
+            have,
+            Some(GetReply::Ranges {
+                size: 1_000_003,
+                partial: false
+            })
+        ),
+        "{have:?}"
+    );
+    assert_eq!(sn.metrics().relays_opened.get(), 1);
+    assert!(sn.metrics().relayed_bytes.get() > 0);
+}
+
+#[tokio::test]
+async fn a_relay_refuses_beyond_its_budget_a_leaf_it_does_not_hold_and_when_turned_off() {
+    let mut config = supernode::Config::localhost();
+    config.relay.max_circuits_per_ip = 1;
+    let sn = supernode_with(config).await;
+    let a = TestLeaf::start(&[&sn], &[("a.bin", b"a".as_slice())]).await;
+    let b = TestLeaf::start(&[&sn], &[("b.bin", b"b".as_slice())]).await;
+    a.wait_indexed(1).await;
+    b.wait_indexed(1).await;
+    let endpoint = Endpoint::client_any(Arc::new(Identity::generate().unwrap())).unwrap();
+    // One circuit from this address is open (held: the tunnel is unused)...
+    let (reply, _held, _s, _r) = ask_relay(&endpoint, sn.addr(), a.leaf().id()).await;
+    assert_eq!(reply, SupernodeReply::Relaying);
+    // ... so the next is refused at once, not queued.
+    let (reply, ..) = ask_relay(&endpoint, sn.addr(), b.leaf().id()).await;
+    assert_eq!(
+        error_code(&reply),
+        Some(ErrorCode::RateLimited),
+        "{reply:?}"
+    );
+    let (reply, ..) = ask_relay(&endpoint, sn.addr(), NodeId([7; 32])).await;
+    assert!(error_code(&reply).is_some(), "{reply:?}");
+    assert_eq!(sn.metrics().relays_opened.get(), 1);
+    assert_eq!(sn.metrics().relays_refused.get(), 2);
+
+    let mut off = supernode::Config::localhost();
+    off.relay.enabled = false;
+    let sn = supernode_with(off).await;
+    let c = TestLeaf::start(&[&sn], &[("c.bin", b"c".as_slice())]).await;
+    c.wait_indexed(1).await;
+    let (reply, ..) = ask_relay(&endpoint, sn.addr(), c.leaf().id()).await;
+    let SupernodeReply::Error(e) = reply else {
+        panic!("a relay turned off relays nothing: {reply:?}");
+    };
+    assert!(e.message.contains("turned off"), "{e}");
+}

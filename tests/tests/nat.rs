@@ -8,14 +8,14 @@
 //!
 //! Each leaf first judges its NAT from what its supernodes saw (`/status`
 //! `nat`); then every leaf downloads every other leaf's file with `leaf
-//! get`, and the matrix of outcomes is printed. Every pair that the two
-//! NAT behaviours allow in theory must complete and verify: directly when
-//! a dial reaches the source (public, full cone, the port the NAT-PMP leaf
-//! had mapped), by the source dialling back when the downloader is public,
-//! and by a hole punch when both mappings are endpoint-independent. The
-//! rest (a symmetric NAT against anything but a public downloader, a
-//! port-restricted source against a symmetric downloader) need a relay,
-//! not built yet: their outcome is printed, not asserted.
+//! get`, and the matrix of outcomes is printed. Every pair must complete
+//! and verify, by the path the two NAT behaviours allow in theory:
+//! directly when a dial reaches the source (public, full cone, the port
+//! the NAT-PMP leaf had mapped), by the source dialling back when the
+//! downloader is public, by a hole punch when both mappings are
+//! endpoint-independent, and through a supernode's relay for the rest (a
+//! symmetric NAT against anything but a public downloader, a
+//! port-restricted source against a symmetric downloader).
 //!
 //! Needs root, `ip netns`, `iptables`, `tc`, `nft`, `conntrack`, Debian's
 //! `miniupnpd` and `curl` (to read a leaf's `/status` inside its namespace); without
@@ -326,16 +326,24 @@ fn leaves_behind_every_nat_kind_know_their_address_and_download_where_a_path_exi
                 route.as_deref().unwrap_or("-"),
                 got.took.as_secs_f64()
             );
-            let expected = connectable(d.kind, s.kind);
-            if expected.is_some() && !verified {
+            let expected = path(d.kind, s.kind);
+            if !verified {
                 failures.push(format!("{} from {}: {detail}", d.kind, s.kind));
             }
-            // A direct dial is used where it reaches; the others went by
-            // dial back or punch (which of the two wins is a race when
-            // both could).
-            let direct = route.as_deref() == Some("direct");
-            if verified && expected.is_some_and(|only_direct| only_direct != direct) {
-                failures.push(format!("{} from {}: route {route:?}", d.kind, s.kind));
+            // A direct dial is used where it reaches, a relay only where
+            // nothing else can; the others went by dial back or punch
+            // (which of the two wins is a race when both could).
+            let taken = match route.as_deref() {
+                Some("direct") => Some(Path::Direct),
+                Some("reversed" | "punched") => Some(Path::Around),
+                Some("relayed") => Some(Path::Relayed),
+                _ => None,
+            };
+            if verified && taken != Some(expected) {
+                failures.push(format!(
+                    "{} from {}: route {route:?}, expected {expected:?}",
+                    d.kind, s.kind
+                ));
             }
         }
     }
@@ -418,24 +426,33 @@ fn placed_seed(kind: &str) -> u64 {
     kind.bytes().map(u64::from).sum()
 }
 
-/// Whether a `leaf get` behind `downloader`'s NAT can reach a source
-/// behind `source`'s without a relay. `leaf get` dials from a socket of
-/// its own, which no DNAT or port mapping covers: behind the full cone and
-/// the NAT-PMP router it is port-restricted (an endpoint-independent
-/// mapping).
-/// `Some(true)`: by a direct dial; `Some(false)`: by the source dialling
-/// back or a hole punch; `None`: not at all.
-fn connectable(downloader: &str, source: &str) -> Option<bool> {
+/// How a download reaches its source.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Path {
+    Direct,
+    /// The source dialled back, or a hole punch.
+    Around,
+    Relayed,
+}
+
+/// The path a `leaf get` behind `downloader`'s NAT takes to a source
+/// behind `source`'s: the most direct one the two NATs allow in theory.
+/// `leaf get` dials from a socket of its own, which no DNAT or port
+/// mapping covers: behind the full cone and the NAT-PMP router it is
+/// port-restricted (an endpoint-independent mapping).
+fn path(downloader: &str, source: &str) -> Path {
     match source {
         // A direct dial: the public address, the full cone's DNAT, the
         // port the NAT-PMP leaf mapped.
-        "public" | "full-cone" | "nat-pmp" => Some(true),
+        "public" | "full-cone" | "nat-pmp" => Path::Direct,
         // Dialled back by a public downloader, or punched from an
-        // endpoint-independent mapping.
-        "port-restricted" => (downloader != "symmetric").then_some(false),
-        // Its port towards the downloader is known to nobody in advance:
-        // only a downloader that takes any packet is reached.
-        "symmetric" => (downloader == "public").then_some(false),
+        // endpoint-independent mapping; a symmetric downloader's port
+        // towards it is known to nobody in advance.
+        "port-restricted" if downloader != "symmetric" => Path::Around,
+        // Its own port towards the downloader is known to nobody in
+        // advance: only a downloader that takes any packet is reached.
+        "symmetric" if downloader == "public" => Path::Around,
+        "port-restricted" | "symmetric" => Path::Relayed,
         other => unreachable!("no leaf kind {other}"),
     }
 }

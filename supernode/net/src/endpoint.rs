@@ -237,6 +237,21 @@ impl Endpoint {
         Self::client_with(self.identity.clone(), local, self.transport.clone())
     }
 
+    /// An endpoint with the same identity and transport on `socket` (a
+    /// relay's tunnel, `crate::tunnel`), accepting `alpns`.
+    pub fn on_socket(
+        &self,
+        socket: Arc<dyn quinn::AsyncUdpSocket>,
+        alpns: &[&[u8]],
+    ) -> Result<Self, EndpointError> {
+        Self::bind_socket_with(
+            self.identity.clone(),
+            socket,
+            alpns,
+            (*self.transport).clone(),
+        )
+    }
+
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
         self.inner.local_addr()
     }

@@ -34,6 +34,7 @@ pub mod shutdown;
 pub mod stream;
 pub mod tls;
 pub mod transport;
+pub mod tunnel;
 
 pub use endpoint::{
     accept, accept_within, alpn, canonical, peer_id, ConnectError, Endpoint, EndpointError, Peer,
@@ -49,3 +50,4 @@ pub use transport::{
     StreamTimeouts, TransportConfig, CONNECT_TIMEOUT, FRAME_TIMEOUT, IDLE_TIMEOUT, KEEP_ALIVE,
     MAX_STREAMS, REQUEST_TIMEOUT,
 };
+pub use tunnel::{Tunnel, TunnelSocket, MAX_TUNNEL_DATAGRAM};
