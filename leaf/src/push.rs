@@ -151,7 +151,7 @@ impl Pusher {
                     let tunnel = TunnelSocket::open(send, recv, local, via);
                     let inner = this
                         .endpoint
-                        .on_socket(tunnel.socket, &[ALPN_TRANSFER])
+                        .on_tunnel(tunnel.socket, &[ALPN_TRANSFER])
                         .map_err(|e| e.to_string())?;
                     let incoming = inner.quinn().accept().await.ok_or("tunnel closed")?;
                     let dialled = net::accept_within(incoming, PUSH_DIAL_TIMEOUT).await?;
@@ -246,16 +246,39 @@ impl ProtocolHandler for PushHandler {
     }
 }
 
+/// What a connection attempt yields: a connection and its route, or why
+/// there is none.
+type Reached = Result<(Peer, Route), ConnectError>;
+
+/// A better path to a source first reached through a relay: a dial back or
+/// a punch that got through in a later round (docs/PROTOCOL.md 10.6). The
+/// download moves to it.
+pub struct Upgrade(mpsc::Receiver<Reached>);
+
+impl Upgrade {
+    /// The better connection, if one has been made.
+    pub fn try_take(&mut self) -> Option<(Peer, Route)> {
+        loop {
+            match self.0.try_recv() {
+                Ok(Ok(found)) => return Some(found),
+                Ok(Err(_)) => continue,
+                Err(_) => return None,
+            }
+        }
+    }
+}
+
 /// Connects to `source` at `addr` for a download: directly, else (with
 /// `awaiting`, and a push proxy in the hit) through its push proxy, by
-/// reverse connect or a hole punch.
+/// reverse connect, a hole punch or, last, its relay. A relayed connection
+/// comes with the [`Upgrade`] the remaining rounds may still find.
 pub async fn reach(
     endpoint: &Endpoint,
     awaiting: Option<&Arc<Awaiting>>,
     source: &Source,
     addr: SocketAddr,
     attempts: Attempts,
-) -> Result<(Peer, Route), ConnectError> {
+) -> Result<(Peer, Route, Option<Upgrade>), ConnectError> {
     let id = source.id;
     let proxy = source
         .via
@@ -263,8 +286,43 @@ pub async fn reach(
         .and_then(|v| v.parse::<SocketAddr>().ok());
     let (Some(awaiting), Some(proxy)) = (awaiting, proxy) else {
         let direct = endpoint.connect(addr, ALPN_TRANSFER, Some(id)).await;
-        return direct.map(|p| (p, Route::Direct));
+        return direct.map(|p| (p, Route::Direct, None));
     };
+    // The rounds run in a task of their own, which goes on after a relayed
+    // connection until a better one is found, the rounds end, or nobody
+    // listens any more.
+    let (tx, mut rx) = mpsc::channel(2);
+    let (endpoint, awaiting) = (endpoint.clone(), awaiting.clone());
+    tokio::spawn(
+        async move { rounds(&endpoint, &awaiting, id, proxy, addr, attempts, tx).await }
+            .in_current_span(),
+    );
+    match rx.recv().await {
+        Some(Ok((peer, Route::Relayed))) => Ok((peer, Route::Relayed, Some(Upgrade(rx)))),
+        Some(Ok((peer, route))) => Ok((peer, route, None)),
+        Some(Err(e)) => Err(e),
+        None => Err(ConnectError::Connect {
+            addr,
+            reason: "the connection attempts ended".into(),
+        }),
+    }
+}
+
+/// The rounds of [`reach`] through push proxy `proxy`: every connection
+/// made goes to `found`, until one that is not relayed.
+async fn rounds(
+    endpoint: &Endpoint,
+    awaiting: &Arc<Awaiting>,
+    id: NodeId,
+    proxy: SocketAddr,
+    addr: SocketAddr,
+    attempts: Attempts,
+    found: mpsc::Sender<Reached>,
+) {
+    // Whether to go on after this connection: only after a relayed one,
+    // and while someone listens.
+    let go_on = |route: Route| route == Route::Relayed;
+    let mut relayed = false;
     let mut dials: Dials = JoinSet::new();
     let mut pending = vec![addr];
     dial(&mut dials, endpoint, Route::Direct, addr, id);
@@ -275,13 +333,17 @@ pub async fn reach(
     tokio::select! {
         _ = &mut head => {}
         Some(done) = dials.join_next() => match done {
-            Ok((route, _, Ok(peer))) => return Ok((peer, route)),
+            Ok((route, _, Ok(peer))) => {
+                let _ = found.send(Ok((peer, route))).await;
+                return;
+            }
             Ok((_, _, Err(e))) => { pending.clear(); last = Some(e) }
             Err(_) => pending.clear(),
         },
     }
     let Some(mut wait) = awaiting.expect(id) else {
-        return finish(dials, last, addr).await;
+        let _ = found.send(finish(dials, last, addr).await).await;
+        return;
     };
     // Once the source dials us, a dial of ours that gets through went
     // through the hole its dial opened.
@@ -342,9 +404,11 @@ pub async fn reach(
         loop {
             tokio::select! {
                 _ = &mut until => break,
+                _ = found.closed() => return,
                 Some(peer) = wait.rx.recv() => {
                     info!(source = %id.short(), route = "reversed", "connected");
-                    return Ok((peer, Route::Reversed));
+                    let _ = found.send(Ok((peer, Route::Reversed))).await;
+                    return;
                 }
                 Some(done) = dials.join_next() => match done {
                     Ok((route, _, Ok(peer))) => {
@@ -353,7 +417,10 @@ pub async fn reach(
                             r => r,
                         };
                         info!(source = %id.short(), route = route.name(), "connected");
-                        return Ok((peer, route));
+                        if found.send(Ok((peer, route))).await.is_err() || !go_on(route) {
+                            return;
+                        }
+                        relayed = true;
                     }
                     Ok((route, at, Err(e))) => {
                         debug!(route = route.name(), %at, error = %e, "dial failed");
@@ -368,10 +435,14 @@ pub async fn reach(
     }
     drop(wait);
     dials.abort_all();
-    Err(last.unwrap_or(ConnectError::Connect {
-        addr,
-        reason: "not reached directly, by dial back or by hole punch".into(),
-    }))
+    if !relayed {
+        let _ = found
+            .send(Err(last.unwrap_or(ConnectError::Connect {
+                addr,
+                reason: "not reached directly, by dial back, by hole punch or by relay".into(),
+            })))
+            .await;
+    }
 }
 
 type Dials = JoinSet<(Route, SocketAddr, Result<Peer, ConnectError>)>;
@@ -436,7 +507,7 @@ async fn relay(endpoint: &Endpoint, proxy: SocketAddr, to: NodeId) -> Result<Pee
     let local = endpoint.local_addr().map_err(|e| fail(e.to_string()))?;
     let tunnel = TunnelSocket::open(send, recv, local, proxy);
     let inner = endpoint
-        .on_socket(tunnel.socket, &[])
+        .on_tunnel(tunnel.socket, &[])
         .map_err(|e| fail(e.to_string()))?;
     hold_until_carried(peer.conn, tunnel.carrier);
     inner.connect(proxy, ALPN_TRANSFER, Some(to)).await

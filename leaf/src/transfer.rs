@@ -454,12 +454,16 @@ enum PinResult {
     Refuted(String),
 }
 
+/// How each source was reached, in the order they connected (a relayed
+/// one again once it is reached without the relay).
+type Routes = Arc<Mutex<Vec<(NodeId, crate::push::Route)>>>;
+
 /// The source tasks of one download: the sources queued, and those
 /// connecting, being asked what they have, or fetching.
 struct Dialer<'a> {
     endpoint: &'a Endpoint,
     /// How each source was reached, as probes connect.
-    routes: Arc<Mutex<Vec<(NodeId, crate::push::Route)>>>,
+    routes: Routes,
     awaiting: Option<Arc<crate::push::Awaiting>>,
     hash: ContentHash,
     pool: SourcePool,
@@ -482,7 +486,12 @@ impl Dialer<'_> {
             self.spawned += 1;
             let task = async move {
                 let at = awaiting.as_ref();
-                let result = probe(&endpoint, at, hash, source.clone(), index, patience).await;
+                let result = probe(&endpoint, at, hash, source.clone(), index, patience)
+                    .await
+                    .map(|(mut remote, claimed)| {
+                        remote.routes = Some(routes.clone());
+                        (remote, claimed)
+                    });
                 if let Ok((remote, _)) = &result {
                     let route = (remote.source.id, remote.route);
                     routes.lock().expect("routes lock").push(route);
@@ -646,7 +655,7 @@ impl SizeProbe {
             if remote.claimed == size && !dropped.iter().any(|d| d.id == remote.source.id) {
                 agreeing.push(remote);
             } else {
-                remote.peer.conn.close(0u32.into(), b"size");
+                remote.close(b"size");
             }
         }
         Learnt {
@@ -859,7 +868,7 @@ impl Download<'_> {
                     dialer.fetch(&job, remote);
                 }
                 Task::Probed(Ok((remote, claimed))) => {
-                    remote.peer.conn.close(0u32.into(), b"size");
+                    remote.close(b"size");
                     if !pinned {
                         debug!(source = %source.id.short(), claimed, "size differs; not used");
                         continue;
@@ -963,7 +972,8 @@ async fn probe(
         .parse()
         .map_err(|_| SourceError::Addr(source.addr.clone()))?;
     let attempts = servent_proto::connect::Attempts::default();
-    let (peer, route) = crate::push::reach(endpoint, awaiting, &source, addr, attempts).await?;
+    let (peer, route, upgrade) =
+        crate::push::reach(endpoint, awaiting, &source, addr, attempts).await?;
     if route != crate::push::Route::Direct {
         info!(
             route = route.name(),
@@ -971,12 +981,14 @@ async fn probe(
         );
     }
     let mut remote = Remote {
-        peer,
+        peer: std::sync::Mutex::new(peer),
         source,
         index,
         claimed: 0,
         has: None,
         route,
+        upgrade: std::sync::Mutex::new(upgrade),
+        routes: None,
     };
     let req = GetRequest::Have(hash);
     let asked = tokio::time::timeout(patience, remote.ask(&req));
@@ -1117,7 +1129,9 @@ async fn next_batch(more: &mut Option<mpsc::Receiver<Vec<Source>>>) -> Option<Ve
 /// One connected source: what size it says the file is, and which ranges
 /// it has (`None`: all of them).
 struct Remote {
-    peer: Peer,
+    /// The connection: the one it was reached on, until a better one
+    /// replaces a relayed one ([`Remote::conn`]).
+    peer: std::sync::Mutex<Peer>,
     source: Source,
     index: usize,
     claimed: u64,
@@ -1126,9 +1140,56 @@ struct Remote {
     has: Option<Bitmap>,
     /// How it was reached.
     route: crate::push::Route,
+    /// For a relayed source: the better connection later rounds may find.
+    upgrade: std::sync::Mutex<Option<crate::push::Upgrade>>,
+    /// Where an upgrade's route is told, beside the first.
+    routes: Option<Routes>,
 }
 
+/// How long a relayed connection that was replaced stays open, for the
+/// requests already on it to finish.
+const REPLACED_GRACE: Duration = Duration::from_secs(10);
+
 impl Remote {
+    /// The connection to send the next request on: a better one, once a
+    /// relayed source's later rounds found one (the relayed one then
+    /// closes once the requests on it are done).
+    fn conn(&self) -> quinn::Connection {
+        let better = self
+            .upgrade
+            .lock()
+            .expect("upgrade lock")
+            .as_mut()
+            .and_then(crate::push::Upgrade::try_take);
+        let mut peer = self.peer.lock().expect("peer lock");
+        if let Some((better, route)) = better {
+            info!(
+                route = route.name(),
+                "a relayed source is now reached without the relay"
+            );
+            if let Some(routes) = &self.routes {
+                routes
+                    .lock()
+                    .expect("routes lock")
+                    .push((self.source.id, route));
+            }
+            let relayed = std::mem::replace(&mut *peer, better);
+            tokio::spawn(async move {
+                tokio::time::sleep(REPLACED_GRACE).await;
+                relayed.conn.close(0u32.into(), b"replaced");
+            });
+        }
+        peer.conn.clone()
+    }
+
+    fn close(&self, reason: &[u8]) {
+        self.peer
+            .lock()
+            .expect("peer lock")
+            .conn
+            .close(0u32.into(), reason);
+    }
+
     /// The source, named by id and address in every error about it.
     fn who(&self) -> String {
         format!("{} at {}", self.source.id, self.source.addr)
@@ -1175,8 +1236,7 @@ impl Remote {
     /// Sends `req` and reads the reply header.
     async fn ask(&self, req: &GetRequest) -> Result<(GetReply, quinn::RecvStream), SourceError> {
         let (mut send, mut recv) = self
-            .peer
-            .conn
+            .conn()
             .open_bi()
             .await
             .map_err(|e| self.gone(e.to_string()))?;
@@ -1268,7 +1328,7 @@ async fn fetch_from(job: &Arc<Job>, remote: Remote) -> Result<(), SourceError> {
     let result = futures_util::future::try_join_all(workers).await.map(drop);
     job.sources_changed(-1);
     if result.is_ok() {
-        remote.peer.conn.close(0u32.into(), b"done");
+        remote.close(b"done");
     }
     result
 }

@@ -21,6 +21,43 @@ use crate::State;
 /// Longest wait for the leaf asked to say it will dial.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Whether `asker` may have something asked of our leaf `to` (a
+/// `Connect`, or a `Relay`: both share the rates of
+/// `servent_proto::connect::Connects`), and that leaf's session if so.
+pub(crate) async fn admit(
+    state: &Arc<State>,
+    asker: &Peer,
+    to: NodeId,
+) -> Result<quinn::Connection, ErrorReply> {
+    if to == asker.id {
+        return Err(ErrorReply::new(
+            ErrorCode::BadRequest,
+            "asked to connect to itself",
+        ));
+    }
+    let ip = canonical(asker.conn.remote_address()).ip();
+    let exempt = state.config.exempt_ips.contains(&ip);
+    let admitted = state.connects.lock().expect("connect limits lock").admit(
+        Instant::now(),
+        asker.id,
+        (!exempt).then_some(ip),
+        to,
+    );
+    if let Err(r) = admitted {
+        return Err(ErrorReply::new(ErrorCode::RateLimited, r.reason()));
+    }
+    state
+        .ask(|reply| Command::Session { id: to, reply })
+        .await
+        .flatten()
+        .ok_or_else(|| {
+            ErrorReply::new(
+                ErrorCode::NotFound,
+                format!("{} is not a leaf of this supernode", to.short()),
+            )
+        })
+}
+
 /// Passes `asker`'s request on to our leaf `to`, and answers with where
 /// that leaf dials from.
 pub(crate) async fn connect(
@@ -32,34 +69,10 @@ pub(crate) async fn connect(
         state.metrics.connects_refused.inc();
         ErrorReply::new(code, message)
     };
-    if to == asker.id {
-        return Err(refused(
-            ErrorCode::BadRequest,
-            "asked to connect to itself".into(),
-        ));
-    }
+    let session = admit(state, asker, to).await.inspect_err(|_| {
+        state.metrics.connects_refused.inc();
+    })?;
     let observed = canonical(asker.conn.remote_address());
-    let ip = observed.ip();
-    let exempt = state.config.exempt_ips.contains(&ip);
-    let admitted = state.connects.lock().expect("connect limits lock").admit(
-        Instant::now(),
-        asker.id,
-        (!exempt).then_some(ip),
-        to,
-    );
-    if let Err(r) = admitted {
-        return Err(refused(ErrorCode::RateLimited, r.reason().into()));
-    }
-    let Some(session) = state
-        .ask(|reply| Command::Session { id: to, reply })
-        .await
-        .flatten()
-    else {
-        return Err(refused(
-            ErrorCode::NotFound,
-            format!("{} is not a leaf of this supernode", to.short()),
-        ));
-    };
     let from = canonical(session.remote_address());
     let request = SupernodeRequest::Connect {
         peer: asker.id,

@@ -17,7 +17,6 @@ use servent_proto::relay::{Carry, CircuitId, Ended, RelayLimits};
 use servent_proto::NodeId;
 use tracing::debug;
 
-use crate::owner::Command;
 use crate::State;
 
 /// Longest wait for the leaf asked to accept.
@@ -106,19 +105,14 @@ pub(crate) async fn relay(
         state.metrics.relays_refused.inc();
         ErrorReply::new(code, message)
     };
-    let ip = canonical(asker.conn.remote_address()).ip();
     // Each `Relay` asks something of our leaf, as a `Connect` does: the
     // same rates hold for both, together.
-    let exempt = state.config.exempt_ips.contains(&ip);
-    let admitted = state.connects.lock().expect("connect limits lock").admit(
-        Instant::now(),
-        asker.id,
-        (!exempt).then_some(ip),
-        to,
-    );
-    if let Err(r) = admitted {
-        return Err(refused(ErrorCode::RateLimited, r.reason().into()));
-    }
+    let session = crate::connect::admit(state, asker, to)
+        .await
+        .inspect_err(|_| {
+            state.metrics.relays_refused.inc();
+        })?;
+    let ip = canonical(asker.conn.remote_address()).ip();
     let opened = state
         .relays
         .lock()
@@ -131,16 +125,6 @@ pub(crate) async fn relay(
     let open = Open {
         state: state.as_ref(),
         id,
-    };
-    let Some(session) = state
-        .ask(|reply| Command::Session { id: to, reply })
-        .await
-        .flatten()
-    else {
-        return Err(refused(
-            ErrorCode::NotFound,
-            format!("{} is not a leaf of this supernode", to.short()),
-        ));
     };
     let asked = async {
         let (mut leaf_send, mut leaf_recv) = session.open_bi().await.map_err(|e| e.to_string())?;

@@ -500,8 +500,9 @@ impl Lab {
 
     /// Starts `n` supernodes, each on a host of its own (`sn1`, `sn2`, ...)
     /// listening on `port`, every one given the others as peers, their
-    /// data dirs under `data`. Returns their addresses and processes
-    /// (killed on drop, before the lab's namespaces go).
+    /// data dirs under `data`, `extra` added to each command line.
+    /// Returns their addresses and processes (killed on drop, before the
+    /// lab's namespaces go).
     pub fn start_supernodes(
         &mut self,
         bins: &Binaries,
@@ -509,6 +510,7 @@ impl Lab {
         port: u16,
         data: &Path,
         timeout: Duration,
+        extra: &[String],
     ) -> Result<(Vec<String>, Vec<Process>), String> {
         let hosts = (1..=n)
             .map(|i| self.add_host(&format!("sn{i}")))
@@ -529,6 +531,7 @@ impl Lab {
                     args.extend(["--peer".to_string(), peer.clone()]);
                 }
             }
+            args.extend(extra.iter().cloned());
             let cmd = bins::command(Some(&host.netns), &bins.supernode, &args);
             procs.push(Process::start(cmd, "supernode", timeout)?);
         }

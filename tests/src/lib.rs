@@ -203,6 +203,36 @@ enum Rule {
     /// A NAT with address-dependent filtering: datagrams arrive only from
     /// addresses this socket has sent to.
     Nat(std::sync::Mutex<std::collections::HashSet<std::net::SocketAddr>>),
+    /// Talks to these addresses only, until the gate opens; then to all.
+    Gated(
+        Vec<std::net::SocketAddr>,
+        std::sync::Arc<std::sync::atomic::AtomicBool>,
+    ),
+}
+
+/// Opens a gated socket's gate.
+#[derive(Debug, Clone)]
+pub struct Gate(std::sync::Arc<std::sync::atomic::AtomicBool>);
+
+impl Gate {
+    pub fn open(&self) {
+        self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// A socket that exchanges datagrams with the given addresses only until
+/// its [`Gate`] opens: a node on it reaches its supernodes and nobody else,
+/// neither by a dial nor by being dialled, until then.
+pub struct GatedSocket;
+
+impl GatedSocket {
+    pub fn bind(only: &[std::net::SocketAddr]) -> (std::sync::Arc<FilteredSocket>, Gate) {
+        let open = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        (
+            FilteredSocket::bind(Rule::Gated(only.to_vec(), open.clone())),
+            Gate(open),
+        )
+    }
 }
 
 /// Makes a killable socket go silent: a crash or a cut cable, so its peers
@@ -258,6 +288,9 @@ impl FilteredSocket {
         match &self.rule {
             Rule::Killable(_) => !self.dead(),
             Rule::Nat(table) => table.lock().expect("nat table").contains(from),
+            Rule::Gated(only, open) => {
+                open.load(std::sync::atomic::Ordering::SeqCst) || only.contains(from)
+            }
         }
     }
 }
@@ -276,7 +309,8 @@ impl quinn::AsyncUdpSocket for FilteredSocket {
                     .expect("nat table")
                     .insert(transmit.destination);
             }
-            Rule::Killable(_) => {}
+            Rule::Gated(..) if !self.admits(&transmit.destination) => return Ok(()),
+            Rule::Killable(_) | Rule::Gated(..) => {}
         }
         self.inner.try_send(transmit)
     }

@@ -38,6 +38,23 @@ async fn ask(endpoint: &Endpoint, at: SocketAddr, to: NodeId) -> SupernodeReply 
     reply
 }
 
+/// Asks the source on `peer` what it has of `content`: all of it.
+async fn assert_serves_whole(peer: &net::Peer, content: &[u8]) {
+    let (mut send, mut recv) = peer.conn.open_bi().await.expect("stream");
+    let req = GetRequest::Have(hash_of(content));
+    net::write_frame(&mut send, &req, MAX_TRANSFER_FRAME)
+        .await
+        .expect("ask");
+    let have = net::read_first_frame::<GetReply>(&mut recv, MAX_TRANSFER_FRAME)
+        .await
+        .expect("a reply");
+    let whole = Some(GetReply::Ranges {
+        size: content.len() as u64,
+        partial: false,
+    });
+    assert_eq!(have, whole);
+}
+
 fn error_code(reply: &SupernodeReply) -> Option<ErrorCode> {
     match reply {
         SupernodeReply::Error(e) => Some(e.code),
@@ -71,24 +88,7 @@ async fn a_push_proxy_has_its_leaf_dial_back_and_serve_the_asker() {
     assert_eq!(peer.id, source.leaf().id(), "the source dials as itself");
     assert_eq!(net::alpn(&peer.conn).as_deref(), Some(ALPN_PUSH));
     // ... and serves it as a download: we open the streams.
-    let (mut send, mut recv) = peer.conn.open_bi().await.expect("stream");
-    let hash = hash_of(&content);
-    net::write_frame(&mut send, &GetRequest::Have(hash), MAX_TRANSFER_FRAME)
-        .await
-        .expect("ask");
-    let have = net::read_first_frame::<GetReply>(&mut recv, MAX_TRANSFER_FRAME)
-        .await
-        .expect("a reply");
-    assert!(
-        matches!(
-            have,
-            Some(GetReply::Ranges {
-                size: 300_001,
-                partial: false
-            })
-        ),
-        "{have:?}"
-    );
+    assert_serves_whole(&peer, &content).await;
     assert_eq!(sn.metrics().connects_passed.get(), 1);
 }
 
@@ -192,29 +192,12 @@ async fn a_relay_carries_an_end_to_end_connection_to_its_leaf_who_serves_it() {
     // is the source (the relay cannot be it), and serves the file.
     let local = endpoint.local_addr().unwrap();
     let tunnel = net::TunnelSocket::open(send, recv, local, sn.addr());
-    let inner = endpoint.on_socket(tunnel.socket, &[]).unwrap();
+    let inner = endpoint.on_tunnel(tunnel.socket, &[]).unwrap();
     let peer = inner
         .connect(sn.addr(), ALPN_TRANSFER, Some(source.leaf().id()))
         .await
         .expect("a handshake through the relay, with the source");
-    let (mut send, mut recv) = peer.conn.open_bi().await.expect("stream");
-    let hash = hash_of(&content);
-    net::write_frame(&mut send, &GetRequest::Have(hash), MAX_TRANSFER_FRAME)
-        .await
-        .expect("ask");
-    let have = net::read_first_frame::<GetReply>(&mut recv, MAX_TRANSFER_FRAME)
-        .await
-        .expect("a reply");
-    assert!(
-        matches!(
-            have,
-            Some(GetReply::Ranges {
-                size: 1_000_003,
-                partial: false
-            })
-        ),
-        "{have:?}"
-    );
+    assert_serves_whole(&peer, &content).await;
     assert_eq!(sn.metrics().relays_opened.get(), 1);
     assert!(sn.metrics().relayed_bytes.get() > 0);
 }
@@ -254,4 +237,51 @@ async fn a_relay_refuses_beyond_its_budget_a_leaf_it_does_not_hold_and_when_turn
         panic!("a relay turned off relays nothing: {reply:?}");
     };
     assert!(e.message.contains("turned off"), "{e}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relayed_download_moves_to_a_dial_back_once_one_gets_through() {
+    let sn = supernode().await;
+    // 8 MiB at 1 MiB/s: about 8 s, time for a later round to get through.
+    let content = random_bytes(8 << 20, 11);
+    let (data, share) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    std::fs::write(share.path().join("moved.bin"), &content).unwrap();
+    // The source talks to nobody but its supernode until the gate opens:
+    // no dial, dial back or punch reaches it, and the relay does.
+    let (socket, gate) = GatedSocket::bind(&[sn.addr()]);
+    let config = leaf::Config {
+        max_upload_rate: Some(1 << 20),
+        ..leaf::Config::localhost(data.path(), share.path(), vec![sn.addr().to_string()])
+    };
+    let source = leaf::Leaf::spawn_on_socket(config, socket).await.unwrap();
+    wait_for(T, || async { source.indexed().iter().sum::<u32>() == 1 })
+        .await
+        .expect("the source's file is indexed");
+
+    let dir = tempfile::tempdir().unwrap();
+    let client = Client::new(dir.path(), vec![sn.addr().to_string()]).expect("client");
+    let out = dir.path().join("got.bin");
+    let get = client.download(hash_of(&content), Some(&out), Duration::from_secs(60), None);
+    let opened = async {
+        wait_for(T, || async { sn.metrics().relays_opened.get() == 1 })
+            .await
+            .expect("relayed first");
+        gate.open();
+    };
+    let (got, ()) = tokio::join!(get, opened);
+    let (path, got) = got.expect("the download completes");
+    assert_eq!(std::fs::read(path).unwrap(), content);
+    let routes: Vec<_> = got.routes.iter().map(|(_, r)| r.name()).collect();
+    assert_eq!(routes.first(), Some(&"relayed"), "{routes:?}");
+    assert!(
+        routes.len() == 2 && routes[1] != "relayed",
+        "moved off the relay once a dial back got through: {routes:?}"
+    );
+    // Most of the file came the better way.
+    let relayed = sn.metrics().relayed_bytes.get();
+    assert!(
+        relayed < content.len() as u64 / 2,
+        "{relayed} bytes relayed"
+    );
+    source.shutdown().await;
 }

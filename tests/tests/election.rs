@@ -201,14 +201,16 @@ async fn unreachable_and_opted_out_leaves_are_never_promoted() {
     assert!(!natted.role().is_supernode());
 }
 
-#[tokio::test]
-async fn a_drained_elected_supernode_steps_down_and_its_leaves_rehome() {
+/// A seed with room for 4 and 5 leaves of one session each, sharing a
+/// file named `name(i)`, that step down once drained to 1 leaf: returns
+/// them once the seed has elected one, and which.
+async fn seed_electing_one(name: impl Fn(usize) -> String) -> (Supernode, Vec<TestLeaf>, usize) {
     let mut role = quick_role();
     role.election.drained_leaves = 1;
     let sn = supernode_with(seed(4)).await;
     let mut leaves = Vec::new();
     for i in 0..5 {
-        let name = format!("file {i}.txt");
+        let name = name(i);
         let l = leaf_with(&sn, &[(name.as_str(), name.as_bytes())], |c| {
             c.role = role.clone();
             c.attach = 1;
@@ -223,6 +225,12 @@ async fn a_drained_elected_supernode_steps_down_and_its_leaves_rehome() {
         .iter()
         .position(|l| l.leaf().role().is_supernode())
         .unwrap();
+    (sn, leaves, elected)
+}
+
+#[tokio::test]
+async fn a_drained_elected_supernode_steps_down_and_its_leaves_rehome() {
+    let (sn, leaves, elected) = seed_electing_one(|i| format!("file {i}.txt")).await;
     // Everyone but the elected leaf and one other goes away.
     let stay = (elected + 1) % leaves.len();
     let mut kept = Vec::new();
@@ -311,26 +319,7 @@ async fn an_elected_leaf_refused_by_its_promoter_meshes_with_supernodes_it_knows
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stepping_down_supernode_keeps_its_leaves_searchable_until_they_have_moved() {
-    let mut role = quick_role();
-    role.election.drained_leaves = 1;
-    let sn = supernode_with(seed(4)).await;
-    let mut leaves = Vec::new();
-    for i in 0..5 {
-        let name = format!("track{i} live.ogg");
-        let l = leaf_with(&sn, &[(name.as_str(), name.as_bytes())], |c| {
-            c.role = role.clone();
-            c.attach = 1;
-        })
-        .await;
-        leaves.push(l);
-    }
-    wait_for(Duration::from_secs(15), || async { promoted(&leaves) >= 1 })
-        .await
-        .expect("the full seed elects a leaf");
-    let elected = leaves
-        .iter()
-        .position(|l| l.leaf().role().is_supernode())
-        .unwrap();
+    let (sn, leaves, elected) = seed_electing_one(|i| format!("track{i} live.ogg")).await;
     let elected_id = leaves[elected].leaf().id();
     // The promoter hands leaves over: one of them, with its one session,
     // is the leaf whose files must stay searchable.

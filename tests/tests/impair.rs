@@ -55,7 +55,7 @@ fn searches_and_a_download_survive_loss_and_a_rate_cap() {
     // namespaces go (the lab would kill them anyway).
     let mut lab = Lab::new().expect("lab router");
     let (sn_addrs, mut procs) = lab
-        .start_supernodes(&bins, 2, SUPERNODE_PORT, tmp.path(), START_TIMEOUT)
+        .start_supernodes(&bins, 2, SUPERNODE_PORT, tmp.path(), START_TIMEOUT, &[])
         .expect("supernodes start");
     let leaf_hosts: Vec<Host> = ["a", "b", "c"]
         .iter()

@@ -43,6 +43,10 @@ const GET_LIMIT: Duration = Duration::from_secs(40);
 const MOVE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Each leaf's file: big enough to take a few round trips.
 const FILE_LEN: u64 = 1 << 20;
+/// The file downloaded while its source's router is renumbered, and the
+/// source's upload rate, so that it is in flight for about 4 s.
+const MOVING_LEN: u64 = 16 << 20;
+const MOVING_RATE: &str = "4194304";
 
 /// Why the lab cannot run here, if it cannot.
 fn unavailable() -> Option<String> {
@@ -61,6 +65,22 @@ fn unavailable() -> Option<String> {
 
 /// `GET /status` of the leaf in `host`'s namespace, parsed.
 fn status(host: &Host) -> Option<serde_json::Value> {
+    serde_json::from_slice(&http_get(host, "/status")?).ok()
+}
+
+/// Counter `name` of the leaf in `host`'s namespace (`GET /metrics`).
+fn counter(host: &Host, name: &str) -> Option<u64> {
+    let text = String::from_utf8(http_get(host, "/metrics")?).ok()?;
+    let line = text.lines().find(|l| l.starts_with(&format!("{name} ")))?;
+    line.split_whitespace()
+        .nth(1)?
+        .parse::<f64>()
+        .ok()
+        .map(|v| v as u64)
+}
+
+/// The body of `GET path` from the leaf in `host`'s namespace.
+fn http_get(host: &Host, path: &str) -> Option<Vec<u8>> {
     let out = Command::new("ip")
         .args([
             "netns",
@@ -71,11 +91,11 @@ fn status(host: &Host) -> Option<serde_json::Value> {
             "--max-time",
             "2",
         ])
-        .arg(format!("http://{HTTP}/status"))
+        .arg(format!("http://{HTTP}{path}"))
         .stdin(Stdio::null())
         .output()
         .ok()?;
-    serde_json::from_slice(&out.stdout).ok()
+    out.status.success().then_some(out.stdout)
 }
 
 /// Whether miniupnpd in router namespace `ns` forwards UDP `port` now
@@ -134,7 +154,7 @@ fn leaves_behind_every_nat_kind_know_their_address_and_download_where_a_path_exi
     // namespaces go (the lab would kill them anyway).
     let mut lab = Lab::new().expect("lab router");
     let (sn_addrs, supernodes) = lab
-        .start_supernodes(&bins, 2, SUPERNODE_PORT, tmp.path(), START_TIMEOUT)
+        .start_supernodes(&bins, 2, SUPERNODE_PORT, tmp.path(), START_TIMEOUT, &[])
         .expect("supernodes start");
 
     let mut placed: Vec<(&'static str, Host, std::net::Ipv4Addr)> = Vec::new();
@@ -164,25 +184,39 @@ fn leaves_behind_every_nat_kind_know_their_address_and_download_where_a_path_exi
     }
     let pmp_router = pmp_router.expect("a NAT-PMP router");
     let mut pr_router = pr_router.expect("a port-restricted router");
+    // A second leaf behind the port-restricted router: the two reach each
+    // other only through it (it does not hairpin) or around it.
+    let same = lab
+        .add_host_behind(&mut pr_router, "leaf-same-nat")
+        .expect("a second host behind the port-restricted NAT");
+    placed.push(("same-nat", same, pr_router.wan));
 
     let mut leaves = Vec::new();
+    let mut moving_hash = String::new();
     for (kind, host, outside) in placed {
         let share = dir(&format!("share-{kind}"));
         let seed = 1 + placed_seed(kind);
         let hash = bins::write_random_file(&share.join(format!("nat-{kind}.bin")), FILE_LEN, seed)
             .expect("file");
         let data = dir(&format!("leaf-{kind}"));
-        let (share, listen) = (path_arg(&share), format!("0.0.0.0:{LEAF_PORT}"));
-        let serve = [
+        let (share_arg, listen) = (path_arg(&share), format!("0.0.0.0:{LEAF_PORT}"));
+        let mut serve = vec![
             "serve",
             "--share",
-            &share,
+            &share_arg,
             "--listen",
             &listen,
             "--http",
             HTTP,
             "--no-promote",
         ];
+        // The leaf whose router is renumbered also serves a bigger file,
+        // slowly, to be downloaded across the renumbering.
+        if kind == "port-restricted" {
+            moving_hash =
+                bins::write_random_file(&share.join("moving.bin"), MOVING_LEN, 99).expect("file");
+            serve.extend(["--max-upload-rate", MOVING_RATE]);
+        }
         let cmd = bins::leaf_command(&bins, &host.netns, &sn_addrs, &data, &serve);
         let proc = Process::start(cmd, "leaf", START_TIMEOUT).expect("leaf serve starts");
         leaves.push(Leaf {
@@ -237,6 +271,16 @@ fn leaves_behind_every_nat_kind_know_their_address_and_download_where_a_path_exi
                 // MASQUERADE keeps the port when it is free.
                 assert_eq!(nat["mapping"], "endpoint-independent", "{nat}");
                 assert_eq!(reflexive, std::slice::from_ref(&at_outside), "{nat}");
+            }
+            "same-nat" => {
+                // Its port was taken by the leaf beside it: another one,
+                // the same towards both supernodes.
+                assert_eq!(nat["mapping"], "endpoint-independent", "{nat}");
+                let wan = format!("{}:", leaf.outside);
+                assert!(
+                    reflexive.len() == 1 && reflexive[0].starts_with(&wan),
+                    "{nat}"
+                );
             }
             "symmetric" => {
                 assert_eq!(nat["mapping"], "endpoint-dependent", "{nat}");
@@ -352,17 +396,50 @@ fn leaves_behind_every_nat_kind_know_their_address_and_download_where_a_path_exi
         "downloads that the NATs allow failed: {failures:#?}"
     );
 
-    // The port-restricted router is renumbered and its mappings flushed:
-    // the leaf behind it is seen at the new address, its sessions carried
+    // The port-restricted router is renumbered and its mappings flushed
+    // while the public leaf downloads from the leaf behind it: that leaf
+    // is seen at the new address, its sessions and the download carried
     // over by QUIC's migration, and searches name that address within 5 s.
-    let pr_wan = pr_router.wan;
-    lab.renumber(&mut pr_router).expect("renumber the router");
-    let new_wan = pr_router.wan;
-    let moved_at = Instant::now();
     let public = leaves
         .iter()
         .find(|l| l.kind == "public")
         .expect("the public leaf");
+    let pr = leaves
+        .iter()
+        .find(|l| l.kind == "port-restricted")
+        .expect("the port-restricted leaf");
+    let sent = || counter(&pr.host, "servent_uploaded_bytes_total").unwrap_or(0);
+    let sent_before = sent();
+    let moving_data = dir("get-moving");
+    let moving_out = moving_data.join("moving.bin");
+    let cmd = bins::leaf_command(
+        &bins,
+        &public.host.netns,
+        &sn_addrs,
+        &moving_data,
+        &[
+            "get",
+            "--json",
+            "--timeout",
+            GET_SECS,
+            "--out",
+            &path_arg(&moving_out),
+            &moving_hash,
+        ],
+    );
+    let getter = std::thread::spawn(move || bins::run(cmd, GET_LIMIT));
+    let started = Instant::now();
+    while sent() < sent_before + MOVING_LEN / 4 {
+        assert!(
+            started.elapsed() < GET_LIMIT && !getter.is_finished(),
+            "the download to be moved did not get under way"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let pr_wan = pr_router.wan;
+    lab.renumber(&mut pr_router).expect("renumber the router");
+    let new_wan = pr_router.wan;
+    let moved_at = Instant::now();
     let (old_addr, new_addr) = (
         format!("{pr_wan}:{LEAF_PORT}"),
         format!("{new_wan}:{LEAF_PORT}"),
@@ -396,6 +473,20 @@ fn leaves_behind_every_nat_kind_know_their_address_and_download_where_a_path_exi
     println!(
         "\nport-restricted router renumbered {pr_wan} -> {new_wan}: searches name {addrs:?} after {:.2} s",
         moved_at.elapsed().as_secs_f64()
+    );
+    let got = getter.join().expect("the download thread");
+    let verified =
+        got.success() && bins::hash_file(&moving_out).ok().as_deref() == Some(moving_hash.as_str());
+    assert!(
+        verified,
+        "the download in flight across the renumbering failed: {}",
+        got.stderr
+    );
+    println!(
+        "a {} MiB download from that leaf, in flight across it, completed and verified in {:.2} s (route {:?})",
+        MOVING_LEN >> 20,
+        got.took.as_secs_f64(),
+        bins::route_of(&got.stdout)
     );
 
     // The NAT-PMP leaf removes its mapping when it stops.
@@ -441,6 +532,17 @@ enum Path {
 /// mapping covers: behind the full cone and the NAT-PMP router it is
 /// port-restricted (an endpoint-independent mapping).
 fn path(downloader: &str, source: &str) -> Path {
+    // Two leaves behind one NAT that does not hairpin: each one's outside
+    // address, seen from inside, is the router's own.
+    let hairpin = |a: &str, b: &str| a == "port-restricted" && b == "same-nat";
+    if hairpin(downloader, source) || hairpin(source, downloader) {
+        return Path::Relayed;
+    }
+    // Behind the same kind of NAT as the port-restricted leaf.
+    let source = match source {
+        "same-nat" => "port-restricted",
+        s => s,
+    };
     match source {
         // A direct dial: the public address, the full cone's DNAT, the
         // port the NAT-PMP leaf mapped.

@@ -127,8 +127,17 @@ impl Endpoint {
             addr: SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)),
             source,
         })?;
+        // quinn receives (and tells peers it takes) at most 1 480-byte
+        // datagrams unless told otherwise.
+        let mut endpoint_config = quinn::EndpointConfig::default();
+        endpoint_config
+            .max_udp_payload_size(transport.initial_mtu.max(1480))
+            .map_err(|e| EndpointError::Bind {
+                addr,
+                source: std::io::Error::other(e.to_string()),
+            })?;
         let inner = quinn::Endpoint::new_with_abstract_socket(
-            quinn::EndpointConfig::default(),
+            endpoint_config,
             Some(config),
             socket,
             Arc::new(quinn::TokioRuntime),
@@ -237,19 +246,19 @@ impl Endpoint {
         Self::client_with(self.identity.clone(), local, self.transport.clone())
     }
 
-    /// An endpoint with the same identity and transport on `socket` (a
-    /// relay's tunnel, `crate::tunnel`), accepting `alpns`.
-    pub fn on_socket(
+    /// An endpoint with the same identity and transport on a relay's
+    /// tunnel (`crate::tunnel`), accepting `alpns`; its connections use
+    /// the tunnel's datagram size.
+    pub fn on_tunnel(
         &self,
-        socket: Arc<dyn quinn::AsyncUdpSocket>,
+        socket: Arc<crate::TunnelSocket>,
         alpns: &[&[u8]],
     ) -> Result<Self, EndpointError> {
-        Self::bind_socket_with(
-            self.identity.clone(),
-            socket,
-            alpns,
-            (*self.transport).clone(),
-        )
+        let transport = TransportConfig {
+            initial_mtu: crate::tunnel::TUNNEL_MTU,
+            ..(*self.transport).clone()
+        };
+        Self::bind_socket_with(self.identity.clone(), socket, alpns, transport)
     }
 
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
@@ -422,6 +431,7 @@ mod tests {
         assert_eq!(t.connect_timeout, Duration::from_secs(5));
         assert_eq!(t.request_timeout, Duration::from_secs(10));
         assert_eq!(t.frame_timeout, Duration::from_secs(10));
+        assert_eq!(t.initial_mtu, 1200);
     }
 
     #[tokio::test]

@@ -46,6 +46,11 @@ pub struct TransportConfig {
     /// Longest wait for the rest of a frame once its header is in.
     /// Default [`FRAME_TIMEOUT`], 10 s.
     pub frame_timeout: Duration,
+    /// UDP payload a connection starts with once the handshake is done
+    /// (and the most MTU discovery tries). Default 1 200 B, QUIC's minimum; a relay tunnel's
+    /// inner connection, which no link MTU limits, starts at
+    /// [`crate::tunnel::TUNNEL_MTU`].
+    pub initial_mtu: u16,
 }
 
 impl Default for TransportConfig {
@@ -57,6 +62,7 @@ impl Default for TransportConfig {
             connect_timeout: CONNECT_TIMEOUT,
             request_timeout: REQUEST_TIMEOUT,
             frame_timeout: FRAME_TIMEOUT,
+            initial_mtu: 1200,
         }
     }
 }
@@ -101,6 +107,17 @@ impl TransportConfig {
             .send_window(16 << 20)
             .keep_alive_interval(Some(self.keep_alive))
             .max_idle_timeout(idle);
+        if self.initial_mtu > 1200 {
+            let mut discovery = quinn::MtuDiscoveryConfig::default();
+            discovery.upper_bound(self.initial_mtu);
+            // The initial congestion window must hold whole datagrams of
+            // that size: 10 of them, as it holds 10 of the least.
+            let mut cubic = quinn::congestion::CubicConfig::default();
+            cubic.initial_window(10 * u64::from(self.initial_mtu));
+            t.initial_mtu(self.initial_mtu)
+                .mtu_discovery_config(Some(discovery))
+                .congestion_controller_factory(std::sync::Arc::new(cubic));
+        }
         t
     }
 }

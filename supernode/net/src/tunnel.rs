@@ -31,6 +31,11 @@ use tokio::task::JoinHandle;
 
 /// Largest datagram a frame may carry (a UDP payload's largest).
 pub const MAX_TUNNEL_DATAGRAM: usize = 65_527;
+/// The datagram size a connection through a tunnel uses: no link limits
+/// it, and every datagram costs the two ends and the relay a frame, an
+/// encryption and an acknowledgement, so bigger ones carry more for the
+/// same work.
+pub const TUNNEL_MTU: u16 = 16 * 1024;
 /// Datagrams each direction holds at most before it drops.
 pub const QUEUED: usize = 256;
 /// Most bytes of queued datagrams one write to the stream carries.
@@ -279,8 +284,14 @@ mod tests {
         let a_id = Arc::new(Identity::generate().unwrap());
         let b_id = Arc::new(Identity::generate().unwrap());
         let (a_expect, b_expect) = (a_id.id(), b_id.id());
-        let inner_a = Endpoint::bind_socket(a_id, a.socket.clone(), &[]).unwrap();
-        let inner_b = Endpoint::bind_socket(b_id, b.socket.clone(), &[b"inner/1"]).unwrap();
+        // At the tunnel's datagram size, as leaves' tunnels run.
+        let t = || crate::TransportConfig {
+            initial_mtu: TUNNEL_MTU,
+            ..Default::default()
+        };
+        let inner_a = Endpoint::bind_socket_with(a_id, a.socket.clone(), &[], t()).unwrap();
+        let inner_b =
+            Endpoint::bind_socket_with(b_id, b.socket.clone(), &[b"inner/1"], t()).unwrap();
 
         const LEN: usize = 8 << 20;
         let served = tokio::spawn({
@@ -298,10 +309,10 @@ mod tests {
                 peer
             }
         });
-        let peer = inner_a
-            .connect(far, b"inner/1", Some(b_expect))
-            .await
-            .unwrap();
+        let peer = match inner_a.connect(far, b"inner/1", Some(b_expect)).await {
+            Ok(p) => p,
+            Err(e) => panic!("{e}: dropped {} {}", a.socket.dropped(), b.socket.dropped()),
+        };
         let (mut send, mut recv) = peer.conn.open_bi().await.unwrap();
         send.write_all(b"go").await.unwrap();
         let got = tokio::time::timeout(Duration::from_secs(30), recv.read_to_end(LEN + 1))
