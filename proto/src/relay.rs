@@ -40,6 +40,10 @@ pub struct RelayLimits {
     pub circuit_bytes: u64,
     /// How long one circuit lasts at most. Default 1 hour.
     pub circuit_duration: Duration,
+    /// How long a circuit may carry nothing either way before it ends (a
+    /// live connection through it sends a keep-alive every 2 s). Default
+    /// 30 s.
+    pub circuit_idle: Duration,
     /// Bytes per second one circuit carries, both ways together. Default
     /// 16 MiB/s.
     pub circuit_rate: u32,
@@ -56,6 +60,7 @@ impl Default for RelayLimits {
             max_circuits_per_ip: 8,
             circuit_bytes: 4 << 30,
             circuit_duration: Duration::from_secs(3600),
+            circuit_idle: Duration::from_secs(30),
             circuit_rate: 16 << 20,
             total_rate: 64 << 20,
         }
@@ -109,6 +114,8 @@ pub enum Carry {
 pub enum Ended {
     Bytes,
     Duration,
+    /// Nothing either way for [`RelayLimits::circuit_idle`].
+    Idle,
     Closed,
 }
 

@@ -42,6 +42,8 @@ pub struct RelayConfig {
     pub circuit_bytes: u64,
     /// Seconds a circuit lasts at most. Default 3600.
     pub circuit_secs: u64,
+    /// Seconds a circuit may carry nothing before it ends. Default 30.
+    pub circuit_idle_secs: u64,
     /// Bytes per second one circuit carries. Default 16 MiB/s.
     pub circuit_rate: u32,
     /// Bytes per second all circuits carry together. Default 64 MiB/s.
@@ -58,6 +60,7 @@ impl Default for RelayConfig {
             max_circuits_per_ip: d.max_circuits_per_ip,
             circuit_bytes: d.circuit_bytes,
             circuit_secs: d.circuit_duration.as_secs(),
+            circuit_idle_secs: d.circuit_idle.as_secs(),
             circuit_rate: d.circuit_rate,
             total_rate: d.total_rate,
         }
@@ -73,6 +76,7 @@ impl RelayConfig {
             max_circuits_per_ip: self.max_circuits_per_ip,
             circuit_bytes: self.circuit_bytes,
             circuit_duration: Duration::from_secs(self.circuit_secs),
+            circuit_idle: Duration::from_secs(self.circuit_idle_secs),
             circuit_rate: self.circuit_rate,
             total_rate: self.total_rate,
         }
@@ -160,10 +164,23 @@ pub(crate) async fn relay(
     let deadline = state.relays.lock().expect("relay lock").deadline(id);
     let until = tokio::time::Instant::from_std(deadline.unwrap_or_else(Instant::now));
     let mut leaf_send = leaf_send;
+    // When either direction last carried a chunk.
+    let last = std::sync::Mutex::new(tokio::time::Instant::now());
+    let idle = state.config.relay.limits().circuit_idle;
+    let idled = async {
+        loop {
+            let at = *last.lock().expect("relay clock") + idle;
+            tokio::time::sleep_until(at).await;
+            if *last.lock().expect("relay clock") + idle <= tokio::time::Instant::now() {
+                return Ended::Idle;
+            }
+        }
+    };
     let ended = tokio::select! {
-        e = carry(state, id, recv, &mut leaf_send) => e,
-        e = carry(state, id, leaf_recv, send) => e,
+        e = carry(state, id, recv, &mut leaf_send, &last) => e,
+        e = carry(state, id, leaf_recv, send, &last) => e,
         _ = tokio::time::sleep_until(until) => Ended::Duration,
+        e = idled => e,
     };
     debug!(asker = %asker.id.short(), leaf = %to.short(), ?ended, "relay ended");
     let _ = leaf_send.finish();
@@ -178,12 +195,14 @@ async fn carry(
     id: CircuitId,
     mut from: quinn::RecvStream,
     to: &mut quinn::SendStream,
+    last: &std::sync::Mutex<tokio::time::Instant>,
 ) -> Ended {
     loop {
         let chunk = match from.read_chunk(CHUNK, true).await {
             Ok(Some(c)) => c.bytes,
             Ok(None) | Err(_) => return Ended::Closed,
         };
+        *last.lock().expect("relay clock") = tokio::time::Instant::now();
         let decision =
             state
                 .relays

@@ -206,6 +206,7 @@ async fn a_relay_carries_an_end_to_end_connection_to_its_leaf_who_serves_it() {
 async fn a_relay_refuses_beyond_its_budget_a_leaf_it_does_not_hold_and_when_turned_off() {
     let mut config = supernode::Config::localhost();
     config.relay.max_circuits_per_ip = 1;
+    config.relay.circuit_idle_secs = 1;
     let sn = supernode_with(config).await;
     let a = TestLeaf::start(&[&sn], &[("a.bin", b"a".as_slice())]).await;
     let b = TestLeaf::start(&[&sn], &[("b.bin", b"b".as_slice())]).await;
@@ -213,7 +214,7 @@ async fn a_relay_refuses_beyond_its_budget_a_leaf_it_does_not_hold_and_when_turn
     b.wait_indexed(1).await;
     let endpoint = Endpoint::client_any(Arc::new(Identity::generate().unwrap())).unwrap();
     // One circuit from this address is open (held: the tunnel is unused)...
-    let (reply, _held, _s, _r) = ask_relay(&endpoint, sn.addr(), a.leaf().id()).await;
+    let (reply, _held, _s, mut held) = ask_relay(&endpoint, sn.addr(), a.leaf().id()).await;
     assert_eq!(reply, SupernodeReply::Relaying);
     // ... so the next is refused at once, not queued.
     let (reply, ..) = ask_relay(&endpoint, sn.addr(), b.leaf().id()).await;
@@ -226,6 +227,15 @@ async fn a_relay_refuses_beyond_its_budget_a_leaf_it_does_not_hold_and_when_turn
     assert!(error_code(&reply).is_some(), "{reply:?}");
     assert_eq!(sn.metrics().relays_opened.get(), 1);
     assert_eq!(sn.metrics().relays_refused.get(), 2);
+    // A circuit that carries nothing for its idle time ends, and frees its
+    // place.
+    let ended = tokio::time::timeout(T, held.read_to_end(1 << 16)).await;
+    assert!(
+        matches!(ended, Ok(Ok(_))),
+        "the idle circuit ends: {ended:?}"
+    );
+    let (reply, ..) = ask_relay(&endpoint, sn.addr(), b.leaf().id()).await;
+    assert_eq!(reply, SupernodeReply::Relaying);
 
     let mut off = supernode::Config::localhost();
     off.relay.enabled = false;
