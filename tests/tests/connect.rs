@@ -252,8 +252,11 @@ async fn a_relay_refuses_beyond_its_budget_a_leaf_it_does_not_hold_and_when_turn
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_relayed_download_moves_to_a_dial_back_once_one_gets_through() {
     let sn = supernode().await;
-    // 8 MiB at 1 MiB/s: about 8 s, time for a later round to get through.
-    let content = random_bytes(8 << 20, 11);
+    // 16 MiB at 1 MiB/s: about 16 s. The source's dial back, asked at
+    // the relay's round, gets through within a few seconds of the gate
+    // opening (its Initial is retransmitted), or at the next round, 4 s
+    // later: either way well before half the file.
+    let content = random_bytes(16 << 20, 11);
     let (data, share) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     std::fs::write(share.path().join("moved.bin"), &content).unwrap();
     // The source talks to nobody but its supernode until the gate opens:
