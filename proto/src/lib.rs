@@ -32,6 +32,7 @@ pub mod hop;
 pub mod lease;
 pub mod mesh;
 pub mod nat;
+pub mod path;
 pub mod pin;
 pub mod portmap;
 pub mod rate;

@@ -53,6 +53,15 @@ fn a_small_network_finds_files_and_elects() {
     );
     assert!(!series.is_empty());
     assert!(r.events > 10_000 && r.events_per_sec > 0.0);
+    // Half the leaves are behind NATs, a fifth of those symmetric: a
+    // download from a found holder is direct about half the time, and
+    // relayed only where both are NATed and one symmetric (about 9 %).
+    let p = r.rare_paths;
+    let sum = p.direct + p.reversed + p.punched + p.relayed;
+    assert!((sum - 1.0).abs() < 0.01, "{p:?}");
+    assert!((0.3..0.7).contains(&p.direct), "{p:?}");
+    assert!(p.relayed > 0.0 && p.relayed < 0.25, "{p:?}");
+    assert!(p.reversed > p.relayed && p.punched > 0.0, "{p:?}");
 }
 
 #[test]

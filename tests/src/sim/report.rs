@@ -4,6 +4,15 @@ use serde::Serialize;
 
 use super::scenario::RoutingKind;
 
+/// Shares of the paths downloads would take (`Report::rare_paths`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct RarePaths {
+    pub direct: f64,
+    pub reversed: f64,
+    pub punched: f64,
+    pub relayed: f64,
+}
+
 /// The figures of one run. The first group depends only on the scenario
 /// and its seed (the same ones give the same figures, byte for byte); the
 /// last three measure the simulator itself on this machine.
@@ -43,6 +52,10 @@ pub struct Report {
     /// after; none without one.
     pub recall_rare_30s_after_mass_kill: Option<f64>,
     pub recall_rare_later_after_mass_kill: Option<f64>,
+    /// How the asker would reach the holder of each rare file it found,
+    /// by their NATs (`servent_proto::path`), as shares of those found:
+    /// direct, dialled back, punched, relayed. Relays carry these.
+    pub rare_paths: RarePaths,
     /// Copies not sent because the origin had spent its fair share of
     /// the link (`proto::fair`), in all.
     pub mesh_copies_unforwarded: u64,

@@ -100,6 +100,12 @@ pub struct Scenario {
     pub vanish_share: f64,
     /// Share of leaves that cannot be reached from outside (behind a NAT). Default 0.5.
     pub unreachable_share: f64,
+    /// Share of those whose NAT maps each destination to a port of its
+    /// own (a "symmetric" NAT, as carrier-grade NATs often are): reached
+    /// through a relay by all but the reachable leaves; the rest are
+    /// port-restricted, and punch to each other (`servent_proto::path`).
+    /// Default 0.2.
+    pub symmetric_share: f64,
     /// Share of leaves with the CPU and memory to be a supernode. Default 0.4.
     pub capable_share: f64,
     /// Share of the dedicated supernodes killed per hour, at random
@@ -182,6 +188,7 @@ impl Default for Scenario {
             offline_median_min: 3.0,
             vanish_share: 0.5,
             unreachable_share: 0.5,
+            symmetric_share: 0.2,
             capable_share: 0.4,
             supernode_kill_share_per_hour: 0.06,
             supernode_restart_min: 5.0,
@@ -274,6 +281,7 @@ impl Scenario {
             ("loss", self.loss),
             ("vanish_share", self.vanish_share),
             ("unreachable_share", self.unreachable_share),
+            ("symmetric_share", self.symmetric_share),
             ("capable_share", self.capable_share),
             ("mass_kill_share", self.mass_kill_share),
             ("rare_query_share", self.rare_query_share),

@@ -32,6 +32,8 @@ use servent_proto::mesh::{
 };
 use servent_proto::msg::{Candidacy, SupernodeInfo};
 use servent_proto::msg::{Hit, MeshQuery, NameVariant, Query, QueryKind, Source};
+use servent_proto::path::{path, Nat, Path};
+use servent_proto::rng::SplitMix64;
 use servent_proto::walk::{CopyKind, View, WalkConfig};
 use servent_proto::ContentHash;
 use servent_proto::NodeId;
@@ -392,6 +394,9 @@ struct Leaf {
     /// Where it serves in this session, as hits name it.
     addr: String,
     reachable: bool,
+    /// Its NAT (`Nat::Open` when reachable), for the path a download from
+    /// it would take.
+    nat: Nat,
     capable: bool,
     upload_kbps: u32,
     files: Vec<u32>,
@@ -437,6 +442,9 @@ struct Stream {
 
 struct QueryRec {
     start: Micros,
+    /// The leaf that asked, and the one holder of a rare file.
+    asker: u32,
+    holder: Option<u32>,
     kw: u32,
     rare: bool,
     expected: usize,
@@ -558,12 +566,24 @@ impl World {
                 files.push((sc.catalog_files + i * sc.rare_per_leaf + j) as u32);
             }
             let capable = rng.random_bool(sc.capable_share);
+            let reachable = !rng.random_bool(sc.unreachable_share);
+            // Drawn apart from the world's generator, so that every other
+            // figure stays what it was for a seed.
+            let symmetric =
+                SplitMix64::new(sc.seed ^ (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15))
+                    .next_f64()
+                    < sc.symmetric_share;
             leaves.push(Leaf {
                 online: false,
                 gen: 0,
                 ip: 0,
                 addr: String::new(),
-                reachable: !rng.random_bool(sc.unreachable_share),
+                reachable,
+                nat: match (reachable, symmetric) {
+                    (true, _) => Nat::Open,
+                    (false, true) => Nat::Symmetric,
+                    (false, false) => Nat::PortRestricted,
+                },
                 capable,
                 upload_kbps: rng.random_range(1_000..100_000),
                 files,
@@ -2034,6 +2054,7 @@ impl World {
         }
         let leaf = self.online[self.rng.random_range(0..self.online.len())];
         let rare = self.rng.random_bool(self.sc.rare_query_share);
+        let mut holder = None;
         let (kw, expected) = if rare && self.sc.rare_per_leaf > 0 {
             // A file of another online leaf that only it has.
             let mut pick = None;
@@ -2042,11 +2063,12 @@ impl World {
                 if h != leaf {
                     let j = self.rng.random_range(0..self.sc.rare_per_leaf);
                     let f = (self.sc.catalog_files + h as usize * self.sc.rare_per_leaf + j) as u32;
-                    pick = Some(keyword(&self.sc, f));
+                    pick = Some((keyword(&self.sc, f), h));
                     break;
                 }
             }
-            let Some(kw) = pick else { return };
+            let Some((kw, h)) = pick else { return };
+            holder = Some(h);
             (kw, 1)
         } else {
             let f = self.zipf.sample(&mut self.rng);
@@ -2067,6 +2089,8 @@ impl World {
             .collect();
         self.queries.push(QueryRec {
             start: self.now(),
+            asker: leaf,
+            holder,
             kw,
             rare,
             expected,
@@ -2533,6 +2557,8 @@ impl World {
             (0, 0, 0, 0.0, 0);
         let mut first: Vec<f64> = Vec::new();
         let (mut rare_msgs, mut pop_msgs, mut most_msgs) = (0u64, 0u64, 0u64);
+        // By `Path` as usize: direct, reversed, punched, relayed.
+        let mut paths = [0u32; 4];
         // Rare queries started within 30 s of the mass kill, and after.
         let kill = self.sc.mass_kill_at_min.map(mins);
         let (mut soon, mut later) = ((0u32, 0u32), (0u32, 0u32));
@@ -2545,6 +2571,10 @@ impl World {
                 rare_n += 1;
                 rare_found += usize::from(got > 0);
                 rare_msgs += r.msgs;
+                if let (true, Some(h)) = (got > 0, r.holder) {
+                    let nat = |l: u32| self.leaves[l as usize].nat;
+                    paths[path(nat(r.asker), nat(h), false) as usize] += 1;
+                }
             } else {
                 pop_n += 1;
                 pop_recall += got as f64 / r.expected.max(1) as f64;
@@ -2613,6 +2643,16 @@ impl World {
                 .map(|_| report::round(f64::from(soon.1) / f64::from(soon.0.max(1)), 4)),
             recall_rare_later_after_mass_kill: kill
                 .map(|_| report::round(f64::from(later.1) / f64::from(later.0.max(1)), 4)),
+            rare_paths: {
+                let found = f64::from(paths.iter().sum::<u32>().max(1));
+                let share = |p: Path| report::round(f64::from(paths[p as usize]) / found, 4);
+                report::RarePaths {
+                    direct: share(Path::Direct),
+                    reversed: share(Path::Reversed),
+                    punched: share(Path::Punched),
+                    relayed: share(Path::Relayed),
+                }
+            },
             mesh_copies_unforwarded: self.unforwarded,
             routing: self.sc.routing,
             filter_bytes_per_supernode_sec: report::round(
