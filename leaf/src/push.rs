@@ -90,11 +90,8 @@ impl Pusher {
         let Ok(addr) = addr.parse::<SocketAddr>() else {
             return LeafReply::Declined(format!("not an IP:PORT: {addr:?}"));
         };
-        if peer == self.endpoint.id() {
-            return LeafReply::Declined("that is this leaf".into());
-        }
-        if !self.lock().admit(Instant::now(), peer) {
-            return LeafReply::Declined("too many dials back at once".into());
+        if let Err(declined) = self.admit(peer) {
+            return declined;
         }
         let this = self.clone();
         let span = tracing::info_span!("push", peer = %peer.short(), %addr);
@@ -132,11 +129,9 @@ impl Pusher {
         let span = tracing::info_span!("relayed", peer = %peer.short(), %via);
         tokio::spawn(
             async move {
-                let admitted =
-                    peer != this.endpoint.id() && this.lock().admit(Instant::now(), peer);
-                let reply = match admitted {
-                    true => LeafReply::Accepted,
-                    false => LeafReply::Declined("too many dials back at once".into()),
+                let (reply, admitted) = match this.admit(peer) {
+                    Ok(()) => (LeafReply::Accepted, true),
+                    Err(declined) => (declined, false),
                 };
                 let written = net::write_frame(&mut send, &reply, MAX_REPLY_FRAME).await;
                 if !admitted || written.is_err() {
@@ -174,6 +169,19 @@ impl Pusher {
             }
             .instrument(span),
         );
+    }
+
+    /// Whether to connect to `peer` (a dial back or a relayed connection):
+    /// not to ourselves, and within the limits of `Pushes`, which then
+    /// count it until [`Pushes::done`].
+    fn admit(&self, peer: NodeId) -> Result<(), LeafReply> {
+        if peer == self.endpoint.id() {
+            return Err(LeafReply::Declined("that is this leaf".into()));
+        }
+        if !self.lock().admit(Instant::now(), peer) {
+            return Err(LeafReply::Declined("too many dials back at once".into()));
+        }
+        Ok(())
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Pushes<NodeId>> {
@@ -482,34 +490,20 @@ async fn relay(endpoint: &Endpoint, proxy: SocketAddr, to: NodeId) -> Result<Pee
         addr: proxy,
         reason: format!("relay: {reason}"),
     };
-    let timed_out = |_| ConnectError::Timeout {
-        addr: proxy,
-        after: PROXY_TIMEOUT,
-    };
-    let peer = tokio::time::timeout(PROXY_TIMEOUT, endpoint.connect(proxy, ALPN_LEAF, None))
+    let asked = ask_supernode(endpoint, proxy, &LeafRequest::Relay { to }, false)
         .await
-        .map_err(timed_out)??;
-    let asked = async {
-        let (mut send, mut recv) = peer.conn.open_bi().await.map_err(|e| fail(e.to_string()))?;
-        net::write_frame(&mut send, &LeafRequest::Relay { to }, MAX_REQUEST_FRAME)
-            .await
-            .map_err(|e| fail(e.to_string()))?;
-        match net::read_frame::<SupernodeReply>(&mut recv, MAX_REPLY_FRAME).await {
-            Ok(Some(SupernodeReply::Relaying)) => Ok((send, recv)),
-            Ok(Some(SupernodeReply::Error(e))) => Err(fail(e.to_string())),
-            Ok(other) => Err(fail(format!("answered {other:?}"))),
-            Err(e) => Err(fail(e.to_string())),
-        }
-    };
-    let (send, recv) = tokio::time::timeout(PROXY_TIMEOUT, asked)
-        .await
-        .map_err(timed_out)??;
+        .map_err(|(Asked::Unreachable(e) | Asked::Refused(e))| e)?;
+    match asked.reply {
+        SupernodeReply::Relaying => {}
+        SupernodeReply::Error(e) => return Err(fail(e.to_string())),
+        other => return Err(fail(format!("answered {other:?}"))),
+    }
     let local = endpoint.local_addr().map_err(|e| fail(e.to_string()))?;
-    let tunnel = TunnelSocket::open(send, recv, local, proxy);
+    let tunnel = TunnelSocket::open(asked.send, asked.recv, local, proxy);
     let inner = endpoint
         .on_tunnel(tunnel.socket, &[])
         .map_err(|e| fail(e.to_string()))?;
-    hold_until_carried(peer.conn, tunnel.carrier);
+    hold_until_carried(asked.peer.conn, tunnel.carrier);
     inner.connect(proxy, ALPN_TRANSFER, Some(to)).await
 }
 
@@ -536,42 +530,72 @@ async fn ask_proxy(
     proxy: SocketAddr,
     to: NodeId,
 ) -> Result<SocketAddr, Asked> {
-    let Ok(peer) =
-        tokio::time::timeout(PROXY_TIMEOUT, endpoint.connect(proxy, ALPN_LEAF, None)).await
-    else {
-        return Err(Asked::Unreachable(ConnectError::Timeout {
+    let asked = ask_supernode(endpoint, proxy, &LeafRequest::Connect { to }, true).await?;
+    asked.peer.conn.close(0u32.into(), b"done");
+    let fail = |reason: String| {
+        Asked::Refused(ConnectError::Connect {
             addr: proxy,
-            after: PROXY_TIMEOUT,
-        }));
+            reason,
+        })
     };
-    let peer = peer.map_err(Asked::Unreachable)?;
-    let fail = |reason: String| ConnectError::Connect {
-        addr: proxy,
-        reason,
+    match asked.reply {
+        SupernodeReply::Connecting { addr } => addr
+            .parse::<SocketAddr>()
+            .map_err(|_| fail(format!("named a bad address {addr:?}"))),
+        SupernodeReply::Error(e) => Err(fail(e.to_string())),
+        other => Err(fail(format!("answered {other:?}"))),
+    }
+}
+
+/// A request of ours to a supernode, on a connection of its own, and its
+/// first answer; the connection and the stream stay open for the caller.
+struct AskedSupernode {
+    peer: Peer,
+    send: quinn::SendStream,
+    recv: quinn::RecvStream,
+    reply: SupernodeReply,
+}
+
+/// Sends `request` to the supernode at `at` on a new connection (our side
+/// of the stream finished after it if `finish`) and reads its first
+/// answer, each step within [`PROXY_TIMEOUT`].
+async fn ask_supernode(
+    endpoint: &Endpoint,
+    at: SocketAddr,
+    request: &LeafRequest,
+    finish: bool,
+) -> Result<AskedSupernode, Asked> {
+    let timed_out = || ConnectError::Timeout {
+        addr: at,
+        after: PROXY_TIMEOUT,
     };
+    let peer = tokio::time::timeout(PROXY_TIMEOUT, endpoint.connect(at, ALPN_LEAF, None))
+        .await
+        .map_err(|_| Asked::Unreachable(timed_out()))?
+        .map_err(Asked::Unreachable)?;
+    let fail = |reason: String| ConnectError::Connect { addr: at, reason };
     let asked = async {
         let (mut send, mut recv) = peer.conn.open_bi().await.map_err(|e| fail(e.to_string()))?;
-        net::write_frame(&mut send, &LeafRequest::Connect { to }, MAX_REQUEST_FRAME)
+        net::write_frame(&mut send, request, MAX_REQUEST_FRAME)
             .await
             .map_err(|e| fail(e.to_string()))?;
-        let _ = send.finish();
-        let reply = net::read_first_frame::<SupernodeReply>(&mut recv, MAX_REPLY_FRAME)
-            .await
-            .map_err(|e| fail(e.to_string()))?;
-        peer.conn.close(0u32.into(), b"done");
-        match reply {
-            Some(SupernodeReply::Connecting { addr }) => addr
-                .parse::<SocketAddr>()
-                .map_err(|_| fail(format!("named a bad address {addr:?}"))),
-            Some(SupernodeReply::Error(e)) => Err(fail(e.to_string())),
-            other => Err(fail(format!("answered {other:?}"))),
+        if finish {
+            let _ = send.finish();
+        }
+        match net::read_first_frame::<SupernodeReply>(&mut recv, MAX_REPLY_FRAME).await {
+            Ok(Some(reply)) => Ok((send, recv, reply)),
+            Ok(None) => Err(fail("answered nothing".into())),
+            Err(e) => Err(fail(e.to_string())),
         }
     };
-    let answer = tokio::time::timeout(PROXY_TIMEOUT, asked)
+    let (send, recv, reply) = tokio::time::timeout(PROXY_TIMEOUT, asked)
         .await
-        .map_err(|_| ConnectError::Timeout {
-            addr: proxy,
-            after: PROXY_TIMEOUT,
-        });
-    answer.and_then(|r| r).map_err(Asked::Refused)
+        .map_err(|_| Asked::Refused(timed_out()))?
+        .map_err(Asked::Refused)?;
+    Ok(AskedSupernode {
+        peer,
+        send,
+        recv,
+        reply,
+    })
 }

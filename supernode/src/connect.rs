@@ -18,8 +18,9 @@ use tracing::debug;
 use crate::owner::Command;
 use crate::State;
 
-/// Longest wait for the leaf asked to say it will dial.
-const ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest wait for the leaf asked to say it will dial (`Connect`) or
+/// take the relayed connection (`Relay`).
+pub(crate) const ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Whether `asker` may have something asked of our leaf `to` (a
 /// `Connect`, or a `Relay`: both share the rates of

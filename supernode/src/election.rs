@@ -218,13 +218,25 @@ pub(crate) async fn ask_leaf(
     req: &SupernodeRequest,
 ) -> Result<LeafReply, String> {
     let conn = conn.ok_or("leaf is gone")?;
+    ask_leaf_on(conn, req, true).await.map(|(reply, ..)| reply)
+}
+
+/// Sends `req` on a new stream of `conn` (our side finished after it if
+/// `finish`) and reads the leaf's answer; the stream stays the caller's.
+pub(crate) async fn ask_leaf_on(
+    conn: &quinn::Connection,
+    req: &SupernodeRequest,
+    finish: bool,
+) -> Result<(LeafReply, quinn::SendStream, quinn::RecvStream), String> {
     let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
     net::write_frame(&mut send, req, MAX_REPLY_FRAME)
         .await
         .map_err(|e| e.to_string())?;
-    let _ = send.finish();
+    if finish {
+        let _ = send.finish();
+    }
     match net::read_first_frame::<LeafReply>(&mut recv, MAX_REPLY_FRAME).await {
-        Ok(Some(r)) => Ok(r),
+        Ok(Some(r)) => Ok((r, send, recv)),
         Ok(None) => Err("no answer".into()),
         Err(e) => Err(e.to_string()),
     }

@@ -19,8 +19,6 @@ use tracing::debug;
 
 use crate::State;
 
-/// Longest wait for the leaf asked to accept.
-const ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
 /// Most bytes read from one side before they are forwarded: the one chunk
 /// a direction holds.
 const CHUNK: usize = 64 * 1024;
@@ -130,29 +128,25 @@ pub(crate) async fn relay(
         state: state.as_ref(),
         id,
     };
+    // Our side stays open: it is the tunnel's.
+    let request = SupernodeRequest::Relay { peer: asker.id };
     let asked = async {
-        let (mut leaf_send, mut leaf_recv) = session.open_bi().await.map_err(|e| e.to_string())?;
-        let request = SupernodeRequest::Relay { peer: asker.id };
-        net::write_frame(&mut leaf_send, &request, MAX_REPLY_FRAME)
-            .await
-            .map_err(|e| e.to_string())?;
-        match net::read_frame::<LeafReply>(&mut leaf_recv, MAX_REPLY_FRAME).await {
-            Ok(Some(LeafReply::Accepted)) => Ok((leaf_send, leaf_recv)),
-            Ok(Some(LeafReply::Declined(why))) => Err(format!("declined: {why}")),
-            Ok(None) => Err("no answer".to_string()),
-            Err(e) => Err(e.to_string()),
+        match crate::election::ask_leaf_on(&session, &request, false).await? {
+            (LeafReply::Accepted, send, recv) => Ok((send, recv)),
+            (LeafReply::Declined(why), ..) => Err(format!("declined: {why}")),
         }
     };
-    let (leaf_send, leaf_recv) = match tokio::time::timeout(ANSWER_TIMEOUT, asked).await {
-        Ok(Ok(streams)) => streams,
-        Ok(Err(why)) => return Err(refused(ErrorCode::Unavailable, why)),
-        Err(_) => {
-            return Err(refused(
-                ErrorCode::Unavailable,
-                "leaf did not answer in time".into(),
-            ))
-        }
-    };
+    let (leaf_send, leaf_recv) =
+        match tokio::time::timeout(crate::connect::ANSWER_TIMEOUT, asked).await {
+            Ok(Ok(streams)) => streams,
+            Ok(Err(why)) => return Err(refused(ErrorCode::Unavailable, why)),
+            Err(_) => {
+                return Err(refused(
+                    ErrorCode::Unavailable,
+                    "leaf did not answer in time".into(),
+                ))
+            }
+        };
     if net::write_frame(send, &SupernodeReply::Relaying, MAX_REPLY_FRAME)
         .await
         .is_err()
@@ -161,12 +155,14 @@ pub(crate) async fn relay(
     }
     state.metrics.relays_opened.inc();
     debug!(asker = %asker.id.short(), leaf = %to.short(), "relaying");
-    let deadline = state.relays.lock().expect("relay lock").deadline(id);
+    let (deadline, idle) = {
+        let relays = state.relays.lock().expect("relay lock");
+        (relays.deadline(id), relays.limits().circuit_idle)
+    };
     let until = tokio::time::Instant::from_std(deadline.unwrap_or_else(Instant::now));
     let mut leaf_send = leaf_send;
     // When either direction last carried a chunk.
     let last = std::sync::Mutex::new(tokio::time::Instant::now());
-    let idle = state.config.relay.limits().circuit_idle;
     let idled = async {
         loop {
             let at = *last.lock().expect("relay clock") + idle;
