@@ -486,12 +486,9 @@ impl Dialer<'_> {
             self.spawned += 1;
             let task = async move {
                 let at = awaiting.as_ref();
-                let result = probe(&endpoint, at, hash, source.clone(), index, patience)
-                    .await
-                    .map(|(mut remote, claimed)| {
-                        remote.routes = Some(routes.clone());
-                        (remote, claimed)
-                    });
+                let told = routes.clone();
+                let result =
+                    probe(&endpoint, at, hash, source.clone(), index, patience, told).await;
                 if let Ok((remote, _)) = &result {
                     let route = (remote.source.id, remote.route);
                     routes.lock().expect("routes lock").push(route);
@@ -958,7 +955,8 @@ fn failed(liars: &[Dropped], last: Option<String>) -> GetError {
 }
 
 /// Connects to `source` and asks what it has of `hash`: its size claim
-/// and, from a partial source, its have-bitmap.
+/// and, from a partial source, its have-bitmap. A later better path to it
+/// is told in `routes`.
 async fn probe(
     endpoint: &Endpoint,
     awaiting: Option<&Arc<crate::push::Awaiting>>,
@@ -966,6 +964,7 @@ async fn probe(
     source: Source,
     index: usize,
     patience: Duration,
+    routes: Routes,
 ) -> Result<(Remote, u64), SourceError> {
     let addr: SocketAddr = source
         .addr
@@ -988,7 +987,7 @@ async fn probe(
         has: None,
         route,
         upgrade: std::sync::Mutex::new(upgrade),
-        routes: None,
+        routes,
     };
     let req = GetRequest::Have(hash);
     let asked = tokio::time::timeout(patience, remote.ask(&req));
@@ -1143,7 +1142,7 @@ struct Remote {
     /// For a relayed source: the better connection later rounds may find.
     upgrade: std::sync::Mutex<Option<crate::push::Upgrade>>,
     /// Where an upgrade's route is told, beside the first.
-    routes: Option<Routes>,
+    routes: Routes,
 }
 
 /// How long a relayed connection that was replaced stays open, for the
@@ -1167,12 +1166,8 @@ impl Remote {
                 route = route.name(),
                 "a relayed source is now reached without the relay"
             );
-            if let Some(routes) = &self.routes {
-                routes
-                    .lock()
-                    .expect("routes lock")
-                    .push((self.source.id, route));
-            }
+            let told = (self.source.id, route);
+            self.routes.lock().expect("routes lock").push(told);
             let relayed = std::mem::replace(&mut *peer, better);
             tokio::spawn(async move {
                 tokio::time::sleep(REPLACED_GRACE).await;

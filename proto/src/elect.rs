@@ -465,6 +465,12 @@ impl Need {
 /// The most loads the need rules count, besides a supernode's own.
 pub const MAX_NEED_SAMPLE: usize = 4096;
 
+/// Longest a stepping-down supernode waits for the leaves it sent
+/// elsewhere to leave (each keeps its session until it is registered
+/// elsewhere, at most `AttachConfig::rehome_grace`, 10 s), before it stops
+/// its role anyway (docs/PROTOCOL.md 12.4).
+pub const STEP_DOWN_WAIT: Duration = Duration::from_secs(12);
+
 /// The oldest news of another supernode's load that the need rules count
 /// (`mesh::Membership::loads`): in a network that grows or shrinks by
 /// the minute, older loads would keep showing a shortage already met.

@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Deserialize;
-use servent_proto::elect::{Policy, PromoteReply, Rules};
+use servent_proto::elect::{Policy, PromoteReply, Rules, STEP_DOWN_WAIT};
 use servent_proto::limits::{MAX_ERROR_MESSAGE, MAX_REPLY_FRAME};
 use servent_proto::msg::{
     truncate_utf8, LeafReply, SupernodeInfo, SupernodeRequest, ALPN_TRANSFER,
@@ -307,11 +307,6 @@ async fn hand_over(state: &State, to: NodeId, addr: SocketAddr, movers: Vec<quin
     info!(to = %to.short(), moved, "leaves handed over");
     state.send(Command::HandedOver { to }).await;
 }
-
-/// Longest a stepping-down supernode waits for the leaves it sent elsewhere
-/// to leave (each keeps its session until it is registered elsewhere, at
-/// most the leaf's `rehome_grace`, 10 s), before it stops the role anyway.
-const STEP_DOWN_WAIT: Duration = Duration::from_secs(12);
 
 /// Sends every leaf (`leaves`) to `elsewhere`, waits until they have left
 /// (at most [`STEP_DOWN_WAIT`]; meanwhile their files stay searchable

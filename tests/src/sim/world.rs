@@ -20,7 +20,7 @@ use rand::rngs::StdRng;
 use rand::Rng;
 use servent_proto::attach::{Action, AttachConfig, AttachPlanner, CacheEntry, LinkOutcome};
 use servent_proto::elect::{
-    self, Action as ElectAction, Election, Load, Policy, PromoteReply, Room, Rules,
+    self, Action as ElectAction, Election, Load, Policy, PromoteReply, Room, Rules, STEP_DOWN_WAIT,
 };
 use servent_proto::filter::{Filter, LocalFilter, Update, WordKey};
 use servent_proto::hop::{
@@ -61,9 +61,6 @@ const UNIX_START: u64 = 1_800_000_000;
 const ASKED_AT_ONCE: usize = 3;
 /// A register that gets no answer counts as failed after this long.
 const REGISTER_TIMEOUT: Micros = 10 * SEC;
-/// Longest a stepping-down supernode waits for its leaves to move
-/// (`supernode/src/election.rs` STEP_DOWN_WAIT).
-const STEP_DOWN_WAIT: Micros = 12 * SEC;
 /// Bootstrap supernodes a new leaf is given (its `--supernode` flags).
 const BOOTSTRAP: usize = 5;
 /// `--peer` flags of a dedicated supernode.
@@ -393,9 +390,8 @@ struct Leaf {
     ip: u32,
     /// Where it serves in this session, as hits name it.
     addr: String,
-    reachable: bool,
-    /// Its NAT (`Nat::Open` when reachable), for the path a download from
-    /// it would take.
+    /// Its NAT, for the path a download from it would take; the leaf is
+    /// reachable (a dial-back gets through) when it is `Nat::Open`.
     nat: Nat,
     capable: bool,
     upload_kbps: u32,
@@ -578,7 +574,6 @@ impl World {
                 gen: 0,
                 ip: 0,
                 addr: String::new(),
-                reachable,
                 nat: match (reachable, symmetric) {
                     (true, _) => Nat::Open,
                     (false, true) => Nat::Symmetric,
@@ -1943,7 +1938,7 @@ impl World {
             match action {
                 ElectAction::Probe { id, addr, timeout } => {
                     let l = &self.leaves[id as usize];
-                    let ok = l.online && l.reachable && self.leaf_sock(id) == addr;
+                    let ok = l.online && l.nat == Nat::Open && self.leaf_sock(id) == addr;
                     let after = if ok {
                         self.rtt(Node::Super(s), Node::Leaf(id)) * 3 / 2
                     } else {
@@ -2002,7 +1997,7 @@ impl World {
                         me.stepping = true;
                         let epoch = me.epoch;
                         self.q
-                            .after(STEP_DOWN_WAIT, Ev::StepDownEnd { sup: s, epoch });
+                            .after(micros(STEP_DOWN_WAIT), Ev::StepDownEnd { sup: s, epoch });
                     }
                     return;
                 }
