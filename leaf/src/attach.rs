@@ -23,6 +23,7 @@ use tokio::task::JoinSet;
 use tracing::{debug, info, info_span, warn, Instrument};
 
 use crate::link::{self, LinkError, LinkStatus};
+use crate::portmap::Announced;
 use crate::role::Role;
 use crate::share::{now_secs, Share};
 
@@ -71,10 +72,15 @@ fn save_cache(data_dir: &Path, entries: &[CacheEntry<String>]) {
 
 /// Everything the manager needs.
 pub struct Attach {
+    /// The supernodes heard on the LAN now (`crate::lan`), learned as a
+    /// supernode's list is.
+    pub lan: watch::Receiver<Vec<SupernodeInfo>>,
     pub endpoint: Endpoint,
     pub bootstrap: Vec<String>,
     pub data_dir: PathBuf,
-    pub listen_port: u16,
+    /// The port each session registers (the gateway's mapping of the
+    /// listening one, while there is one).
+    pub port: Announced,
     pub share: Arc<Share>,
     pub attach: usize,
     /// The planner's timings and limits.
@@ -112,6 +118,7 @@ struct Running {
 
 /// Keeps the leaf attached to up to `attach` supernodes until `stop`.
 pub async fn run(cfg: Attach, mut stop: watch::Receiver<bool>) {
+    let mut lan = cfg.lan.clone();
     let cached = load_cache(&cfg.data_dir)
         .into_iter()
         .map(|c| CacheEntry {
@@ -161,6 +168,10 @@ pub async fn run(cfg: Attach, mut stop: watch::Receiver<bool>) {
         tokio::select! {
             _ = stop.changed() => break,
             _ = tokio::time::sleep_until(wake.into()) => planner.handle_timeout(Instant::now()),
+            Ok(()) = lan.changed() => {
+                let heard = lan.borrow_and_update().clone();
+                planner.handle_learned(Instant::now(), now_secs(), heard);
+            }
             Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
             Some(ev) = events.recv() => {
                 let (now, unix) = (Instant::now(), now_secs());
@@ -220,6 +231,11 @@ fn answer(
 fn outcome(addr: &str, link: Option<Running>, result: Result<(), LinkError>) -> LinkOutcome {
     match result {
         Ok(()) => LinkOutcome::Stopped,
+        Err(LinkError::PortChanged { from, to }) => {
+            // Not the supernode's doing: registered again straight away.
+            info!(supernode = %addr, from, to, "the gateway maps another port: registering again");
+            LinkOutcome::Stopped
+        }
         Err(LinkError::Full(elsewhere)) => {
             info!(supernode = %addr, suggested = elsewhere.len(), "supernode full; trying others");
             LinkOutcome::Full(elsewhere)
@@ -256,7 +272,7 @@ fn start(
         stop.clone(),
     );
     let (addr, task_status) = (addr.to_string(), status.clone());
-    let listen_port = cfg.listen_port;
+    let port = cfg.port.clone();
     let timings = cfg.link_timings.clone();
     let promotable = !cfg.role.no_promote;
     let may_offer = {
@@ -308,15 +324,7 @@ fn start(
                     return Err(LinkError::Lost(format!("cannot resolve {addr}")));
                 };
                 link::session(
-                    &endpoint,
-                    sock,
-                    expected,
-                    listen_port,
-                    &share,
-                    &status,
-                    hooks,
-                    &timings,
-                    stop,
+                    &endpoint, sock, expected, port, &share, &status, hooks, &timings, stop,
                 )
                 .await
             };

@@ -12,12 +12,17 @@
 //! `ALPN_TRANSFER` (uploads) always, and `ALPN_LEAF` and `ALPN_MESH` while
 //! this leaf holds the supernode role. The plumbing is `servent_net`.
 
+mod api;
 pub mod attach;
+pub mod downloads;
+pub mod lan;
 pub mod layer;
 pub mod link;
 pub mod partial;
-mod portmap;
+mod pio;
+pub mod portmap;
 pub mod push;
+pub mod remote;
 pub mod role;
 pub mod search;
 pub mod share;
@@ -48,6 +53,8 @@ use transfer::GetError;
 
 /// Default UDP port of a leaf.
 pub const DEFAULT_PORT: u16 = 7401;
+/// Default address of the control API and web UI.
+pub const DEFAULT_UI_ADDR: SocketAddr = api::DEFAULT_ADDR;
 
 /// How `leaf serve` runs.
 #[derive(Debug, Clone)]
@@ -58,6 +65,11 @@ pub struct Config {
     pub share: PathBuf,
     /// UDP address for downloads. Default `0.0.0.0:7401`.
     pub listen: SocketAddr,
+    /// If `listen`'s port is taken, serve on a free port of the same IP
+    /// instead (said in the log and the listening line): what `leaf serve`
+    /// does when `--listen` is not given, so that a second leaf of one host
+    /// starts too. Default false.
+    pub listen_fallback: bool,
     /// Supernodes to register with (`HOST:PORT`). Default: the cache.
     pub supernodes: Vec<String>,
     /// Never become a supernode. Default false.
@@ -69,6 +81,17 @@ pub struct Config {
     pub attach_rules: servent_proto::attach::AttachConfig,
     /// HTTP address for `/status` and `/metrics`. Default none.
     pub http: Option<SocketAddr>,
+    /// Address of the control API and web UI (docs/API.md). Default
+    /// `127.0.0.1:7402` for `leaf serve`, none in [`Config::localhost`].
+    pub ui: Option<SocketAddr>,
+    /// If `ui`'s port is taken, serve on a free port of the same IP
+    /// instead (said in the log and the printed URL): what `leaf serve`
+    /// does when `--ui` is not given, so that several daemons of one host
+    /// all start. Default false.
+    pub ui_fallback: bool,
+    /// Downloads the daemon runs at once; the rest wait. Default
+    /// [`downloads::DEFAULT_MAX_ACTIVE`].
+    pub max_active_downloads: usize,
     /// Ask the default gateway (NAT-PMP) to map the listening port, when
     /// the socket is reachable beyond this host. Default true for `leaf
     /// serve`, false in [`Config::localhost`].
@@ -76,6 +99,12 @@ pub struct Config {
     /// Cap on the upload rate of all uploads together, bytes a second.
     /// Default none.
     pub max_upload_rate: Option<u64>,
+    /// Announce this leaf on the LAN and use the supernodes announced
+    /// there (mDNS, [`lan`]), when it serves beyond loopback; take the
+    /// supernode role alone if the LAN has none and no supernode was
+    /// given. Default true for `leaf serve`, false in
+    /// [`Config::localhost`].
+    pub lan: bool,
     /// Settings of the supernode role, should this leaf be elected
     /// (`max_leaves` and `peers` come from the election). Its admission
     /// limits and its `transport` apply to the leaf's endpoint, elected or
@@ -125,13 +154,18 @@ impl Config {
             data_dir: data_dir.to_path_buf(),
             share: share.to_path_buf(),
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            listen_fallback: false,
             supernodes,
             no_promote: false,
             attach: attach::DEFAULT_ATTACH,
             attach_rules: Default::default(),
             http: None,
+            ui: None,
+            ui_fallback: false,
+            max_active_downloads: downloads::DEFAULT_MAX_ACTIVE,
             port_mapping: false,
             max_upload_rate: None,
+            lan: false,
             role: supernode::Config::localhost(),
             timings: Timings::default(),
         }
@@ -148,10 +182,12 @@ pub enum StartError {
     Share(#[from] ShareError),
     #[error("cannot read the bound address: {0}")]
     LocalAddr(std::io::Error),
-    #[error("no supernode given: pass --supernode ADDR")]
+    #[error("no supernode given: pass --supernode ADDR (none is found on a LAN without --no-lan and an address beyond loopback)")]
     NoSupernodes,
     #[error(transparent)]
     Http(#[from] HttpError),
+    #[error("cannot read or make the API key in the data dir: {0}")]
+    Key(std::io::Error),
 }
 
 /// A running `leaf serve`. Dropping it shuts it down.
@@ -167,6 +203,10 @@ pub struct Leaf {
     uploads: Arc<upload::Uploads>,
     router: Router,
     http: Option<HttpServer>,
+    /// The control API and web UI, and the downloads it runs.
+    ui: Option<(HttpServer, String)>,
+    downloads: Option<Arc<downloads::Downloads>>,
+    data_dir: PathBuf,
 }
 
 impl Leaf {
@@ -189,7 +229,8 @@ impl Leaf {
     ) -> Result<Self, StartError> {
         let identity = Arc::new(Identity::load_or_create(&config.data_dir)?);
         let id = identity.id();
-        if config.supernodes.is_empty() && attach::load_cache(&config.data_dir).is_empty() {
+        let lan = config.lan && servent_net::lan::wanted(config.listen);
+        if !lan && config.supernodes.is_empty() && attach::load_cache(&config.data_dir).is_empty() {
             return Err(StartError::NoSupernodes);
         }
         let share = Share::open(&config.share, &config.data_dir)?;
@@ -199,13 +240,26 @@ impl Leaf {
         let transport = config.role.transport.clone();
         let endpoint = match socket {
             Some(socket) => Endpoint::bind_socket_with(identity, socket, alpns, transport)?,
-            None => Endpoint::bind_with(identity, config.listen, alpns, transport)?,
+            None => {
+                match Endpoint::bind_with(identity.clone(), config.listen, alpns, transport.clone())
+                {
+                    Err(EndpointError::Bind { source, .. })
+                        if config.listen_fallback
+                            && source.kind() == std::io::ErrorKind::AddrInUse =>
+                    {
+                        let any = SocketAddr::new(config.listen.ip(), 0);
+                        tracing::warn!(at = %config.listen, "the port is taken; serving on a free one");
+                        Endpoint::bind_with(identity, any, alpns, transport)?
+                    }
+                    other => other?,
+                }
+            }
         };
         let addr = endpoint.local_addr().map_err(StartError::LocalAddr)?;
         let (stop, stop_rx) = watch::channel(false);
         let span = info_span!("leaf", id = %id.short());
         let links: status::Links = Arc::new(Mutex::new(Vec::new()));
-        let mapped: portmap::Published = Arc::new(Mutex::new(None));
+        let mapped: portmap::Published = Arc::new(watch::Sender::new(None));
         let uploads = Arc::new(
             upload::Uploads::new(
                 config.max_upload_rate,
@@ -239,32 +293,51 @@ impl Leaf {
                 .unserved_reason(b"not a supernode")
                 .spawn()
         });
-        let role = Role::new(router.clone(), config.role.clone(), config.no_promote);
+        let port = portmap::Announced::new(addr.port(), mapped.subscribe());
+        let role = Role::new(
+            router.clone(),
+            config.role.clone(),
+            config.no_promote,
+            port.clone(),
+        );
+        let report = Arc::new(status::LeafReport::new(
+            id,
+            addr,
+            share.clone(),
+            links.clone(),
+            mapped.clone(),
+            &uploads,
+            role.clone(),
+        ));
         // Before the other tasks start, so that a bad address leaves nothing
         // running (the router's loop ends with the endpoint, closed below).
         let http = match config.http {
+            Some(at) => match HttpServer::bind(at, report.clone())
+                .instrument(span.clone())
+                .await
+            {
+                Ok(server) => Some(server),
+                Err(e) => {
+                    endpoint.close();
+                    return Err(e.into());
+                }
+            },
+            None => None,
+        };
+        let (ui, downloads) = match config.ui {
             Some(at) => {
-                let report = status::LeafReport::new(
-                    id,
-                    addr,
-                    share.clone(),
-                    links.clone(),
-                    mapped.clone(),
-                    &uploads,
-                    role.clone(),
-                );
-                match HttpServer::bind(at, Arc::new(report))
+                match Self::start_ui(&config, at, report, &share, &uploads, &links, (&role, addr))
                     .instrument(span.clone())
                     .await
                 {
-                    Ok(server) => Some(server),
+                    Ok((server, url, downloads)) => (Some((server, url)), Some(downloads)),
                     Err(e) => {
                         endpoint.close();
-                        return Err(e.into());
+                        return Err(e);
                     }
                 }
             }
-            None => None,
+            None => (None, None),
         };
         let mut tasks = Vec::new();
 
@@ -272,11 +345,13 @@ impl Leaf {
             share::watch(share.clone(), config.timings.share.clone(), stop_rx.clone())
                 .instrument(span.clone()),
         ));
+        let (lan_hints, lan_heard) = watch::channel(Vec::new());
         let manager = attach::Attach {
+            lan: lan_heard,
             endpoint: endpoint.clone(),
             bootstrap: config.supernodes.clone(),
             data_dir: config.data_dir.clone(),
-            listen_port: addr.port(),
+            port,
             share: share.clone(),
             attach: config.attach.max(1),
             rules: config.attach_rules.clone(),
@@ -297,6 +372,18 @@ impl Leaf {
                 None => debug!(parent: &span, "no default IPv4 gateway: no port mapping"),
             }
         }
+        if lan {
+            let lan = lan::LanConfig {
+                id,
+                listen: addr,
+                given: !config.supernodes.is_empty(),
+                role: role.clone(),
+                share: share.clone(),
+                links: links.clone(),
+                hints: lan_hints,
+            };
+            tasks.extend(span.in_scope(|| lan::start(lan, stop_rx.clone())));
+        }
         info!(parent: &span, %addr, share = %share.root().display(), "serving");
         Ok(Self {
             id,
@@ -310,7 +397,124 @@ impl Leaf {
             stop,
             tasks,
             http,
+            ui,
+            downloads,
+            data_dir: config.data_dir.clone(),
         })
+    }
+
+    /// The control API and the downloads it owns.
+    async fn start_ui(
+        config: &Config,
+        at: SocketAddr,
+        report: Arc<status::LeafReport>,
+        share: &Arc<Share>,
+        uploads: &Arc<upload::Uploads>,
+        links: &status::Links,
+        (role, addr): (&Arc<Role>, SocketAddr),
+    ) -> Result<(HttpServer, String, Arc<downloads::Downloads>), StartError> {
+        let key = api::auth::load_or_create_key(&config.data_dir).map_err(StartError::Key)?;
+        // This leaf while it holds the supernode role (on loopback if it
+        // serves every address), those attached, those given, the cache.
+        let supernodes: Arc<dyn Fn() -> Vec<String> + Send + Sync> = {
+            let (links, data_dir, given, role) = (
+                links.clone(),
+                config.data_dir.clone(),
+                config.supernodes.clone(),
+                role.clone(),
+            );
+            let me = match addr.ip().is_unspecified() {
+                true => SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), addr.port()),
+                false => addr,
+            };
+            Arc::new(move || {
+                let mut all: Vec<String> = Vec::new();
+                if role.is_supernode() {
+                    all.push(me.to_string());
+                }
+                all.extend(
+                    status::attached(&links)
+                        .into_iter()
+                        .map(|(_, a)| a.to_string()),
+                );
+                all.extend(given.iter().cloned());
+                all.extend(attach::load_cache(&data_dir).into_iter().map(|c| c.addr));
+                let mut seen = std::collections::HashSet::new();
+                all.retain(|a| seen.insert(a.clone()));
+                all
+            })
+        };
+        let downloads = downloads::Downloads::open(downloads::Context {
+            data_dir: config.data_dir.clone(),
+            dir: share.root(),
+            supernodes,
+            timings: config.timings.clone(),
+            max_active: config.max_active_downloads.max(1),
+        });
+        let api = Arc::new(api::Api {
+            key: key.clone(),
+            bound: Default::default(),
+            report,
+            downloads: downloads.clone(),
+            share: share.clone(),
+            uploads: uploads.clone(),
+            searches: Arc::new(tokio::sync::Semaphore::new(api::MAX_SEARCHES)),
+            streams: Arc::new(tokio::sync::Semaphore::new(api::MAX_STREAMS)),
+        });
+        let served = match api::serve(at, api.clone()).await {
+            Err(HttpError::Bind { source, .. })
+                if config.ui_fallback && source.kind() == std::io::ErrorKind::AddrInUse =>
+            {
+                let any = SocketAddr::new(at.ip(), 0);
+                tracing::warn!(%at, "the UI's address is taken; serving it on a free port");
+                api::serve(any, api).await
+            }
+            other => other,
+        };
+        let server = match served {
+            Ok(s) => s,
+            Err(e) => {
+                downloads.shutdown();
+                return Err(e.into());
+            }
+        };
+        let url = format!("http://{}/?key={key}", server.addr());
+        // Where the CLI finds this daemon (remote.rs).
+        let named = replace_file(
+            &config.data_dir.join(remote::ADDR_FILE),
+            server.addr().to_string().as_bytes(),
+        );
+        if let Err(e) = named {
+            tracing::warn!(error = %e, "cannot record the API's address: the CLI will not find this daemon");
+        }
+        Ok((server, url, downloads))
+    }
+
+    /// Removes the file that tells the CLI where this daemon is, if it
+    /// still names this one.
+    fn unname_ui(&self) {
+        let Some((server, _)) = &self.ui else { return };
+        let path = self.data_dir.join(remote::ADDR_FILE);
+        let ours =
+            std::fs::read_to_string(&path).is_ok_and(|a| a.trim() == server.addr().to_string());
+        if ours {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+
+    /// The bound address of the control API and web UI, if served.
+    pub fn ui_addr(&self) -> Option<SocketAddr> {
+        self.ui.as_ref().map(|(server, _)| server.addr())
+    }
+
+    /// The URL that opens the web UI, authorised, if it is served.
+    pub fn ui_url(&self) -> Option<&str> {
+        self.ui.as_ref().map(|(_, url)| url.as_str())
+    }
+
+    /// The daemon's downloads, if it runs the control API.
+    pub fn downloads(&self) -> Option<&Arc<downloads::Downloads>> {
+        self.downloads.as_ref()
     }
 
     pub fn id(&self) -> NodeId {
@@ -361,6 +565,13 @@ impl Leaf {
     pub async fn shutdown(mut self) {
         self.role.step_down();
         let _ = self.stop.send(true);
+        if let Some(downloads) = &self.downloads {
+            downloads.shutdown();
+        }
+        self.unname_ui();
+        if let Some((ui, _)) = self.ui.take() {
+            ui.shutdown().await;
+        }
         if let Some(http) = self.http.take() {
             http.shutdown().await;
         }
@@ -382,6 +593,10 @@ impl Drop for Leaf {
     fn drop(&mut self) {
         self.role.step_down();
         let _ = self.stop.send(true);
+        if let Some(downloads) = &self.downloads {
+            downloads.shutdown();
+        }
+        self.unname_ui();
         self.endpoint.close();
         for t in &self.tasks {
             t.abort();
@@ -408,17 +623,93 @@ impl ProtocolHandler for Uploader {
     }
 }
 
-/// Writes `bytes` to `path` whole or not at all: into `PATH.tmp` first,
-/// then renamed over `path`, so that a crash never leaves half a file.
+/// Writes `bytes` to `path` whole or not at all: into a temporary file of
+/// a unique name beside it, synced to disk, then renamed over `path`. A
+/// crash never leaves half a file, and writers of the same file at once
+/// (a `leaf serve`, a `leaf get`, an older process on the data dir) never
+/// write into each other's: the last rename wins whole.
 pub(crate) fn replace_file(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    std::fs::write(&tmp, bytes)?;
-    std::fs::rename(&tmp, path)
+    use std::io::Write;
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".servent-")
+        .suffix(".tmp")
+        .tempfile_in(dir)?;
+    tmp.write_all(bytes)?;
+    tmp.as_file().sync_all()?;
+    tmp.persist(path).map_err(|e| e.error)?;
+    Ok(())
+}
+
+/// `supernodes`, then each of a link's `hints` not among them: the
+/// supernodes a download of that link asks, in order.
+pub fn with_hints(mut supernodes: Vec<String>, hints: &[String]) -> Vec<String> {
+    for hint in hints {
+        if !supernodes.contains(hint) {
+            supernodes.push(hint.clone());
+        }
+    }
+    supernodes
+}
+
+/// What `leaf get` and the API download: a link, or a bare hash (a link
+/// of a hash alone).
+pub fn parse_target(text: &str) -> Result<servent_proto::magnet::Link, String> {
+    use servent_proto::magnet::Link;
+    if Link::is_link(text) {
+        return Link::parse(text).map_err(|e| e.to_string());
+    }
+    let hash: ContentHash = text
+        .parse()
+        .map_err(|_| "neither 64 hex digits nor a servent: link".to_string())?;
+    Ok(Link {
+        hash,
+        name: None,
+        size: None,
+        supernodes: Vec::new(),
+    })
+}
+
+/// Why `leaf link` made no link.
+#[derive(Debug, thiserror::Error)]
+pub enum LinkToError {
+    #[error("cannot read {path}: {error}")]
+    Io {
+        path: PathBuf,
+        error: std::io::Error,
+    },
+    #[error("{0} is not a file")]
+    NotAFile(PathBuf),
+    #[error("its name cannot be shared: {0}")]
+    Name(#[from] servent_proto::name::NameError),
+}
+
+/// A link to the file at `path` (`leaf link`): its BLAKE3 hash, its name,
+/// its size, no hints.
+pub fn link_to(path: &Path) -> Result<servent_proto::magnet::Link, LinkToError> {
+    let io = |error| LinkToError::Io {
+        path: path.to_path_buf(),
+        error,
+    };
+    let file = std::fs::File::open(path).map_err(io)?;
+    let meta = file.metadata().map_err(io)?;
+    if !meta.is_file() {
+        return Err(LinkToError::NotAFile(path.to_path_buf()));
+    }
+    let raw = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let name = servent_proto::name::sanitise(&raw)?;
+    let (hash, _) = layer::hash_reader(&file, meta.len()).map_err(io)?;
+    Ok(servent_proto::magnet::Link::new(hash, &name, meta.len()))
 }
 
 /// The supernodes a one-shot command asks: those given, else the cache.
-fn known_supernodes(data_dir: &Path, given: Vec<String>) -> Vec<String> {
+pub(crate) fn known_supernodes(data_dir: &Path, given: Vec<String>) -> Vec<String> {
     if !given.is_empty() {
         return given;
     }

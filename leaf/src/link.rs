@@ -21,6 +21,7 @@ use servent_proto::{ContentHash, NodeId};
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{debug, info, warn};
 
+use crate::portmap::Announced;
 use crate::share::Share;
 
 /// The timings of a session with a supernode.
@@ -79,6 +80,10 @@ pub enum LinkError {
     Lost(String),
     #[error("supernode is full")]
     Full(Vec<SupernodeInfo>),
+    /// The gateway now maps another port (or none): the session ends so
+    /// that the next one registers the port a dial reaches.
+    #[error("the port to announce changed from {from} to {to}")]
+    PortChanged { from: u16, to: u16 },
 }
 
 /// A request a supernode made of this leaf, for the leaf to answer.
@@ -125,7 +130,7 @@ pub async fn session(
     endpoint: &Endpoint,
     sock: SocketAddr,
     expected: Option<NodeId>,
-    listen_port: u16,
+    port: Announced,
     share: &Share,
     status: &Mutex<LinkStatus>,
     hooks: Hooks,
@@ -141,6 +146,8 @@ pub async fn session(
         relayed,
     } = hooks;
     let peer = endpoint.connect(sock, ALPN_LEAF, expected).await?;
+    let listen_port = port.now();
+    let mut port = port;
     let lost = |e: net::StreamError| LinkError::Lost(e.to_string());
     let (mut send, mut recv) = peer
         .conn
@@ -281,6 +288,9 @@ pub async fn session(
                 continue;
             }
             e = peer.conn.closed() => return Err(LinkError::Lost(e.to_string())),
+            to = port.moved_from(listen_port) => {
+                return Err(LinkError::PortChanged { from: listen_port, to })
+            }
             _ = stop.changed() => return Ok(()),
         }
         tokio::time::sleep(timings.batch_delay).await;

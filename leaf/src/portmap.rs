@@ -1,10 +1,11 @@
 //! Carries the NAT-PMP datagrams of `servent_proto::portmap` between its
 //! schedule and the gateway: asks the default IPv4 gateway to map the
 //! leaf's listening UDP port, renews the mapping, and removes it when the
-//! leaf stops. What is mapped now is published for `/status`.
+//! leaf stops. What is mapped now is published for `/status` and for the
+//! sessions, which announce the mapped port (`portmap::announced_port`).
 
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Instant;
 
 use servent_proto::portmap::{self, Mapped, PortMap, Step};
@@ -12,8 +13,42 @@ use tokio::net::UdpSocket;
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
-/// The mapping now, as the driver last heard from the gateway.
-pub(crate) type Published = Arc<Mutex<Option<Mapped>>>;
+/// The mapping now, as the driver last heard from the gateway; sessions
+/// subscribe to it to re-register when the port to announce changes.
+pub(crate) type Published = Arc<watch::Sender<Option<Mapped>>>;
+
+/// The port a session announces: the listening one, or the gateway's
+/// mapping of it while there is one (`portmap::announced_port`).
+#[derive(Clone)]
+pub struct Announced {
+    listening: u16,
+    mapped: watch::Receiver<Option<Mapped>>,
+}
+
+impl Announced {
+    pub(crate) fn new(listening: u16, mapped: watch::Receiver<Option<Mapped>>) -> Self {
+        Self { listening, mapped }
+    }
+
+    /// The port to announce now.
+    pub fn now(&self) -> u16 {
+        portmap::announced_port(self.listening, self.mapped.borrow().as_ref())
+    }
+
+    /// Waits until the port to announce is no longer `from`, and returns
+    /// it; never, if nothing maps ports. Cancel-safe.
+    pub async fn moved_from(&mut self, from: u16) -> u16 {
+        loop {
+            if self.mapped.changed().await.is_err() {
+                return std::future::pending().await;
+            }
+            let now = self.now();
+            if now != from {
+                return now;
+            }
+        }
+    }
+}
 
 /// Whether a leaf listening on `listen` should try a port mapping: only
 /// on an IPv4 socket reachable beyond its host (unspecified or private);
@@ -90,11 +125,11 @@ pub(crate) async fn run(
             }
             told = key;
         }
-        *published.lock().expect("port mapping") = now;
+        published.send_replace(now);
     }
     if told.is_some() {
         let _ = socket.send(&map.removal()).await;
-        *published.lock().expect("port mapping") = None;
+        published.send_replace(None);
     }
 }
 

@@ -46,6 +46,14 @@ pub enum Route {
 }
 
 impl Route {
+    /// Every route, most direct first (the order of `Progress::by_route`).
+    pub const ALL: [Route; 4] = [
+        Route::Direct,
+        Route::Reversed,
+        Route::Punched,
+        Route::Relayed,
+    ];
+
     pub fn name(self) -> &'static str {
         match self {
             Route::Direct => "direct",

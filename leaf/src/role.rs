@@ -19,6 +19,8 @@ use servent_proto::elect;
 use servent_proto::msg::{LeafReply, SupernodeInfo};
 use tracing::{info, info_span, Instrument};
 
+use crate::portmap::Announced;
+
 /// What a leaf measures of its own spare capacity (Linux: /proc; elsewhere
 /// nothing is claimed, so such a leaf does not qualify by default).
 pub fn measure() -> servent_proto::msg::Candidacy {
@@ -53,10 +55,21 @@ pub struct Role {
     /// When the role was last taken: a leaf takes it at most once per
     /// `repromote_after` (`elect::may_take_role`).
     promoted_at: Mutex<Option<std::time::Instant>>,
+    /// The port the role tells the mesh it is dialled at.
+    port: Announced,
+    /// The role held now was taken alone, as the LAN's first supernode
+    /// (`servent_proto::lan`), not on a supernode's request: it indexes
+    /// this leaf's own files itself (`crate::lan`).
+    alone: std::sync::atomic::AtomicBool,
 }
 
 impl Role {
-    pub fn new(router: Router, template: supernode::Config, no_promote: bool) -> Arc<Self> {
+    pub fn new(
+        router: Router,
+        template: supernode::Config,
+        no_promote: bool,
+        port: Announced,
+    ) -> Arc<Self> {
         Arc::new(Self {
             router,
             template,
@@ -64,6 +77,8 @@ impl Role {
             current: Mutex::new(None),
             promotions: Default::default(),
             promoted_at: Mutex::new(None),
+            port,
+            alone: Default::default(),
         })
     }
 
@@ -97,6 +112,23 @@ impl Role {
         self.promotions.load(std::sync::atomic::Ordering::Relaxed)
     }
 
+    /// Whether the role held now was taken alone ([`Role::take_alone`]).
+    pub fn is_alone(&self) -> bool {
+        self.is_supernode() && self.alone.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Takes the role with no supernode asking, as the first supernode of
+    /// a LAN that has none (`servent_proto::lan::take_role_alone` decided),
+    /// meshing with `peers` if any; whether it holds it now.
+    pub fn take_alone(self: &Arc<Self>, peers: Vec<SocketAddr>) -> bool {
+        let max_leaves = u32::try_from(self.template.max_leaves).unwrap_or(u32::MAX);
+        let reply = self.take(max_leaves, peers, Vec::new(), true);
+        if let LeafReply::Declined(reason) = &reply {
+            info!(%reason, "not taking the supernode role alone");
+        }
+        matches!(reply, LeafReply::Accepted)
+    }
+
     /// Takes the role, meshing with `peers` first and with the supernodes
     /// in `known` (those this leaf knows of) after them; answers the
     /// supernode that asked.
@@ -105,6 +137,16 @@ impl Role {
         max_leaves: u32,
         peers: Vec<SocketAddr>,
         known: Vec<SupernodeInfo>,
+    ) -> LeafReply {
+        self.take(max_leaves, peers, known, false)
+    }
+
+    fn take(
+        self: &Arc<Self>,
+        max_leaves: u32,
+        peers: Vec<SocketAddr>,
+        known: Vec<SupernodeInfo>,
+        alone: bool,
     ) -> LeafReply {
         let mut current = self.current.lock().expect("role lock");
         if let Err(refusal) = elect::answer_promote(self.no_promote, current.is_some()) {
@@ -128,7 +170,9 @@ impl Role {
         };
         let endpoint = self.router.endpoint();
         let span = info_span!("supernode", id = %endpoint.id().short());
-        match span.in_scope(|| supernode::Role::start(config, &self.router, true)) {
+        let port = self.port.now();
+        match span.in_scope(|| supernode::Role::start_announcing(config, &self.router, true, port))
+        {
             Ok(sn) => {
                 info!(parent: &span, addr = %sn.addr(), "supernode role started");
                 let state = sn.state();
@@ -136,9 +180,14 @@ impl Role {
                 let mut stepped = state.stepped_down();
                 *current = Some(sn);
                 *promoted_at = Some(std::time::Instant::now());
+                self.alone
+                    .store(alone, std::sync::atomic::Ordering::Relaxed);
                 self.promotions
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                info!(max_leaves, "promoted: now a supernode");
+                match alone {
+                    true => info!(max_leaves, "the LAN has no supernode: now its first"),
+                    false => info!(max_leaves, "promoted: now a supernode"),
+                }
                 // Step down when the role's own rules say so.
                 let role = self.clone();
                 tokio::spawn(

@@ -58,6 +58,31 @@ pub async fn query(
     timeout: Duration,
     timings: &SearchTimings,
 ) -> Result<Vec<Hit>, SearchError> {
+    query_streaming(
+        endpoint,
+        supernodes,
+        kind,
+        max_results,
+        timeout,
+        timings,
+        None,
+    )
+    .await
+}
+
+/// [`query`], also handing each batch of hits to `batches` as it arrives
+/// (sources resolved, not merged: a hash may come again in a later batch).
+/// The batches are bounded as the answers are: at most [`MAX_RESULTS`]
+/// hits and a few more from each supernode asked.
+pub async fn query_streaming(
+    endpoint: &Endpoint,
+    supernodes: &[String],
+    kind: QueryKind,
+    max_results: u32,
+    timeout: Duration,
+    timings: &SearchTimings,
+    batches: Option<tokio::sync::mpsc::UnboundedSender<Vec<Hit>>>,
+) -> Result<Vec<Hit>, SearchError> {
     if supernodes.is_empty() {
         return Err(SearchError::NoSupernodes);
     }
@@ -84,8 +109,9 @@ pub async fn query(
         let mut asks = tokio::task::JoinSet::new();
         for addr in group {
             let (endpoint, addr, query) = (endpoint.clone(), addr.clone(), query.clone());
+            let batches = batches.clone();
             asks.spawn(async move {
-                let answer = ask(&endpoint, &addr, query, connect_by, deadline).await;
+                let answer = ask(&endpoint, &addr, query, connect_by, deadline, batches).await;
                 (addr, answer)
             });
         }
@@ -129,6 +155,7 @@ async fn ask(
     query: Query,
     connect_by: tokio::time::Instant,
     deadline: tokio::time::Instant,
+    batches: Option<tokio::sync::mpsc::UnboundedSender<Vec<Hit>>>,
 ) -> Result<Vec<Hit>, AskError> {
     let other = |e: String| AskError::Other(e);
     let connect = async {
@@ -170,6 +197,9 @@ async fn ask(
                 for s in batch.iter_mut().flat_map(|h| h.sources.iter_mut()) {
                     s.resolve_via(&at);
                 }
+                if let Some(tx) = &batches {
+                    let _ = tx.send(batch.clone());
+                }
                 hits.extend(batch);
                 if hits.len() > MAX_RESULTS as usize {
                     break;
@@ -186,4 +216,33 @@ async fn ask(
     debug!(supernode = %addr, hits = hits.len(), "answered");
     peer.conn.close(0u32.into(), b"done");
     Ok(hits)
+}
+
+/// A hit as one JSON object (`leaf search --json`, the API's search):
+/// the name and size most independent sources announce, every variant
+/// with its support, the sources' addresses, and a link to it.
+pub fn hit_json(hit: &Hit) -> serde_json::Value {
+    let support = servent_proto::hits::support(hit);
+    serde_json::json!({
+        "hash": hit.hash.to_string(),
+        // What most independent sources announce.
+        "name": hit.name(),
+        "size": hit.size(),
+        "sources": hit.sources.len(),
+        // Distinct IP addresses among them.
+        "hosts": servent_proto::hits::hit_support(hit).ips,
+        // Every name and size announced, best supported first.
+        "names": hit.names.iter().zip(&support).map(|(v, s)| {
+            serde_json::json!({
+                "name": v.name,
+                "size": v.size,
+                "sources": s.ids,
+                "hosts": s.ips,
+            })
+        }).collect::<Vec<_>>(),
+        // Where each source would be dialled: the addresses the
+        // supernodes saw it connect from.
+        "addrs": hit.sources.iter().map(|s| &s.addr).collect::<Vec<_>>(),
+        "link": servent_proto::magnet::Link::new(hit.hash, hit.name(), hit.size()).to_string(),
+    })
 }

@@ -1,7 +1,10 @@
-//! The shared folder: scanning, hashing (with a cache in the data dir),
+//! The shared folders: scanning, hashing (with a cache in the data dir),
 //! noticing changes, and the lookup the transfer server serves from.
 //!
-//! Only regular files below the share root are shared. Symbolic links are
+//! The first folder is the one `leaf serve --share` names; more can be
+//! added while it runs (the control API), and are kept in
+//! `<data-dir>/shares.json` for the next start. Only regular files below a
+//! share root are shared. Symbolic links are
 //! never followed, hidden files (a name starting with `.`), partial
 //! downloads and files whose names `servent_proto::name` refuses (bidi
 //! controls, zero-width characters, ...: a warning names each once) are
@@ -10,7 +13,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use dashmap::DashMap;
@@ -67,6 +70,33 @@ pub enum ShareError {
     },
     #[error("the share {0} is not a folder")]
     NotADir(String),
+    #[error("{0} is shared already")]
+    AlreadyShared(String),
+    #[error("{0} is not shared")]
+    NotShared(String),
+    #[error("{0} is the folder `leaf serve --share` gave: it stays shared")]
+    Primary(String),
+    #[error("at most {MAX_ROOTS} folders are shared")]
+    TooMany,
+    #[error("cannot record the shared folders: {0}")]
+    Record(std::io::Error),
+}
+
+/// Folders shared at most.
+pub const MAX_ROOTS: usize = 32;
+/// The folders added beside `--share`, in the data dir.
+const ROOTS_FILE: &str = "shares.json";
+
+/// `path` made absolute and canonical, if it is a folder.
+fn canonical_dir(path: &Path) -> Result<PathBuf, ShareError> {
+    let root = path.canonicalize().map_err(|source| ShareError::Root {
+        path: path.display().to_string(),
+        source,
+    })?;
+    match root.is_dir() {
+        true => Ok(root),
+        false => Err(ShareError::NotADir(root.display().to_string())),
+    }
 }
 
 /// Size and modification time: a file whose stamp changed is rehashed.
@@ -117,8 +147,9 @@ struct CacheEntry {
     hash: String,
 }
 
-/// Progress of the current scan, for status and logs.
-#[derive(Debug, Default, Clone, Copy)]
+/// Progress of the current scan, for status and logs: over all folders,
+/// or one folder's.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct ScanProgress {
     pub files_to_hash: u64,
     pub files_hashed: u64,
@@ -126,9 +157,32 @@ pub struct ScanProgress {
     pub bytes_hashed: u64,
 }
 
+impl ScanProgress {
+    fn add(&mut self, other: &ScanProgress) {
+        self.files_to_hash += other.files_to_hash;
+        self.files_hashed += other.files_hashed;
+        self.bytes_to_hash += other.bytes_to_hash;
+        self.bytes_hashed += other.bytes_hashed;
+    }
+}
+
+/// One shared folder now: what it shares and how far its hashing is.
+#[derive(Debug, Clone)]
+pub struct Folder {
+    pub path: PathBuf,
+    /// Files and bytes shared now (those still to hash are not counted).
+    pub files: usize,
+    pub bytes: u64,
+    /// The current scan's progress below this folder.
+    pub hashing: ScanProgress,
+}
+
 /// What a leaf shares. Cheap to read from any task; written by the scanner.
 pub struct Share {
-    root: PathBuf,
+    /// The folders shared, `--share`'s first.
+    roots: RwLock<Vec<PathBuf>>,
+    /// Bumped when a folder is added or removed; the watcher watches it.
+    roots_version: watch::Sender<u64>,
     data_dir: PathBuf,
     /// hash → file: what is announced and served.
     files: DashMap<ContentHash, SharedFile>,
@@ -139,7 +193,8 @@ pub struct Share {
     paths: Mutex<HashMap<PathBuf, (Stamp, ContentHash)>>,
     /// Bumped after every change to `files`; links and waiters watch it.
     version: watch::Sender<u64>,
-    progress: Mutex<ScanProgress>,
+    /// The current scan's progress, by folder (owned by the scanner).
+    progress: Mutex<HashMap<PathBuf, ScanProgress>>,
     /// Files found whose names cannot be announced, warned about once
     /// (owned by the scanner; only those still there are kept).
     refused: Mutex<HashSet<PathBuf>>,
@@ -147,27 +202,126 @@ pub struct Share {
 
 impl Share {
     pub fn open(root: &Path, data_dir: &Path) -> Result<Arc<Self>, ShareError> {
-        let root = root.canonicalize().map_err(|source| ShareError::Root {
-            path: root.display().to_string(),
-            source,
-        })?;
-        if !root.is_dir() {
-            return Err(ShareError::NotADir(root.display().to_string()));
+        let root = canonical_dir(root)?;
+        let mut roots = vec![root];
+        // Those added in earlier runs, still folders.
+        let added: Vec<PathBuf> = std::fs::read(data_dir.join(ROOTS_FILE))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default();
+        for path in added {
+            match canonical_dir(&path) {
+                Ok(r) if !roots.contains(&r) && roots.len() < MAX_ROOTS => roots.push(r),
+                Ok(_) => {}
+                Err(e) => warn!(error = %e, "a folder shared before is gone; not shared"),
+            }
         }
         Ok(Arc::new(Self {
-            root,
+            roots: RwLock::new(roots),
+            roots_version: watch::channel(0).0,
             data_dir: data_dir.to_path_buf(),
             files: DashMap::new(),
             partials: DashMap::new(),
             paths: Mutex::new(HashMap::new()),
             version: watch::channel(0).0,
-            progress: Mutex::new(ScanProgress::default()),
+            progress: Mutex::new(HashMap::new()),
             refused: Mutex::new(HashSet::new()),
         }))
     }
 
-    pub fn root(&self) -> &Path {
-        &self.root
+    /// The folder `--share` gave (downloads go there).
+    pub fn root(&self) -> PathBuf {
+        self.roots.read().expect("roots lock")[0].clone()
+    }
+
+    /// Every folder shared, `--share`'s first.
+    pub fn roots(&self) -> Vec<PathBuf> {
+        self.roots.read().expect("roots lock").clone()
+    }
+
+    /// Watches the list of folders (bumped when one is added or removed).
+    pub fn subscribe_roots(&self) -> watch::Receiver<u64> {
+        self.roots_version.subscribe()
+    }
+
+    /// Shares one more folder, from the next scan on, and records it for
+    /// the next start.
+    pub fn add_root(&self, path: &Path) -> Result<PathBuf, ShareError> {
+        let root = canonical_dir(path)?;
+        {
+            let mut roots = self.roots.write().expect("roots lock");
+            if roots.contains(&root) {
+                return Err(ShareError::AlreadyShared(root.display().to_string()));
+            }
+            if roots.len() >= MAX_ROOTS {
+                return Err(ShareError::TooMany);
+            }
+            roots.push(root.clone());
+            self.record_roots(&roots)?;
+        }
+        info!(folder = %root.display(), "sharing one more folder");
+        self.roots_version.send_modify(|v| *v += 1);
+        Ok(root)
+    }
+
+    /// Stops sharing a folder added with [`Share::add_root`] (its files go
+    /// at the next scan).
+    pub fn remove_root(&self, path: &Path) -> Result<(), ShareError> {
+        let root = path.canonicalize().unwrap_or_else(|_| path.to_path_buf());
+        {
+            let mut roots = self.roots.write().expect("roots lock");
+            let at = roots
+                .iter()
+                .position(|r| *r == root)
+                .ok_or_else(|| ShareError::NotShared(root.display().to_string()))?;
+            if at == 0 {
+                return Err(ShareError::Primary(root.display().to_string()));
+            }
+            roots.remove(at);
+            self.record_roots(&roots)?;
+        }
+        info!(folder = %root.display(), "no longer sharing a folder");
+        self.roots_version.send_modify(|v| *v += 1);
+        Ok(())
+    }
+
+    fn record_roots(&self, roots: &[PathBuf]) -> Result<(), ShareError> {
+        let added = serde_json::to_vec_pretty(&roots[1..]).expect("paths serialise");
+        crate::replace_file(&self.data_dir.join(ROOTS_FILE), &added).map_err(ShareError::Record)
+    }
+
+    /// Each folder shared, in [`Share::roots`]' order: files and bytes
+    /// shared now below it and its hashing progress.
+    pub fn folders(&self) -> Vec<Folder> {
+        let progress = self.progress.lock().expect("progress lock").clone();
+        let mut folders: Vec<Folder> = self
+            .roots()
+            .into_iter()
+            .map(|path| Folder {
+                hashing: progress.get(&path).copied().unwrap_or_default(),
+                path,
+                files: 0,
+                bytes: 0,
+            })
+            .collect();
+        for f in self.files.iter() {
+            if let Some(t) = folders.iter_mut().find(|t| f.path.starts_with(&t.path)) {
+                t.files += 1;
+                t.bytes += f.stamp.size;
+            }
+        }
+        folders
+    }
+
+    /// The folder shared that holds `path`, if any.
+    fn root_of(&self, path: &Path) -> Option<PathBuf> {
+        let roots = self.roots.read().expect("roots lock");
+        roots.iter().find(|r| path.starts_with(r)).cloned()
+    }
+
+    fn under_a_root(&self, path: &Path) -> bool {
+        let roots = self.roots.read().expect("roots lock");
+        roots.iter().any(|r| path.starts_with(r))
     }
 
     /// Number of distinct files shared now.
@@ -252,8 +406,13 @@ impl Share {
         self.version.subscribe()
     }
 
+    /// The current scan's progress over all folders.
     pub fn progress(&self) -> ScanProgress {
-        *self.progress.lock().expect("progress lock")
+        let mut sum = ScanProgress::default();
+        for p in self.progress.lock().expect("progress lock").values() {
+            sum.add(p);
+        }
+        sum
     }
 
     /// Scans the folder once: drops what is gone or changed, shares what
@@ -301,11 +460,24 @@ impl Share {
 
         // Hash what is new, sharing each file as it is done.
         let total_bytes: u64 = to_hash.iter().map(|(_, s)| s.size).sum();
-        *self.progress.lock().expect("progress lock") = ScanProgress {
-            files_to_hash: to_hash.len() as u64,
-            bytes_to_hash: total_bytes,
-            ..Default::default()
-        };
+        let to_hash: Vec<(PathBuf, Stamp, Option<PathBuf>)> = to_hash
+            .into_iter()
+            .map(|(path, stamp)| {
+                let root = self.root_of(&path);
+                (path, stamp, root)
+            })
+            .collect();
+        {
+            let mut progress = self.progress.lock().expect("progress lock");
+            progress.clear();
+            for (_, stamp, root) in &to_hash {
+                if let Some(root) = root {
+                    let p = progress.entry(root.clone()).or_default();
+                    p.files_to_hash += 1;
+                    p.bytes_to_hash += stamp.size;
+                }
+            }
+        }
         if !to_hash.is_empty() {
             info!(
                 files = to_hash.len(),
@@ -315,7 +487,7 @@ impl Share {
         }
         let mut last_report = Instant::now();
         let mut last_save = Instant::now();
-        for (i, (path, stamp)) in to_hash.iter().enumerate() {
+        for (i, (path, stamp, root)) in to_hash.iter().enumerate() {
             match hash_file(path, *stamp, &self.data_dir.join(LAYER_DIR)) {
                 Ok(hash) => {
                     cache.entries.insert(
@@ -334,11 +506,12 @@ impl Share {
                 }
                 Err(e) => debug!(path = %path.display(), error = %e, "not hashed"),
             }
-            {
-                let mut p = self.progress.lock().expect("progress lock");
+            let mut progress = self.progress.lock().expect("progress lock");
+            if let Some(p) = root.as_ref().and_then(|r| progress.get_mut(r)) {
                 p.files_hashed += 1;
                 p.bytes_hashed += stamp.size;
             }
+            drop(progress);
             if last_report.elapsed() > Duration::from_secs(2) {
                 let p = self.progress();
                 info!(
@@ -358,7 +531,7 @@ impl Share {
         // Keep the cache to what exists, so it does not grow forever.
         cache
             .entries
-            .retain(|p, _| found.contains_key(p) || !p.starts_with(&self.root));
+            .retain(|p, _| found.contains_key(p) || !self.under_a_root(p));
         self.save_cache(&cache);
         self.prune_layers(&cache);
         let took_ms = started.elapsed().as_millis() as u64;
@@ -430,11 +603,15 @@ impl Share {
     fn walk(&self) -> HashMap<PathBuf, Stamp> {
         let mut out = HashMap::new();
         let mut refused = HashSet::new();
-        let walker = walkdir::WalkDir::new(&self.root)
-            .follow_links(false)
-            .into_iter()
-            .filter_entry(|e| e.depth() == 0 || !e.file_name().to_string_lossy().starts_with('.'));
-        for entry in walker {
+        let walkers = self.roots().into_iter().map(|root| {
+            walkdir::WalkDir::new(root)
+                .follow_links(false)
+                .into_iter()
+                .filter_entry(|e| {
+                    e.depth() == 0 || !e.file_name().to_string_lossy().starts_with('.')
+                })
+        });
+        for entry in walkers.flatten() {
             let entry = match entry {
                 Ok(e) => e,
                 Err(e) => {
@@ -519,7 +696,7 @@ impl Share {
     /// elsewhere, a changed file (it is rehashed at the next scan).
     pub fn open_verified(&self, file: &SharedFile) -> std::io::Result<std::fs::File> {
         let real = file.path.canonicalize()?;
-        if !real.starts_with(&self.root) || real != file.path {
+        if !self.under_a_root(&real) || real != file.path {
             return Err(std::io::Error::new(
                 std::io::ErrorKind::PermissionDenied,
                 "outside the share",
@@ -582,27 +759,32 @@ pub fn hash_file(path: &Path, stamp: Stamp, layer_dir: &Path) -> std::io::Result
 /// [`ShareTimings::rescan_interval`], until `stop` fires.
 pub async fn watch(share: Arc<Share>, timings: ShareTimings, mut stop: watch::Receiver<bool>) {
     let (tx, mut rx) = tokio::sync::mpsc::channel::<()>(1);
-    let watcher = {
+    // One watcher of every folder, made again when the folders change.
+    let watch_all = |roots: Vec<PathBuf>| {
         use notify::Watcher;
         let tx = tx.clone();
-        notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+        let watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
             // Reads (ours included, when serving or hashing) change nothing.
             if res.is_ok_and(|e| !e.kind.is_access()) {
                 let _ = tx.try_send(());
             }
         })
         .and_then(|mut w| {
-            w.watch(share.root(), notify::RecursiveMode::Recursive)
-                .map(|()| w)
-        })
-    };
-    let _watcher = match watcher {
-        Ok(w) => Some(w),
-        Err(e) => {
-            warn!(error = %e, "cannot watch the share; rescanning every {} s", timings.rescan_interval.as_secs());
-            None
+            for root in &roots {
+                w.watch(root, notify::RecursiveMode::Recursive)?;
+            }
+            Ok(w)
+        });
+        match watcher {
+            Ok(w) => Some(w),
+            Err(e) => {
+                warn!(error = %e, "cannot watch the share; rescanning every {} s", timings.rescan_interval.as_secs());
+                None
+            }
         }
     };
+    let mut roots = share.subscribe_roots();
+    let mut _watcher = watch_all(share.roots());
     let rescan = |share: Arc<Share>| async move {
         let _ = tokio::task::spawn_blocking(move || share.scan()).await;
     };
@@ -622,6 +804,10 @@ pub async fn watch(share: Arc<Share>, timings: ShareTimings, mut stop: watch::Re
             Some(()) = rx.recv() => {
                 tokio::time::sleep(timings.debounce).await;
                 while rx.try_recv().is_ok() {}
+            }
+            Ok(()) = roots.changed() => {
+                roots.borrow_and_update();
+                _watcher = watch_all(share.roots());
             }
         }
         rescan(share.clone()).await;
@@ -698,6 +884,40 @@ mod tests {
         // Its layer went with it.
         let left = std::fs::read_dir(data.path().join(LAYER_DIR)).unwrap();
         assert_eq!(left.filter_map(Result::ok).count(), 0);
+    }
+
+    #[test]
+    fn each_folder_says_how_far_its_own_hashing_is() {
+        let music = tempfile::tempdir().unwrap();
+        let books = tempfile::tempdir().unwrap();
+        let data = tempfile::tempdir().unwrap();
+        std::fs::write(music.path().join("a.flac"), b"aaaa").unwrap();
+        std::fs::write(music.path().join("b.flac"), b"bbbbbb").unwrap();
+        std::fs::write(books.path().join("c.epub"), b"c").unwrap();
+        let share = Share::open(music.path(), data.path()).unwrap();
+        share.add_root(books.path()).unwrap();
+        share.scan();
+        let hashed = |files, bytes| ScanProgress {
+            files_to_hash: files,
+            files_hashed: files,
+            bytes_to_hash: bytes,
+            bytes_hashed: bytes,
+        };
+        let folders = share.folders();
+        assert_eq!(folders.len(), 2);
+        assert_eq!((folders[0].files, folders[0].bytes), (2, 10));
+        assert_eq!(folders[0].hashing, hashed(2, 10));
+        assert_eq!((folders[1].files, folders[1].bytes), (1, 1));
+        assert_eq!(folders[1].hashing, hashed(1, 1));
+        assert_eq!(share.progress(), hashed(3, 11));
+
+        // The next scan hashes only what is new, in the folder it is in.
+        std::fs::write(books.path().join("d.epub"), b"ddd").unwrap();
+        share.scan();
+        let folders = share.folders();
+        assert_eq!(folders[0].hashing, ScanProgress::default());
+        assert_eq!(folders[1].hashing, hashed(1, 3));
+        assert_eq!((folders[1].files, folders[1].bytes), (2, 4));
     }
 
     #[test]

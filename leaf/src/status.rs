@@ -302,10 +302,7 @@ impl Report for LeafReport {
             shared_files: self.share.len(),
             partial_files: self.share.partials(),
             hashing: self.share.progress().into(),
-            nat: NatStatus::of(
-                &nat_view(self.listen, &self.links),
-                *self.mapped.lock().expect("port mapping"),
-            ),
+            nat: NatStatus::of(&nat_view(self.listen, &self.links), *self.mapped.borrow()),
             supernode,
         }
     }

@@ -24,7 +24,6 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -138,6 +137,22 @@ pub struct Progress {
     pub fetched: u64,
     /// Sources delivering now.
     pub sources: usize,
+    /// Of those, how many by each route, in the order of `Route::ALL`.
+    pub by_route: [usize; 4],
+}
+
+impl Progress {
+    /// The sources delivering now by route, `"1 direct, 2 relayed"`;
+    /// empty while none is.
+    pub fn routes(&self) -> String {
+        crate::push::Route::ALL
+            .iter()
+            .zip(self.by_route)
+            .filter(|(_, n)| *n > 0)
+            .map(|(r, n)| format!("{n} {}", r.name()))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
 }
 
 /// The scheduler of a download, and what it has verified so far.
@@ -202,9 +217,13 @@ impl Job {
         }
     }
 
-    fn sources_changed(&self, delta: isize) {
+    fn sources_changed(&self, delta: isize, route: crate::push::Route) {
         let mut r = self.ranges();
         r.progress.sources = r.progress.sources.saturating_add_signed(delta);
+        let at = crate::push::Route::ALL.iter().position(|x| *x == route);
+        if let Some(n) = at.and_then(|i| r.progress.by_route.get_mut(i)) {
+            *n = n.saturating_add_signed(delta);
+        }
         self.publish(&r);
     }
 
@@ -257,7 +276,7 @@ impl Job {
             return Ok(true);
         }
         let (offset, _) = self.range(index);
-        self.file.write_all_at(data, offset)?;
+        crate::pio::write_all_at(&self.file, data, offset)?;
         {
             let mut r = self.ranges();
             if !r.sched.on_verified(index) {
@@ -334,7 +353,7 @@ fn open_job(
                 }
                 let (offset, length) = layer::range_bounds(size, i);
                 let piece = &mut buf[..length as usize];
-                let good = file.read_exact_at(piece, offset).is_ok()
+                let good = crate::pio::read_exact_at(&file, piece, offset).is_ok()
                     && layer::range_cv(piece, i, count) == *cv;
                 if !good {
                     warn!(
@@ -796,6 +815,7 @@ impl Download<'_> {
                     verified,
                     fetched: 0,
                     sources: 0,
+                    by_route: [0; 4],
                 },
             }),
             progress,
@@ -1317,11 +1337,11 @@ async fn fetch_from(job: &Arc<Job>, remote: Remote) -> Result<(), SourceError> {
         job,
         source: remote.index,
     };
-    job.sources_changed(1);
+    job.sources_changed(1, remote.route);
     // PER_SOURCE requests in flight; the first failure ends them all.
     let workers = (0..PER_SOURCE).map(|slot| worker(&remote, job, slot));
     let result = futures_util::future::try_join_all(workers).await.map(drop);
-    job.sources_changed(-1);
+    job.sources_changed(-1, remote.route);
     if result.is_ok() {
         remote.close(b"done");
     }

@@ -15,7 +15,6 @@
 //! cannot stop others downloading.
 
 use std::net::IpAddr;
-use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -119,6 +118,11 @@ impl Uploads {
             refused: Counter::default(),
             timings: UploadTimings::default(),
         }
+    }
+
+    /// Ranges being served now.
+    pub fn active(&self) -> usize {
+        MAX_CONCURRENT_UPLOADS.saturating_sub(self.slots.available_permits())
     }
 
     /// These uploads with `timings` instead of the defaults.
@@ -466,7 +470,7 @@ fn read_range(
         let mut buf = vec![0u8; want];
         let mut filled = 0;
         while filled < want {
-            match file.read_at(&mut buf[filled..], offset + at + filled as u64) {
+            match crate::pio::read_at(file, &mut buf[filled..], offset + at + filled as u64) {
                 Ok(0) => break,
                 Ok(n) => filled += n,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,

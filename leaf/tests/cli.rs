@@ -146,6 +146,21 @@ impl Serving {
             }
         };
         (me.id, me.addr) = parse_listening(&line);
+        // Then the web UI's line, unless it is turned off.
+        if !extra.contains(&"--no-ui") {
+            let ui = me
+                .stdout
+                .recv_timeout(START_TIMEOUT)
+                .expect("a \"ui on\" line after the listening line");
+            let url = ui
+                .strip_prefix(&format!("leaf {} ui on http://127.0.0.1:", me.id))
+                .unwrap_or_else(|| panic!("not a \"leaf ID ui on URL\" line: {ui:?}"));
+            let key = url.split_once("/?key=").map(|(_, k)| k).unwrap_or("");
+            assert!(
+                key.len() == 64 && key.bytes().all(|b| b.is_ascii_hexdigit()),
+                "no key in {ui:?}"
+            );
+        }
         me
     }
 
@@ -527,7 +542,7 @@ impl Network {
 }
 
 #[test]
-fn serve_prints_one_listening_line_and_stops_on_sigterm() {
+fn serve_prints_its_listening_and_ui_lines_and_stops_on_sigterm() {
     let supernode = TestSupernode::start();
     let (share, data) = (share_with(&[("x.txt", b"x")]), tempfile::tempdir().unwrap());
     let mut leaf = Serving::start(&supernode, share.path(), data.path());
@@ -542,7 +557,7 @@ fn serve_prints_one_listening_line_and_stops_on_sigterm() {
     assert_eq!(
         leaf.rest_of_stdout(),
         Vec::<String>::new(),
-        "stdout carries only the listening line"
+        "stdout carries only the listening line and the UI's"
     );
 
     // Same data dir, same node.

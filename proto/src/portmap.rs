@@ -109,6 +109,16 @@ pub struct Mapped {
     pub until: Instant,
 }
 
+/// The port a leaf listening on `listening` announces to its supernodes
+/// (`Register { listen_port }`): the external port its gateway maps to it
+/// while it holds a mapping, since the supernode pairs the port with the
+/// address it observes, the gateway's; else its own. A gateway may map
+/// another port than the one asked for (when that one is taken, say by
+/// another host behind it).
+pub fn announced_port(listening: u16, mapped: Option<&Mapped>) -> u16 {
+    mapped.map_or(listening, |m| m.port)
+}
+
 /// The port-mapping schedule of one listening port.
 #[derive(Debug, Clone)]
 pub struct PortMap {
@@ -208,11 +218,14 @@ impl PortMap {
         self.last_error.as_deref()
     }
 
-    /// The datagrams of one [`Step::Ask`].
+    /// The datagrams of one [`Step::Ask`]: the external port suggested is
+    /// the one mapped now, if any (a renewal keeps it, RFC 6886 3.3), else
+    /// the listening port.
     pub fn requests(&self) -> [Vec<u8>; 2] {
+        let external = self.mapped.map_or(self.port, |(port, _)| port);
         [
             external_address_request().to_vec(),
-            map_udp_request(self.port, self.port, LIFETIME).to_vec(),
+            map_udp_request(self.port, external, LIFETIME).to_vec(),
         ]
     }
 
@@ -346,5 +359,24 @@ mod tests {
         assert_eq!(m.poll_timeout(), t0 + MIN_RENEW);
         assert!(m.mapped(t0).is_some());
         assert!(m.mapped(t0 + Duration::from_secs(1)).is_none());
+    }
+
+    #[test]
+    fn another_port_mapped_is_the_one_announced_and_the_one_renewed() {
+        let t0 = Instant::now();
+        let mut m = PortMap::new(7401, t0);
+        assert_eq!(announced_port(7401, m.mapped(t0).as_ref()), 7401);
+        m.handle_timeout(t0);
+        assert_eq!(m.requests()[1], map_udp_request(7401, 7401, LIFETIME));
+        // The port asked for was taken on the gateway: it maps another.
+        m.handle_answer(t0, &address_answer([5, 5, 5, 2]));
+        m.handle_answer(t0, &mapped_answer(7401, 7402, 7200, 0));
+        assert_eq!(announced_port(7401, m.mapped(t0).as_ref()), 7402);
+        let half = t0 + Duration::from_secs(3600);
+        assert_eq!(m.handle_timeout(half), Step::Ask);
+        assert_eq!(m.requests()[1], map_udp_request(7401, 7402, LIFETIME));
+        // Once it lapses, the listening port is announced again.
+        let lapsed = t0 + Duration::from_secs(7200);
+        assert_eq!(announced_port(7401, m.mapped(lapsed).as_ref()), 7401);
     }
 }

@@ -28,6 +28,10 @@ pub struct Config {
     pub data_dir: Option<PathBuf>,
     /// HTTP address for `/status` and `/metrics`. Default none.
     pub http: Option<SocketAddr>,
+    /// Announce this supernode on the LAN (mDNS, `_servent._udp`) and mesh
+    /// with the supernodes announced there, when it listens beyond
+    /// loopback. Default true.
+    pub lan: bool,
     /// Most leaves registered at once. Default 1000.
     pub max_leaves: usize,
     /// Most connections of any kind at once. Default 4096.
@@ -141,6 +145,7 @@ impl Default for Config {
             peers: Vec::new(),
             data_dir: None,
             http: None,
+            lan: true,
             max_leaves: 1000,
             max_connections: 4096,
             max_connections_per_ip: 32,

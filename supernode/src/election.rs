@@ -200,6 +200,10 @@ pub(crate) fn spawn_probe(
                             false
                         }
                     });
+            match reachable {
+                true => state.metrics.dial_backs_reached.inc(),
+                false => state.metrics.dial_backs_failed.inc(),
+            };
             let probed = Command::Probed {
                 id,
                 addr,

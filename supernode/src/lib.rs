@@ -21,6 +21,7 @@ pub mod config;
 pub mod connect;
 pub mod election;
 pub mod index;
+mod lan;
 pub mod mesh;
 pub mod metrics;
 pub mod owner;
@@ -143,9 +144,19 @@ impl State {
         self.endpoint.get()
     }
 
-    /// The file index of this supernode's leaves.
+    /// The file index of this supernode's leaves (and of its own files,
+    /// when a leaf holding the role shares them: `leaf/src/lan.rs`).
     pub fn index(&self) -> &Index {
         &self.index
+    }
+
+    /// Where `conn`'s peer reached this node: the connection's local IP
+    /// and the endpoint's port. What this node's own entries are served
+    /// at, to that peer; `None` where the platform does not say.
+    pub fn reached_at(&self, conn: &quinn::Connection) -> Option<SocketAddr> {
+        let ip = conn.local_ip()?.to_canonical();
+        let port = self.endpoint()?.local_addr().ok()?.port();
+        Some(SocketAddr::new(ip, port))
     }
 
     /// The per-query routing state, locked: hold it only for a call.
@@ -239,6 +250,22 @@ impl Role {
     /// that was promoted. The role's connections are admitted, and their
     /// frames budgeted, by the router's gate: one door per endpoint.
     pub fn start(config: Config, router: &Router, elected: bool) -> Result<Self, StartError> {
+        let addr = router
+            .endpoint()
+            .local_addr()
+            .map_err(StartError::LocalAddr)?;
+        Self::start_announcing(config, router, elected, addr.port())
+    }
+
+    /// Like [`Role::start`], telling the mesh it is dialled at `port` of
+    /// the address its neighbours observe (a leaf's gateway may map
+    /// another port to the one it listens on).
+    pub fn start_announcing(
+        config: Config,
+        router: &Router,
+        elected: bool,
+        port: u16,
+    ) -> Result<Self, StartError> {
         let endpoint = router.endpoint().clone();
         let addr = endpoint.local_addr().map_err(StartError::LocalAddr)?;
         let mut state = State::new(endpoint.id(), config, elected);
@@ -246,7 +273,7 @@ impl Role {
         let state = Arc::new(state);
         let _ = state.endpoint.set(endpoint);
         let (stop, stopped) = watch::channel(false);
-        spawn_tasks(&state, addr.port(), stopped);
+        spawn_tasks(&state, port, stopped);
         router.accept(ALPN_LEAF, SessionHandler(state.clone()));
         router.accept(ALPN_MESH, MeshHandler(state.clone()));
         Ok(Self {
@@ -313,6 +340,8 @@ pub struct Supernode {
     endpoint: Endpoint,
     /// `/status` and `/metrics`, when `config.http` asks for them.
     http: Option<http::HttpServer>,
+    /// Announcing and hearing the LAN (`config.lan`); aborted on shutdown.
+    lan: Option<tokio::task::JoinHandle<()>>,
     span: tracing::Span,
 }
 
@@ -349,6 +378,7 @@ impl Supernode {
         let addr = endpoint.local_addr().map_err(StartError::LocalAddr)?;
         let span = info_span!("supernode", id = %identity.id().short());
         let http_at = config.http;
+        let lan = config.lan && servent_net::lan::wanted(addr);
         let gate = gate::Gate::new(gate_config(&config));
         let started = span.in_scope(|| {
             let router = Router::builder(endpoint.clone(), gate).spawn();
@@ -378,8 +408,13 @@ impl Supernode {
             }
             None => None,
         };
+        let lan = match lan {
+            true => span.in_scope(|| lan::start(role.state().clone(), addr)),
+            false => None,
+        };
         info!(parent: &span, %addr, "listening");
         Ok(Self {
+            lan,
             role,
             router,
             endpoint,
@@ -441,6 +476,9 @@ impl Supernode {
 
     /// Closes every connection and waits until the accept loop has ended.
     pub async fn shutdown(mut self) {
+        if let Some(lan) = self.lan.take() {
+            lan.abort();
+        }
         self.role.halt();
         if let Some(http) = self.http.take() {
             http.shutdown().await;
@@ -462,6 +500,9 @@ impl Drop for Supernode {
     fn drop(&mut self) {
         // The endpoint first, so that peers see it shut down (not the
         // role's step-down) when the role is dropped after this.
+        if let Some(lan) = &self.lan {
+            lan.abort();
+        }
         self.role.halt();
         self.endpoint.close();
     }

@@ -334,17 +334,20 @@ async fn serve_stream(
         }
         Ok(Some(MeshRequest::Query(q))) if state.is_neighbour(&peer.id) => {
             let kind = CopyKind::Flood { ttl: q.ttl };
-            routing::serve_mesh_query(state, peer.id, q, kind, send).await;
+            let here = state.reached_at(&peer.conn);
+            routing::serve_mesh_query(state, peer.id, here, q, kind, send).await;
         }
         Ok(Some(MeshRequest::Walk { query, walkers })) if state.is_neighbour(&peer.id) => {
             let kind = CopyKind::Walk {
                 walkers,
                 steps: query.ttl,
             };
-            routing::serve_mesh_query(state, peer.id, query, kind, send).await;
+            let here = state.reached_at(&peer.conn);
+            routing::serve_mesh_query(state, peer.id, here, query, kind, send).await;
         }
         Ok(Some(MeshRequest::Probe(q))) if state.is_neighbour(&peer.id) => {
-            routing::serve_mesh_query(state, peer.id, q, CopyKind::Probe, send).await;
+            let here = state.reached_at(&peer.conn);
+            routing::serve_mesh_query(state, peer.id, here, q, CopyKind::Probe, send).await;
         }
         Ok(Some(_)) => {
             let e = ErrorReply::new(ErrorCode::BadRequest, "not a neighbour, or a second Hello");

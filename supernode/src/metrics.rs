@@ -43,6 +43,11 @@ pub struct Metrics {
     pub relays_refused: Counter,
     /// Bytes relayed, both ways, over every circuit.
     pub relayed_bytes: Counter,
+    /// Dial-backs to candidate leaves that reached them (election rule:
+    /// only these may be promoted).
+    pub dial_backs_reached: Counter,
+    /// Dial-backs to candidate leaves that did not reach them.
+    pub dial_backs_failed: Counter,
     /// Bytes on the wire, over every connection.
     pub traffic: Traffic,
 }
@@ -52,7 +57,7 @@ pub type Field = fn(&Metrics) -> &Counter;
 
 /// Every counter of [`Metrics`]: its `/metrics` name (`prometheus_client`
 /// appends `_total`), its help, and where it is.
-pub const COUNTERS: [(&str, &str, Field); 14] = [
+pub const COUNTERS: [(&str, &str, Field); 16] = [
     (
         "servent_leaf_queries",
         "Queries received from this supernode's own leaves",
@@ -122,6 +127,16 @@ pub const COUNTERS: [(&str, &str, Field); 14] = [
         "servent_relayed_bytes",
         "Bytes relayed between leaves, both ways",
         |m| &m.relayed_bytes,
+    ),
+    (
+        "servent_dial_backs_reached",
+        "Dial-backs to candidate leaves that reached them (only those may be elected)",
+        |m| &m.dial_backs_reached,
+    ),
+    (
+        "servent_dial_backs_failed",
+        "Dial-backs to candidate leaves that did not reach them",
+        |m| &m.dial_backs_failed,
     ),
 ];
 

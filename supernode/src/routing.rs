@@ -20,6 +20,7 @@
 //! the owner (for where their leaves are now).
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -40,8 +41,11 @@ use crate::State;
 use servent_net::{self as net, StreamError};
 
 /// Searches the local index for what a query's checks said to look up;
-/// the sources of each hit are where the owner has their leaves now.
-async fn search(state: &State, lookup: &Lookup, max: usize) -> Local {
+/// the sources of each hit are where the owner has their leaves now. This
+/// node's own entries (a leaf holding the role, sharing: `leaf/src/lan.rs`)
+/// are served at `here`, the address the asker reached it at, or not at
+/// all without one.
+async fn search(state: &State, lookup: &Lookup, max: usize, here: Option<SocketAddr>) -> Local {
     let (found, examined) = match lookup {
         Lookup::Words(words) => {
             let searched = state.index().search(words, max);
@@ -53,6 +57,7 @@ async fn search(state: &State, lookup: &Lookup, max: usize) -> Local {
     let owners: Vec<NodeId> = found
         .iter()
         .flat_map(|f| f.owners.iter().map(|(owner, _)| *owner))
+        .filter(|owner| *owner != state.id)
         .collect();
     let addrs = match owners.is_empty() {
         true => Vec::new(),
@@ -69,7 +74,11 @@ async fn search(state: &State, lookup: &Lookup, max: usize) -> Local {
             // sources: no one owner names the file for the others.
             let mut hit = HitBuilder::new(f.hash);
             for (owner, variant) in &f.owners {
-                if let Some(addr) = addrs.next().flatten() {
+                if *owner == state.id {
+                    if let Some(here) = here {
+                        hit.add(*owner, here.to_string(), variant);
+                    }
+                } else if let Some(addr) = addrs.next().flatten() {
                     // We hold its session: we are its push proxy, named
                     // by whoever receives this hit from us.
                     hit.add_via(*owner, addr.to_string(), Some(String::new()), variant);
@@ -86,9 +95,9 @@ async fn search(state: &State, lookup: &Lookup, max: usize) -> Local {
 }
 
 /// Answers the local index for `hq` if it is to be answered, and starts it.
-async fn start(state: &State, hq: &mut HopQuery<NodeId>) {
+async fn start(state: &State, hq: &mut HopQuery<NodeId>, here: Option<SocketAddr>) {
     let local = match hq.lookup() {
-        Some(l) => search(state, l, hq.wanted()).await,
+        Some(l) => search(state, l, hq.wanted(), here).await,
         None => Local::default(),
     };
     state.hop().handle_local(Instant::now(), hq, local);
@@ -118,10 +127,12 @@ enum Event {
 ///
 /// `charge` is told what the local search cost beyond the one token the
 /// query took to be let in, for the asker's limits to pay. `leaf` is the
-/// asker, whose fair share of each link the mesh query is charged to.
+/// asker, whose fair share of each link the mesh query is charged to;
+/// `here` where it reached us.
 pub async fn serve_leaf_query(
     state: &Arc<State>,
     leaf: NodeId,
+    here: Option<SocketAddr>,
     q: Query,
     send: &mut quinn::SendStream,
     charge: impl FnOnce(f64),
@@ -150,7 +161,7 @@ pub async fn serve_leaf_query(
         Arrival::Invalid(e) => return Err(e),
         Arrival::RateLimited | Arrival::Duplicate => return Ok(()),
     };
-    start(state, &mut hq).await;
+    start(state, &mut hq, here).await;
     state.metrics.queries_processed.inc();
     let mut charge = Some(charge);
     drive(state, &mut hq, &q, send, |tokens| {
@@ -167,10 +178,12 @@ pub async fn serve_leaf_query(
 /// seen, else answer from the index (unless it was answered here before)
 /// and pass it on as the hop core decides (a flood copy with one hop less,
 /// walkers one step on, probes to nobody), relaying what comes back until
-/// the budget the query allows is spent.
+/// the budget the query allows is spent. `here` is where the neighbour
+/// reached us.
 pub async fn serve_mesh_query(
     state: Arc<State>,
     from: NodeId,
+    here: Option<SocketAddr>,
     mq: MeshQuery,
     kind: CopyKind,
     mut send: quinn::SendStream,
@@ -212,7 +225,7 @@ pub async fn serve_mesh_query(
     } else {
         state.metrics.queries_extended.inc();
     }
-    start(&state, &mut hq).await;
+    start(&state, &mut hq, here).await;
     // The neighbour pays for the work, not just the query.
     let charge = |tokens: f64| state.hop().charge(Instant::now(), &from, tokens);
     if let Err(e) = drive(&state, &mut hq, &mq.query, &mut send, charge).await {
@@ -375,7 +388,7 @@ mod tests {
         let kind = CopyKind::Flood { ttl: mq.ttl };
         tokio::time::timeout(
             T,
-            serve_mesh_query(state.clone(), from, mq, kind, their_send),
+            serve_mesh_query(state.clone(), from, None, mq, kind, their_send),
         )
         .await
         .expect("the query was served without the owner");

@@ -474,7 +474,8 @@ async fn query(
             .query_limits
             .charge(conn.peer.id, remote, extra, Instant::now())
     };
-    routing::serve_leaf_query(state, conn.peer.id, q, send, charge)
+    let here = state.reached_at(&conn.peer.conn);
+    routing::serve_leaf_query(state, conn.peer.id, here, q, send, charge)
         .await
         .map_err(|reply| Refusal {
             reply,

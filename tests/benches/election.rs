@@ -587,6 +587,7 @@ async fn start_leaf(
         leaf: Some(leaf),
         attach: ATTACH,
         max_upload_rate: None,
+        ui: false,
         data,
         share,
     })

@@ -200,6 +200,7 @@ async fn source_leaf(sn: &Supernode, bytes: u64) -> Result<(TestLeaf, ContentHas
         leaf: None,
         attach: leaf::attach::DEFAULT_ATTACH,
         max_upload_rate: None,
+        ui: false,
         data,
         share,
     };

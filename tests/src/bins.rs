@@ -167,6 +167,46 @@ pub fn path_arg(p: &Path) -> String {
     p.to_str().expect("utf-8 temp path").to_string()
 }
 
+/// A `supernode` on `127.0.0.1:0` keeping its state in `data`, once it
+/// has printed its listening line.
+pub fn loopback_supernode(
+    bins: &Binaries,
+    data: &Path,
+    timeout: Duration,
+) -> Result<Process, String> {
+    let args = ["--listen", "127.0.0.1:0", "--data-dir", &path_arg(data)];
+    Process::start(command(None, &bins.supernode, &args), "supernode", timeout)
+}
+
+/// `leaf serve` on `127.0.0.1:0` with supernode `sn`, its state in `data`,
+/// sharing `share`, never promoted, with `extra` flags; once it has
+/// printed its listening line.
+pub fn loopback_leaf(
+    bins: &Binaries,
+    sn: &str,
+    data: &Path,
+    share: &Path,
+    extra: &[&str],
+    timeout: Duration,
+) -> Result<Process, String> {
+    let (data, share) = (path_arg(data), path_arg(share));
+    let mut args = vec![
+        "--supernode",
+        sn,
+        "--data-dir",
+        &data,
+        "serve",
+        "--share",
+        &share,
+        "--listen",
+        "127.0.0.1:0",
+        "--no-promote",
+        "--no-port-mapping",
+    ];
+    args.extend(extra);
+    Process::start(command(None, &bins.leaf, &args), "leaf", timeout)
+}
+
 /// `leaf --supernode SN... --data-dir DATA ARGS...` in namespace `netns`.
 pub fn leaf_command(
     bins: &Binaries,
@@ -215,8 +255,9 @@ pub struct Process {
     /// The address from the "listening on" line.
     pub addr: String,
     stderr: Arc<Mutex<String>>,
-    /// Keeps the stdout reader's channel open (the contract allows no more lines).
-    _stdout: Receiver<String>,
+    /// The lines printed on stdout after the first, as they come (the
+    /// reader's channel stays open while the process runs).
+    stdout: Receiver<String>,
 }
 
 impl Process {
@@ -240,9 +281,9 @@ impl Process {
             id: String::new(),
             addr: String::new(),
             stderr,
-            _stdout: lines,
+            stdout: lines,
         };
-        let line = match me._stdout.recv_timeout(timeout) {
+        let line = match me.stdout.recv_timeout(timeout) {
             Ok(line) => line,
             Err(RecvTimeoutError::Timeout) => {
                 return Err(format!(
@@ -271,6 +312,12 @@ impl Process {
         }
     }
 
+    /// The next line the process prints on stdout, waiting up to
+    /// `timeout`.
+    pub fn next_line(&self, timeout: Duration) -> Option<String> {
+        self.stdout.recv_timeout(timeout).ok()
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
@@ -278,6 +325,21 @@ impl Process {
     /// The last of what the process wrote on stderr.
     pub fn stderr(&self) -> String {
         self.stderr.lock().expect("stderr buffer").clone()
+    }
+
+    /// Waits up to `timeout` for the process to write `needle` on stderr
+    /// (looking every 100 ms); whether it did.
+    pub fn wait_stderr(&self, needle: &str, timeout: Duration) -> bool {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            if self.stderr().contains(needle) {
+                return true;
+            }
+            if std::time::Instant::now() >= deadline {
+                return false;
+            }
+            thread::sleep(Duration::from_millis(100));
+        }
     }
 
     /// Whether the process is still running.
@@ -392,13 +454,26 @@ pub fn has_hit(stdout: &str, hash: &str) -> bool {
     })
 }
 
-/// How `leaf get --json` reached its first source (`direct`, `reversed`
-/// or `punched`), from its `done` line.
-pub fn route_of(stdout: &str) -> Option<String> {
+/// The `done` line of a `leaf get --json`, parsed.
+fn done_of(stdout: &str) -> Option<serde_json::Value> {
     stdout.lines().find_map(|line| {
         let v: serde_json::Value = serde_json::from_str(line).ok()?;
-        (v["event"] == "done").then(|| v["routes"][0]["route"].as_str().map(String::from))?
+        (v["event"] == "done").then_some(v)
     })
+}
+
+/// How `leaf get --json` reached its first source (`direct`, `reversed`,
+/// `punched` or `relayed`), from its `done` line.
+pub fn route_of(stdout: &str) -> Option<String> {
+    done_of(stdout)?["route"].as_str().map(String::from)
+}
+
+/// How long after it started `leaf get --json` had the first range of the
+/// file's data, verified, from its `done` line.
+pub fn first_byte_of(stdout: &str) -> Option<Duration> {
+    done_of(stdout)?["first_byte_secs"]
+        .as_f64()
+        .map(Duration::from_secs_f64)
 }
 
 /// Resident memory of process `pid` in bytes (`VmRSS` of `/proc/PID/status`).
@@ -448,6 +523,29 @@ pub fn write_random_file(path: &Path, len: u64, seed: u64) -> std::io::Result<St
     }
     file.flush()?;
     Ok(hasher.finalize().to_hex().to_string())
+}
+
+/// A temporary folder, removed on drop, that makes named folders inside
+/// it: the data dirs and shares of a test's nodes.
+pub struct Scratch(tempfile::TempDir);
+
+impl Scratch {
+    pub fn new() -> Result<Self, String> {
+        tempfile::tempdir()
+            .map(Self)
+            .map_err(|e| format!("no temporary dir: {e}"))
+    }
+
+    pub fn path(&self) -> &Path {
+        self.0.path()
+    }
+
+    /// The folder `name` inside, made if it is not there yet.
+    pub fn dir(&self, name: &str) -> Result<PathBuf, String> {
+        let p = self.0.path().join(name);
+        std::fs::create_dir_all(&p).map_err(|e| format!("mkdir {}: {e}", p.display()))?;
+        Ok(p)
+    }
 }
 
 /// The BLAKE3 hash of a file, in hex, read in pieces.

@@ -15,9 +15,10 @@
 //! the lab's namespaces (never in the host's), the addresses, routes,
 //! sysctls and iptables rules all live in them, and dropping the [`Lab`]
 //! kills what still runs inside and deletes the namespaces, which takes
-//! the links with them. Names carry the test process's pid, so runs never
-//! collide, and namespaces left by a run that was killed outright (no
-//! drop) are removed by the next.
+//! the links with them. Names carry the test process's pid and the lab's
+//! number in it, so neither runs nor tests side by side collide, and
+//! namespaces left by a run that was killed outright (no drop) are
+//! removed by the next.
 
 use std::net::Ipv4Addr;
 use std::path::Path;
@@ -49,8 +50,12 @@ pub fn nat_tools_unavailable() -> Option<String> {
     None
 }
 
-/// The prefix of every namespace a lab makes: `svlab-<pid>-<name>`.
+/// The prefix of every namespace a lab makes: `svlab-<pid>-<lab>-<name>`,
+/// `<lab>` counting the labs of this process (tests run side by side).
 const PREFIX: &str = "svlab-";
+
+/// Labs this process has made so far.
+static LABS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
 
 /// Why this machine cannot host a lab, if it cannot: not root, or no
 /// `ip netns`, `iptables` or `tc`.
@@ -227,7 +232,8 @@ impl Lab {
     /// after removing what runs killed before their cleanup left behind.
     pub fn new() -> Result<Self, String> {
         Self::remove_stale();
-        let prefix = format!("{PREFIX}{}-", std::process::id());
+        let lab = LABS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let prefix = format!("{PREFIX}{}-{lab}-", std::process::id());
         let mut lab = Self {
             router: format!("{prefix}router"),
             prefix,
@@ -457,6 +463,12 @@ impl Lab {
         sh(&format!("ip netns add {ns}"))?;
         self.made.push(ns.to_string());
         sh(&format!("ip -n {ns} link set lo up"))
+    }
+
+    /// The hosts linked to the lab's router, in the order they were added
+    /// (those of [`Lab::start_supernodes`] first, if it came first).
+    pub fn hosts(&self) -> &[Host] {
+        &self.hosts
     }
 
     /// Adds a host called `name`, linked to the router, and returns it.

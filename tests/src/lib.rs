@@ -3,6 +3,7 @@
 //! temporary folders and shuts down when dropped.
 
 use std::future::Future;
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -11,6 +12,7 @@ use servent_proto::ContentHash;
 pub mod attack;
 pub mod bench;
 pub mod bins;
+pub mod http;
 pub mod lab;
 pub mod sim;
 
@@ -33,6 +35,8 @@ pub struct TestLeaf {
     pub attach: usize,
     /// Upload rate cap in bytes a second (none unless set).
     pub max_upload_rate: Option<u64>,
+    /// Serve the control API and web UI on `127.0.0.1:0` (off unless set).
+    pub ui: bool,
     pub data: tempfile::TempDir,
     pub share: tempfile::TempDir,
 }
@@ -80,6 +84,7 @@ impl TestLeaf {
             leaf: None,
             attach,
             max_upload_rate,
+            ui: false,
             data,
             share,
         };
@@ -96,9 +101,18 @@ impl TestLeaf {
         let config = leaf::Config {
             attach: self.attach,
             max_upload_rate: self.max_upload_rate,
+            ui: self.ui.then(|| SocketAddr::from(([127, 0, 0, 1], 0))),
             ..leaf::Config::localhost(self.data.path(), self.share.path(), addrs)
         };
         self.leaf = Some(Leaf::spawn(config).await.expect("leaf starts"));
+    }
+
+    /// Like [`TestLeaf::start`], serving the control API and web UI.
+    pub async fn start_ui(supernodes: &[&Supernode], files: &[(&str, &[u8])]) -> Self {
+        let mut me = Self::start(supernodes, files).await;
+        me.ui = true;
+        me.restart(supernodes).await;
+        me
     }
 
     pub fn leaf(&self) -> &Leaf {

@@ -45,12 +45,8 @@ fn searches_and_a_download_survive_loss_and_a_rate_cap() {
         return;
     }
     let bins = bins::binaries().expect("the binaries build");
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let dir = |name: &str| {
-        let p = tmp.path().join(name);
-        std::fs::create_dir_all(&p).expect("mkdir");
-        p
-    };
+    let tmp = servent_tests::bins::Scratch::new().expect("tempdir");
+    let dir = |name: &str| tmp.dir(name).expect("mkdir");
     // Processes are declared after the lab, so they are killed before its
     // namespaces go (the lab would kill them anyway).
     let mut lab = Lab::new().expect("lab router");

@@ -123,6 +123,29 @@ fn forwards(ns: &str, port: u16) -> bool {
         .any(|l| l.contains(&format!("dport {port}")) && l.contains("dnat"))
 }
 
+/// Every source address the hits of a `leaf search --json` name.
+fn addrs_of(stdout: &str) -> Vec<String> {
+    stdout
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .flat_map(|v| v["addrs"].as_array().cloned().unwrap_or_default())
+        .filter_map(|a| a.as_str().map(str::to_string))
+        .collect()
+}
+
+/// Waits for `f` to give a value, every 200 ms, for at most `timeout`;
+/// the panic says `what` did not happen.
+fn wait_for<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let started = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(started.elapsed() < timeout, "{what} within {timeout:?}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 /// One leaf of the lab: where it runs, behind what, and where others
 /// should see it.
 struct Leaf {
@@ -145,12 +168,8 @@ fn leaves_behind_every_nat_kind_know_their_address_and_download_where_a_path_exi
         return;
     }
     let bins = bins::binaries().expect("the binaries build");
-    let tmp = tempfile::tempdir().expect("tempdir");
-    let dir = |name: &str| {
-        let p = tmp.path().join(name);
-        std::fs::create_dir_all(&p).expect("mkdir");
-        p
-    };
+    let tmp = servent_tests::bins::Scratch::new().expect("tempdir");
+    let dir = |name: &str| tmp.dir(name).expect("mkdir");
     // Processes are declared after the lab, so they are killed before its
     // namespaces go (the lab would kill them anyway).
     let mut lab = Lab::new().expect("lab router");
@@ -332,8 +351,8 @@ fn leaves_behind_every_nat_kind_know_their_address_and_download_where_a_path_exi
     }
     println!();
     println!(
-        "{:<16} {:<16} {:<10} {:<9} {:>8}  detail",
-        "downloader", "source", "outcome", "route", "secs"
+        "{:<16} {:<16} {:<10} {:<9} {:>10} {:>8}  detail",
+        "downloader", "source", "outcome", "route", "first byte", "secs"
     );
     let mut failures = Vec::new();
     for d in &leaves {
@@ -363,8 +382,10 @@ fn leaves_behind_every_nat_kind_know_their_address_and_download_where_a_path_exi
                 false => got.stderr.lines().last().unwrap_or("").to_string(),
             };
             let route = bins::route_of(&got.stdout);
+            let first_byte = bins::first_byte_of(&got.stdout)
+                .map_or("-".to_string(), |d| format!("{:.2}", d.as_secs_f64()));
             println!(
-                "{:<16} {:<16} {:<10} {:<9} {:>8.2}  {detail}",
+                "{:<16} {:<16} {:<10} {:<9} {first_byte:>10} {:>8.2}  {detail}",
                 d.kind,
                 s.kind,
                 if verified { "done" } else { "failed" },
@@ -461,14 +482,7 @@ fn leaves_behind_every_nat_kind_know_their_address_and_download_where_a_path_exi
             &data,
             &["search", "--json", "--timeout", "1", "nat-port-restricted"],
         );
-        let out = bins::run(cmd, GET_LIMIT);
-        let addrs: Vec<String> = out
-            .stdout
-            .lines()
-            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-            .flat_map(|v| v["addrs"].as_array().cloned().unwrap_or_default())
-            .filter_map(|a| a.as_str().map(str::to_string))
-            .collect();
+        let addrs = addrs_of(&bins::run(cmd, GET_LIMIT).stdout);
         if addrs.contains(&new_addr) && !addrs.contains(&old_addr) {
             break addrs;
         }
@@ -518,6 +532,196 @@ fn leaves_behind_every_nat_kind_know_their_address_and_download_where_a_path_exi
     );
     drop(leaves);
     drop(supernodes);
+}
+
+/// A leaf behind a NAT-PMP gateway that maps it another port than the one
+/// it listens on (the port asked for is taken by the leaf beside it)
+/// registers that port: searches name it, a download from outside dials
+/// it directly, the election's dial-back reaches it, and once elected it
+/// tells the mesh that port. A leaf behind a plain port-restricted NAT,
+/// as willing, fails the dial-back and is never elected (issue 13, rule 7:
+/// a mapping a dial-back confirms counts as reachable; a punch or a relay
+/// never does).
+#[test]
+fn a_leaf_mapped_another_port_is_dialled_there_and_elected_and_a_natted_one_is_not() {
+    if let Some(why) = unavailable() {
+        eprintln!(
+            "SKIPPED a_leaf_mapped_another_port_is_dialled_there_and_elected_and_a_natted_one_is_not: {why}"
+        );
+        return;
+    }
+    let bins = bins::binaries().expect("the binaries build");
+    let tmp = servent_tests::bins::Scratch::new().expect("tempdir");
+    let dir = |name: &str| tmp.dir(name).expect("mkdir");
+    // One seed, overloaded by three leaves, electing quickly.
+    let config = tmp.path().join("supernode.toml");
+    std::fs::write(
+        &config,
+        "max_leaves = 3\n\
+         [election]\n\
+         rules = \"overload\"\n\
+         overload_secs = 1.0\n\
+         jitter_secs = 1.0\n\
+         cooldown_secs = 3.0\n\
+         min_uptime_secs = 1.0\n\
+         min_cpu_idle_permille = 0\n\
+         min_mem_mib = 0\n",
+    )
+    .expect("config");
+    let mut lab = Lab::new().expect("lab router");
+    let extra = [
+        "--config".to_string(),
+        path_arg(&config),
+        "--http".to_string(),
+        HTTP.to_string(),
+    ];
+    let (sn_addrs, _supernodes) = lab
+        .start_supernodes(&bins, 1, SUPERNODE_PORT, tmp.path(), START_TIMEOUT, &extra)
+        .expect("the supernode starts");
+    let sn_host = lab.hosts().first().cloned().expect("the supernode's host");
+    let public = lab.add_host("leaf-public").expect("public host");
+    let mut pmp = lab
+        .add_nat("pmp", NatKind::PortMapping)
+        .expect("NAT-PMP router");
+    let first = lab
+        .add_host_behind(&mut pmp, "leaf-pmp-first")
+        .expect("host");
+    let second = lab
+        .add_host_behind(&mut pmp, "leaf-pmp-second")
+        .expect("host");
+    let mut pr = lab
+        .add_nat("pr", NatKind::PortRestricted)
+        .expect("NAT router");
+    let natted = lab.add_host_behind(&mut pr, "leaf-natted").expect("host");
+
+    let listen = format!("0.0.0.0:{LEAF_PORT}");
+    let start = |host: &Host, name: &str, willing: bool| {
+        let share = dir(&format!("share-{name}"));
+        let hash = bins::write_random_file(
+            &share.join(format!("mapped-{name}.bin")),
+            FILE_LEN,
+            placed_seed(name),
+        )
+        .expect("file");
+        let share_arg = path_arg(&share);
+        let mut args = vec![
+            "serve", "--share", &share_arg, "--listen", &listen, "--http", HTTP,
+        ];
+        if !willing {
+            args.push("--no-promote");
+        }
+        let data = dir(&format!("leaf-{name}"));
+        let cmd = bins::leaf_command(&bins, &host.netns, &sn_addrs, &data, &args);
+        let proc = Process::start(cmd, "leaf", START_TIMEOUT).expect("leaf serve starts");
+        (proc, hash)
+    };
+    let mapped = |host: &Host| {
+        status(host).and_then(|s| s["nat"]["port_mapped"].as_str().map(str::to_string))
+    };
+    // The first takes port 7401 on the gateway; the second, started once
+    // the first holds it, is given another.
+    let (_first, _) = start(&first, "first", false);
+    let at_7401 = format!("{}:{LEAF_PORT}", pmp.wan);
+    let got = wait_for(KNOWN_TIMEOUT, "the first leaf's port mapping", || {
+        mapped(&first)
+    });
+    assert_eq!(got, at_7401);
+    let (_second, hash) = start(&second, "second", true);
+    let elsewhere = wait_for(KNOWN_TIMEOUT, "the second leaf's port mapping", || {
+        mapped(&second)
+    });
+    let wan = format!("{}:", pmp.wan);
+    assert!(
+        elsewhere.starts_with(&wan) && elsewhere != at_7401,
+        "the gateway mapped {elsewhere}, not another port of {}",
+        pmp.wan
+    );
+    let port: u16 = elsewhere[wan.len()..].parse().expect("a port");
+    assert!(forwards(&pmp.netns, port), "miniupnpd forwards {port}");
+    let (_natted, _) = start(&natted, "natted", true);
+
+    // Searches name the mapped port, and a download from outside dials it.
+    let addrs = wait_for(READY_TIMEOUT, "searches naming the mapped port", || {
+        let data = dir("search-mapped");
+        let cmd = bins::leaf_command(
+            &bins,
+            &public.netns,
+            &sn_addrs,
+            &data,
+            &["search", "--json", "--timeout", "2", "mapped-second"],
+        );
+        let addrs = addrs_of(&bins::run(cmd, GET_LIMIT).stdout);
+        (addrs == [elsewhere.clone()]).then_some(addrs)
+    });
+    println!("the leaf mapped to {elsewhere} is found at {addrs:?}");
+    let data = dir("get-mapped");
+    let out = data.join("got.bin");
+    let cmd = bins::leaf_command(
+        &bins,
+        &public.netns,
+        &sn_addrs,
+        &data,
+        &[
+            "get",
+            "--json",
+            "--timeout",
+            GET_SECS,
+            "--out",
+            &path_arg(&out),
+            &hash,
+        ],
+    );
+    let got = bins::run(cmd, GET_LIMIT);
+    assert!(
+        got.success() && bins::hash_file(&out).ok().as_deref() == Some(hash.as_str()),
+        "the download from the mapped leaf failed: {}",
+        got.stderr
+    );
+    assert_eq!(
+        bins::route_of(&got.stdout).as_deref(),
+        Some("direct"),
+        "a dial to the mapped port reaches the leaf: {}",
+        got.stdout
+    );
+
+    // The election: the mapped leaf passes the dial-back and is elected;
+    // the natted one, as willing, fails it.
+    let role = |host: &Host| status(host).and_then(|s| s["role"].as_str().map(str::to_string));
+    wait_for(Duration::from_secs(40), "the mapped leaf elected", || {
+        (role(&second).as_deref() == Some("supernode")).then_some(())
+    });
+    let reached = counter(&sn_host, "servent_dial_backs_reached_total").unwrap_or(0);
+    assert!(reached >= 1, "no dial-back reached a leaf");
+    wait_for(
+        Duration::from_secs(20),
+        "the natted leaf's dial-back failing",
+        || (counter(&sn_host, "servent_dial_backs_failed_total").unwrap_or(0) >= 1).then_some(()),
+    );
+    assert_eq!(
+        role(&natted).as_deref(),
+        Some("leaf"),
+        "the natted leaf was elected"
+    );
+    // Elected, it tells the mesh the mapped port.
+    let neighbors = wait_for(
+        KNOWN_TIMEOUT,
+        "the seed meshed with the elected leaf",
+        || {
+            let s = status(&sn_host)?;
+            let n: Vec<String> = s["neighbors"]
+                .as_array()?
+                .iter()
+                .filter_map(|n| n["addr"].as_str().map(str::to_string))
+                .collect();
+            (!n.is_empty()).then_some(n)
+        },
+    );
+    assert_eq!(
+        neighbors,
+        std::slice::from_ref(&elsewhere),
+        "the seed's neighbours"
+    );
+    println!("elected at {elsewhere}; the seed's neighbours: {neighbors:?}");
 }
 
 /// A seed per leaf kind, so every leaf's file differs.

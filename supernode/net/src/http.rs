@@ -4,8 +4,10 @@
 //! supernode's is in `supernode::status`, the leaf's in `leaf::status`):
 //! this module is the server only, and knows nothing of either node.
 //!
-//! It is not an API: no other path, no method but GET (and HEAD), no
-//! request body is read, no TLS. It may still face a hostile network, so
+//! `/status` and `/metrics` are not an API: no other path, no method but
+//! GET (and HEAD), no request body is read, no TLS. The same server also
+//! serves the leaf's control API ([`HttpServer::serve`] with its own
+//! routes, in `leaf::api`). It may still face a hostile network, so
 //! connections are bounded in number ([`MAX_CONNECTIONS`]; more wait in
 //! the kernel's backlog) and in lifetime ([`CONNECTION_LIFETIME`]), which
 //! also bounds how long a client may take to send its request
@@ -111,6 +113,22 @@ impl HttpServer {
         report: Arc<R>,
         config: HttpConfig,
     ) -> Result<Self, HttpError> {
+        let app = Router::new()
+            .route("/status", get(status::<R>))
+            .route("/metrics", get(metrics::<R>))
+            .with_state(report);
+        Self::serve(addr, app, config).await
+    }
+
+    /// Binds `addr` and serves `app` until stopped, within `config`'s
+    /// bounds: the server of `/status` and `/metrics`, and of the leaf's
+    /// control API (its own routes and checks, the same bounds on
+    /// connections).
+    pub async fn serve(
+        addr: SocketAddr,
+        app: Router,
+        config: HttpConfig,
+    ) -> Result<Self, HttpError> {
         let bind_error = |source| HttpError::Bind { addr, source };
         let listener = TcpListener::bind(addr).await.map_err(bind_error)?;
         let bound = listener.local_addr().map_err(bind_error)?;
@@ -120,10 +138,6 @@ impl HttpServer {
             lifetime: config.connection_lifetime,
         };
         let (stop, mut stopped) = watch::channel(false);
-        let app = Router::new()
-            .route("/status", get(status::<R>))
-            .route("/metrics", get(metrics::<R>))
-            .with_state(report);
         let task = tokio::spawn(
             async move {
                 info!(addr = %bound, "http listening");

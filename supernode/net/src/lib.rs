@@ -17,6 +17,7 @@
 //! - [`router`]: the accept loop, dispatching each connection by ALPN to one
 //!   [`ProtocolHandler`];
 //! - [`http`]: the `/status` and `/metrics` server;
+//! - [`lan`]: announcing and hearing nodes on the LAN (mDNS/DNS-SD);
 //! - [`shutdown`] and [`log`]: signals, logging and the `error:` line of
 //!   the binaries.
 //!
@@ -28,6 +29,7 @@ pub mod endpoint;
 pub mod gate;
 pub mod http;
 pub mod identity;
+pub mod lan;
 pub mod log;
 pub mod router;
 pub mod shutdown;

@@ -32,6 +32,10 @@ struct Args {
     /// Most leaves registered at once [default: 1000]
     #[arg(long)]
     max_leaves: Option<usize>,
+    /// Do not announce this supernode on the LAN (mDNS) nor mesh with the
+    /// supernodes announced there
+    #[arg(long)]
+    no_lan: bool,
     /// A TOML config file; flags override it
     #[arg(long)]
     config: Option<PathBuf>,
@@ -90,6 +94,9 @@ fn run(args: Args) -> anyhow::Result<()> {
     }
     if args.http.is_some() {
         config.http = args.http;
+    }
+    if args.no_lan {
+        config.lan = false;
     }
     if let Some(n) = args.max_leaves {
         config.max_leaves = n;
