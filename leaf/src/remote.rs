@@ -22,6 +22,9 @@ use hyper_util::rt::TokioExecutor;
 use servent_proto::queue::{Command, State};
 
 use crate::api::auth::{KEY_FILE, KEY_HEADER};
+/// What the daemon's search takes: at most this many results, and
+/// timeouts of 1 s up to this many seconds.
+pub use crate::api::{MAX_SEARCH_RESULTS, MAX_SEARCH_SECS};
 use crate::downloads::View;
 
 /// The file in the data dir that names the daemon's API address.

@@ -369,13 +369,21 @@ fn run(args: Args) -> anyhow::Result<()> {
                 max,
                 words,
             } => {
-                let timeout = Duration::from_secs(timeout);
                 // A daemon on this data dir asks its supernodes (the LAN's
-                // and its own role's among them); none given here.
-                let hits = match leaf::remote::Remote::find(&data_dir).await {
-                    Some(remote) if args.supernodes.is_empty() => {
-                        remote.search(&words, max, timeout).await?
-                    }
+                // and its own role's among them) when none is given here
+                // and the search is within what its API takes (no more
+                // results than any search gets, in any case).
+                let max = max.min(leaf::remote::MAX_SEARCH_RESULTS);
+                let daemon = args.supernodes.is_empty()
+                    && max > 0
+                    && (1..=leaf::remote::MAX_SEARCH_SECS).contains(&timeout);
+                let timeout = Duration::from_secs(timeout);
+                let remote = match daemon {
+                    true => leaf::remote::Remote::find(&data_dir).await,
+                    false => None,
+                };
+                let hits = match remote {
+                    Some(remote) => remote.search(&words, max, timeout).await?,
                     _ => {
                         let supernodes =
                             leaf::lan::supernodes_or_lan(&data_dir, args.supernodes).await;
