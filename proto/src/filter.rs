@@ -193,7 +193,8 @@ impl Filter {
         }
     }
 
-    fn insert(&mut self, key: WordKey) {
+    /// Sets `key`'s bits.
+    pub fn insert(&mut self, key: WordKey) {
         for bit in key.bits(self.log2) {
             self.set(bit);
         }
