@@ -36,7 +36,7 @@ use rand::{Rng, SeedableRng};
 use servent_proto::keywords::words;
 use servent_proto::msg::FileEntry;
 use servent_proto::{ContentHash, NodeId};
-use servent_tests::bench;
+use servent_tests::{bench, bins};
 use supernode::index::{Index, IndexLimits};
 
 /// The binaries' allocator (supernode/src/bin/supernode.rs).
@@ -54,14 +54,9 @@ const RAZORBACK_BYTES: f64 = 94.0;
 const POINTS: usize = 10;
 const QUERIES: usize = 2_000;
 
+/// This process's resident set.
 fn rss_bytes() -> Result<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").context("/proc/self/status")?;
-    let line = status
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .context("no VmRSS")?;
-    let kib: u64 = line.split_whitespace().nth(1).context("VmRSS")?.parse()?;
-    Ok(kib * 1024)
+    bins::rss_bytes(std::process::id()).context("no VmRSS in /proc/self/status")
 }
 
 /// mimalloc gives freed pages back when a thread next allocates: nudge it
