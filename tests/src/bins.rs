@@ -4,10 +4,15 @@
 //! (`tests/soak.rs`).
 //!
 //! This crate cannot name the binaries of other packages with
-//! `CARGO_BIN_EXE_*`, so [`binaries`] builds them once per test process
+//! `CARGO_BIN_EXE_*`, so [`binaries`] has them built once per test process
 //! with the cargo that runs the tests, in the same target dir and profile
-//! as the test executable (a no-op when `cargo test --workspace` has just
-//! built them), and finds them beside its `deps/` folder.
+//! as the test executable, and finds them beside its `deps/` folder. It
+//! asks for exactly what the README's test command builds
+//! (`cargo test --workspace --all-targets --no-run`): a no-op under that
+//! command. A narrower `cargo build -p servent-leaf` would unify the
+//! dependencies' features without the dev-dependencies, rebuild some 45
+//! crates beside the test build's copies (2 GB more on disk) and overwrite
+//! the binaries the leaf's and supernode's own tests run.
 //!
 //! Every process is started with its pipes drained on threads (so it never
 //! blocks on a full pipe), every wait has a deadline, and a [`Process`]
@@ -72,7 +77,7 @@ fn build() -> Result<Binaries, String> {
         ),
     };
     let mut cmd = Command::new(cargo);
-    cmd.args("build --bins -p servent-supernode -p servent-leaf".split(' '))
+    cmd.args("test --workspace --all-targets --no-run".split(' '))
         .arg("--target-dir")
         .arg(target_dir)
         .current_dir(env!("CARGO_MANIFEST_DIR"))
